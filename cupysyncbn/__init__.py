@@ -1,0 +1,50 @@
+"""cupysyncbn: exact synchronized batch normalization for NumPy and CuPy arrays.
+
+Layers follow ``paddle.nn.SyncBatchNorm`` (arguments, parameter names, momentum
+convention); statistics are merged exactly across ranks with uneven or empty
+batches, over MPI (NumPy arrays) or NCCL (CuPy arrays) with one all-reduce per
+pass. See README.md for the conventions table and launch instructions.
+"""
+
+from __future__ import annotations
+
+from . import functional
+from .comm import Communicator, get_default_comm, init, set_default_comm
+from .container import LayerList, Sequential
+from .errors import (
+    CollectiveMismatchError,
+    CommunicatorError,
+    RemoteInputError,
+    SyncBatchNormError,
+)
+from .grads import allreduce_gradients
+from .io import load, save
+from .layer import Layer, ParamAttr, Parameter
+from .norm import BatchNorm1D, BatchNorm2D, BatchNorm3D, SyncBatchNorm
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SyncBatchNorm",
+    "BatchNorm1D",
+    "BatchNorm2D",
+    "BatchNorm3D",
+    "Layer",
+    "Sequential",
+    "LayerList",
+    "Parameter",
+    "ParamAttr",
+    "Communicator",
+    "init",
+    "get_default_comm",
+    "set_default_comm",
+    "allreduce_gradients",
+    "save",
+    "load",
+    "functional",
+    "SyncBatchNormError",
+    "CollectiveMismatchError",
+    "RemoteInputError",
+    "CommunicatorError",
+    "__version__",
+]

@@ -1,0 +1,76 @@
+"""The contract every array backend implements.
+
+A backend owns the five numeric primitives of batch normalization (the split
+PyTorch's ``Normalization.cuh`` uses), on the two canonical layouts of
+:mod:`cupysyncbn.formats`:
+
+``(N, C, S)`` channel-first (``channel_last=False``) and ``(M, C)``
+channel-last (``channel_last=True``).
+
+1. ``moments``          local per-channel mean and M2 (sum of squared
+                        deviations from the local mean), float64, stable;
+2. (merge)              done by :mod:`cupysyncbn.functional` on C-sized arrays;
+3. ``normalize``        ``y = (x - mean) * scale + bias``;
+4. ``backward_reduce``  local ``sum(dy)`` and ``sum(dy * (x - mean)) * invstd``;
+5. ``backward_elemt``   ``dx = a * (dy - mean_dy) - b * (x - mean)``.
+
+Per-channel vectors (``mean``, ``scale``...) passed to the primitives are 1-D
+arrays of the compute dtype on the backend's device. Inputs are C-contiguous
+and non-empty; the functional layer handles empty batches.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+__all__ = ["Backend"]
+
+
+class Backend(Protocol):
+    """Array backend protocol (see the module docstring)."""
+
+    #: ``"numpy"`` or ``"cupy"``.
+    name: str
+    #: The array module (``numpy`` or ``cupy``).
+    xp: Any
+
+    def owns(self, a: Any) -> bool:
+        """True if ``a`` is an array of this backend."""
+
+    def device_of(self, a: Any) -> str:
+        """``"cpu"`` or ``"cuda:N"``."""
+
+    def ascontiguous(self, a: Any) -> Any:
+        """``a`` itself if C-contiguous, else a C-contiguous copy."""
+
+    def asarray(self, a: Any, dtype: Any = None) -> Any:
+        """Convert host data to an array of this backend (current device)."""
+
+    def to_host(self, a: Any) -> Any:
+        """A NumPy copy (or the array itself for NumPy)."""
+
+    def moments(self, x: Any, channel_last: bool, cdt: Any) -> tuple[Any, Any]:
+        """Local per-channel ``(mean, m2)`` as float64 vectors."""
+
+    def normalize(
+        self, x: Any, channel_last: bool, mean: Any, scale: Any, bias: Any, out_dtype: Any
+    ) -> Any:
+        """``(x - mean) * scale + bias`` in the compute dtype, cast to ``out_dtype``."""
+
+    def backward_reduce(
+        self, dy: Any, x: Any, channel_last: bool, mean: Any, invstd: Any
+    ) -> tuple[Any, Any]:
+        """Local ``(sum(dy), sum(dy * xhat))`` as float64 vectors."""
+
+    def backward_elemt(
+        self,
+        dy: Any,
+        x: Any,
+        channel_last: bool,
+        mean: Any,
+        a: Any,
+        mean_dy: Any,
+        b: Any,
+        out_dtype: Any,
+    ) -> Any:
+        """``a * (dy - mean_dy) - b * (x - mean)`` cast to ``out_dtype``."""

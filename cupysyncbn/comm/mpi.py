@@ -1,0 +1,83 @@
+"""MPI communicator over any mpi4py communicator (world or sub-group).
+
+NumPy buffers are reduced directly. CuPy buffers are staged through host
+memory, unless CUDA-aware MPI is opted into (``cuda_aware=True`` or the
+environment variable ``CUPYSYNCBN_CUDA_AWARE_MPI=1``), in which case the device
+buffer is passed to MPI after synchronizing the current stream.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+
+from ..errors import CommunicatorError
+from .base import Communicator
+
+__all__ = ["MPICommunicator"]
+
+
+class MPICommunicator(Communicator):
+    """Sum all-reduce over an ``mpi4py.MPI.Comm``.
+
+    Parameters
+    ----------
+    mpi_comm : mpi4py.MPI.Comm
+        The group to synchronize over: ``MPI.COMM_WORLD`` or any
+        sub-communicator (``comm.Split(color)``). It is used as given, not
+        duplicated, so collectives stay ordered with the caller's own.
+    cuda_aware : bool, optional
+        Pass CuPy device buffers straight to MPI (needs a CUDA-aware MPI).
+        Defaults to the environment variable ``CUPYSYNCBN_CUDA_AWARE_MPI``.
+    """
+
+    backend = "mpi"
+
+    def __init__(self, mpi_comm: Any, cuda_aware: bool | None = None) -> None:
+        try:
+            from mpi4py import MPI
+        except ImportError as e:  # pragma: no cover - depends on the machine
+            raise CommunicatorError(
+                "backend 'mpi' needs mpi4py: pip install mpi4py (and mpich if the"
+                " machine has no MPI library)"
+            ) from e
+        if not isinstance(mpi_comm, MPI.Comm):
+            raise TypeError(
+                f"mpi_comm must be an mpi4py.MPI.Comm; got {type(mpi_comm).__name__}"
+            )
+        self._MPI = MPI
+        self.mpi_comm = mpi_comm
+        self.rank = mpi_comm.Get_rank()
+        self.size = mpi_comm.Get_size()
+        if cuda_aware is None:
+            cuda_aware = os.environ.get("CUPYSYNCBN_CUDA_AWARE_MPI", "0") not in ("", "0")
+        self.cuda_aware = bool(cuda_aware)
+
+    def allreduce_sum(self, buf: Any) -> Any:
+        """Sum ``buf`` over the group in place (host-staged for CuPy)."""
+        MPI = self._MPI
+        if isinstance(buf, np.ndarray):
+            self.mpi_comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
+            return buf
+        import cupy
+
+        if self.cuda_aware:
+            # MPI does not know CuPy's stream: finish pending kernels first.
+            cupy.cuda.get_current_stream().synchronize()
+            self.mpi_comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
+            return buf
+        host = cupy.asnumpy(buf)
+        self.mpi_comm.Allreduce(MPI.IN_PLACE, host, op=MPI.SUM)
+        buf.set(host)
+        return buf
+
+    def split(self, color: int, key: int | None = None) -> MPICommunicator:
+        """A communicator over the ranks that pass the same ``color``."""
+        sub = self.mpi_comm.Split(color, self.rank if key is None else key)
+        return MPICommunicator(sub, cuda_aware=self.cuda_aware)
+
+    def abort(self, errorcode: int = 1) -> None:
+        """``MPI_Abort`` on the world communicator: ends every rank of the job."""
+        self._MPI.COMM_WORLD.Abort(errorcode)

@@ -1,0 +1,573 @@
+"""Synchronized batch normalization as pure functions of arrays.
+
+This is the math of the package; the layers in :mod:`cupysyncbn.norm` only hold
+state and call these functions. Nothing here mutates its inputs: the forward
+returns the new running statistics and the layer decides to store them.
+
+Data flow of a training forward::
+
+    validate -> backend.moments (local mean, M2) -> pack shifted sums
+             -> ONE comm.allreduce_sum -> merge (float64) -> backend.normalize
+
+and of a training backward::
+
+    backend.backward_reduce (local sums) -> ONE comm.allreduce_sum
+             -> backend.backward_elemt
+
+The merge (why it is exact and stable)
+--------------------------------------
+Rank ``r`` holds ``n_r`` elements per channel with mean ``m_r`` and centered
+sum of squares ``M2_r`` (two-pass, stable). Against a shift ``K`` that every
+rank knows bitwise-identically, it sends ``S_r = n_r (m_r - K)`` and
+``Q_r = M2_r + n_r (m_r - K)^2``. After the sum all-reduce::
+
+    mean = K + S / N,    M2 = Q - S^2 / N,    var = M2 / N
+
+which is exact in exact arithmetic for any ``K``; rounding error is
+``eps64 * (mean - K)^2 / var`` relative, negligible when ``K`` is near the
+mean. With a :class:`SyncState` (the layers keep one) ``K`` is the previous
+step's global mean, and the first step runs one extra all-reduce that
+computes the global mean first. Without a state every call uses the
+two-all-reduce path, so the functional API is exact by default.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from . import protocol
+from .backends import Backend, get_backend
+from .comm import as_communicator
+from .comm.base import Communicator
+from .dtypes import check_input_dtype, compute_dtype
+from .formats import DataFormat, canonical_view, format_for_ndim, parse_data_format
+
+__all__ = [
+    "SyncState",
+    "ForwardContext",
+    "ForwardResult",
+    "batch_norm_forward",
+    "batch_norm_backward",
+    "running_stats_update",
+]
+
+_F64 = np.dtype(np.float64)
+
+
+@dataclass
+class SyncState:
+    """Per-layer state that makes the synchronized passes cheap.
+
+    Holds the shift ``K`` of the merge (the previous global batch mean), whether
+    the ``num_features`` handshake has been done, and reusable communication
+    buffers. It never affects results beyond rounding: passing ``None`` instead
+    gives the same values with more collectives.
+    """
+
+    shift: Any = None
+    handshake_done: bool = False
+    _buffers: dict = field(default_factory=dict, repr=False)
+
+    def buffer(self, backend: Backend, size: int) -> Any:
+        """A reusable float64 buffer of ``size`` slots on ``backend``."""
+        key = (backend.name, size, _device_key(backend))
+        buf = self._buffers.get(key)
+        if buf is None:
+            buf = backend.xp.empty(size, dtype=_F64)
+            self._buffers[key] = buf
+        return buf
+
+    def reset(self) -> None:
+        """Forget the shift, the handshake and the buffers (e.g. after ``to()``)."""
+        self.shift = None
+        self.handshake_done = False
+        self._buffers.clear()
+
+
+def _device_key(backend: Backend) -> Any:
+    if backend.name == "numpy":
+        return None
+    return backend.xp.cuda.Device().id
+
+
+@dataclass
+class ForwardContext:
+    """What :func:`batch_norm_backward` needs from the forward pass."""
+
+    x: Any  # canonical, contiguous view of the input
+    shape: tuple
+    dtype: np.dtype
+    fmt: DataFormat
+    backend: Backend
+    comm: Communicator
+    mean: Any  # per-channel, compute dtype
+    invstd: Any  # per-channel, compute dtype
+    weight: Any  # per-channel, compute dtype, or None (weight fixed at 1)
+    count: int  # global elements per channel
+    batch_stats: bool  # True: training statistics (backward syncs)
+    param_dtype: np.dtype
+    sync_state: SyncState | None
+
+
+@dataclass
+class ForwardResult:
+    """Outputs of :func:`batch_norm_forward`.
+
+    Attributes
+    ----------
+    y : array
+        Normalized output, same shape and dtype as the input.
+    ctx : ForwardContext
+        Pass to :func:`batch_norm_backward`.
+    running_mean, running_var : array or None
+        Updated running statistics (new arrays), or the inputs unchanged when
+        no update happened (eval mode, empty global batch, no running stats).
+    batch_mean, batch_var : array or None
+        Global batch statistics in float64 (biased variance); None in eval.
+    count : int
+        Global number of elements per channel (0 in eval mode).
+    updated : bool
+        Whether the running statistics were updated.
+    """
+
+    y: Any
+    ctx: ForwardContext
+    running_mean: Any
+    running_var: Any
+    batch_mean: Any = None
+    batch_var: Any = None
+    count: int = 0
+    updated: bool = False
+
+
+def _num_features(x: Any, fmt: DataFormat, *vectors: Any) -> int | None:
+    for v in vectors:
+        if v is not None:
+            return int(v.shape[0])
+    return None
+
+
+def _validate_input(
+    x: Any, fmt: DataFormat, num_features: int | None, backend: Backend, param: Any
+) -> tuple[str, BaseException] | tuple[None, DataFormat]:
+    """Check ``x``; return ``(None, fmt_for_x)`` or ``(kind, exception)``."""
+    try:
+        check_input_dtype(x, "x")
+    except TypeError as e:
+        return "dtype", e
+    f = format_for_ndim(fmt, x.ndim)
+    if f is None:
+        return "ndim", ValueError(
+            f"x must have {fmt.ndim} dimensions for data_format={fmt.name!r}; got"
+            f" shape {tuple(x.shape)}"
+        )
+    c = x.shape[f.channel_axis]
+    if num_features is not None and c != num_features:
+        return "channels", ValueError(
+            f"x has {c} channels on axis {f.channel_axis} (data_format={fmt.name!r})"
+            f" but num_features is {num_features}"
+        )
+    if param is not None:
+        if not backend.owns(param):
+            return "device", TypeError(
+                f"x is a {backend.name} array but the parameters are"
+                f" {type(param).__module__}.{type(param).__name__}; move the layer"
+                " with .to(device) or pass arrays of the same library"
+            )
+        dx, dp = backend.device_of(x), backend.device_of(param)
+        if dx != dp:
+            return "device", ValueError(f"x is on {dx} but the parameters are on {dp}")
+    return None, f
+
+
+def _vec(backend: Backend, v: Any, cdt: np.dtype) -> Any:
+    return None if v is None else v.astype(cdt, copy=False)
+
+
+def _check_vectors(backend: Backend, num_features: int | None, **vectors: Any) -> None:
+    for name, v in vectors.items():
+        if v is None:
+            continue
+        if not backend.owns(v):
+            raise TypeError(
+                f"{name} must be a {backend.name} array like x; got {type(v).__name__}"
+            )
+        if v.ndim != 1 or (num_features is not None and v.shape[0] != num_features):
+            raise ValueError(f"{name} must have shape ({num_features},); got {tuple(v.shape)}")
+
+
+def _allreduce(
+    comm: Communicator,
+    backend: Backend,
+    state: SyncState | None,
+    payload: list,
+    count: int,
+    phase: int,
+    error: tuple | None,
+    num_features: int,
+) -> tuple[int, list]:
+    """Pack header + payload vectors, all-reduce once, check, unpack."""
+    c = num_features
+    size = protocol.HEADER + c * len(payload)
+    buf = state.buffer(backend, size) if state is not None else backend.xp.empty(size, _F64)
+    kind, exc = error if error is not None else (None, None)
+    protocol.fill_header(buf, count, phase, kind)
+    for i, vec in enumerate(payload):
+        seg = buf[protocol.HEADER + i * c : protocol.HEADER + (i + 1) * c]
+        if vec is None:
+            seg[...] = 0
+        else:
+            seg[...] = vec
+    buf = comm.allreduce_sum(buf)
+    head = backend.to_host(buf[: protocol.HEADER])
+    total = protocol.check_header(head, phase, comm.size, exc)
+    out = [
+        buf[protocol.HEADER + i * c : protocol.HEADER + (i + 1) * c].copy()
+        for i in range(len(payload))
+    ]
+    return total, out
+
+
+def running_stats_update(
+    running_mean: Any,
+    running_var: Any,
+    batch_mean: Any,
+    batch_var: Any,
+    count: int,
+    momentum: float | None,
+    unbiased_running_var: bool = False,
+    num_batches_tracked: int = 0,
+) -> tuple[Any, Any]:
+    """New running statistics (Paddle convention), as new arrays.
+
+    ``new = old * momentum + batch * (1 - momentum)``; ``momentum=None`` gives
+    the cumulative average over ``num_batches_tracked + 1`` batches. With
+    ``unbiased_running_var`` the variance stored is ``var * m / (m - 1)``.
+
+    Raises
+    ------
+    ValueError
+        ``unbiased_running_var`` with a global ``count`` of 1.
+    """
+    if unbiased_running_var:
+        if count == 1:
+            raise ValueError(
+                "unbiased_running_var=True needs more than 1 value per channel in the"
+                " global batch (got 1): the unbiased variance m/(m-1) is undefined"
+            )
+        batch_var = batch_var * (count / (count - 1))
+    if momentum is None:
+        factor = 1.0 / (num_batches_tracked + 1)
+        keep = 1.0 - factor
+    else:
+        keep = float(momentum)
+        factor = 1.0 - keep
+    new_mean = running_mean * keep + batch_mean.astype(running_mean.dtype) * factor
+    new_var = running_var * keep + batch_var.astype(running_var.dtype) * factor
+    return new_mean.astype(running_mean.dtype, copy=False), new_var.astype(
+        running_var.dtype, copy=False
+    )
+
+
+def batch_norm_forward(
+    x: Any,
+    weight: Any = None,
+    bias: Any = None,
+    running_mean: Any = None,
+    running_var: Any = None,
+    *,
+    training: bool = True,
+    momentum: float | None = 0.9,
+    epsilon: float = 1e-5,
+    data_format: str = "NCHW",
+    comm: Any = None,
+    unbiased_running_var: bool = False,
+    num_batches_tracked: int = 0,
+    sync_state: SyncState | None = None,
+    param_dtype: Any = None,
+) -> ForwardResult:
+    """Synchronized batch-norm forward.
+
+    Parameters
+    ----------
+    x : numpy.ndarray or cupy.ndarray
+        Local part of the global batch, in ``data_format``. May be empty along
+        the batch axis; may be non-contiguous.
+    weight, bias : array of shape (C,), optional
+        Affine parameters; ``None`` means weight 1 / bias 0.
+    running_mean, running_var : array of shape (C,), optional
+        Running statistics. Used for normalization when ``training`` is False;
+        updated (returned as new arrays) when ``training`` is True.
+    training : bool
+        Batch statistics (synchronized) when True, or when no running
+        statistics are given; running statistics otherwise.
+    momentum : float or None
+        Paddle convention: ``new = old * momentum + batch * (1 - momentum)``.
+        ``None`` means a cumulative average over ``num_batches_tracked + 1``.
+    epsilon : float
+        Added to the variance.
+    data_format : str
+        ``NC, NCL, NCHW, NCDHW, NLC, NHWC, NDHWC``.
+    comm : Communicator, mpi4py.MPI.Comm or None
+        Group to synchronize over; ``None`` is the default communicator
+        (:func:`cupysyncbn.init`), which is one process unless launched by
+        ``mpiexec``.
+    unbiased_running_var : bool
+        Store ``var * m/(m-1)`` in the running variance (PyTorch convention).
+    num_batches_tracked : int
+        Batches seen so far (for ``momentum=None``).
+    sync_state : SyncState, optional
+        Makes the steady state one all-reduce per pass (see module docs).
+    param_dtype : dtype, optional
+        Dtype of the layer (float64 switches the math to float64). Defaults to
+        the dtype of ``weight``/``running_mean`` or float32.
+
+    Returns
+    -------
+    ForwardResult
+
+    Raises
+    ------
+    ValueError, TypeError
+        For invalid inputs, naming the argument (on every rank of the group:
+        the faulty rank raises the specific error, the others
+        :class:`~cupysyncbn.errors.RemoteInputError`).
+    """
+    fmt = parse_data_format(data_format)
+    backend = get_backend(x, "x")
+    comm_ = as_communicator(comm)
+    nf = _num_features(x, fmt, weight, bias, running_mean, running_var)
+    _check_vectors(
+        backend, nf, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var
+    )
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must be given together")
+    param = next((v for v in (weight, bias, running_mean) if v is not None), None)
+    if param_dtype is None:
+        param_dtype = param.dtype if param is not None else np.float32
+    param_dtype = np.dtype(param_dtype)
+    if momentum is not None and not 0.0 <= float(momentum) <= 1.0:
+        raise ValueError(f"momentum must be in [0, 1] or None; got {momentum}")
+    if not float(epsilon) >= 0.0:
+        raise ValueError(f"epsilon must be >= 0; got {epsilon}")
+
+    batch_stats = training or running_mean is None
+    sync = batch_stats and comm_.size > 1
+    kind, info = _validate_input(x, fmt, nf, backend, param)
+    if kind is not None:
+        if not sync or nf is None:
+            raise info
+        return _forward_invalid(comm_, backend, sync_state, nf, (kind, info))
+    fmt_x: DataFormat = info
+    c = x.shape[fmt_x.channel_axis]
+    nf = c if nf is None else nf
+    cdt = compute_dtype(np.dtype(x.dtype), param_dtype)
+    xc = backend.ascontiguous(x)
+    v = canonical_view(xc, fmt_x)
+    n_local = v.size // c if c else 0
+
+    if not batch_stats:
+        mean = _vec(backend, running_mean, cdt)
+        invstd = 1.0 / backend.xp.sqrt(_vec(backend, running_var, cdt) + cdt.type(epsilon))
+        y = _affine_normalize(backend, v, fmt_x, mean, invstd, weight, bias, cdt, x)
+        ctx = ForwardContext(
+            v, tuple(x.shape), np.dtype(x.dtype), fmt_x, backend, comm_, mean, invstd,
+            _vec(backend, weight, cdt), 0, False, param_dtype, sync_state,
+        )
+        return ForwardResult(y.reshape(x.shape), ctx, running_mean, running_var)
+
+    if sync and sync_state is not None and not sync_state.handshake_done:
+        protocol.handshake(comm_, nf, lambda h: backend.asarray(h), backend.to_host)
+        sync_state.handshake_done = True
+    elif sync and sync_state is None:
+        protocol.handshake(comm_, nf, lambda h: backend.asarray(h), backend.to_host)
+
+    if n_local:
+        mean_r, m2_r = backend.moments(v, fmt_x.channel_last, cdt)
+    else:
+        mean_r = m2_r = None
+    count, mean, var = _global_stats(comm_, backend, sync_state, nf, n_local, mean_r, m2_r)
+
+    new_rm, new_rv, updated = running_mean, running_var, False
+    if running_mean is not None and training and count > 0:
+        new_rm, new_rv = running_stats_update(
+            running_mean, running_var, mean, var, count, momentum,
+            unbiased_running_var, num_batches_tracked,
+        )
+        updated = True
+    mean_c = mean.astype(cdt)
+    invstd = (1.0 / backend.xp.sqrt(var + float(epsilon))).astype(cdt)
+    if count == 0:
+        invstd = backend.xp.zeros(nf, dtype=cdt)  # nothing to normalize; no inf
+    y = _affine_normalize(backend, v, fmt_x, mean_c, invstd, weight, bias, cdt, x)
+    ctx = ForwardContext(
+        v, tuple(x.shape), np.dtype(x.dtype), fmt_x, backend, comm_, mean_c, invstd,
+        _vec(backend, weight, cdt), count, True, param_dtype, sync_state,
+    )
+    return ForwardResult(
+        y.reshape(x.shape), ctx, new_rm, new_rv, mean, var, count, updated
+    )
+
+
+def _affine_normalize(
+    backend: Backend, v: Any, fmt: DataFormat, mean: Any, invstd: Any,
+    weight: Any, bias: Any, cdt: np.dtype, x: Any,
+) -> Any:
+    xp = backend.xp
+    scale = invstd if weight is None else invstd * weight.astype(cdt, copy=False)
+    b = xp.zeros_like(mean) if bias is None else bias.astype(cdt, copy=False)
+    if v.size == 0:
+        return xp.empty(v.shape, dtype=x.dtype)
+    return backend.normalize(v, fmt.channel_last, mean, scale, b, np.dtype(x.dtype))
+
+
+def _global_stats(
+    comm: Communicator, backend: Backend, state: SyncState | None, nf: int,
+    n_local: int, mean_r: Any, m2_r: Any,
+) -> tuple[int, Any, Any]:
+    """Merge per-rank (n, mean, M2) into global float64 mean and biased var."""
+    xp = backend.xp
+    if comm.size == 1:
+        if n_local == 0:
+            z = xp.zeros(nf, dtype=_F64)
+            return 0, z, z.copy()
+        return n_local, mean_r, xp.maximum(m2_r / n_local, 0.0)
+    shift = state.shift if state is not None else None
+    if shift is None or shift.shape[0] != nf:
+        total, (s,) = _allreduce(
+            comm, backend, state, [None if mean_r is None else mean_r * n_local],
+            n_local, protocol.PHASE_MEAN, None, nf,
+        )
+        shift = s / max(total, 1)
+    if mean_r is None:
+        payload = [None, None]
+    else:
+        d = mean_r - shift
+        payload = [d * n_local, m2_r + (d * d) * n_local]
+    total, (s, q) = _allreduce(
+        comm, backend, state, payload, n_local, protocol.PHASE_STATS, None, nf
+    )
+    if total == 0:
+        z = xp.zeros(nf, dtype=_F64)
+        return 0, z, z.copy()
+    mean = shift + s / total
+    var = xp.maximum((q - s * s / total) / total, 0.0)
+    if state is not None:
+        state.shift = mean
+    return total, mean, var
+
+
+def _forward_invalid(
+    comm: Communicator, backend: Backend, state: SyncState | None, nf: int, error: tuple
+) -> ForwardResult:
+    """Take part in the collectives with a zero payload, then raise."""
+    if state is None or not state.handshake_done:
+        protocol.handshake(comm, nf, lambda h: backend.asarray(h), backend.to_host)
+        if state is not None:
+            state.handshake_done = True
+    phase = protocol.PHASE_STATS
+    if state is None or state.shift is None or state.shift.shape[0] != nf:
+        phase = protocol.PHASE_MEAN  # the peers run the two-pass path
+        _allreduce(comm, backend, state, [None], 0, phase, error, nf)
+    _allreduce(comm, backend, state, [None, None], 0, phase, error, nf)
+    raise error[1]  # pragma: no cover - _allreduce raised already
+
+
+def batch_norm_backward(
+    dy: Any, ctx: ForwardContext, *, need_param_grads: bool = True
+) -> tuple[Any, Any, Any]:
+    """Synchronized batch-norm backward.
+
+    Parameters
+    ----------
+    dy : array
+        Gradient of the loss with respect to the forward's output: same shape
+        and dtype as the forward input.
+    ctx : ForwardContext
+        From :func:`batch_norm_forward` (``result.ctx``).
+    need_param_grads : bool
+        Compute ``dweight``/``dbias`` (else they are None).
+
+    Returns
+    -------
+    dx : array
+        Same shape and dtype as the forward input.
+    dweight, dbias : array of shape (C,) in the parameter dtype, or None
+        Gradients over the LOCAL batch (average them across ranks with
+        :func:`cupysyncbn.allreduce_gradients` when you have no data-parallel
+        wrapper).
+
+    Notes
+    -----
+    Training mode (batch statistics)::
+
+        dx = w * invstd * (dy - sum(dy)/m - xhat * sum(dy * xhat)/m)
+
+    with both sums all-reduced over the group in one collective. Eval mode
+    (running statistics): ``dx = dy * w * invstd``, no communication.
+    """
+    backend = ctx.backend
+    nf = ctx.mean.shape[0]
+    err = None
+    if not backend.owns(dy):
+        err = ("shape", TypeError(
+            f"dy must be a {backend.name} array like the forward input; got"
+            f" {type(dy).__module__}.{type(dy).__name__}"
+        ))
+    elif tuple(dy.shape) != ctx.shape or np.dtype(dy.dtype) != ctx.dtype:
+        err = ("shape", ValueError(
+            f"dy must have the forward input's shape {ctx.shape} and dtype"
+            f" {ctx.dtype.name}; got shape {tuple(dy.shape)} and dtype {np.dtype(dy.dtype).name}"
+        ))
+    elif backend.device_of(dy) != backend.device_of(ctx.x):
+        err = ("device", ValueError(
+            f"dy is on {backend.device_of(dy)} but the forward input was on"
+            f" {backend.device_of(ctx.x)}"
+        ))
+    sync = ctx.batch_stats and ctx.comm.size > 1
+    if err is not None:
+        if sync:
+            _allreduce(ctx.comm, backend, ctx.sync_state, [None, None], 0,
+                       protocol.PHASE_BACKWARD, err, nf)
+        raise err[1]
+    dyv = canonical_view(backend.ascontiguous(dy), ctx.fmt)
+    cl = ctx.fmt.channel_last
+    n_local = ctx.x.size // nf if nf else 0
+    xp = backend.xp
+    if n_local:
+        sum_dy, sum_dy_xhat = backend.backward_reduce(dyv, ctx.x, cl, ctx.mean, ctx.invstd)
+    else:
+        sum_dy = sum_dy_xhat = None
+    g_dy, g_dy_xhat = sum_dy, sum_dy_xhat
+    if sync:
+        _, (g_dy, g_dy_xhat) = _allreduce(
+            ctx.comm, backend, ctx.sync_state, [sum_dy, sum_dy_xhat], n_local,
+            protocol.PHASE_BACKWARD, None, nf,
+        )
+    cdt = ctx.mean.dtype
+    w = ctx.weight if ctx.weight is not None else xp.ones(nf, dtype=cdt)
+    a = (w * ctx.invstd).astype(cdt)
+    if ctx.batch_stats and ctx.count > 0:
+        mean_dy = (g_dy / ctx.count).astype(cdt)
+        b = (a * ctx.invstd * (g_dy_xhat / ctx.count)).astype(cdt)
+    else:
+        mean_dy = xp.zeros(nf, dtype=cdt)
+        b = xp.zeros(nf, dtype=cdt)
+    if n_local:
+        dx = backend.backward_elemt(dyv, ctx.x, cl, ctx.mean, a, mean_dy, b, ctx.dtype)
+        dx = dx.reshape(ctx.shape)
+    else:
+        dx = xp.empty(ctx.shape, dtype=ctx.dtype)
+    if not need_param_grads:
+        return dx, None, None
+    pdt = ctx.param_dtype
+    if sum_dy is None:
+        dweight = xp.zeros(nf, dtype=pdt)
+        dbias = xp.zeros(nf, dtype=pdt)
+    else:
+        dweight = sum_dy_xhat.astype(pdt)
+        dbias = sum_dy.astype(pdt)
+    return dx, dweight, dbias
