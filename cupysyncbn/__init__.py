@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from . import functional
 from .comm import Communicator, get_default_comm, init, set_default_comm
+from .consistency import check_consistency, state_digest
 from .container import LayerList, Sequential
 from .errors import (
     CollectiveMismatchError,
@@ -17,6 +18,7 @@ from .errors import (
     RemoteInputError,
     SyncBatchNormError,
 )
+from .fault import install_abort_hook, uninstall_abort_hook
 from .grads import allreduce_gradients
 from .io import load, save
 from .layer import Layer, ParamAttr, Parameter
@@ -39,6 +41,10 @@ __all__ = [
     "get_default_comm",
     "set_default_comm",
     "allreduce_gradients",
+    "install_abort_hook",
+    "check_consistency",
+    "state_digest",
+    "uninstall_abort_hook",
     "save",
     "load",
     "functional",

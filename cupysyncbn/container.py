@@ -35,7 +35,9 @@ class Sequential(Layer):
             items = [(str(i), layer) for i, layer in enumerate(layers)]
         for name, layer in items:
             if not isinstance(layer, Layer):
-                raise TypeError(f"Sequential takes Layer objects; got {type(layer).__name__} for {name!r}")
+                raise TypeError(
+                    f"Sequential takes Layer objects; got {type(layer).__name__} for {name!r}"
+                )
             self.add_sublayer(name, layer)
 
     def __getitem__(self, idx: int | str | slice) -> Any:

@@ -33,6 +33,7 @@ two-all-reduce path, so the functional API is exact by default.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,6 +45,7 @@ from .comm import as_communicator
 from .comm.base import Communicator
 from .dtypes import check_input_dtype, compute_dtype
 from .formats import DataFormat, canonical_view, format_for_ndim, parse_data_format
+from .interop.dlpack import accepts_dlpack
 
 __all__ = [
     "SyncState",
@@ -69,6 +71,8 @@ class SyncState:
 
     shift: Any = None
     handshake_done: bool = False
+    layer_id: int = 0  # agreed at the handshake (see protocol.next_layer_id)
+    calls: int = 0  # synchronized passes run so far (sent in the header)
     _buffers: dict = field(default_factory=dict, repr=False)
 
     def buffer(self, backend: Backend, size: int) -> Any:
@@ -84,6 +88,8 @@ class SyncState:
         """Forget the shift, the handshake and the buffers (e.g. after ``to()``)."""
         self.shift = None
         self.handshake_done = False
+        self.layer_id = 0
+        self.calls = 0
         self._buffers.clear()
 
 
@@ -214,7 +220,10 @@ def _allreduce(
     size = protocol.HEADER + c * len(payload)
     buf = state.buffer(backend, size) if state is not None else backend.xp.empty(size, _F64)
     kind, exc = error if error is not None else (None, None)
-    protocol.fill_header(buf, count, phase, kind)
+    layer, call = (0, 0) if state is None else (state.layer_id, state.calls)
+    if state is not None:
+        state.calls += 1
+    protocol.fill_header(buf, count, phase, kind, c, layer, call)
     for i, vec in enumerate(payload):
         seg = buf[protocol.HEADER + i * c : protocol.HEADER + (i + 1) * c]
         if vec is None:
@@ -272,6 +281,24 @@ def running_stats_update(
     )
 
 
+def _quiet_fp(fn: Any) -> Any:
+    """Run ``fn`` with NumPy's floating-point warnings off.
+
+    NaN/Inf in the input propagate to the outputs of their own channels only;
+    NumPy's ``invalid value`` warnings about them (errors under
+    ``np.seterr(all='raise')`` or ``-W error``) would turn that into a crash.
+    """
+
+    @functools.wraps(fn)
+    def inner(*args: Any, **kwargs: Any) -> Any:
+        with np.errstate(all="ignore"):
+            return fn(*args, **kwargs)
+
+    return inner
+
+
+@accepts_dlpack("x", "weight", "bias", "running_mean", "running_var")
+@_quiet_fp
 def batch_norm_forward(
     x: Any,
     weight: Any = None,
@@ -296,6 +323,9 @@ def batch_norm_forward(
     x : numpy.ndarray or cupy.ndarray
         Local part of the global batch, in ``data_format``. May be empty along
         the batch axis; may be non-contiguous.
+        Any array implementing ``__dlpack__`` (PyTorch, JAX, ...) is accepted
+        too, zero-copy; the outputs are then arrays of ``x``'s library
+        (:mod:`cupysyncbn.interop.dlpack`).
     weight, bias : array of shape (C,), optional
         Affine parameters; ``None`` means weight 1 / bias 0.
     running_mean, running_var : array of shape (C,), optional
@@ -337,8 +367,15 @@ def batch_norm_forward(
         :class:`~cupysyncbn.errors.RemoteInputError`).
     """
     fmt = parse_data_format(data_format)
-    backend = get_backend(x, "x")
     comm_ = as_communicator(comm)
+    try:
+        backend = get_backend(x, "x")
+    except TypeError as e:
+        # Not an array: the peers are already in the collective, so join it
+        # on the parameters' backend and raise after it (see protocol).
+        return _forward_not_array(
+            e, comm_, training, weight, bias, running_mean, running_var, sync_state
+        )
     nf = _num_features(x, fmt, weight, bias, running_mean, running_var)
     _check_vectors(
         backend, nf, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var
@@ -358,6 +395,11 @@ def batch_norm_forward(
     sync = batch_stats and comm_.size > 1
     kind, info = _validate_input(x, fmt, nf, backend, param)
     if kind is not None:
+        if sync and nf is None and getattr(x, "ndim", 0) >= 2:
+            # No weight/running stats give the channel count: take it from x,
+            # so this rank joins the peers' collectives instead of leaving
+            # them waiting (a differing count fails the handshake everywhere).
+            nf = int(x.shape[-1 if fmt.channel_last else 1])
         if not sync or nf is None:
             raise info
         return _forward_invalid(comm_, backend, sync_state, nf, (kind, info))
@@ -379,11 +421,8 @@ def batch_norm_forward(
         )
         return ForwardResult(y.reshape(x.shape), ctx, running_mean, running_var)
 
-    if sync and sync_state is not None and not sync_state.handshake_done:
-        protocol.handshake(comm_, nf, lambda h: backend.asarray(h), backend.to_host)
-        sync_state.handshake_done = True
-    elif sync and sync_state is None:
-        protocol.handshake(comm_, nf, lambda h: backend.asarray(h), backend.to_host)
+    if sync:
+        _handshake(comm_, backend, sync_state, nf)
 
     if n_local:
         mean_r, m2_r = backend.moments(v, fmt_x.channel_last, cdt)
@@ -437,8 +476,10 @@ def _global_stats(
         return n_local, mean_r, xp.maximum(m2_r / n_local, 0.0)
     shift = state.shift if state is not None else None
     if shift is None or shift.shape[0] != nf:
-        total, (s,) = _allreduce(
-            comm, backend, state, [None if mean_r is None else mean_r * n_local],
+        # Two C-sized vectors like every other pass of the layer: equal
+        # buffer sizes let the header detect ranks running different passes.
+        total, (s, _) = _allreduce(
+            comm, backend, state, [None if mean_r is None else mean_r * n_local, None],
             n_local, protocol.PHASE_MEAN, None, nf,
         )
         shift = s / max(total, 1)
@@ -456,26 +497,54 @@ def _global_stats(
     mean = shift + s / total
     var = xp.maximum((q - s * s / total) / total, 0.0)
     if state is not None:
-        state.shift = mean
+        # A NaN/Inf mean (non-finite input) must not become the next steps'
+        # shift, or one bad batch would poison the channel forever: fall back
+        # to the exact two-pass path. ``mean`` is identical on every rank, so
+        # every rank takes the same path.
+        state.shift = mean if bool(xp.isfinite(mean).all()) else None
     return total, mean, var
+
+
+def _handshake(comm: Communicator, backend: Backend, state: SyncState | None, nf: int) -> None:
+    """The layer's first synchronized pass (every pass without a state)."""
+    if state is not None and state.handshake_done:
+        return
+    layer = protocol.next_layer_id(comm) if state is not None else 0
+    protocol.handshake(comm, nf, lambda h: backend.asarray(h), backend.to_host, layer)
+    if state is not None:
+        state.layer_id = layer
+        state.handshake_done = True
 
 
 def _forward_invalid(
     comm: Communicator, backend: Backend, state: SyncState | None, nf: int, error: tuple
 ) -> ForwardResult:
     """Take part in the collectives with a zero payload, then raise."""
-    if state is None or not state.handshake_done:
-        protocol.handshake(comm, nf, lambda h: backend.asarray(h), backend.to_host)
-        if state is not None:
-            state.handshake_done = True
-    phase = protocol.PHASE_STATS
+    _handshake(comm, backend, state, nf)
     if state is None or state.shift is None or state.shift.shape[0] != nf:
-        phase = protocol.PHASE_MEAN  # the peers run the two-pass path
-        _allreduce(comm, backend, state, [None], 0, phase, error, nf)
-    _allreduce(comm, backend, state, [None, None], 0, phase, error, nf)
+        # the peers run the two-pass path: a mean pass first
+        _allreduce(comm, backend, state, [None, None], 0, protocol.PHASE_MEAN, error, nf)
+    _allreduce(comm, backend, state, [None, None], 0, protocol.PHASE_STATS, error, nf)
     raise error[1]  # pragma: no cover - _allreduce raised already
 
 
+def _forward_not_array(
+    error: TypeError, comm: Communicator, training: bool, *vectors: Any
+) -> ForwardResult:
+    """``x`` is not an array: join the peers' collectives if possible, then raise."""
+    *vecs, state = vectors
+    weight, bias, running_mean, running_var = vecs
+    batch_stats = training or running_mean is None
+    param = next((v for v in vecs if v is not None), None)
+    if not batch_stats or comm.size == 1 or param is None:
+        raise error  # no collective to join (or no way to know its size)
+    backend = get_backend(param, "weight")
+    nf = int(param.shape[0])
+    return _forward_invalid(comm, backend, state, nf, ("type", error))
+
+
+@accepts_dlpack("dy")
+@_quiet_fp
 def batch_norm_backward(
     dy: Any, ctx: ForwardContext, *, need_param_grads: bool = True
 ) -> tuple[Any, Any, Any]:

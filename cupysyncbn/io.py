@@ -1,8 +1,16 @@
 """Checkpoints: ``save``/``load`` of state dicts as NumPy ``.npz`` (never pickle).
 
-Writes are atomic: the archive is written to a temporary file in the target
-folder, flushed to disk, then renamed over the target, so a crash mid-write
-leaves the previous checkpoint intact.
+* Only numeric arrays are written and read: :func:`load` opens the archive
+  with ``allow_pickle=False`` and refuses object arrays with a clear error, so
+  loading a checkpoint can never run code.
+* Writes are atomic: the archive goes to a temporary file in the target's
+  folder (``.<name>.tmp-XXXX``), is flushed and ``fsync``-ed, then renamed
+  over the target (``os.replace``). A crash at any point leaves either the old
+  file or the new one, never a partial file (a hard crash may leave the
+  temporary file behind; it is never read).
+* Called with ``comm``, :func:`save` is collective: every rank validates its
+  state dict, only rank 0 writes, and every rank returns (or raises the same
+  error) once the file is in place. No rank is left waiting if another fails.
 """
 
 from __future__ import annotations
@@ -15,9 +23,44 @@ from typing import Any
 
 import numpy as np
 
+from .consistency import allreduce_host
+from .errors import SyncBatchNormError
 from .layer import _to_host
 
-__all__ = ["save", "load"]
+__all__ = ["save", "load", "CheckpointError"]
+
+_ZIP_MAGIC = b"PK\x03\x04"
+_NPY_MAGIC = b"\x93NUMPY"
+
+
+class CheckpointError(SyncBatchNormError, ValueError):
+    """A checkpoint file could not be read: truncated, corrupt or not numeric."""
+
+
+def _host_arrays(state_dict: Any) -> OrderedDict:
+    """Validate ``state_dict`` and return host copies of its arrays."""
+    if not hasattr(state_dict, "items"):
+        hint = " (pass layer.state_dict())" if hasattr(state_dict, "state_dict") else ""
+        raise TypeError(
+            f"state_dict must be a mapping of str to arrays; got {type(state_dict).__name__}{hint}"
+        )
+    arrays: OrderedDict = OrderedDict()
+    for key, value in state_dict.items():
+        if not isinstance(key, str) or not key:
+            raise TypeError(f"state_dict keys must be non-empty str; got {key!r}")
+        try:
+            host = np.asarray(_to_host(value))
+        except Exception as e:  # noqa: BLE001 - anything array-like that fails
+            raise TypeError(
+                f"state_dict[{key!r}] is not an array ({type(e).__name__}: {e})"
+            ) from None
+        if host.dtype.kind not in "biuf":
+            raise TypeError(
+                f"state_dict[{key!r}] has dtype {host.dtype}; only numeric (bool, int,"
+                " float) arrays are saved: object arrays would need pickle"
+            )
+        arrays[key] = host if host.flags.c_contiguous else host.copy(order="C")
+    return arrays
 
 
 def save(state_dict: dict, path: str | os.PathLike, comm: Any = None) -> None:
@@ -28,45 +71,67 @@ def save(state_dict: dict, path: str | os.PathLike, comm: Any = None) -> None:
     state_dict : dict of str to array
         NumPy or CuPy arrays (copied to the host), e.g. ``layer.state_dict()``.
     path : str or path-like
-        Target file; written as given (no ``.npz`` suffix is appended).
+        Target file; written as given (no ``.npz`` suffix is appended). Its
+        folder must exist.
     comm : Communicator, mpi4py.MPI.Comm, optional
-        When given, only rank 0 of the group writes, and every rank returns
-        after the file is in place (the call is collective).
+        Makes the call collective over the group: only rank 0 writes (its own
+        ``state_dict``), and every rank returns after the file is in place.
+        Every rank must call it.
 
     Raises
     ------
     TypeError
-        For values that are not numeric arrays (object arrays are refused).
+        For keys that are not str or values that are not numeric arrays
+        (object arrays are refused). Collectively: on the faulty rank, and a
+        :class:`~cupysyncbn.errors.RemoteInputError` on the others.
+    OSError
+        When the file cannot be written (on every rank, collectively); the
+        previous file at ``path``, if any, is left intact.
     """
-    arrays = OrderedDict()
-    for key, value in state_dict.items():
-        if not isinstance(key, str):
-            raise TypeError(f"state_dict keys must be str; got {key!r}")
-        host = np.asarray(_to_host(value))
-        if host.dtype.kind not in "biuf":
-            raise TypeError(
-                f"state_dict[{key!r}] has dtype {host.dtype}; only numeric arrays are saved"
-            )
-        arrays[key] = host
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike; got {type(path).__name__}")
+    target = os.fspath(path)
     comm_ = None
     if comm is not None:
         from .comm import as_communicator
 
         comm_ = as_communicator(comm)
-    if comm_ is None or comm_.rank == 0:
-        _atomic_write(arrays, os.fspath(path))
-    if comm_ is not None and comm_.size > 1:
-        _barrier(comm_)
+    if comm_ is None or comm_.size == 1:
+        _atomic_write(_host_arrays(state_dict), target)
+        return
+    # Collective: agree on validity first, so that no rank waits for a rank
+    # that raised; then rank 0 writes and everybody learns how it went.
+    own: BaseException | None = None
+    try:
+        arrays = _host_arrays(state_dict)
+    except (TypeError, ValueError) as e:
+        own = e
+    bad = allreduce_host(comm_, np.array([1.0 if own else 0.0]))[0]
+    if own is not None:
+        raise own
+    if bad:
+        from .errors import RemoteInputError
 
-
-def _barrier(comm: Any) -> None:
-    # The communicator contract is an all-reduce; one tiny sum is a barrier.
-    comm.allreduce_sum(np.zeros(1, dtype=np.float64))
+        raise RemoteInputError(
+            f"save: {int(bad)} rank(s) passed an invalid state_dict; nothing was written"
+        )
+    failure: BaseException | None = None
+    if comm_.rank == 0:
+        try:
+            _atomic_write(arrays, target)
+        except Exception as e:  # noqa: BLE001 - reported to every rank below
+            failure = e
+    failed = allreduce_host(comm_, np.array([1.0 if failure else 0.0]))[0]
+    if failure is not None:
+        raise failure
+    if failed:
+        raise OSError(f"save: rank 0 could not write {target!r} (see its error)")
 
 
 def _atomic_write(arrays: dict, path: str) -> None:
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=folder)
+    base = os.path.basename(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{base}.tmp-", dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **arrays)
@@ -79,34 +144,85 @@ def _atomic_write(arrays: dict, path: str) -> None:
         except OSError:
             pass
         raise
+    _fsync_dir(folder)
+
+
+def _fsync_dir(folder: str) -> None:
+    # Makes the rename itself durable (POSIX); not possible everywhere.
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # pragma: no cover - e.g. Windows
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
 
 
 def load(path: str | os.PathLike) -> OrderedDict:
-    """Read a state dict written by :func:`save` (NumPy arrays).
+    """Read a state dict written by :func:`save` (NumPy arrays, in saved order).
+
+    Never unpickles: the archive is opened with ``allow_pickle=False``. Pass
+    the result to ``layer.set_state_dict``, which validates names, shapes and
+    dtypes before changing anything.
+
+    Parameters
+    ----------
+    path : str or path-like
+        A file written by :func:`save`.
+
+    Returns
+    -------
+    OrderedDict of str to numpy.ndarray
 
     Raises
     ------
     FileNotFoundError
         If ``path`` does not exist.
-    ValueError
+    CheckpointError (a ValueError)
         If the file is truncated, corrupt, not an ``.npz`` archive, or holds
-        object arrays (which would need pickle; they are refused).
+        object or other non-numeric arrays (object arrays need pickle; they are
+        refused, naming the entry).
     """
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike; got {type(path).__name__}")
     p = os.fspath(path)
+    with open(p, "rb") as f:
+        magic = f.read(6)
+    if not magic.startswith(_ZIP_MAGIC):
+        if magic.startswith(_NPY_MAGIC):
+            what = "a single .npy array, not a state-dict archive"
+        elif not magic:
+            what = "an empty file"
+        else:
+            what = "not an .npz archive"
+        raise CheckpointError(f"{p}: {what}; write checkpoints with cupysyncbn.save")
+    out: OrderedDict = OrderedDict()
     try:
         with np.load(p, allow_pickle=False) as z:
-            out = OrderedDict()
             for key in z.files:
-                out[key] = z[key]
-            return out
-    except FileNotFoundError:
+                try:
+                    arr = z[key]
+                except ValueError as e:
+                    if "pickle" in str(e).lower() or "object" in str(e).lower():
+                        raise CheckpointError(
+                            f"{p}: entry {key!r} is an object array, which needs pickle to"
+                            " load; cupysyncbn checkpoints hold numeric arrays only and never"
+                            " unpickle"
+                        ) from None
+                    raise
+                if arr.dtype.kind not in "biuf":
+                    raise CheckpointError(
+                        f"{p}: entry {key!r} has dtype {arr.dtype}; checkpoints hold numeric"
+                        " arrays only"
+                    )
+                out[key] = arr
+    except CheckpointError:
         raise
-    except ValueError as e:
-        if "allow_pickle" in str(e) or "Object arrays" in str(e):
-            raise ValueError(
-                f"{p}: holds an object array, which needs pickle to load; cupysyncbn"
-                " checkpoints hold numeric arrays only and never unpickle"
-            ) from None
-        raise ValueError(f"{p}: not a valid cupysyncbn checkpoint ({e})") from None
-    except (zipfile.BadZipFile, OSError, EOFError, KeyError) as e:
-        raise ValueError(f"{p}: truncated or corrupt checkpoint ({type(e).__name__}: {e})") from None
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError, RuntimeError) as e:
+        raise CheckpointError(
+            f"{p}: truncated or corrupt checkpoint ({type(e).__name__}: {e})"
+        ) from None
+    return out

@@ -10,7 +10,7 @@ dtype moves. There is no autograd: layers implement ``forward`` and
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -125,7 +125,8 @@ class ParamAttr:
                 value = np.full(shape, value, dtype=dtype)
         if value.shape != tuple(shape):
             raise ValueError(
-                f"ParamAttr initializer gives shape {value.shape}; the parameter needs {tuple(shape)}"
+                f"ParamAttr initializer gives shape {value.shape}; the parameter needs"
+                f" {tuple(shape)}"
             )
         return value.copy()
 
@@ -160,6 +161,12 @@ class Layer:
         params = self.__dict__.get("_parameters")
         if params is None:
             raise RuntimeError("call Layer.__init__() before assigning attributes")
+        # Replacing a sub-layer (convert_sync_batchnorm) must keep its place:
+        # Sequential runs its sub-layers in registration order.
+        if isinstance(value, Layer) and name in self._sub_layers:
+            self._sub_layers[name] = value
+            object.__setattr__(self, name, value)
+            return
         for d in (self._parameters, self._sub_layers, self._buffers):
             d.pop(name, None)
         if isinstance(value, Parameter):
@@ -184,7 +191,9 @@ class Layer:
         return sublayer
 
     # traversal ------------------------------------------------------------
-    def named_sublayers(self, prefix: str = "", include_self: bool = False) -> Iterator[tuple[str, Layer]]:
+    def named_sublayers(
+        self, prefix: str = "", include_self: bool = False
+    ) -> Iterator[tuple[str, Layer]]:
         """Yield ``(dotted_name, layer)`` for every sub-layer, depth first."""
         if include_self:
             yield prefix, self
@@ -285,7 +294,7 @@ class Layer:
         """
         if not hasattr(state_dict, "items"):
             raise TypeError(f"state_dict must be a mapping; got {type(state_dict).__name__}")
-        targets = {key: (layer, attr, is_param) for key, layer, attr, is_param in self._named_state()}
+        targets = {key: (lay, attr, is_p) for key, lay, attr, is_p in self._named_state()}
         aliases: dict[str, str] = {}
         optional: set[str] = set()
         for lname, layer in self.named_sublayers(include_self=True):
@@ -407,7 +416,9 @@ def _validated(key: str, value: Any, current: Any) -> Any:
         try:
             value = np.asarray(value)
         except Exception:
-            raise TypeError(f"state_dict[{key!r}] must be an array; got {type(value).__name__}") from None
+            raise TypeError(
+                f"state_dict[{key!r}] must be an array; got {type(value).__name__}"
+            ) from None
     vdt = np.dtype(value.dtype)
     cdt = np.dtype(current.dtype)
     if tuple(value.shape) != tuple(current.shape):

@@ -49,7 +49,9 @@ def _check_epsilon(epsilon: Any) -> float:
     return float(epsilon)
 
 
-def _make_param(attr: Any, argname: str, shape: tuple, dtype: np.dtype, default: float) -> Parameter:
+def _make_param(
+    attr: Any, argname: str, shape: tuple, dtype: np.dtype, default: float
+) -> Parameter:
     """Parameter from a Paddle-style attr: None, False, a ParamAttr or a name."""
     if attr is False:
         return Parameter(np.full(shape, default, dtype=dtype), trainable=False, name=argname)
@@ -113,7 +115,9 @@ class _BatchNormBase(Layer):
             "_num_batches_tracked", np.zeros((), dtype=np.int64), persistable=momentum is None
         )
         self._comm_arg = comm
-        self._comm: Communicator | None = comm if isinstance(comm, Communicator) else None
+        # None stays lazy (the default communicator is created at first use);
+        # anything else is resolved now so a bad ``comm`` fails at construction.
+        self._comm: Communicator | None = None if comm is None else as_communicator(comm)
         self._sync_state = F.SyncState()
         self._ctx: F.ForwardContext | None = None
 
@@ -234,7 +238,35 @@ class _BatchNormBase(Layer):
         return dx
 
 
-class BatchNorm1D(_BatchNormBase):
+class _LocalBatchNorm(_BatchNormBase):
+    """Local (unsynchronized) batch norm with Paddle's ``BatchNormND`` signature."""
+
+    _default_format = "NCHW"
+
+    def __init__(
+        self,
+        num_features: int,
+        momentum: float | None = 0.9,
+        epsilon: float = 1e-5,
+        weight_attr: Any = None,
+        bias_attr: Any = None,
+        data_format: str | None = None,
+        use_global_stats: bool | None = None,
+        name: str | None = None,
+        *,
+        track_running_stats: bool = True,
+        unbiased_running_var: bool = False,
+        dtype: Any = "float32",
+    ) -> None:
+        super().__init__(
+            num_features, momentum, epsilon, weight_attr, bias_attr,
+            self._default_format if data_format is None else data_format,
+            use_global_stats, name, track_running_stats=track_running_stats,
+            unbiased_running_var=unbiased_running_var, dtype=dtype,
+        )
+
+
+class BatchNorm1D(_LocalBatchNorm):
     """Local batch norm over ``(N, C)`` or ``(N, C, L)`` inputs (Paddle's ``BatchNorm1D``).
 
     Parameters
@@ -247,7 +279,7 @@ class BatchNorm1D(_BatchNormBase):
     epsilon : float, default 1e-5
     weight_attr, bias_attr : None, False, str or ParamAttr
         False fixes the weight at 1 / the bias at 0 (not trainable).
-    data_format : {'NCL', 'NC', 'NLC'}, default 'NCL'
+    data_format : {'NCL', 'NC', 'NLC'}, default 'NCL' (None)
     use_global_stats : bool, optional
         True: always normalize with the running statistics; False: always with
         batch statistics; None: batch statistics in training, running in eval.
@@ -266,30 +298,10 @@ class BatchNorm1D(_BatchNormBase):
     """
 
     _formats = ("NC", "NCL", "NLC")
-
-    def __init__(
-        self,
-        num_features: int,
-        momentum: float | None = 0.9,
-        epsilon: float = 1e-5,
-        weight_attr: Any = None,
-        bias_attr: Any = None,
-        data_format: str = "NCL",
-        use_global_stats: bool | None = None,
-        name: str | None = None,
-        *,
-        track_running_stats: bool = True,
-        unbiased_running_var: bool = False,
-        dtype: Any = "float32",
-    ) -> None:
-        super().__init__(
-            num_features, momentum, epsilon, weight_attr, bias_attr, data_format,
-            use_global_stats, name, track_running_stats=track_running_stats,
-            unbiased_running_var=unbiased_running_var, dtype=dtype,
-        )
+    _default_format = "NCL"
 
 
-class BatchNorm2D(_BatchNormBase):
+class BatchNorm2D(_LocalBatchNorm):
     """Local batch norm over ``(N, C, H, W)`` or ``(N, H, W, C)`` inputs.
 
     Same parameters as :class:`BatchNorm1D`, with ``data_format`` in
@@ -297,30 +309,10 @@ class BatchNorm2D(_BatchNormBase):
     """
 
     _formats = ("NCHW", "NHWC")
-
-    def __init__(
-        self,
-        num_features: int,
-        momentum: float | None = 0.9,
-        epsilon: float = 1e-5,
-        weight_attr: Any = None,
-        bias_attr: Any = None,
-        data_format: str = "NCHW",
-        use_global_stats: bool | None = None,
-        name: str | None = None,
-        *,
-        track_running_stats: bool = True,
-        unbiased_running_var: bool = False,
-        dtype: Any = "float32",
-    ) -> None:
-        super().__init__(
-            num_features, momentum, epsilon, weight_attr, bias_attr, data_format,
-            use_global_stats, name, track_running_stats=track_running_stats,
-            unbiased_running_var=unbiased_running_var, dtype=dtype,
-        )
+    _default_format = "NCHW"
 
 
-class BatchNorm3D(_BatchNormBase):
+class BatchNorm3D(_LocalBatchNorm):
     """Local batch norm over ``(N, C, D, H, W)`` or ``(N, D, H, W, C)`` inputs.
 
     Same parameters as :class:`BatchNorm1D`, with ``data_format`` in
@@ -328,27 +320,7 @@ class BatchNorm3D(_BatchNormBase):
     """
 
     _formats = ("NCDHW", "NDHWC")
-
-    def __init__(
-        self,
-        num_features: int,
-        momentum: float | None = 0.9,
-        epsilon: float = 1e-5,
-        weight_attr: Any = None,
-        bias_attr: Any = None,
-        data_format: str = "NCDHW",
-        use_global_stats: bool | None = None,
-        name: str | None = None,
-        *,
-        track_running_stats: bool = True,
-        unbiased_running_var: bool = False,
-        dtype: Any = "float32",
-    ) -> None:
-        super().__init__(
-            num_features, momentum, epsilon, weight_attr, bias_attr, data_format,
-            use_global_stats, name, track_running_stats=track_running_stats,
-            unbiased_running_var=unbiased_running_var, dtype=dtype,
-        )
+    _default_format = "NCDHW"
 
 
 class SyncBatchNorm(_BatchNormBase):
@@ -462,13 +434,12 @@ class SyncBatchNorm(_BatchNormBase):
         new._use_global_stats = bn._use_global_stats
         # Copy values (not the attrs): Paddle re-initializes a trained weight
         # when only one attr is False; here each array is copied as it is.
-        xp_copy = (lambda a: a.copy())
-        new.weight.data = xp_copy(bn.weight.data)
-        new.bias.data = xp_copy(bn.bias.data)
+        new.weight.data = bn.weight.data.copy()
+        new.bias.data = bn.bias.data.copy()
         new.weight.trainable = bn.weight.trainable
         new.bias.trainable = bn.bias.trainable
-        object.__setattr__(new, "_mean", xp_copy(bn._mean))
-        object.__setattr__(new, "_variance", xp_copy(bn._variance))
+        object.__setattr__(new, "_mean", bn._mean.copy())
+        object.__setattr__(new, "_variance", bn._variance.copy())
         object.__setattr__(new, "_num_batches_tracked", bn._num_batches_tracked.copy())
         object.__setattr__(new, "training", bn.training)
         return new

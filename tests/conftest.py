@@ -19,3 +19,37 @@ def rng():
 def _one_thread(monkeypatch):
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         monkeypatch.setenv(var, os.environ.get(var, "1"))
+
+
+@pytest.fixture(scope="session")
+def mpi_job(tmp_path_factory):
+    """``get(job, k)``: run ``tests/mpi_cases.py`` job on ``k`` ranks once per session.
+
+    Returns the merged check dict (see :func:`bn_ref.parse_result`); several test
+    modules share one launch per (job, k) so the suite stays fast.
+    """
+    import bn_ref
+    from mpi_runner import run_mpi
+
+    cache = {}
+    here = str(Path(__file__).resolve().parent)
+
+    def get(job, k):
+        if (job, k) not in cache:
+            code = f"import sys\nsys.path.insert(0, {here!r})\nimport mpi_cases\nmpi_cases.main()\n"
+            tmp = tmp_path_factory.mktemp(f"{job}{k}")
+            res = run_mpi(code, k, timeout=180, tmp_path=tmp, args=(job,))
+            cache[job, k] = bn_ref.parse_result(res.stdout)
+        return cache[job, k]
+
+    return get
+
+
+def check_group(result, prefix, min_count=1):
+    """Assert every check whose name starts with ``prefix`` passed (and there are some)."""
+    import bn_ref
+
+    group = {k: v for k, v in result.items() if k.startswith(prefix)}
+    assert len(group) >= min_count, f"only {len(group)} checks named {prefix!r}"
+    bad = bn_ref.failures(group)
+    assert not bad, f"{len(bad)} of {len(group)} {prefix!r} checks failed: {bad}"

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import CommunicatorError
+from ..fault import shared_watchdog
 from .base import Communicator
 
 __all__ = ["MPICommunicator"]
@@ -56,7 +57,15 @@ class MPICommunicator(Communicator):
         self.cuda_aware = bool(cuda_aware)
 
     def allreduce_sum(self, buf: Any) -> Any:
-        """Sum ``buf`` over the group in place (host-staged for CuPy)."""
+        """Sum ``buf`` over the group in place (host-staged for CuPy).
+
+        A call that does not complete within ``CUPYSYNCBN_TIMEOUT`` seconds
+        (default 600) aborts the job (:mod:`cupysyncbn.fault`).
+        """
+        with shared_watchdog().guard(f"MPI all-reduce of {buf.size} float64"):
+            return self._allreduce_sum(buf)
+
+    def _allreduce_sum(self, buf: Any) -> Any:
         MPI = self._MPI
         if isinstance(buf, np.ndarray):
             self.mpi_comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)

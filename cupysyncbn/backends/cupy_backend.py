@@ -1,0 +1,291 @@
+"""CuPy backend: the batch-norm primitives as our own CUDA kernels.
+
+Kernels come from ``kernels/*.cu`` (see :mod:`.kernel_source`), compiled with
+``cupy.RawModule`` (C++ templates selected by name expressions) once per
+process and device; CuPy's on-disk cache makes later processes cheap.
+Everything is launched on the current CuPy stream and nothing here
+synchronizes with the host.
+
+Launch shapes (the reductions; elementwise kernels are grid-stride loops):
+
+* channel-first ``(N, C, S)``: grid ``(G, C)``; each channel is split over
+  ``G = gsx * gsy`` blocks (S and N directions) so small-C / large-S inputs
+  still fill the GPU, then one merge block per channel;
+* channel-last ``(M, C)``: grid ``(ceil(C / bdx), G)``; threads over channels
+  (coalesced), ``G`` row splits merged the same way.
+
+``G`` aims at about eight 256-thread blocks per multiprocessor while giving
+every thread at least :data:`_MIN_PER_THREAD` elements.
+"""
+
+from __future__ import annotations
+
+import threading
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+
+from . import kernel_source as ks
+
+__all__ = ["CupyBackend", "get_cupy_backend"]
+
+_F64 = np.dtype(np.float64)
+_I64 = np.dtype(np.int64)
+_THREADS = 256
+_MIN_PER_THREAD = 16
+_BLOCKS_PER_SM = 8
+_MAX_GRID_YZ = 65535
+_INT32_LIMIT = 2**31
+
+
+def _last_pow2(n: int) -> int:
+    return 1 << (max(int(n), 1).bit_length() - 1)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << (max(int(n), 1) - 1).bit_length()
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class CupyBackend:
+    """Batch-norm primitives on CuPy arrays (see :mod:`.base`)."""
+
+    name = "cupy"
+
+    def __init__(self) -> None:
+        import cupy
+
+        self.xp = cupy
+        self._lock = threading.Lock()
+        self._modules: dict = {}
+        self._funcs: dict = {}
+        self._sms: dict = {}
+
+    # -- array plumbing ----------------------------------------------------
+    def owns(self, a: Any) -> bool:
+        """True for CuPy arrays."""
+        return isinstance(a, self.xp.ndarray)
+
+    def device_of(self, a: Any) -> str:
+        """``"cuda:N"``."""
+        return f"cuda:{a.device.id}"
+
+    def ascontiguous(self, a: Any) -> Any:
+        """``a`` or a C-contiguous copy of it (on ``a``'s device)."""
+        return self.xp.ascontiguousarray(a)
+
+    def asarray(self, a: Any, dtype: Any = None) -> Any:
+        """``cupy.asarray`` on the current device."""
+        return self.xp.asarray(a, dtype=dtype)
+
+    def to_host(self, a: Any) -> np.ndarray:
+        """A NumPy copy (synchronizes with the current stream)."""
+        return self.xp.asnumpy(a)
+
+    # -- kernels -----------------------------------------------------------
+    def _kernel(self, file: str, name: str) -> Any:
+        """The compiled kernel ``name`` of ``file`` on the current device."""
+        dev = self.xp.cuda.Device().id
+        f = self._funcs.get((name, dev))
+        if f is not None:
+            return f
+        with self._lock:
+            mod = self._modules.get((file, dev))
+            if mod is None:
+                mod = self.xp.RawModule(
+                    code=ks.read_source(file),
+                    options=ks.COMPILE_OPTIONS,
+                    name_expressions=ks.name_expressions(file),
+                )
+                self._modules[(file, dev)] = mod
+            f = mod.get_function(name)
+            self._funcs[(name, dev)] = f
+        return f
+
+    def _sm_count(self) -> int:
+        dev = self.xp.cuda.Device()
+        n = self._sms.get(dev.id)
+        if n is None:
+            n = int(dev.attributes["MultiProcessorCount"])
+            self._sms[dev.id] = n
+        return n
+
+    def _cf_grid(self, n: int, c: int, s: int) -> tuple[int, int, int, int]:
+        """``(bdx, bdy, gsx, gsy)`` for a channel-first reduction."""
+        bdx = min(_THREADS, _last_pow2(s))
+        bdy = _THREADS // bdx
+        per_channel = _cdiv(self._sm_count() * _BLOCKS_PER_SM, c)
+        by_work = _cdiv(n * s, _THREADS * _MIN_PER_THREAD)
+        g = max(1, min(per_channel, by_work, _MAX_GRID_YZ))
+        gsy = max(1, min(g, _cdiv(n, bdy)))
+        gsx = max(1, min(_cdiv(g, gsy), _cdiv(s, bdx)))
+        return bdx, bdy, gsx, gsy
+
+    def _cl_grid(self, m: int, c: int) -> tuple[int, int, int, int]:
+        """``(bdx, bdy, gx, G)`` for a channel-last reduction."""
+        bdx = min(32, _next_pow2(c))
+        bdy = _THREADS // bdx
+        gx = _cdiv(c, bdx)
+        per_tile = _cdiv(self._sm_count() * _BLOCKS_PER_SM, gx)
+        by_work = _cdiv(m, bdy * _MIN_PER_THREAD)
+        return bdx, bdy, gx, max(1, min(per_tile, by_work, _MAX_GRID_YZ))
+
+    def _elemt_launch(self, total: int) -> tuple[int, str, Any]:
+        """Grid size, C++ index type and NumPy scalar type of a flat kernel."""
+        blocks = max(1, min(_cdiv(total, _THREADS), self._sm_count() * 32))
+        if total + blocks * _THREADS < _INT32_LIMIT:
+            return blocks, "int", np.int32
+        return blocks, "long long", np.int64
+
+    @staticmethod
+    def _finalize_threads(g: int) -> int:
+        return min(_THREADS, 32 * _cdiv(g, 32))
+
+    def _vec(self, v: Any, dtype: np.dtype) -> Any:
+        return self.xp.ascontiguousarray(v, dtype=dtype)
+
+    @staticmethod
+    def _cdt(*dtypes: Any) -> np.dtype:
+        # float64 storage always computes in float64 (no float kernels for it).
+        return _F64 if any(np.dtype(d) == _F64 for d in dtypes) else np.dtype(np.float32)
+
+    # -- primitives --------------------------------------------------------
+    def moments(self, x: Any, channel_last: bool, cdt: Any) -> tuple[Any, Any]:
+        """Local per-channel mean and M2 (float64), Welford + Chan merges."""
+        cp = self.xp
+        x = cp.ascontiguousarray(x)
+        adt = self._cdt(cdt, x.dtype)
+        t, a = ks.storage_type(x.dtype), ks.accum_type(adt)
+        c = int(x.shape[-1] if channel_last else x.shape[1])
+        mean = cp.empty(c, dtype=_F64)
+        m2 = cp.empty(c, dtype=_F64)
+        if x.size == 0:
+            mean.fill(0)
+            m2.fill(0)
+            return mean, m2
+        if channel_last:
+            m = int(x.shape[0])
+            bdx, bdy, gx, g = self._cl_grid(m, c)
+            pc, pm, pq = cp.empty(c * g, _I64), cp.empty(c * g, adt), cp.empty(c * g, adt)
+            self._kernel("stats.cu", ks.stats_partial(t, a, True))(
+                (gx, g), (bdx, bdy), (x, np.int64(m), np.int64(c), pc, pm, pq)
+            )
+        else:
+            n, s = int(x.shape[0]), int(x.shape[2])
+            bdx, bdy, gsx, gsy = self._cf_grid(n, c, s)
+            g = gsx * gsy
+            pc, pm, pq = cp.empty(c * g, _I64), cp.empty(c * g, adt), cp.empty(c * g, adt)
+            self._kernel("stats.cu", ks.stats_partial(t, a, False))(
+                (g, min(c, _MAX_GRID_YZ)), (bdx, bdy),
+                (x, np.int64(n), np.int64(c), np.int64(s), np.int32(gsx), np.int32(gsy),
+                 pc, pm, pq),
+            )
+        self._kernel("stats.cu", ks.stats_finalize(a))(
+            (min(c, _MAX_GRID_YZ),), (self._finalize_threads(g),),
+            (pc, pm, pq, np.int64(c), np.int32(g), mean, m2),
+        )
+        return mean, m2
+
+    def normalize(
+        self, x: Any, channel_last: bool, mean: Any, scale: Any, bias: Any, out_dtype: Any
+    ) -> Any:
+        """``(x - mean) * scale + bias`` (subtract first), cast to ``out_dtype``."""
+        cp = self.xp
+        x = cp.ascontiguousarray(x)
+        adt = self._cdt(mean.dtype, x.dtype)
+        t, a = ks.storage_type(x.dtype), ks.accum_type(adt)
+        y = cp.empty(x.shape, dtype=x.dtype)
+        if x.size:
+            c, s = self._cs(x, channel_last)
+            blocks, it, ity = self._elemt_launch(x.size)
+            self._kernel("elementwise.cu", ks.normalize(t, a, it))(
+                (blocks,), (_THREADS,),
+                (x, y, ity(x.size), ity(c), ity(s),
+                 self._vec(mean, adt), self._vec(scale, adt), self._vec(bias, adt)),
+            )
+        return y if y.dtype == np.dtype(out_dtype) else y.astype(out_dtype)
+
+    def backward_reduce(
+        self, dy: Any, x: Any, channel_last: bool, mean: Any, invstd: Any
+    ) -> tuple[Any, Any]:
+        """Local ``sum(dy)`` and ``sum(dy * (x - mean)) * invstd`` (float64)."""
+        cp = self.xp
+        x = cp.ascontiguousarray(x)
+        dy = cp.ascontiguousarray(dy, dtype=x.dtype)
+        adt = self._cdt(mean.dtype, x.dtype)
+        t, a = ks.storage_type(x.dtype), ks.accum_type(adt)
+        c, _ = self._cs(x, channel_last)
+        sum_dy = cp.empty(c, dtype=_F64)
+        sum_dy_xhat = cp.empty(c, dtype=_F64)
+        if x.size == 0:
+            sum_dy.fill(0)
+            sum_dy_xhat.fill(0)
+            return sum_dy, sum_dy_xhat
+        mean_v = self._vec(mean, adt)
+        if channel_last:
+            m = int(x.shape[0])
+            bdx, bdy, gx, g = self._cl_grid(m, c)
+            p1, p2 = cp.empty(c * g, adt), cp.empty(c * g, adt)
+            self._kernel("backward.cu", ks.bwd_partial(t, a, True))(
+                (gx, g), (bdx, bdy), (dy, x, np.int64(m), np.int64(c), mean_v, p1, p2)
+            )
+        else:
+            n, s = int(x.shape[0]), int(x.shape[2])
+            bdx, bdy, gsx, gsy = self._cf_grid(n, c, s)
+            g = gsx * gsy
+            p1, p2 = cp.empty(c * g, adt), cp.empty(c * g, adt)
+            self._kernel("backward.cu", ks.bwd_partial(t, a, False))(
+                (g, min(c, _MAX_GRID_YZ)), (bdx, bdy),
+                (dy, x, np.int64(n), np.int64(c), np.int64(s), np.int32(gsx), np.int32(gsy),
+                 mean_v, p1, p2),
+            )
+        self._kernel("backward.cu", ks.bwd_finalize(a))(
+            (min(c, _MAX_GRID_YZ),), (self._finalize_threads(g),),
+            (p1, p2, np.int64(c), np.int32(g), self._vec(invstd, adt), sum_dy, sum_dy_xhat),
+        )
+        return sum_dy, sum_dy_xhat
+
+    def backward_elemt(
+        self,
+        dy: Any,
+        x: Any,
+        channel_last: bool,
+        mean: Any,
+        a: Any,
+        mean_dy: Any,
+        b: Any,
+        out_dtype: Any,
+    ) -> Any:
+        """``a * (dy - mean_dy) - b * (x - mean)``, cast to ``out_dtype``."""
+        cp = self.xp
+        x = cp.ascontiguousarray(x)
+        dy = cp.ascontiguousarray(dy, dtype=x.dtype)
+        adt = self._cdt(mean.dtype, x.dtype)
+        t, acc = ks.storage_type(x.dtype), ks.accum_type(adt)
+        dx = cp.empty(x.shape, dtype=x.dtype)
+        if x.size:
+            c, s = self._cs(x, channel_last)
+            blocks, it, ity = self._elemt_launch(x.size)
+            self._kernel("elementwise.cu", ks.backward_elemt(t, acc, it))(
+                (blocks,), (_THREADS,),
+                (dy, x, dx, ity(x.size), ity(c), ity(s), self._vec(mean, adt),
+                 self._vec(a, adt), self._vec(mean_dy, adt), self._vec(b, adt)),
+            )
+        return dx if dx.dtype == np.dtype(out_dtype) else dx.astype(out_dtype)
+
+    @staticmethod
+    def _cs(x: Any, channel_last: bool) -> tuple[int, int]:
+        # (C, S) of a canonical array; S = 1 makes (i / S) % C the channel-last rule.
+        if channel_last:
+            return int(x.shape[1]), 1
+        return int(x.shape[1]), int(x.shape[2])
+
+
+@lru_cache(maxsize=1)
+def get_cupy_backend() -> CupyBackend:
+    """The process-wide CuPy backend (kernels are compiled once and cached)."""
+    return CupyBackend()

@@ -1,0 +1,195 @@
+"""CUDA kernel sources: where they are, their full text, and their instantiations.
+
+The ``.cu``/``.cuh`` files live in the repository's top-level ``kernels/``
+folder and ship inside the wheel as ``cupysyncbn/kernels`` (package data).
+:func:`kernel_dir` finds the installed copy first and falls back to the
+source checkout (an editable install does not expose the package-data
+mapping). :func:`read_source` returns a file with its local ``#include
+"..."`` lines inlined, so the text is self-contained: the same string is
+compiled by ``cupy.RawModule`` and by the NVRTC tests, and CuPy's compile
+cache is keyed on everything the kernels depend on.
+
+Nothing here imports CuPy.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+
+__all__ = [
+    "COMPILE_OPTIONS",
+    "KERNEL_FILES",
+    "STORAGE_TYPES",
+    "kernel_dir",
+    "read_source",
+    "storage_type",
+    "accum_type",
+    "name_expressions",
+    "stats_partial",
+    "stats_finalize",
+    "bwd_partial",
+    "bwd_finalize",
+    "normalize",
+    "backward_elemt",
+]
+
+#: Extra NVRTC options (CuPy adds the architecture and its own defaults).
+COMPILE_OPTIONS: tuple = ("--std=c++14",)
+
+#: The kernel files, each compiled as one module.
+KERNEL_FILES = ("stats.cu", "backward.cu", "elementwise.cu")
+
+#: C++ storage type of each supported input dtype name.
+STORAGE_TYPES = {
+    "float16": "sbn::half_t",
+    "bfloat16": "sbn::bfloat16_t",
+    "float32": "float",
+    "float64": "double",
+}
+_ACCUM = {"float32": "float", "float64": "double"}
+# (storage, accumulation) pairs the package can launch: 16/32-bit inputs with
+# float or double statistics (a float64 layer), float64 inputs with double.
+_PAIRS = tuple(
+    (STORAGE_TYPES[s], _ACCUM[a])
+    for s in ("float16", "bfloat16", "float32", "float64")
+    for a in ("float32", "float64")
+    if not (s == "float64" and a == "float32")
+)
+_INDEX = ("int", "long long")
+_INCLUDE = re.compile(r'^[ \t]*#[ \t]*include[ \t]*"([^"]+)"[ \t]*$', re.MULTILINE)
+
+
+def _candidates() -> list[Path]:
+    here = Path(__file__).resolve().parent.parent  # the cupysyncbn package
+    return [here / "kernels", here.parent / "kernels"]
+
+
+@cache
+def kernel_dir() -> Path:
+    """The folder holding the kernel sources.
+
+    The installed package data (``cupysyncbn/kernels``) wins; a source
+    checkout's top-level ``kernels/`` is the fallback.
+
+    Raises
+    ------
+    FileNotFoundError
+        If neither location has the kernel files (a broken install).
+    """
+    for d in _candidates():
+        if all((d / f).is_file() for f in KERNEL_FILES):
+            return d
+    raise FileNotFoundError(
+        "cupysyncbn CUDA kernel sources not found (looked in "
+        + ", ".join(str(d) for d in _candidates())
+        + "); reinstall the package: its wheel ships them as cupysyncbn/kernels"
+    )
+
+
+def _inline(path: Path, seen: set) -> str:
+    text = path.read_text(encoding="utf-8")
+
+    def repl(m: re.Match) -> str:
+        inc = (path.parent / m.group(1)).resolve()
+        if inc in seen:
+            return f"// (already included: {m.group(1)})"
+        seen.add(inc)
+        return f"// begin {m.group(1)}\n{_inline(inc, seen)}\n// end {m.group(1)}"
+
+    return _INCLUDE.sub(repl, text)
+
+
+@cache
+def read_source(name: str) -> str:
+    """Full text of kernel file ``name`` with its local includes inlined.
+
+    Parameters
+    ----------
+    name : str
+        One of :data:`KERNEL_FILES`.
+
+    Raises
+    ------
+    ValueError
+        For an unknown file name.
+    """
+    if name not in KERNEL_FILES:
+        raise ValueError(f"name must be one of {KERNEL_FILES}; got {name!r}")
+    path = kernel_dir() / name
+    return _inline(path, {path.resolve()})
+
+
+def storage_type(dtype: object) -> str:
+    """C++ storage type for an input dtype (float16, bfloat16, float32, float64).
+
+    Raises
+    ------
+    TypeError
+        For any other dtype.
+    """
+    name = np.dtype(dtype).name if not isinstance(dtype, str) else dtype
+    try:
+        return STORAGE_TYPES[name]
+    except KeyError:
+        raise TypeError(f"no CUDA kernels for dtype {name}") from None
+
+
+def accum_type(dtype: object) -> str:
+    """C++ compute/accumulation type for a compute dtype (float32 or float64)."""
+    return _ACCUM[np.dtype(dtype).name]
+
+
+def stats_partial(t: str, a: str, channel_last: bool) -> str:
+    """Name expression of the statistics partial kernel."""
+    return f"bn_stats_partial_{'cl' if channel_last else 'cf'}<{t}, {a}>"
+
+
+def stats_finalize(a: str) -> str:
+    """Name expression of the statistics merge kernel."""
+    return f"bn_stats_finalize<{a}>"
+
+
+def bwd_partial(t: str, a: str, channel_last: bool) -> str:
+    """Name expression of the backward-reduce partial kernel."""
+    return f"bn_bwd_partial_{'cl' if channel_last else 'cf'}<{t}, {a}>"
+
+
+def bwd_finalize(a: str) -> str:
+    """Name expression of the backward-reduce merge kernel."""
+    return f"bn_bwd_finalize<{a}>"
+
+
+def normalize(t: str, a: str, index: str) -> str:
+    """Name expression of the forward elementwise kernel."""
+    return f"bn_normalize<{t}, {a}, {index}>"
+
+
+def backward_elemt(t: str, a: str, index: str) -> str:
+    """Name expression of the backward elementwise kernel."""
+    return f"bn_backward_elemt<{t}, {a}, {index}>"
+
+
+def name_expressions(name: str) -> tuple[str, ...]:
+    """Every template instantiation of kernel file ``name`` (dtype x layout x index).
+
+    Raises
+    ------
+    ValueError
+        For an unknown file name.
+    """
+    accs = ("float", "double")
+    if name == "stats.cu":
+        out = [stats_partial(t, a, cl) for t, a in _PAIRS for cl in (False, True)]
+        return tuple(out + [stats_finalize(a) for a in accs])
+    if name == "backward.cu":
+        out = [bwd_partial(t, a, cl) for t, a in _PAIRS for cl in (False, True)]
+        return tuple(out + [bwd_finalize(a) for a in accs])
+    if name == "elementwise.cu":
+        return tuple(
+            f(t, a, i) for f in (normalize, backward_elemt) for t, a in _PAIRS for i in _INDEX
+        )
+    raise ValueError(f"name must be one of {KERNEL_FILES}; got {name!r}")

@@ -1,0 +1,364 @@
+"""NCCL communicator for CuPy arrays, bootstrapped over MPI.
+
+* The GPU of each process is chosen by its node-local rank (an
+  ``MPI.COMM_TYPE_SHARED`` split), once per process; sub-group communicators
+  reuse it.
+* Rank 0 creates the NCCL unique id and broadcasts it over a duplicate of the
+  MPI communicator (the bootstrap never mixes with the caller's messages).
+  CuPy 13 returns the id as a tuple of ints and CuPy 14 as ``bytes``; either
+  is accepted.
+* Before any NCCL call the ranks agree (one MPI all-reduce) that every one of
+  them can use NCCL, so a failure raises :class:`CommunicatorError` on every
+  rank and ``init('auto')`` falls back to MPI together instead of hanging.
+* ``allreduce_sum`` enqueues ``ncclAllReduce`` on the current CuPy stream and
+  returns without waiting. A watchdog thread checks each collective's
+  completion and NCCL's asynchronous errors; past the timeout
+  (``CUPYSYNCBN_NCCL_TIMEOUT`` seconds, default 600, 0 disables) or on an NCCL
+  error it aborts the NCCL communicator and then the MPI job
+  (``CUPYSYNCBN_NCCL_ABORT=0`` keeps the process alive and raises on the next
+  call instead).
+* NumPy buffers go through MPI on the same group, so one communicator serves
+  both array kinds.
+* The NCCL communicator is destroyed at interpreter exit (after the device is
+  idle), or aborted by :meth:`NCCLCommunicator.abort`.
+"""
+
+from __future__ import annotations
+
+import atexit
+import collections
+import os
+import sys
+import threading
+import time
+import weakref
+from typing import Any
+
+import numpy as np
+
+from ..errors import CommunicatorError
+from .base import Communicator
+
+__all__ = ["NCCLCommunicator", "node_local_rank", "select_device"]
+
+_DEVICE: int | None = None  # this process's GPU, chosen once
+_POLL_S = 0.05
+
+
+def node_local_rank(mpi_comm: Any) -> tuple[int, int]:
+    """``(rank, size)`` of this process among the ranks of ``mpi_comm`` on its node.
+
+    Collective over ``mpi_comm`` (an ``MPI.COMM_TYPE_SHARED`` split).
+    """
+    from mpi4py import MPI
+
+    node = mpi_comm.Split_type(MPI.COMM_TYPE_SHARED, key=mpi_comm.Get_rank())
+    try:
+        return node.Get_rank(), node.Get_size()
+    finally:
+        node.Free()
+
+
+def select_device(mpi_comm: Any) -> tuple[int, int]:
+    """The GPU of this process and the number of ranks sharing its node.
+
+    The first call picks ``node_local_rank % device_count`` and makes it
+    CuPy's current device; later calls (sub-groups) return the same device.
+    Collective over ``mpi_comm``.
+    """
+    import cupy
+
+    global _DEVICE
+    local_rank, local_size = node_local_rank(mpi_comm)
+    if _DEVICE is None:
+        _DEVICE = local_rank % cupy.cuda.runtime.getDeviceCount()
+    cupy.cuda.Device(_DEVICE).use()
+    return _DEVICE, local_size
+
+
+def _timeout_from_env() -> float:
+    raw = os.environ.get("CUPYSYNCBN_NCCL_TIMEOUT", "600")
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(
+            f"CUPYSYNCBN_NCCL_TIMEOUT must be a number of seconds; got {raw!r}"
+        ) from None
+    return max(value, 0.0)
+
+
+def _make_nccl_comm(nccl: Any, size: int, uid: Any, rank: int) -> Any:
+    """``nccl.NcclCommunicator`` from an id of either CuPy generation."""
+    try:
+        return nccl.NcclCommunicator(size, uid, rank)
+    except TypeError:
+        pass
+    if isinstance(uid, (bytes, bytearray)):  # CuPy 13 wants a tuple of signed chars
+        alt: Any = tuple(b - 256 if b > 127 else b for b in bytes(uid))
+    else:  # CuPy 14 wants bytes
+        alt = bytes(int(v) & 0xFF for v in uid)
+    return nccl.NcclCommunicator(size, alt, rank)
+
+
+class _Watchdog:
+    """Background checker of pending NCCL collectives (see the module docstring)."""
+
+    def __init__(self, owner: NCCLCommunicator, timeout: float) -> None:
+        self._owner = weakref.ref(owner)
+        self.timeout = timeout
+        self.pending: collections.deque = collections.deque()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run, args=(owner.device_id,), name="cupysyncbn-nccl-watchdog",
+            daemon=True,
+        )
+        self._thread.start()
+
+    def watch(self, stream: Any) -> None:
+        import cupy
+
+        ev = cupy.cuda.Event(block=False, disable_timing=True, interprocess=False)
+        ev.record(stream)
+        self.pending.append((ev, time.monotonic()))
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=1.0)
+
+    def _run(self, device_id: int) -> None:
+        import cupy
+
+        cupy.cuda.runtime.setDevice(device_id)
+        while not self._stop.wait(_POLL_S):
+            owner = self._owner()
+            if owner is None:
+                return
+            reason = None
+            while self.pending:
+                ev, t0 = self.pending[0]
+                if ev.done:
+                    self.pending.popleft()
+                    continue
+                if time.monotonic() - t0 > self.timeout:
+                    reason = (
+                        f"an NCCL all-reduce did not complete within {self.timeout:g} s"
+                        " (CUPYSYNCBN_NCCL_TIMEOUT); a rank is probably stuck or dead"
+                    )
+                break
+            if reason is None:
+                try:
+                    owner._nccl.check_async_error()
+                except AttributeError:  # CuPy/NCCL without ncclCommGetAsyncError
+                    pass
+                except Exception as e:  # NcclError
+                    reason = f"NCCL reported an asynchronous error: {e}"
+            if reason is not None:
+                owner._fail(reason)
+                return
+            del owner
+
+
+class NCCLCommunicator(Communicator):
+    """Sum all-reduce over NCCL for CuPy buffers (MPI for NumPy buffers).
+
+    Parameters
+    ----------
+    mpi_comm : mpi4py.MPI.Comm
+        The group: ``MPI.COMM_WORLD`` or a sub-communicator. Creating the
+        communicator is collective over it.
+    device : int, optional
+        GPU to use; default: the node-local rank (modulo the GPU count).
+    timeout : float, optional
+        Watchdog timeout in seconds (default ``CUPYSYNCBN_NCCL_TIMEOUT`` or 600;
+        0 disables the watchdog).
+
+    Raises
+    ------
+    CommunicatorError
+        On every rank, when some rank cannot use NCCL (no CuPy, no NCCL
+        library, no GPU, more ranks on a node than GPUs).
+    """
+
+    backend = "nccl"
+
+    def __init__(self, mpi_comm: Any, device: int | None = None,
+                 timeout: float | None = None) -> None:
+        try:
+            from mpi4py import MPI
+        except ImportError as e:  # pragma: no cover - depends on the machine
+            raise CommunicatorError("backend 'nccl' needs mpi4py for its bootstrap") from e
+        if not isinstance(mpi_comm, MPI.Comm):
+            raise TypeError(f"mpi_comm must be an mpi4py.MPI.Comm; got {type(mpi_comm).__name__}")
+        from .mpi import MPICommunicator
+
+        self._MPI = MPI
+        self.mpi_comm = mpi_comm
+        self.rank = mpi_comm.Get_rank()
+        self.size = mpi_comm.Get_size()
+        self.timeout = _timeout_from_env() if timeout is None else max(float(timeout), 0.0)
+        self._abort_job = os.environ.get("CUPYSYNCBN_NCCL_ABORT", "1") not in ("", "0")
+        self._host = MPICommunicator(mpi_comm)
+        self._error: str | None = None
+        self._closed = False
+        self._nccl: Any = None
+        self.device_id = -1
+        self._watchdog: _Watchdog | None = None
+
+        boot = mpi_comm.Dup()  # bootstrap traffic stays off the caller's communicator
+        try:
+            problem = self._local_problem(boot, device)
+            problems = boot.allgather(problem)
+            bad = [(r, p) for r, p in enumerate(problems) if p]
+            if bad:
+                r, p = bad[0]
+                raise CommunicatorError(f"backend 'nccl' unavailable: rank {r}: {p}")
+            from cupy.cuda import nccl
+
+            self._nccl_mod = nccl
+            uid = nccl.get_unique_id() if self.rank == 0 else None
+            uid = boot.bcast(uid, root=0)
+            with self._cupy.cuda.Device(self.device_id):
+                self._nccl = _make_nccl_comm(nccl, self.size, uid, self.rank)
+        finally:
+            boot.Free()
+        if self.timeout > 0:
+            self._watchdog = _Watchdog(self, self.timeout)
+        atexit.register(_close_at_exit, weakref.ref(self))
+
+    def _local_problem(self, boot: Any, device: int | None) -> str:
+        """Why this rank cannot use NCCL ('' if it can); collective over ``boot``."""
+        try:
+            import cupy
+            from cupy.cuda import nccl
+        except Exception as e:  # ImportError, CUDA driver errors
+            node_local_rank(boot)  # keep the collective sequence of the other ranks
+            return f"cupy is not importable ({e})"
+        self._cupy = cupy
+        try:
+            ndev = cupy.cuda.runtime.getDeviceCount()
+        except Exception as e:
+            ndev, err = 0, str(e)
+        else:
+            err = "no CUDA device"
+        if ndev == 0:
+            node_local_rank(boot)
+            return err
+        if device is None:
+            self.device_id, local_size = select_device(boot)
+        else:
+            _, local_size = node_local_rank(boot)
+            self.device_id = int(device)
+            cupy.cuda.Device(self.device_id).use()
+        if not getattr(nccl, "available", False):
+            return 'the NCCL library is not loadable (pip install "nvidia-nccl-cu12>=2.18")'
+        if device is None and local_size > ndev:
+            return (
+                f"{local_size} ranks share a node with {ndev} GPU(s); NCCL needs one GPU"
+                " per rank (use backend='mpi')"
+            )
+        return ""
+
+    # -- the collective --------------------------------------------------------
+    def supports(self, array: Any) -> bool:
+        """NumPy arrays (via MPI) and CuPy arrays on this communicator's GPU."""
+        if isinstance(array, np.ndarray):
+            return True
+        cp = sys.modules.get("cupy")
+        return (
+            cp is not None and isinstance(array, cp.ndarray)
+            and array.device.id == self.device_id
+        )
+
+    def allreduce_sum(self, buf: Any) -> Any:
+        """Sum ``buf`` over the group in place; CuPy buffers by NCCL on the current stream.
+
+        Does not wait for the result (stream order guarantees it to later
+        kernels on the same stream).
+
+        Raises
+        ------
+        CommunicatorError
+            When the communicator was aborted or closed, or a previous NCCL
+            collective failed.
+        TypeError, ValueError
+            For a buffer that is not a contiguous float64 array on this GPU.
+        """
+        if isinstance(buf, np.ndarray):
+            return self._host.allreduce_sum(buf)
+        if self._error is not None:
+            raise CommunicatorError(self._error)
+        if self._closed:
+            raise CommunicatorError("the NCCL communicator was closed")
+        cp = self._cupy
+        if not isinstance(buf, cp.ndarray):
+            raise TypeError(f"buf must be a numpy or cupy array; got {type(buf).__name__}")
+        if buf.dtype != np.float64 or buf.ndim != 1 or not buf.flags.c_contiguous:
+            raise TypeError("buf must be a contiguous 1-D float64 array")
+        if buf.device.id != self.device_id:
+            raise ValueError(
+                f"buf is on cuda:{buf.device.id} but this NCCL communicator uses"
+                f" cuda:{self.device_id}"
+            )
+        nccl = self._nccl_mod
+        stream = cp.cuda.get_current_stream()
+        self._nccl.allReduce(
+            buf.data.ptr, buf.data.ptr, buf.size, nccl.NCCL_FLOAT64, nccl.NCCL_SUM, stream.ptr
+        )
+        if self._watchdog is not None:
+            self._watchdog.watch(stream)
+        return buf
+
+    def split(self, color: int, key: int | None = None) -> NCCLCommunicator:
+        """An NCCL communicator over the ranks that pass the same ``color``."""
+        sub = self.mpi_comm.Split(color, self.rank if key is None else key)
+        return NCCLCommunicator(sub, device=self.device_id, timeout=self.timeout)
+
+    # -- teardown --------------------------------------------------------------
+    def _fail(self, reason: str) -> None:
+        """Watchdog path: abort NCCL, then the job (unless disabled)."""
+        self._error = f"NCCL communicator aborted: {reason}"
+        try:
+            if self._nccl is not None:
+                self._nccl.abort()
+        except Exception:
+            pass
+        self._closed = True
+        print(f"cupysyncbn (rank {self.rank}): {self._error}", file=sys.stderr, flush=True)
+        if self._abort_job:
+            try:
+                self._MPI.COMM_WORLD.Abort(1)
+            finally:
+                os._exit(1)
+
+    def close(self) -> None:
+        """Destroy the NCCL communicator after the GPU has finished its work."""
+        if self._watchdog is not None:
+            self._watchdog.stop()
+        if self._closed or self._nccl is None:
+            self._closed = True
+            return
+        self._closed = True
+        try:
+            self._cupy.cuda.Device(self.device_id).synchronize()
+            self._nccl.destroy()
+        except Exception:
+            pass
+
+    def abort(self, errorcode: int = 1) -> None:
+        """Abort the NCCL communicator, then ``MPI_Abort`` the whole job."""
+        if self._watchdog is not None:
+            self._watchdog.stop()
+        if not self._closed and self._nccl is not None:
+            try:
+                self._nccl.abort()
+            except Exception:
+                pass
+        self._closed = True
+        self._MPI.COMM_WORLD.Abort(errorcode)
+
+
+def _close_at_exit(ref: Any) -> None:
+    comm = ref()
+    if comm is not None:
+        comm.close()

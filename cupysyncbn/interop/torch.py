@@ -1,0 +1,354 @@
+"""PyTorch adapter: a ``torch.nn.Module`` SyncBatchNorm computed by cupysyncbn.
+
+``SyncBatchNorm`` has ``torch.nn.SyncBatchNorm``'s conventions (``momentum=0.1``
+as PyTorch defines it, unbiased running variance, ``momentum=None`` cumulative
+average, ``weight``/``bias`` Parameters, ``running_mean``/``running_var``/
+``num_batches_tracked`` buffers, state-dict layout) and is a subclass of
+``torch.nn.modules.batchnorm._BatchNorm``. Autograd goes through a
+``torch.autograd.Function`` whose forward and backward are
+:func:`cupysyncbn.functional.batch_norm_forward` / ``batch_norm_backward``;
+tensors cross over through DLPack without copies (CPU tensors become NumPy
+arrays, CUDA tensors CuPy arrays). Statistics are synchronized over a
+cupysyncbn communicator: MPI for CPU tensors (which ``torch.nn.SyncBatchNorm``
+refuses) and NCCL or MPI for CUDA tensors, exact with uneven and empty
+per-rank batches.
+
+This is the only module of cupysyncbn that imports ``torch``.
+
+Examples
+--------
+>>> import torch, cupysyncbn
+>>> from cupysyncbn.interop.torch import convert_sync_batchnorm
+>>> model = convert_sync_batchnorm(torch.nn.Sequential(torch.nn.BatchNorm2d(3)))
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.autograd.function import once_differentiable
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .. import functional as F
+from .dlpack import to_native
+from .state_dict import momentum_torch_to_paddle, paddle_to_torch, torch_to_paddle
+
+__all__ = [
+    "SyncBatchNorm",
+    "convert_sync_batchnorm",
+    "batch_norm",
+    "from_paddle_state_dict",
+    "to_paddle_state_dict",
+]
+
+_FORMATS = {2: "NC", 3: "NCL", 4: "NCHW", 5: "NCDHW"}
+# Channels-last memory layouts are computed as NHWC/NDHWC views (no copy).
+_CL = {
+    4: ("NHWC", (0, 2, 3, 1), (0, 3, 1, 2), torch.channels_last),
+    5: ("NDHWC", (0, 2, 3, 4, 1), (0, 4, 1, 2, 3), torch.channels_last_3d),
+}
+
+
+def _layout(x: torch.Tensor) -> tuple[str, tuple | None, tuple | None]:
+    """(data_format, permutation to it, inverse permutation) for ``x``'s memory layout."""
+    cl = _CL.get(x.dim())
+    if cl is not None and not x.is_contiguous() and x.is_contiguous(memory_format=cl[3]):
+        return cl[0], cl[1], cl[2]
+    return _FORMATS[x.dim()], None, None
+
+
+class _SyncBatchNormFunction(torch.autograd.Function):
+    """Autograd bridge: forward/backward are cupysyncbn's functional passes."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: Any, bias: Any, cfg: dict) -> torch.Tensor:
+        fmt, perm, inv = _layout(x)
+        xv = x if perm is None else x.permute(*perm)
+        res = F.batch_norm_forward(
+            xv, weight, bias, cfg["running_mean"], cfg["running_var"],
+            training=cfg["training"], momentum=cfg["momentum"], epsilon=cfg["eps"],
+            data_format=fmt, comm=cfg["comm"], unbiased_running_var=cfg["update"],
+            num_batches_tracked=cfg["nbt"], sync_state=cfg["sync_state"],
+        )
+        if cfg["update"] and res.updated:
+            # In place, so the module's buffers stay the same tensor objects.
+            cfg["running_mean"].copy_(res.running_mean)
+            cfg["running_var"].copy_(res.running_var)
+            if cfg["num_batches_tracked"] is not None:
+                cfg["num_batches_tracked"].add_(1)
+        ctx.fctx = res.ctx
+        ctx.perm, ctx.inv = perm, inv
+        ctx.save_for_backward(x)  # only for autograd's in-place modification check
+        y = res.y
+        return y if inv is None else y.permute(*inv)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, dy: torch.Tensor) -> tuple:
+        _ = ctx.saved_tensors  # raises if x was modified in place after the forward
+        if ctx.perm is not None:
+            dy = dy.permute(*ctx.perm)
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        # Always run: in training mode the backward is a collective every rank joins.
+        dx, dw, db = F.batch_norm_backward(dy, ctx.fctx, need_param_grads=need_w or need_b)
+        if ctx.inv is not None:
+            dx = dx.permute(*ctx.inv)
+        return (dx if need_x else None), (dw if need_w else None), (db if need_b else None), None
+
+
+def batch_norm(
+    input: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    training: bool = False,
+    momentum: float | None = 0.1,
+    eps: float = 1e-5,
+    *,
+    comm: Any = None,
+    num_batches_tracked: torch.Tensor | None = None,
+    sync_state: F.SyncState | None = None,
+) -> torch.Tensor:
+    """Synchronized ``torch.nn.functional.batch_norm``.
+
+    Same arguments and conventions as ``torch.nn.functional.batch_norm``;
+    with ``training=True`` (or no running statistics) the statistics are
+    those of the global batch over ``comm``, and the running statistics are
+    updated in place (unbiased variance).
+
+    Parameters
+    ----------
+    input : torch.Tensor
+        ``(N, C, *)``, 2 to 5 dimensions, CPU or CUDA; channels-last memory
+        layouts are used as they are.
+    running_mean, running_var : torch.Tensor or None
+        Running statistics (C,): used in eval mode, updated in place in
+        training mode; None for batch statistics always.
+    weight, bias : torch.Tensor or None
+        Affine parameters (C,); None means 1 / 0.
+    training : bool
+        Batch statistics of the global batch (and update) when True.
+    momentum : float or None
+        PyTorch convention (``running = (1-t) running + t batch``); None is the
+        cumulative average over ``num_batches_tracked`` batches.
+    eps : float
+        Added to the variance.
+    comm : Communicator, mpi4py.MPI.Comm or None, keyword-only
+        Group to synchronize over (None: :func:`cupysyncbn.get_default_comm`).
+    num_batches_tracked : torch.Tensor, optional
+        Counter read for ``momentum=None`` and incremented in place on update.
+    sync_state : cupysyncbn.functional.SyncState, optional
+        Keep one per layer: one all-reduce per pass.
+
+    Returns
+    -------
+    torch.Tensor
+    """
+    if not isinstance(input, torch.Tensor):
+        raise TypeError(f"input must be a torch.Tensor; got {type(input).__name__}")
+    if input.dim() not in _FORMATS:
+        raise ValueError(
+            f"input must have 2 to 5 dimensions (N, C, *); got shape {tuple(input.shape)}"
+        )
+    if input.dtype == torch.bfloat16:
+        # Neither NumPy nor CuPy has bfloat16: compute from a float32 copy
+        # (float32 statistics, as for float16) and cast back; autograd follows.
+        y = batch_norm(
+            input.float(), running_mean, running_var, weight, bias, training, momentum, eps,
+            comm=comm, num_batches_tracked=num_batches_tracked, sync_state=sync_state,
+        )
+        return y.to(torch.bfloat16)
+    batch_stats = training or running_mean is None
+    update = bool(training and running_mean is not None)
+    nbt = 0
+    if update and momentum is None and num_batches_tracked is not None:
+        nbt = int(num_batches_tracked)
+    cfg = {
+        "running_mean": running_mean,
+        "running_var": running_var,
+        "training": batch_stats,
+        "update": update,
+        "momentum": momentum_torch_to_paddle(momentum),
+        "eps": float(eps),
+        "comm": comm,
+        "nbt": nbt,
+        "num_batches_tracked": num_batches_tracked if update else None,
+        "sync_state": sync_state,
+    }
+    return _SyncBatchNormFunction.apply(input, weight, bias, cfg)
+
+
+class SyncBatchNorm(_BatchNorm):
+    """``torch.nn.SyncBatchNorm`` computed by cupysyncbn, on CPU and CUDA tensors.
+
+    Parameters
+    ----------
+    num_features : int
+        Channels C of an ``(N, C, *)`` input.
+    eps : float, default 1e-5
+    momentum : float or None, default 0.1
+        PyTorch convention: ``running = (1 - momentum) * running + momentum * batch``;
+        None is the cumulative moving average.
+    affine : bool, default True
+        Learnable ``weight`` and ``bias`` Parameters.
+    track_running_stats : bool, default True
+        Keep ``running_mean``/``running_var`` (unbiased)/``num_batches_tracked``
+        buffers and use them in eval mode. Without them, batch statistics of
+        the global batch are used in eval mode too.
+    comm : Communicator, mpi4py.MPI.Comm or None
+        Group to synchronize over; None is cupysyncbn's default communicator
+        (:func:`cupysyncbn.init`; all ranks of ``mpiexec``). Use
+        ``cupysyncbn.init('none')`` or a one-process group for local BN.
+    device, dtype : optional
+        As for ``torch.nn.BatchNorm2d``.
+
+    Notes
+    -----
+    Parameter gradients are those of the local batch, as in PyTorch: a
+    data-parallel wrapper (DDP, or an all-reduce of the gradients) averages
+    them. In training mode every rank must run the forward and the backward
+    (each is one collective); ranks may hold different batch sizes,
+    including zero.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        comm: Any = None,
+        device: Any = None,
+        dtype: Any = None,
+    ) -> None:
+        super().__init__(
+            num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype
+        )
+        self.comm = comm
+        self._sync_state = F.SyncState()
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if input.dim() not in _FORMATS:
+            raise ValueError(f"expected 2D to 5D input (got {input.dim()}D input)")
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        """Normalize ``input`` with global-batch statistics (training) or running ones (eval)."""
+        self._check_input_dim(input)
+        bn_training = self.training or (self.running_mean is None and self.running_var is None)
+        # As in torch: running stats are passed when they are updated or used.
+        use_running = not self.training or self.track_running_stats
+        track = self.training and self.track_running_stats
+        return batch_norm(
+            input,
+            self.running_mean if use_running else None,
+            self.running_var if use_running else None,
+            self.weight,
+            self.bias,
+            bn_training,
+            self.momentum,
+            self.eps,
+            comm=self.comm,
+            num_batches_tracked=self.num_batches_tracked if track else None,
+            sync_state=self._sync_state,
+        )
+
+    @classmethod
+    def convert_sync_batchnorm(cls, module: torch.nn.Module, comm: Any = None) -> torch.nn.Module:
+        """See :func:`convert_sync_batchnorm`."""
+        return convert_sync_batchnorm(module, comm)
+
+
+def convert_sync_batchnorm(module: torch.nn.Module, comm: Any = None) -> torch.nn.Module:
+    """Replace every ``torch.nn.BatchNorm1d/2d/3d`` (and ``torch.nn.SyncBatchNorm``) by ours.
+
+    Like ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``: the new layers
+    keep ``eps``, ``momentum``, ``affine``, ``track_running_stats`` and the
+    training flag, and take over the ``weight``/``bias`` Parameters and the
+    running-statistics buffers (so an optimizer built before the conversion
+    still updates them, and device and dtype are unchanged).
+
+    Parameters
+    ----------
+    module : torch.nn.Module
+        A model, or a single batch-norm layer.
+    comm : Communicator, mpi4py.MPI.Comm or None
+        Group for the new layers.
+
+    Returns
+    -------
+    torch.nn.Module
+        ``module`` with its batch norms replaced, or the new layer if
+        ``module`` itself is one.
+    """
+    out = module
+    if isinstance(module, _BatchNorm) and not isinstance(module, SyncBatchNorm):
+        out = SyncBatchNorm(
+            module.num_features, module.eps, module.momentum, module.affine,
+            module.track_running_stats, comm=comm,
+        )
+        if module.affine:
+            with torch.no_grad():
+                out.weight = module.weight
+                out.bias = module.bias
+        out.running_mean = module.running_mean
+        out.running_var = module.running_var
+        out.num_batches_tracked = module.num_batches_tracked
+        out.training = module.training
+        if hasattr(module, "qconfig"):
+            out.qconfig = module.qconfig
+    for name, child in module.named_children():
+        out.add_module(name, convert_sync_batchnorm(child, comm))
+    return out
+
+
+def _as_tensor(v: Any) -> torch.Tensor:
+    if isinstance(v, torch.Tensor):
+        return v
+    if hasattr(v, "__dlpack__"):
+        return torch.from_dlpack(v)
+    return torch.as_tensor(v)
+
+
+def from_paddle_state_dict(state_dict: dict, **conversion: Any) -> dict:
+    """A PyTorch state dict (tensors) from a Paddle/cupysyncbn one.
+
+    Parameters
+    ----------
+    state_dict : dict of str to array
+        E.g. ``cupysyncbn_model.state_dict()`` or ``cupysyncbn.load(path)``.
+    **conversion
+        ``count``, ``paddle_momentum``, ``steps``, ``num_batches_tracked``:
+        see :func:`cupysyncbn.interop.state_dict.paddle_to_torch`.
+
+    Returns
+    -------
+    dict of str to torch.Tensor
+        For ``module.load_state_dict``.
+    """
+    return {k: _as_tensor(v) for k, v in paddle_to_torch(state_dict, **conversion).items()}
+
+
+def to_paddle_state_dict(module_or_state: Any, **conversion: Any) -> dict:
+    """A Paddle/cupysyncbn state dict (NumPy or CuPy copies) from a PyTorch module or state dict.
+
+    Parameters
+    ----------
+    module_or_state : torch.nn.Module or dict
+        A PyTorch model or its ``state_dict()``.
+    **conversion
+        ``count``, ``paddle_momentum``, ``steps``, ``keep_num_batches_tracked``:
+        see :func:`cupysyncbn.interop.state_dict.torch_to_paddle`.
+
+    Returns
+    -------
+    dict of str to array
+        For ``layer.set_state_dict`` or :func:`cupysyncbn.save`.
+    """
+    sd = module_or_state
+    if isinstance(sd, torch.nn.Module):
+        sd = sd.state_dict()
+    conv = torch_to_paddle(sd, **conversion)
+    return {k: to_native(_as_tensor(v).detach(), k).copy() for k, v in conv.items()}
