@@ -103,10 +103,12 @@ def _setup(device: str) -> tuple[Any, Communicator, str]:
         return np, init("auto" if device == "auto" else "mpi" if _launched() else "none"), "CPU"
     import cupy
 
-    # One GPU per rank on each node, chosen before NCCL is set up.
-    dev = _local_rank() % cupy.cuda.runtime.getDeviceCount()
-    cupy.cuda.Device(dev).use()
+    # NCCL picks the GPU of this rank's node-local rank; use the same one.
     comm = init("auto")
+    dev = getattr(comm, "device_id", -1)
+    if dev is None or dev < 0:
+        dev = _local_rank() % cupy.cuda.runtime.getDeviceCount()
+    cupy.cuda.Device(dev).use()
     name = cupy.cuda.runtime.getDeviceProperties(dev)["name"]
     name = name.decode() if isinstance(name, bytes) else str(name)
     return cupy, comm, f"GPU {dev} ({name})"

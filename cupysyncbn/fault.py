@@ -220,6 +220,24 @@ class CollectiveWatchdog:
         """Context manager around one blocking collective described by ``what``."""
         return _Guard(self, what)
 
+    def begin(self, what: Any) -> bool:
+        """Start timing a collective (``what``: text or a float64 count); cheapest form.
+
+        Returns whether this call started the timing; pass it to :meth:`end`.
+        """
+        if self.timeout <= 0 or self._since is not None:
+            return False
+        if self._thread is None:
+            self._start()
+        self._what = what
+        self._since = time.monotonic()
+        return True
+
+    def end(self, started: bool) -> None:
+        """Stop timing the collective that :meth:`begin` started."""
+        if started:
+            self._since = None
+
     def _start(self) -> None:
         with self._lock:
             if self._thread is None:
@@ -234,9 +252,12 @@ class CollectiveWatchdog:
             time.sleep(tick)
             since = self._since
             if since is not None and time.monotonic() - since > self.timeout:
+                what = self._what
+                if not isinstance(what, str):
+                    what = f"all-reduce of {what} float64"
                 abort_job(
                     self.comm, 1,
-                    f"a collective ({self._what}) has not completed after"
+                    f"a collective ({what}) has not completed after"
                     f" {self.timeout:g} s: another rank is not taking part (it exited,"
                     " crashed, hangs, skipped a pass or called a layer fewer times)."
                     f" Aborting the MPI job. Set {TIMEOUT_ENV}=seconds to change the"

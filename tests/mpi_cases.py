@@ -422,6 +422,7 @@ def errors():
             ("wrong channel count", lambda: x[:, :3].copy(), ValueError, ("channels",)),
             ("integer dtype", lambda: x.astype(np.int32), TypeError, ("dtype",)),
             ("rank/format mismatch", lambda: x[:, :, 0].copy(), ValueError, ("dimensions",)),
+            ("non-array input", lambda: x.tolist(), TypeError, ("x must be",)),
         ]
         for what, make, etype, words in cases:
             layer = sbn.SyncBatchNorm(4, comm=comm)
@@ -437,12 +438,13 @@ def errors():
                         RemoteInputError, ())
             ck.true(f"{what} ({tag}): running stats unchanged", np.array_equal(before, layer._mean))
     # dy of the wrong shape / dtype on one rank.
-    for what, dy_bad in (("dy shape", x[:2]), ("dy dtype", x.astype(np.float64))):
+    for what, dy_bad in (("dy shape", x[:2]), ("dy dtype", x.astype(np.float64)),
+                         ("dy not an array", x.tolist())):
         layer = sbn.SyncBatchNorm(4, comm=comm)
         layer(x)
         if rank == k - 1:
             _expect(ck, f"{what} on the faulty rank", partial(layer.backward, dy_bad),
-                    ValueError, ("dy",))
+                    (ValueError, TypeError), ("dy",))
         else:
             _expect(ck, f"{what} on the other ranks", partial(layer.backward, x),
                     RemoteInputError, ())

@@ -27,12 +27,14 @@ def _check(name, err, tol):
 
 
 def _report(title, results):
-    worst = {}
-    for err in results.values():
-        for k, v in err.items():
-            worst[k] = max(worst.get(k, 0.0), v)
-    print(f"\n[conformance] {title}: worst errors over {len(results)} vectors:",
-          {k: f"{v:.2e}" for k, v in worst.items()})
+    for dt in ("float32", "float64"):
+        worst = {}
+        cases = [err for name, err in results.items() if dt in name]
+        for err in cases:
+            for k, v in err.items():
+                worst[k] = max(worst.get(k, 0.0), v)
+        print(f"\n[conformance] {title}, {len(cases)} {dt} vectors, worst:",
+              {k: f"{v:.1e}" for k, v in worst.items()})
 
 
 def test_vectors_present():

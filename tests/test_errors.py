@@ -211,8 +211,9 @@ def test_functional_argument_errors():
 @pytest.mark.parametrize("k", [2, 3])
 @pytest.mark.parametrize("group", [
     "num_features mismatch",  # same CollectiveMismatchError on every rank
-    "wrong channel count", "integer dtype", "rank/format mismatch",
-    "dy shape", "dy dtype",  # faulty rank: specific error; others: RemoteInputError
+    "wrong channel count", "integer dtype", "rank/format mismatch", "non-array input",
+    "dy shape", "dy dtype", "dy not an array",  # faulty rank: its own error; others:
+    # RemoteInputError
     "forward/backward out of step",
     "unbiased",  # global count 1 split over ranks: every rank raises
     "mixed input dtypes", "mixed data_format",  # differences that need not matter work

@@ -225,3 +225,63 @@ def test_invalid_input_without_params_does_not_hang(bad):
         assert isinstance(errs[1], RemoteInputError)
     else:
         assert all(isinstance(e, CollectiveMismatchError) for e in errs)
+
+
+FORMAT_SHAPES = {"NC": (), "NCL": (3,), "NCHW": (2, 3), "NCDHW": (1, 2, 2), "NLC": (3,),
+                 "NHWC": (2, 3), "NDHWC": (1, 2, 2)}
+
+
+def test_threads_random_splits_fuzz():
+    # Random group sizes, formats, dtypes and splits (many empty ranks, tiny
+    # counts): layers over the thread group vs the float64 reference.
+    rng = np.random.default_rng(2024)
+    for trial in range(40):
+        k = int(rng.integers(1, 5))
+        fmt = str(rng.choice(list(FORMAT_SHAPES)))
+        c = int(rng.integers(1, 4))
+        in_dt = rng.choice([np.float32, np.float64])
+        layer_dt = str(rng.choice(["float32", "float64"]))
+        n = int(rng.integers(1, 7))
+        counts = list(rng.multinomial(n, np.ones(k) / k))
+        spatial = FORMAT_SHAPES[fmt]
+        shape = (n, *spatial, c) if fmt.endswith("C") else (n, c, *spatial)
+        x = (rng.standard_normal(shape) * rng.uniform(0.1, 3) + rng.uniform(-5, 5)).astype(in_dt)
+        dy = rng.standard_normal(shape).astype(in_dt)
+        w = rng.standard_normal(c)
+        b = rng.standard_normal(c)
+
+        def fn(r, comm, x=x, dy=dy, w=w, b=b, counts=counts, fmt=fmt, c=c, layer_dt=layer_dt):
+            layer = sbn.SyncBatchNorm(c, data_format=fmt, comm=comm, dtype=layer_dt,
+                                      momentum=0.5)
+            layer.weight.data = w.astype(layer_dt)
+            layer.bias.data = b.astype(layer_dt)
+            sl = bn_ref.local_slice(counts, r)
+            y = layer(x[sl])
+            dx = layer.backward(dy[sl])
+            return y, dx, layer.weight.grad, layer.bias.grad, layer._mean, layer._variance
+
+        out = bn_ref.ThreadGroup(k).run(fn)
+        wl, bl = w.astype(layer_dt).astype(np.float64), b.astype(layer_dt).astype(np.float64)
+        yr, mean, var, m = bn_ref.ref_forward(x, fmt, wl, bl)
+        dxr, dwr, dbr = bn_ref.ref_backward(x, dy, fmt, wl)
+        f64 = in_dt == np.float64 or layer_dt == "float64"
+        # float32 math: relative to the size of what is computed (var can be tiny
+        # for n=1-2, where xhat is rounding noise amplified by invstd).
+        tol = 1e-10 if in_dt == np.float64 else (1e-6 if f64 else 1e-4)
+        gtol = tol if layer_dt == "float64" else max(tol, 1e-6)  # grads in layer dtype
+        what = f"trial {trial}: k={k} {fmt} {np.dtype(in_dt).name}/{layer_dt} counts={counts}"
+        y = np.concatenate([o[0] for o in out]).astype(np.float64)
+        dx = np.concatenate([o[1] for o in out]).astype(np.float64)
+        assert np.isfinite(y).all() and np.isfinite(dx).all(), what
+        if f64 or var.min() > 1e-3:
+            assert np.abs(y - yr).max() <= tol * max(1, np.abs(yr).max()), what
+            assert np.abs(dx - dxr).max() <= tol * max(1, np.abs(dxr).max()), what
+            assert np.abs(sum(o[2] for o in out) - dwr).max() <= gtol * max(1, m), what
+        assert np.abs(sum(o[3] for o in out) - dbr).max() <= gtol * max(1, m) * 10, what
+        rm = 0.5 * mean
+        rv = 0.5 + 0.5 * var
+        st = 1e-12 if layer_dt == "float64" else 1e-5
+        for o in out:
+            assert np.abs(o[4] - rm).max() <= st * max(1, np.abs(rm).max()), what
+            assert np.abs(o[5] - rv).max() <= st * max(1, np.abs(rv).max()), what
+            assert o[4].tobytes() == out[0][4].tobytes(), what

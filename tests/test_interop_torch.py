@@ -142,6 +142,21 @@ def test_errors_and_in_place_modification_detected():
         y.sum().backward()
 
 
+def test_deepcopy_shares_the_communicator_and_pickling_drops_it():
+    import copy
+    import io
+
+    bn = ti.SyncBatchNorm(3, comm=LOCAL)
+    bn(torch.randn(4, 3))
+    twin = copy.deepcopy(bn)
+    assert twin.comm is LOCAL and twin._sync_state is not bn._sync_state
+    buf = io.BytesIO()
+    torch.save(bn, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert loaded.comm is None and torch.equal(loaded.running_mean, bn.running_mean)
+
+
 def test_convert_sync_batchnorm_one_process():
     torch.manual_seed(5)
     model = torch.nn.Sequential(

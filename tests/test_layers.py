@@ -524,3 +524,13 @@ def test_convert_single_layer_returns_new_layer(rng):
     # SyncBatchNorm layers already in a model are left as they are
     keep = _bn()
     assert sbn.SyncBatchNorm.convert_sync_batchnorm(sbn.Sequential(keep), comm=LOCAL)[0] is keep
+
+
+def test_bfloat16_input_where_available(rng):
+    ml_dtypes = pytest.importorskip("ml_dtypes", reason="NumPy has bfloat16 only via ml_dtypes")
+    x = _x(rng, (4, 3, 2, 2)).astype(ml_dtypes.bfloat16)
+    layer = _bn()
+    y = layer(x)
+    assert y.dtype == x.dtype and layer._mean.dtype == np.float32
+    yr = bn_ref.ref_forward(x.astype(np.float64), "NCHW")[0]
+    assert np.abs(y.astype(np.float64) - yr).max() <= 2e-2 * max(1.0, np.abs(yr).max())

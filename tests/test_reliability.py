@@ -218,6 +218,8 @@ for step in range(1000):
             time.sleep(60)  # main thread would carry on; the hook aborts first
         elif "exit" in sys.argv:
             sys.exit(0)  # leaves the loop early, no exception
+        elif "eval" in sys.argv:
+            bn.eval()  # this rank stops communicating; the others wait
         else:
             raise RuntimeError("injected failure in user code")
     y = bn(rng.standard_normal((4, 3, 2, 2)).astype("float32"))
@@ -240,12 +242,14 @@ def test_exception_on_one_rank_aborts_job(tmp_path, where):
     assert elapsed < 30, elapsed  # in practice ~2 s (startup included)
 
 
-def test_rank_leaving_early_ends_by_timeout(tmp_path):
-    # No exception anywhere: rank 1 leaves the loop (e.g. fewer batches); the
-    # others wait in the all-reduce until CUPYSYNCBN_TIMEOUT aborts the job.
+@pytest.mark.parametrize("how", ["exit", "eval"])
+def test_rank_leaving_early_ends_by_timeout(tmp_path, how):
+    # No exception anywhere: rank 1 leaves the loop (e.g. fewer batches) or
+    # switches to eval mode (no collectives); the others wait in the all-reduce
+    # until CUPYSYNCBN_TIMEOUT aborts the job.
     t0 = time.monotonic()
     res = run_mpi(USER_ERROR, N, timeout=60, tmp_path=tmp_path, check=False,
-                  args=("exit",), env={"CUPYSYNCBN_TIMEOUT": "2"})
+                  args=(how,), env={"CUPYSYNCBN_TIMEOUT": "2"})
     elapsed = time.monotonic() - t0
     out = res.stdout + res.stderr
     assert res.returncode != 0, out

@@ -20,6 +20,7 @@ every thread at least :data:`_MIN_PER_THREAD` elements.
 
 from __future__ import annotations
 
+import functools
 import threading
 from functools import lru_cache
 from typing import Any
@@ -49,6 +50,17 @@ def _next_pow2(n: int) -> int:
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def _on_input_device(fn: Any) -> Any:
+    """Run a primitive with its first array's GPU current (kernels, outputs)."""
+
+    @functools.wraps(fn)
+    def wrapper(self: Any, a: Any, *args: Any, **kwargs: Any) -> Any:
+        with a.device:
+            return fn(self, a, *args, **kwargs)
+
+    return wrapper
 
 
 class CupyBackend:
@@ -154,6 +166,7 @@ class CupyBackend:
         return _F64 if any(np.dtype(d) == _F64 for d in dtypes) else np.dtype(np.float32)
 
     # -- primitives --------------------------------------------------------
+    @_on_input_device
     def moments(self, x: Any, channel_last: bool, cdt: Any) -> tuple[Any, Any]:
         """Local per-channel mean and M2 (float64), Welford + Chan merges."""
         cp = self.xp
@@ -190,6 +203,7 @@ class CupyBackend:
         )
         return mean, m2
 
+    @_on_input_device
     def normalize(
         self, x: Any, channel_last: bool, mean: Any, scale: Any, bias: Any, out_dtype: Any
     ) -> Any:
@@ -209,6 +223,7 @@ class CupyBackend:
             )
         return y if y.dtype == np.dtype(out_dtype) else y.astype(out_dtype)
 
+    @_on_input_device
     def backward_reduce(
         self, dy: Any, x: Any, channel_last: bool, mean: Any, invstd: Any
     ) -> tuple[Any, Any]:
@@ -249,6 +264,7 @@ class CupyBackend:
         )
         return sum_dy, sum_dy_xhat
 
+    @_on_input_device
     def backward_elemt(
         self,
         dy: Any,

@@ -2,10 +2,15 @@
 
 Speed: batch norm is memory-bound, and NumPy has no fused kernels, so every
 primitive walks the data in cache-sized chunks (:data:`CHUNK_BYTES`): the few
-NumPy passes a formula needs run on a chunk that is still in the L2 cache, and
-main memory sees close to the minimum traffic (forward: read x twice, write y;
-backward: read x and dy twice, write dx). Scratch buffers are reused between
-calls (one set per thread) and results are written with ``out=``.
+NumPy passes a formula needs run on a chunk that is still in cache, and main
+memory sees close to the minimum traffic (forward: read x twice, write y;
+backward: read x and dy twice, write dx). Sums and dot products go to BLAS
+(``matmul``/``vecdot`` with a vector of ones: several times faster than
+``np.add.reduce``), scratch buffers are reused between calls (one set per
+thread) and every result is written with ``out=``. Channel-last per-channel
+vectors are materialized as a chunk-sized block so all elementwise passes are
+contiguous; channel-first ones broadcast along rows (NumPy's slower path, the
+main remaining cost there).
 
 Accuracy choices (why the code looks the way it does):
 
@@ -14,9 +19,10 @@ Accuracy choices (why the code looks the way it does):
   ``mean = c + sum(d)/n``, ``M2 = sum(d*d) - sum(d)**2/n``; the pieces are
   merged in float64 with Chan's formula. So M2 is always a centered sum,
   never ``E[x²] - E[x]²``, and the rounding of ``c`` costs nothing.
-* Sums over the contiguous spatial axis (channel-first) use NumPy's pairwise
-  summation; channel-last sums add at most :data:`ROW_BLOCK` rows in the
-  compute dtype and accumulate those partial sums in float64.
+* Compute-dtype sums never run over more than :data:`MAX_DOT` contiguous
+  values (channel-first rows; longer rows are split) or :data:`ROW_BLOCK`
+  rows (channel-last); everything above that is accumulated in float64.
+  float16 inputs are summed with NumPy's pairwise float32 reduction.
 * ``(x - mean) * scale + bias`` subtracts first, so a large mean never
   cancels after scaling.
 """
@@ -33,13 +39,19 @@ __all__ = ["NumpyBackend", "BACKEND", "CHUNK_BYTES", "ROW_BLOCK"]
 
 _F64 = np.dtype(np.float64)
 
-#: Bytes of compute dtype per chunk. The elementwise passes touch up to four
-#: chunk-sized arrays (x, dy, the output, one scratch): 4 x 128 KiB fits the
-#: 512 KiB - 2 MiB L2 caches of current CPUs with room to spare.
-CHUNK_BYTES = 1 << 17
+#: Bytes of compute dtype per chunk. Small enough that a chunk and its scratch
+#: stay in L2/L3 between the passes over it, large enough that NumPy's per-call
+#: overhead (about a microsecond per ufunc call) stays small: measured best on
+#: a 1 MiB-L2 CPU between 256 KiB and 1 MiB.
+CHUNK_BYTES = 1 << 19
 
-#: Channel-last layout: rows added in the compute dtype before float64.
-ROW_BLOCK = 32
+#: Channel-last layout: most rows summed in the compute dtype (BLAS gemv, whose
+#: SIMD lanes keep float32 sums of 1024 rows within ~5e-7 relative) before the
+#: chunk sums are accumulated in float64.
+ROW_BLOCK = 1024
+
+#: Channel-first layout: longest run of a row summed in the compute dtype.
+MAX_DOT = 4096
 
 
 class _Scratch(threading.local):
@@ -56,6 +68,14 @@ class _Scratch(threading.local):
             self.bufs[key] = buf
         return buf[:size]
 
+    def ones(self, dtype: np.dtype, size: int) -> np.ndarray:
+        key = ("ones", dtype.str)
+        buf = self.bufs.get(key)
+        if buf is None or buf.size < size:
+            buf = np.ones(size, dtype=dtype)
+            self.bufs[key] = buf
+        return buf[:size]
+
 
 _SCRATCH = _Scratch()
 
@@ -68,39 +88,85 @@ def _rows(x: np.ndarray, channel_last: bool) -> np.ndarray:
     return x.reshape(n * c, s)
 
 
-def _per_row(v: np.ndarray, n: int, channel_last: bool) -> np.ndarray:
-    """Per-channel vector laid out to broadcast against chunks of :func:`_rows`."""
-    if channel_last:
-        return v
-    return np.tile(v, n)[:, None]
+def _step(rows: int, width: int, itemsize: int, channel_last: bool) -> int:
+    step = max(1, CHUNK_BYTES // max(1, width * itemsize))
+    # Channel-last sums run down the rows in the compute dtype (BLAS gemv):
+    # at most ROW_BLOCK rows per chunk keeps their rounding error small.
+    return min(step, ROW_BLOCK) if channel_last else step
 
 
-def _chunks(rows: int, row_len: int, itemsize: int) -> Iterator[tuple[int, int]]:
-    step = max(1, CHUNK_BYTES // max(1, row_len * itemsize))
+def _chunks(rows: int, step: int) -> Iterator[tuple[int, int]]:
     for r0 in range(0, rows, step):
         yield r0, min(rows, r0 + step)
 
 
-def _rowsum(a: np.ndarray, dtype: Any = None) -> np.ndarray:
-    """Sums along the contiguous axis (pairwise), one per row."""
-    return np.add.reduce(a, axis=1, dtype=dtype)
+def _split(width: int) -> int:
+    """Length of the pieces a row is summed in: a divisor of ``width``, at most MAX_DOT."""
+    if width <= MAX_DOT:
+        return width
+    for b in range(MAX_DOT, MAX_DOT // 8, -1):
+        if width % b == 0:
+            return b
+    return width  # no good divisor: one BLAS sum per row (still float32 lanes)
 
 
-def _colsum(a: np.ndarray, dtype: Any = None) -> np.ndarray:
-    """Per-column float64 sums of a ``(k, C)`` chunk, in blocks of ROW_BLOCK rows."""
-    k, c = a.shape
-    b = k // ROW_BLOCK
-    if b == 0:
+class _Vecs:
+    """Per-channel vectors laid out for the chunks of :func:`_rows`.
+
+    Channel-first: one value per ``(n, c)`` row, as a column. Channel-last:
+    the vector repeated down ``step`` rows, so every elementwise pass is
+    between contiguous arrays (NumPy's broadcasting loops are several times
+    slower than its contiguous ones).
+    """
+
+    def __init__(self, n: int, step: int, channel_last: bool, dtype: np.dtype) -> None:
+        self.n, self.step, self.cl, self.dtype = n, step, channel_last, dtype
+        self.slot = 10
+
+    def __call__(self, v: np.ndarray) -> np.ndarray:
+        v = v.astype(self.dtype, copy=False)
+        if not self.cl:
+            return np.tile(v, self.n)[:, None]
+        c = v.shape[0]
+        blk = _SCRATCH.get(self.slot, self.dtype, self.step * c).reshape(self.step, c)
+        self.slot += 1
+        blk[...] = v
+        return blk
+
+    def at(self, v: np.ndarray, r0: int, r1: int) -> np.ndarray:
+        return v[: r1 - r0] if self.cl else v[r0:r1]
+
+
+def _sum_rows(a: np.ndarray, ones: np.ndarray, blas: bool, out: np.ndarray) -> np.ndarray:
+    """Channel-first: per-row sums of a ``(k, S)`` chunk into ``out`` (compute dtype)."""
+    k, width = a.shape
+    if not blas:
+        return np.add.reduce(a, axis=1, dtype=out.dtype, out=out)
+    b = _split(width)
+    if b == width:
+        return np.matmul(a, ones[:b], out=out)
+    part = a.reshape(-1, b) @ ones[:b]
+    return np.add.reduce(part.reshape(k, width // b), axis=1, out=out)
+
+
+def _dot_rows(a: np.ndarray, d: np.ndarray, blas: bool, out: np.ndarray) -> np.ndarray:
+    """Channel-first: ``sum(a * d)`` of each row, into ``out`` (``a`` may be overwritten)."""
+    k, width = a.shape
+    if not blas:
+        np.multiply(a, d, out=a, dtype=a.dtype)
+        return np.add.reduce(a, axis=1, out=out)
+    b = _split(width)
+    if b == width:
+        return np.vecdot(a, d, out=out)
+    part = np.vecdot(a.reshape(-1, b), d.reshape(-1, b))
+    return np.add.reduce(part.reshape(k, width // b), axis=1, out=out)
+
+
+def _sum_cols(a: np.ndarray, ones: np.ndarray, blas: bool) -> np.ndarray:
+    """Channel-last: float64 per-column sum of a ``(k, C)`` chunk (k <= ROW_BLOCK)."""
+    if not blas:
         return np.add.reduce(a, axis=0, dtype=_F64)
-    part = np.add.reduce(a[: b * ROW_BLOCK].reshape(b, ROW_BLOCK, c), axis=1, dtype=dtype)
-    tot = np.add.reduce(part, axis=0, dtype=_F64)
-    if k > b * ROW_BLOCK:
-        tot += np.add.reduce(a[b * ROW_BLOCK:], axis=0, dtype=_F64)
-    return tot
-
-
-def _vec(v: np.ndarray, r0: int, r1: int, channel_last: bool) -> np.ndarray:
-    return v if channel_last else v[r0:r1]
+    return (ones[: a.shape[0]] @ a).astype(_F64)
 
 
 class NumpyBackend:
@@ -134,39 +200,43 @@ class NumpyBackend:
         cdt = np.dtype(cdt)
         x2 = _rows(x, channel_last)
         rows, width = x2.shape
-        sum_dt = cdt if x.dtype != cdt else None
-        cnt, means, m2s = [], [], []
-        for r0, r1 in _chunks(rows, width, cdt.itemsize):
-            xc = x2[r0:r1]
-            t = _SCRATCH.get(0, cdt, xc.size).reshape(xc.shape)
-            if channel_last:
-                n = r1 - r0
-                c0 = (_colsum(xc, sum_dt) / n).astype(cdt)
-                np.subtract(xc, c0, out=t, dtype=cdt)
-                s1 = _colsum(t)
-                np.multiply(t, t, out=t)
-                q = _colsum(t)
-            else:
-                n = width
-                c0 = (_rowsum(xc, sum_dt) / n).astype(cdt)
-                np.subtract(xc, c0[:, None], out=t, dtype=cdt)
-                s1 = _rowsum(t).astype(_F64)
-                np.multiply(t, t, out=t)
-                q = _rowsum(t).astype(_F64)
-            cnt.append(n)
-            means.append(c0 + s1 / n)
-            m2s.append(q - s1 * s1 / n)
+        step = _step(rows, width, cdt.itemsize, channel_last)
+        blas = x.dtype == cdt  # BLAS sums need the compute dtype (not float16 input)
+        ones = _SCRATCH.ones(cdt, max(step, width))
         if channel_last:
-            # pieces: one (C,) row per chunk, chunk k holding cnt[k] rows
-            w = np.asarray(cnt, dtype=_F64)[:, None]
-            m = np.stack(means)
-            q = np.stack(m2s)
+            nck = -(-rows // step)
+            c0, s1, q = (np.empty((nck, width), dtype=_F64) for _ in range(3))
+            cnt = np.empty((nck, 1), dtype=_F64)
+            for i, (r0, r1) in enumerate(_chunks(rows, step)):
+                xc = x2[r0:r1]
+                t = _SCRATCH.get(0, cdt, xc.size).reshape(xc.shape)
+                n = r1 - r0
+                cnt[i] = n
+                c = (_sum_cols(xc, ones, blas) / n).astype(cdt)
+                c0[i] = c
+                np.subtract(xc, c, out=t, dtype=cdt)
+                s1[i] = _sum_cols(t, ones, True)
+                np.multiply(t, t, out=t)
+                q[i] = _sum_cols(t, ones, True)
+            w = cnt
         else:
-            # pieces: one per (n, c) row, S values each
-            n_, c_ = x.shape[0], x.shape[1]
-            w = np.float64(x.shape[2])
-            m = np.concatenate(means).reshape(n_, c_)
-            q = np.concatenate(m2s).reshape(n_, c_)
+            # one piece per (n, c) row of S values; per-row results written in place
+            c0, s1, q = (np.empty(rows, dtype=cdt) for _ in range(3))
+            for r0, r1 in _chunks(rows, step):
+                xc = x2[r0:r1]
+                t = _SCRATCH.get(0, cdt, xc.size).reshape(xc.shape)
+                c = c0[r0:r1]
+                _sum_rows(xc, ones, blas, out=c)
+                np.multiply(c, cdt.type(1.0 / width), out=c)
+                np.subtract(xc, c[:, None], out=t, dtype=cdt)
+                _sum_rows(t, ones, True, out=s1[r0:r1])
+                _dot_rows(t, t, True, out=q[r0:r1])
+            shape = (x.shape[0], x.shape[1])
+            c0, s1, q = (v.astype(_F64).reshape(shape) for v in (c0, s1, q))
+            w = np.float64(width)
+        # float64 from here: each piece's mean and M2, then Chan's merge
+        m = c0 + s1 / w
+        q = q - s1 * s1 / w
         total = float(x.size // x.shape[1])
         mean = (m * w).sum(axis=0) / total
         dm = m - mean
@@ -187,15 +257,16 @@ class NumpyBackend:
         out_dtype = np.dtype(out_dtype)
         y = np.empty(x.shape, dtype=out_dtype)
         x2, y2 = _rows(x, channel_last), _rows(y, channel_last)
-        n = x.shape[0]
-        m, s, b = (_per_row(v, n, channel_last) for v in (mean, scale, bias))
+        step = _step(*x2.shape, cdt.itemsize, channel_last)
+        vec = _Vecs(x.shape[0], step, channel_last, cdt)
+        m, s, b = vec(mean), vec(scale), vec(bias)
         direct = out_dtype == cdt
-        for r0, r1 in _chunks(*x2.shape, cdt.itemsize):
+        for r0, r1 in _chunks(x2.shape[0], step):
             xc, yc = x2[r0:r1], y2[r0:r1]
             t = yc if direct else _SCRATCH.get(0, cdt, xc.size).reshape(xc.shape)
-            np.subtract(xc, _vec(m, r0, r1, channel_last), out=t, dtype=cdt)
-            np.multiply(t, _vec(s, r0, r1, channel_last), out=t)
-            np.add(t, _vec(b, r0, r1, channel_last), out=yc)
+            np.subtract(xc, vec.at(m, r0, r1), out=t, dtype=cdt)
+            np.multiply(t, vec.at(s, r0, r1), out=t)
+            np.add(t, vec.at(b, r0, r1), out=yc)
         return y
 
     def backward_reduce(
@@ -209,28 +280,34 @@ class NumpyBackend:
         """Local ``sum(dy)`` and ``sum(dy * (x - mean)) * invstd`` (float64)."""
         cdt = mean.dtype
         x2, d2 = _rows(x, channel_last), _rows(dy, channel_last)
-        n = x.shape[0]
-        m = _per_row(mean, n, channel_last)
-        sum_dt = cdt if dy.dtype != cdt else None
-        s_dy, s_dxm = [], []
-        for r0, r1 in _chunks(*x2.shape, cdt.itemsize):
+        rows, width = x2.shape
+        step = _step(rows, width, cdt.itemsize, channel_last)
+        vec = _Vecs(x.shape[0], step, channel_last, cdt)
+        m = vec(mean)
+        blas = dy.dtype == cdt
+        ones = _SCRATCH.ones(cdt, max(step, width))
+        if channel_last:
+            nck = -(-rows // step)
+            s_dy, s_dxm = np.empty((nck, width), _F64), np.empty((nck, width), _F64)
+        else:
+            s_dy, s_dxm = np.empty(rows, cdt), np.empty(rows, cdt)
+        for i, (r0, r1) in enumerate(_chunks(rows, step)):
             xc, dc = x2[r0:r1], d2[r0:r1]
             t = _SCRATCH.get(0, cdt, xc.size).reshape(xc.shape)
-            np.subtract(xc, _vec(m, r0, r1, channel_last), out=t, dtype=cdt)
-            np.multiply(t, dc, out=t, dtype=cdt)
+            np.subtract(xc, vec.at(m, r0, r1), out=t, dtype=cdt)
             if channel_last:
-                s_dy.append(_colsum(dc, sum_dt))
-                s_dxm.append(_colsum(t))
+                s_dy[i] = _sum_cols(dc, ones, blas)
+                np.multiply(t, dc, out=t, dtype=cdt)
+                s_dxm[i] = _sum_cols(t, ones, True)
             else:
-                s_dy.append(_rowsum(dc, sum_dt))
-                s_dxm.append(_rowsum(t))
+                _sum_rows(dc, ones, blas, out=s_dy[r0:r1])
+                _dot_rows(t, dc, blas, out=s_dxm[r0:r1])
         if channel_last:
-            sum_dy = np.add.reduce(np.stack(s_dy), axis=0)
-            sum_dxm = np.add.reduce(np.stack(s_dxm), axis=0)
+            sum_dy, sum_dxm = s_dy.sum(axis=0), s_dxm.sum(axis=0)
         else:
-            shape = (n, x.shape[1])
-            sum_dy = np.add.reduce(np.concatenate(s_dy).reshape(shape), axis=0, dtype=_F64)
-            sum_dxm = np.add.reduce(np.concatenate(s_dxm).reshape(shape), axis=0, dtype=_F64)
+            shape = (x.shape[0], x.shape[1])
+            sum_dy = s_dy.reshape(shape).sum(axis=0, dtype=_F64)
+            sum_dxm = s_dxm.reshape(shape).sum(axis=0, dtype=_F64)
         return sum_dy, sum_dxm * invstd.astype(_F64)
 
     def backward_elemt(
@@ -249,18 +326,18 @@ class NumpyBackend:
         out_dtype = np.dtype(out_dtype)
         dx = np.empty(x.shape, dtype=out_dtype)
         x2, d2, o2 = _rows(x, channel_last), _rows(dy, channel_last), _rows(dx, channel_last)
-        n = x.shape[0]
-        m, av, mdy, bv = (_per_row(v, n, channel_last) for v in (mean, a, mean_dy, b))
+        step = _step(*x2.shape, cdt.itemsize, channel_last)
+        vec = _Vecs(x.shape[0], step, channel_last, cdt)
+        m, av, mdy, bv = vec(mean), vec(a), vec(mean_dy), vec(b)
         direct = out_dtype == cdt
-        cl = channel_last
-        for r0, r1 in _chunks(*x2.shape, cdt.itemsize):
+        for r0, r1 in _chunks(x2.shape[0], step):
             xc, dc, oc = x2[r0:r1], d2[r0:r1], o2[r0:r1]
             t = oc if direct else _SCRATCH.get(1, cdt, xc.size).reshape(xc.shape)
             u = _SCRATCH.get(0, cdt, xc.size).reshape(xc.shape)
-            np.subtract(dc, _vec(mdy, r0, r1, cl), out=t, dtype=cdt)
-            np.multiply(t, _vec(av, r0, r1, cl), out=t)
-            np.subtract(xc, _vec(m, r0, r1, cl), out=u, dtype=cdt)
-            np.multiply(u, _vec(bv, r0, r1, cl), out=u)
+            np.subtract(dc, vec.at(mdy, r0, r1), out=t, dtype=cdt)
+            np.multiply(t, vec.at(av, r0, r1), out=t)
+            np.subtract(xc, vec.at(m, r0, r1), out=u, dtype=cdt)
+            np.multiply(u, vec.at(bv, r0, r1), out=u)
             np.subtract(t, u, out=oc)
         return dx
 

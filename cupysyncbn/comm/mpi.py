@@ -62,8 +62,12 @@ class MPICommunicator(Communicator):
         A call that does not complete within ``CUPYSYNCBN_TIMEOUT`` seconds
         (default 600) aborts the job (:mod:`cupysyncbn.fault`).
         """
-        with shared_watchdog().guard(f"MPI all-reduce of {buf.size} float64"):
+        dog = shared_watchdog()
+        started = dog.begin(buf.size)
+        try:
             return self._allreduce_sum(buf)
+        finally:
+            dog.end(started)
 
     def _allreduce_sum(self, buf: Any) -> Any:
         MPI = self._MPI

@@ -36,6 +36,9 @@ Paddle compute them; the runner sums them over ranks), ``mean{s}``,
 
 A key the implementation does not return is shown as ``-`` and not checked;
 a case passes when every checked quantity is within tolerance on every rank.
+An exception is reported in the table (the case fails); one raised on some
+ranks only can leave the others waiting in the implementation's collective,
+so run third-party implementations under a timeout.
 """
 
 from __future__ import annotations

@@ -180,6 +180,26 @@ def batch_norm(
     return _SyncBatchNormFunction.apply(input, weight, bias, cfg)
 
 
+class _SharedComm:
+    """Holds a layer's communicator.
+
+    Shared by ``copy.deepcopy`` (an EMA copy of a model syncs over the same
+    group), dropped by pickling (``torch.save(model)`` reloads with the
+    default communicator).
+    """
+
+    __slots__ = ("comm",)
+
+    def __init__(self, comm: Any) -> None:
+        self.comm = comm
+
+    def __deepcopy__(self, memo: dict) -> _SharedComm:
+        return self
+
+    def __reduce__(self) -> tuple:
+        return (_SharedComm, (None,))
+
+
 class SyncBatchNorm(_BatchNorm):
     """``torch.nn.SyncBatchNorm`` computed by cupysyncbn, on CPU and CUDA tensors.
 
@@ -229,6 +249,15 @@ class SyncBatchNorm(_BatchNorm):
         )
         self.comm = comm
         self._sync_state = F.SyncState()
+
+    @property
+    def comm(self) -> Any:
+        """The group this layer synchronizes over (None: cupysyncbn's default)."""
+        return self._comm_ref.comm
+
+    @comm.setter
+    def comm(self, comm: Any) -> None:
+        self._comm_ref = _SharedComm(comm)
 
     def _check_input_dim(self, input: torch.Tensor) -> None:
         if input.dim() not in _FORMATS:

@@ -1,0 +1,491 @@
+#!/usr/bin/env python
+"""Per-layer SyncBatchNorm benchmark: time, bandwidth, collectives, vs copy and PyTorch.
+
+Usage::
+
+    python scripts/bench.py                 # full table, 1/2/4 ranks (launches mpiexec itself)
+    python scripts/bench.py --smoke         # CI-sized: one tiny shape, 1 and 2 ranks
+    python scripts/bench.py --shapes 32x64x56x56 --formats NCHW --dtypes float32 --ranks 2
+
+For every row (global batch shape, data format, dtype, ranks K; each rank holds
+N/K samples) it reports the median over repeated runs (after warm-up) of
+forward, backward and forward+backward, the slowest rank of each run counting:
+
+* effective bandwidth from the minimum bytes (forward reads x twice and writes
+  y; backward reads x and dy twice and writes dx), summed over the K ranks;
+* ``vs copy``: that bandwidth over the machine's copy bandwidth measured in the
+  same run with K processes copying at once (``np.copyto`` / ``cupy`` copy);
+  ``x bound`` is forward+backward time over the 8-pass copy-bandwidth bound;
+* ``vs torch``: our time over PyTorch's in the same run (CPU:
+  ``torch.nn.BatchNorm2d`` on the whole batch with K threads; GPU: cuDNN
+  ``BatchNorm2d`` and ``torch.nn.SyncBatchNorm`` in a 1-rank NCCL group);
+  below 1 means faster than PyTorch;
+* collectives and bytes sent per rank per training step (forward+backward),
+  counted by wrapping the communicator.
+
+Writes ``OUT/bench.json`` and ``OUT/bench.md`` (default OUT=bench_out) and
+prints the markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+FULL_SHAPES = [
+    (32, 64, 112, 112),
+    (32, 64, 56, 56),
+    (32, 256, 56, 56),
+    (32, 128, 28, 28),
+    (32, 512, 28, 28),
+    (32, 256, 14, 14),
+    (32, 1024, 14, 14),
+    (32, 512, 7, 7),
+    (32, 2048, 7, 7),
+]
+SMOKE_SHAPES = [(4, 8, 6, 6)]
+THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+# --------------------------------------------------------------------------- args
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--smoke", action="store_true", help="CI-sized run (tiny shape, 1-2 ranks)")
+    p.add_argument("--shapes", default=None,
+                   help="comma-separated NxCxHxW global shapes (default: the ResNet table)")
+    p.add_argument("--formats", default="NCHW,NHWC")
+    p.add_argument("--dtypes", default="float32,float16")
+    p.add_argument("--ranks", default=None, help="comma-separated rank counts (default 1,2,4)")
+    p.add_argument("--reps", type=int, default=None, help="timed repetitions (default 10)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto")
+    p.add_argument("--no-torch", action="store_true", help="skip the PyTorch baselines")
+    p.add_argument("--copy-mib", type=int, default=None,
+                   help="array size for the copy-bandwidth probe (default 256, smoke 8)")
+    p.add_argument("--out", type=Path, default=Path("bench_out"))
+    # internal: one worker job under mpiexec
+    p.add_argument("--worker", type=Path, default=None, help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.smoke:
+        a.shapes = a.shapes or ",".join("x".join(map(str, s)) for s in SMOKE_SHAPES)
+        a.ranks = a.ranks or "1,2"
+        a.reps = a.reps or 3
+        a.warmup = min(a.warmup, 1)
+        a.copy_mib = a.copy_mib or 8
+        if a.dtypes == "float32,float16":
+            a.dtypes = "float32"
+    a.reps = a.reps or 10
+    a.copy_mib = a.copy_mib or 256
+    a.ranks = a.ranks or "1,2,4"
+    return a
+
+
+def parse_shapes(text: str | None) -> list[tuple[int, ...]]:
+    if not text:
+        return list(FULL_SHAPES)
+    out = []
+    for item in text.split(","):
+        dims = tuple(int(v) for v in item.lower().split("x"))
+        if len(dims) != 4 or min(dims) < 1:
+            raise SystemExit(f"--shapes: expected NxCxHxW, got {item!r}")
+        out.append(dims)
+    return out
+
+
+# ------------------------------------------------------------------ array helpers
+def gpu_available() -> bool:
+    try:
+        import cupy
+
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:
+        return False
+
+
+def use_gpu(device: str) -> bool:
+    if device == "cpu":
+        return False
+    ok = gpu_available()
+    if device == "gpu" and not ok:
+        raise SystemExit("--device gpu: CuPy sees no GPU")
+    return ok
+
+
+def local_shape(shape: tuple, fmt: str, k: int) -> tuple:
+    n, c, h, w = shape
+    if n % k:
+        raise SystemExit(f"batch {n} of {shape} does not split over {k} ranks")
+    return (n // k, c, h, w) if fmt == "NCHW" else (n // k, h, w, c)
+
+
+# ------------------------------------------------------------------------- worker
+class CountingComm:
+    """Wraps a communicator; counts all-reduce calls and bytes."""
+
+    def __new__(cls, inner):  # subclass at run time so isinstance(Communicator) holds
+        from cupysyncbn.comm.base import Communicator
+
+        class _Counting(Communicator):
+            def __init__(self, inner):
+                self.inner = inner
+                self.rank, self.size, self.backend = inner.rank, inner.size, inner.backend
+                self.calls = 0
+                self.bytes = 0
+
+            def allreduce_sum(self, buf):
+                self.calls += 1
+                self.bytes += int(buf.nbytes)
+                return self.inner.allreduce_sum(buf)
+
+            def supports(self, array):
+                return self.inner.supports(array)
+
+            def abort(self, errorcode=1):
+                self.inner.abort(errorcode)
+
+        return _Counting(inner)
+
+
+class Timer:
+    """Median over reps of the slowest rank's time, after warm-up."""
+
+    def __init__(self, mpi_comm, xp, gpu: bool, reps: int, warmup: int):
+        self.mpi, self.xp, self.gpu, self.reps, self.warmup = mpi_comm, xp, gpu, reps, warmup
+
+    def sync(self):
+        if self.gpu:
+            self.xp.cuda.get_current_stream().synchronize()
+
+    def barrier(self):
+        self.sync()
+        if self.mpi is not None:
+            self.mpi.Barrier()
+
+    def slowest(self, t: float) -> float:
+        if self.mpi is None:
+            return t
+        from mpi4py import MPI
+
+        return self.mpi.allreduce(t, op=MPI.MAX)
+
+    def __call__(self, fn, before=None) -> float:
+        for _ in range(self.warmup):
+            if before:
+                before()
+            fn()
+        times = []
+        for _ in range(self.reps):
+            if before:
+                before()
+            self.barrier()
+            t0 = time.perf_counter()
+            fn()
+            self.sync()
+            times.append(self.slowest(time.perf_counter() - t0))
+        return statistics.median(times)
+
+
+def copy_bandwidth(timer: Timer, xp, mib: int) -> float:
+    """Aggregate copy bandwidth (bytes/s read + written) with every rank copying at once."""
+    n = mib * 2**20 // 4
+    src = xp.ones(n, dtype=np.float32)
+    dst = xp.empty_like(src)
+    t = timer(lambda: xp.copyto(dst, src))
+    k = 1 if timer.mpi is None else timer.mpi.Get_size()
+    return k * 2 * src.nbytes / t
+
+
+def measure_row(sbn, xp, gpu, timer, counting, rng, shape, fmt, dt) -> dict:
+    """Time one row on this rank's slice of the batch; count its collectives."""
+    ls = local_shape(tuple(shape), fmt, counting.size)
+    x = xp.asarray(rng.standard_normal(ls, dtype=np.float32) + 1.0).astype(dt)
+    dy = xp.asarray(rng.standard_normal(ls, dtype=np.float32)).astype(dt)
+    bn = sbn.SyncBatchNorm(shape[1], data_format=fmt, comm=counting)
+    if gpu:
+        bn.to("cuda")
+    t_f = timer(lambda: bn(x))
+    t_b = timer(lambda: bn.backward(dy))
+    t_fb = timer(lambda: (bn(x), bn.backward(dy)))
+    bn.clear_gradients()
+    counting.calls = counting.bytes = 0
+    bn(x)
+    bn.backward(dy)
+    xbytes = counting.size * x.nbytes  # the whole global batch
+    return {
+        "shape": list(shape), "format": fmt, "dtype": dt, "ranks": counting.size,
+        "local_shape": list(ls),
+        "fwd_s": t_f, "bwd_s": t_b, "fwdbwd_s": t_fb,
+        "fwd_bytes": 3 * xbytes, "bwd_bytes": 5 * xbytes,
+        "collectives_per_step": counting.calls, "comm_bytes_per_step": counting.bytes,
+    }
+
+
+def run_worker(spec: dict) -> list[dict] | None:
+    """Time our layer for every row on this job's ranks; rank 0 returns the rows."""
+    import cupysyncbn as sbn
+
+    gpu = spec["gpu"]
+    if gpu:
+        import cupy as xp
+    else:
+        xp = np
+    comm = sbn.init("auto" if gpu else ("mpi" if spec["k"] > 1 else "none"))
+    mpi = None
+    if comm.size > 1:
+        from mpi4py import MPI
+
+        mpi = MPI.COMM_WORLD
+    if gpu:
+        dev = getattr(comm, "device_id", -1)
+        if dev is None or dev < 0:
+            dev = 0
+        xp.cuda.Device(dev).use()
+    timer = Timer(mpi, xp, gpu, spec["reps"], spec["warmup"])
+    copy_bw = copy_bandwidth(timer, xp, spec["copy_mib"])
+    counting = CountingComm(comm)
+    rows = []
+    rng = np.random.default_rng(comm.rank)
+    for shape in spec["shapes"]:
+        for fmt in spec["formats"]:
+            for dt in spec["dtypes"]:
+                rows.append(measure_row(sbn, xp, gpu, timer, counting, rng, shape, fmt, dt))
+                rows[-1]["copy_bw"] = copy_bw
+    return rows if comm.rank == 0 else None
+
+
+# -------------------------------------------------------------------------- torch
+def torch_baselines(shape, fmt, dt, threads, gpu, timer_args) -> dict:
+    """PyTorch times for the whole global batch (one process)."""
+    try:
+        import torch
+    except ImportError:
+        return {}
+    reps, warmup = timer_args
+    res = {}
+    dev = "cuda" if gpu else "cpu"
+    if not gpu:
+        torch.set_num_threads(threads)
+    tdt = getattr(torch, dt)
+    n, c, h, w = shape
+    mf = torch.channels_last if fmt == "NHWC" else torch.contiguous_format
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(n, c, h, w, generator=gen) + 1).to(dev, tdt).contiguous(memory_format=mf)
+    dy = torch.randn(n, c, h, w, generator=gen).to(dev, tdt).contiguous(memory_format=mf)
+    x.requires_grad_(True)
+
+    def sync():
+        if gpu:
+            torch.cuda.synchronize()
+
+    def timeit(fn):
+        for _ in range(warmup):
+            fn()
+        ts = []
+        for _ in range(reps):
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            ts.append(time.perf_counter() - t0)
+        return statistics.median(ts)
+
+    def measure(bn, key):
+        bn = bn.to(dev)
+        try:
+            y = bn(x)
+        except RuntimeError:
+            bn = bn.to(tdt)  # a torch build without mixed-dtype batch norm
+            y = bn(x)
+        res[key + "_fwd_s"] = timeit(lambda: bn(x))
+        res[key + "_bwd_s"] = timeit(lambda: y.backward(dy, retain_graph=True))
+
+        def fb():
+            bn(x).backward(dy)
+
+        res[key + "_fwdbwd_s"] = timeit(fb)
+
+    if gpu:
+        measure(torch.nn.BatchNorm2d(c), "torch")  # cuDNN
+        try:
+            import torch.distributed as dist
+
+            if not dist.is_initialized():
+                os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+                os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+                dist.init_process_group("nccl", rank=0, world_size=1)
+            measure(torch.nn.SyncBatchNorm(c), "torch_sync")
+        except Exception as e:  # report, do not fail the benchmark
+            res["torch_sync_error"] = f"{type(e).__name__}: {e}"
+    else:
+        measure(torch.nn.BatchNorm2d(c), "torch")
+    res["torch_threads"] = threads if not gpu else None
+    res["torch_version"] = torch.__version__
+    return res
+
+
+# ------------------------------------------------------------------------- driver
+def launch(spec: dict, k: int, timeout: float) -> list[dict]:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "spec.json"
+        path.write_text(json.dumps({**spec, "k": k}))
+        env = dict(os.environ)
+        for var in THREAD_VARS:
+            env[var] = "1"  # one thread per rank: K ranks use K cores
+        env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+        if k == 1 and not spec["gpu"]:
+            cmd = [sys.executable, __file__, "--worker", str(path)]
+        else:
+            mpiexec = shutil.which("mpiexec") or shutil.which("mpirun")
+            if mpiexec is None:
+                raise SystemExit("mpiexec not found (pip install mpich)")
+            cmd = [mpiexec, "-n", str(k), sys.executable, __file__, "--worker", str(path)]
+        proc = subprocess.run(cmd, env=env, timeout=timeout, capture_output=True, text=True)
+        if proc.returncode != 0:
+            sys.stderr.write(proc.stdout + proc.stderr)
+            raise SystemExit(f"benchmark worker on {k} rank(s) failed ({proc.returncode})")
+        return json.loads((Path(tmp) / "spec.json.out").read_text())
+
+
+def finish_row(r: dict) -> dict:
+    tot = r["fwd_bytes"] + r["bwd_bytes"]
+    r["fwd_bw"] = r["fwd_bytes"] / r["fwd_s"]
+    r["bwd_bw"] = r["bwd_bytes"] / r["bwd_s"]
+    r["fwdbwd_bw"] = tot / r["fwdbwd_s"]
+    r["fwdbwd_vs_copy"] = r["fwdbwd_bw"] / r["copy_bw"]
+    # time over the 8-pass bound (3 + 5 passes over x at copy bandwidth)
+    r["fwdbwd_x_bound"] = r["fwdbwd_s"] / (tot / r["copy_bw"])
+    for key in ("torch", "torch_sync"):
+        if key + "_fwdbwd_s" in r:
+            for p in ("fwd", "bwd", "fwdbwd"):
+                r[f"{p}_vs_{key}"] = r[f"{p}_s"] / r[f"{key}_{p}_s"]
+    return r
+
+
+def markdown(rows: list[dict], meta: dict) -> str:
+    gpu = meta["gpu"]
+    head = ["shape (global)", "fmt", "dtype", "K", "fwd ms", "bwd ms", "f+b ms", "f+b GB/s",
+            "vs copy", "x bound"]
+    head += ["vs torch f/b/f+b"] + (["vs torch Sync f+b"] if gpu else [])
+    head += ["coll/step", "bytes/step"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        vt = ("/".join(f"{r[f'{p}_vs_torch']:.2f}" for p in ("fwd", "bwd", "fwdbwd"))
+              if "fwdbwd_vs_torch" in r else "n/a")
+        cells = [
+            "x".join(map(str, r["shape"])), r["format"], r["dtype"], str(r["ranks"]),
+            f"{r['fwd_s'] * 1e3:.2f}", f"{r['bwd_s'] * 1e3:.2f}", f"{r['fwdbwd_s'] * 1e3:.2f}",
+            f"{r['fwdbwd_bw'] / 1e9:.1f}", f"{r['fwdbwd_vs_copy']:.2f}",
+            f"{r['fwdbwd_x_bound']:.2f}", vt,
+        ]
+        if gpu:
+            vs = r.get("fwdbwd_vs_torch_sync")
+            cells.append("n/a" if vs is None else f"{vs:.2f}")
+        cells += [str(r["collectives_per_step"]), str(r["comm_bytes_per_step"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    copy = sorted({(r["ranks"], r["copy_bw"]) for r in rows})
+    notes = [
+        "",
+        f"{meta['device']}; {meta['date']}; numpy {meta['numpy']}"
+        + (f", torch {meta['torch']}" if meta.get("torch") else ""),
+        "copy bandwidth (K processes copying at once, read+write): "
+        + ", ".join(f"K={k}: {bw / 1e9:.1f} GB/s" for k, bw in copy),
+        "vs copy = effective f+b bandwidth / copy bandwidth; x bound = f+b time / 8-pass bound;"
+        " vs torch = our time / PyTorch's (< 1: faster).",
+    ]
+    return "\n".join(lines + notes) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    if a.worker is not None:
+        spec = json.loads(a.worker.read_text())
+        rows = run_worker(spec)
+        if rows is not None:
+            Path(str(a.worker) + ".out").write_text(json.dumps(rows))
+        return 0
+    gpu = use_gpu(a.device)
+    ranks = [int(v) for v in a.ranks.split(",")]
+    if gpu:
+        import cupy
+
+        ndev = cupy.cuda.runtime.getDeviceCount()
+        ranks = [k for k in ranks if k <= ndev] or [1]
+    spec = {
+        "shapes": [list(s) for s in parse_shapes(a.shapes)],
+        "formats": [f.strip().upper() for f in a.formats.split(",")],
+        "dtypes": [d.strip() for d in a.dtypes.split(",")],
+        "reps": a.reps, "warmup": a.warmup, "copy_mib": a.copy_mib, "gpu": gpu,
+    }
+    for f in spec["formats"]:
+        if f not in ("NCHW", "NHWC"):
+            raise SystemExit(f"--formats: NCHW or NHWC, got {f!r}")
+    rows = []
+    for k in ranks:
+        t0 = time.perf_counter()
+        got = launch(spec, k, timeout=3600)
+        print(f"[bench] {k} rank(s): {len(got)} rows in {time.perf_counter() - t0:.1f}s",
+              file=sys.stderr, flush=True)
+        rows += got
+    if not a.no_torch:
+        cache = {}
+        for r in rows:
+            key = (tuple(r["shape"]), r["format"], r["dtype"], 1 if gpu else r["ranks"])
+            if key not in cache:
+                cache[key] = torch_baselines(key[0], key[1], key[2], key[3], gpu,
+                                             (a.reps, a.warmup))
+            r.update(cache[key])
+    rows = [finish_row(r) for r in rows]
+    try:
+        import torch
+
+        tv = torch.__version__
+    except ImportError:
+        tv = None
+    if gpu:
+        import cupy
+
+        props = cupy.cuda.runtime.getDeviceProperties(0)
+        name = props["name"]
+        device = "GPU " + (name.decode() if isinstance(name, bytes) else str(name))
+    else:
+        device = f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+        try:
+            for line in Path("/proc/cpuinfo").read_text().splitlines():
+                if line.startswith("model name"):
+                    device = f"CPU {line.split(':', 1)[1].strip()}, {os.cpu_count()} cores"
+                    break
+        except OSError:
+            pass
+    meta = {
+        "gpu": gpu, "device": device, "numpy": np.__version__, "torch": tv,
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": "python scripts/bench.py "
+        + " ".join(argv if argv is not None else sys.argv[1:]),
+        "reps": a.reps, "warmup": a.warmup, "smoke": a.smoke,
+    }
+    md = markdown(rows, meta)
+    a.out.mkdir(parents=True, exist_ok=True)
+    (a.out / "bench.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    (a.out / "bench.md").write_text(md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
