@@ -582,7 +582,7 @@ def batch_norm_backward(
     nf = ctx.mean.shape[0]
     err = None
     if not backend.owns(dy):
-        err = ("shape", TypeError(
+        err = ("type", TypeError(
             f"dy must be a {backend.name} array like the forward input; got"
             f" {type(dy).__module__}.{type(dy).__name__}"
         ))

@@ -38,8 +38,9 @@ GPU_REASON = _gpu_skip_reason()
 gpu = [pytest.mark.gpu, pytest.mark.skipif(GPU_REASON is not None, reason=str(GPU_REASON))]
 
 
-def _results(proc):
-    out = [json.loads(ln[4:]) for ln in proc.stdout.splitlines() if ln.startswith("RES ")]
+def _results(tmp_path):
+    # one file per rank: ranks' stdout lines can interleave under mpiexec
+    out = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("res_*.json"))]
     return sorted(out, key=lambda r: r["rank"])
 
 
@@ -60,14 +61,16 @@ except CommunicatorError as e:
 comm = sbn.init("auto")
 buf = np.full(3, w.Get_rank() + 1.0)
 comm.allreduce_sum(buf)
-print("RES " + json.dumps({"rank": w.Get_rank(), "outcome": outcome, "msg": msg,
-                           "auto": comm.backend, "sum": buf.tolist()}), flush=True)
+res = {"rank": w.Get_rank(), "outcome": outcome, "msg": msg, "auto": comm.backend,
+       "sum": buf.tolist()}
+open(f"res_{w.Get_rank()}.json", "w").write(json.dumps(res))
 """
 
 
 @pytest.mark.mpi
 def test_nccl_unavailable_raises_on_every_rank_and_auto_falls_back(tmp_path):
-    res = _results(run_mpi(AGREE, 2, timeout=120, tmp_path=tmp_path))
+    run_mpi(AGREE, 2, timeout=120, tmp_path=tmp_path)
+    res = _results(tmp_path)
     assert len(res) == 2
     assert len({r["outcome"] for r in res}) == 1, res
     assert len({r["auto"] for r in res}) == 1, res
@@ -140,7 +143,8 @@ try:
 except CommunicatorError as e:
     tripped = "did not complete" in str(e)
 cp.cuda.Device().synchronize()
-print("RES " + json.dumps({"rank": 0, "errs": errs, "tripped": tripped}), flush=True)
+res = {"rank": 0, "errs": errs, "tripped": tripped}
+open("res_0.json", "w").write(json.dumps(res))
 """
 
 
@@ -150,7 +154,7 @@ print("RES " + json.dumps({"rank": 0, "errs": errs, "tripped": tripped}), flush=
 def test_nccl_one_rank(tmp_path):
     proc = run_mpi(NCCL_ONE, 1, timeout=300, tmp_path=tmp_path,
                    env={"CUPYSYNCBN_NCCL_ABORT": "0"})
-    (res,) = _results(proc)
+    (res,) = _results(tmp_path)
     assert max(res["errs"]) < 2e-5, res
     assert res["tripped"], proc.stderr
 
@@ -192,7 +196,8 @@ for fmt, shape in (("NCHW", (14, 3, 6, 5)), ("NHWC", (14, 6, 5, 3)), ("NC", (14,
             w.Allreduce(MPI.IN_PLACE, g)  # local grads sum to the global one
             err = max(err, float(np.abs(g - ref.weight.grad).max()))
             results[f"{fmt}/{idt}/{name}"] = err
-print("RES " + json.dumps({"rank": rank, "errs": results, "auto": auto.backend}), flush=True)
+res = {"rank": rank, "errs": results, "auto": auto.backend}
+open(f"res_{rank}.json", "w").write(json.dumps(res))
 """
 
 
@@ -201,7 +206,8 @@ print("RES " + json.dumps({"rank": rank, "errs": results, "auto": auto.backend})
 def test_mpi_over_cupy_arrays_several_ranks(tmp_path, k):
     if GPU_REASON is not None:
         pytest.skip(GPU_REASON)
-    res = _results(run_mpi(MPI_CUPY, k, timeout=300, tmp_path=tmp_path))
+    run_mpi(MPI_CUPY, k, timeout=300, tmp_path=tmp_path)
+    res = _results(tmp_path)
     assert len(res) == k
     tol = {"float32": 2e-5, "float64": 1e-11, "float16": 8e-3}
     for r in res:
@@ -209,3 +215,45 @@ def test_mpi_over_cupy_arrays_several_ranks(tmp_path, k):
         for case, err in r["errs"].items():
             assert err <= tol[case.split("/")[1]] * 10, (r["rank"], case, err)
     assert len({r["auto"] for r in res}) == 1
+
+
+def test_nccl_unique_id_of_either_cupy_generation():
+    # CuPy 13: get_unique_id() -> tuple of 128 signed chars; CuPy 14: bytes.
+    from cupysyncbn.comm.nccl import _make_nccl_comm
+
+    raw = bytes(range(256))[::2]  # 128 bytes, half of them > 127
+
+    class Nccl13:
+        @staticmethod
+        def NcclCommunicator(size, uid, rank):
+            if not isinstance(uid, tuple):
+                raise TypeError("commId must be a tuple")
+            return ("13", size, uid, rank)
+
+    class Nccl14:
+        @staticmethod
+        def NcclCommunicator(size, uid, rank):
+            if not isinstance(uid, bytes):
+                raise TypeError("commId must be bytes")
+            return ("14", size, uid, rank)
+
+    signed = tuple(b - 256 if b > 127 else b for b in raw)
+    assert _make_nccl_comm(Nccl13, 2, signed, 1) == ("13", 2, signed, 1)
+    assert _make_nccl_comm(Nccl13, 2, raw, 1) == ("13", 2, signed, 1)
+    assert _make_nccl_comm(Nccl14, 3, raw, 0) == ("14", 3, raw, 0)
+    assert _make_nccl_comm(Nccl14, 3, signed, 0) == ("14", 3, raw, 0)
+
+
+def test_nccl_timeout_setting(monkeypatch):
+    from cupysyncbn.comm.nccl import _timeout_from_env
+
+    monkeypatch.delenv("CUPYSYNCBN_NCCL_TIMEOUT", raising=False)
+    monkeypatch.delenv("CUPYSYNCBN_TIMEOUT", raising=False)
+    assert _timeout_from_env() == 600
+    monkeypatch.setenv("CUPYSYNCBN_TIMEOUT", "42")
+    assert _timeout_from_env() == 42
+    monkeypatch.setenv("CUPYSYNCBN_NCCL_TIMEOUT", "7.5")
+    assert _timeout_from_env() == 7.5
+    monkeypatch.setenv("CUPYSYNCBN_NCCL_TIMEOUT", "soon")
+    with pytest.raises(ValueError, match="CUPYSYNCBN_NCCL_TIMEOUT"):
+        _timeout_from_env()

@@ -8,9 +8,9 @@ to that library. This checks, on any machine with g++ >= 11, what NVRTC
 cannot: the reductions' results, the grid decomposition chosen by the
 backend (several blocks per channel in both directions, grid-stride loops
 over channels), the order and types of the launch arguments, and the
-float16/bfloat16 conversions. Results are compared with the NumPy backend and
-float64 truth (reductions) and the NumPy backend. Real-GPU behaviour (warp timing, memory model) is left to
-``test_gpu_cupy.py``.
+float16/bfloat16 conversions. Results are compared with float64 truth
+(reductions) and the NumPy backend. Real-GPU behaviour (warp timing, memory
+model) is left to ``test_gpu_cupy.py``.
 """
 
 import contextlib
@@ -214,7 +214,13 @@ class EmulatedBackend(CupyBackend):
 
 @pytest.fixture(scope="module")
 def backend(emu):
-    return EmulatedBackend(*emu)
+    # 64-thread blocks (two warps) keep the emulation fast; the production
+    # 256-thread blocks run in test_emulated_grid_splits_and_channel_loops.
+    import cupysyncbn.backends.cupy_backend as cb
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cb, "_THREADS", 64)
+        yield EmulatedBackend(*emu)
 
 
 SHAPES = [(2, 1, 3000), (40, 2, 33), (3, 7, 5), (7, 3, 1), (3000, 2), (300, 37), (1, 1)]
@@ -282,6 +288,7 @@ def test_emulated_grid_splits_and_channel_loops(emu, monkeypatch):
     import cupysyncbn.backends.cupy_backend as cb
 
     monkeypatch.setattr(cb, "_MAX_GRID_YZ", 3)
+    monkeypatch.setattr(cb, "_THREADS", 256)  # the production block size
     be = EmulatedBackend(*emu, sms=8)
     rng = np.random.default_rng(5)
     for shape in [(2, 1, 20000), (3, 10, 7), (20000, 3), (64, 9)]:

@@ -98,7 +98,8 @@ y = bn(x_good())
 dy = np.ones((2, C, 2, 3), np.float32) if rank == BAD else np.ones_like(y)
 expect("dy-shape", lambda: bn.backward(dy), bad=(ValueError, "dy must have"), other=remote)
 dy = [1.0] if rank == BAD else np.ones_like(y)
-expect("dy-not-array", lambda: bn.backward(dy), bad=(TypeError, "dy must be"), other=remote)
+expect("dy-not-array", lambda: bn.backward(dy), bad=(TypeError, "dy must be"),
+       other=(RemoteInputError, "not an array"))
 expect("dy-recovers", lambda: bn.backward(np.ones_like(y)))
 
 # ---- 3. forward on some ranks, backward on another (same layer, same buffer size)
@@ -323,3 +324,17 @@ def test_timeout_env_validation(monkeypatch):
     assert fault.collective_timeout() == 12.5
     monkeypatch.delenv(fault.TIMEOUT_ENV)
     assert fault.collective_timeout() == fault.DEFAULT_TIMEOUT
+
+
+def test_install_uninstall_restores_hooks():
+    import sys
+    import threading
+
+    import cupysyncbn as sbn
+
+    before = (sys.excepthook, threading.excepthook)
+    sbn.install_abort_hook()
+    sbn.install_abort_hook()  # idempotent: replaces, does not chain twice
+    assert sys.excepthook is not before[0] and threading.excepthook is not before[1]
+    sbn.uninstall_abort_hook()
+    assert (sys.excepthook, threading.excepthook) == before

@@ -80,6 +80,9 @@ try:
     raise AssertionError("no error")
 except StateMismatchError as e:
     assert "1._mean" in str(e)
+# different entry names on one rank: reported as a structure mismatch
+sd = {"a": np.ones(2)} if rank else {"a": np.ones(2), "b": np.zeros(1)}
+assert sbn.check_consistency(sd, raise_on_mismatch=False)[0].startswith("<structure")
 if rank == 0:
     a, b = marks[500], marks[steps]
     os.write(1, ("RESULT " + json.dumps({
@@ -102,7 +105,9 @@ def test_long_run_flat_memory_identical_state(tmp_path, n, steps):
     assert r["finite"]
     # buffers are reused: one cached communication buffer per layer, always
     assert r["buffers"] == [[1, 1, 1], [1, 1, 1]]
-    # no per-step growth: 2500 more steps add (almost) nothing; a leak of even
-    # one small array per step would add > 1 MiB here
+    # no per-step growth between step 500 and the end: RSS catches any leak of
+    # more than ~400 bytes per step (measured growth: ~130-190 KiB in total,
+    # allocator noise); the object count catches even one leaked Python object
+    # per step (measured: 3 in total)
     assert r["rss_growth"] < 1 << 20, r
-    assert r["objects_growth"] < 200, r
+    assert r["objects_growth"] < 100, r

@@ -169,6 +169,24 @@ def _sum_cols(a: np.ndarray, ones: np.ndarray, blas: bool) -> np.ndarray:
     return (ones[: a.shape[0]] @ a).astype(_F64)
 
 
+def _fold(center: np.ndarray, num: np.ndarray, den: np.ndarray) -> np.ndarray | None:
+    """``center - num/den`` in the compute dtype, or None if ``den`` has a zero.
+
+    Channel-first passes broadcast per-row values, NumPy's slow path, so the
+    constant term of ``(x - c) * s + k`` is folded into the subtraction:
+    ``(x - (c - k/s)) * s``. Still subtract-first, and the rounding of the
+    folded center costs ``eps * (|c*s| + |k|)`` absolute, the same order as
+    rounding ``c`` and adding ``k`` separately (even for tiny ``s``).
+    """
+    d = den.astype(_F64)
+    if not np.all(d != 0):
+        return None
+    with np.errstate(all="ignore"):
+        c = center.astype(_F64) - num.astype(_F64) / d
+        out = c.astype(center.dtype)
+    return out if np.all(np.isfinite(out)) else None
+
+
 class NumpyBackend:
     """Batch-norm primitives on NumPy arrays (see :mod:`.base`)."""
 
@@ -259,6 +277,16 @@ class NumpyBackend:
         x2, y2 = _rows(x, channel_last), _rows(y, channel_last)
         step = _step(*x2.shape, cdt.itemsize, channel_last)
         vec = _Vecs(x.shape[0], step, channel_last, cdt)
+        folded = None if channel_last else _fold(mean, bias, scale)
+        if folded is not None:
+            # (x - (mean - bias/scale)) * scale: two broadcast passes instead of three
+            m, s = vec(folded), vec(scale)
+            for r0, r1 in _chunks(x2.shape[0], step):
+                xc, yc = x2[r0:r1], y2[r0:r1]
+                t = _SCRATCH.get(0, cdt, xc.size).reshape(xc.shape) if yc.dtype != cdt else yc
+                np.subtract(xc, m[r0:r1], out=t, dtype=cdt)
+                np.multiply(t, s[r0:r1], out=yc)
+            return y
         m, s, b = vec(mean), vec(scale), vec(bias)
         direct = out_dtype == cdt
         for r0, r1 in _chunks(x2.shape[0], step):
@@ -328,6 +356,19 @@ class NumpyBackend:
         x2, d2, o2 = _rows(x, channel_last), _rows(dy, channel_last), _rows(dx, channel_last)
         step = _step(*x2.shape, cdt.itemsize, channel_last)
         vec = _Vecs(x.shape[0], step, channel_last, cdt)
+        folded = None if channel_last else _fold(mean, a.astype(_F64) * mean_dy, b)
+        if folded is not None:
+            # a*dy - b*(x - (mean - a*mean_dy/b)): three broadcast passes instead of four
+            m, av, bv = vec(folded), vec(a), vec(b)
+            for r0, r1 in _chunks(x2.shape[0], step):
+                xc, dc, oc = x2[r0:r1], d2[r0:r1], o2[r0:r1]
+                t = oc if oc.dtype == cdt else _SCRATCH.get(1, cdt, xc.size).reshape(xc.shape)
+                u = _SCRATCH.get(0, cdt, xc.size).reshape(xc.shape)
+                np.multiply(dc, av[r0:r1], out=t, dtype=cdt)
+                np.subtract(xc, m[r0:r1], out=u, dtype=cdt)
+                np.multiply(u, bv[r0:r1], out=u)
+                np.subtract(t, u, out=oc)
+            return dx
         m, av, mdy, bv = vec(mean), vec(a), vec(mean_dy), vec(b)
         direct = out_dtype == cdt
         for r0, r1 in _chunks(x2.shape[0], step):

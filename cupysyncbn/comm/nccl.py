@@ -7,16 +7,17 @@
   MPI communicator (the bootstrap never mixes with the caller's messages).
   CuPy 13 returns the id as a tuple of ints and CuPy 14 as ``bytes``; either
   is accepted.
-* Before any NCCL call the ranks agree (one MPI all-reduce) that every one of
-  them can use NCCL, so a failure raises :class:`CommunicatorError` on every
-  rank and ``init('auto')`` falls back to MPI together instead of hanging.
+* Before any NCCL call the ranks agree (one MPI all-gather of each rank's
+  problem, if any) that every one of them can use NCCL, so a failure raises
+  :class:`CommunicatorError` on every rank and ``init('auto')`` falls back to
+  MPI together instead of hanging.
 * ``allreduce_sum`` enqueues ``ncclAllReduce`` on the current CuPy stream and
   returns without waiting. A watchdog thread checks each collective's
   completion and NCCL's asynchronous errors; past the timeout
-  (``CUPYSYNCBN_NCCL_TIMEOUT`` seconds, default 600, 0 disables) or on an NCCL
-  error it aborts the NCCL communicator and then the MPI job
-  (``CUPYSYNCBN_NCCL_ABORT=0`` keeps the process alive and raises on the next
-  call instead).
+  (``CUPYSYNCBN_NCCL_TIMEOUT`` seconds, default ``CUPYSYNCBN_TIMEOUT`` or 600;
+  0 disables) or on an NCCL error it aborts the NCCL communicator and then the
+  MPI job (``CUPYSYNCBN_NCCL_ABORT=0`` keeps the process alive and raises on
+  the next call instead).
 * NumPy buffers go through MPI on the same group, so one communicator serves
   both array kinds.
 * The NCCL communicator is destroyed at interpreter exit (after the device is
@@ -77,7 +78,11 @@ def select_device(mpi_comm: Any) -> tuple[int, int]:
 
 
 def _timeout_from_env() -> float:
-    raw = os.environ.get("CUPYSYNCBN_NCCL_TIMEOUT", "600")
+    raw = os.environ.get("CUPYSYNCBN_NCCL_TIMEOUT", "").strip()
+    if not raw:  # the package-wide collective timeout (CUPYSYNCBN_TIMEOUT, default 600)
+        from ..fault import collective_timeout
+
+        return collective_timeout()
     try:
         value = float(raw)
     except ValueError:
@@ -170,8 +175,8 @@ class NCCLCommunicator(Communicator):
     device : int, optional
         GPU to use; default: the node-local rank (modulo the GPU count).
     timeout : float, optional
-        Watchdog timeout in seconds (default ``CUPYSYNCBN_NCCL_TIMEOUT`` or 600;
-        0 disables the watchdog).
+        Watchdog timeout in seconds (default ``CUPYSYNCBN_NCCL_TIMEOUT``, else
+        ``CUPYSYNCBN_TIMEOUT``, else 600; 0 disables the watchdog).
 
     Raises
     ------
@@ -324,12 +329,11 @@ class NCCLCommunicator(Communicator):
         except Exception:
             pass
         self._closed = True
-        print(f"cupysyncbn (rank {self.rank}): {self._error}", file=sys.stderr, flush=True)
         if self._abort_job:
-            try:
-                self._MPI.COMM_WORLD.Abort(1)
-            finally:
-                os._exit(1)
+            from ..fault import abort_job
+
+            abort_job(None, 1, self._error)  # MPI_Abort, never returns
+        print(f"cupysyncbn (rank {self.rank}): {self._error}", file=sys.stderr, flush=True)
 
     def close(self) -> None:
         """Destroy the NCCL communicator after the GPU has finished its work."""

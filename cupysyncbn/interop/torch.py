@@ -220,7 +220,9 @@ class SyncBatchNorm(_BatchNorm):
     comm : Communicator, mpi4py.MPI.Comm or None
         Group to synchronize over; None is cupysyncbn's default communicator
         (:func:`cupysyncbn.init`; all ranks of ``mpiexec``). Use
-        ``cupysyncbn.init('none')`` or a one-process group for local BN.
+        ``cupysyncbn.init('none')`` or a one-process group for local BN. For
+        CPU tensors on a machine where the default is NCCL, pass the mpi4py
+        communicator itself (``comm=MPI.COMM_WORLD``): MPI reduces host buffers.
     device, dtype : optional
         As for ``torch.nn.BatchNorm2d``.
 
