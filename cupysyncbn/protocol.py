@@ -97,26 +97,31 @@ def next_layer_id(comm: Any) -> int:
     they agree across ranks exactly when the ranks run the same layers in the
     same order (what every rank of a data-parallel job does).
     """
-    key = _group_key(comm)
-    n = _LAYER_COUNTS.get(key, 0) + 1
-    _LAYER_COUNTS[key] = n
+    # Count per process group, not per wrapper object: two Communicator
+    # objects over the same MPI communicator (init() called again, a raw
+    # mpi4py comm wrapped per layer) must share one sequence. Other
+    # communicators keep their count on themselves (an id() key could be
+    # reused by a later object).
+    mpi_comm = getattr(comm, "mpi_comm", None)
+    key = None
+    if mpi_comm is not None:
+        try:
+            key = mpi_comm.py2f()
+        except Exception:  # pragma: no cover - MPI without Fortran handles
+            key = None
+    if key is not None:
+        n = _MPI_LAYER_COUNTS.get(key, 0) + 1
+        _MPI_LAYER_COUNTS[key] = n
+    else:
+        n = getattr(comm, "_cupysyncbn_layers", 0) + 1
+        try:
+            comm._cupysyncbn_layers = n
+        except AttributeError:  # pragma: no cover - communicators with __slots__
+            pass
     return n % CALL_MODULUS
 
 
-_LAYER_COUNTS: dict = {}
-
-
-def _group_key(comm: Any) -> Any:
-    # Count per process group, not per wrapper object: two Communicator
-    # objects over the same MPI communicator (init() called again, a raw
-    # mpi4py comm wrapped per layer) must share one sequence.
-    mpi_comm = getattr(comm, "mpi_comm", None)
-    if mpi_comm is not None:
-        try:
-            return ("mpi", mpi_comm.py2f())
-        except Exception:  # pragma: no cover - MPI without Fortran handles
-            pass
-    return ("obj", id(comm))
+_MPI_LAYER_COUNTS: dict = {}
 
 
 def _header(

@@ -124,7 +124,7 @@ for _ in range(3):
 for k, v in ref.state_dict().items():
     errs.append(float(np.abs(cp.asnumpy(lay.state_dict()[k]) - v).max()))
 
-# Watchdog: a collective stuck behind a 3 s kernel trips a 0.5 s timeout.
+# Watchdog: a collective stuck behind a 4 s kernel trips a 0.5 s timeout.
 spin = cp.RawKernel(r'''
 extern "C" __global__ void spin(long long cycles) {
   long long t0 = clock64();
@@ -142,9 +142,13 @@ try:
     short.allreduce_sum(cp.ones(4))
 except CommunicatorError as e:
     tripped = "did not complete" in str(e)
-cp.cuda.Device().synchronize()
 res = {"rank": 0, "errs": errs, "tripped": tripped}
-open("res_0.json", "w").write(json.dumps(res))
+with open("res_0.json", "w") as f:
+    f.write(json.dumps(res))
+# An aborted NCCL communicator may leave the CUDA context unusable (as after
+# PyTorch's watchdog): leave without touching the GPU again.
+MPI.Finalize()
+os._exit(0)
 """
 
 
@@ -188,8 +192,9 @@ for fmt, shape in (("NCHW", (14, 3, 6, 5)), ("NHWC", (14, 6, 5, 3)), ("NC", (14,
                 y_r, y_g = ref(x), lay(cp.asarray(x[lo:hi]))
                 dx_r, dx_g = ref.backward(dy), lay.backward(cp.asarray(dy[lo:hi]))
                 assert isinstance(y_g, cp.ndarray) and y_g.dtype == x.dtype
-                err = max(err, float(np.abs(cp.asnumpy(y_g).astype("f8") - y_r[lo:hi]).max()))
-                err = max(err, float(np.abs(cp.asnumpy(dx_g).astype("f8") - dx_r[lo:hi]).max()))
+                for g, r in ((y_g, y_r), (dx_g, dx_r)):  # initial=0: rank 1 is empty
+                    d = np.abs(cp.asnumpy(g).astype("f8") - r[lo:hi])
+                    err = max(err, float(d.max(initial=0.0)))
             for k, v in ref.state_dict().items():
                 err = max(err, float(np.abs(cp.asnumpy(lay.state_dict()[k]) - v).max()))
             g = cp.asnumpy(lay.weight.grad).astype("f8")
@@ -257,3 +262,109 @@ def test_nccl_timeout_setting(monkeypatch):
     monkeypatch.setenv("CUPYSYNCBN_NCCL_TIMEOUT", "soon")
     with pytest.raises(ValueError, match="CUPYSYNCBN_NCCL_TIMEOUT"):
         _timeout_from_env()
+
+
+FAKE_CUPY = r"""
+# A stand-in for cupy/cupy.cuda.nccl (CPU only): "device" arrays wrap NumPy
+# arrays and the fake NCCL all-reduce sums them over MPI, so the real
+# NCCLCommunicator code (agreement, id broadcast, device choice, split,
+# routing, watchdog, close) runs without a GPU.
+import json, sys, types
+import numpy as np
+from mpi4py import MPI
+
+REG = {}
+class ndarray:
+    def __init__(self, a):
+        self.a = np.ascontiguousarray(a)
+        REG[id(self)] = self
+        self.data = types.SimpleNamespace(ptr=id(self))
+        self.device = types.SimpleNamespace(id=DEV["cur"])
+    dtype = property(lambda s: s.a.dtype)
+    ndim = property(lambda s: s.a.ndim)
+    size = property(lambda s: s.a.size)
+    flags = property(lambda s: s.a.flags)
+
+DEV = {"cur": 0, "count": 2, "events": 0}
+class Device:
+    def __init__(self, i=None): self.id = DEV["cur"] if i is None else i
+    def use(self): DEV["cur"] = self.id
+    def __enter__(self): self.prev = DEV["cur"]; DEV["cur"] = self.id; return self
+    def __exit__(self, *a): DEV["cur"] = self.prev
+    def synchronize(self): pass
+class Event:
+    def __init__(self, block=False, disable_timing=False, interprocess=False): pass
+    def record(self, stream): DEV["events"] += 1
+    done = True
+WORLD = MPI.COMM_WORLD
+class NcclCommunicator:
+    def __init__(self, size, uid, rank):
+        assert isinstance(uid, bytes) and len(uid) == 128
+        ids = WORLD.allgather(uid)
+        assert all(i == ids[0] for i in ids), "ranks got different NCCL ids"
+        self.size, self.rank, self.uid = size, rank, uid
+        self.destroyed = self.aborted = False
+    def allReduce(self, send, recv, count, dtype, op, stream):
+        assert send == recv and dtype == 8 and op == 0 and stream == 0
+        arr = REG[send].a
+        assert arr.size == count
+        self.group.Allreduce(MPI.IN_PLACE, arr, op=MPI.SUM)
+    def check_async_error(self): pass
+    def destroy(self): self.destroyed = True
+    def abort(self): self.aborted = True
+nccl = types.ModuleType("cupy.cuda.nccl")
+nccl.available, nccl.NCCL_FLOAT64, nccl.NCCL_SUM = True, 8, 0
+nccl.NcclCommunicator = NcclCommunicator
+nccl.get_unique_id = lambda: bytes(range(128))
+runtime = types.SimpleNamespace(getDeviceCount=lambda: DEV["count"], setDevice=lambda i: None)
+cuda = types.ModuleType("cupy.cuda")
+cuda.nccl, cuda.runtime, cuda.Device, cuda.Event = nccl, runtime, Device, Event
+cuda.get_current_stream = lambda: types.SimpleNamespace(ptr=0)
+cupy = types.ModuleType("cupy")
+cupy.cuda, cupy.ndarray = cuda, ndarray
+sys.modules.update({"cupy": cupy, "cupy.cuda": cuda, "cupy.cuda.nccl": nccl})
+
+from cupysyncbn.comm.nccl import NCCLCommunicator
+rank = WORLD.Get_rank()
+comm = NCCLCommunicator(WORLD, timeout=5)
+comm._nccl.group = WORLD
+out = {"rank": rank, "device": comm.device_id, "cur": DEV["cur"], "backend": comm.backend}
+buf = ndarray(np.arange(4.0) + rank)
+comm.allreduce_sum(buf)
+out["sum"] = buf.a.tolist()
+host = np.full(2, rank + 1.0)
+comm.allreduce_sum(host)
+out["host"] = host.tolist()
+sub = comm.split(rank % 2)
+sub._nccl.group = WORLD.Split(rank % 2, rank)
+b2 = ndarray(np.ones(3))
+sub.allreduce_sum(b2)
+out["sub"] = [sub.size, b2.a.tolist()]
+errs = []
+for bad in (ndarray(np.ones(3, np.float32)), ndarray(np.ones((2, 2)))):
+    try:
+        comm.allreduce_sum(bad)
+    except TypeError:
+        errs.append("type")
+out["errs"] = errs
+out["events"] = DEV["events"]
+comm.close()
+out["destroyed"] = comm._nccl.destroyed
+with open(f"res_{rank}.json", "w") as f:
+    f.write(json.dumps(out))
+"""
+
+
+@pytest.mark.mpi
+def test_nccl_communicator_logic_with_fake_cupy(tmp_path):
+    # 2 ranks, 2 "GPUs": device by node-local rank, one id for all, sums right.
+    run_mpi(FAKE_CUPY, 2, timeout=120, tmp_path=tmp_path)
+    res = _results(tmp_path)
+    assert [r["device"] for r in res] == [0, 1] and [r["cur"] for r in res] == [0, 1]
+    for r in res:
+        assert r["backend"] == "nccl"
+        assert r["sum"] == [1.0, 3.0, 5.0, 7.0] and r["host"] == [3.0, 3.0]
+        assert r["sub"] == [1, [1.0, 1.0, 1.0]]
+        assert r["errs"] == ["type", "type"]
+        assert r["events"] == 2  # one watchdog event per device all-reduce
+        assert r["destroyed"]

@@ -231,8 +231,10 @@ def test_gpu_large_tensor_against_float64_reference():
     free, _ = cp.cuda.runtime.memGetInfo()
     # float16 x, y and dx (3 x 2 bytes per element) plus float64 slices.
     big = (1 << 31) + (1 << 21)
-    total = big if free > 3 * 2 * big + (4 << 30) else (1 << 28)
-    c, s = 4, 1 << 16
+    _check_large(big if free > 3 * 2 * big + (4 << 30) else (1 << 28))
+
+
+def _check_large(total, c=4, s=1 << 16):
     n = total // (c * s)
     shape = (n, c, s)
     x = cp.empty(shape, dtype=cp.float16)

@@ -19,12 +19,15 @@ Accuracy choices (why the code looks the way it does):
   ``mean = c + sum(d)/n``, ``M2 = sum(d*d) - sum(d)**2/n``; the pieces are
   merged in float64 with Chan's formula. So M2 is always a centered sum,
   never ``E[x²] - E[x]²``, and the rounding of ``c`` costs nothing.
-* Compute-dtype sums never run over more than :data:`MAX_DOT` contiguous
-  values (channel-first rows; longer rows are split) or :data:`ROW_BLOCK`
+* Compute-dtype sums (BLAS, several SIMD lanes) never run over more than
+  :data:`MAX_DOT` contiguous values (channel-first rows; longer rows are
+  split at a divisor of their length when they have one) or :data:`ROW_BLOCK`
   rows (channel-last); everything above that is accumulated in float64.
-  float16 inputs are summed with NumPy's pairwise float32 reduction.
+  float16 inputs are converted to float32 once per chunk (NumPy's float16
+  conversion, not the arithmetic, dominates their cost).
 * ``(x - mean) * scale + bias`` subtracts first, so a large mean never
-  cancels after scaling.
+  cancels after scaling. Channel-first passes fold the additive constant into
+  the subtracted center (see :func:`_fold`), with the same error bound.
 """
 
 from __future__ import annotations
@@ -137,11 +140,9 @@ class _Vecs:
         return v[: r1 - r0] if self.cl else v[r0:r1]
 
 
-def _sum_rows(a: np.ndarray, ones: np.ndarray, blas: bool, out: np.ndarray) -> np.ndarray:
+def _sum_rows(a: np.ndarray, ones: np.ndarray, out: np.ndarray) -> np.ndarray:
     """Channel-first: per-row sums of a ``(k, S)`` chunk into ``out`` (compute dtype)."""
     k, width = a.shape
-    if not blas:
-        return np.add.reduce(a, axis=1, dtype=out.dtype, out=out)
     b = _split(width)
     if b == width:
         return np.matmul(a, ones[:b], out=out)
@@ -149,12 +150,9 @@ def _sum_rows(a: np.ndarray, ones: np.ndarray, blas: bool, out: np.ndarray) -> n
     return np.add.reduce(part.reshape(k, width // b), axis=1, out=out)
 
 
-def _dot_rows(a: np.ndarray, d: np.ndarray, blas: bool, out: np.ndarray) -> np.ndarray:
-    """Channel-first: ``sum(a * d)`` of each row, into ``out`` (``a`` may be overwritten)."""
+def _dot_rows(a: np.ndarray, d: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """Channel-first: ``sum(a * d)`` of each row of a ``(k, S)`` chunk, into ``out``."""
     k, width = a.shape
-    if not blas:
-        np.multiply(a, d, out=a, dtype=a.dtype)
-        return np.add.reduce(a, axis=1, out=out)
     b = _split(width)
     if b == width:
         return np.vecdot(a, d, out=out)
@@ -162,29 +160,29 @@ def _dot_rows(a: np.ndarray, d: np.ndarray, blas: bool, out: np.ndarray) -> np.n
     return np.add.reduce(part.reshape(k, width // b), axis=1, out=out)
 
 
-def _sum_cols(a: np.ndarray, ones: np.ndarray, blas: bool) -> np.ndarray:
+def _sum_cols(a: np.ndarray, ones: np.ndarray) -> np.ndarray:
     """Channel-last: float64 per-column sum of a ``(k, C)`` chunk (k <= ROW_BLOCK)."""
-    if not blas:
-        return np.add.reduce(a, axis=0, dtype=_F64)
     return (ones[: a.shape[0]] @ a).astype(_F64)
 
 
-def _fold(center: np.ndarray, num: np.ndarray, den: np.ndarray) -> np.ndarray | None:
-    """``center - num/den`` in the compute dtype, or None if ``den`` has a zero.
+def _fold(center: np.ndarray, num: np.ndarray, den: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``center - num/den`` in the compute dtype, and the channels where it is unusable.
 
     Channel-first passes broadcast per-row values, NumPy's slow path, so the
     constant term of ``(x - c) * s + k`` is folded into the subtraction:
     ``(x - (c - k/s)) * s``. Still subtract-first, and the rounding of the
     folded center costs ``eps * (|c*s| + |k|)`` absolute, the same order as
-    rounding ``c`` and adding ``k`` separately (even for tiny ``s``).
+    rounding ``c`` and adding ``k`` separately (even for tiny ``s``). Channels
+    with ``s == 0`` or a non-finite result are returned separately and redone
+    with the plain formula, so each channel's result depends on that channel
+    only.
     """
     d = den.astype(_F64)
-    if not np.all(d != 0):
-        return None
     with np.errstate(all="ignore"):
-        c = center.astype(_F64) - num.astype(_F64) / d
-        out = c.astype(center.dtype)
-    return out if np.all(np.isfinite(out)) else None
+        out = (center.astype(_F64) - num.astype(_F64) / d).astype(center.dtype)
+    bad = (d == 0) | ~np.isfinite(out)
+    out[bad] = center[bad]
+    return out, np.flatnonzero(bad)
 
 
 class NumpyBackend:
@@ -219,7 +217,7 @@ class NumpyBackend:
         x2 = _rows(x, channel_last)
         rows, width = x2.shape
         step = _step(rows, width, cdt.itemsize, channel_last)
-        blas = x.dtype == cdt  # BLAS sums need the compute dtype (not float16 input)
+        same = x.dtype == cdt
         ones = _SCRATCH.ones(cdt, max(step, width))
         if channel_last:
             nck = -(-rows // step)
@@ -228,14 +226,17 @@ class NumpyBackend:
             for i, (r0, r1) in enumerate(_chunks(rows, step)):
                 xc = x2[r0:r1]
                 t = _SCRATCH.get(0, cdt, xc.size).reshape(xc.shape)
+                if not same:
+                    np.copyto(t, xc)  # float16 input: convert once, then work in place
+                    xc = t
                 n = r1 - r0
                 cnt[i] = n
-                c = (_sum_cols(xc, ones, blas) / n).astype(cdt)
+                c = (_sum_cols(xc, ones) / n).astype(cdt)
                 c0[i] = c
                 np.subtract(xc, c, out=t, dtype=cdt)
-                s1[i] = _sum_cols(t, ones, True)
+                s1[i] = _sum_cols(t, ones)
                 np.multiply(t, t, out=t)
-                q[i] = _sum_cols(t, ones, True)
+                q[i] = _sum_cols(t, ones)
             w = cnt
         else:
             # one piece per (n, c) row of S values; per-row results written in place
@@ -243,12 +244,15 @@ class NumpyBackend:
             for r0, r1 in _chunks(rows, step):
                 xc = x2[r0:r1]
                 t = _SCRATCH.get(0, cdt, xc.size).reshape(xc.shape)
+                if not same:
+                    np.copyto(t, xc)  # float16 input: convert once, then work in place
+                    xc = t
                 c = c0[r0:r1]
-                _sum_rows(xc, ones, blas, out=c)
+                _sum_rows(xc, ones, out=c)
                 np.multiply(c, cdt.type(1.0 / width), out=c)
                 np.subtract(xc, c[:, None], out=t, dtype=cdt)
-                _sum_rows(t, ones, True, out=s1[r0:r1])
-                _dot_rows(t, t, True, out=q[r0:r1])
+                _sum_rows(t, ones, out=s1[r0:r1])
+                _dot_rows(t, t, out=q[r0:r1])
             shape = (x.shape[0], x.shape[1])
             c0, s1, q = (v.astype(_F64).reshape(shape) for v in (c0, s1, q))
             w = np.float64(width)
@@ -277,15 +281,20 @@ class NumpyBackend:
         x2, y2 = _rows(x, channel_last), _rows(y, channel_last)
         step = _step(*x2.shape, cdt.itemsize, channel_last)
         vec = _Vecs(x.shape[0], step, channel_last, cdt)
-        folded = None if channel_last else _fold(mean, bias, scale)
-        if folded is not None:
+        if not channel_last:
             # (x - (mean - bias/scale)) * scale: two broadcast passes instead of three
+            folded, redo = _fold(mean, bias, scale)
             m, s = vec(folded), vec(scale)
             for r0, r1 in _chunks(x2.shape[0], step):
                 xc, yc = x2[r0:r1], y2[r0:r1]
                 t = _SCRATCH.get(0, cdt, xc.size).reshape(xc.shape) if yc.dtype != cdt else yc
                 np.subtract(xc, m[r0:r1], out=t, dtype=cdt)
                 np.multiply(t, s[r0:r1], out=yc)
+            for c in redo:
+                t = np.subtract(x[:, c], mean[c], dtype=cdt)
+                t *= scale[c]
+                t += bias[c]
+                y[:, c] = t
             return y
         m, s, b = vec(mean), vec(scale), vec(bias)
         direct = out_dtype == cdt
@@ -312,7 +321,7 @@ class NumpyBackend:
         step = _step(rows, width, cdt.itemsize, channel_last)
         vec = _Vecs(x.shape[0], step, channel_last, cdt)
         m = vec(mean)
-        blas = dy.dtype == cdt
+        same = dy.dtype == cdt
         ones = _SCRATCH.ones(cdt, max(step, width))
         if channel_last:
             nck = -(-rows // step)
@@ -322,14 +331,19 @@ class NumpyBackend:
         for i, (r0, r1) in enumerate(_chunks(rows, step)):
             xc, dc = x2[r0:r1], d2[r0:r1]
             t = _SCRATCH.get(0, cdt, xc.size).reshape(xc.shape)
+            if not same:
+                # float16 dy: convert it once; BLAS sums and dots in the compute dtype
+                dcf = _SCRATCH.get(2, cdt, dc.size).reshape(dc.shape)
+                np.copyto(dcf, dc)
+                dc = dcf
             np.subtract(xc, vec.at(m, r0, r1), out=t, dtype=cdt)
             if channel_last:
-                s_dy[i] = _sum_cols(dc, ones, blas)
-                np.multiply(t, dc, out=t, dtype=cdt)
-                s_dxm[i] = _sum_cols(t, ones, True)
+                s_dy[i] = _sum_cols(dc, ones)
+                np.multiply(t, dc, out=t)
+                s_dxm[i] = _sum_cols(t, ones)
             else:
-                _sum_rows(dc, ones, blas, out=s_dy[r0:r1])
-                _dot_rows(t, dc, blas, out=s_dxm[r0:r1])
+                _sum_rows(dc, ones, out=s_dy[r0:r1])
+                _dot_rows(t, dc, out=s_dxm[r0:r1])
         if channel_last:
             sum_dy, sum_dxm = s_dy.sum(axis=0), s_dxm.sum(axis=0)
         else:
@@ -356,9 +370,9 @@ class NumpyBackend:
         x2, d2, o2 = _rows(x, channel_last), _rows(dy, channel_last), _rows(dx, channel_last)
         step = _step(*x2.shape, cdt.itemsize, channel_last)
         vec = _Vecs(x.shape[0], step, channel_last, cdt)
-        folded = None if channel_last else _fold(mean, a.astype(_F64) * mean_dy, b)
-        if folded is not None:
+        if not channel_last:
             # a*dy - b*(x - (mean - a*mean_dy/b)): three broadcast passes instead of four
+            folded, redo = _fold(mean, a.astype(_F64) * mean_dy, b)
             m, av, bv = vec(folded), vec(a), vec(b)
             for r0, r1 in _chunks(x2.shape[0], step):
                 xc, dc, oc = x2[r0:r1], d2[r0:r1], o2[r0:r1]
@@ -368,6 +382,11 @@ class NumpyBackend:
                 np.subtract(xc, m[r0:r1], out=u, dtype=cdt)
                 np.multiply(u, bv[r0:r1], out=u)
                 np.subtract(t, u, out=oc)
+            for c in redo:
+                t = np.subtract(dy[:, c], mean_dy[c], dtype=cdt)
+                t *= a[c]
+                t -= np.subtract(x[:, c], mean[c], dtype=cdt) * b[c]
+                dx[:, c] = t
             return dx
         m, av, mdy, bv = vec(mean), vec(a), vec(mean_dy), vec(b)
         direct = out_dtype == cdt

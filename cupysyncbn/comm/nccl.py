@@ -221,8 +221,15 @@ class NCCLCommunicator(Communicator):
             from cupy.cuda import nccl
 
             self._nccl_mod = nccl
-            uid = nccl.get_unique_id() if self.rank == 0 else None
-            uid = boot.bcast(uid, root=0)
+            msg: Any = None
+            if self.rank == 0:
+                try:
+                    msg = ("id", nccl.get_unique_id())
+                except Exception as e:  # tell the peers instead of leaving them waiting
+                    msg = ("error", f"ncclGetUniqueId failed on rank 0: {e}")
+            kind, uid = boot.bcast(msg, root=0)
+            if kind == "error":
+                raise CommunicatorError(f"backend 'nccl' unavailable: {uid}")
             with self._cupy.cuda.Device(self.device_id):
                 self._nccl = _make_nccl_comm(nccl, self.size, uid, self.rank)
         finally:
@@ -249,12 +256,15 @@ class NCCLCommunicator(Communicator):
         if ndev == 0:
             node_local_rank(boot)
             return err
-        if device is None:
-            self.device_id, local_size = select_device(boot)
-        else:
-            _, local_size = node_local_rank(boot)
-            self.device_id = int(device)
-            cupy.cuda.Device(self.device_id).use()
+        try:  # the node split (collective) comes first in both branches
+            if device is None:
+                self.device_id, local_size = select_device(boot)
+            else:
+                _, local_size = node_local_rank(boot)
+                self.device_id = int(device)
+                cupy.cuda.Device(self.device_id).use()
+        except Exception as e:  # e.g. device out of range: report, do not hang the peers
+            return f"cannot use GPU {device if device is not None else ''} ({e})"
         if not getattr(nccl, "available", False):
             return 'the NCCL library is not loadable (pip install "nvidia-nccl-cu12>=2.18")'
         if device is None and local_size > ndev:
