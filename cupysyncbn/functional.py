@@ -498,10 +498,10 @@ def _global_stats(
     var = xp.maximum((q - s * s / total) / total, 0.0)
     if state is not None:
         # A NaN/Inf mean (non-finite input) must not become the next steps'
-        # shift, or one bad batch would poison the channel forever: fall back
-        # to the exact two-pass path. ``mean`` is identical on every rank, so
-        # every rank takes the same path.
-        state.shift = mean if bool(xp.isfinite(mean).all()) else None
+        # shift, or one bad batch would poison the channel forever. The merge
+        # is exact for any shift, so such channels shift by 0 instead; done on
+        # the device, without a host read. ``mean`` is identical on every rank.
+        state.shift = xp.where(xp.isfinite(mean), mean, 0.0)
     return total, mean, var
 
 

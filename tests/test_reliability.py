@@ -107,13 +107,15 @@ bn = sbn.SyncBatchNorm(C)
 y = bn(x_good())  # steady state from now on: one all-reduce per pass
 op = (lambda: bn.backward(np.ones_like(y))) if rank == BAD else (lambda: bn(x_good()))
 expect("fwd-vs-bwd", op, everyone=(CollectiveMismatchError, "backward on 1"))
-# ... and where the forward runs its two-pass path (mean pass first): after a
-# NaN batch the shift is dropped, so the next forward starts with a mean pass
+# ... and where the forward runs its two-pass path (mean pass first): a NaN
+# batch must leave a finite shift; then the shift is dropped on every rank so
+# the next forward starts with a mean pass
 bn = sbn.SyncBatchNorm(C)
 xn = x_good(n=0 if rank == 2 else 3)
 xn[:, 0] = np.nan
 y = bn(xn)
-assert bn._sync_state.shift is None
+assert np.isfinite(bn._sync_state.shift).all()
+bn._sync_state.shift = None
 op = (lambda: bn.backward(np.ones_like(y))) if rank == BAD else (lambda: bn(x_good()))
 expect("fwd-mean-pass-vs-bwd", op, everyone=(CollectiveMismatchError, "backward on 1"))
 
