@@ -39,6 +39,7 @@ import numpy as np
 from . import _demo_model as dm
 from .comm import init
 from .comm.base import Communicator
+from .fault import install_abort_hook
 from .grads import allreduce_gradients
 from .norm import BatchNorm1D, BatchNorm2D, SyncBatchNorm
 
@@ -344,6 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the demo (see the module docstring); returns the exit status."""
     args = _parse_args(argv)
     xp, comm, where = _setup(args.device)
+    install_abort_hook(comm)  # uncaught errors in any thread end the whole job
     try:
         t0 = time.perf_counter()
         runs = _build_runs(args, comm, xp is not np)

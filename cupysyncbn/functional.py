@@ -151,8 +151,9 @@ class ForwardResult:
 
 def _num_features(x: Any, fmt: DataFormat, *vectors: Any) -> int | None:
     for v in vectors:
-        if v is not None:
-            return int(v.shape[0])
+        shape = getattr(v, "shape", None)
+        if shape:  # non-arrays are reported by _check_vectors, naming them
+            return int(shape[0])
     return None
 
 

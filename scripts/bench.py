@@ -246,6 +246,7 @@ def run_worker(spec: dict) -> list[dict] | None:
     else:
         xp = np
     comm = sbn.init("auto" if gpu else ("mpi" if spec["k"] > 1 else "none"))
+    sbn.install_abort_hook(comm)  # a failing rank ends the job, never a hang
     mpi = None
     if comm.size > 1:
         from mpi4py import MPI
