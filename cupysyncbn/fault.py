@@ -85,6 +85,9 @@ def abort_job(comm: Any = None, errorcode: int = 1, message: str | None = None) 
             stream.flush()
         except Exception:  # pragma: no cover - closed streams
             pass
+    # Give the process manager a moment to forward what was just written:
+    # Hydra drops output still in flight when MPI_Abort tears the job down.
+    time.sleep(0.25)
     if comm is not None:
         try:
             comm.abort(errorcode)
