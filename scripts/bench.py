@@ -6,6 +6,7 @@ Usage::
     python scripts/bench.py                 # full table, 1/2/4 ranks (launches mpiexec itself)
     python scripts/bench.py --smoke         # CI-sized: one tiny shape, 1 and 2 ranks
     python scripts/bench.py --shapes 32x64x56x56 --formats NCHW --dtypes float32 --ranks 2
+    python scripts/bench.py ... --cpu-backend numpy,numba   # both CPU backends, same run
 
 For every row (global batch shape, data format, dtype, ranks K; each rank holds
 N/K samples) it reports the median over repeated runs (after warm-up) of
@@ -22,6 +23,11 @@ forward, backward and forward+backward, the slowest rank of each run counting:
   below 1 means faster than PyTorch;
 * collectives and bytes sent per rank per training step (forward+backward),
   counted by wrapping the communicator.
+
+``--cpu-backend numpy,numba`` times each listed CPU backend in turn (it sets
+``CUPYSYNCBN_CPU_BACKEND`` for the worker ranks; the table then gets a
+``backend`` column naming the class that actually ran, and both share the
+same PyTorch baseline).
 
 Writes ``OUT/bench.json`` and ``OUT/bench.md`` (default OUT=bench_out) and
 prints the markdown table.
@@ -78,6 +84,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch baselines")
     p.add_argument("--copy-mib", type=int, default=None,
                    help="array size for the copy-bandwidth probe (default 256, smoke 8)")
+    p.add_argument("--cpu-backend", default="numpy",
+                   help="comma-separated CPU backends to time: numpy, numba"
+                   " (sets CUPYSYNCBN_CPU_BACKEND for the ranks)")
     p.add_argument("--out", type=Path, default=Path("bench_out"))
     # internal: one worker job under mpiexec
     p.add_argument("--worker", type=Path, default=None, help=argparse.SUPPRESS)
@@ -217,6 +226,9 @@ def measure_row(sbn, xp, gpu, timer, counting, rng, shape, fmt, dt) -> dict:
     x = xp.asarray(rng.standard_normal(ls, dtype=np.float32) + 1.0).astype(dt)
     dy = xp.asarray(rng.standard_normal(ls, dtype=np.float32)).astype(dt)
     bn = sbn.SyncBatchNorm(shape[1], data_format=fmt, comm=counting)
+    from cupysyncbn.backends import get_backend
+
+    impl = type(get_backend(x)).__name__  # what actually runs (numba may be missing)
     if gpu:
         bn.to("cuda")
     t_f = timer(lambda: bn(x))
@@ -229,7 +241,7 @@ def measure_row(sbn, xp, gpu, timer, counting, rng, shape, fmt, dt) -> dict:
     xbytes = counting.size * x.nbytes  # the whole global batch
     return {
         "shape": list(shape), "format": fmt, "dtype": dt, "ranks": counting.size,
-        "local_shape": list(ls),
+        "local_shape": list(ls), "backend": impl,
         "fwd_s": t_f, "bwd_s": t_b, "fwdbwd_s": t_fb,
         "fwd_bytes": 3 * xbytes, "bwd_bytes": 5 * xbytes,
         "collectives_per_step": counting.calls, "comm_bytes_per_step": counting.bytes,
@@ -341,7 +353,7 @@ def torch_baselines(shape, fmt, dt, threads, gpu, timer_args) -> dict:
 
 
 # ------------------------------------------------------------------------- driver
-def launch(spec: dict, k: int, timeout: float) -> list[dict]:
+def launch(spec: dict, k: int, timeout: float, cpu_backend: str = "numpy") -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "spec.json"
         path.write_text(json.dumps({**spec, "k": k}))
@@ -349,6 +361,7 @@ def launch(spec: dict, k: int, timeout: float) -> list[dict]:
         for var in THREAD_VARS:
             env[var] = "1"  # one thread per rank: K ranks use K cores
         env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+        env["CUPYSYNCBN_CPU_BACKEND"] = cpu_backend
         if k == 1 and not spec["gpu"]:
             cmd = [sys.executable, __file__, "--worker", str(path)]
         else:
@@ -380,8 +393,9 @@ def finish_row(r: dict) -> dict:
 
 def markdown(rows: list[dict], meta: dict) -> str:
     gpu = meta["gpu"]
-    head = ["shape (global)", "fmt", "dtype", "K", "fwd ms", "bwd ms", "f+b ms", "f+b GB/s",
-            "vs copy", "x bound"]
+    show_backend = meta.get("cpu_backends", ["numpy"]) != ["numpy"]
+    head = ["shape (global)", "fmt", "dtype", "K"] + (["backend"] if show_backend else [])
+    head += ["fwd ms", "bwd ms", "f+b ms", "f+b GB/s", "vs copy", "x bound"]
     head += ["vs torch f/b/f+b"] + (["vs torch Sync f+b"] if gpu else [])
     head += ["coll/step", "bytes/step"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -390,6 +404,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
               if "fwdbwd_vs_torch" in r else "n/a")
         cells = [
             "x".join(map(str, r["shape"])), r["format"], r["dtype"], str(r["ranks"]),
+        ] + ([r.get("backend", "?")] if show_backend else []) + [
             f"{r['fwd_s'] * 1e3:.2f}", f"{r['bwd_s'] * 1e3:.2f}", f"{r['fwdbwd_s'] * 1e3:.2f}",
             f"{r['fwdbwd_bw'] / 1e9:.1f}", f"{r['fwdbwd_vs_copy']:.2f}",
             f"{r['fwdbwd_x_bound']:.2f}", vt,
@@ -436,13 +451,18 @@ def main(argv: list[str] | None = None) -> int:
     for f in spec["formats"]:
         if f not in ("NCHW", "NHWC"):
             raise SystemExit(f"--formats: NCHW or NHWC, got {f!r}")
+    backends = ["numpy"] if gpu else [b.strip().lower() for b in a.cpu_backend.split(",")]
+    for b in backends:
+        if b not in ("numpy", "numba"):
+            raise SystemExit(f"--cpu-backend: numpy or numba, got {b!r}")
     rows = []
-    for k in ranks:
-        t0 = time.perf_counter()
-        got = launch(spec, k, timeout=3600)
-        print(f"[bench] {k} rank(s): {len(got)} rows in {time.perf_counter() - t0:.1f}s",
-              file=sys.stderr, flush=True)
-        rows += got
+    for b in backends:
+        for k in ranks:
+            t0 = time.perf_counter()
+            got = launch(spec, k, timeout=3600, cpu_backend=b)
+            print(f"[bench] {b}, {k} rank(s): {len(got)} rows in"
+                  f" {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
+            rows += got
     if not a.no_torch:
         cache = {}
         for r in rows:
@@ -478,7 +498,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "command": "python scripts/bench.py "
         + " ".join(argv if argv is not None else sys.argv[1:]),
-        "reps": a.reps, "warmup": a.warmup, "smoke": a.smoke,
+        "reps": a.reps, "warmup": a.warmup, "smoke": a.smoke, "cpu_backends": backends,
     }
     md = markdown(rows, meta)
     a.out.mkdir(parents=True, exist_ok=True)

@@ -185,6 +185,20 @@ def _fold(center: np.ndarray, num: np.ndarray, den: np.ndarray) -> tuple[np.ndar
     return out, np.flatnonzero(bad)
 
 
+def chan_merge(
+    means: np.ndarray, m2s: np.ndarray, counts: Any, total: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Chan's merge of per-piece ``(mean, M2)`` rows (float64) into one per channel.
+
+    ``means``/``m2s`` have one row per piece; ``counts`` broadcasts against
+    them (elements per piece) and sums to ``total``.
+    """
+    mean = (means * counts).sum(axis=0) / total
+    dm = means - mean
+    m2 = m2s.sum(axis=0) + (dm * dm * counts).sum(axis=0)
+    return mean, np.maximum(m2, 0.0)
+
+
 class NumpyBackend:
     """Batch-norm primitives on NumPy arrays (see :mod:`.base`)."""
 
@@ -259,11 +273,7 @@ class NumpyBackend:
         # float64 from here: each piece's mean and M2, then Chan's merge
         m = c0 + s1 / w
         q = q - s1 * s1 / w
-        total = float(x.size // x.shape[1])
-        mean = (m * w).sum(axis=0) / total
-        dm = m - mean
-        m2 = q.sum(axis=0) + (dm * dm * w).sum(axis=0)
-        return mean, np.maximum(m2, 0.0)
+        return chan_merge(m, q, w, float(x.size // x.shape[1]))
 
     def normalize(
         self,

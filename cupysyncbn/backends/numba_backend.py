@@ -1,0 +1,543 @@
+"""Fused CPU backend: the batch-norm primitives as numba-compiled loops (opt-in).
+
+Selected with ``CUPYSYNCBN_CPU_BACKEND=numba`` (see :func:`cupysyncbn.backends.get_backend`);
+needs the ``fast`` extra (``pip install cupysyncbn[fast]``, i.e. numba). The
+NumPy backend stays the default.
+
+Why: batch norm is memory-bound, and NumPy needs several passes per formula
+(:mod:`.numpy_backend` explains the costs). Here every primitive is one loop
+over the data: ``normalize`` reads x and writes y once, ``backward_reduce``
+reads x and dy once, ``backward_elemt`` reads both and writes dx once, and
+``moments`` reads x once from memory (its second pass runs on a piece that is
+still in cache). The kernels are single-threaded (one MPI rank is one
+process), compiled with ``cache=True`` and without ``fastmath`` (IEEE
+semantics, no reassociation), and release the GIL.
+
+Accuracy (same contract as the NumPy backend, never worse):
+
+* ``moments``: corrected two-pass per piece in float64 (a channel-first row
+  piece of at most :data:`PIECE` values, or a channel-last block of rows that
+  fits in cache): ``c = sum(x)/k``, ``d = x - c``, ``mean = c + sum(d)/k``,
+  ``M2 = sum(d*d) - sum(d)**2/k``; pieces merged per channel with Chan's
+  formula in float64. Never ``E[x²] - E[x]²``.
+* Every reduction accumulates in float64 (the NumPy backend sums up to 4096
+  values in the compute dtype first). Channel-first rows are summed in
+  :data:`LANES` independent float64 lanes and channel-last rows regrouped
+  into long rows (:data:`WIDE`): loops the compiler vectorizes without
+  reassociating any sum.
+* Elementwise formulas run in the compute dtype in the same order as the
+  NumPy backend's channel-last path: ``(x - mean) * scale + bias`` and
+  ``a * (dy - mean_dy) - b * (x - mean)``, subtracting first.
+* float16 arrays are passed as ``uint16`` views (numba has no CPU float16)
+  and converted per element: with F16C by LLVM's ``fpext``/``fptrunc``
+  (vectorized, round to nearest even), otherwise through a 65536-entry
+  float32 table (exact) and integer round-to-nearest-even (NumPy's rules).
+  A float64 result for a float16 output (a float64 layer) is rounded
+  through float32 (differs from a direct rounding only on exact ties).
+
+Inputs other than float16/float32/float64 (bfloat16) go to the NumPy backend.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import llvmlite.binding as llb
+import numpy as np
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic, overload
+
+from .numpy_backend import NumpyBackend, chan_merge
+
+__all__ = ["NumbaBackend", "BACKEND", "PIECE"]
+
+_F64 = np.dtype(np.float64)
+_NATIVE = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+
+#: Channel-first moments: longest run of a row handled by one two-pass (its
+#: second pass must hit cache: 4096 float64 values = 32 KiB).
+PIECE = 4096
+#: Channel-last moments: values per row block (about 256 KiB of float32).
+BLOCK_VALUES = 1 << 16
+#: Channel-last: ``R = WIDE // C`` rows are regrouped into one "wide" row of
+#: ``R*C`` values (per-channel vectors tiled R times), so every kernel's inner
+#: loop is long and vectorized; rows left over are a second, short call.
+WIDE = 256
+#: Independent float64 accumulators per channel-first row sum (a runtime-length
+#: loop over them is what the compiler vectorizes best).
+LANES = 64
+
+#: float16 bit pattern -> float32 value, exact for all 65536 patterns (NaNs too).
+_F16_TABLE = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(
+    np.float32
+)
+_NO_TABLE = np.zeros(1, dtype=np.float32)
+
+_JIT = {"cache": True, "fastmath": False, "nogil": True}
+
+#: float16 <-> float32 as LLVM ``fpext``/``fptrunc`` (vectorized F16C
+#: instructions) when the CPU has F16C; otherwise the portable table and
+#: integer rounding below (no runtime library call needed).
+_HW_F16 = bool(llb.get_host_cpu_features().get("f16c", False))
+
+
+# ------------------------------------------------------------ element load/store
+def _ld(a: Any, i: Any, tab: Any) -> Any:  # pragma: no cover - replaced by the overload
+    """Element ``i`` of a 1-D array as a float (float16 bits through ``tab``)."""
+    raise NotImplementedError
+
+
+@intrinsic
+def _h2f(typingctx, h):  # noqa: ANN001, ANN202 - numba typing hook
+    """float16 bits (uint16) -> float32, exact (LLVM ``fpext``)."""
+    sig = types.float32(types.uint16)
+
+    def codegen(context, builder, signature, args):  # noqa: ANN001, ANN202
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+
+    return sig, codegen
+
+
+@intrinsic
+def _f2h(typingctx, v):  # noqa: ANN001, ANN202 - numba typing hook
+    """float32 -> float16 bits, round to nearest even (LLVM ``fptrunc``)."""
+    sig = types.uint16(types.float32)
+
+    def codegen(context, builder, signature, args):  # noqa: ANN001, ANN202
+        return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
+
+    return sig, codegen
+
+
+@overload(_ld, inline="always")
+def _ld_impl(a, i, tab):  # noqa: ANN001, ANN202 - numba typing hook
+    if a.dtype == types.uint16:
+        if _HW_F16:
+            return lambda a, i, tab: _h2f(a[i])
+        return lambda a, i, tab: tab[a[i]]
+    return lambda a, i, tab: a[i]
+
+
+@intrinsic
+def _f32_bits(typingctx, v):  # noqa: ANN001, ANN202 - numba typing hook
+    """Bit pattern of a float32 as uint32 (an LLVM bitcast)."""
+    sig = types.uint32(types.float32)
+
+    def codegen(context, builder, signature, args):  # noqa: ANN001, ANN202
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return sig, codegen
+
+
+@njit(inline="always", **_JIT)
+def _half_bits(v):  # noqa: ANN001, ANN202
+    """float32 -> float16 bit pattern, round to nearest even (NumPy's rules)."""
+    u = _f32_bits(np.float32(v))
+    sign = np.uint32((u >> np.uint32(16)) & np.uint32(0x8000))
+    a = u & np.uint32(0x7FFFFFFF)
+    if a >= np.uint32(0x7F800000):  # inf or nan
+        sig = a & np.uint32(0x7FFFFF)
+        if sig == 0:
+            return np.uint16(sign | np.uint32(0x7C00))
+        r = np.uint32(0x7C00) + (sig >> np.uint32(13))
+        if r == np.uint32(0x7C00):
+            r += np.uint32(1)  # keep it a NaN
+        return np.uint16(sign | r)
+    if a >= np.uint32(0x477FF000):  # rounds to a value above 65504: inf
+        return np.uint16(sign | np.uint32(0x7C00))
+    if a >= np.uint32(0x38800000):  # normal half
+        a = a + np.uint32(0xC8000FFF) + ((a >> np.uint32(13)) & np.uint32(1))
+        return np.uint16(sign | ((a >> np.uint32(13)) & np.uint32(0x7FFF)))
+    e = a >> np.uint32(23)
+    if e < np.uint32(102):  # below half the smallest subnormal (or exactly 0)
+        return np.uint16(sign)
+    mant = (a & np.uint32(0x7FFFFF)) | np.uint32(0x800000)
+    shift = np.uint32(126) - e  # 14..24
+    q = mant >> shift
+    rem = mant & ((np.uint32(1) << shift) - np.uint32(1))
+    half = np.uint32(1) << (shift - np.uint32(1))
+    if rem > half or (rem == half and (q & np.uint32(1)) != 0):
+        q += np.uint32(1)
+    return np.uint16(sign | q)
+
+
+def _st(o: Any, i: Any, v: Any) -> None:  # pragma: no cover - replaced by the overload
+    """Store ``v`` into element ``i`` of a 1-D output (float16 as bits)."""
+    raise NotImplementedError
+
+
+@overload(_st, inline="always")
+def _st_impl(o, i, v):  # noqa: ANN001, ANN202 - numba typing hook
+    if o.dtype == types.uint16:
+        if _HW_F16:
+
+            def st16(o, i, v):  # noqa: ANN001, ANN202
+                o[i] = _f2h(np.float32(v))
+
+            return st16
+
+        def st16_portable(o, i, v):  # noqa: ANN001, ANN202
+            o[i] = _half_bits(v)
+
+        return st16_portable
+
+    def st(o, i, v):  # noqa: ANN001, ANN202
+        o[i] = v
+
+    return st
+
+
+# ----------------------------------------------------------------- reductions
+@njit(inline="always", **_JIT)
+def _lane_sum(a, lo, hi, tab, acc):  # noqa: ANN001, ANN202
+    """float64 sum of ``a[lo:hi]`` in :data:`LANES` independent lanes.
+
+    The lanes run down a ``(k, LANES)`` view, an elementwise loop the
+    compiler vectorizes without reassociating any sum.
+    """
+    lanes = acc.shape[0]
+    k = (hi - lo) // lanes
+    a2 = a[lo : lo + k * lanes].reshape(k, lanes)
+    acc[:] = 0.0
+    for r in range(k):
+        ar = a2[r]
+        for j in range(lanes):
+            acc[j] += np.float64(_ld(ar, j, tab))
+    s = 0.0
+    for i in range(lo + k * lanes, hi):
+        s += np.float64(_ld(a, i, tab))
+    for j in range(lanes):
+        s += acc[j]
+    return s
+
+
+@njit(inline="always", **_JIT)
+def _lane_dev(a, lo, hi, c, tab, acc, acc2):  # noqa: ANN001, ANN202
+    """``(sum(d), sum(d*d))`` of ``d = a[lo:hi] - c`` in float64 lanes."""
+    lanes = acc.shape[0]
+    k = (hi - lo) // lanes
+    a2 = a[lo : lo + k * lanes].reshape(k, lanes)
+    acc[:] = 0.0
+    acc2[:] = 0.0
+    for r in range(k):
+        ar = a2[r]
+        for j in range(lanes):
+            d = np.float64(_ld(ar, j, tab)) - c
+            acc[j] += d
+            acc2[j] += d * d
+    s = 0.0
+    q = 0.0
+    for i in range(lo + k * lanes, hi):
+        d = np.float64(_ld(a, i, tab)) - c
+        s += d
+        q += d * d
+    for j in range(lanes):
+        s += acc[j]
+        q += acc2[j]
+    return s, q
+
+
+@njit(inline="always", **_JIT)
+def _lane_dot(x, dy, m, tab, acc, acc2):  # noqa: ANN001, ANN202
+    """``(sum(dy), sum(dy * (x - m)))`` of two rows in float64 lanes.
+
+    ``x - m`` is rounded to the compute dtype (the type of ``m``) first, as in
+    the NumPy backend.
+    """
+    n = x.shape[0]
+    lanes = acc.shape[0]
+    k = n // lanes
+    x2 = x[: k * lanes].reshape(k, lanes)
+    d2 = dy[: k * lanes].reshape(k, lanes)
+    acc[:] = 0.0
+    acc2[:] = 0.0
+    for r in range(k):
+        xr = x2[r]
+        dr = d2[r]
+        for j in range(lanes):
+            g = np.float64(_ld(dr, j, tab))
+            acc[j] += g
+            acc2[j] += g * np.float64(_ld(xr, j, tab) - m)
+    s = 0.0
+    p = 0.0
+    for i in range(k * lanes, n):
+        g = np.float64(_ld(dy, i, tab))
+        s += g
+        p += g * np.float64(_ld(x, i, tab) - m)
+    for j in range(lanes):
+        s += acc[j]
+        p += acc2[j]
+    return s, p
+
+
+@njit(inline="always", **_JIT)
+def _chan(cnt, mean, m2, c, k, mb, m2b):  # noqa: ANN001, ANN202
+    """Merge a piece (``k`` values, mean ``mb``, M2 ``m2b``) into channel ``c``."""
+    na = cnt[c]
+    n = na + k
+    delta = mb - mean[c]
+    mean[c] += delta * (k / n)
+    m2[c] += m2b + delta * delta * (na * k / n)
+    cnt[c] = n
+
+
+# -------------------------------------------------------------------- kernels
+@njit(**_JIT)
+def _moments_cf(x, tab, mean, m2):  # noqa: ANN001, ANN202
+    n, c, s = x.shape
+    cnt = np.zeros(c, dtype=np.float64)
+    acc = np.empty(LANES, dtype=np.float64)
+    acc2 = np.empty(LANES, dtype=np.float64)
+    for i in range(n):
+        for j in range(c):
+            row = x[i, j]
+            for lo in range(0, s, PIECE):
+                hi = min(s, lo + PIECE)
+                k = np.float64(hi - lo)
+                cp = _lane_sum(row, lo, hi, tab, acc) / k
+                sd, q = _lane_dev(row, lo, hi, cp, tab, acc, acc2)
+                _chan(cnt, mean, m2, j, k, cp + sd / k, q - sd * sd / k)
+
+
+@njit(**_JIT)
+def _moments_cl(x, tab, mean, m2):  # noqa: ANN001, ANN202
+    rows, c = x.shape
+    step = max(1, BLOCK_VALUES // max(1, c))
+    cnt = np.zeros(c, dtype=np.float64)
+    cs = np.empty(c, dtype=np.float64)
+    sd = np.empty(c, dtype=np.float64)
+    q = np.empty(c, dtype=np.float64)
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        k = np.float64(r1 - r0)
+        cs[:] = 0.0
+        for r in range(r0, r1):
+            xr = x[r]
+            for j in range(c):
+                cs[j] += np.float64(_ld(xr, j, tab))
+        for j in range(c):
+            cs[j] /= k
+        sd[:] = 0.0
+        q[:] = 0.0
+        for r in range(r0, r1):
+            xr = x[r]
+            for j in range(c):
+                d = np.float64(_ld(xr, j, tab)) - cs[j]
+                sd[j] += d
+                q[j] += d * d
+        for j in range(c):
+            _chan(cnt, mean, m2, j, k, cs[j] + sd[j] / k, q[j] - sd[j] * sd[j] / k)
+
+
+@njit(**_JIT)
+def _normalize_cf(x, tab, mean, scale, bias, y):  # noqa: ANN001, ANN202
+    n, c, s = x.shape
+    for i in range(n):
+        for j in range(c):
+            m, sc, b = mean[j], scale[j], bias[j]
+            xr, yr = x[i, j], y[i, j]
+            for t in range(s):
+                _st(yr, t, (_ld(xr, t, tab) - m) * sc + b)
+
+
+@njit(**_JIT)
+def _normalize_cl(x, tab, mean, scale, bias, y):  # noqa: ANN001, ANN202
+    rows, c = x.shape
+    for r in range(rows):
+        xr, yr = x[r], y[r]
+        for j in range(c):
+            _st(yr, j, (_ld(xr, j, tab) - mean[j]) * scale[j] + bias[j])
+
+
+@njit(**_JIT)
+def _bwd_reduce_cf(dy, x, tab, mean, sum_dy, sum_dxm):  # noqa: ANN001, ANN202
+    n, c, s = x.shape
+    acc = np.empty(LANES, dtype=np.float64)
+    acc2 = np.empty(LANES, dtype=np.float64)
+    for i in range(n):
+        for j in range(c):
+            a, b = _lane_dot(x[i, j], dy[i, j], mean[j], tab, acc, acc2)
+            sum_dy[j] += a
+            sum_dxm[j] += b
+
+
+@njit(**_JIT)
+def _bwd_reduce_cl(dy, x, tab, mean, sum_dy, sum_dxm):  # noqa: ANN001, ANN202
+    rows, c = x.shape
+    for r in range(rows):
+        xr, dr = x[r], dy[r]
+        for j in range(c):
+            g = np.float64(_ld(dr, j, tab))
+            sum_dy[j] += g
+            sum_dxm[j] += g * np.float64(_ld(xr, j, tab) - mean[j])
+
+
+@njit(**_JIT)
+def _bwd_elemt_cf(dy, x, tab, mean, a, mean_dy, b, dx):  # noqa: ANN001, ANN202
+    n, c, s = x.shape
+    for i in range(n):
+        for j in range(c):
+            m, av, md, bv = mean[j], a[j], mean_dy[j], b[j]
+            xr, dr, orow = x[i, j], dy[i, j], dx[i, j]
+            for t in range(s):
+                _st(orow, t, (_ld(dr, t, tab) - md) * av - (_ld(xr, t, tab) - m) * bv)
+
+
+@njit(**_JIT)
+def _bwd_elemt_cl(dy, x, tab, mean, a, mean_dy, b, dx):  # noqa: ANN001, ANN202
+    rows, c = x.shape
+    for r in range(rows):
+        xr, dr, orow = x[r], dy[r], dx[r]
+        for j in range(c):
+            _st(orow, j, (_ld(dr, j, tab) - mean_dy[j]) * a[j] - (_ld(xr, j, tab) - mean[j]) * b[j])
+
+
+# -------------------------------------------------------------------- backend
+def _bits(a: np.ndarray) -> np.ndarray:
+    """float16 arrays as their ``uint16`` bits (numba has no CPU float16)."""
+    return a.view(np.uint16) if a.dtype == np.float16 else a
+
+
+def _table(*arrays: np.ndarray) -> np.ndarray:
+    return _F16_TABLE if any(a.dtype == np.float16 for a in arrays) else _NO_TABLE
+
+
+def _regroup(a: np.ndarray, r: int) -> tuple[np.ndarray, np.ndarray]:
+    """Channel-last ``(M, C)`` as ``(M // r, r*C)`` wide rows and the ``M % r`` rows left."""
+    m, c = a.shape
+    mh = m - m % r
+    return a[:mh].reshape(mh // r, r * c), a[mh:]
+
+
+def _rows_per_wide(x: np.ndarray) -> int:
+    m, c = x.shape
+    return max(1, min(m, WIDE // max(1, c)))
+
+
+def _native(*arrays: np.ndarray) -> bool:
+    """True if the fused kernels handle these arrays (else: NumPy backend)."""
+    return all(
+        a.dtype in _NATIVE and a.flags.c_contiguous and a.size > 0 for a in arrays
+    ) and len({a.dtype for a in arrays}) == 1
+
+
+class NumbaBackend(NumpyBackend):
+    """Batch-norm primitives on NumPy arrays as fused numba loops (see the module docstring).
+
+    Same arrays, ``name`` and ``xp`` as the NumPy backend (results, buffers and
+    error messages do not depend on which CPU backend runs); only the four
+    data-sized primitives differ.
+    """
+
+    def moments(self, x: np.ndarray, channel_last: bool, cdt: Any) -> tuple[np.ndarray, np.ndarray]:
+        """Local per-channel mean and M2, float64 (two-pass per cached piece, Chan merge)."""
+        if not _native(x):
+            return super().moments(x, channel_last, cdt)
+        tab = _table(x)
+        if not channel_last:
+            mean = np.zeros(x.shape[1], dtype=_F64)
+            m2 = np.zeros(x.shape[1], dtype=_F64)
+            _moments_cf(_bits(x), tab, mean, m2)
+            return mean, np.maximum(m2, 0.0)
+        c = x.shape[1]
+        r = _rows_per_wide(x)
+        counts, means, m2s = [], [], []
+        for part, k in zip(_regroup(_bits(x), r), (r, 1)):
+            if part.shape[0]:
+                pm = np.zeros(part.shape[1], dtype=_F64)
+                pq = np.zeros(part.shape[1], dtype=_F64)
+                _moments_cl(part, tab, pm, pq)
+                counts += [float(part.shape[0])] * k
+                means.append(pm.reshape(k, c))
+                m2s.append(pq.reshape(k, c))
+        # Chan's merge of the per-column pieces, in float64
+        w = np.array(counts)[:, None]
+        return chan_merge(np.concatenate(means), np.concatenate(m2s), w, float(w.sum()))
+
+    def normalize(
+        self,
+        x: np.ndarray,
+        channel_last: bool,
+        mean: np.ndarray,
+        scale: np.ndarray,
+        bias: np.ndarray,
+        out_dtype: Any,
+    ) -> np.ndarray:
+        """``(x - mean) * scale + bias`` in the compute dtype, one pass."""
+        out_dtype = np.dtype(out_dtype)
+        cdt = mean.dtype
+        if not _native(x) or out_dtype != x.dtype or cdt not in _NATIVE[1:]:
+            return super().normalize(x, channel_last, mean, scale, bias, out_dtype)
+        y = np.empty(x.shape, dtype=out_dtype)
+        vecs = (mean, scale.astype(cdt, copy=False), bias.astype(cdt, copy=False))
+        tab = _table(x)
+        if not channel_last:
+            _normalize_cf(_bits(x), tab, *vecs, _bits(y))
+            return y
+        r = _rows_per_wide(x)
+        for xp_, yp, k in zip(_regroup(_bits(x), r), _regroup(_bits(y), r), (r, 1)):
+            if xp_.shape[0]:
+                _normalize_cl(xp_, tab, *(np.tile(v, k) for v in vecs), yp)
+        return y
+
+    def backward_reduce(
+        self,
+        dy: np.ndarray,
+        x: np.ndarray,
+        channel_last: bool,
+        mean: np.ndarray,
+        invstd: np.ndarray,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Local ``sum(dy)`` and ``sum(dy * (x - mean)) * invstd`` (float64), one pass."""
+        if not _native(dy, x) or mean.dtype not in _NATIVE[1:]:
+            return super().backward_reduce(dy, x, channel_last, mean, invstd)
+        c = mean.shape[0]
+        sum_dy = np.zeros(c, dtype=_F64)
+        sum_dxm = np.zeros(c, dtype=_F64)
+        tab = _table(x)
+        if not channel_last:
+            _bwd_reduce_cf(_bits(dy), _bits(x), tab, mean, sum_dy, sum_dxm)
+            return sum_dy, sum_dxm * invstd.astype(_F64)
+        r = _rows_per_wide(x)
+        for dp, xp_, k in zip(_regroup(_bits(dy), r), _regroup(_bits(x), r), (r, 1)):
+            if xp_.shape[0]:
+                s1 = np.zeros(k * c, dtype=_F64)
+                s2 = np.zeros(k * c, dtype=_F64)
+                _bwd_reduce_cl(dp, xp_, tab, np.tile(mean, k), s1, s2)
+                sum_dy += s1.reshape(k, c).sum(axis=0)
+                sum_dxm += s2.reshape(k, c).sum(axis=0)
+        return sum_dy, sum_dxm * invstd.astype(_F64)
+
+    def backward_elemt(
+        self,
+        dy: np.ndarray,
+        x: np.ndarray,
+        channel_last: bool,
+        mean: np.ndarray,
+        a: np.ndarray,
+        mean_dy: np.ndarray,
+        b: np.ndarray,
+        out_dtype: Any,
+    ) -> np.ndarray:
+        """``a * (dy - mean_dy) - b * (x - mean)`` in the compute dtype, one pass."""
+        out_dtype = np.dtype(out_dtype)
+        cdt = mean.dtype
+        if not _native(dy, x) or out_dtype != x.dtype or cdt not in _NATIVE[1:]:
+            return super().backward_elemt(dy, x, channel_last, mean, a, mean_dy, b, out_dtype)
+        dx = np.empty(x.shape, dtype=out_dtype)
+        vecs = (mean, a.astype(cdt, copy=False), mean_dy.astype(cdt, copy=False),
+                b.astype(cdt, copy=False))
+        tab = _table(x)
+        if not channel_last:
+            _bwd_elemt_cf(_bits(dy), _bits(x), tab, *vecs, _bits(dx))
+            return dx
+        r = _rows_per_wide(x)
+        parts = zip(_regroup(_bits(dy), r), _regroup(_bits(x), r), _regroup(_bits(dx), r), (r, 1))
+        for dp, xp_, op, k in parts:
+            if xp_.shape[0]:
+                _bwd_elemt_cl(dp, xp_, tab, *(np.tile(v, k) for v in vecs), op)
+        return dx
+
+
+BACKEND = NumbaBackend()

@@ -1,0 +1,319 @@
+"""The opt-in fused CPU backend (``CUPYSYNCBN_CPU_BACKEND=numba``).
+
+Primitive by primitive against the NumPy backend and float64 references, on
+all 7 data formats and float16/32/64, plus edge channels (one element, NaN),
+an empty batch through the functional layer, the selection rules, and one
+3-rank mpiexec training step (uneven split, one empty rank) against a float64
+reference on the global batch. Skipped entirely without numba.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import warnings
+
+import numpy as np
+import pytest
+
+pytest.importorskip("numba")
+
+import cupysyncbn.backends as backends  # noqa: E402
+from cupysyncbn import functional as F  # noqa: E402
+from cupysyncbn.backends.numba_backend import BACKEND as NB  # noqa: E402
+from cupysyncbn.backends.numba_backend import NumbaBackend  # noqa: E402
+from cupysyncbn.backends.numpy_backend import BACKEND as NP  # noqa: E402
+from cupysyncbn.backends.numpy_backend import NumpyBackend  # noqa: E402
+from cupysyncbn.formats import FORMATS, canonical_view  # noqa: E402
+
+F64 = np.float64
+DTYPES = ("float16", "float32", "float64")
+
+# One shape per format, chosen to hit the kernels' edges: channel-first rows
+# longer than PIECE (NCL) and with a tail after the 64 lanes (NCHW, NCDHW);
+# channel-last inputs over several row blocks (NC) and odd channel counts.
+SHAPES = {
+    "NC": (70000, 2),
+    "NCL": (2, 3, 4200),
+    "NCHW": (4, 5, 9, 11),
+    "NCDHW": (2, 3, 4, 5, 6),
+    "NLC": (4, 50, 5),
+    "NHWC": (3, 9, 11, 5),
+    "NDHWC": (2, 4, 5, 6, 3),
+}
+
+
+def _cdt(dt: str) -> np.dtype:
+    return np.dtype(F64 if dt == "float64" else np.float32)
+
+
+def _tol(dt: str) -> float:
+    """Relative tolerance of a compute-dtype result (a few ulps, float32 for halves)."""
+    return 1e-13 if dt == "float64" else 2e-6
+
+
+def _data(shape, dt, fmt, rng, offset):
+    x = (rng.standard_normal(shape) * 2.0 + offset).astype(dt)
+    dy = rng.standard_normal(shape).astype(dt)
+    f = FORMATS[fmt]
+    return canonical_view(x, f), canonical_view(dy, f), f.channel_last
+
+
+def _per_channel(a, cl):
+    """``(C, count)`` contiguous float64 copy: one row per channel, so NumPy's
+    reductions along it are pairwise (accurate enough for a reference)."""
+    a = a.astype(F64)
+    return np.ascontiguousarray(a.T if cl else a.transpose(1, 0, 2).reshape(a.shape[1], -1))
+
+
+def _close_out(got, want, scale, dt, what):
+    """Elementwise outputs: within a few ulps of the output dtype of ``scale``."""
+    assert got.dtype == want.dtype == np.dtype(dt), what
+    ulp = float(np.finfo(dt).eps)
+    err = np.abs(got.astype(F64) - want.astype(F64))
+    lim = 4 * ulp * (np.abs(want.astype(F64)) + scale) + 4 * _tol(dt) * scale
+    assert np.all(err <= lim), f"{what}: worst excess {np.max(err - lim):.3g}"
+
+
+@pytest.mark.parametrize("dt", DTYPES)
+@pytest.mark.parametrize("fmt", list(SHAPES))
+def test_primitives_match_numpy_backend(fmt, dt, rng):
+    offset = 50.0 if dt == "float16" else 1e3  # a large mean: subtract-first matters
+    x, dy, cl = _data(SHAPES[fmt], dt, fmt, rng, offset)
+    cdt, tol = _cdt(dt), _tol(dt)
+    xc = _per_channel(x, cl)
+    c, cnt = xc.shape
+
+    # moments: both backends against the float64 two-pass reference
+    mean_n, m2_n = NB.moments(x, cl, cdt)
+    mean_p, m2_p = NP.moments(x, cl, cdt)
+    ref_mean = np.array([math.fsum(r) for r in xc]) / cnt
+    ref_m2 = ((xc - ref_mean[:, None]) ** 2).sum(axis=1)
+    std = np.sqrt(ref_m2 / cnt)
+    assert mean_n.dtype == m2_n.dtype == F64 and mean_n.shape == (c,)
+    assert np.all(np.abs(mean_n - ref_mean) <= 1e-15 * np.abs(ref_mean) + 1e-13 * std)
+    assert np.all(np.abs(m2_n - ref_m2) <= 1e-12 * ref_m2)  # float64 all the way
+    assert np.all(np.abs(mean_n - mean_p) <= tol * (np.abs(ref_mean) + std))
+    assert np.all(np.abs(m2_n - m2_p) <= 5 * tol * ref_m2)
+
+    mean = mean_p.astype(cdt)
+    scale = rng.uniform(0.5, 2.0, c).astype(cdt)
+    bias = rng.standard_normal(c).astype(cdt)
+    dev = np.abs(xc - mean.astype(F64)[:, None]).max(axis=1)
+
+    # normalize
+    y_n = NB.normalize(x, cl, mean, scale, bias, x.dtype)
+    y_p = NP.normalize(x, cl, mean, scale, bias, x.dtype)
+    mag = float((dev * np.abs(scale) + np.abs(bias)).max())
+    _close_out(y_n, y_p, mag, dt, "normalize")
+    if cl:  # same operation order as the NumPy channel-last path: bitwise equal
+        assert np.array_equal(y_n, y_p)
+
+    # backward_reduce: float64 sums, vs NumPy and a float64 reference
+    invstd = (1.0 / std).astype(cdt)
+    s_n, p_n = NB.backward_reduce(dy, x, cl, mean, invstd)
+    s_p, p_p = NP.backward_reduce(dy, x, cl, mean, invstd)
+    dyc = _per_channel(dy, cl)
+    xm = (xc.astype(cdt) - mean[:, None]).astype(F64)  # x - mean in the compute dtype
+    ref_s = np.array([math.fsum(r) for r in dyc])
+    ref_p = np.array([math.fsum(r) for r in dyc * xm]) * invstd.astype(F64)
+    abs_s = np.abs(dyc).sum(axis=1)
+    abs_p = (np.abs(dyc * xm)).sum(axis=1) * invstd.astype(F64)
+    assert s_n.dtype == p_n.dtype == F64
+    assert np.all(np.abs(s_n - ref_s) <= 1e-14 * abs_s)
+    assert np.all(np.abs(p_n - ref_p) <= 1e-14 * abs_p)
+    assert np.all(np.abs(s_n - s_p) <= tol * abs_s)
+    assert np.all(np.abs(p_n - p_p) <= tol * abs_p)
+
+    # backward_elemt
+    a = (scale * invstd).astype(cdt)
+    mdy = (s_p / cnt).astype(cdt)
+    b = (a * (p_p / cnt) * invstd).astype(cdt)
+    dx_n = NB.backward_elemt(dy, x, cl, mean, a, mdy, b, x.dtype)
+    dx_p = NP.backward_elemt(dy, x, cl, mean, a, mdy, b, x.dtype)
+    dymax = np.abs(dyc - mdy.astype(F64)[:, None]).max(axis=1)
+    mag = float((np.abs(a) * dymax + np.abs(b) * dev).max())
+    _close_out(dx_n, dx_p, mag, dt, "backward_elemt")
+    if cl:
+        assert np.array_equal(dx_n, dx_p)
+
+
+@pytest.mark.parametrize("dt", DTYPES)
+@pytest.mark.parametrize("fmt", ["NCHW", "NHWC"])
+def test_one_element_and_nan_channels(fmt, dt):
+    cl = FORMATS[fmt].channel_last
+    cdt = _cdt(dt)
+    # one element per channel: mean is that element, M2 exactly 0
+    x1 = np.array([3.5, -1.25, 7.0], dtype=dt).reshape((1, 1, 1, 3) if cl else (1, 3, 1, 1))
+    v1 = canonical_view(x1, FORMATS[fmt])
+    mean, m2 = NB.moments(v1, cl, cdt)
+    assert np.array_equal(mean, [3.5, -1.25, 7.0]) and np.array_equal(m2, [0.0, 0.0, 0.0])
+    ones = np.ones(3, cdt)
+    y = NB.normalize(v1, cl, mean.astype(cdt), ones, ones, x1.dtype)
+    assert np.array_equal(y.ravel(), [1.0, 1.0, 1.0])
+
+    # a NaN in channel 1 poisons that channel only, as in the NumPy backend
+    rng = np.random.default_rng(7)
+    shape = (2, 5, 6, 3) if cl else (2, 3, 5, 6)
+    x = rng.standard_normal(shape).astype(dt)
+    if cl:
+        x[1, 2, 3, 1] = np.nan
+    else:
+        x[1, 1, 2, 3] = np.nan
+    v = canonical_view(x, FORMATS[fmt])
+    mean_n, m2_n = NB.moments(v, cl, cdt)
+    mean_p, m2_p = NP.moments(v, cl, cdt)
+    for got, want in ((mean_n, mean_p), (m2_n, m2_p)):
+        assert np.isnan(got[1]) and np.isnan(want[1])
+        assert np.all(np.isfinite(got[[0, 2]]))
+        np.testing.assert_allclose(got[[0, 2]], want[[0, 2]], rtol=_tol(dt) * 5)
+    m = np.nan_to_num(mean_p).astype(cdt)
+    y = NB.normalize(v, cl, m, ones, ones * 0, x.dtype)
+    yc = _per_channel(y, cl)
+    assert np.isnan(yc[1]).sum() == 1 and np.all(np.isfinite(yc[[0, 2]]))
+    s, p = NB.backward_reduce(v, v, cl, m, ones)
+    assert np.isnan(s[1]) and np.isnan(p[1]) and np.all(np.isfinite(s[[0, 2]]))
+
+
+def test_float16_rounding_matches_numpy():
+    # every float16 pattern through the table, and float32 values around every
+    # rounding boundary (ties, subnormals, overflow, inf, nan) back to float16
+    h = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16)
+    one = np.ones(1, np.float32)
+    zero = np.zeros(1, np.float32)
+    y = NB.normalize(h.reshape(-1, 1), True, zero, one, zero, np.float16)
+    assert np.array_equal(y.view(np.uint16), h.view(np.uint16)) or np.array_equal(
+        y.ravel(), h, equal_nan=True
+    )
+    f = h[np.isfinite(h)].astype(np.float32)
+    with np.errstate(over="ignore"):
+        nxt = np.nextafter(f.astype(np.float16), np.float16(np.inf)).astype(np.float32)
+    mids = (f.astype(F64) + nxt.astype(F64)) / 2  # exact ties (float32 holds them)
+    probe = np.concatenate([
+        mids.astype(np.float32), np.nextafter(mids.astype(np.float32), np.float32(np.inf)),
+        np.nextafter(mids.astype(np.float32), np.float32(-np.inf)),
+        np.array([65504, 65519.99, 65520, 1e6, -1e6, 2.0**-25, 2.0**-24, 3e-8, np.inf,
+                  -np.inf, np.nan], np.float32),
+    ])
+    probe = probe[~np.isnan(probe) | (np.arange(probe.size) == probe.size - 1)]
+    x = probe.reshape(-1, 1)
+    with np.errstate(over="ignore"):
+        want = x.astype(np.float16)
+    # float32 input, float16 output: only reachable through the kernels' store
+    from cupysyncbn.backends import numba_backend as nbm
+
+    got = np.empty(x.shape, np.float16)
+    nbm._normalize_cl(x, nbm._NO_TABLE, zero, one, zero, got.view(np.uint16))
+    assert np.array_equal(got, want, equal_nan=True)
+
+    # the portable integer rounding (used on CPUs without F16C) on the same probes
+    import numba
+
+    @numba.njit
+    def portable(a, o):
+        for i in range(a.size):
+            o[i] = nbm._half_bits(a[i])
+
+    got = np.empty(probe.size, np.float16)
+    portable(probe, got.view(np.uint16))
+    assert np.array_equal(got, want.ravel(), equal_nan=True)
+    assert np.array_equal(nbm._F16_TABLE[h.view(np.uint16)], h.astype(np.float32),
+                          equal_nan=True)
+
+
+def test_selection_by_environment(monkeypatch):
+    x = np.zeros((2, 3), np.float32)
+    monkeypatch.setattr(backends, "_CPU", {})
+    monkeypatch.delenv(backends.CPU_BACKEND_ENV, raising=False)
+    assert type(backends.get_backend(x)) is NumpyBackend  # default
+    monkeypatch.setenv(backends.CPU_BACKEND_ENV, "numba")
+    assert type(backends.get_backend(x)) is NumbaBackend
+    assert backends.get_backend(x).name == "numpy" and backends.get_backend(x).xp is np
+    # numba missing: one warning, then the NumPy backend
+    monkeypatch.setattr(backends, "_CPU", {})
+    monkeypatch.setitem(sys.modules, "cupysyncbn.backends.numba_backend", None)
+    with pytest.warns(RuntimeWarning, match="numba is not importable"):
+        assert type(backends.get_backend(x)) is NumpyBackend
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert type(backends.get_backend(x)) is NumpyBackend  # warned once only
+
+
+def test_functional_empty_batch_and_fallback_dtype(monkeypatch):
+    monkeypatch.setattr(backends, "_CPU", {})
+    monkeypatch.setenv(backends.CPU_BACKEND_ENV, "numba")
+    rm, rv = np.full(3, 0.5, np.float32), np.full(3, 2.0, np.float32)
+    x = np.zeros((0, 3, 4, 4), np.float32)
+    res = F.batch_norm_forward(x, None, None, rm, rv, training=True)
+    assert res.y.shape == x.shape and not res.updated
+    assert np.array_equal(res.running_mean, rm) and np.array_equal(res.running_var, rv)
+    assert isinstance(res.ctx.backend, NumbaBackend)
+    dx, _, _ = F.batch_norm_backward(np.zeros_like(x), res.ctx)
+    assert dx.shape == x.shape
+    # a non-contiguous input is made contiguous by the functional layer and
+    # still matches the float64 reference
+    rng = np.random.default_rng(3)
+    xs = rng.standard_normal((6, 3, 8, 8))[:, :, ::2, :]
+    res = F.batch_norm_forward(xs, None, None, None, None, training=True)
+    mean = xs.mean(axis=(0, 2, 3))
+    var = xs.var(axis=(0, 2, 3))
+    ref = (xs - mean[:, None, None]) / np.sqrt(var[:, None, None] + 1e-5)
+    np.testing.assert_allclose(res.y, ref, rtol=1e-12, atol=1e-12)
+
+
+MPI_STEP = r"""
+import numpy as np
+from cupysyncbn.backends import get_backend
+from cupysyncbn.backends.numba_backend import NumbaBackend
+import cupysyncbn as sbn
+import bn_ref
+
+comm = sbn.init("mpi")
+rank, size = comm.rank, comm.size
+counts = bn_ref.split_counts(11, size, empty=1)  # uneven, rank 1 holds nothing
+sl = bn_ref.local_slice(counts, rank)
+assert type(get_backend(np.zeros(1))) is NumbaBackend
+worst = []
+for fmt, shape, dt, tol in (("NCHW", (11, 4, 6, 5), "float32", 2e-5),
+                            ("NHWC", (11, 6, 5, 4), "float32", 2e-5),
+                            ("NCL", (11, 4, 70), "float64", 1e-11),
+                            ("NLC", (11, 70, 4), "float16", 2e-2)):
+    rng = np.random.default_rng(42)
+    xg = rng.standard_normal(shape) * 3 + 20
+    dyg = rng.standard_normal(shape)
+    w = rng.uniform(0.5, 2.0, 4)
+    bias = rng.standard_normal(4)
+    ldt = "float64" if dt == "float64" else "float32"
+    bn = sbn.SyncBatchNorm(4, data_format=fmt, comm=comm, dtype=ldt)
+    bn.weight.data[...] = w
+    bn.bias.data[...] = bias
+    xq, dyq = xg.astype(dt), dyg.astype(dt)
+    y = bn(xq[sl])
+    dx = bn.backward(dyq[sl])
+    # reference: float64 on the global batch of the rounded inputs
+    yr, mean, var, m = bn_ref.ref_forward(xq.astype(float), fmt, w, bias)
+    dxr, _, _ = bn_ref.ref_backward(xq.astype(float), dyq.astype(float), fmt, w)
+    rm, rv = bn_ref.ref_running(np.zeros(4), np.ones(4), mean, var, m, 0.9)
+    assert y.dtype == np.dtype(dt) and dx.dtype == np.dtype(dt) and y.shape == xq[sl].shape
+    e = (np.abs(y - yr[sl]).max(initial=0) / np.abs(yr).max(),
+         np.abs(dx - dxr[sl]).max(initial=0) / np.abs(dxr).max(),
+         np.abs(bn._mean - rm).max() / np.abs(rm).max(),
+         np.abs(bn._variance - rv).max() / np.abs(rv).max())
+    worst.append((fmt, dt, max(e), tol))
+for fmt, dt, err, tol in worst:
+    assert err <= tol, (rank, fmt, dt, err, tol)
+print("NUMBA_MPI_OK", rank, worst, flush=True)
+"""
+
+
+@pytest.mark.mpi
+def test_mpi_training_step_numba(tmp_path):
+    from pathlib import Path
+
+    from mpi_runner import run_mpi
+
+    here = str(Path(__file__).resolve().parent)
+    code = f"import sys\nsys.path.insert(0, {here!r})\n" + MPI_STEP
+    res = run_mpi(code, 3, timeout=240, tmp_path=tmp_path,
+                  env={backends.CPU_BACKEND_ENV: "numba"})
+    assert res.stdout.count("NUMBA_MPI_OK") == 3, res.stdout + res.stderr
