@@ -27,19 +27,8 @@ class StateMismatchError(SyncBatchNormError, RuntimeError):
 
 
 def allreduce_host(comm: Any, host: np.ndarray) -> np.ndarray:
-    """Sum a small host float64 vector over ``comm`` and return it on the host.
-
-    Works for every communicator: the buffer is moved to the GPU first for a
-    communicator that reduces device memory only (NCCL).
-    """
-    buf = np.array(host, dtype=np.float64, copy=True).reshape(-1)
-    if comm.size == 1:
-        return buf
-    if comm.supports(buf):
-        return np.asarray(comm.allreduce_sum(buf))
-    import cupy
-
-    return cupy.asnumpy(comm.allreduce_sum(cupy.asarray(buf)))
+    """Sum a small host float64 vector over ``comm`` (:meth:`Communicator.allreduce_host`)."""
+    return comm.allreduce_host(host)
 
 
 def _entries(obj: Any, buffers_only: bool) -> OrderedDict:

@@ -393,7 +393,7 @@ def batch_norm_forward(
         raise ValueError(f"epsilon must be >= 0; got {epsilon}")
 
     batch_stats = training or running_mean is None
-    sync = batch_stats and comm_.size > 1
+    sync = batch_stats and comm_.synchronizes
     kind, info = _validate_input(x, fmt, nf, backend, param)
     if kind is not None:
         if sync and nf is None and getattr(x, "ndim", 0) >= 2:
@@ -470,7 +470,7 @@ def _global_stats(
 ) -> tuple[int, Any, Any]:
     """Merge per-rank (n, mean, M2) into global float64 mean and biased var."""
     xp = backend.xp
-    if comm.size == 1:
+    if not comm.synchronizes:
         if n_local == 0:
             z = xp.zeros(nf, dtype=_F64)
             return 0, z, z.copy()
@@ -537,7 +537,7 @@ def _forward_not_array(
     weight, bias, running_mean, running_var = vecs
     batch_stats = training or running_mean is None
     param = next((v for v in vecs if v is not None), None)
-    if not batch_stats or comm.size == 1 or param is None:
+    if not batch_stats or not comm.synchronizes or param is None:
         raise error  # no collective to join (or no way to know its size)
     backend = get_backend(param, "weight")
     nf = int(param.shape[0])
@@ -597,7 +597,7 @@ def batch_norm_backward(
             f"dy is on {backend.device_of(dy)} but the forward input was on"
             f" {backend.device_of(ctx.x)}"
         ))
-    sync = ctx.batch_stats and ctx.comm.size > 1
+    sync = ctx.batch_stats and ctx.comm.synchronizes
     if err is not None:
         if sync:
             _allreduce(ctx.comm, backend, ctx.sync_state, [None, None], 0,

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 __all__ = ["Communicator", "NoCommunicator"]
 
 
@@ -29,10 +31,47 @@ class Communicator:
     rank: int = 0
     size: int = 1
     backend: str = "none"
+    #: Run the whole synchronized path (handshake, header, one all-reduce per
+    #: pass) even in a group of one, so one device exercises every line a
+    #: multi-rank job runs (``init(..., force_collectives=True)``).
+    force_collectives: bool = False
+
+    @property
+    def synchronizes(self) -> bool:
+        """True when training passes go through the collective (size > 1 or forced)."""
+        return self.size > 1 or self.force_collectives
 
     def allreduce_sum(self, buf: Any) -> Any:
         """Sum ``buf`` (1-D float64) over the group, in place; return it."""
         raise NotImplementedError
+
+    def allreduce_host(self, host: Any) -> np.ndarray:
+        """Sum a small host vector over the group; return a new float64 NumPy array.
+
+        For agreement and consistency checks outside the batch-norm passes
+        (never on the hot path). The default stages through :meth:`allreduce_sum`.
+        """
+        buf = np.array(host, dtype=np.float64, copy=True).reshape(-1)
+        if self.size == 1:
+            return buf
+        if self.supports(buf):
+            return np.asarray(self.allreduce_sum(buf))
+        import cupy
+
+        return cupy.asnumpy(self.allreduce_sum(cupy.asarray(buf)))
+
+    def group_key(self) -> Any:
+        """A hashable identity of this process group, local to this process.
+
+        Two communicator objects over the same group return equal keys; a
+        group created after another was freed never reuses its key (unlike
+        MPI handles). Used to key per-group counters.
+        """
+        key = getattr(self, "_cupysyncbn_group_key", None)
+        if key is None:
+            key = object()
+            self._cupysyncbn_group_key = key
+        return key
 
     def supports(self, array: Any) -> bool:
         """True if :meth:`allreduce_sum` accepts buffers of ``array``'s kind."""
