@@ -80,8 +80,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def _local_rank() -> int:
-    for var in ("MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID",
-                "PMI_LOCAL_RANK", "LOCAL_RANK"):
+    from .fault import LOCAL_RANK_VARS
+
+    for var in LOCAL_RANK_VARS:
         val = os.environ.get(var)
         if val and val.isdigit():
             return int(val)

@@ -40,12 +40,13 @@ from typing import Any
 import numpy as np
 
 from . import protocol
-from .backends import Backend, get_backend
+from .backends import Backend
 from .comm import as_communicator
 from .comm.base import Communicator
 from .dtypes import check_input_dtype, compute_dtype
-from .formats import DataFormat, canonical_view, format_for_ndim, parse_data_format
+from .formats import DataFormat, canonical_view, format_for_ndim
 from .interop.dlpack import accepts_dlpack
+from .validation import check_forward_arguments, fallback_backend
 
 __all__ = [
     "SyncState",
@@ -73,6 +74,14 @@ class SyncState:
     handshake_done: bool = False
     layer_id: int = 0  # agreed at the handshake (see protocol.next_layer_id)
     calls: int = 0  # synchronized passes run so far (sent in the header)
+    evals: int = 0  # eval-mode forwards run so far (sent in the header)
+    #: Order of construction (protocol.next_construction_ordinal): names the
+    #: same layer on every rank, computed without communication. The layers
+    #: set it; 0 (a bare functional-API state) leaves only the order of
+    #: first synchronization to tell layers apart.
+    ordinal: int = 0
+    ident: int = 0  # protocol.layer_identity, fixed at the handshake
+    num_features: int | None = None  # fixed at the handshake
     _buffers: dict = field(default_factory=dict, repr=False)
 
     def buffer(self, backend: Backend, size: int) -> Any:
@@ -90,6 +99,9 @@ class SyncState:
         self.handshake_done = False
         self.layer_id = 0
         self.calls = 0
+        self.evals = 0
+        self.ident = 0
+        self.num_features = None
         self._buffers.clear()
 
 
@@ -149,14 +161,6 @@ class ForwardResult:
     updated: bool = False
 
 
-def _num_features(x: Any, fmt: DataFormat, *vectors: Any) -> int | None:
-    for v in vectors:
-        shape = getattr(v, "shape", None)
-        if shape:  # non-arrays are reported by _check_vectors, naming them
-            return int(shape[0])
-    return None
-
-
 def _validate_input(
     x: Any, fmt: DataFormat, num_features: int | None, backend: Backend, param: Any
 ) -> tuple[str, BaseException] | tuple[None, DataFormat]:
@@ -194,18 +198,6 @@ def _vec(backend: Backend, v: Any, cdt: np.dtype) -> Any:
     return None if v is None else v.astype(cdt, copy=False)
 
 
-def _check_vectors(backend: Backend, num_features: int | None, **vectors: Any) -> None:
-    for name, v in vectors.items():
-        if v is None:
-            continue
-        if not backend.owns(v):
-            raise TypeError(
-                f"{name} must be a {backend.name} array like x; got {type(v).__name__}"
-            )
-        if v.ndim != 1 or (num_features is not None and v.shape[0] != num_features):
-            raise ValueError(f"{name} must have shape ({num_features},); got {tuple(v.shape)}")
-
-
 def _allreduce(
     comm: Communicator,
     backend: Backend,
@@ -221,10 +213,13 @@ def _allreduce(
     size = protocol.HEADER + c * len(payload)
     buf = state.buffer(backend, size) if state is not None else backend.xp.empty(size, _F64)
     kind, exc = error if error is not None else (None, None)
-    layer, call = (0, 0) if state is None else (state.layer_id, state.calls)
+    layer, call, ident, evals = (
+        (0, 0, 0, 0) if state is None
+        else (state.layer_id, state.calls, state.ident, state.evals)
+    )
     if state is not None:
         state.calls += 1
-    protocol.fill_header(buf, count, phase, kind, c, layer, call)
+    protocol.fill_header(buf, count, phase, kind, c, layer, call, ident, evals)
     for i, vec in enumerate(payload):
         seg = buf[protocol.HEADER + i * c : protocol.HEADER + (i + 1) * c]
         if vec is None:
@@ -367,41 +362,32 @@ def batch_norm_forward(
         the faulty rank raises the specific error, the others
         :class:`~cupysyncbn.errors.RemoteInputError`).
     """
-    fmt = parse_data_format(data_format)
     comm_ = as_communicator(comm)
-    try:
-        backend = get_backend(x, "x")
-    except TypeError as e:
-        # Not an array: the peers are already in the collective, so join it
-        # on the parameters' backend and raise after it (see protocol).
-        return _forward_not_array(
-            e, comm_, training, weight, bias, running_mean, running_var, sync_state
-        )
-    nf = _num_features(x, fmt, weight, bias, running_mean, running_var)
-    _check_vectors(
-        backend, nf, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var
+    # Checks that can fail on one rank alone: the rank still joins the
+    # peers' collective with an error slot set, then raises (validation.py).
+    chk = check_forward_arguments(
+        x, data_format, momentum, epsilon,
+        weight=weight, bias=bias, running_mean=running_mean, running_var=running_var,
     )
-    if (running_mean is None) != (running_var is None):
-        raise ValueError("running_mean and running_var must be given together")
-    param = next((v for v in (weight, bias, running_mean) if v is not None), None)
+    batch_stats = training or running_mean is None
+    if chk.error is not None:
+        if not (batch_stats and comm_.synchronizes):
+            raise chk.error[1]
+        backend = chk.backend or fallback_backend(comm_, sync_state)
+        return _forward_invalid(comm_, backend, sync_state, chk.num_features, chk.error)
+    fmt, backend, nf, param = chk.fmt, chk.backend, chk.num_features, chk.param
     if param_dtype is None:
         param_dtype = param.dtype if param is not None else np.float32
     param_dtype = np.dtype(param_dtype)
-    if momentum is not None and not 0.0 <= float(momentum) <= 1.0:
-        raise ValueError(f"momentum must be in [0, 1] or None; got {momentum}")
-    if not float(epsilon) >= 0.0:
-        raise ValueError(f"epsilon must be >= 0; got {epsilon}")
+    if not batch_stats and sync_state is not None:
+        # Eval passes count: a rank in eval mode while the others train is
+        # caught at the layer's next synchronized pass (protocol "evals").
+        sync_state.evals += 1
 
-    batch_stats = training or running_mean is None
     sync = batch_stats and comm_.synchronizes
     kind, info = _validate_input(x, fmt, nf, backend, param)
     if kind is not None:
-        if sync and nf is None and getattr(x, "ndim", 0) >= 2:
-            # No weight/running stats give the channel count: take it from x,
-            # so this rank joins the peers' collectives instead of leaving
-            # them waiting (a differing count fails the handshake everywhere).
-            nf = int(x.shape[-1 if fmt.channel_last else 1])
-        if not sync or nf is None:
+        if not sync:
             raise info
         return _forward_invalid(comm_, backend, sync_state, nf, (kind, info))
     fmt_x: DataFormat = info
@@ -423,7 +409,7 @@ def batch_norm_forward(
         return ForwardResult(y.reshape(x.shape), ctx, running_mean, running_var)
 
     if sync:
-        _handshake(comm_, backend, sync_state, nf)
+        _handshake(comm_, backend, sync_state, nf, param_dtype)
 
     if n_local:
         mean_r, m2_r = backend.moments(v, fmt_x.channel_last, cdt)
@@ -506,42 +492,48 @@ def _global_stats(
     return total, mean, var
 
 
-def _handshake(comm: Communicator, backend: Backend, state: SyncState | None, nf: int) -> None:
+def _handshake(
+    comm: Communicator, backend: Backend, state: SyncState | None, nf: int | None,
+    param_dtype: Any = None, error: tuple | None = None,
+) -> None:
     """The layer's first synchronized pass (every pass without a state)."""
     if state is not None and state.handshake_done:
         return
     layer = protocol.next_layer_id(comm) if state is not None else 0
-    protocol.handshake(comm, nf, lambda h: backend.asarray(h), backend.to_host, layer)
+    ident = evals = 0
+    if state is not None:
+        ident = protocol.layer_identity(state.ordinal, param_dtype)
+        evals = state.evals
+    protocol.handshake(
+        comm, nf or 0, lambda h: backend.asarray(h), backend.to_host, layer,
+        ident, evals, error,
+    )
     if state is not None:
         state.layer_id = layer
+        state.ident = ident
+        state.num_features = nf
         state.handshake_done = True
 
 
 def _forward_invalid(
-    comm: Communicator, backend: Backend, state: SyncState | None, nf: int, error: tuple
+    comm: Communicator, backend: Backend, state: SyncState | None, nf: int | None,
+    error: tuple,
 ) -> ForwardResult:
-    """Take part in the collectives with a zero payload, then raise."""
-    _handshake(comm, backend, state, nf)
-    if state is None or state.shift is None or state.shift.shape[0] != nf:
-        # the peers run the two-pass path: a mean pass first
-        _allreduce(comm, backend, state, [None, None], 0, protocol.PHASE_MEAN, error, nf)
-    _allreduce(comm, backend, state, [None, None], 0, protocol.PHASE_STATS, error, nf)
-    raise error[1]  # pragma: no cover - _allreduce raised already
+    """Take part in the peers' collectives with a zero payload, then raise.
 
-
-def _forward_not_array(
-    error: TypeError, comm: Communicator, training: bool, *vectors: Any
-) -> ForwardResult:
-    """``x`` is not an array: join the peers' collectives if possible, then raise."""
-    *vecs, state = vectors
-    weight, bias, running_mean, running_var = vecs
-    batch_stats = training or running_mean is None
-    param = next((v for v in vecs if v is not None), None)
-    if not batch_stats or not comm.synchronizes or param is None:
-        raise error  # no collective to join (or no way to know its size)
-    backend = get_backend(param, "weight")
-    nf = int(param.shape[0])
-    return _forward_invalid(comm, backend, state, nf, ("type", error))
+    The peers run the handshake first unless the layer's state has done it,
+    so a rank that does not know the channel count (``x`` not an array, no
+    parameters) still joins the right collective.
+    """
+    if state is None or not state.handshake_done:
+        _handshake(comm, backend, state, nf, None, error)
+    else:
+        nf = state.num_features
+        if state.shift is None or state.shift.shape[0] != nf:
+            # the peers run the two-pass path: a mean pass first
+            _allreduce(comm, backend, state, [None, None], 0, protocol.PHASE_MEAN, error, nf)
+        _allreduce(comm, backend, state, [None, None], 0, protocol.PHASE_STATS, error, nf)
+    raise error[1]  # pragma: no cover - the collective raised already
 
 
 @accepts_dlpack("dy")

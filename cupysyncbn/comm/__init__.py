@@ -15,6 +15,8 @@ import os
 from typing import Any
 
 from ..errors import CommunicatorError
+from ..fault import RANK_VARS as _RANK_VARS  # the one list of process-manager variables
+from ..fault import SIZE_VARS as _SIZE_VARS
 from .base import LOCAL, Communicator, NoCommunicator
 
 __all__ = [
@@ -30,9 +32,6 @@ __all__ = [
 _BACKENDS = ("auto", "nccl", "mpi", "none")
 _default: Communicator | None = None
 
-# Variables that process managers set: MPICH/Hydra, Open MPI, PMIx, Slurm.
-_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS", "SLURM_NTASKS")
-_RANK_VARS = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK")
 
 
 def launched_size() -> int:
