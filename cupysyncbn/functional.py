@@ -43,7 +43,7 @@ from . import protocol
 from .backends import Backend
 from .comm import as_communicator
 from .comm.base import Communicator
-from .dtypes import check_input_dtype, compute_dtype
+from .dtypes import check_input_dtype, compute_dtype, to_native
 from .formats import DataFormat, canonical_view, format_for_ndim
 from .interop.dlpack import accepts_dlpack
 from .validation import check_forward_arguments, fallback_backend
@@ -55,6 +55,7 @@ __all__ = [
     "batch_norm_forward",
     "batch_norm_backward",
     "running_stats_update",
+    "fail_collectively",
 ]
 
 _F64 = np.dtype(np.float64)
@@ -363,6 +364,9 @@ def batch_norm_forward(
         :class:`~cupysyncbn.errors.RemoteInputError`).
     """
     comm_ = as_communicator(comm)
+    x, weight, bias, running_mean, running_var = map(
+        to_native, (x, weight, bias, running_mean, running_var)
+    )
     # Checks that can fail on one rank alone: the rank still joins the
     # peers' collective with an error slot set, then raises (validation.py).
     chk = check_forward_arguments(
@@ -515,6 +519,49 @@ def _handshake(
         state.handshake_done = True
 
 
+def fail_collectively(
+    error: BaseException,
+    kind: str = "other",
+    *,
+    comm: Any = None,
+    sync_state: SyncState | None = None,
+    num_features: int | None = None,
+    backend: str | None = None,
+) -> None:
+    """Join the training forward the other ranks are in, then raise ``error``.
+
+    For adapters and wrappers whose own checks fail before they call
+    :func:`batch_norm_forward` (a tensor of the wrong rank, an object that is
+    not a tensor): instead of leaving the other ranks waiting in the
+    collective, this rank takes part with an error slot set, so every rank
+    raises — this one ``error``, the others
+    :class:`~cupysyncbn.errors.RemoteInputError` naming ``kind``.
+
+    Parameters
+    ----------
+    error : BaseException
+        Raised on this rank.
+    kind : str
+        One of :data:`cupysyncbn.protocol.ERROR_KINDS`.
+    comm, sync_state, num_features
+        What the layer would have passed to :func:`batch_norm_forward`.
+    backend : {'numpy', 'cupy'}, optional
+        Where the layer's buffers live (default: from ``sync_state``/``comm``).
+    """
+    comm_ = as_communicator(comm)
+    if comm_.synchronizes:
+        if backend == "cupy":
+            from .backends.cupy_backend import get_cupy_backend
+
+            be = get_cupy_backend()
+        elif backend == "numpy":
+            from .backends import NUMPY_BACKEND as be
+        else:
+            be = fallback_backend(comm_, sync_state)
+        _forward_invalid(comm_, be, sync_state, num_features, (kind, error))
+    raise error
+
+
 def _forward_invalid(
     comm: Communicator, backend: Backend, state: SyncState | None, nf: int | None,
     error: tuple,
@@ -573,6 +620,7 @@ def batch_norm_backward(
     """
     backend = ctx.backend
     nf = ctx.mean.shape[0]
+    dy = to_native(dy)
     err = None
     if not backend.owns(dy):
         err = ("type", TypeError(

@@ -267,8 +267,22 @@ class SyncBatchNorm(_BatchNorm):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         """Normalize ``input`` with global-batch statistics (training) or running ones (eval)."""
-        self._check_input_dim(input)
         bn_training = self.training or (self.running_mean is None and self.running_var is None)
+        try:
+            if not isinstance(input, torch.Tensor):
+                raise TypeError(f"input must be a torch.Tensor; got {type(input).__name__}")
+            self._check_input_dim(input)
+        except (TypeError, ValueError) as e:
+            if not bn_training:
+                raise
+            # The other ranks are already in the collective: join it, then raise
+            # (they raise RemoteInputError instead of waiting for the watchdog).
+            p = self.weight if self.weight is not None else self.running_mean
+            F.fail_collectively(
+                e, "type" if isinstance(e, TypeError) else "ndim", comm=self.comm,
+                sync_state=self._sync_state, num_features=self.num_features,
+                backend=None if p is None else ("cupy" if p.is_cuda else "numpy"),
+            )
         # As in torch: running stats are passed when they are updated or used.
         use_running = not self.training or self.track_running_stats
         track = self.training and self.track_running_stats
