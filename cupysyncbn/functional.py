@@ -404,7 +404,7 @@ def batch_norm_forward(
 
     if not batch_stats:
         mean = _vec(backend, running_mean, cdt)
-        invstd = 1.0 / backend.xp.sqrt(_vec(backend, running_var, cdt) + cdt.type(epsilon))
+        invstd = _invstd(backend.xp, _vec(backend, running_var, cdt) + cdt.type(epsilon))
         y = _affine_normalize(backend, v, fmt_x, mean, invstd, weight, bias, cdt, x)
         ctx = ForwardContext(
             v, tuple(x.shape), np.dtype(x.dtype), fmt_x, backend, comm_, mean, invstd,
@@ -429,7 +429,7 @@ def batch_norm_forward(
         )
         updated = True
     mean_c = mean.astype(cdt)
-    invstd = (1.0 / backend.xp.sqrt(var + float(epsilon))).astype(cdt)
+    invstd = _invstd(backend.xp, var + float(epsilon)).astype(cdt)
     if count == 0:
         invstd = backend.xp.zeros(nf, dtype=cdt)  # nothing to normalize; no inf
     y = _affine_normalize(backend, v, fmt_x, mean_c, invstd, weight, bias, cdt, x)
@@ -440,6 +440,17 @@ def batch_norm_forward(
     return ForwardResult(
         y.reshape(x.shape), ctx, new_rm, new_rv, mean, var, count, updated
     )
+
+
+def _invstd(xp: Any, var_eps: Any) -> Any:
+    """``1/sqrt(var + eps)``, and 0 where ``var + eps`` is exactly 0.
+
+    Finite in, finite out: with ``epsilon=0`` a constant channel has variance
+    0, and ``(x - mean) * inf`` would be ``0 * inf = NaN``. Its normalized
+    value is taken as 0 instead, so ``y = bias`` and ``dx = 0`` there (the
+    limit of ``epsilon -> 0`` for ``y``). NaN/Inf variances propagate.
+    """
+    return xp.where(var_eps == 0, 0.0, 1.0 / xp.sqrt(var_eps)).astype(var_eps.dtype, copy=False)
 
 
 def _affine_normalize(
