@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from . import functional as F
+from . import protocol
 from .comm import as_communicator
 from .comm.base import LOCAL, Communicator
 from .dtypes import parse_param_dtype
@@ -118,7 +119,9 @@ class _BatchNormBase(Layer):
         # None stays lazy (the default communicator is created at first use);
         # anything else is resolved now so a bad ``comm`` fails at construction.
         self._comm: Communicator | None = None if comm is None else as_communicator(comm)
-        self._sync_state = F.SyncState()
+        # The layer's identity on every rank: its order of construction among
+        # the layers of its communicator (protocol.next_construction_ordinal).
+        self._sync_state = F.SyncState(ordinal=protocol.next_construction_ordinal(self._comm))
         self._ctx: F.ForwardContext | None = None
 
     # read-only views of the configuration ----------------------------------
