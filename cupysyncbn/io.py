@@ -5,7 +5,7 @@
   loading a checkpoint can never run code.
 * Any non-empty ``str`` key round-trips (``file``, ``allow_pickle``, dots,
   slashes, non-ASCII); a key that the zip format would change (a NUL
-  character, a backslash) is refused at ``save`` with a ``ValueError``
+  character; on Windows also a backslash) is refused at ``save`` with a ``ValueError``
   naming it. :func:`load` reads only archives whose members are all ``.npy``
   arrays and checks every header against the data actually stored before
   reading (a header declaring more data than the file holds is refused
@@ -61,7 +61,7 @@ def _host_arrays(state_dict: Any) -> OrderedDict:
         if zipfile.ZipInfo(_member(key)).filename != _member(key):
             raise ValueError(
                 f"state_dict key {key!r} cannot be stored in an .npz archive (zip member"
-                " names cannot hold NUL characters or backslashes); rename it"
+                " names cannot hold it as it is: a NUL character?); rename it"
             )
         try:
             host = np.asarray(_to_host(value))
