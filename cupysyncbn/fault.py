@@ -267,6 +267,16 @@ class CollectiveWatchdog:
         self._tokens = itertools.count(1)
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._stop = threading.Event()
+
+    def stop(self) -> None:
+        """End the watchdog thread (collectives registered later restart it)."""
+        with self._lock:
+            thread, self._thread = self._thread, None
+            self._stop.set()
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=5.0)
+        self._stop = threading.Event()
 
     def begin(
         self, what: Any, comm: Any = None, done: Any = None, timeout: float | None = None
@@ -309,7 +319,8 @@ class CollectiveWatchdog:
         with self._lock:
             if self._thread is None:
                 self._thread = threading.Thread(
-                    target=self._run, name="cupysyncbn-watchdog", daemon=True
+                    target=self._run, args=(self._stop,), name="cupysyncbn-watchdog",
+                    daemon=True,
                 )
                 self._thread.start()
 
@@ -329,10 +340,11 @@ class CollectiveWatchdog:
                 return entry
         return None
 
-    def _run(self) -> None:
+    def _run(self, stop: threading.Event) -> None:
         while True:
             limits = [e[1] for e in self._inflight.copy().values()] or [self.timeout or 8.0]
-            time.sleep(min(max(min(limits) / 8.0, 0.05), 5.0))
+            if stop.wait(min(max(min(limits) / 8.0, 0.05), 5.0)):
+                return
             entry = self._expired()
             if entry is None:
                 continue
