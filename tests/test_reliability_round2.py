@@ -215,7 +215,7 @@ if rank == 0:
     B(x)  # never served: the watchdog must abort the job
     say("UNREACHABLE")
 else:
-    time.sleep(2.0)
+    time.sleep(1.5)
     A(x)
     say("SERVED A")
     time.sleep(60)
@@ -225,13 +225,13 @@ else:
 def test_watchdog_times_every_collective_in_flight(tmp_path):
     t0 = time.monotonic()
     res = run_mpi(WATCHDOG_THREADS, 2, timeout=60, tmp_path=tmp_path, check=False,
-                  env={"CUPYSYNCBN_TIMEOUT": "3"})
+                  env={"CUPYSYNCBN_TIMEOUT": "2.5"})
     elapsed = time.monotonic() - t0
     out = res.stdout + res.stderr
     assert res.returncode != 0, out
     assert "UNREACHABLE" not in out
     assert "SERVED A" in out, out
-    assert "has not completed after 3 s" in out, out
+    assert "has not completed after 2.5 s" in out, out
     assert elapsed < 45, elapsed
 
 
@@ -252,23 +252,20 @@ def impl(case, rank, size):
 
 
 def test_conformance_impl_raising_on_one_rank_ends_the_job(tmp_path):
-    (tmp_path / "oneimpl.py").write_text(IMPL)
-    t0 = time.monotonic()
-    res = run_mpi(CONFORMANCE_RAISE, 2, timeout=60, tmp_path=tmp_path, check=False,
-                  args=("--impl", f"{tmp_path / 'oneimpl.py'}:impl", "--case",
-                        "paddle_NC_float64"))
-    out = res.stdout + res.stderr
-    assert res.returncode != 0, out
-    assert "impl broken on rank 1" in out and "aborting the job" in out, out
-    assert time.monotonic() - t0 < 45
-
-
-def test_conformance_impl_raising_everywhere_is_reported(tmp_path):
+    # First an implementation raising on every rank: reported in the table as
+    # usual (the ranks agree); then one raising on rank 1 only, while rank 0
+    # waits inside its collectives: the job ends within seconds.
     (tmp_path / "allimpl.py").write_text(
         "def impl(case, rank, size):\n    raise RuntimeError('broken everywhere')\n"
     )
+    (tmp_path / "oneimpl.py").write_text(IMPL)
+    t0 = time.monotonic()
     res = run_mpi(CONFORMANCE_RAISE, 2, timeout=60, tmp_path=tmp_path, check=False,
-                  args=("--impl", f"{tmp_path / 'allimpl.py'}:impl", "--case",
-                        "paddle_NC_float64"))
-    assert res.returncode == 1, res.stdout + res.stderr
-    assert "broken everywhere" in res.stdout and "conformance: FAIL" in res.stdout
+                  args=("--impl", f"{tmp_path / 'allimpl.py'}:impl",
+                        "--impl", f"{tmp_path / 'oneimpl.py'}:impl",
+                        "--case", "paddle_NC_float64"))
+    out = res.stdout + res.stderr
+    assert "broken everywhere" in res.stdout, out  # the first table was printed
+    assert res.returncode != 0, out
+    assert "impl broken on rank 1" in out and "aborting the job" in out, out
+    assert time.monotonic() - t0 < 45
