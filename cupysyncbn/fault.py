@@ -8,9 +8,12 @@ every other rank, forever, unless something ends the job.
   prints its traceback and then calls ``MPI_Abort``, which makes ``mpiexec``
   kill every rank of the job. Without it, the failing rank exits and the
   others wait forever in their next all-reduce.
-* :class:`CollectiveWatchdog` (on by default on the MPI path): a collective
-  that has not completed after ``CUPYSYNCBN_TIMEOUT`` seconds (default 600;
-  ``0`` disables) prints which rank waited for what and aborts the job. This
+* :class:`CollectiveWatchdog` (on by default on the MPI path): every
+  collective in flight, from any thread and any communicator, is timed
+  against its own deadline; one that has not completed after
+  ``CUPYSYNCBN_TIMEOUT`` seconds (default 600; ``0`` disables) prints which
+  rank waited for what and aborts the job through that collective's
+  communicator (:func:`abort_job` calls ``comm.abort``). This
   covers the cases no exception announces: a rank that left the training loop
   early (fewer batches than the others) or skipped a collective (eval mode on
   one rank only), a rank stuck in a dead-lock of its own.

@@ -129,7 +129,11 @@ def _group_key(comm: Any) -> Any:
     fn = getattr(comm, "group_key", None)
     if fn is not None:
         return fn()
-    return ("object", id(comm))  # pragma: no cover - every Communicator has one
+    if hasattr(comm, "Set_attr"):  # a raw mpi4py communicator (adapters keep those)
+        from .comm.mpi import MPICommunicator
+
+        return MPICommunicator(comm).group_key()
+    return ("object", id(comm))
 
 
 def next_construction_ordinal(comm: Any = None) -> int:

@@ -179,6 +179,10 @@ x = torch.randn(C) if rank == BAD else torch.randn(4, C)
 expect("torch-first-1d", lambda: T2(x), bad=(ValueError, "2D to 5D"),
        other=remote("number of dimensions"))
 expect("torch-recovers", lambda: T2(torch.randn(4, C)))
+TA, TB = sbt.SyncBatchNorm(C, comm=world), sbt.SyncBatchNorm(C, comm=world)
+order = (TA, TB) if rank == 0 else (TB, TA)
+expect("torch-swap-first-pass", lambda: [m(torch.randn(4, C)) for m in order],
+       everyone=(CollectiveMismatchError, "different layers"))
 say(f"DONE {rank}")
 """
 
@@ -194,7 +198,7 @@ def test_one_bad_rank_never_leaves_the_others_waiting(tmp_path):
                  "fn-arg-weight-shape", "fn-arg-momentum", "fn-arg-epsilon",
                  "fn-arg-data-format", "swap-first-pass", "eval-one-rank", "free-then-dup",
                  "save-path-rank0-only", "save-bad-path-rank0", "torch-1d", "torch-6d",
-                 "torch-numpy", "torch-first-1d"):
+                 "torch-numpy", "torch-first-1d", "torch-swap-first-pass"):
         assert must in cases, must
     # no probe waited for a timeout: the whole job is quick
     assert time.monotonic() - t0 < 100

@@ -31,6 +31,7 @@ from torch.autograd.function import once_differentiable
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import functional as F
+from .. import protocol
 from .dlpack import to_native
 from .state_dict import momentum_torch_to_paddle, paddle_to_torch, torch_to_paddle
 
@@ -250,7 +251,8 @@ class SyncBatchNorm(_BatchNorm):
             num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype
         )
         self.comm = comm
-        self._sync_state = F.SyncState()
+        # identity on every rank: order of construction (see cupysyncbn.protocol)
+        self._sync_state = F.SyncState(ordinal=protocol.next_construction_ordinal(comm))
 
     @property
     def comm(self) -> Any:
