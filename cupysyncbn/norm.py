@@ -175,6 +175,12 @@ class _BatchNormBase(Layer):
         self._ctx = None
 
     # passes ------------------------------------------------------------------
+    def _training_stats(self) -> bool:
+        """Whether a forward now uses batch statistics (a synchronized pass)."""
+        if self._use_global_stats is None:
+            return self.training or not self._track_running_stats
+        return not self._use_global_stats
+
     def forward(self, x: Any) -> Any:
         """Normalize ``x`` (see :func:`cupysyncbn.functional.batch_norm_forward`).
 
@@ -229,10 +235,17 @@ class _BatchNormBase(Layer):
             does not match the forward's input.
         """
         if self._ctx is None:
-            raise ValueError(
+            err = ValueError(
                 f"{type(self).__name__}.backward(dy) called before forward(x): run a"
                 " forward pass first"
             )
+            if self._comm is None or not self._training_stats():
+                raise err
+            # The other ranks may be in this layer's backward: join it, then raise.
+            F.fail_collectively(
+                err, "other", comm=self._comm, sync_state=self._sync_state, backward=True
+            )
+
         need = self.weight.trainable or self.bias.trainable
         dx, dweight, dbias = F.batch_norm_backward(dy, self._ctx, need_param_grads=need)
         if need:

@@ -161,6 +161,14 @@ expect("save-bad-path-rank0", lambda: sbn.save(sd, bad_path, comm=comm),
        bad=(TypeError, "path must be"), other=remote("invalid state_dict or path"))
 BAD = 1
 
+# ---- backward with no pending forward on one rank (its state was reloaded)
+L2 = sbn.SyncBatchNorm(C, data_format="NC")
+L2(x_ok())
+if rank == BAD:
+    L2.set_state_dict(L2.state_dict())  # forgets the pending forward
+expect("backward-without-forward", lambda: L2.backward(np.ones((4, C), np.float32)),
+       bad=(ValueError, "before forward"), other=remote("invalid input"))
+
 # ---- PyTorch adapter: a 1-D, a 6-D tensor or a NumPy array on one rank
 import torch
 from cupysyncbn.interop import torch as sbt
@@ -197,8 +205,8 @@ def test_one_bad_rank_never_leaves_the_others_waiting(tmp_path):
     for must in ("fn-noparams-list", "fn-noparams-1d", "fn-noparams-0d", "fn-state-list",
                  "fn-arg-weight-shape", "fn-arg-momentum", "fn-arg-epsilon",
                  "fn-arg-data-format", "swap-first-pass", "eval-one-rank", "free-then-dup",
-                 "save-path-rank0-only", "save-bad-path-rank0", "torch-1d", "torch-6d",
-                 "torch-numpy", "torch-first-1d", "torch-swap-first-pass"):
+                 "save-path-rank0-only", "save-bad-path-rank0", "backward-without-forward",
+                 "torch-1d", "torch-6d", "torch-numpy", "torch-first-1d", "torch-swap-first-pass"):
         assert must in cases, must
     # no probe waited for a timeout: the whole job is quick
     assert time.monotonic() - t0 < 100
