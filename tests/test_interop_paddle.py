@@ -328,6 +328,11 @@ def test_communicator_per_group_is_cached_and_single_rank_is_identity(monkeypatc
     buf = np.arange(4.0)
     assert two.allreduce_sum(buf) is buf and np.array_equal(buf, [0.0, 2.0, 4.0, 6.0])
     assert seen == [two.group] and two.rank == 1 and two.size == 2
+    # abort ends this process at once (Paddle's launcher then stops the others)
+    exits = []
+    monkeypatch.setattr(cp.os, "_exit", exits.append)
+    two.abort(7)
+    assert exits == [7]
 
 
 def test_float64_matches_numpy_two_pass_reference(dtype64):

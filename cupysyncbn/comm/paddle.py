@@ -189,14 +189,14 @@ def _order_cupy_after_paddle(buf: Any) -> None:
     import cupy
     import paddle
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pstream = paddle.device.cuda.current_stream(buf.device.id).cuda_stream
     cstream = cupy.cuda.get_current_stream()
-    if int(pstream) == int(cstream.ptr):
-        return
-    ev = cupy.cuda.Event(disable_timing=True)
-    ev.record(cupy.cuda.ExternalStream(int(pstream), buf.device.id))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # deprecated names both libraries still have
+        pstream = int(paddle.device.cuda.current_stream(buf.device.id).cuda_stream)
+        if pstream == int(cstream.ptr):
+            return
+        ev = cupy.cuda.Event(disable_timing=True)
+        ev.record(cupy.cuda.ExternalStream(pstream, buf.device.id))
     cstream.wait_event(ev)
 
 

@@ -83,9 +83,12 @@ def _paddle_stream(t: Any) -> Any:
 
     dev = t.place.gpu_device_id()
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # paddle.device.cuda is marked deprecated
+        # paddle.device.cuda and cupy.cuda.ExternalStream are marked deprecated
+        # (in Paddle 3 / CuPy 14) but are the forms both old and new versions have.
+        warnings.simplefilter("ignore")
         ptr = int(paddle.device.cuda.current_stream(dev).cuda_stream)
-    with cupy.cuda.Device(dev), cupy.cuda.ExternalStream(ptr, dev):
+        stream = cupy.cuda.ExternalStream(ptr, dev)
+    with cupy.cuda.Device(dev), stream:
         yield
 
 
