@@ -13,6 +13,9 @@ import pytest
 
 paddle = pytest.importorskip("paddle")
 
+# Paddle's own BatchNorm warns on every training forward (the reference here).
+pytestmark = pytest.mark.filterwarnings("ignore:When training, we now always track")
+
 import cupysyncbn as sbn  # noqa: E402
 from cupysyncbn.comm import as_communicator  # noqa: E402
 from cupysyncbn.comm import paddle as cp  # noqa: E402

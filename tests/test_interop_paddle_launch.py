@@ -17,6 +17,9 @@ from mpi_runner import mpi_env
 
 pytest.importorskip("paddle")
 
+# Paddle's own BatchNorm warns on every training forward (the reference here).
+pytestmark = pytest.mark.filterwarnings("ignore:When training, we now always track")
+
 SCRIPT = r"""
 import json, os, sys
 import numpy as np, paddle, paddle.distributed as dist

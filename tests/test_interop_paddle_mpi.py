@@ -11,6 +11,9 @@ from cupysyncbn import conformance as C
 
 pytest.importorskip("paddle")
 
+# Paddle's own BatchNorm warns on every training forward (the reference here).
+pytestmark = pytest.mark.filterwarnings("ignore:When training, we now always track")
+
 MPI_SCRIPT = r"""
 import copy, sys
 import numpy as np, paddle
