@@ -311,9 +311,10 @@ def test_gradient_accumulation_and_clear(rng):
     _, w2, b2 = bn_ref.ref_backward(x2, d2, "NCHW")
     np.testing.assert_allclose(layer.weight.grad, w1 + w2, atol=1e-12)
     np.testing.assert_allclose(layer.bias.grad, b1 + b2, atol=1e-12)
-    # backward twice on the same forward accumulates twice
-    layer.backward(d2)
-    np.testing.assert_allclose(layer.bias.grad, b1 + 2 * b2, atol=1e-12)
+    # each forward allows one backward (as Paddle and PyTorch)
+    with pytest.raises(RuntimeError, match="no forward is pending"):
+        layer.backward(d2)
+    np.testing.assert_allclose(layer.bias.grad, b1 + b2, atol=1e-12)
     layer.clear_gradients()
     assert layer.weight.grad is None and layer.bias.grad is None
 
