@@ -35,6 +35,11 @@ def channel_axis(fmt: str, ndim: int) -> int:
     raise ValueError(fmt)
 
 
+def to_numpy(a):
+    """A host NumPy copy of a NumPy or CuPy array."""
+    return a.get() if hasattr(a, "get") and not isinstance(a, np.ndarray) else np.asarray(a)
+
+
 def _b(v, ndim, ca):
     shape = [1] * ndim
     shape[ca] = -1
