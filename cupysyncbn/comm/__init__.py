@@ -152,6 +152,3 @@ def as_communicator(comm: Any) -> Communicator:
         "comm must be a cupysyncbn Communicator, an mpi4py.MPI.Comm or None;"
         f" got {type(comm).__name__}"
     )
-
-
-LOCAL_COMM = LOCAL
