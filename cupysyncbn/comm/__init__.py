@@ -15,7 +15,7 @@ import os
 from typing import Any
 
 from ..errors import CommunicatorError
-from .base import LOCAL, Communicator, NoCommunicator
+from .base import Communicator, NoCommunicator
 
 __all__ = [
     "Communicator",
