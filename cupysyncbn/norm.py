@@ -8,6 +8,7 @@ the one-process communicator, ``SyncBatchNorm`` the group given by ``comm``
 
 from __future__ import annotations
 
+import contextlib
 import numbers
 from typing import Any
 
@@ -316,7 +317,9 @@ class _BatchNormBase(Layer):
             raise err
         backend = get_backend(self.weight.data, "weight")
         c = self._num_features
-        buf = backend.xp.zeros(protocol.HEADER + 2 * c, dtype=np.float64)
+        dev = getattr(self.weight.data, "device", None)  # CuPy: the layer's GPU
+        with dev if hasattr(dev, "__enter__") else contextlib.nullcontext():
+            buf = backend.xp.zeros(protocol.HEADER + 2 * c, dtype=np.float64)
         protocol.fill_header(
             buf, 0, protocol.PHASE_BACKWARD, "other", c, state.layer_id, state.calls
         )

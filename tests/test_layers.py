@@ -732,3 +732,32 @@ def test_apply_and_buffers():
     assert len(model.buffers()) == 12
     assert [k for k, _ in model["head"].named_buffers(prefix="h")] == [
         "h._mean", "h._variance", "h._num_batches_tracked"]
+
+
+def test_backward_without_pending_forward_raises_on_every_rank(rng):
+    # Once a layer has synchronized, a backward with nothing pending still
+    # joins the layer's collective, so no peer is left waiting in it.
+    from cupysyncbn.errors import CollectiveMismatchError
+
+    group = bn_ref.ThreadGroup(2, timeout=10)
+    x = _x(rng, (2, 3, 2, 2))
+
+    def fn(r, comm):
+        layer = sbn.SyncBatchNorm(3, comm=comm, dtype="float64")
+        layer(x)
+        layer.backward(x)
+        errs = []
+        for rank_doing_backward in ((0, 1), (0,)):  # both ranks, then rank 0 only
+            try:
+                if r in rank_doing_backward:
+                    layer.backward(x)
+                else:
+                    layer(x)
+            except (RuntimeError, ValueError) as e:
+                errs.append(e)
+        return errs
+
+    (a1, a2), (b1, b2) = group.run(fn)
+    assert isinstance(a1, sbn.NoPendingForwardError) and isinstance(b1, sbn.NoPendingForwardError)
+    assert isinstance(a2, CollectiveMismatchError) and isinstance(b2, CollectiveMismatchError)
+    assert "backward on 1" in str(a2)
