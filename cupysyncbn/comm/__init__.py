@@ -19,7 +19,7 @@ import sys
 from typing import Any
 
 from ..errors import CommunicatorError
-from .base import LOCAL, Communicator, NoCommunicator
+from .base import Communicator, NoCommunicator
 
 __all__ = [
     "Communicator",
@@ -194,5 +194,3 @@ def _as_paddle_communicator(comm: Any) -> Communicator | None:
 
     return communicator_for(comm) if is_paddle_group(comm) else None
 
-
-LOCAL_COMM = LOCAL
