@@ -173,8 +173,8 @@ def _validate_input(
     f = format_for_ndim(fmt, x.ndim)
     if f is None:
         return "ndim", ValueError(
-            f"x must have {fmt.ndim} dimensions for data_format={fmt.name!r}; got"
-            f" shape {tuple(x.shape)}"
+            f"x must have 2 to 5 dimensions for data_format={fmt.name!r} (channels on"
+            f" axis {'1' if fmt.channels_first_name else '-1'}); got shape {tuple(x.shape)}"
         )
     c = x.shape[f.channel_axis]
     if num_features is not None and c != num_features:
@@ -538,9 +538,8 @@ def fail_collectively(
     sync_state: SyncState | None = None,
     num_features: int | None = None,
     backend: str | None = None,
-    backward: bool = False,
 ) -> None:
-    """Join the training forward (or backward) the other ranks are in, then raise ``error``.
+    """Join the training forward the other ranks are in, then raise ``error``.
 
     For adapters and wrappers whose own checks fail before they call
     :func:`batch_norm_forward` (a tensor of the wrong rank, an object that is
@@ -559,13 +558,8 @@ def fail_collectively(
         What the layer would have passed to :func:`batch_norm_forward`.
     backend : {'numpy', 'cupy'}, optional
         Where the layer's buffers live (default: from ``sync_state``/``comm``).
-    backward : bool
-        Join a backward pass instead (only possible once ``sync_state`` did
-        its first pass: it then knows the buffer size).
     """
     comm_ = as_communicator(comm)
-    if backward and (sync_state is None or not sync_state.handshake_done):
-        raise error  # this layer never synchronized: no peer can be in its backward
     if comm_.synchronizes:
         if backend == "cupy":
             from .backends.cupy_backend import get_cupy_backend
@@ -575,11 +569,7 @@ def fail_collectively(
             from .backends import NUMPY_BACKEND as be
         else:
             be = fallback_backend(comm_, sync_state)
-        if backward:
-            _allreduce(comm_, be, sync_state, [None, None], 0, protocol.PHASE_BACKWARD,
-                       (kind, error), sync_state.num_features)
-        else:
-            _forward_invalid(comm_, be, sync_state, num_features, (kind, error))
+        _forward_invalid(comm_, be, sync_state, num_features, (kind, error))
     raise error
 
 

@@ -5,15 +5,17 @@
   loading a checkpoint can never run code.
 * Any non-empty ``str`` key round-trips (``file``, ``allow_pickle``, dots,
   slashes, non-ASCII); a key that the zip format would change (a NUL
-  character; on Windows also a backslash) is refused at ``save`` with a ``ValueError``
-  naming it. :func:`load` reads only archives whose members are all ``.npy``
-  arrays and checks every header against the data actually stored before
-  reading (a header declaring more data than the file holds is refused
-  without allocating it), so a ``torch.save`` file, another zip or a forged
-  header raises :class:`CheckpointError`.
+  character; on Windows also a backslash) is refused at ``save`` with a
+  ``ValueError`` naming it. :func:`load` reads only archives whose members
+  are all ``.npy`` arrays and checks every header against the data actually
+  stored before reading (a header declaring more data than the file holds is
+  refused without allocating it), so a ``torch.save`` file, another zip or a
+  forged header raises :class:`CheckpointError`.
 * Writes are atomic: the archive goes to a temporary file with a short name
-  in the target's folder (``.sbn-XXXX.tmp``, so any valid target name works),
-  is flushed and ``fsync``-ed, then renamed
+  in the target's folder (``.sbn-XXXXXXXX.tmp``, so any valid target name
+  works; created with mode 0666 minus the umask, so the checkpoint gets the
+  mode ``numpy.save`` would give it: 0644 under umask 022), is flushed and
+  ``fsync``-ed, then renamed
   over the target (``os.replace``). A crash at any point leaves either the old
   file or the new one, never a partial file (a hard crash may leave the
   temporary file behind; it is never read).
@@ -26,7 +28,7 @@
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 import zipfile
 from collections import OrderedDict
 from typing import Any
@@ -157,13 +159,31 @@ def _check_path(path: Any) -> str:
     return os.fspath(path)
 
 
+def _create_temp(folder: str, base: str) -> tuple[int, str]:
+    """Create ``.sbn-XXXXXXXX.tmp`` exclusively, with mode 0666 minus the umask.
+
+    ``tempfile.mkstemp`` would create it 0600 whatever the umask, and the
+    rename would give the checkpoint that mode; ``numpy.save`` and ``open``
+    honour the umask (0644 under 022), so this does too, without changing the
+    process umask (which other threads share). The name is short, not
+    ``.<base>.tmp-...``: that would exceed NAME_MAX (255) for valid target
+    names longer than about 240 characters.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    flags |= getattr(os, "O_BINARY", 0)
+    for _ in range(100):
+        tmp = os.path.join(folder, f".sbn-{secrets.token_hex(4)}.tmp")
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:  # pragma: no cover - 32 random bits collided
+            continue
+    raise FileExistsError(f"could not create a temporary file next to {base!r} in {folder!r}")
+
+
 def _atomic_write(arrays: dict, path: str) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     base = os.path.basename(path)
-    # A short temporary name: ".<base>.tmp-..." would exceed NAME_MAX (255)
-    # for valid target names longer than about 240 characters.
-    del base
-    fd, tmp = tempfile.mkstemp(prefix=".sbn-", suffix=".tmp", dir=folder)
+    fd, tmp = _create_temp(folder, base)
     try:
         with os.fdopen(fd, "wb") as f:
             _write_archive(f, arrays)

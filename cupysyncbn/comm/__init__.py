@@ -6,18 +6,22 @@
   than one rank or an MPI communicator was given;
 * ``'mpi'`` when the process runs under ``mpiexec``/``srun`` (or ``mpi_comm``
   is given) and mpi4py imports;
+* ``'paddle'`` (collectives of ``paddle.distributed``) when no MPI
+  communicator is given and this process already ran Paddle's
+  ``init_parallel_env()`` (jobs started by ``python -m paddle.distributed.launch``);
 * ``'none'`` otherwise (one process; no MPI library needed).
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any
 
 from ..errors import CommunicatorError
 from ..fault import RANK_VARS as _RANK_VARS  # the one list of process-manager variables
 from ..fault import SIZE_VARS as _SIZE_VARS
-from .base import LOCAL, Communicator, NoCommunicator
+from .base import Communicator, NoCommunicator
 
 __all__ = [
     "Communicator",
@@ -29,7 +33,7 @@ __all__ = [
     "launched_size",
 ]
 
-_BACKENDS = ("auto", "nccl", "mpi", "none")
+_BACKENDS = ("auto", "nccl", "mpi", "none", "paddle")
 _default: Communicator | None = None
 
 
@@ -59,11 +63,14 @@ def init(backend: str = "auto", mpi_comm: Any = None) -> Communicator:
 
     Parameters
     ----------
-    backend : {'auto', 'nccl', 'mpi', 'none'}
+    backend : {'auto', 'nccl', 'mpi', 'none', 'paddle'}
         Which collective library to use (see the module docstring for 'auto').
+        ``'paddle'``: ``paddle.distributed`` collectives (after Paddle's
+        ``init_parallel_env()``).
     mpi_comm : mpi4py.MPI.Comm, optional
         The group to synchronize over (default ``MPI.COMM_WORLD``). Use a
         sub-communicator (``MPI.COMM_WORLD.Split(color)``) to sync a sub-group.
+        With ``backend='paddle'``: a Paddle group (default: the global one).
 
     Returns
     -------
@@ -90,7 +97,12 @@ def _create(backend: str, mpi_comm: Any) -> Communicator:
         if mpi_comm is not None and mpi_comm.Get_size() != 1:
             raise ValueError("backend='none' cannot synchronize an mpi_comm of size > 1")
         return NoCommunicator()
+    if backend == "paddle":
+        return _create_paddle(mpi_comm)
     if backend == "auto":
+        paddle_comm = _auto_paddle(mpi_comm)
+        if paddle_comm is not None:
+            return paddle_comm
         if mpi_comm is None and launched_size() == 1:
             return NoCommunicator()
         if _cupy_gpu_available():
@@ -114,6 +126,23 @@ def _create(backend: str, mpi_comm: Any) -> Communicator:
     from .nccl import NCCLCommunicator
 
     return NCCLCommunicator(world)
+
+
+def _auto_paddle(mpi_comm: Any) -> Communicator | None:
+    """Paddle's global group when Paddle's distributed environment is up, else None."""
+    # sys.modules only: `import cupysyncbn` and init('auto') never import Paddle.
+    if mpi_comm is not None or "paddle.distributed" not in sys.modules:
+        return None
+    from .paddle import communicator_for, paddle_initialized
+
+    return communicator_for(None) if paddle_initialized() else None
+
+
+def _create_paddle(group: Any) -> Communicator:
+    """``init('paddle', group)``: a Paddle process group (None: the global one)."""
+    from .paddle import communicator_for
+
+    return communicator_for(group)
 
 
 def get_default_comm() -> Communicator:
@@ -142,15 +171,25 @@ def as_communicator(comm: Any) -> Communicator:
         return get_default_comm()
     if isinstance(comm, Communicator):
         return comm
+    paddle_comm = _as_paddle_communicator(comm)
+    if paddle_comm is not None:
+        return paddle_comm
     mod = type(comm).__module__ or ""
     if mod.startswith("mpi4py"):
         from .mpi import MPICommunicator
 
         return MPICommunicator(comm)
     raise TypeError(
-        "comm must be a cupysyncbn Communicator, an mpi4py.MPI.Comm or None;"
+        "comm must be a cupysyncbn Communicator, an mpi4py.MPI.Comm, a Paddle group or None;"
         f" got {type(comm).__name__}"
     )
 
 
-LOCAL_COMM = LOCAL
+def _as_paddle_communicator(comm: Any) -> Communicator | None:
+    """The communicator of a ``paddle.distributed`` group, or None for anything else."""
+    if not (type(comm).__module__ or "").startswith("paddle."):
+        return None
+    from .paddle import communicator_for, is_paddle_group
+
+    return communicator_for(comm) if is_paddle_group(comm) else None
+
