@@ -281,3 +281,34 @@ def test_conformance_impl_raising_on_one_rank_ends_the_job(tmp_path):
     assert res.returncode != 0, out
     assert "impl broken on rank 1" in out and "aborting the job" in out, out
     assert time.monotonic() - t0 < 45
+
+
+PADDLE_PROBES = HEAD + r"""
+import paddle
+from cupysyncbn.interop.paddle import SyncBatchNorm as PSBN
+
+P = PSBN(C, data_format="NC", comm=world)
+P(paddle.randn([4, C]))  # first pass done: the next ones are steady-state passes
+for name, xb, etype, pat in [
+    ("1d", paddle.randn([C]), ValueError, "2D to 5D"),
+    ("6d", paddle.randn([2, C, 1, 1, 1, 1]), ValueError, "2D to 5D"),
+    ("numpy", np.ones((4, C), np.float32), TypeError, "paddle.Tensor"),
+]:
+    x = xb if rank == BAD else paddle.randn([4, C])
+    expect(f"paddle-{name}", lambda: P(x), bad=(etype, pat), other=remote("rank\\(s\\) passed"))
+expect("paddle-recovers", lambda: P(paddle.randn([4, C])))
+PA, PB = PSBN(C, data_format="NC", comm=world), PSBN(C, data_format="NC", comm=world)
+order = (PA, PB) if rank == 0 else (PB, PA)
+expect("paddle-swap-first-pass", lambda: [m(paddle.randn([4, C])) for m in order],
+       everyone=(CollectiveMismatchError, "different layers"))
+say(f"DONE {rank}")
+"""
+
+
+def test_paddle_adapter_bad_input_on_one_rank(tmp_path):
+    pytest.importorskip("paddle")
+    res = run_mpi(PADDLE_PROBES, 2, timeout=120, tmp_path=tmp_path)
+    for r in range(2):
+        assert f"DONE {r}" in res.stdout, res.stdout + res.stderr
+    for case in ("paddle-1d", "paddle-6d", "paddle-numpy", "paddle-swap-first-pass"):
+        assert f"OK {case} 0" in res.stdout and f"OK {case} 1" in res.stdout, case
