@@ -120,6 +120,21 @@ class _BatchNormBase(Layer):
         self._comm: Communicator | None = None if comm is None else as_communicator(comm)
         self._sync_state = F.SyncState()
         self._ctx: F.ForwardContext | None = None
+        self._place_new_layer()
+
+    def _place_new_layer(self) -> None:
+        """Under ``set_device('auto'|'gpu'...)`` with a GPU, hold CuPy arrays there."""
+        from .placement import layer_device
+
+        dev = layer_device()
+        if dev is not None:
+            self.to(dev)
+        self._state_device = self._device_now()
+
+    def _device_now(self) -> str:
+        from .devices import device_of
+
+        return device_of(self.weight.data)
 
     # read-only views of the configuration ----------------------------------
     @property
@@ -170,6 +185,12 @@ class _BatchNormBase(Layer):
 
     def _on_state_loaded(self) -> None:
         self._ctx = None
+        # A move (``.to``) invalidates the shift and buffers kept on the old
+        # device: the next synchronized pass must not mix NumPy and CuPy.
+        now = self._device_now()
+        if now != getattr(self, "_state_device", now):
+            self._sync_state.reset()
+        self._state_device = now
 
     # passes ------------------------------------------------------------------
     def forward(self, x: Any) -> Any:
