@@ -23,6 +23,7 @@ from .grads import allreduce_gradients
 from .io import load, save
 from .layer import Layer, ParamAttr, Parameter
 from .norm import BatchNorm1D, BatchNorm2D, BatchNorm3D, SyncBatchNorm
+from .placement import get_device, set_device
 
 __version__ = "0.1.0"
 
@@ -38,6 +39,8 @@ __all__ = [
     "ParamAttr",
     "Communicator",
     "init",
+    "set_device",
+    "get_device",
     "get_default_comm",
     "set_default_comm",
     "allreduce_gradients",
