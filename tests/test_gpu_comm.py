@@ -227,6 +227,7 @@ open(f"res_{rank}.json", "w").write(json.dumps(res))
 
 
 @pytest.mark.mpi
+@pytest.mark.gpu
 @pytest.mark.parametrize("k", [2, 3])
 def test_mpi_over_cupy_arrays_several_ranks(tmp_path, k):
     if GPU_REASON is not None:
