@@ -213,3 +213,21 @@ def test_import_is_light():
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=60)
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_verbose_line_one_process(gpus, monkeypatch, capsys):
+    gpus(8)
+    monkeypatch.setenv("CUPYSYNCBN_VERBOSE", "1")
+    try:
+        comm = sbn.init("auto")  # one process: no MPI, placed all the same
+        assert comm.backend == "none"
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == ["cupysyncbn: backend=none ranks=1 gpus_per_node=8 ranks_per_gpu=1"
+                       " nccl=2.18.5 rank0_device=gpu:0"]
+        sbn.init("none", force_collectives=True)
+        assert capsys.readouterr().err.strip().endswith("force_collectives=1")
+        monkeypatch.setenv("CUPYSYNCBN_VERBOSE", "0")
+        sbn.init("auto")
+        assert capsys.readouterr().err == ""
+    finally:
+        sbn.set_default_comm(None)
