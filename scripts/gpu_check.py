@@ -149,7 +149,7 @@ def kernel_cache(rep: Report, tmp: Path) -> None:
     runs = []
     for label in ("first process (compiles)", "second process (loads)"):
         p = subprocess.run([sys.executable, "-c", KERNEL_LOAD], env=env, capture_output=True,
-                           text=True, timeout=300)
+                           text=True, timeout=120)
         if p.returncode != 0:
             rep.check(f"kernel loading, {label}", False, p.stderr.strip()[-800:])
             return
@@ -178,7 +178,7 @@ def gpu_tests(rep: Report, tmp: Path, extra: list[str]) -> None:
     t0 = time.monotonic()
     try:
         p = subprocess.run(cmd, cwd=ROOT, env=_env_for_children(), capture_output=True,
-                           text=True, timeout=float(os.environ.get("GPU_TESTS_TIMEOUT", 420)))
+                           text=True, timeout=float(os.environ.get("GPU_TESTS_TIMEOUT", 330)))
         out = p.stdout + p.stderr
     except subprocess.TimeoutExpired as e:
         out = (e.stdout or "") if isinstance(e.stdout, str) else ""
@@ -220,9 +220,9 @@ def bench(rep: Report, tmp: Path) -> None:
     env = _env_for_children()
     cmd = [sys.executable, str(Path(__file__).resolve()), "--bench-only", str(out)]
     try:
-        p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+        p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=150)
     except subprocess.TimeoutExpired:
-        rep.check("benchmark finished", False, "killed after 240 s")
+        rep.check("benchmark finished", False, "killed after 150 s")
         return
     if p.returncode != 0 or not out.exists():
         rep.check("benchmark ran", False, (p.stdout + p.stderr).strip()[-1500:])
