@@ -168,8 +168,8 @@ def _validate_input(
     f = format_for_ndim(fmt, x.ndim)
     if f is None:
         return "ndim", ValueError(
-            f"x must have {fmt.ndim} dimensions for data_format={fmt.name!r}; got"
-            f" shape {tuple(x.shape)}"
+            f"x must have 2 to 5 dimensions for data_format={fmt.name!r} (channels on"
+            f" axis {'1' if fmt.channels_first_name else '-1'}); got shape {tuple(x.shape)}"
         )
     c = x.shape[f.channel_axis]
     if num_features is not None and c != num_features:
@@ -403,7 +403,7 @@ def batch_norm_forward(
             # No weight/running stats give the channel count: take it from x,
             # so this rank joins the peers' collectives instead of leaving
             # them waiting (a differing count fails the handshake everywhere).
-            nf = int(x.shape[-1 if fmt.channel_last else 1])
+            nf = int(x.shape[fmt.axis_for(x.ndim)])
         if not sync or nf is None:
             raise info
         return _forward_invalid(comm_, backend, sync_state, nf, (kind, info))

@@ -7,7 +7,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-DATA = Path(__file__).resolve().parent / "data"
+# conformance vectors: the shipped copy (cupysyncbn/conformance/data), see bn_ref.DATA
 FORCE_ENV = "CUPYSYNCBN_FORCE_COLLECTIVES"
 
 # The NumPy suite builds layers and feeds them NumPy arrays: keep new layers

@@ -427,7 +427,8 @@ def errors():
         cases = [
             ("wrong channel count", lambda: x[:, :3].copy(), ValueError, ("channels",)),
             ("integer dtype", lambda: x.astype(np.int32), TypeError, ("dtype",)),
-            ("rank/format mismatch", lambda: x[:, :, 0].copy(), ValueError, ("dimensions",)),
+            ("rank/format mismatch", lambda: x.reshape(x.shape + (1, 1)), ValueError,
+             ("dimensions",)),
             ("non-array input", lambda: x.tolist(), TypeError, ("x must be",)),
         ]
         for what, make, etype, words in cases:

@@ -44,8 +44,9 @@ def test_data_format_wrong_type_and_family():
 
 
 @pytest.mark.parametrize("fmt,shape", [
-    ("NCHW", (2, 3, 4)), ("NCHW", (2, 3, 4, 4, 1)), ("NHWC", (2, 4, 3)),
-    ("NCDHW", (2, 3, 4, 4)), ("NDHWC", (2, 3)), ("NC", (2, 3, 4, 5)), ("NCL", (6,)),
+    # any name takes 2-5 dimensions (Paddle's SyncBatchNorm); 1 and 6 do not
+    ("NCHW", (2, 3, 4, 4, 1, 1)), ("NHWC", (3,)), ("NCDHW", (2, 3, 1, 1, 1, 1)),
+    ("NDHWC", (3,)), ("NC", (2, 3, 1, 1, 1, 1)), ("NCL", (6,)),
 ])
 def test_rank_format_mismatch(fmt, shape):
     layer = _layer(data_format=fmt)

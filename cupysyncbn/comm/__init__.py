@@ -4,6 +4,9 @@
 
 * ``'none'`` for one process not launched by an MPI process manager (no MPI
   library needed);
+* ``'paddle'`` (collectives of ``paddle.distributed``) when no MPI
+  communicator is given and this process already ran Paddle's
+  ``init_parallel_env()`` (jobs started by ``python -m paddle.distributed.launch``);
 * ``'nccl'`` when every rank can use NCCL on its own GPU (see
   :mod:`cupysyncbn.comm.select`: one small MPI all-gather decides);
 * ``'mpi'`` otherwise, with a warning saying why when some rank wanted a GPU.
@@ -21,7 +24,7 @@ import sys
 from typing import Any
 
 from ..errors import CommunicatorError
-from .base import LOCAL, Communicator, NoCommunicator
+from .base import Communicator, NoCommunicator
 
 __all__ = [
     "Communicator",
@@ -33,7 +36,7 @@ __all__ = [
     "launched_size",
 ]
 
-_BACKENDS = ("auto", "nccl", "mpi", "none")
+_BACKENDS = ("auto", "nccl", "mpi", "none", "paddle")
 _default: Communicator | None = None
 
 # Variables that process managers set: MPICH/Hydra, Open MPI, PMIx, Slurm.
@@ -71,12 +74,15 @@ def init(
 
     Parameters
     ----------
-    backend : {'auto', 'nccl', 'mpi', 'none'}
+    backend : {'auto', 'nccl', 'mpi', 'none', 'paddle'}
         Which collective library to use (see the module docstring for 'auto').
+        ``'paddle'``: ``paddle.distributed`` collectives (after Paddle's
+        ``init_parallel_env()``).
     mpi_comm : mpi4py.MPI.Comm, optional
         The group to synchronize over (default ``MPI.COMM_WORLD``). Use a
         sub-communicator (``MPI.COMM_WORLD.Split(color)``) to sync a sub-group;
         GPUs are still chosen by the node-local rank of the whole job.
+        With ``backend='paddle'``: a Paddle group (default: the global one).
     force_collectives : bool, optional
         Run the whole synchronized path (handshake, header, one all-reduce
         per pass) even in a group of one, so one process exercises every line
@@ -121,8 +127,14 @@ def _create(backend: str, mpi_comm: Any) -> Communicator:
         if mpi_comm is not None and mpi_comm.Get_size() != 1:
             raise ValueError("backend='none' cannot synchronize an mpi_comm of size > 1")
         return NoCommunicator()
-    if backend == "auto" and mpi_comm is None and launched_size() == 1:
-        return _one_process()
+    if backend == "paddle":
+        return _create_paddle(mpi_comm)
+    if backend == "auto":
+        paddle_comm = _auto_paddle(mpi_comm)
+        if paddle_comm is not None:
+            return paddle_comm
+        if mpi_comm is None and launched_size() == 1:
+            return _one_process()
     try:
         from mpi4py import MPI
     except ImportError as e:
@@ -185,6 +197,23 @@ def _report(comm: Communicator) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
+def _auto_paddle(mpi_comm: Any) -> Communicator | None:
+    """Paddle's global group when Paddle's distributed environment is up, else None."""
+    # sys.modules only: `import cupysyncbn` and init('auto') never import Paddle.
+    if mpi_comm is not None or "paddle.distributed" not in sys.modules:
+        return None
+    from .paddle import communicator_for, paddle_initialized
+
+    return communicator_for(None) if paddle_initialized() else None
+
+
+def _create_paddle(group: Any) -> Communicator:
+    """``init('paddle', group)``: a Paddle process group (None: the global one)."""
+    from .paddle import communicator_for
+
+    return communicator_for(group)
+
+
 def get_default_comm() -> Communicator:
     """The default communicator, created with ``init('auto')`` on first use."""
     global _default
@@ -214,15 +243,25 @@ def as_communicator(comm: Any) -> Communicator:
         return get_default_comm()
     if isinstance(comm, Communicator):
         return comm
+    paddle_comm = _as_paddle_communicator(comm)
+    if paddle_comm is not None:
+        return paddle_comm
     mod = type(comm).__module__ or ""
     if mod.startswith("mpi4py"):
         from .mpi import MPICommunicator
 
         return MPICommunicator(comm)
     raise TypeError(
-        "comm must be a cupysyncbn Communicator, an mpi4py.MPI.Comm or None;"
+        "comm must be a cupysyncbn Communicator, an mpi4py.MPI.Comm, a Paddle group or None;"
         f" got {type(comm).__name__}"
     )
 
 
-LOCAL_COMM = LOCAL
+def _as_paddle_communicator(comm: Any) -> Communicator | None:
+    """The communicator of a ``paddle.distributed`` group, or None for anything else."""
+    if not (type(comm).__module__ or "").startswith("paddle."):
+        return None
+    from .paddle import communicator_for, is_paddle_group
+
+    return communicator_for(comm) if is_paddle_group(comm) else None
+
