@@ -8,7 +8,7 @@
   communicator is given and this process already ran Paddle's
   ``init_parallel_env()`` (jobs started by ``python -m paddle.distributed.launch``);
 * ``'nccl'`` when every rank can use NCCL on its own GPU (see
-  :mod:`cupysyncbn.comm.select`: one small MPI all-gather decides);
+  :mod:`cupysyncbn.comm.agreement`: one small MPI all-gather decides);
 * ``'mpi'`` otherwise, with a warning saying why when some rank wanted a GPU.
 
 Before any of that the ranks are placed on their GPUs (one rule for NCCL and
@@ -159,10 +159,10 @@ def _one_process() -> Communicator:
 
 def _agreed(backend: str, group: Any) -> Communicator:
     """The backend every rank of ``group`` agrees on (one all-gather decides)."""
-    from . import select
+    from . import agreement
 
-    infos = select.gather(group, backend)
-    chosen, reason = select.decide(backend, infos)  # raises on every rank alike
+    infos = agreement.gather(group, backend)
+    chosen, reason = agreement.decide(backend, infos)  # raises on every rank alike
     if chosen == "nccl":
         from .nccl import NCCLCommunicator
 
@@ -177,7 +177,7 @@ def _agreed(backend: str, group: Any) -> Communicator:
     if chosen == "mpi":
         from .mpi import MPICommunicator
 
-        select.warn_fallback(reason, group.Get_rank())
+        agreement.warn_fallback(reason, group.Get_rank())
         comm = MPICommunicator(group)
         comm.fallback_reason = reason  # why not NCCL ('' when no GPU was wanted)
     comm._init_infos = infos  # for the verbose line
@@ -188,12 +188,12 @@ def _report(comm: Communicator) -> None:
     """``CUPYSYNCBN_VERBOSE=1``: one line on rank 0 (backend, GPUs, NCCL)."""
     if comm.rank != 0 or not _env_flag(VERBOSE_ENV):
         return
-    from . import select
+    from . import agreement
 
     infos = getattr(comm, "_init_infos", None)
     if infos is None:  # one process: describe it without communication
-        infos = [select.probe("auto")]
-    line = select.verbose_line(comm.backend, infos, comm.force_collectives)
+        infos = [agreement.probe("auto")]
+    line = agreement.verbose_line(comm.backend, infos, comm.force_collectives)
     print(line, file=sys.stderr, flush=True)
 
 

@@ -4,7 +4,7 @@
   (:mod:`cupysyncbn.placement`: node-local rank of the whole job, a single
   visible GPU, or ``CUPYSYNCBN_DEVICE``), chosen once per process; sub-group
   communicators reuse it.
-* Before any NCCL call the ranks agree (:mod:`cupysyncbn.comm.select`, one
+* Before any NCCL call the ranks agree (:mod:`cupysyncbn.comm.agreement`, one
   MPI all-gather) that every one of them can use NCCL on its own GPU; if not,
   :class:`CommunicatorError` is raised on every rank.
 * Rank 0 creates the NCCL unique id and broadcasts it over a duplicate of the
@@ -52,12 +52,12 @@ _POLL_S = 0.05
 
 def nccl_version() -> str:
     """The loaded NCCL's version as ``'2.21.5'`` ('none' when NCCL is not loadable)."""
-    from . import select
+    from . import agreement
 
     try:
         from cupy.cuda import nccl
 
-        return select._version_text(nccl.get_version() if nccl.available else None)
+        return agreement._version_text(nccl.get_version() if nccl.available else None)
     except Exception:
         return "none"
 
@@ -243,10 +243,10 @@ class NCCLCommunicator(Communicator):
         try:
             infos = _agreed_infos
             if infos is None:  # constructed directly: agree here (init() already did)
-                from . import select
+                from . import agreement
 
-                infos = select.gather(boot, "nccl", device)
-                select.decide("nccl", infos)  # raises on every rank alike
+                infos = agreement.gather(boot, "nccl", device)
+                agreement.decide("nccl", infos)  # raises on every rank alike
             self.device_id = int(infos[self.rank]["gpu"])
             self._init_infos = infos
             import cupy
