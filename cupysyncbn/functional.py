@@ -199,8 +199,11 @@ def _check_vectors(backend: Backend, num_features: int | None, **vectors: Any) -
         if v is None:
             continue
         if not backend.owns(v):
-            raise TypeError(
-                f"{name} must be a {backend.name} array like x; got {type(v).__name__}"
+            kind = f"{type(v).__module__.split('.')[0]}.{type(v).__name__}"
+            raise TypeError(  # name both libraries: the usual cause is a layer on the
+                # other device than the input (set_device('auto') puts layers on GPUs)
+                f"{name} must be a {backend.name} array like x; got {kind} (move the"
+                " layer with .to('cpu') / .to('cuda'), or pass arrays of its library)"
             )
         if v.ndim != 1 or (num_features is not None and v.shape[0] != num_features):
             raise ValueError(f"{name} must have shape ({num_features},); got {tuple(v.shape)}")
