@@ -23,6 +23,7 @@ from .grads import allreduce_gradients
 from .io import load, save
 from .layer import Layer, NoPendingForwardError, ParamAttr, Parameter, is_grad_enabled, no_grad
 from .norm import BatchNorm1D, BatchNorm2D, BatchNorm3D, SyncBatchNorm
+from .placement import get_device, set_device
 
 __version__ = "0.1.0"
 
@@ -41,6 +42,8 @@ __all__ = [
     "NoPendingForwardError",
     "Communicator",
     "init",
+    "set_device",
+    "get_device",
     "get_default_comm",
     "set_default_comm",
     "allreduce_gradients",

@@ -56,9 +56,16 @@ DEFAULT_TIMEOUT = 600.0
 #: MPICH/Hydra, Open MPI, PMIx, Slurm (the one list the package reads).
 RANK_VARS = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK")
 SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS", "SLURM_NTASKS")
+#: Node-local rank of the whole job, most specific first (an MPI launcher
+#: inside a Slurm allocation sets its own variable; ``SLURM_LOCALID`` is right
+#: only under ``srun``).
 LOCAL_RANK_VARS = (
-    "MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID", "PMI_LOCAL_RANK",
-    "LOCAL_RANK",
+    "MPI_LOCALRANKID",  # MPICH / Intel MPI (Hydra)
+    "OMPI_COMM_WORLD_LOCAL_RANK",  # Open MPI
+    "MV2_COMM_WORLD_LOCAL_RANK",  # MVAPICH2
+    "PALS_LOCAL_RANKID",  # Cray PALS
+    "SLURM_LOCALID",  # srun
+    "LOCAL_RANK",  # torchrun, paddle.distributed.launch
 )
 
 _saved: dict[str, Any] = {}

@@ -132,6 +132,21 @@ class _BatchNormBase(Layer):
         # Forward contexts awaiting their backward, most recent last (LIFO).
         self._pending: list[F.ForwardContext] = []
         self._dropped = 0  # contexts dropped by the bound, not yet asked for
+        self._place_new_layer()
+
+    def _place_new_layer(self) -> None:
+        """Under ``set_device('auto'|'gpu'...)`` with a GPU, hold CuPy arrays there."""
+        from .placement import layer_device
+
+        dev = layer_device()
+        if dev is not None:
+            self.to(dev)
+        self._state_device = self._device_now()
+
+    def _device_now(self) -> str:
+        from .devices import device_of
+
+        return device_of(self.weight.data)
 
     # read-only views of the configuration ----------------------------------
     @property
@@ -182,6 +197,12 @@ class _BatchNormBase(Layer):
 
     def _on_state_loaded(self) -> None:
         self.clear_pending()
+        # A move (``.to``) invalidates the shift and buffers kept on the old
+        # device: the next synchronized pass must not mix NumPy and CuPy.
+        now = self._device_now()
+        if now != getattr(self, "_state_device", now):
+            self._sync_state.reset()
+        self._state_device = now
 
     def clear_pending(self) -> None:
         """Forget every pending forward context (frees the inputs they hold)."""

@@ -101,8 +101,12 @@ def check_forward_arguments(
         return done("type", x_error)
     for name, v in given.items():
         if not backend.owns(v):
-            return done("argument", TypeError(
-                f"{name} must be a {backend.name} array like x; got {type(v).__name__}"
+            kind = f"{type(v).__module__.split('.')[0]}.{type(v).__name__}"
+            return done("argument", TypeError(  # name both libraries: the usual cause
+                # is a layer on the other device than the input (set_device('auto')
+                # puts layers on GPUs)
+                f"{name} must be a {backend.name} array like x; got {kind} (move the"
+                " layer with .to('cpu') / .to('cuda'), or pass arrays of its library)"
             ))
         if v.ndim != 1 or (nf is not None and v.shape[0] != nf):
             want = f"({nf},)" if nf is not None else "(C,)"

@@ -544,9 +544,10 @@ def _array_libs():
         import cupy
 
         cupy.cuda.runtime.getDeviceCount()
-        libs.append(pytest.param(cupy, id="cupy"))
+        libs.append(pytest.param(cupy, id="cupy", marks=pytest.mark.gpu))
     except Exception:  # noqa: BLE001 - no CuPy or no GPU
-        libs.append(pytest.param(None, id="cupy", marks=pytest.mark.skip(reason="no GPU")))
+        libs.append(pytest.param(None, id="cupy", marks=[pytest.mark.gpu,
+                                                         pytest.mark.skip(reason="no GPU")]))
     return libs
 
 

@@ -36,7 +36,10 @@ def _blocks():
         text = path.read_text(encoding="utf-8")
         for m in _FENCE.finditer(text):
             line = text.count("\n", 0, m.start()) + 1
-            out.append(pytest.param(m.group(1), id=f"{path.relative_to(ROOT)}:{line}"))
+            # blocks that need a GPU are 'gpu' tests (scripts/gpu_check.sh runs -m gpu)
+            gpu = "gpu" in (_NEEDS.match(m.group(1).split("\n", 1)[0].strip()) or [""])[0]
+            out.append(pytest.param(m.group(1), id=f"{path.relative_to(ROOT)}:{line}",
+                                    marks=[pytest.mark.gpu] if gpu else []))
     return out
 
 

@@ -37,8 +37,7 @@ def _run_layer(case: dict, comm: Any) -> dict:
     )
     layer.weight.data = np.asarray(case["weight"], dtype=case["dtype"]).copy()
     layer.bias.data = np.asarray(case["bias"], dtype=case["dtype"]).copy()
-    if xp is not np:
-        layer.to(case["device"])
+    layer.to(case.get("device", "cpu"))  # also where set_device('auto') put it on a GPU
     out: dict[str, Any] = {}
     for s in range(case["steps"]):
         out[f"y{s}"] = layer(xp.asarray(case[f"x{s}"]))
