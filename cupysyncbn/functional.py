@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from . import protocol
+from . import fused_passes, protocol
 from .backends import Backend, get_backend
 from .comm import as_communicator
 from .comm.base import Communicator
@@ -57,6 +57,7 @@ __all__ = [
 ]
 
 _F64 = np.dtype(np.float64)
+_F32 = np.dtype(np.float32)
 
 
 @dataclass
@@ -116,6 +117,9 @@ class ForwardContext:
     batch_stats: bool  # True: training statistics (backward syncs)
     param_dtype: np.dtype
     sync_state: SyncState | None
+    #: Fused (GPU) path: ``(stats64, statc, weight)`` the backward kernels read
+    #: (float64 mean/var/count, compute-dtype mean/invstd, the live weight).
+    fused: Any = None
 
 
 @dataclass
@@ -133,10 +137,13 @@ class ForwardResult:
         no update happened (eval mode, empty global batch, no running stats).
     batch_mean, batch_var : array or None
         Global batch statistics in float64 (biased variance); None in eval.
-    count : int
-        Global number of elements per channel (0 in eval mode).
+    count : int or 0-d device array
+        Global number of elements per channel (0 in eval mode). On the fused
+        GPU path it stays on the device (``int(count)`` synchronizes).
     updated : bool
-        Whether the running statistics were updated.
+        Whether the running statistics were updated. On the fused GPU path:
+        whether an update was requested; the device leaves them unchanged for
+        an empty global batch.
     """
 
     y: Any
@@ -316,6 +323,7 @@ def batch_norm_forward(
     num_batches_tracked: int = 0,
     sync_state: SyncState | None = None,
     param_dtype: Any = None,
+    inplace_running_stats: bool = False,
 ) -> ForwardResult:
     """Synchronized batch-norm forward.
 
@@ -355,6 +363,10 @@ def batch_norm_forward(
     param_dtype : dtype, optional
         Dtype of the layer (float64 switches the math to float64). Defaults to
         the dtype of ``weight``/``running_mean`` or float32.
+    inplace_running_stats : bool
+        On the fused GPU path, update ``running_mean``/``running_var`` in place
+        (what a layer wants: no allocation, CUDA-graph safe) instead of
+        returning new arrays.
 
     Returns
     -------
@@ -412,6 +424,13 @@ def batch_norm_forward(
     v = canonical_view(xc, fmt_x)
     n_local = v.size // c if c else 0
 
+    if _fused_ok(backend, param_dtype, weight, bias, running_mean, running_var):
+        return _forward_fused(
+            backend, comm_, sync_state, x, v, fmt_x, nf, n_local, cdt, param_dtype,
+            (weight, bias, running_mean, running_var), training, batch_stats, momentum,
+            epsilon, unbiased_running_var, num_batches_tracked, sync, inplace_running_stats,
+        )
+
     if not batch_stats:
         mean = _vec(backend, running_mean, cdt)
         invstd = 1.0 / backend.xp.sqrt(_vec(backend, running_var, cdt) + cdt.type(epsilon))
@@ -449,6 +468,42 @@ def batch_norm_forward(
     )
     return ForwardResult(
         y.reshape(x.shape), ctx, new_rm, new_rv, mean, var, count, updated
+    )
+
+
+def _fused_ok(backend: Backend, param_dtype: np.dtype, *vectors: Any) -> bool:
+    """Whether this pass can run on the backend's fused kernels."""
+    if not getattr(backend, "fused", False) or param_dtype not in (_F32, _F64):
+        return False
+    return all(v is None or np.dtype(v.dtype) == param_dtype for v in vectors)
+
+
+def _forward_fused(
+    backend: Backend, comm: Communicator, state: SyncState | None, x: Any, v: Any,
+    fmt: DataFormat, nf: int, n_local: int, cdt: np.dtype, pdt: np.dtype, vectors: tuple,
+    training: bool, batch_stats: bool, momentum: float | None, epsilon: float,
+    unbiased: bool, num_batches_tracked: int, sync: bool, inplace: bool,
+) -> ForwardResult:
+    """A forward on the fused kernels (see :mod:`cupysyncbn.fused_passes`)."""
+    with x.device:
+        y, stats64, statc, new_rm, new_rv, updated = fused_passes.forward(
+            backend=backend, comm=comm, state=state, v=v, channel_last=fmt.channel_last,
+            nf=nf, n_local=n_local, cdt=cdt, pdt=pdt, vectors=vectors, training=training,
+            batch_stats=batch_stats, momentum=momentum, epsilon=float(epsilon),
+            unbiased=unbiased, num_batches_tracked=num_batches_tracked, sync=sync,
+            handshake=lambda: _handshake(comm, backend, state, nf), inplace=inplace,
+        )
+    weight = vectors[0]
+    count = stats64[2 * nf] if batch_stats else 0
+    ctx = ForwardContext(
+        v, tuple(x.shape), np.dtype(x.dtype), fmt, backend, comm, statc[:nf], statc[nf:],
+        weight, count, batch_stats, pdt, state, fused=(stats64, statc, weight),
+    )
+    if not batch_stats:
+        return ForwardResult(y.reshape(x.shape), ctx, new_rm, new_rv)
+    return ForwardResult(
+        y.reshape(x.shape), ctx, new_rm, new_rv, stats64[:nf], stats64[nf : 2 * nf], count,
+        updated,
     )
 
 
@@ -521,6 +576,7 @@ def _forward_invalid(
     comm: Communicator, backend: Backend, state: SyncState | None, nf: int, error: tuple
 ) -> ForwardResult:
     """Take part in the collectives with a zero payload, then raise."""
+    fused_passes.remember_own_error(state, backend, comm, nf, error[1])
     _handshake(comm, backend, state, nf)
     if state is None or state.shift is None or state.shift.shape[0] != nf:
         # the peers run the two-pass path: a mean pass first
@@ -600,6 +656,7 @@ def batch_norm_backward(
     sync = ctx.batch_stats and ctx.comm.synchronizes
     if err is not None:
         if sync:
+            fused_passes.remember_own_error(ctx.sync_state, backend, ctx.comm, nf, err[1])
             _allreduce(ctx.comm, backend, ctx.sync_state, [None, None], 0,
                        protocol.PHASE_BACKWARD, err, nf)
         raise err[1]
@@ -607,6 +664,16 @@ def batch_norm_backward(
     cl = ctx.fmt.channel_last
     n_local = ctx.x.size // nf if nf else 0
     xp = backend.xp
+    if ctx.fused is not None:
+        stats64, statc, weight = ctx.fused
+        with dy.device:
+            dx, dweight, dbias = fused_passes.backward(
+                backend=backend, comm=ctx.comm, state=ctx.sync_state, dyv=dyv, x=ctx.x,
+                channel_last=cl, nf=nf, n_local=n_local, stats64=stats64, statc=statc,
+                weight=weight, pdt=ctx.param_dtype, batch_stats=ctx.batch_stats,
+                need_param_grads=need_param_grads, sync=sync,
+            )
+        return dx.reshape(ctx.shape), dweight, dbias
     if n_local:
         sum_dy, sum_dy_xhat = backend.backward_reduce(dyv, ctx.x, cl, ctx.mean, ctx.invstd)
     else:
