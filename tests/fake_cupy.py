@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import sys
+import threading
 import types
 
 import cuda_emu
@@ -191,7 +192,15 @@ class RawModule:
     def get_function(self, name):
         assert name in self.names, name
         lib, symbols = _LIB
-        return cuda_emu.launcher(lib, symbols, name, REC.kernels)
+        run = cuda_emu.launcher(lib, symbols, name, REC.kernels)
+
+        def call(grid, block, args):
+            with _LAUNCH_LOCK:  # the emulation's grid state is global
+                run(grid, block, args)
+        return call
+
+
+_LAUNCH_LOCK = threading.Lock()
 
 
 def _empty(shape, dtype=float, order="C"):

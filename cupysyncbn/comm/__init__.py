@@ -55,7 +55,9 @@ def _cupy_gpu_available() -> bool:
         return False
 
 
-def init(backend: str = "auto", mpi_comm: Any = None) -> Communicator:
+def init(
+    backend: str = "auto", mpi_comm: Any = None, *, strict_sync: bool | None = None
+) -> Communicator:
     """Create a communicator and make it the default for layers with ``comm=None``.
 
     Parameters
@@ -65,6 +67,10 @@ def init(backend: str = "auto", mpi_comm: Any = None) -> Communicator:
     mpi_comm : mpi4py.MPI.Comm, optional
         The group to synchronize over (default ``MPI.COMM_WORLD``). Use a
         sub-communicator (``MPI.COMM_WORLD.Split(color)``) to sync a sub-group.
+    strict_sync : bool, optional
+        GPU passes check the all-reduced header at once (one host
+        synchronization per pass) instead of at the layer's next pass;
+        default ``CUPYSYNCBN_STRICT_SYNC=1``.
 
     Returns
     -------
@@ -82,6 +88,8 @@ def init(backend: str = "auto", mpi_comm: Any = None) -> Communicator:
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}; got {backend!r}")
     comm = _create(backend, mpi_comm)
+    if strict_sync is not None:
+        comm.strict_sync = bool(strict_sync)
     _default = comm
     return comm
 
