@@ -201,6 +201,7 @@ class _BatchNormBase(Layer):
             num_batches_tracked=int(self._num_batches_tracked),
             sync_state=self._sync_state,
             param_dtype=self._dtype,
+            inplace_running_stats=True,  # GPU: the live arrays, no allocation
         )
         if update and res.updated:
             object.__setattr__(self, "_mean", res.running_mean)

@@ -60,6 +60,20 @@ inline V __shfl_xor_sync(unsigned, V v, int offset) {
 }
 inline float __uint_as_float(unsigned u) { float f; std::memcpy(&f, &u, 4); return f; }
 inline unsigned __float_as_uint(float f) { unsigned u; std::memcpy(&u, &f, 4); return u; }
+// Kernels without barriers or shuffles: every thread of every block in turn.
+template <typename F>
+void launch_serial(unsigned gx, unsigned gy, unsigned bx, unsigned by, F body) {
+  gridDim = {gx, gy, 1};
+  blockDim = {bx, by, 1};
+  for (unsigned b_y = 0; b_y < gy; ++b_y)
+    for (unsigned b_x = 0; b_x < gx; ++b_x)
+      for (unsigned ty = 0; ty < by; ++ty)
+        for (unsigned tx = 0; tx < bx; ++tx) {
+          blockIdx = {b_x, b_y, 0};
+          threadIdx = {tx, ty, 0};
+          body();
+        }
+}
 template <typename F>
 void launch(unsigned gx, unsigned gy, unsigned bx, unsigned by, F body) {
   gridDim = {gx, gy, 1};
@@ -131,6 +145,9 @@ PARAMS = {
                        " const double* buf, const double* s64, const A* sc, const P* w,"
                        " double* st, int flags, double size",
 }
+# Kernels with no __syncthreads/shuffle: emulated on one thread (fast).
+SERIAL = {"bn_normalize", "bn_backward_elemt", "bn_fwd_pack", "bn_fwd_norm_cf",
+          "bn_fwd_norm_cl", "bn_bwd_pack", "bn_bwd_elemt_cf", "bn_bwd_elemt_cl"}
 # Template parameters of each kernel, in order.
 TEMPLATE_KEYS = {"bn_stats_finalize": "A", "bn_bwd_finalize": "A", "bn_fwd_pack": "A",
                  "bn_bwd_pack": "AP"}
@@ -164,9 +181,10 @@ def source():
             args = ", ".join(p.split()[-1].lstrip("*") for p in params.split(","))
             sym = f"emu_{f.split('.')[0]}_{k}"
             symbols[expr] = (sym, params)
+            how = "launch_serial" if kind in SERIAL else "launch"
             wrappers.append(
                 f'extern "C" void {sym}(unsigned gx, unsigned gy, unsigned bx, unsigned by,'
-                f" {params}) {{ launch(gx, gy, bx, by, [=] {{ {expr}({args}); }}); }}"
+                f" {params}) {{ {how}(gx, gy, bx, by, [=] {{ {expr}({args}); }}); }}"
             )
     return EMU_H + src + "\n" + "\n".join(wrappers) + "\n", symbols
 

@@ -34,8 +34,11 @@ TOL = {"float16": 1e-2, "float32": 2e-5, "float64": 1e-11}
 
 @pytest.fixture(scope="module")
 def cp():
+    import cupysyncbn.backends.cupy_backend as cb
+
     try:
-        with fake_cupy.installed() as mod:
+        with fake_cupy.installed() as mod, pytest.MonkeyPatch.context() as mp:
+            mp.setattr(cb, "_THREADS", 64)  # smaller blocks: a faster emulation
             yield mod
     except cuda_emu.Unavailable as e:  # pragma: no cover - no g++ 12
         pytest.skip(str(e))
@@ -98,6 +101,7 @@ def test_steady_state_budget_and_values(cp, fmt, dt):
     dev = _layer(cp, fmt, c, comm)
     ref = _layer(cp, fmt, c, _forced(), on_device=False)
     cl = "cl" if fmt[-1] == "C" else "cf"  # NC is (M, C) too
+    mean_array = dev._mean
     for step, n in enumerate((4, 3, 5)):
         x, dy = _batch(fmt, n, dt, step)
         y, dx, fwd, bwd = _step(cp, dev, x, dy)
@@ -116,11 +120,15 @@ def test_steady_state_budget_and_values(cp, fmt, dt):
         assert kernels == [f"bn_stats_partial_{cl}", "bn_fwd_pack", f"bn_fwd_norm_{cl}"]
         assert summary["syncs"] == summary["d2h"] == 0 and ops == [], fwd
         assert copies == 1  # the asynchronous status copy
+        # outputs only (y, saved statistics): workspaces are the layer's, reused
+        assert summary["allocs"] == 3, REC.allocs
         summary, kernels, ops, copies = bwd
         assert kernels == [f"bn_bwd_partial_{cl}", "bn_bwd_pack", f"bn_bwd_elemt_{cl}"]
         assert summary["syncs"] == summary["d2h"] == 0, bwd
         # the only other ops: the layer adding this pass's gradients to .grad
         assert ops == ["ufunc:add", "ufunc:add"], ops
+        assert summary["allocs"] == 3  # dx, dweight, dbias
+    assert dev._mean is mean_array  # running statistics updated in place
 
 
 def test_functional_backward_and_float64_layer_have_no_other_ops(cp):
@@ -217,7 +225,7 @@ def test_two_ranks_uneven_and_empty(cp, fmt, split):
     for step in range(3):
         parts = [_batch(fmt, n, "float32", 10 * step + r) for r, n in enumerate(split)]
         res, errs = _run_ranks([
-            (lambda r=r: _step(cp, layers[r], *parts[r])) for r in range(2)])
+            (lambda r=r, p=parts: _step(cp, layers[r], *p[r])) for r in range(2)])
         assert errs == [None, None], errs
         xg = np.concatenate([p[0] for p in parts])
         dyg = np.concatenate([p[1] for p in parts])
