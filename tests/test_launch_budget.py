@@ -326,3 +326,17 @@ def test_kernel_header_slots_match_protocol():
     assert int(re.search(r"#define SBN_HEADER (\d+)", src).group(1)) == protocol.HEADER
     assert int(re.search(r"#define SBN_N_ERRORS (\d+)", src).group(1)) == len(
         protocol.ERROR_KINDS)
+
+
+@pytest.mark.parametrize("fmt", ["NCHW", "NHWC"])
+def test_misaligned_input_uses_the_scalar_path(cp, fmt):
+    # A view 1 element into its buffer: no row is 16-byte aligned.
+    x, dy = _batch(fmt, 3, "float32", 7)
+    base = cp.asarray(np.concatenate([[0.0], x.ravel()]).astype("float32"))
+    xd = base[1:].reshape(x.shape)
+    assert xd.ctypes.data % 16
+    c = x.shape[-1] if fmt == "NHWC" else x.shape[1]
+    dev = _layer(cp, fmt, c, _forced())
+    ref = _layer(cp, fmt, c, _forced(), on_device=False)
+    _close(dev(xd), ref(x), 2e-5)
+    _close(dev.backward(cp.asarray(dy)), ref.backward(dy), 2e-5)
