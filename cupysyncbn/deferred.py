@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from . import protocol
+from .backends.channel_math import UNBIASED_COUNT_1
 from .errors import CollectiveMismatchError
 
 __all__ = ["DeviceStatus", "check_errors", "STRICT_SYNC_ENV", "strict_sync_default"]
@@ -36,10 +37,6 @@ STRICT_SYNC_ENV = "CUPYSYNCBN_STRICT_SYNC"
 STATUS_SIZE = 2 + protocol.HEADER
 _LIVE: weakref.WeakSet = weakref.WeakSet()
 
-_UNBIASED_COUNT_1 = (
-    "unbiased_running_var=True needs more than 1 value per channel in the"
-    " global batch (got 1): the unbiased variance m/(m-1) is undefined"
-)
 
 
 def strict_sync_default() -> bool:
@@ -55,7 +52,7 @@ def _raise_verdict(host: np.ndarray, size: int) -> None:
             "SyncBatchNorm: the device rejected a header the host accepts"
         )
     if flag == 2:
-        raise ValueError(_UNBIASED_COUNT_1)
+        raise ValueError(UNBIASED_COUNT_1)
 
 
 class DeviceStatus:

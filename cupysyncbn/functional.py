@@ -269,23 +269,9 @@ def running_stats_update(
     ValueError
         ``unbiased_running_var`` with a global ``count`` of 1.
     """
-    if unbiased_running_var:
-        if count == 1:
-            raise ValueError(
-                "unbiased_running_var=True needs more than 1 value per channel in the"
-                " global batch (got 1): the unbiased variance m/(m-1) is undefined"
-            )
-        batch_var = batch_var * (count / (count - 1))
-    if momentum is None:
-        factor = 1.0 / (num_batches_tracked + 1)
-        keep = 1.0 - factor
-    else:
-        keep = float(momentum)
-        factor = 1.0 - keep
-    new_mean = running_mean * keep + batch_mean.astype(running_mean.dtype) * factor
-    new_var = running_var * keep + batch_var.astype(running_var.dtype) * factor
-    return new_mean.astype(running_mean.dtype, copy=False), new_var.astype(
-        running_var.dtype, copy=False
+    return get_backend(running_mean, "running_mean").running_update(
+        running_mean, running_var, batch_mean, batch_var, count, momentum,
+        unbiased_running_var, num_batches_tracked,
     )
 
 
@@ -433,7 +419,7 @@ def batch_norm_forward(
 
     if not batch_stats:
         mean = _vec(backend, running_mean, cdt)
-        invstd = 1.0 / backend.xp.sqrt(_vec(backend, running_var, cdt) + cdt.type(epsilon))
+        invstd = backend.running_invstd(running_var, epsilon, cdt)
         y = _affine_normalize(backend, v, fmt_x, mean, invstd, weight, bias, cdt, x)
         ctx = ForwardContext(
             v, tuple(x.shape), np.dtype(x.dtype), fmt_x, backend, comm_, mean, invstd,
@@ -452,15 +438,12 @@ def batch_norm_forward(
 
     new_rm, new_rv, updated = running_mean, running_var, False
     if running_mean is not None and training and count > 0:
-        new_rm, new_rv = running_stats_update(
+        new_rm, new_rv = backend.running_update(
             running_mean, running_var, mean, var, count, momentum,
             unbiased_running_var, num_batches_tracked,
         )
         updated = True
-    mean_c = mean.astype(cdt)
-    invstd = (1.0 / backend.xp.sqrt(var + float(epsilon))).astype(cdt)
-    if count == 0:
-        invstd = backend.xp.zeros(nf, dtype=cdt)  # nothing to normalize; no inf
+    mean_c, invstd = backend.forward_coefficients(mean, var, count, epsilon, cdt)
     y = _affine_normalize(backend, v, fmt_x, mean_c, invstd, weight, bias, cdt, x)
     ctx = ForwardContext(
         v, tuple(x.shape), np.dtype(x.dtype), fmt_x, backend, comm_, mean_c, invstd,
@@ -511,11 +494,9 @@ def _affine_normalize(
     backend: Backend, v: Any, fmt: DataFormat, mean: Any, invstd: Any,
     weight: Any, bias: Any, cdt: np.dtype, x: Any,
 ) -> Any:
-    xp = backend.xp
-    scale = invstd if weight is None else invstd * weight.astype(cdt, copy=False)
-    b = xp.zeros_like(mean) if bias is None else bias.astype(cdt, copy=False)
+    scale, b = backend.affine(invstd, weight, bias, cdt)
     if v.size == 0:
-        return xp.empty(v.shape, dtype=x.dtype)
+        return backend.xp.empty(v.shape, dtype=x.dtype)
     return backend.normalize(v, fmt.channel_last, mean, scale, b, np.dtype(x.dtype))
 
 
@@ -524,12 +505,8 @@ def _global_stats(
     n_local: int, mean_r: Any, m2_r: Any,
 ) -> tuple[int, Any, Any]:
     """Merge per-rank (n, mean, M2) into global float64 mean and biased var."""
-    xp = backend.xp
     if not comm.synchronizes:
-        if n_local == 0:
-            z = xp.zeros(nf, dtype=_F64)
-            return 0, z, z.copy()
-        return n_local, mean_r, xp.maximum(m2_r / n_local, 0.0)
+        return (n_local, *backend.local_stats(n_local, mean_r, m2_r, nf))
     shift = state.shift if state is not None else None
     if shift is None or shift.shape[0] != nf:
         # Two C-sized vectors like every other pass of the layer: equal
@@ -539,25 +516,19 @@ def _global_stats(
             n_local, protocol.PHASE_MEAN, None, nf,
         )
         shift = s / max(total, 1)
-    if mean_r is None:
-        payload = [None, None]
-    else:
-        d = mean_r - shift
-        payload = [d * n_local, m2_r + (d * d) * n_local]
+    payload = backend.shifted_sums(n_local, mean_r, m2_r, shift)
     total, (s, q) = _allreduce(
         comm, backend, state, payload, n_local, protocol.PHASE_STATS, None, nf
     )
+    mean, var = backend.merge_sums(total, s, q, shift, nf)
     if total == 0:
-        z = xp.zeros(nf, dtype=_F64)
-        return 0, z, z.copy()
-    mean = shift + s / total
-    var = xp.maximum((q - s * s / total) / total, 0.0)
+        return 0, mean, var
     if state is not None:
         # A NaN/Inf mean (non-finite input) must not become the next steps'
         # shift, or one bad batch would poison the channel forever. The merge
         # is exact for any shift, so such channels shift by 0 instead; done on
         # the device, without a host read. ``mean`` is identical on every rank.
-        state.shift = xp.where(xp.isfinite(mean), mean, 0.0)
+        state.shift = backend.next_shift(mean)
     return total, mean, var
 
 
@@ -684,15 +655,9 @@ def batch_norm_backward(
             ctx.comm, backend, ctx.sync_state, [sum_dy, sum_dy_xhat], n_local,
             protocol.PHASE_BACKWARD, None, nf,
         )
-    cdt = ctx.mean.dtype
-    w = ctx.weight if ctx.weight is not None else xp.ones(nf, dtype=cdt)
-    a = (w * ctx.invstd).astype(cdt)
-    if ctx.batch_stats and ctx.count > 0:
-        mean_dy = (g_dy / ctx.count).astype(cdt)
-        b = (a * ctx.invstd * (g_dy_xhat / ctx.count)).astype(cdt)
-    else:
-        mean_dy = xp.zeros(nf, dtype=cdt)
-        b = xp.zeros(nf, dtype=cdt)
+    a, mean_dy, b = backend.backward_coefficients(
+        ctx.weight, ctx.invstd, g_dy, g_dy_xhat, ctx.count, ctx.batch_stats, ctx.mean.dtype
+    )
     if n_local:
         dx = backend.backward_elemt(dyv, ctx.x, cl, ctx.mean, a, mean_dy, b, ctx.dtype)
         dx = dx.reshape(ctx.shape)

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from . import kernel_source as ks
+from .channel_math import ChannelMath
 
 __all__ = ["CupyBackend", "get_cupy_backend"]
 
@@ -63,7 +64,7 @@ def _on_input_device(fn: Any) -> Any:
     return wrapper
 
 
-class CupyBackend:
+class CupyBackend(ChannelMath):
     """Batch-norm primitives on CuPy arrays (see :mod:`.base`)."""
 
     name = "cupy"
