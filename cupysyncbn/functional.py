@@ -574,7 +574,8 @@ def _forward_not_array(
 @accepts_dlpack("dy")
 @_quiet_fp
 def batch_norm_backward(
-    dy: Any, ctx: ForwardContext, *, need_param_grads: bool = True
+    dy: Any, ctx: ForwardContext, *, need_param_grads: bool = True,
+    accumulate_into: tuple | None = None,
 ) -> tuple[Any, Any, Any]:
     """Synchronized batch-norm backward.
 
@@ -587,6 +588,12 @@ def batch_norm_backward(
         From :func:`batch_norm_forward` (``result.ctx``).
     need_param_grads : bool
         Compute ``dweight``/``dbias`` (else they are None).
+    accumulate_into : (array, array), optional
+        Gradient accumulators ``(weight_grad, bias_grad)`` of the parameter
+        dtype. Where the pass can (the fused GPU path), it adds the local
+        gradients to them in place (no temporaries: CUDA-graph safe) and
+        returns these same arrays as ``dweight, dbias``; otherwise it ignores
+        them and returns new arrays, so callers test ``dweight is grad``.
 
     Returns
     -------
@@ -637,12 +644,20 @@ def batch_norm_backward(
     xp = backend.xp
     if ctx.fused is not None:
         stats64, statc, weight = ctx.fused
+        acc = accumulate_into
+        if acc is not None and not (
+            need_param_grads and all(
+                g is not None and backend.owns(g) and g.shape == (nf,)
+                and np.dtype(g.dtype) == ctx.param_dtype and g.flags.c_contiguous
+                for g in acc)
+        ):
+            acc = None
         with dy.device:
             dx, dweight, dbias = fused_passes.backward(
                 backend=backend, comm=ctx.comm, state=ctx.sync_state, dyv=dyv, x=ctx.x,
                 channel_last=cl, nf=nf, n_local=n_local, stats64=stats64, statc=statc,
                 weight=weight, pdt=ctx.param_dtype, batch_stats=ctx.batch_stats,
-                need_param_grads=need_param_grads, sync=sync,
+                need_param_grads=need_param_grads, sync=sync, accumulate_into=acc,
             )
         return dx.reshape(ctx.shape), dweight, dbias
     if n_local:

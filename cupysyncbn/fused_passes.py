@@ -179,26 +179,33 @@ def forward(
 def backward(
     *, backend: Any, comm: Any, state: Any, dyv: Any, x: Any, channel_last: bool, nf: int,
     n_local: int, stats64: Any, statc: Any, weight: Any, pdt: np.dtype, batch_stats: bool,
-    need_param_grads: bool, sync: bool,
+    need_param_grads: bool, sync: bool, accumulate_into: tuple | None = None,
 ) -> tuple:
-    """Run a backward; return ``(dx_canonical, dweight, dbias)``."""
+    """Run a backward; return ``(dx_canonical, dweight, dbias)``.
+
+    With ``accumulate_into=(grad_w, grad_b)`` the local gradients are added
+    to those arrays in place by the pack kernel and they are returned.
+    """
     xp = backend.xp
     ws = workspace(state, backend, nf) if (batch_stats or state is not None) else None
     if state is not None:
         ws.status.poll()
     dweight = dbias = None
-    if need_param_grads:
+    accumulate = accumulate_into is not None
+    if accumulate:
+        dweight, dbias = accumulate_into
+    elif need_param_grads:
         dweight = xp.empty(nf, dtype=pdt)
         dbias = xp.empty(nf, dtype=pdt)
     buf = None
-    if batch_stats or need_param_grads:
+    if batch_stats or need_param_grads or accumulate:
         if ws is None:
             ws = workspace(None, backend, nf)
         parts, g = (backend.bwd_partials(dyv, x, channel_last, statc[:nf], ws)
                     if n_local else (None, 0))
         buf = ws("bufb", protocol.HEADER + 2 * nf, _F64)
         layer, call = _ids(state, sync)
-        backend.bwd_pack(parts, g, nf, statc, buf, dweight, dbias, False,
+        backend.bwd_pack(parts, g, nf, statc, buf, dweight, dbias, accumulate,
                          (n_local, protocol.PHASE_BACKWARD, -1, nf, layer, call), pdt)
         if sync:
             comm.allreduce_sum(buf)

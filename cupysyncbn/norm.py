@@ -232,10 +232,16 @@ class _BatchNormBase(Layer):
                 " forward pass first"
             )
         need = self.weight.trainable or self.bias.trainable
-        dx, dweight, dbias = F.batch_norm_backward(dy, self._ctx, need_param_grads=need)
-        if need:
-            self.weight.accumulate_grad(dweight)
-            self.bias.accumulate_grad(dbias)
+        gw, gb = self.weight.grad, self.bias.grad
+        acc = (gw, gb) if self.weight.trainable and self.bias.trainable else None
+        dx, dweight, dbias = F.batch_norm_backward(
+            dy, self._ctx, need_param_grads=need, accumulate_into=acc
+        )
+        if need:  # the GPU path may have added to .grad in place already
+            if dweight is not gw:
+                self.weight.accumulate_grad(dweight)
+            if dbias is not gb:
+                self.bias.accumulate_grad(dbias)
         return dx
 
 
