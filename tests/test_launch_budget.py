@@ -341,3 +341,29 @@ def test_misaligned_input_uses_the_scalar_path(cp, fmt):
     ref = _layer(cp, fmt, c, _forced(), on_device=False)
     _close(dev(xd), ref(x), 2e-5)
     _close(dev.backward(cp.asarray(dy)), ref.backward(dy), 2e-5)
+
+
+@pytest.mark.parametrize("kw", [
+    {"momentum": None}, {"momentum": 0.7, "unbiased_running_var": True},
+    {"track_running_stats": False}, {"weight_attr": False, "bias_attr": False},
+    {"dtype": "float64"},
+], ids=str)
+@pytest.mark.parametrize("fmt,dt", [("NCHW", "float16"), ("NHWC", "float32")])
+def test_conventions_match_the_numpy_backend(cp, kw, fmt, dt):
+    c = 3 if fmt == "NCHW" else 8
+    kw = dict(kw)
+    pdt = kw.pop("dtype", "float32")
+    dev = _layer(cp, fmt, c, _forced(), pdt=pdt, **kw)
+    ref = _layer(cp, fmt, c, _forced(), pdt=pdt, on_device=False, **kw)
+    tol = TOL[dt]
+    for step in range(3):
+        x, dy = _batch(fmt, 2 + step, dt, 40 + step)
+        y, dx, fwd, bwd = _step(cp, dev, x, dy)
+        _close(y, ref(x), tol)
+        _close(dx, ref.backward(dy), tol)
+        if kw.get("track_running_stats", True):
+            _close(dev._mean, ref._mean, 1e-5)
+            _close(dev._variance, ref._variance, 1e-5)
+        if step:
+            assert fwd[0]["kernels"] == bwd[0]["kernels"] == 3
+            assert fwd[0]["syncs"] == bwd[0]["syncs"] == fwd[0]["ops"] == 0
