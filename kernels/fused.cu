@@ -264,7 +264,9 @@ __global__ void bn_fwd_pack(const sbn::i64* __restrict__ pcount, const A* __rest
 }
 
 // Forward elementwise pass with the finalize fused in, channel-first
-// (rows = N*C, each S long). grid = (row blocks, S chunks), block = (256).
+// (rows = N*C, each S long). grid = (row blocks, S chunks); block = (bx, by):
+// bx threads along a row (at most 256), by rows per block, so short rows
+// (late layers: S = 7 x 7) still keep every thread busy.
 template <typename T, typename A, typename P>
 __global__ void bn_fwd_norm_cf(const T* __restrict__ x, T* __restrict__ y, sbn::i64 NC,
                                sbn::i64 C, sbn::i64 S, const double* __restrict__ buf,
@@ -280,7 +282,9 @@ __global__ void bn_fwd_norm_cf(const T* __restrict__ x, T* __restrict__ y, sbn::
   typedef sbn::Vec<T, V> VT;
   const sbn::i64 first = (sbn::i64)blockIdx.y * blockDim.x + threadIdx.x;
   const sbn::i64 step = (sbn::i64)gridDim.y * blockDim.x;
-  for (sbn::i64 row = blockIdx.x; row < NC; row += gridDim.x) {
+  const sbn::i64 row_step = (sbn::i64)gridDim.x * blockDim.y;
+  for (sbn::i64 row = (sbn::i64)blockIdx.x * blockDim.y + threadIdx.y; row < NC;
+       row += row_step) {
     const sbn::i64 c = row % C;  // once per row
     const sbn::FwdCoef<A, P> k =
         sbn::fwd_coef<A, P>(c, C, flags, buf, shift_used, weight, bias, rmean, rvar, eps);
@@ -440,7 +444,9 @@ __global__ void bn_bwd_elemt_cf(const T* __restrict__ dy, const T* __restrict__ 
   typedef sbn::Vec<T, V> VT;
   const sbn::i64 first = (sbn::i64)blockIdx.y * blockDim.x + threadIdx.x;
   const sbn::i64 step = (sbn::i64)gridDim.y * blockDim.x;
-  for (sbn::i64 row = blockIdx.x; row < NC; row += gridDim.x) {
+  const sbn::i64 row_step = (sbn::i64)gridDim.x * blockDim.y;
+  for (sbn::i64 row = (sbn::i64)blockIdx.x * blockDim.y + threadIdx.y; row < NC;
+       row += row_step) {
     const sbn::i64 c = row % C;  // once per row
     const sbn::BwdCoef<A> k = sbn::bwd_coef<A, P>(c, C, flags, buf, stats64, statc, weight);
     const T* gr = dy + row * S;

@@ -373,9 +373,11 @@ class CupyBackend(ChannelMath):
             vec = c % v == 0 and self._aligned16(x, *arrays)
             return (gx, gy), (32, 8), (np.int64(m), np.int64(c), np.int32(vec))
         n, c, s = (int(d) for d in x.shape)
-        gy = max(1, min(_cdiv(_cdiv(s, v), _THREADS), _MAX_GRID_YZ))
-        gx = max(1, min(n * c, max(1, _cdiv(target, gy)), 2**31 - 1))
-        return (gx, gy), (_THREADS,), (np.int64(n * c), np.int64(c), np.int64(s))
+        bx = min(_THREADS, max(32, _next_pow2(_cdiv(s, v))))
+        by = _THREADS // bx  # rows per block: short rows share a block
+        gy = max(1, min(_cdiv(_cdiv(s, v), bx), _MAX_GRID_YZ))
+        gx = max(1, min(_cdiv(n * c, by), max(1, _cdiv(target, gy)), 2**31 - 1))
+        return (gx, gy), (bx, by), (np.int64(n * c), np.int64(c), np.int64(s))
 
     def fwd_norm(
         self, x: Any, y: Any, channel_last: bool, c: int, buf: Any, shift_used: Any,
