@@ -44,6 +44,11 @@ class DeviceWorkspace:
         self.shift_next = xp.zeros(nf, dtype=_F64)
         self.shift_used = xp.zeros(nf, dtype=_F64)
         self.has_shift = False
+        # momentum=None: [batches before this pass, after it], counted on the
+        # device (an empty global batch does not count), and the host's
+        # num_batches_tracked the device count was last aligned with.
+        self.nbt = xp.zeros(2, dtype=_F64)
+        self.nbt_host: int | None = None
 
     def __call__(self, key: str, size: int, dtype: Any) -> Any:
         """A reusable 1-D array of at least ``size`` elements (a view of ``size``)."""
@@ -129,6 +134,13 @@ def forward(
         ws.status.poll()
     if sync:
         handshake()
+    update = rm is not None and training
+    nbt = None
+    if update and momentum is None and state is not None:
+        if ws.nbt_host != num_batches_tracked:  # first pass, or state loaded
+            ws.nbt[1:].fill(float(num_batches_tracked))
+        nbt = ws.nbt
+        ws.nbt_host = num_batches_tracked + 1  # the layer counts this pass
     parts, g = (backend.stats_partials(v, channel_last, cdt, ws) if n_local else (None, 0))
     size = comm.size
     wire = protocol.HEADER + 2 * nf
@@ -139,24 +151,23 @@ def forward(
         bufm = ws("bufm", wire, _F64)
         layer, call = _ids(state, sync)
         backend.fwd_pack(parts, g, nf, cdt, 1, None, None, None, bufm, st, size,
-                         (n_local, protocol.PHASE_MEAN, -1, nf, layer, call))
+                         (n_local, protocol.PHASE_MEAN, -1, nf, layer, call), nbt)
         comm.allreduce_sum(bufm)
         layer, call = _ids(state, sync)
         backend.fwd_pack(parts, g, nf, cdt, 2, None, ws.shift_used, bufm, buf, st, size,
-                         (n_local, protocol.PHASE_STATS, -1, nf, layer, call))
+                         (n_local, protocol.PHASE_STATS, -1, nf, layer, call), nbt)
         comm.allreduce_sum(buf)
     elif sync:
         layer, call = _ids(state, sync)
         backend.fwd_pack(parts, g, nf, cdt, 0, ws.shift_next, ws.shift_used, None, buf, st,
-                         size, (n_local, protocol.PHASE_STATS, -1, nf, layer, call))
+                         size, (n_local, protocol.PHASE_STATS, -1, nf, layer, call), nbt)
         comm.allreduce_sum(buf)
     else:
         backend.fwd_pack(parts, g, nf, cdt, 3, None, ws.shift_used, None, buf, st, size,
-                         (n_local, protocol.PHASE_STATS, -1, nf, 0, 0))
+                         (n_local, protocol.PHASE_STATS, -1, nf, 0, 0), nbt)
     if sync and state is not None:
         ws.has_shift = True
         state.shift = ws.shift_next  # the error path's "is there a shift" test
-    update = rm is not None and training
     outs = (None, None)
     if update:
         outs = (rm, rv) if inplace else (xp.empty_like(rm), xp.empty_like(rv))
@@ -170,7 +181,7 @@ def forward(
     flags |= (_F_CHECK | (_F_SHIFT if state is not None else 0)) if sync else 0
     flags |= (_F_UPDATE | (_F_UNBIASED if unbiased else 0)) if update else 0
     backend.fwd_norm(v, y, channel_last, nf, buf, ws.shift_used, ws.shift_next, vectors, outs,
-                     stats64, statc, st, epsilon, keep, factor, flags, size, pdt)
+                     stats64, statc, st, epsilon, keep, factor, flags, size, pdt, nbt)
     _finish(ws, state, comm)
     new_rm, new_rv = outs if update else (rm, rv)
     return y, stats64, statc, new_rm, new_rv, update

@@ -160,7 +160,7 @@ __device__ __forceinline__ void fwd_channel(i64 C, int flags, const double* buf,
                                             const P* weight, const P* bias, const P* rmean,
                                             const P* rvar, P* rmean_out, P* rvar_out,
                                             double* stats64, A* statc, double* status,
-                                            double eps, double keep, double factor,
+                                            double* nbt, double eps, double keep, double factor,
                                             double size) {
   const i64 start = global_thread();
   const i64 step = global_threads();
@@ -172,6 +172,11 @@ __device__ __forceinline__ void fwd_channel(i64 C, int flags, const double* buf,
   const bool unbiased_undefined = (flags & SBN_F_UNBIASED) && n == 1.0;
   if (start == 0 && (flags & SBN_F_UPDATE) && unbiased_undefined) {
     latch(status, 2.0, 2, (const double*)0);
+  }
+  if (nbt) {  // momentum=None: average over the batches the device counted
+    factor = 1.0 / (nbt[0] + 1.0);
+    keep = 1.0 - factor;
+    if (start == 0) nbt[1] = nbt[0] + ((flags & SBN_F_UPDATE) && n > 0 && !unbiased_undefined);
   }
   for (i64 c = start; c < C; c += step) {
     FwdCoef<A, P> k = fwd_coef<A, P>(c, C, flags, buf, shift_used, weight, bias, rmean, rvar, eps);
@@ -211,10 +216,12 @@ __global__ void bn_fwd_pack(const sbn::i64* __restrict__ pcount, const A* __rest
                             const A* __restrict__ pm2, sbn::i64 C, int G, int mode,
                             const double* __restrict__ shift_next, double* __restrict__ shift_used,
                             const double* __restrict__ meanbuf, double* __restrict__ buf,
-                            double* __restrict__ status, double size, sbn::i64 count, int phase,
-                            int err, sbn::i64 nf, sbn::i64 layer, sbn::i64 call) {
+                            double* __restrict__ status, double* __restrict__ nbt, double size,
+                            sbn::i64 count, int phase, int err, sbn::i64 nf, sbn::i64 layer,
+                            sbn::i64 call) {
   const sbn::i64 start = sbn::global_thread();
   if (start == 0) {
+    if (nbt) nbt[0] = nbt[1];  // batches tracked before this pass (momentum=None)
     for (int k = 0; k < SBN_HEADER; ++k) buf[k] = 0.0;
     buf[SBN_H_COUNT] = (double)count;
     buf[SBN_H_ONE] = 1.0;
@@ -274,10 +281,11 @@ __global__ void bn_fwd_norm_cf(const T* __restrict__ x, T* __restrict__ y, sbn::
                                double* __restrict__ shift_next, const P* __restrict__ weight,
                                const P* __restrict__ bias, const P* rmean, const P* rvar,
                                P* rmean_out, P* rvar_out, double* __restrict__ stats64,
-                               A* __restrict__ statc, double* __restrict__ status, double eps,
-                               double keep, double factor, int flags, double size) {
+                               A* __restrict__ statc, double* __restrict__ status, double* nbt,
+                               double eps, double keep, double factor, int flags, double size) {
   sbn::fwd_channel<A, P>(C, flags, buf, shift_used, shift_next, weight, bias, rmean, rvar,
-                         rmean_out, rvar_out, stats64, statc, status, eps, keep, factor, size);
+                         rmean_out, rvar_out, stats64, statc, status, nbt, eps, keep, factor,
+                         size);
   const int V = sbn::VecWidth<T>::value;
   typedef sbn::Vec<T, V> VT;
   const sbn::i64 first = (sbn::i64)blockIdx.y * blockDim.x + threadIdx.x;
@@ -321,10 +329,11 @@ __global__ void bn_fwd_norm_cl(const T* __restrict__ x, T* __restrict__ y, sbn::
                                double* __restrict__ shift_next, const P* __restrict__ weight,
                                const P* __restrict__ bias, const P* rmean, const P* rvar,
                                P* rmean_out, P* rvar_out, double* __restrict__ stats64,
-                               A* __restrict__ statc, double* __restrict__ status, double eps,
-                               double keep, double factor, int flags, double size) {
+                               A* __restrict__ statc, double* __restrict__ status, double* nbt,
+                               double eps, double keep, double factor, int flags, double size) {
   sbn::fwd_channel<A, P>(C, flags, buf, shift_used, shift_next, weight, bias, rmean, rvar,
-                         rmean_out, rvar_out, stats64, statc, status, eps, keep, factor, size);
+                         rmean_out, rvar_out, stats64, statc, status, nbt, eps, keep, factor,
+                         size);
   const int V = sbn::VecWidth<T>::value;
   typedef sbn::Vec<T, V> VT;
   const sbn::i64 c0 = ((sbn::i64)blockIdx.x * blockDim.x + threadIdx.x) * V;

@@ -123,17 +123,19 @@ PARAMS = {
                          " const A* a, const A* mean_dy, const A* b",
     "bn_fwd_pack": "const long long* pc, const A* pm, const A* pq, long long C, int G, int mode,"
                    " const double* sn, double* su, const double* mb, double* buf, double* st,"
-                   " double size, long long count, int phase, int err, long long nf,"
+                   " double* nbt, double size, long long count, int phase, int err, long long nf,"
                    " long long layer, long long call",
     "bn_fwd_norm_cf": "const T* x, T* y, long long NC, long long C, long long S,"
                       " const double* buf, const double* su, double* sn, const P* w,"
                       " const P* b, const P* rm, const P* rv, P* rmo, P* rvo, double* s64,"
-                      " A* sc, double* st, double eps, double keep, double factor, int flags,"
+                      " A* sc, double* st, double* nbt, double eps, double keep, double factor,"
+                      " int flags,"
                       " double size",
     "bn_fwd_norm_cl": "const T* x, T* y, long long M, long long C, int vec,"
                       " const double* buf, const double* su, double* sn, const P* w,"
                       " const P* b, const P* rm, const P* rv, P* rmo, P* rvo, double* s64,"
-                      " A* sc, double* st, double eps, double keep, double factor, int flags,"
+                      " A* sc, double* st, double* nbt, double eps, double keep, double factor,"
+                      " int flags,"
                       " double size",
     "bn_bwd_pack": "const A* p1, const A* p2, long long C, int G, const A* sc, double* buf,"
                    " P* dw, P* db, int flags, long long count, int phase, int err,"

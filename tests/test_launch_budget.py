@@ -367,3 +367,17 @@ def test_conventions_match_the_numpy_backend(cp, kw, fmt, dt):
         if step:
             assert fwd[0]["kernels"] == bwd[0]["kernels"] == 3
             assert fwd[0]["syncs"] == bwd[0]["syncs"] == fwd[0]["ops"] == 0
+
+
+def test_momentum_none_skips_empty_global_batches_like_the_host(cp):
+    dev = _layer(cp, "NCHW", 3, _forced(), momentum=None)
+    ref = _layer(cp, "NCHW", 3, _forced(), momentum=None, on_device=False)
+    for step, n in enumerate((3, 0, 2, 4)):
+        x, dy = _batch("NCHW", n, "float32", 50 + step)
+        y, dx, fwd, bwd = _step(cp, dev, x, dy)
+        ref(x)
+        ref.backward(dy)
+        _close(dev._mean, ref._mean, 1e-6)
+        _close(dev._variance, ref._variance, 1e-6)
+        if step >= 2:
+            assert fwd[0]["ops"] == fwd[0]["syncs"] == 0  # the count stays on the device

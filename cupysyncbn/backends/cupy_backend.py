@@ -345,6 +345,7 @@ class CupyBackend(ChannelMath):
     def fwd_pack(
         self, parts: tuple | None, g: int, c: int, adt: Any, mode: int, shift_next: Any,
         shift_used: Any, meanbuf: Any, buf: Any, status: Any, size: int, header: tuple,
+        nbt: Any = None,
     ) -> None:
         """Merge partials, write header + shifted sums into ``buf`` (kernels/fused.cu).
 
@@ -358,7 +359,7 @@ class CupyBackend(ChannelMath):
             grid, block,
             (*(self._ptr(p) for p in parts), np.int64(c), np.int32(g), np.int32(mode),
              self._ptr(shift_next), self._ptr(shift_used), self._ptr(meanbuf), buf, status,
-             np.float64(size), np.int64(count), np.int32(phase), np.int32(err),
+             self._ptr(nbt), np.float64(size), np.int64(count), np.int32(phase), np.int32(err),
              np.int64(nf), np.int64(layer), np.int64(call)),
         )
 
@@ -383,7 +384,7 @@ class CupyBackend(ChannelMath):
         self, x: Any, y: Any, channel_last: bool, c: int, buf: Any, shift_used: Any,
         shift_next: Any, vectors: tuple, out_vectors: tuple, stats64: Any, statc: Any,
         status: Any, eps: float, keep: float, factor: float, flags: int, size: int,
-        pdt: Any,
+        pdt: Any, nbt: Any = None,
     ) -> None:
         """Fused finalize + normalize: ``y`` from ``x`` and the reduced ``buf``.
 
@@ -391,6 +392,8 @@ class CupyBackend(ChannelMath):
         absent ones), ``out_vectors`` = new running mean/var (may be the
         inputs: updated in place). Writes the saved statistics ``stats64``
         (mean, var, count; float64) and ``statc`` (mean, invstd; compute dtype).
+        ``nbt`` (``[before, after]``, float64): momentum=None's batch count on
+        the device; the kernel takes the averaging factor from it.
         """
         t = ks.storage_type(x.dtype)
         a, p = ks.accum_type(statc.dtype), ks.accum_type(pdt)
@@ -403,7 +406,7 @@ class CupyBackend(ChannelMath):
             grid, block,
             (x, y, *layout, self._ptr(buf), self._ptr(shift_used), self._ptr(shift_next),
              *(self._ptr(v) for v in vectors), *(self._ptr(v) for v in out_vectors),
-             stats64, statc, self._ptr(status), np.float64(eps), np.float64(keep),
+             stats64, statc, self._ptr(status), self._ptr(nbt), np.float64(eps), np.float64(keep),
              np.float64(factor),
              np.int32(flags), np.float64(size)),
         )
