@@ -1,7 +1,7 @@
 """GPU launch budget, proven without a GPU (issue 10).
 
 The real layer -> functional -> ``CupyBackend`` -> communicator path runs on
-the recording CuPy stand-in (:mod:`fake_cupy`: NumPy-backed arrays, our
+the recording CuPy stand-in (:mod:`recording_cupy`: NumPy-backed arrays, our
 kernels executed by the C++ emulation of the CUDA sources). Asserted per
 steady-state pass: our kernel launches, other CuPy operations, device->host
 copies and host synchronizations; and the results against the NumPy backend
@@ -21,8 +21,8 @@ from cupysyncbn.comm.base import Communicator, NoCommunicator
 from cupysyncbn.errors import RemoteInputError
 
 cuda_emu = pytest.importorskip("cuda_emu")
-fake_cupy = pytest.importorskip("fake_cupy")
-REC = fake_cupy.REC
+recording_cupy = pytest.importorskip("recording_cupy")
+REC = recording_cupy.REC
 
 SHAPES = {  # (format, local shape builder from N)
     "NC": lambda n: (n, 5), "NCL": lambda n: (n, 3, 7), "NCHW": lambda n: (n, 3, 4, 5),
@@ -37,7 +37,7 @@ def cp():
     import cupysyncbn.backends.cupy_backend as cb
 
     try:
-        with fake_cupy.installed() as mod, pytest.MonkeyPatch.context() as mp:
+        with recording_cupy.installed() as mod, pytest.MonkeyPatch.context() as mp:
             mp.setattr(cb, "_THREADS", 64)  # smaller blocks: a faster emulation
             yield mod
     except cuda_emu.Unavailable as e:  # pragma: no cover - no g++ 12
@@ -45,7 +45,7 @@ def cp():
 
 
 def _host(a):
-    return np.array(a.view(np.ndarray) if isinstance(a, fake_cupy.ndarray) else a)
+    return np.array(a.view(np.ndarray) if isinstance(a, recording_cupy.ndarray) else a)
 
 
 def _layer(cp, fmt, c, comm, pdt="float32", on_device=True, **kw):
