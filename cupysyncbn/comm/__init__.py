@@ -1,21 +1,30 @@
-"""Communicators: creation, auto-selection and the process-wide default.
+"""Communicators: creation, backend agreement and the process-wide default.
 
-``init(backend='auto')`` picks:
+``init(backend='auto')`` picks, on every rank of the group together:
 
-* ``'nccl'`` when CuPy sees a GPU and NCCL is available and the job has more
-  than one rank or an MPI communicator was given;
-* ``'mpi'`` when the process runs under ``mpiexec``/``srun`` (or ``mpi_comm``
-  is given) and mpi4py imports;
-* ``'none'`` otherwise (one process; no MPI library needed).
+* ``'none'`` for one process not launched by an MPI process manager (no MPI
+  library needed);
+* ``'paddle'`` (collectives of ``paddle.distributed``) when no MPI
+  communicator is given and this process already ran Paddle's
+  ``init_parallel_env()`` (jobs started by ``python -m paddle.distributed.launch``);
+* ``'nccl'`` when every rank can use NCCL on its own GPU (see
+  :mod:`cupysyncbn.comm.agreement`: one small MPI all-gather decides);
+* ``'mpi'`` otherwise, with a warning saying why when some rank wanted a GPU.
+
+Before any of that the ranks are placed on their GPUs (one rule for NCCL and
+MPI, :mod:`cupysyncbn.placement`). ``force_collectives=True`` (or
+``CUPYSYNCBN_FORCE_COLLECTIVES=1``) makes even a group of one run the whole
+synchronized path; ``CUPYSYNCBN_VERBOSE=1`` prints one line on rank 0.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any
 
 from ..errors import CommunicatorError
-from .base import LOCAL, Communicator, NoCommunicator
+from .base import Communicator, NoCommunicator
 
 __all__ = [
     "Communicator",
@@ -27,7 +36,7 @@ __all__ = [
     "launched_size",
 ]
 
-_BACKENDS = ("auto", "nccl", "mpi", "none")
+_BACKENDS = ("auto", "nccl", "mpi", "none", "paddle")
 _default: Communicator | None = None
 
 # Variables that process managers set: MPICH/Hydra, Open MPI, PMIx, Slurm.
@@ -46,27 +55,39 @@ def launched_size() -> int:
     return 1
 
 
-def _cupy_gpu_available() -> bool:
-    try:
-        import cupy
+FORCE_ENV = "CUPYSYNCBN_FORCE_COLLECTIVES"
+VERBOSE_ENV = "CUPYSYNCBN_VERBOSE"
 
-        return cupy.cuda.runtime.getDeviceCount() > 0
-    except Exception:
-        return False
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no", "off")
 
 
 def init(
-    backend: str = "auto", mpi_comm: Any = None, *, strict_sync: bool | None = None
+    backend: str = "auto", mpi_comm: Any = None, *, force_collectives: bool | None = None,
+    strict_sync: bool | None = None,
 ) -> Communicator:
     """Create a communicator and make it the default for layers with ``comm=None``.
 
+    Collective over the group (every rank calls it): the ranks agree on the
+    backend, so it is the same on every rank or the same error is raised on
+    every rank.
+
     Parameters
     ----------
-    backend : {'auto', 'nccl', 'mpi', 'none'}
+    backend : {'auto', 'nccl', 'mpi', 'none', 'paddle'}
         Which collective library to use (see the module docstring for 'auto').
+        ``'paddle'``: ``paddle.distributed`` collectives (after Paddle's
+        ``init_parallel_env()``).
     mpi_comm : mpi4py.MPI.Comm, optional
         The group to synchronize over (default ``MPI.COMM_WORLD``). Use a
-        sub-communicator (``MPI.COMM_WORLD.Split(color)``) to sync a sub-group.
+        sub-communicator (``MPI.COMM_WORLD.Split(color)``) to sync a sub-group;
+        GPUs are still chosen by the node-local rank of the whole job.
+        With ``backend='paddle'``: a Paddle group (default: the global one).
+    force_collectives : bool, optional
+        Run the whole synchronized path (handshake, header, one all-reduce
+        per pass) even in a group of one, so one process exercises every line
+        a multi-rank job runs. Default: ``CUPYSYNCBN_FORCE_COLLECTIVES``.
     strict_sync : bool, optional
         GPU passes check the all-reduced header at once (one host
         synchronization per pass) instead of at the layer's next pass;
@@ -82,16 +103,30 @@ def init(
     ValueError
         For an unknown ``backend``.
     CommunicatorError
-        When the requested backend cannot be created here.
+        On every rank, when the requested backend cannot work on some rank,
+        or a GPU requested with ``set_device``/``CUPYSYNCBN_DEVICE`` does not
+        exist on some rank.
     """
     global _default
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}; got {backend!r}")
+    if force_collectives is not None and not isinstance(force_collectives, bool):
+        raise TypeError(f"force_collectives must be a bool or None; got {force_collectives!r}")
     comm = _create(backend, mpi_comm)
+    _set_forced(comm, force_collectives)
     if strict_sync is not None:
         comm.strict_sync = bool(strict_sync)
+    _report(comm)
     _default = comm
     return comm
+
+
+def _set_forced(comm: Communicator, force: bool | None) -> None:
+    """Apply ``force_collectives`` (argument, else the environment variable)."""
+    if force is None:
+        force = _env_flag(FORCE_ENV)
+    if force:
+        comm.force_collectives = True
 
 
 def _create(backend: str, mpi_comm: Any) -> Communicator:
@@ -99,15 +134,14 @@ def _create(backend: str, mpi_comm: Any) -> Communicator:
         if mpi_comm is not None and mpi_comm.Get_size() != 1:
             raise ValueError("backend='none' cannot synchronize an mpi_comm of size > 1")
         return NoCommunicator()
+    if backend == "paddle":
+        return _create_paddle(mpi_comm)
     if backend == "auto":
+        paddle_comm = _auto_paddle(mpi_comm)
+        if paddle_comm is not None:
+            return paddle_comm
         if mpi_comm is None and launched_size() == 1:
-            return NoCommunicator()
-        if _cupy_gpu_available():
-            try:
-                return _create("nccl", mpi_comm)
-            except CommunicatorError:
-                pass
-        return _create("mpi", mpi_comm)
+            return _one_process()
     try:
         from mpi4py import MPI
     except ImportError as e:
@@ -115,21 +149,86 @@ def _create(backend: str, mpi_comm: Any) -> Communicator:
             f"backend {backend!r} needs mpi4py: pip install mpi4py (and mpich if the"
             " machine has no MPI library)"
         ) from e
-    world = MPI.COMM_WORLD if mpi_comm is None else mpi_comm
-    if backend == "mpi":
+    group = MPI.COMM_WORLD if mpi_comm is None else mpi_comm
+    return _agreed(backend, group)
+
+
+def _one_process() -> Communicator:
+    """``init('auto')`` outside an MPI job: place this process, no communication."""
+    from .. import placement
+
+    try:
+        placement.get_device()  # choose the GPU now, before any allocation
+    except ValueError as e:  # a GPU index this process does not see
+        raise CommunicatorError(f"cannot place the ranks on GPUs: rank 0: {e}") from e
+    return NoCommunicator()
+
+
+def _agreed(backend: str, group: Any) -> Communicator:
+    """The backend every rank of ``group`` agrees on (one all-gather decides)."""
+    from . import agreement
+
+    infos = agreement.gather(group, backend)
+    chosen, reason = agreement.decide(backend, infos)  # raises on every rank alike
+    if chosen == "nccl":
+        from .nccl import NCCLCommunicator
+
+        try:
+            comm: Communicator = NCCLCommunicator(group, _agreed_infos=infos)
+        except CommunicatorError as e:
+            if backend == "nccl":
+                raise
+            # NCCL initialization failed on some rank: every rank got this
+            # error (its construction agrees on failures), so all fall back.
+            chosen, reason = "mpi", str(e)
+    if chosen == "mpi":
         from .mpi import MPICommunicator
 
-        return MPICommunicator(world)
-    from .nccl import NCCLCommunicator
+        agreement.warn_fallback(reason, group.Get_rank())
+        comm = MPICommunicator(group)
+        comm.fallback_reason = reason  # why not NCCL ('' when no GPU was wanted)
+    comm._init_infos = infos  # for the verbose line
+    return comm
 
-    return NCCLCommunicator(world)
+
+def _report(comm: Communicator) -> None:
+    """``CUPYSYNCBN_VERBOSE=1``: one line on rank 0 (backend, GPUs, NCCL)."""
+    if comm.rank != 0 or not _env_flag(VERBOSE_ENV):
+        return
+    from . import agreement
+
+    infos = getattr(comm, "_init_infos", None)
+    if infos is None:  # one process: describe it without communication
+        infos = [agreement.probe("auto")]
+    line = agreement.verbose_line(comm.backend, infos, comm.force_collectives)
+    print(line, file=sys.stderr, flush=True)
+
+
+def _auto_paddle(mpi_comm: Any) -> Communicator | None:
+    """Paddle's global group when Paddle's distributed environment is up, else None."""
+    # sys.modules only: `import cupysyncbn` and init('auto') never import Paddle.
+    if mpi_comm is not None or "paddle.distributed" not in sys.modules:
+        return None
+    from .paddle import communicator_for, paddle_initialized
+
+    return communicator_for(None) if paddle_initialized() else None
+
+
+def _create_paddle(group: Any) -> Communicator:
+    """``init('paddle', group)``: a Paddle process group (None: the global one)."""
+    from .paddle import communicator_for
+
+    return communicator_for(group)
 
 
 def get_default_comm() -> Communicator:
     """The default communicator, created with ``init('auto')`` on first use."""
     global _default
     if _default is None:
-        _default = _create("auto", None)
+        comm = _create("auto", None)
+        _set_forced(comm, None)
+        _report(comm)
+        _default = comm
     return _default
 
 
@@ -151,15 +250,25 @@ def as_communicator(comm: Any) -> Communicator:
         return get_default_comm()
     if isinstance(comm, Communicator):
         return comm
+    paddle_comm = _as_paddle_communicator(comm)
+    if paddle_comm is not None:
+        return paddle_comm
     mod = type(comm).__module__ or ""
     if mod.startswith("mpi4py"):
         from .mpi import MPICommunicator
 
         return MPICommunicator(comm)
     raise TypeError(
-        "comm must be a cupysyncbn Communicator, an mpi4py.MPI.Comm or None;"
+        "comm must be a cupysyncbn Communicator, an mpi4py.MPI.Comm, a Paddle group or None;"
         f" got {type(comm).__name__}"
     )
 
 
-LOCAL_COMM = LOCAL
+def _as_paddle_communicator(comm: Any) -> Communicator | None:
+    """The communicator of a ``paddle.distributed`` group, or None for anything else."""
+    if not (type(comm).__module__ or "").startswith("paddle."):
+        return None
+    from .paddle import communicator_for, is_paddle_group
+
+    return communicator_for(comm) if is_paddle_group(comm) else None
+
