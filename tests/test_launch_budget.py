@@ -381,3 +381,19 @@ def test_momentum_none_skips_empty_global_batches_like_the_host(cp):
         _close(dev._variance, ref._variance, 1e-6)
         if step >= 2:
             assert fwd[0]["ops"] == fwd[0]["syncs"] == 0  # the count stays on the device
+
+
+def test_strict_sync_from_init_and_environment(monkeypatch):
+    from cupysyncbn import fused_passes
+    from cupysyncbn.comm import set_default_comm
+
+    monkeypatch.delenv("CUPYSYNCBN_STRICT_SYNC", raising=False)
+    assert fused_passes.strict_sync(NoCommunicator()) is False
+    monkeypatch.setenv("CUPYSYNCBN_STRICT_SYNC", "1")
+    assert fused_passes.strict_sync(NoCommunicator()) is True
+    try:
+        comm = sbn.init("none", strict_sync=False)
+        assert comm.strict_sync is False and fused_passes.strict_sync(comm) is False
+        assert sbn.init("none").strict_sync is None  # the environment decides
+    finally:
+        set_default_comm(None)
