@@ -80,10 +80,11 @@ _PHASE_NAMES = ("handshake", "forward (mean pass)", "forward", "backward")
 CALL_MODULUS = 4096
 
 _SLOTS = (
-    "count", "one", "nf", "nf_sq", "layer", "layer_sq", "ident", "ident_sq",
-    "call", "call_sq", "evals", "evals_sq",
+    "count", "one", "nf", "nf_sq", "layer", "layer_sq", "call", "call_sq",
     *(f"phase_{i}" for i in range(len(_PHASE_NAMES))),
     *(f"err_{k}" for k in ERROR_KINDS),
+    # last, so the fused CUDA kernels' slot numbers (kernels/fused.cu) stay put
+    "ident", "ident_sq", "evals", "evals_sq",
 )
 _I = {name: i for i, name in enumerate(_SLOTS)}
 HEADER = len(_SLOTS)

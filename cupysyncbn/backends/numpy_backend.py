@@ -38,6 +38,8 @@ from typing import Any
 
 import numpy as np
 
+from .channel_math import ChannelMath
+
 __all__ = ["NumpyBackend", "BACKEND", "CHUNK_BYTES", "ROW_BLOCK"]
 
 _F64 = np.dtype(np.float64)
@@ -212,7 +214,7 @@ def _moments_f64(
             m2[c] = max(float(np.dot(d.ravel(), d.ravel()) - d.sum() ** 2 / d.size), 0.0)
 
 
-class NumpyBackend:
+class NumpyBackend(ChannelMath):
     """Batch-norm primitives on NumPy arrays (see :mod:`.base`)."""
 
     name = "numpy"
