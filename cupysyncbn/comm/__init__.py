@@ -6,12 +6,22 @@
   than one rank or an MPI communicator was given;
 * ``'mpi'`` when the process runs under ``mpiexec``/``srun`` (or ``mpi_comm``
   is given) and mpi4py imports;
-* ``'none'`` otherwise (one process; no MPI library needed).
+* ``'torch'`` before those when ``torch.distributed`` is initialized (a
+  ``torchrun`` job; see :func:`_auto_torch`);
+* ``'none'`` otherwise (one process; no MPI library needed), except under a
+  launcher that started several processes without any group to synchronize
+  over: then :func:`_refuse_unsynchronized_launch` raises instead of silently
+  computing local statistics.
+
+``init('torch')`` (or ``mpi_comm=`` a ``torch.distributed.ProcessGroup``)
+synchronizes over a PyTorch process group; ``torch`` is never imported by
+``import cupysyncbn``.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any
 
 from ..errors import CommunicatorError
@@ -27,7 +37,7 @@ __all__ = [
     "launched_size",
 ]
 
-_BACKENDS = ("auto", "nccl", "mpi", "none")
+_BACKENDS = ("auto", "nccl", "mpi", "none", "torch")
 _default: Communicator | None = None
 
 # Variables that process managers set: MPICH/Hydra, Open MPI, PMIx, Slurm.
@@ -60,11 +70,14 @@ def init(backend: str = "auto", mpi_comm: Any = None) -> Communicator:
 
     Parameters
     ----------
-    backend : {'auto', 'nccl', 'mpi', 'none'}
+    backend : {'auto', 'nccl', 'mpi', 'none', 'torch'}
         Which collective library to use (see the module docstring for 'auto').
-    mpi_comm : mpi4py.MPI.Comm, optional
-        The group to synchronize over (default ``MPI.COMM_WORLD``). Use a
-        sub-communicator (``MPI.COMM_WORLD.Split(color)``) to sync a sub-group.
+        ``'torch'``: ``torch.distributed`` (after ``init_process_group``).
+    mpi_comm : mpi4py.MPI.Comm or torch.distributed.ProcessGroup, optional
+        The group to synchronize over (default ``MPI.COMM_WORLD``, or the
+        default torch group for ``'torch'``). Use a sub-communicator
+        (``MPI.COMM_WORLD.Split(color)``, ``torch.distributed.new_group``) to
+        sync a sub-group.
 
     Returns
     -------
@@ -87,12 +100,16 @@ def init(backend: str = "auto", mpi_comm: Any = None) -> Communicator:
 
 
 def _create(backend: str, mpi_comm: Any) -> Communicator:
+    torch_comm = _create_torch(backend, mpi_comm)
+    if torch_comm is not None:
+        return torch_comm
     if backend == "none":
         if mpi_comm is not None and mpi_comm.Get_size() != 1:
             raise ValueError("backend='none' cannot synchronize an mpi_comm of size > 1")
         return NoCommunicator()
     if backend == "auto":
         if mpi_comm is None and launched_size() == 1:
+            _refuse_unsynchronized_launch()
             return NoCommunicator()
         if _cupy_gpu_available():
             try:
@@ -132,7 +149,10 @@ def set_default_comm(comm: Communicator | None) -> None:
 
 
 def as_communicator(comm: Any) -> Communicator:
-    """Accept a :class:`Communicator`, an ``mpi4py.MPI.Comm`` or ``None`` (default).
+    """Accept a :class:`Communicator`, an mpi4py or torch.distributed group, or ``None``.
+
+    ``None`` is the default communicator; a ``torch.distributed.ProcessGroup``
+    gets its one :class:`~cupysyncbn.comm.torch.TorchCommunicator`.
 
     Raises
     ------
@@ -143,14 +163,122 @@ def as_communicator(comm: Any) -> Communicator:
         return get_default_comm()
     if isinstance(comm, Communicator):
         return comm
+    torch_comm = _torch_group_communicator(comm)
+    if torch_comm is not None:
+        return torch_comm
     mod = type(comm).__module__ or ""
     if mod.startswith("mpi4py"):
         from .mpi import MPICommunicator
 
         return MPICommunicator(comm)
     raise TypeError(
-        "comm must be a cupysyncbn Communicator, an mpi4py.MPI.Comm or None;"
+        "comm must be a cupysyncbn Communicator, an mpi4py.MPI.Comm, a"
+        " torch.distributed.ProcessGroup or None;"
         f" got {type(comm).__name__}"
+    )
+
+
+# -- torch.distributed (issue 13): small functions, kept apart for merging ----
+
+# Variables that framework launchers set: torchrun / torch.distributed.launch
+# and paddle.distributed.launch.
+_LAUNCHER_SIZE_VARS = ("WORLD_SIZE", "PADDLE_TRAINERS_NUM")
+_LAUNCHER_RANK_VARS = ("RANK", "PADDLE_TRAINER_ID")
+
+
+def _torch_group_communicator(comm: Any) -> Communicator | None:
+    """The communicator of a ``torch.distributed.ProcessGroup``; None for anything else."""
+    from .torch import communicator_for, is_process_group
+
+    return communicator_for(comm) if is_process_group(comm) else None
+
+
+def _create_torch(backend: str, group: Any) -> Communicator | None:
+    """``init('torch'[, group])``, a ProcessGroup given to ``init``, or 'auto' under torchrun."""
+    from .torch import communicator_for, is_process_group
+
+    if backend == "torch" or is_process_group(group):
+        if backend not in ("torch", "auto"):
+            raise ValueError(
+                f"backend={backend!r} cannot synchronize a torch.distributed.ProcessGroup;"
+                " use backend='torch' (or 'auto')"
+            )
+        if group is not None and not is_process_group(group):
+            raise TypeError(
+                "backend='torch' takes a torch.distributed.ProcessGroup (or None for the"
+                f" default group); got {type(group).__module__}.{type(group).__name__}"
+            )
+        try:
+            return communicator_for(group)
+        except ImportError as e:
+            raise CommunicatorError("backend 'torch' needs PyTorch: pip install torch") from e
+    if backend == "auto" and group is None and _auto_torch():
+        return communicator_for(None)
+    return None
+
+
+def _auto_torch() -> bool:
+    """Whether 'auto' takes the initialized default ``torch.distributed`` group.
+
+    Only when torch is already imported (``sys.modules``); a one-process torch
+    group does not hide an ``mpiexec`` job of several ranks.
+    """
+    from .torch import torch_world_size
+
+    n = torch_world_size()
+    return n > 1 or (n == 1 and launched_size() == 1)
+
+
+def _framework_group_active() -> bool:
+    """A framework's process group exists (PyTorch or Paddle), looked up without imports."""
+    from .torch import torch_world_size
+
+    if torch_world_size() > 0:
+        return True
+    pdist = sys.modules.get("paddle.distributed")
+    is_init = getattr(pdist, "is_initialized", None)
+    try:
+        return bool(is_init()) if callable(is_init) else False
+    except Exception:  # pragma: no cover - best effort
+        return False
+
+
+def _launcher_env() -> str:
+    """``'VAR=value, ...'`` when a framework launcher started several processes, else ''."""
+    found = []
+    for var in _LAUNCHER_SIZE_VARS:
+        val = os.environ.get(var, "")
+        if val.isdigit() and int(val) > 1:
+            found.append(f"{var}={val}")
+    for var in _LAUNCHER_RANK_VARS:
+        val = os.environ.get(var, "")
+        if val.isdigit() and (found or int(val) > 0):  # a rank > 0 is never a lone process
+            found.append(f"{var}={val}")
+    return ", ".join(found)
+
+
+def _refuse_unsynchronized_launch() -> None:
+    """Raise when 'auto' would compute local statistics in a multi-process launch.
+
+    Raises
+    ------
+    CommunicatorError
+        When ``torchrun``/``paddle.distributed.launch`` started this process
+        as one of several but there is neither an MPI world nor a framework
+        process group to synchronize over.
+    """
+    env = _launcher_env()
+    if not env or _framework_group_active():
+        return
+    raise CommunicatorError(
+        f"cupysyncbn: this process is one of several started by a launcher ({env}) but"
+        " there is no MPI world and no torch.distributed or Paddle process group, so"
+        " batch statistics would silently be local. Under torchrun call"
+        " torch.distributed.init_process_group() before the first training pass"
+        " (cupysyncbn then synchronizes over it), or pass comm=<ProcessGroup> /"
+        " cupysyncbn.init('torch'); under python -m paddle.distributed.launch call"
+        " paddle.distributed.init_parallel_env(); or launch with mpiexec -n K. For"
+        " deliberately local statistics call cupysyncbn.init('none')."
     )
 
 
