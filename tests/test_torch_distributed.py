@@ -279,3 +279,82 @@ def test_torchrun_three_gloo_ranks_equal_torch_on_the_global_batch(tmp_path):
                            "subgroup_y", "error_agreed", "consistent", "inconsistency_named"}
     bad = {k: v for k, v in checks.items() if not v <= mdb.TOL}
     assert not bad, bad
+
+
+ABORT_SCRIPT = r"""
+import sys, torch.distributed as dist
+import cupysyncbn as sbn
+dist.init_process_group("gloo", init_method=sys.argv[1], rank=0, world_size=1)
+comm = sbn.init("torch")
+print("before abort", flush=False)  # abort flushes what is pending
+comm.abort(7)
+print("not reached")
+"""
+
+
+def test_abort_ends_the_process_with_the_code(tmp_path):
+    env = mpi_env()
+    for var in cm._SIZE_VARS + cm._RANK_VARS:
+        env.pop(var, None)
+    res = subprocess.run(
+        [sys.executable, "-c", ABORT_SCRIPT, (tmp_path / "rdv").as_uri()],
+        capture_output=True, text=True, timeout=120, env=env,
+    )
+    assert res.returncode == 7, res.stderr[-3000:]
+    assert res.stdout.splitlines() == ["before abort"]
+
+
+def _gpu_reason():
+    if not torch.cuda.is_available():
+        return "no CUDA GPU for PyTorch"
+    try:
+        import cupy
+
+        cupy.cuda.runtime.getDeviceCount()
+    except Exception as e:  # noqa: BLE001
+        return f"CuPy unusable: {e}"
+    if not dist.is_nccl_available():
+        return "PyTorch without NCCL"
+    return None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(_gpu_reason() is not None, reason=str(_gpu_reason()))
+def test_cuda_tensors_through_the_nccl_group_on_a_side_stream(tmp_path):
+    """One rank, forced collectives: CUDA tensors through NCCL, CPU ones through gloo."""
+    import cupy
+
+    from cupysyncbn.comm.torch import TorchCommunicator
+    from cupysyncbn.interop import torch as ti
+
+    dist.init_process_group("cpu:gloo,cuda:nccl", init_method=(tmp_path / "rdv").as_uri(),
+                            rank=0, world_size=1)
+    try:
+        comm = TorchCommunicator(dist.group.WORLD)
+        comm.force_collectives = True
+        assert comm.cpu_direct and comm.cuda_direct
+        buf = cupy.arange(4, dtype=cupy.float64)
+        assert comm.allreduce_sum(buf) is buf and buf.get().tolist() == [0.0, 1.0, 2.0, 3.0]
+        host = np.ones(3)
+        assert comm.allreduce_sum(host) is host
+        dev = torch.device("cuda")
+        bn = ti.SyncBatchNorm(3, comm=comm).to(dev, torch.float64)
+        ref = torch.nn.BatchNorm2d(3).to(dev, torch.float64)
+        side = torch.cuda.Stream()
+        with torch.cuda.stream(side):
+            for step in range(3):
+                x = torch.randn(5, 3, 8, 8, device=dev, dtype=torch.float64) * 3 + step
+                x = x.contiguous(memory_format=torch.channels_last)
+                xs, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+                ys, yr = bn(xs), ref(xr)
+                dy = torch.randn_like(yr)
+                ys.backward(dy)
+                yr.backward(dy)
+                assert (ys - yr).abs().max().item() < 1e-9
+                assert (xs.grad - xr.grad).abs().max().item() < 1e-9
+            assert (bn.running_var - ref.running_var).abs().max().item() < 1e-9
+        side.synchronize()
+        assert int(bn.num_batches_tracked) == 3
+    finally:
+        dist.destroy_process_group()
+        cm.set_default_comm(None)
