@@ -16,6 +16,15 @@ from cupysyncbn.interop import torch as ti  # noqa: E402
 TOL = 1e-9
 
 
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Tiny tensors: PyTorch's thread pool only adds latency on a busy machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _pair(momentum=0.1, affine=True, track=True, c=4, seed=0):
     torch.manual_seed(seed)
     ref = torch.nn.BatchNorm2d(c, momentum=momentum, affine=affine,

@@ -291,8 +291,17 @@ def test_adapter_accepts_every_torch_batchnorm_argument():
     assert set(theirs) - {"process_group"} <= set(ours) and "process_group" in ours
 
 
+@pytest.fixture
+def one_torch_thread():
+    """Tiny tensors: PyTorch's thread pool only adds latency (8x on a busy machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.mark.parametrize("forced", [False, True], ids=["local", "forced_collectives"])
-def test_module_db_walk_one_process(forced):
+def test_module_db_walk_one_process(forced, one_torch_thread):
     """All samples on one process; ``forced`` runs the whole synchronized path too."""
     from cupysyncbn.comm.base import NoCommunicator
 
