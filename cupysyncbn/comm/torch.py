@@ -165,9 +165,11 @@ class TorchCommunicator(Communicator):
             raise TypeError(f"buf must be a numpy or cupy array; got {type(buf).__name__}")
         # Run on CuPy's current stream: the work that filled buf is ordered
         # before the all-reduce, and later kernels on that stream after it.
-        stream = torch.cuda.ExternalStream(
-            cp.cuda.get_current_stream().ptr, device=torch.device("cuda", buf.device.id)
-        )
+        dev = torch.device("cuda", buf.device.id)
+        ptr = cp.cuda.get_current_stream().ptr
+        # ptr 0 is the legacy default stream, PyTorch's default stream too.
+        stream = (torch.cuda.default_stream(dev) if ptr == 0
+                  else torch.cuda.ExternalStream(ptr, device=dev))
         with torch.cuda.device(buf.device.id), torch.cuda.stream(stream):
             t = torch.from_dlpack(buf)  # shares buf's memory
             if self.cuda_direct:

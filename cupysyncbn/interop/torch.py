@@ -81,7 +81,8 @@ class _CupyStream:
 
     def __init__(self, cupy: Any, device: int, ptr: int) -> None:
         self._device = cupy.cuda.Device(device)
-        self._stream = cupy.cuda.ExternalStream(ptr, device)
+        # ptr 0: the legacy default stream (PyTorch's default stream)
+        self._stream = cupy.cuda.Stream.null if ptr == 0 else cupy.cuda.ExternalStream(ptr, device)
 
     def __enter__(self) -> None:
         self._device.__enter__()
