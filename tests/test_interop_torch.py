@@ -45,6 +45,7 @@ def _maxdiff(a, b):
 
 def test_import_cupysyncbn_does_not_import_torch():
     code = "import sys, cupysyncbn, cupysyncbn.interop, cupysyncbn.conformance; " \
+           "assert cupysyncbn.init('auto').backend == 'none'; " \
            "print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
