@@ -168,8 +168,8 @@ def _validate_input(
     f = format_for_ndim(fmt, x.ndim)
     if f is None:
         return "ndim", ValueError(
-            f"x must have {fmt.ndim} dimensions for data_format={fmt.name!r}; got"
-            f" shape {tuple(x.shape)}"
+            f"x must have 2 to 5 dimensions for data_format={fmt.name!r} (channels on"
+            f" axis {'1' if fmt.channels_first_name else '-1'}); got shape {tuple(x.shape)}"
         )
     c = x.shape[f.channel_axis]
     if num_features is not None and c != num_features:
@@ -199,8 +199,11 @@ def _check_vectors(backend: Backend, num_features: int | None, **vectors: Any) -
         if v is None:
             continue
         if not backend.owns(v):
-            raise TypeError(
-                f"{name} must be a {backend.name} array like x; got {type(v).__name__}"
+            kind = f"{type(v).__module__.split('.')[0]}.{type(v).__name__}"
+            raise TypeError(  # name both libraries: the usual cause is a layer on the
+                # other device than the input (set_device('auto') puts layers on GPUs)
+                f"{name} must be a {backend.name} array like x; got {kind} (move the"
+                " layer with .to('cpu') / .to('cuda'), or pass arrays of its library)"
             )
         if v.ndim != 1 or (num_features is not None and v.shape[0] != num_features):
             raise ValueError(f"{name} must have shape ({num_features},); got {tuple(v.shape)}")
@@ -400,7 +403,7 @@ def batch_norm_forward(
             # No weight/running stats give the channel count: take it from x,
             # so this rank joins the peers' collectives instead of leaving
             # them waiting (a differing count fails the handshake everywhere).
-            nf = int(x.shape[-1 if fmt.channel_last else 1])
+            nf = int(x.shape[fmt.axis_for(x.ndim)])
         if not sync or nf is None:
             raise info
         return _forward_invalid(comm_, backend, sync_state, nf, (kind, info))

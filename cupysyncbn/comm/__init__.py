@@ -1,21 +1,30 @@
-"""Communicators: creation, auto-selection and the process-wide default.
+"""Communicators: creation, backend agreement and the process-wide default.
 
-``init(backend='auto')`` picks:
+``init(backend='auto')`` picks, on every rank of the group together:
 
-* ``'nccl'`` when CuPy sees a GPU and NCCL is available and the job has more
-  than one rank or an MPI communicator was given;
-* ``'mpi'`` when the process runs under ``mpiexec``/``srun`` (or ``mpi_comm``
-  is given) and mpi4py imports;
-* ``'torch'`` before those when ``torch.distributed`` is initialized (a
-  ``torchrun`` job; see :func:`_auto_torch`);
-* ``'none'`` otherwise (one process; no MPI library needed), except under a
-  launcher that started several processes without any group to synchronize
-  over: then :func:`_refuse_unsynchronized_launch` raises instead of silently
-  computing local statistics.
+* ``'none'`` for one process not launched by an MPI process manager (no MPI
+  library needed);
+* ``'torch'`` (collectives of ``torch.distributed``) when no MPI
+  communicator is given and ``torch.distributed`` is initialized (jobs started
+  by ``torchrun``; see :func:`_auto_torch`);
+* ``'paddle'`` (collectives of ``paddle.distributed``) when no MPI
+  communicator is given and this process already ran Paddle's
+  ``init_parallel_env()`` (jobs started by ``python -m paddle.distributed.launch``);
+* ``'nccl'`` when every rank can use NCCL on its own GPU (see
+  :mod:`cupysyncbn.comm.agreement`: one small MPI all-gather decides);
+* ``'mpi'`` otherwise, with a warning saying why when some rank wanted a GPU.
 
-``init('torch')`` (or ``mpi_comm=`` a ``torch.distributed.ProcessGroup``)
-synchronizes over a PyTorch process group; ``torch`` is never imported by
-``import cupysyncbn``.
+A process that a framework launcher (``torchrun``, ``paddle.distributed.launch``)
+started as one of several, with neither an MPI world nor a framework group,
+gets a :class:`CommunicatorError` saying how to start one instead of silently
+local statistics (:func:`_refuse_unsynchronized_launch`). ``init('torch')`` (or
+``mpi_comm=`` a ``torch.distributed.ProcessGroup``) synchronizes over a PyTorch
+process group; ``torch`` is never imported by ``import cupysyncbn``.
+
+Before any of that the ranks are placed on their GPUs (one rule for NCCL and
+MPI, :mod:`cupysyncbn.placement`). ``force_collectives=True`` (or
+``CUPYSYNCBN_FORCE_COLLECTIVES=1``) makes even a group of one run the whole
+synchronized path; ``CUPYSYNCBN_VERBOSE=1`` prints one line on rank 0.
 """
 
 from __future__ import annotations
@@ -25,7 +34,7 @@ import sys
 from typing import Any
 
 from ..errors import CommunicatorError
-from .base import LOCAL, Communicator, NoCommunicator
+from .base import Communicator, NoCommunicator
 
 __all__ = [
     "Communicator",
@@ -37,7 +46,7 @@ __all__ = [
     "launched_size",
 ]
 
-_BACKENDS = ("auto", "nccl", "mpi", "none", "torch")
+_BACKENDS = ("auto", "nccl", "mpi", "none", "paddle", "torch")
 _default: Communicator | None = None
 
 # Variables that process managers set: MPICH/Hydra, Open MPI, PMIx, Slurm.
@@ -56,28 +65,41 @@ def launched_size() -> int:
     return 1
 
 
-def _cupy_gpu_available() -> bool:
-    try:
-        import cupy
-
-        return cupy.cuda.runtime.getDeviceCount() > 0
-    except Exception:
-        return False
+FORCE_ENV = "CUPYSYNCBN_FORCE_COLLECTIVES"
+VERBOSE_ENV = "CUPYSYNCBN_VERBOSE"
 
 
-def init(backend: str = "auto", mpi_comm: Any = None) -> Communicator:
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+def init(
+    backend: str = "auto", mpi_comm: Any = None, *, force_collectives: bool | None = None
+) -> Communicator:
     """Create a communicator and make it the default for layers with ``comm=None``.
+
+    Collective over the group (every rank calls it): the ranks agree on the
+    backend, so it is the same on every rank or the same error is raised on
+    every rank.
 
     Parameters
     ----------
-    backend : {'auto', 'nccl', 'mpi', 'none', 'torch'}
+    backend : {'auto', 'nccl', 'mpi', 'none', 'paddle', 'torch'}
         Which collective library to use (see the module docstring for 'auto').
-        ``'torch'``: ``torch.distributed`` (after ``init_process_group``).
-    mpi_comm : mpi4py.MPI.Comm or torch.distributed.ProcessGroup, optional
-        The group to synchronize over (default ``MPI.COMM_WORLD``, or the
-        default torch group for ``'torch'``). Use a sub-communicator
-        (``MPI.COMM_WORLD.Split(color)``, ``torch.distributed.new_group``) to
-        sync a sub-group.
+        ``'paddle'``: ``paddle.distributed`` collectives (after Paddle's
+        ``init_parallel_env()``). ``'torch'``: ``torch.distributed``
+        collectives (after ``torch.distributed.init_process_group()``).
+    mpi_comm : mpi4py.MPI.Comm, optional
+        The group to synchronize over (default ``MPI.COMM_WORLD``). Use a
+        sub-communicator (``MPI.COMM_WORLD.Split(color)``) to sync a sub-group;
+        GPUs are still chosen by the node-local rank of the whole job.
+        With ``backend='paddle'``: a Paddle group (default: the global one).
+        With ``backend='torch'`` (or 'auto'): a ``torch.distributed.ProcessGroup``
+        (default: the default group).
+    force_collectives : bool, optional
+        Run the whole synchronized path (handshake, header, one all-reduce
+        per pass) even in a group of one, so one process exercises every line
+        a multi-rank job runs. Default: ``CUPYSYNCBN_FORCE_COLLECTIVES``.
 
     Returns
     -------
@@ -89,14 +111,28 @@ def init(backend: str = "auto", mpi_comm: Any = None) -> Communicator:
     ValueError
         For an unknown ``backend``.
     CommunicatorError
-        When the requested backend cannot be created here.
+        On every rank, when the requested backend cannot work on some rank,
+        or a GPU requested with ``set_device``/``CUPYSYNCBN_DEVICE`` does not
+        exist on some rank.
     """
     global _default
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}; got {backend!r}")
+    if force_collectives is not None and not isinstance(force_collectives, bool):
+        raise TypeError(f"force_collectives must be a bool or None; got {force_collectives!r}")
     comm = _create(backend, mpi_comm)
+    _set_forced(comm, force_collectives)
+    _report(comm)
     _default = comm
     return comm
+
+
+def _set_forced(comm: Communicator, force: bool | None) -> None:
+    """Apply ``force_collectives`` (argument, else the environment variable)."""
+    if force is None:
+        force = _env_flag(FORCE_ENV)
+    if force:
+        comm.force_collectives = True
 
 
 def _create(backend: str, mpi_comm: Any) -> Communicator:
@@ -107,16 +143,15 @@ def _create(backend: str, mpi_comm: Any) -> Communicator:
         if mpi_comm is not None and mpi_comm.Get_size() != 1:
             raise ValueError("backend='none' cannot synchronize an mpi_comm of size > 1")
         return NoCommunicator()
+    if backend == "paddle":
+        return _create_paddle(mpi_comm)
     if backend == "auto":
+        paddle_comm = _auto_paddle(mpi_comm)
+        if paddle_comm is not None:
+            return paddle_comm
         if mpi_comm is None and launched_size() == 1:
             _refuse_unsynchronized_launch()
-            return NoCommunicator()
-        if _cupy_gpu_available():
-            try:
-                return _create("nccl", mpi_comm)
-            except CommunicatorError:
-                pass
-        return _create("mpi", mpi_comm)
+            return _one_process()
     try:
         from mpi4py import MPI
     except ImportError as e:
@@ -124,21 +159,86 @@ def _create(backend: str, mpi_comm: Any) -> Communicator:
             f"backend {backend!r} needs mpi4py: pip install mpi4py (and mpich if the"
             " machine has no MPI library)"
         ) from e
-    world = MPI.COMM_WORLD if mpi_comm is None else mpi_comm
-    if backend == "mpi":
+    group = MPI.COMM_WORLD if mpi_comm is None else mpi_comm
+    return _agreed(backend, group)
+
+
+def _one_process() -> Communicator:
+    """``init('auto')`` outside an MPI job: place this process, no communication."""
+    from .. import placement
+
+    try:
+        placement.get_device()  # choose the GPU now, before any allocation
+    except ValueError as e:  # a GPU index this process does not see
+        raise CommunicatorError(f"cannot place the ranks on GPUs: rank 0: {e}") from e
+    return NoCommunicator()
+
+
+def _agreed(backend: str, group: Any) -> Communicator:
+    """The backend every rank of ``group`` agrees on (one all-gather decides)."""
+    from . import agreement
+
+    infos = agreement.gather(group, backend)
+    chosen, reason = agreement.decide(backend, infos)  # raises on every rank alike
+    if chosen == "nccl":
+        from .nccl import NCCLCommunicator
+
+        try:
+            comm: Communicator = NCCLCommunicator(group, _agreed_infos=infos)
+        except CommunicatorError as e:
+            if backend == "nccl":
+                raise
+            # NCCL initialization failed on some rank: every rank got this
+            # error (its construction agrees on failures), so all fall back.
+            chosen, reason = "mpi", str(e)
+    if chosen == "mpi":
         from .mpi import MPICommunicator
 
-        return MPICommunicator(world)
-    from .nccl import NCCLCommunicator
+        agreement.warn_fallback(reason, group.Get_rank())
+        comm = MPICommunicator(group)
+        comm.fallback_reason = reason  # why not NCCL ('' when no GPU was wanted)
+    comm._init_infos = infos  # for the verbose line
+    return comm
 
-    return NCCLCommunicator(world)
+
+def _report(comm: Communicator) -> None:
+    """``CUPYSYNCBN_VERBOSE=1``: one line on rank 0 (backend, GPUs, NCCL)."""
+    if comm.rank != 0 or not _env_flag(VERBOSE_ENV):
+        return
+    from . import agreement
+
+    infos = getattr(comm, "_init_infos", None)
+    if infos is None:  # one process: describe it without communication
+        infos = [agreement.probe("auto")]
+    line = agreement.verbose_line(comm.backend, infos, comm.force_collectives)
+    print(line, file=sys.stderr, flush=True)
+
+
+def _auto_paddle(mpi_comm: Any) -> Communicator | None:
+    """Paddle's global group when Paddle's distributed environment is up, else None."""
+    # sys.modules only: `import cupysyncbn` and init('auto') never import Paddle.
+    if mpi_comm is not None or "paddle.distributed" not in sys.modules:
+        return None
+    from .paddle import communicator_for, paddle_initialized
+
+    return communicator_for(None) if paddle_initialized() else None
+
+
+def _create_paddle(group: Any) -> Communicator:
+    """``init('paddle', group)``: a Paddle process group (None: the global one)."""
+    from .paddle import communicator_for
+
+    return communicator_for(group)
 
 
 def get_default_comm() -> Communicator:
     """The default communicator, created with ``init('auto')`` on first use."""
     global _default
     if _default is None:
-        _default = _create("auto", None)
+        comm = _create("auto", None)
+        _set_forced(comm, None)
+        _report(comm)
+        _default = comm
     return _default
 
 
@@ -149,10 +249,10 @@ def set_default_comm(comm: Communicator | None) -> None:
 
 
 def as_communicator(comm: Any) -> Communicator:
-    """Accept a :class:`Communicator`, an mpi4py or torch.distributed group, or ``None``.
+    """Accept a :class:`Communicator`, an mpi4py, Paddle or torch.distributed group, or ``None``.
 
-    ``None`` is the default communicator; a ``torch.distributed.ProcessGroup``
-    gets its one :class:`~cupysyncbn.comm.torch.TorchCommunicator`.
+    ``None`` is the default communicator; a framework group gets its one
+    communicator (:mod:`cupysyncbn.comm.paddle`, :mod:`cupysyncbn.comm.torch`).
 
     Raises
     ------
@@ -163,6 +263,9 @@ def as_communicator(comm: Any) -> Communicator:
         return get_default_comm()
     if isinstance(comm, Communicator):
         return comm
+    paddle_comm = _as_paddle_communicator(comm)
+    if paddle_comm is not None:
+        return paddle_comm
     torch_comm = _torch_group_communicator(comm)
     if torch_comm is not None:
         return torch_comm
@@ -172,10 +275,19 @@ def as_communicator(comm: Any) -> Communicator:
 
         return MPICommunicator(comm)
     raise TypeError(
-        "comm must be a cupysyncbn Communicator, an mpi4py.MPI.Comm, a"
+        "comm must be a cupysyncbn Communicator, an mpi4py.MPI.Comm, a Paddle group, a"
         " torch.distributed.ProcessGroup or None;"
         f" got {type(comm).__name__}"
     )
+
+
+def _as_paddle_communicator(comm: Any) -> Communicator | None:
+    """The communicator of a ``paddle.distributed`` group, or None for anything else."""
+    if not (type(comm).__module__ or "").startswith("paddle."):
+        return None
+    from .paddle import communicator_for, is_paddle_group
+
+    return communicator_for(comm) if is_paddle_group(comm) else None
 
 
 # -- torch.distributed (issue 13): small functions, kept apart for merging ----
@@ -235,10 +347,12 @@ def _framework_group_active() -> bool:
 
     if torch_world_size() > 0:
         return True
-    pdist = sys.modules.get("paddle.distributed")
-    is_init = getattr(pdist, "is_initialized", None)
+    if "paddle.distributed" not in sys.modules:
+        return False
+    from .paddle import paddle_initialized
+
     try:
-        return bool(is_init()) if callable(is_init) else False
+        return bool(paddle_initialized())
     except Exception:  # pragma: no cover - best effort
         return False
 
@@ -280,6 +394,3 @@ def _refuse_unsynchronized_launch() -> None:
         " paddle.distributed.init_parallel_env(); or launch with mpiexec -n K. For"
         " deliberately local statistics call cupysyncbn.init('none')."
     )
-
-
-LOCAL_COMM = LOCAL
