@@ -12,6 +12,7 @@ from . import functional
 from .comm import Communicator, get_default_comm, init, set_default_comm
 from .consistency import check_consistency, state_digest
 from .container import LayerList, Sequential
+from .deferred import check_errors
 from .errors import (
     CollectiveMismatchError,
     CommunicatorError,
@@ -47,6 +48,7 @@ __all__ = [
     "get_default_comm",
     "set_default_comm",
     "allreduce_gradients",
+    "check_errors",
     "install_abort_hook",
     "check_consistency",
     "state_digest",

@@ -254,6 +254,7 @@ class _BatchNormBase(Layer):
             num_batches_tracked=int(self._num_batches_tracked),
             sync_state=self._sync_state,
             param_dtype=self._dtype,
+            inplace_running_stats=True,  # GPU: the live arrays, no allocation
         )
         if update and res.updated:
             # In place (as Paddle and PyTorch): references to the running
@@ -308,16 +309,22 @@ class _BatchNormBase(Layer):
             ))
         ctx = self._pending.pop()
         need = self.weight.trainable or self.bias.trainable
+        gw, gb = self.weight.grad, self.bias.grad
+        acc = (gw, gb) if self.weight.trainable and self.bias.trainable else None
         try:
-            dx, dweight, dbias = F.batch_norm_backward(dy, ctx, need_param_grads=need)
+            dx, dweight, dbias = F.batch_norm_backward(
+                dy, ctx, need_param_grads=need, accumulate_into=acc
+            )
         except BaseException:
             # A rejected dy (raised on every rank of the group alike) leaves
             # the forward pending, so a corrected backward can follow.
             self._pending.append(ctx)
             raise
-        if need:
-            self.weight.accumulate_grad(dweight)
-            self.bias.accumulate_grad(dbias)
+        if need:  # the GPU path may have added to .grad in place already
+            if dweight is not gw:
+                self.weight.accumulate_grad(dweight)
+            if dbias is not gb:
+                self.bias.accumulate_grad(dbias)
         return dx
 
     def _raise_no_pending(self, err: NoPendingForwardError) -> None:

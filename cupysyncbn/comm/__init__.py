@@ -74,7 +74,8 @@ def _env_flag(name: str) -> bool:
 
 
 def init(
-    backend: str = "auto", mpi_comm: Any = None, *, force_collectives: bool | None = None
+    backend: str = "auto", mpi_comm: Any = None, *, force_collectives: bool | None = None,
+    strict_sync: bool | None = None,
 ) -> Communicator:
     """Create a communicator and make it the default for layers with ``comm=None``.
 
@@ -100,6 +101,10 @@ def init(
         Run the whole synchronized path (handshake, header, one all-reduce
         per pass) even in a group of one, so one process exercises every line
         a multi-rank job runs. Default: ``CUPYSYNCBN_FORCE_COLLECTIVES``.
+    strict_sync : bool, optional
+        GPU passes check the all-reduced header at once (one host
+        synchronization per pass) instead of at the layer's next pass;
+        default ``CUPYSYNCBN_STRICT_SYNC=1``.
 
     Returns
     -------
@@ -122,6 +127,8 @@ def init(
         raise TypeError(f"force_collectives must be a bool or None; got {force_collectives!r}")
     comm = _create(backend, mpi_comm)
     _set_forced(comm, force_collectives)
+    if strict_sync is not None:
+        comm.strict_sync = bool(strict_sync)
     _report(comm)
     _default = comm
     return comm

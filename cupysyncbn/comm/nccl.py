@@ -307,7 +307,9 @@ class NCCLCommunicator(Communicator):
         self._nccl.allReduce(
             buf.data.ptr, buf.data.ptr, buf.size, nccl.NCCL_FLOAT64, nccl.NCCL_SUM, stream.ptr
         )
-        if self._watchdog is not None:
+        # Not inside a CUDA-graph capture: an event recorded there cannot be
+        # queried by the watchdog thread (the graph's replays are not watched).
+        if self._watchdog is not None and not getattr(stream, "is_capturing", bool)():
             self._watchdog.watch(stream)
         return buf
 
