@@ -4,12 +4,22 @@
 
 * ``'none'`` for one process not launched by an MPI process manager (no MPI
   library needed);
+* ``'torch'`` (collectives of ``torch.distributed``) when no MPI
+  communicator is given and ``torch.distributed`` is initialized (jobs started
+  by ``torchrun``; see :func:`_auto_torch`);
 * ``'paddle'`` (collectives of ``paddle.distributed``) when no MPI
   communicator is given and this process already ran Paddle's
   ``init_parallel_env()`` (jobs started by ``python -m paddle.distributed.launch``);
 * ``'nccl'`` when every rank can use NCCL on its own GPU (see
   :mod:`cupysyncbn.comm.agreement`: one small MPI all-gather decides);
 * ``'mpi'`` otherwise, with a warning saying why when some rank wanted a GPU.
+
+A process that a framework launcher (``torchrun``, ``paddle.distributed.launch``)
+started as one of several, with neither an MPI world nor a framework group,
+gets a :class:`CommunicatorError` saying how to start one instead of silently
+local statistics (:func:`_refuse_unsynchronized_launch`). ``init('torch')`` (or
+``mpi_comm=`` a ``torch.distributed.ProcessGroup``) synchronizes over a PyTorch
+process group; ``torch`` is never imported by ``import cupysyncbn``.
 
 Before any of that the ranks are placed on their GPUs (one rule for NCCL and
 MPI, :mod:`cupysyncbn.placement`). ``force_collectives=True`` (or
@@ -38,7 +48,7 @@ __all__ = [
     "launched_size",
 ]
 
-_BACKENDS = ("auto", "nccl", "mpi", "none", "paddle")
+_BACKENDS = ("auto", "nccl", "mpi", "none", "paddle", "torch")
 _default: Communicator | None = None
 
 
@@ -74,15 +84,18 @@ def init(
 
     Parameters
     ----------
-    backend : {'auto', 'nccl', 'mpi', 'none', 'paddle'}
+    backend : {'auto', 'nccl', 'mpi', 'none', 'paddle', 'torch'}
         Which collective library to use (see the module docstring for 'auto').
         ``'paddle'``: ``paddle.distributed`` collectives (after Paddle's
-        ``init_parallel_env()``).
+        ``init_parallel_env()``). ``'torch'``: ``torch.distributed``
+        collectives (after ``torch.distributed.init_process_group()``).
     mpi_comm : mpi4py.MPI.Comm, optional
         The group to synchronize over (default ``MPI.COMM_WORLD``). Use a
         sub-communicator (``MPI.COMM_WORLD.Split(color)``) to sync a sub-group;
         GPUs are still chosen by the node-local rank of the whole job.
         With ``backend='paddle'``: a Paddle group (default: the global one).
+        With ``backend='torch'`` (or 'auto'): a ``torch.distributed.ProcessGroup``
+        (default: the default group).
     force_collectives : bool, optional
         Run the whole synchronized path (handshake, header, one all-reduce
         per pass) even in a group of one, so one process exercises every line
@@ -129,6 +142,9 @@ def _set_forced(comm: Communicator, force: bool | None) -> None:
 
 
 def _create(backend: str, mpi_comm: Any) -> Communicator:
+    torch_comm = _create_torch(backend, mpi_comm)
+    if torch_comm is not None:
+        return torch_comm
     if backend == "none":
         if mpi_comm is not None and mpi_comm.Get_size() != 1:
             raise ValueError("backend='none' cannot synchronize an mpi_comm of size > 1")
@@ -140,6 +156,7 @@ def _create(backend: str, mpi_comm: Any) -> Communicator:
         if paddle_comm is not None:
             return paddle_comm
         if mpi_comm is None and launched_size() == 1:
+            _refuse_unsynchronized_launch()
             return _one_process()
     try:
         from mpi4py import MPI
@@ -238,7 +255,10 @@ def set_default_comm(comm: Communicator | None) -> None:
 
 
 def as_communicator(comm: Any) -> Communicator:
-    """Accept a :class:`Communicator`, an ``mpi4py.MPI.Comm`` or ``None`` (default).
+    """Accept a :class:`Communicator`, an mpi4py, Paddle or torch.distributed group, or ``None``.
+
+    ``None`` is the default communicator; a framework group gets its one
+    communicator (:mod:`cupysyncbn.comm.paddle`, :mod:`cupysyncbn.comm.torch`).
 
     Raises
     ------
@@ -252,13 +272,17 @@ def as_communicator(comm: Any) -> Communicator:
     paddle_comm = _as_paddle_communicator(comm)
     if paddle_comm is not None:
         return paddle_comm
+    torch_comm = _torch_group_communicator(comm)
+    if torch_comm is not None:
+        return torch_comm
     mod = type(comm).__module__ or ""
     if mod.startswith("mpi4py"):
         from .mpi import MPICommunicator
 
         return MPICommunicator(comm)
     raise TypeError(
-        "comm must be a cupysyncbn Communicator, an mpi4py.MPI.Comm, a Paddle group or None;"
+        "comm must be a cupysyncbn Communicator, an mpi4py.MPI.Comm, a Paddle group, a"
+        " torch.distributed.ProcessGroup or None;"
         f" got {type(comm).__name__}"
     )
 
@@ -271,3 +295,108 @@ def _as_paddle_communicator(comm: Any) -> Communicator | None:
 
     return communicator_for(comm) if is_paddle_group(comm) else None
 
+
+# -- torch.distributed (issue 13): small functions, kept apart for merging ----
+
+# Variables that framework launchers set: torchrun / torch.distributed.launch
+# and paddle.distributed.launch.
+_LAUNCHER_SIZE_VARS = ("WORLD_SIZE", "PADDLE_TRAINERS_NUM")
+_LAUNCHER_RANK_VARS = ("RANK", "PADDLE_TRAINER_ID")
+
+
+def _torch_group_communicator(comm: Any) -> Communicator | None:
+    """The communicator of a ``torch.distributed.ProcessGroup``; None for anything else."""
+    from .torch import communicator_for, is_process_group
+
+    return communicator_for(comm) if is_process_group(comm) else None
+
+
+def _create_torch(backend: str, group: Any) -> Communicator | None:
+    """``init('torch'[, group])``, a ProcessGroup given to ``init``, or 'auto' under torchrun."""
+    from .torch import communicator_for, is_process_group
+
+    if backend == "torch" or is_process_group(group):
+        if backend not in ("torch", "auto"):
+            raise ValueError(
+                f"backend={backend!r} cannot synchronize a torch.distributed.ProcessGroup;"
+                " use backend='torch' (or 'auto')"
+            )
+        if group is not None and not is_process_group(group):
+            raise TypeError(
+                "backend='torch' takes a torch.distributed.ProcessGroup (or None for the"
+                f" default group); got {type(group).__module__}.{type(group).__name__}"
+            )
+        try:
+            return communicator_for(group)
+        except ImportError as e:
+            raise CommunicatorError("backend 'torch' needs PyTorch: pip install torch") from e
+    if backend == "auto" and group is None and _auto_torch():
+        return communicator_for(None)
+    return None
+
+
+def _auto_torch() -> bool:
+    """Whether 'auto' takes the initialized default ``torch.distributed`` group.
+
+    Only when torch is already imported (``sys.modules``); a one-process torch
+    group does not hide an ``mpiexec`` job of several ranks.
+    """
+    from .torch import torch_world_size
+
+    n = torch_world_size()
+    return n > 1 or (n == 1 and launched_size() == 1)
+
+
+def _framework_group_active() -> bool:
+    """A framework's process group exists (PyTorch or Paddle), looked up without imports."""
+    from .torch import torch_world_size
+
+    if torch_world_size() > 0:
+        return True
+    if "paddle.distributed" not in sys.modules:
+        return False
+    from .paddle import paddle_initialized
+
+    try:
+        return bool(paddle_initialized())
+    except Exception:  # pragma: no cover - best effort
+        return False
+
+
+def _launcher_env() -> str:
+    """``'VAR=value, ...'`` when a framework launcher started several processes, else ''."""
+    found = []
+    for var in _LAUNCHER_SIZE_VARS:
+        val = os.environ.get(var, "")
+        if val.isdigit() and int(val) > 1:
+            found.append(f"{var}={val}")
+    for var in _LAUNCHER_RANK_VARS:
+        val = os.environ.get(var, "")
+        if val.isdigit() and (found or int(val) > 0):  # a rank > 0 is never a lone process
+            found.append(f"{var}={val}")
+    return ", ".join(found)
+
+
+def _refuse_unsynchronized_launch() -> None:
+    """Raise when 'auto' would compute local statistics in a multi-process launch.
+
+    Raises
+    ------
+    CommunicatorError
+        When ``torchrun``/``paddle.distributed.launch`` started this process
+        as one of several but there is neither an MPI world nor a framework
+        process group to synchronize over.
+    """
+    env = _launcher_env()
+    if not env or _framework_group_active():
+        return
+    raise CommunicatorError(
+        f"cupysyncbn: this process is one of several started by a launcher ({env}) but"
+        " there is no MPI world and no torch.distributed or Paddle process group, so"
+        " batch statistics would silently be local. Under torchrun call"
+        " torch.distributed.init_process_group() before the first training pass"
+        " (cupysyncbn then synchronizes over it), or pass comm=<ProcessGroup> /"
+        " cupysyncbn.init('torch'); under python -m paddle.distributed.launch call"
+        " paddle.distributed.init_parallel_env(); or launch with mpiexec -n K. For"
+        " deliberately local statistics call cupysyncbn.init('none')."
+    )
