@@ -41,6 +41,8 @@ __all__ = [
     "RANK_VARS",
     "SIZE_VARS",
     "LOCAL_RANK_VARS",
+    "LAUNCHER_SIZE_VARS",
+    "LAUNCHER_RANK_VARS",
     "CollectiveWatchdog",
     "shared_watchdog",
     "TIMEOUT_ENV",
@@ -67,6 +69,11 @@ LOCAL_RANK_VARS = (
     "SLURM_LOCALID",  # srun
     "LOCAL_RANK",  # torchrun, paddle.distributed.launch
 )
+
+#: Variables that framework launchers set without an MPI world: torchrun /
+#: torch.distributed.launch, paddle.distributed.launch.
+LAUNCHER_SIZE_VARS = ("WORLD_SIZE", "PADDLE_TRAINERS_NUM")
+LAUNCHER_RANK_VARS = ("RANK", "PADDLE_TRAINER_ID")
 
 _saved: dict[str, Any] = {}
 

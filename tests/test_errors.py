@@ -365,6 +365,11 @@ def test_one_timeout_parser_and_one_list_of_launcher_variables(monkeypatch):
     with pytest.raises(ValueError, match="timeout"):
         fault.CollectiveWatchdog(timeout=-1)
     assert comm._RANK_VARS is fault.RANK_VARS and comm._SIZE_VARS is fault.SIZE_VARS
+    assert comm._LAUNCHER_RANK_VARS is fault.LAUNCHER_RANK_VARS
+    assert comm._LAUNCHER_SIZE_VARS is fault.LAUNCHER_SIZE_VARS
+    from cupysyncbn import placement
+
+    assert placement.LOCAL_RANK_VARS is fault.LOCAL_RANK_VARS
     import inspect
 
     from cupysyncbn.comm import nccl

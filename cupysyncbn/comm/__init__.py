@@ -298,10 +298,10 @@ def _as_paddle_communicator(comm: Any) -> Communicator | None:
 
 # -- torch.distributed (issue 13): small functions, kept apart for merging ----
 
-# Variables that framework launchers set: torchrun / torch.distributed.launch
-# and paddle.distributed.launch.
-_LAUNCHER_SIZE_VARS = ("WORLD_SIZE", "PADDLE_TRAINERS_NUM")
-_LAUNCHER_RANK_VARS = ("RANK", "PADDLE_TRAINER_ID")
+# Variables that framework launchers set (torchrun, paddle.distributed.launch):
+# kept with the MPI ones in fault.py, the one list of launcher variables.
+from ..fault import LAUNCHER_RANK_VARS as _LAUNCHER_RANK_VARS  # noqa: E402
+from ..fault import LAUNCHER_SIZE_VARS as _LAUNCHER_SIZE_VARS  # noqa: E402
 
 
 def _torch_group_communicator(comm: Any) -> Communicator | None:
