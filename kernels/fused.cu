@@ -138,7 +138,10 @@ __device__ __forceinline__ FwdCoef<A, P> fwd_coef(i64 c, i64 C, int flags, const
       k.mean64 = shift_used[c] + s / n;
       k.var64 = clamp0((q - s * s / n) / n);
       k.mean = static_cast<A>(k.mean64);
-      k.invstd = static_cast<A>(1.0 / sqrt(k.var64 + eps));
+      // var + eps == 0 (epsilon=0, constant channel): normalized value 0, so
+      // y = bias and dx = 0 instead of 0 * inf = NaN (finite in, finite out)
+      const double ve = k.var64 + eps;
+      k.invstd = ve == 0.0 ? A(0) : static_cast<A>(1.0 / sqrt(ve));
     } else {  // empty global batch: nothing to normalize, no inf
       k.mean64 = 0.0;
       k.var64 = 0.0;
@@ -149,7 +152,8 @@ __device__ __forceinline__ FwdCoef<A, P> fwd_coef(i64 c, i64 C, int flags, const
     k.mean64 = static_cast<double>(rmean[c]);
     k.var64 = static_cast<double>(rvar[c]);
     k.mean = static_cast<A>(rmean[c]);
-    k.invstd = A(1) / sqrt_(static_cast<A>(rvar[c]) + static_cast<A>(eps));
+    const A ve = static_cast<A>(rvar[c]) + static_cast<A>(eps);
+    k.invstd = ve == A(0) ? A(0) : A(1) / sqrt_(ve);
   }
   k.scale = weight ? k.invstd * static_cast<A>(weight[c]) : k.invstd;
   k.bias = bias ? static_cast<A>(bias[c]) : A(0);

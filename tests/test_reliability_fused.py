@@ -53,3 +53,23 @@ def test_layers_paired_in_different_orders_are_caught(cp):
     for e in errs:
         assert isinstance(e, CollectiveMismatchError) and "different layers" in str(e), errs
     assert np.array_equal(tlb._host(a[0]._mean), np.zeros(3))
+
+
+def test_fused_path_is_finite_for_epsilon_zero_and_huge_constants(cp):
+    layer = tlb._layer(cp, "NC", 3, tlb._forced(), epsilon=0.0)
+    x = np.full((8, 3), 2.0, "float32")
+    x[:, 0] = np.arange(8)
+    y = tlb._host(layer(cp.asarray(x)))
+    dx = tlb._host(layer.backward(cp.asarray(np.ones_like(x))))
+    bias = tlb._host(layer.bias.data)
+    assert np.isfinite(y).all() and np.isfinite(dx).all()
+    np.testing.assert_array_equal(y[:, 1:], np.broadcast_to(bias[1:], (8, 2)))
+    np.testing.assert_array_equal(dx[:, 1:], 0.0)
+    layer.eval()
+    y = tlb._host(layer(cp.asarray(x)))  # running variance may be 0 as well
+    assert np.isfinite(y).all()
+    layer.train()
+    for value in (4e35, -3e38):
+        y = tlb._host(layer(cp.asarray(np.full((4096, 3), value, "float32"))))
+        assert np.isfinite(y).all()
+        assert np.isfinite(tlb._host(layer._variance)).all()
