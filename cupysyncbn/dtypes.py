@@ -4,7 +4,10 @@
   it (NumPy through ``ml_dtypes``);
 * statistics are computed in float64 when the input or the layer is float64,
   otherwise in float32 (float16/bfloat16 inputs use float32 statistics);
-* outputs and input gradients keep the input dtype.
+* outputs and input gradients keep the input dtype;
+* non-native byte orders (big-endian ``>f4`` on a little-endian machine) are
+  accepted wherever a dtype is checked and converted to the native order
+  (:func:`to_native`), so ``>f4`` behaves exactly like ``float32``.
 """
 
 from __future__ import annotations
@@ -18,14 +21,29 @@ __all__ = [
     "check_input_dtype",
     "compute_dtype",
     "parse_param_dtype",
+    "native_dtype",
+    "to_native",
 ]
 
 PARAM_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 _HALF_NAMES = ("float16", "bfloat16")
 
 
+def native_dtype(dt: Any) -> np.dtype:
+    """``dt`` in the machine's byte order (``>f4`` -> ``float32`` on x86)."""
+    dt = np.dtype(dt)
+    return dt if dt.isnative else dt.newbyteorder("=")
+
+
+def to_native(a: Any) -> Any:
+    """``a`` itself, or a native-byte-order copy of a NumPy array that is not native."""
+    if isinstance(a, np.ndarray) and not a.dtype.isnative:
+        return a.astype(native_dtype(a.dtype))
+    return a
+
+
 def _dtype(a: Any) -> np.dtype:
-    return np.dtype(a.dtype) if hasattr(a, "dtype") else np.dtype(a)
+    return native_dtype(a.dtype if hasattr(a, "dtype") else a)
 
 
 def check_input_dtype(x: Any, argname: str = "x") -> np.dtype:
@@ -54,7 +72,7 @@ def parse_param_dtype(dtype: Any, argname: str = "dtype") -> np.dtype:
         Unless ``dtype`` is float32 or float64.
     """
     try:
-        dt = np.dtype(dtype)
+        dt = native_dtype(dtype)
     except TypeError:
         raise TypeError(f"{argname} must be a dtype; got {dtype!r}") from None
     if dt not in PARAM_DTYPES:

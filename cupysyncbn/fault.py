@@ -8,9 +8,12 @@ every other rank, forever, unless something ends the job.
   prints its traceback and then calls ``MPI_Abort``, which makes ``mpiexec``
   kill every rank of the job. Without it, the failing rank exits and the
   others wait forever in their next all-reduce.
-* :class:`CollectiveWatchdog` (on by default on the MPI path): a collective
-  that has not completed after ``CUPYSYNCBN_TIMEOUT`` seconds (default 600;
-  ``0`` disables) prints which rank waited for what and aborts the job. This
+* :class:`CollectiveWatchdog` (on by default on the MPI path): every
+  collective in flight, from any thread and any communicator, is timed
+  against its own deadline; one that has not completed after
+  ``CUPYSYNCBN_TIMEOUT`` seconds (default 600; ``0`` disables) prints which
+  rank waited for what and aborts the job through that collective's
+  communicator (:func:`abort_job` calls ``comm.abort``). This
   covers the cases no exception announces: a rank that left the training loop
   early (fewer batches than the others) or skipped a collective (eval mode on
   one rank only), a rank stuck in a dead-lock of its own.
@@ -22,6 +25,7 @@ within about a second; Open MPI's ``mpirun`` does the same.
 
 from __future__ import annotations
 
+import itertools
 import os
 import sys
 import threading
@@ -33,6 +37,12 @@ __all__ = [
     "uninstall_abort_hook",
     "abort_job",
     "collective_timeout",
+    "parse_timeout",
+    "RANK_VARS",
+    "SIZE_VARS",
+    "LOCAL_RANK_VARS",
+    "LAUNCHER_SIZE_VARS",
+    "LAUNCHER_RANK_VARS",
     "CollectiveWatchdog",
     "shared_watchdog",
     "TIMEOUT_ENV",
@@ -44,6 +54,27 @@ TIMEOUT_ENV = "CUPYSYNCBN_TIMEOUT"
 #: Default collective timeout in seconds (PyTorch's NCCL default is 10 minutes too).
 DEFAULT_TIMEOUT = 600.0
 
+#: Variables that process managers set, in the order they are trusted:
+#: MPICH/Hydra, Open MPI, PMIx, Slurm (the one list the package reads).
+RANK_VARS = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK")
+SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS", "SLURM_NTASKS")
+#: Node-local rank of the whole job, most specific first (an MPI launcher
+#: inside a Slurm allocation sets its own variable; ``SLURM_LOCALID`` is right
+#: only under ``srun``).
+LOCAL_RANK_VARS = (
+    "MPI_LOCALRANKID",  # MPICH / Intel MPI (Hydra)
+    "OMPI_COMM_WORLD_LOCAL_RANK",  # Open MPI
+    "MV2_COMM_WORLD_LOCAL_RANK",  # MVAPICH2
+    "PALS_LOCAL_RANKID",  # Cray PALS
+    "SLURM_LOCALID",  # srun
+    "LOCAL_RANK",  # torchrun, paddle.distributed.launch
+)
+
+#: Variables that framework launchers set without an MPI world: torchrun /
+#: torch.distributed.launch, paddle.distributed.launch.
+LAUNCHER_SIZE_VARS = ("WORLD_SIZE", "PADDLE_TRAINERS_NUM")
+LAUNCHER_RANK_VARS = ("RANK", "PADDLE_TRAINER_ID")
+
 _saved: dict[str, Any] = {}
 
 
@@ -54,7 +85,7 @@ def _rank_text() -> str:
             return f"rank {mpi.COMM_WORLD.Get_rank()}"
     except Exception:  # pragma: no cover - best effort only
         pass
-    for var in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID"):
+    for var in RANK_VARS:
         if os.environ.get(var):
             return f"rank {os.environ[var]}"
     return "this process"
@@ -176,120 +207,175 @@ def uninstall_abort_hook() -> None:
         threading.excepthook = _saved.pop("thread")
 
 
-def collective_timeout() -> float:
-    """The collective timeout in seconds from ``CUPYSYNCBN_TIMEOUT`` (0: none).
+def parse_timeout(raw: Any, name: str = TIMEOUT_ENV) -> float:
+    """Seconds from a timeout setting: a number >= 0 (``0`` disables).
+
+    The one parser of every cupysyncbn timeout (``CUPYSYNCBN_TIMEOUT``,
+    ``CUPYSYNCBN_NCCL_TIMEOUT``, a ``timeout=`` argument), so they all accept
+    and refuse the same values.
+
+    Raises
+    ------
+    ValueError
+        For anything that is not a finite or infinite number >= 0, naming ``name``.
+    """
+    if isinstance(raw, bool):
+        raise ValueError(f"{name} must be a number of seconds; got {raw!r}")
+    try:
+        value = float(raw.strip() if isinstance(raw, str) else raw)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number of seconds; got {raw!r}") from None
+    if not value >= 0:
+        raise ValueError(f"{name} must be >= 0 (0 disables); got {raw!r}")
+    return value
+
+
+def collective_timeout(env: str = TIMEOUT_ENV) -> float:
+    """The collective timeout in seconds from the environment (0: none).
+
+    Parameters
+    ----------
+    env : str
+        Variable to read; when it is unset or empty the package-wide
+        ``CUPYSYNCBN_TIMEOUT`` is used, and when that is unset too
+        :data:`DEFAULT_TIMEOUT`.
 
     Raises
     ------
     ValueError
         When the variable is set to something that is not a number >= 0.
     """
-    raw = os.environ.get(TIMEOUT_ENV, "").strip()
-    if not raw:
-        return DEFAULT_TIMEOUT
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ValueError(f"{TIMEOUT_ENV} must be a number of seconds; got {raw!r}") from None
-    if not value >= 0:
-        raise ValueError(f"{TIMEOUT_ENV} must be >= 0 (0 disables); got {raw!r}")
-    return value
+    for var in dict.fromkeys((env, TIMEOUT_ENV)):
+        raw = os.environ.get(var, "").strip()
+        if raw:
+            return parse_timeout(raw, var)
+    return DEFAULT_TIMEOUT
 
 
 class CollectiveWatchdog:
-    """Aborts the job when a guarded collective runs longer than ``timeout``.
+    """Aborts the job when any collective in flight runs past its deadline.
 
-    One daemon thread per watchdog, started at the first guarded call, wakes
-    up a few times per timeout; the guarded call itself only stores a
-    timestamp (about a microsecond), so the hot path stays cheap.
+    Every collective registers itself with :meth:`begin` (from any thread, any
+    communicator) and gets its own deadline, ``timeout`` seconds later; several
+    may be in flight at once (two layers on two communicators driven from two
+    threads, a user's own collective around ours) and each is timed on its own.
+    One daemon thread, started at the first registration, wakes up a few times
+    per timeout and aborts the job (:func:`abort_job`, with the collective's
+    own communicator) when a deadline has passed. Registering costs a dict
+    insert (well under a microsecond), so the hot path stays cheap.
 
     Parameters
     ----------
     timeout : float, optional
         Seconds; default :func:`collective_timeout`. ``0`` disables.
     comm : Communicator, optional
-        Passed to :func:`abort_job`.
+        Passed to :func:`abort_job` for collectives registered without one.
     """
 
     def __init__(self, timeout: float | None = None, comm: Any = None) -> None:
-        self.timeout = collective_timeout() if timeout is None else float(timeout)
+        if timeout is None:
+            self.timeout = collective_timeout()
+        else:
+            self.timeout = parse_timeout(timeout, "timeout")
         self.comm = comm
-        self._since: float | None = None
-        self._what = ""
+        # token -> (deadline, what, comm, done); plain dict operations are
+        # atomic under the GIL, so begin/end need no lock.
+        self._inflight: dict[int, tuple] = {}
+        self._tokens = itertools.count(1)
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._stop = threading.Event()
 
-    def guard(self, what: str) -> _Guard:
-        """Context manager around one blocking collective described by ``what``."""
-        return _Guard(self, what)
+    def stop(self) -> None:
+        """End the watchdog thread (collectives registered later restart it)."""
+        with self._lock:
+            thread, self._thread = self._thread, None
+            self._stop.set()
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=5.0)
+        self._stop = threading.Event()
 
-    def begin(self, what: Any) -> bool:
-        """Start timing a collective (``what``: text or a float64 count); cheapest form.
+    def begin(
+        self, what: Any, comm: Any = None, done: Any = None, timeout: float | None = None
+    ) -> int | None:
+        """Start timing one collective; return a token for :meth:`end` (None: not timed).
 
-        Returns whether this call started the timing; pass it to :meth:`end`.
+        Parameters
+        ----------
+        what : str or int
+            Description for the abort message (an int is read as the number
+            of float64 values all-reduced).
+        comm : Communicator, optional
+            Aborted first when this collective times out (its ``abort``).
+        done : callable, optional
+            For asynchronous collectives (NCCL): returns True once the
+            collective completed; the watchdog then forgets it by itself.
+        timeout : float, optional
+            This collective's timeout (default :attr:`timeout`).
         """
-        if self.timeout <= 0 or self._since is not None:
-            return False
+        limit = self.timeout if timeout is None else timeout
+        if limit <= 0:
+            return None
         if self._thread is None:
             self._start()
-        self._what = what
-        self._since = time.monotonic()
-        return True
+        token = next(self._tokens)
+        self._inflight[token] = (time.monotonic() + limit, limit, what, comm, done)
+        return token
 
-    def end(self, started: bool) -> None:
-        """Stop timing the collective that :meth:`begin` started."""
-        if started:
-            self._since = None
+    def end(self, token: int | None) -> None:
+        """Stop timing the collective that :meth:`begin` returned ``token`` for."""
+        if token is not None:
+            self._inflight.pop(token, None)
+
+    @property
+    def in_flight(self) -> int:
+        """Number of collectives being timed now."""
+        return len(self._inflight)
 
     def _start(self) -> None:
         with self._lock:
             if self._thread is None:
                 self._thread = threading.Thread(
-                    target=self._run, name="cupysyncbn-watchdog", daemon=True
+                    target=self._run, args=(self._stop,), name="cupysyncbn-watchdog",
+                    daemon=True,
                 )
                 self._thread.start()
 
-    def _run(self) -> None:
-        tick = min(max(self.timeout / 8.0, 0.05), 5.0)
+    def _expired(self) -> tuple | None:
+        now = time.monotonic()
+        for token, entry in self._inflight.copy().items():
+            deadline, limit, what, comm, done = entry
+            if done is not None:
+                try:
+                    finished = bool(done())
+                except Exception:  # noqa: BLE001 - a broken probe counts as not done
+                    finished = False
+                if finished:
+                    self._inflight.pop(token, None)
+                    continue
+            if now > deadline:
+                return entry
+        return None
+
+    def _run(self, stop: threading.Event) -> None:
         while True:
-            time.sleep(tick)
-            since = self._since
-            if since is not None and time.monotonic() - since > self.timeout:
-                what = self._what
-                if not isinstance(what, str):
-                    what = f"all-reduce of {what} float64"
-                abort_job(
-                    self.comm, 1,
-                    f"a collective ({what}) has not completed after"
-                    f" {self.timeout:g} s: another rank is not taking part (it exited,"
-                    " crashed, hangs, skipped a pass or called a layer fewer times)."
-                    f" Aborting the MPI job. Set {TIMEOUT_ENV}=seconds to change the"
-                    " timeout (0 disables).",
-                )
-
-
-class _Guard:
-    __slots__ = ("_dog", "_what", "_outer")
-
-    def __init__(self, dog: CollectiveWatchdog, what: str) -> None:
-        self._dog = dog
-        self._what = what
-
-    def __enter__(self) -> None:
-        dog = self._dog
-        if dog.timeout <= 0:
-            return
-        if dog._thread is None:
-            dog._start()
-        self._outer = dog._since  # nested guards (e.g. a user barrier) keep the outer start
-        if self._outer is None:
-            dog._what = self._what
-            dog._since = time.monotonic()
-
-    def __exit__(self, *exc: Any) -> None:
-        dog = self._dog
-        if dog.timeout > 0 and self._outer is None:
-            dog._since = None
+            limits = [e[1] for e in self._inflight.copy().values()] or [self.timeout or 8.0]
+            if stop.wait(min(max(min(limits) / 8.0, 0.05), 5.0)):
+                return
+            entry = self._expired()
+            if entry is None:
+                continue
+            _, limit, what, comm, _ = entry
+            if not isinstance(what, str):
+                what = f"all-reduce of {what} float64"
+            abort_job(
+                comm if comm is not None else self.comm, 1,
+                f"a collective ({what}) has not completed after"
+                f" {limit:g} s: another rank is not taking part (it exited,"
+                " crashed, hangs, skipped a pass or called a layer fewer times)."
+                f" Aborting the job. Set {TIMEOUT_ENV}=seconds to change the"
+                " timeout (0 disables).",
+            )
 
 
 _shared: CollectiveWatchdog | None = None

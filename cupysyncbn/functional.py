@@ -43,9 +43,10 @@ from . import fused_passes, protocol
 from .backends import Backend, get_backend
 from .comm import as_communicator
 from .comm.base import Communicator
-from .dtypes import check_input_dtype, compute_dtype
-from .formats import DataFormat, canonical_view, format_for_ndim, parse_data_format
+from .dtypes import check_input_dtype, compute_dtype, to_native
+from .formats import DataFormat, canonical_view, format_for_ndim
 from .interop.dlpack import accepts_dlpack
+from .validation import check_forward_arguments, fallback_backend
 
 __all__ = [
     "SyncState",
@@ -54,6 +55,7 @@ __all__ = [
     "batch_norm_forward",
     "batch_norm_backward",
     "running_stats_update",
+    "fail_collectively",
 ]
 
 _F64 = np.dtype(np.float64)
@@ -74,6 +76,14 @@ class SyncState:
     handshake_done: bool = False
     layer_id: int = 0  # agreed at the handshake (see protocol.next_layer_id)
     calls: int = 0  # synchronized passes run so far (sent in the header)
+    evals: int = 0  # eval-mode forwards run so far (sent in the header)
+    #: Order of construction (protocol.next_construction_ordinal): names the
+    #: same layer on every rank, computed without communication. The layers
+    #: set it; 0 (a bare functional-API state) leaves only the order of
+    #: first synchronization to tell layers apart.
+    ordinal: int = 0
+    ident: int = 0  # protocol.layer_identity, fixed at the handshake
+    num_features: int | None = None  # fixed at the handshake
     _buffers: dict = field(default_factory=dict, repr=False)
 
     def buffer(self, backend: Backend, size: int) -> Any:
@@ -91,6 +101,9 @@ class SyncState:
         self.handshake_done = False
         self.layer_id = 0
         self.calls = 0
+        self.evals = 0
+        self.ident = 0
+        self.num_features = None
         self._buffers.clear()
 
 
@@ -156,14 +169,6 @@ class ForwardResult:
     updated: bool = False
 
 
-def _num_features(x: Any, fmt: DataFormat, *vectors: Any) -> int | None:
-    for v in vectors:
-        shape = getattr(v, "shape", None)
-        if shape:  # non-arrays are reported by _check_vectors, naming them
-            return int(shape[0])
-    return None
-
-
 def _validate_input(
     x: Any, fmt: DataFormat, num_features: int | None, backend: Backend, param: Any
 ) -> tuple[str, BaseException] | tuple[None, DataFormat]:
@@ -201,21 +206,6 @@ def _vec(backend: Backend, v: Any, cdt: np.dtype) -> Any:
     return None if v is None else v.astype(cdt, copy=False)
 
 
-def _check_vectors(backend: Backend, num_features: int | None, **vectors: Any) -> None:
-    for name, v in vectors.items():
-        if v is None:
-            continue
-        if not backend.owns(v):
-            kind = f"{type(v).__module__.split('.')[0]}.{type(v).__name__}"
-            raise TypeError(  # name both libraries: the usual cause is a layer on the
-                # other device than the input (set_device('auto') puts layers on GPUs)
-                f"{name} must be a {backend.name} array like x; got {kind} (move the"
-                " layer with .to('cpu') / .to('cuda'), or pass arrays of its library)"
-            )
-        if v.ndim != 1 or (num_features is not None and v.shape[0] != num_features):
-            raise ValueError(f"{name} must have shape ({num_features},); got {tuple(v.shape)}")
-
-
 def _allreduce(
     comm: Communicator,
     backend: Backend,
@@ -231,10 +221,13 @@ def _allreduce(
     size = protocol.HEADER + c * len(payload)
     buf = state.buffer(backend, size) if state is not None else backend.xp.empty(size, _F64)
     kind, exc = error if error is not None else (None, None)
-    layer, call = (0, 0) if state is None else (state.layer_id, state.calls)
+    layer, call, ident, evals = (
+        (0, 0, 0, 0) if state is None
+        else (state.layer_id, state.calls, state.ident, state.evals)
+    )
     if state is not None:
         state.calls += 1
-    protocol.fill_header(buf, count, phase, kind, c, layer, call)
+    protocol.fill_header(buf, count, phase, kind, c, layer, call, ident, evals)
     for i, vec in enumerate(payload):
         seg = buf[protocol.HEADER + i * c : protocol.HEADER + (i + 1) * c]
         if vec is None:
@@ -368,41 +361,35 @@ def batch_norm_forward(
         the faulty rank raises the specific error, the others
         :class:`~cupysyncbn.errors.RemoteInputError`).
     """
-    fmt = parse_data_format(data_format)
     comm_ = as_communicator(comm)
-    try:
-        backend = get_backend(x, "x")
-    except TypeError as e:
-        # Not an array: the peers are already in the collective, so join it
-        # on the parameters' backend and raise after it (see protocol).
-        return _forward_not_array(
-            e, comm_, training, weight, bias, running_mean, running_var, sync_state
-        )
-    nf = _num_features(x, fmt, weight, bias, running_mean, running_var)
-    _check_vectors(
-        backend, nf, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var
+    x, weight, bias, running_mean, running_var = map(
+        to_native, (x, weight, bias, running_mean, running_var)
     )
-    if (running_mean is None) != (running_var is None):
-        raise ValueError("running_mean and running_var must be given together")
-    param = next((v for v in (weight, bias, running_mean) if v is not None), None)
+    # Checks that can fail on one rank alone: the rank still joins the
+    # peers' collective with an error slot set, then raises (validation.py).
+    chk = check_forward_arguments(
+        x, data_format, momentum, epsilon,
+        weight=weight, bias=bias, running_mean=running_mean, running_var=running_var,
+    )
+    batch_stats = training or running_mean is None
+    if chk.error is not None:
+        if not (batch_stats and comm_.synchronizes):
+            raise chk.error[1]
+        backend = chk.backend or fallback_backend(comm_, sync_state)
+        return _forward_invalid(comm_, backend, sync_state, chk.num_features, chk.error)
+    fmt, backend, nf, param = chk.fmt, chk.backend, chk.num_features, chk.param
     if param_dtype is None:
         param_dtype = param.dtype if param is not None else np.float32
     param_dtype = np.dtype(param_dtype)
-    if momentum is not None and not 0.0 <= float(momentum) <= 1.0:
-        raise ValueError(f"momentum must be in [0, 1] or None; got {momentum}")
-    if not float(epsilon) >= 0.0:
-        raise ValueError(f"epsilon must be >= 0; got {epsilon}")
+    if not batch_stats and sync_state is not None:
+        # Eval passes count: a rank in eval mode while the others train is
+        # caught at the layer's next synchronized pass (protocol "evals").
+        sync_state.evals += 1
 
-    batch_stats = training or running_mean is None
     sync = batch_stats and comm_.synchronizes
     kind, info = _validate_input(x, fmt, nf, backend, param)
     if kind is not None:
-        if sync and nf is None and getattr(x, "ndim", 0) >= 2:
-            # No weight/running stats give the channel count: take it from x,
-            # so this rank joins the peers' collectives instead of leaving
-            # them waiting (a differing count fails the handshake everywhere).
-            nf = int(x.shape[fmt.axis_for(x.ndim)])
-        if not sync or nf is None:
+        if not sync:
             raise info
         return _forward_invalid(comm_, backend, sync_state, nf, (kind, info))
     fmt_x: DataFormat = info
@@ -431,7 +418,7 @@ def batch_norm_forward(
         return ForwardResult(y.reshape(x.shape), ctx, running_mean, running_var)
 
     if sync:
-        _handshake(comm_, backend, sync_state, nf)
+        _handshake(comm_, backend, sync_state, nf, param_dtype)
 
     if n_local:
         mean_r, m2_r = backend.moments(v, fmt_x.channel_last, cdt)
@@ -477,7 +464,7 @@ def _forward_fused(
             nf=nf, n_local=n_local, cdt=cdt, pdt=pdt, vectors=vectors, training=training,
             batch_stats=batch_stats, momentum=momentum, epsilon=float(epsilon),
             unbiased=unbiased, num_batches_tracked=num_batches_tracked, sync=sync,
-            handshake=lambda: _handshake(comm, backend, state, nf), inplace=inplace,
+            handshake=lambda: _handshake(comm, backend, state, nf, pdt), inplace=inplace,
         )
     weight = vectors[0]
     count = stats64[2 * nf] if batch_stats else 0
@@ -535,43 +522,92 @@ def _global_stats(
     return total, mean, var
 
 
-def _handshake(comm: Communicator, backend: Backend, state: SyncState | None, nf: int) -> None:
+def _handshake(
+    comm: Communicator, backend: Backend, state: SyncState | None, nf: int | None,
+    param_dtype: Any = None, error: tuple | None = None,
+) -> None:
     """The layer's first synchronized pass (every pass without a state)."""
     if state is not None and state.handshake_done:
         return
     layer = protocol.next_layer_id(comm) if state is not None else 0
-    protocol.handshake(comm, nf, lambda h: backend.asarray(h), backend.to_host, layer)
+    ident = evals = 0
+    if state is not None:
+        ident = protocol.layer_identity(state.ordinal, param_dtype)
+        evals = state.evals
+    protocol.handshake(
+        comm, nf or 0, lambda h: backend.asarray(h), backend.to_host, layer,
+        ident, evals, error,
+    )
     if state is not None:
         state.layer_id = layer
+        state.ident = ident
+        state.num_features = nf
         state.handshake_done = True
 
 
+def fail_collectively(
+    error: BaseException,
+    kind: str = "other",
+    *,
+    comm: Any = None,
+    sync_state: SyncState | None = None,
+    num_features: int | None = None,
+    backend: str | None = None,
+) -> None:
+    """Join the training forward the other ranks are in, then raise ``error``.
+
+    For adapters and wrappers whose own checks fail before they call
+    :func:`batch_norm_forward` (a tensor of the wrong rank, an object that is
+    not a tensor): instead of leaving the other ranks waiting in the
+    collective, this rank takes part with an error slot set, so every rank
+    raises — this one ``error``, the others
+    :class:`~cupysyncbn.errors.RemoteInputError` naming ``kind``.
+
+    Parameters
+    ----------
+    error : BaseException
+        Raised on this rank.
+    kind : str
+        One of :data:`cupysyncbn.protocol.ERROR_KINDS`.
+    comm, sync_state, num_features
+        What the layer would have passed to :func:`batch_norm_forward`.
+    backend : {'numpy', 'cupy'}, optional
+        Where the layer's buffers live (default: from ``sync_state``/``comm``).
+    """
+    comm_ = as_communicator(comm)
+    if comm_.synchronizes:
+        if backend == "cupy":
+            from .backends.cupy_backend import get_cupy_backend
+
+            be = get_cupy_backend()
+        elif backend == "numpy":
+            from .backends import NUMPY_BACKEND as be
+        else:
+            be = fallback_backend(comm_, sync_state)
+        _forward_invalid(comm_, be, sync_state, num_features, (kind, error))
+    raise error
+
+
 def _forward_invalid(
-    comm: Communicator, backend: Backend, state: SyncState | None, nf: int, error: tuple
+    comm: Communicator, backend: Backend, state: SyncState | None, nf: int | None,
+    error: tuple,
 ) -> ForwardResult:
-    """Take part in the collectives with a zero payload, then raise."""
-    fused_passes.remember_own_error(state, backend, comm, nf, error[1])
-    _handshake(comm, backend, state, nf)
-    if state is None or state.shift is None or state.shift.shape[0] != nf:
-        # the peers run the two-pass path: a mean pass first
-        _allreduce(comm, backend, state, [None, None], 0, protocol.PHASE_MEAN, error, nf)
-    _allreduce(comm, backend, state, [None, None], 0, protocol.PHASE_STATS, error, nf)
-    raise error[1]  # pragma: no cover - _allreduce raised already
+    """Take part in the peers' collectives with a zero payload, then raise.
 
-
-def _forward_not_array(
-    error: TypeError, comm: Communicator, training: bool, *vectors: Any
-) -> ForwardResult:
-    """``x`` is not an array: join the peers' collectives if possible, then raise."""
-    *vecs, state = vectors
-    weight, bias, running_mean, running_var = vecs
-    batch_stats = training or running_mean is None
-    param = next((v for v in vecs if v is not None), None)
-    if not batch_stats or not comm.synchronizes or param is None:
-        raise error  # no collective to join (or no way to know its size)
-    backend = get_backend(param, "weight")
-    nf = int(param.shape[0])
-    return _forward_invalid(comm, backend, state, nf, ("type", error))
+    The peers run the handshake first unless the layer's state has done it,
+    so a rank that does not know the channel count (``x`` not an array, no
+    parameters) still joins the right collective.
+    """
+    if state is None or not state.handshake_done:
+        _handshake(comm, backend, state, nf, None, error)
+    else:
+        nf = state.num_features
+        fused_passes.remember_own_error(state, backend, comm, nf, error[1])
+        if state.shift is None or state.shift.shape[0] != nf:
+            # the peers run the two-pass path: a mean pass first
+            _allreduce(comm, backend, state, [None, None], 0, protocol.PHASE_MEAN, error, nf)
+        _allreduce(comm, backend, state, [None, None], 0, protocol.PHASE_STATS, error, nf)
+    raise error[1]  # pragma: no cover - the collective raised already
 
 
 @accepts_dlpack("dy")
@@ -618,6 +654,7 @@ def batch_norm_backward(
     """
     backend = ctx.backend
     nf = ctx.mean.shape[0]
+    dy = to_native(dy)
     err = None
     if not backend.owns(dy):
         err = ("type", TypeError(

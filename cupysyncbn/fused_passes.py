@@ -78,12 +78,14 @@ def strict_sync(comm: Any) -> bool:
     return strict_sync_default() if strict is None else bool(strict)
 
 
-def _ids(state: Any, sync: bool) -> tuple[int, int]:
+def _ids(state: Any, sync: bool) -> tuple[int, int, int, int]:
+    """``(layer, call, ident, evals)`` header values of the next pass (protocol)."""
     if state is None or not sync:
-        return 0, 0
+        return 0, 0, 0, 0
     call = state.calls
     state.calls += 1
-    return state.layer_id % protocol.CALL_MODULUS, call % protocol.CALL_MODULUS
+    m = protocol.CALL_MODULUS
+    return state.layer_id % m, call % m, state.ident % (4 * m), state.evals % m
 
 
 def _finish(ws: DeviceWorkspace, state: Any, comm: Any) -> None:
@@ -149,22 +151,22 @@ def forward(
     if sync and not (state is not None and ws.has_shift):
         # First pass (or no state): one extra all-reduce finds the global mean.
         bufm = ws("bufm", wire, _F64)
-        layer, call = _ids(state, sync)
+        ids = _ids(state, sync)
         backend.fwd_pack(parts, g, nf, cdt, 1, None, None, None, bufm, st, size,
-                         (n_local, protocol.PHASE_MEAN, -1, nf, layer, call), nbt)
+                         (n_local, protocol.PHASE_MEAN, -1, nf, *ids), nbt)
         comm.allreduce_sum(bufm)
-        layer, call = _ids(state, sync)
+        ids = _ids(state, sync)
         backend.fwd_pack(parts, g, nf, cdt, 2, None, ws.shift_used, bufm, buf, st, size,
-                         (n_local, protocol.PHASE_STATS, -1, nf, layer, call), nbt)
+                         (n_local, protocol.PHASE_STATS, -1, nf, *ids), nbt)
         comm.allreduce_sum(buf)
     elif sync:
-        layer, call = _ids(state, sync)
+        ids = _ids(state, sync)
         backend.fwd_pack(parts, g, nf, cdt, 0, ws.shift_next, ws.shift_used, None, buf, st,
-                         size, (n_local, protocol.PHASE_STATS, -1, nf, layer, call), nbt)
+                         size, (n_local, protocol.PHASE_STATS, -1, nf, *ids), nbt)
         comm.allreduce_sum(buf)
     else:
         backend.fwd_pack(parts, g, nf, cdt, 3, None, ws.shift_used, None, buf, st, size,
-                         (n_local, protocol.PHASE_STATS, -1, nf, 0, 0), nbt)
+                         (n_local, protocol.PHASE_STATS, -1, nf, 0, 0, 0, 0), nbt)
     if sync and state is not None:
         ws.has_shift = True
         state.shift = ws.shift_next  # the error path's "is there a shift" test
@@ -215,9 +217,9 @@ def backward(
         parts, g = (backend.bwd_partials(dyv, x, channel_last, statc[:nf], ws)
                     if n_local else (None, 0))
         buf = ws("bufb", protocol.HEADER + 2 * nf, _F64)
-        layer, call = _ids(state, sync)
+        ids = _ids(state, sync)
         backend.bwd_pack(parts, g, nf, statc, buf, dweight, dbias, accumulate,
-                         (n_local, protocol.PHASE_BACKWARD, -1, nf, layer, call), pdt)
+                         (n_local, protocol.PHASE_BACKWARD, -1, nf, *ids), pdt)
         if sync:
             comm.allreduce_sum(buf)
     dx = xp.empty(x.shape, dtype=x.dtype)

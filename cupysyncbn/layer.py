@@ -248,9 +248,9 @@ class Layer:
         for d in (self._parameters, self._sub_layers, self._buffers):
             d.pop(name, None)
         if isinstance(value, Parameter):
-            self._parameters[name] = value
+            self._parameters[_check_child_name(name)] = value
         elif isinstance(value, Layer):
-            self._sub_layers[name] = value
+            self._sub_layers[_check_child_name(name)] = value
         object.__setattr__(self, name, value)
 
     def __delattr__(self, name: str) -> None:
@@ -260,12 +260,21 @@ class Layer:
 
     def register_buffer(self, name: str, value: Any, persistable: bool = True) -> None:
         """Register a non-trainable array kept in the state dict (if persistable)."""
+        _check_child_name(name)
         object.__setattr__(self, name, value)
         self._buffers[name] = persistable
 
     def add_sublayer(self, name: str, sublayer: Layer) -> Layer:
-        """Register ``sublayer`` under ``name`` and return it."""
-        setattr(self, str(name), sublayer)
+        """Register ``sublayer`` under ``name`` and return it.
+
+        Raises
+        ------
+        ValueError
+            For an empty name or one containing ``.`` (state-dict keys join
+            names with dots, so ``"a.b"`` would collide with ``a``'s ``b``).
+        """
+        name = _check_child_name(str(name))
+        setattr(self, name, sublayer)
         return sublayer
 
     # traversal ------------------------------------------------------------
@@ -573,6 +582,16 @@ class Layer:
         return "\n".join(lines) + "\n)"
 
 
+def _check_child_name(name: str) -> str:
+    # PyTorch refuses the same names, for the same reason.
+    if not name or "." in name:
+        raise ValueError(
+            f"sub-layer and parameter names must be non-empty and contain no '.'; got"
+            f" {name!r} (state-dict keys join names with '.', so it would collide)"
+        )
+    return name
+
+
 def _validated(key: str, value: Any, current: Any) -> Any:
     """Check ``value`` against ``current`` and return it on ``current``'s device."""
     from .devices import device_of, move_array
@@ -584,7 +603,10 @@ def _validated(key: str, value: Any, current: Any) -> Any:
             raise TypeError(
                 f"state_dict[{key!r}] must be an array; got {type(value).__name__}"
             ) from None
-    vdt = np.dtype(value.dtype)
+    from .dtypes import native_dtype, to_native
+
+    value = to_native(value)  # big-endian checkpoints load like native ones
+    vdt = native_dtype(value.dtype)
     cdt = np.dtype(current.dtype)
     if tuple(value.shape) != tuple(current.shape):
         raise ValueError(
@@ -592,13 +614,27 @@ def _validated(key: str, value: Any, current: Any) -> Any:
         )
     if vdt != cdt:
         if cdt.kind == "i" and vdt.kind in "iu":
-            pass  # counters: any integer width
+            pass  # counters: any integer width (range checked below)
         else:
             raise TypeError(
                 f"state_dict[{key!r}] has dtype {vdt.name}; expected {cdt.name}"
                 " (cast it, or move the layer with .to(dtype=...))"
             )
+    if cdt.kind == "i":
+        _check_counter(key, value, cdt)
     return move_array(value, device_of(current), cdt, copy=True)
+
+
+def _check_counter(key: str, value: Any, cdt: np.dtype) -> None:
+    """Counters (``num_batches_tracked``) are integers in ``[0, max of cdt]``."""
+    if np.dtype(value.dtype).kind not in "iu":
+        raise TypeError(f"state_dict[{key!r}] must hold integers; got {value.dtype}")
+    host = np.asarray(_to_host(value))
+    if host.size and (int(host.min()) < 0 or int(host.max()) > np.iinfo(cdt).max):
+        raise ValueError(
+            f"state_dict[{key!r}] must be an integer in [0, {np.iinfo(cdt).max}] (a count"
+            f" of batches); got {host.min() if int(host.min()) < 0 else host.max()}"
+        )
 
 
 def _copy_into(current: Any, new: Any) -> Any:

@@ -126,7 +126,9 @@ class _BatchNormBase(Layer):
         # None stays lazy (the default communicator is created at first use);
         # anything else is resolved now so a bad ``comm`` fails at construction.
         self._comm: Communicator | None = None if comm is None else as_communicator(comm)
-        self._sync_state = F.SyncState()
+        # The layer's identity on every rank: its order of construction among
+        # the layers of its communicator (protocol.next_construction_ordinal).
+        self._sync_state = F.SyncState(ordinal=protocol.next_construction_ordinal(self._comm))
         # Forward contexts awaiting their backward, most recent last (LIFO).
         self._pending: list[F.ForwardContext] = []
         self._dropped = 0  # contexts dropped by the bound, not yet asked for
@@ -349,7 +351,8 @@ class _BatchNormBase(Layer):
         with dev if hasattr(dev, "__enter__") else contextlib.nullcontext():
             buf = backend.xp.zeros(protocol.HEADER + 2 * c, dtype=np.float64)
         protocol.fill_header(
-            buf, 0, protocol.PHASE_BACKWARD, "other", c, state.layer_id, state.calls
+            buf, 0, protocol.PHASE_BACKWARD, "other", c, state.layer_id, state.calls,
+            state.ident, state.evals,
         )
         state.calls += 1
         buf = self.comm.allreduce_sum(buf)

@@ -39,6 +39,8 @@ import threading
 import warnings
 from typing import Any
 
+from .fault import LOCAL_RANK_VARS as _LOCAL_RANK_VARS
+
 __all__ = [
     "set_device",
     "get_device",
@@ -51,17 +53,9 @@ __all__ = [
 ]
 
 DEVICE_ENV = "CUPYSYNCBN_DEVICE"
-#: Launcher variables holding the node-local rank of the whole job, most
-#: specific first (an MPI launcher inside a Slurm allocation sets its own
-#: variable; ``SLURM_LOCALID`` is right only under ``srun``).
-LOCAL_RANK_VARS = (
-    "MPI_LOCALRANKID",  # MPICH / Intel MPI (Hydra)
-    "OMPI_COMM_WORLD_LOCAL_RANK",  # Open MPI
-    "MV2_COMM_WORLD_LOCAL_RANK",  # MVAPICH2
-    "PALS_LOCAL_RANKID",  # Cray PALS
-    "SLURM_LOCALID",  # srun
-    "LOCAL_RANK",  # torchrun, paddle.distributed.launch
-)
+#: Launcher variables holding the node-local rank of the whole job (the one
+#: list of process-manager variables lives in :mod:`cupysyncbn.fault`).
+LOCAL_RANK_VARS = _LOCAL_RANK_VARS
 
 _lock = threading.RLock()
 _requested: str | None = None  # set_device()'s value; None: the environment's, else 'auto'

@@ -16,8 +16,14 @@ one            1 from every rank: the number of ranks that took part
 nf, nf_sq      ``num_features`` and its square
 layer, ..._sq  id of the layer (its order of first synchronization on this
                communicator) and its square
+ident, ..._sq  identity every rank computes without communication: the
+               layer's order of construction among the synchronized layers
+               of its communicator, and its dtype (see :func:`layer_identity`)
 call, ..._sq   number of synchronized passes this layer ran before (mod 4096)
                and its square
+evals, ..._sq  number of eval (running-statistics) forwards this layer ran
+               (mod 4096): a rank in eval mode while the others train
+               shows up at the next synchronized pass
 phase_*        1 in the slot of the pass this rank runs (handshake, forward
                mean pass, forward statistics, backward), 0 elsewhere
 err_*          1 where this rank's input was invalid, by kind of fault
@@ -55,11 +61,13 @@ __all__ = [
     "CALL_MODULUS",
     "handshake",
     "next_layer_id",
+    "next_construction_ordinal",
+    "layer_identity",
     "fill_header",
     "check_header",
 ]
 
-ERROR_KINDS = ("channels", "ndim", "dtype", "device", "shape", "type", "other")
+ERROR_KINDS = ("channels", "ndim", "dtype", "device", "shape", "type", "argument", "other")
 
 PHASE_HANDSHAKE = 0  # a layer's first synchronized pass: num_features check
 PHASE_MEAN = 1  # first pass of the two-pass (shift-finding) forward
@@ -75,6 +83,8 @@ _SLOTS = (
     "count", "one", "nf", "nf_sq", "layer", "layer_sq", "call", "call_sq",
     *(f"phase_{i}" for i in range(len(_PHASE_NAMES))),
     *(f"err_{k}" for k in ERROR_KINDS),
+    # last, so the fused CUDA kernels' slot numbers (kernels/fused.cu) stay put
+    "ident", "ident_sq", "evals", "evals_sq",
 )
 _I = {name: i for i, name in enumerate(_SLOTS)}
 HEADER = len(_SLOTS)
@@ -86,6 +96,10 @@ _ERROR_TEXT = {
     "device": "an input on another device than the layer's parameters",
     "shape": "a dy whose shape or dtype differs from the forward input",
     "type": "an input that is not an array of the layer's array library",
+    "argument": (
+        "an invalid argument (weight, bias or running statistics of the wrong"
+        " shape or kind, momentum, epsilon or data_format)"
+    ),
     "other": "an invalid input",
 }
 
@@ -98,46 +112,68 @@ def next_layer_id(comm: Any) -> int:
     same order (what every rank of a data-parallel job does).
     """
     # Count per process group, not per wrapper object: two Communicator
-    # objects over the same MPI communicator (init() called again, a raw
-    # mpi4py comm wrapped per layer) must share one sequence. Other
-    # communicators keep their count on themselves (an id() key could be
-    # reused by a later object).
-    mpi_comm = getattr(comm, "mpi_comm", None)
-    key = None
-    if mpi_comm is not None:
-        try:
-            key = mpi_comm.py2f()
-        except Exception:  # pragma: no cover - MPI without Fortran handles
-            key = None
-    if key is not None:
-        n = _MPI_LAYER_COUNTS.get(key, 0) + 1
-        _MPI_LAYER_COUNTS[key] = n
-    else:
-        n = getattr(comm, "_cupysyncbn_layers", 0) + 1
-        try:
-            comm._cupysyncbn_layers = n
-        except AttributeError:  # pragma: no cover - communicators with __slots__
-            pass
+    # objects over the same group (init() called again, a raw mpi4py comm
+    # wrapped per layer) share one sequence. group_key() never repeats for a
+    # new group, unlike MPI handles, which MPICH reuses after Free().
+    key = _group_key(comm)
+    n = _LAYER_COUNTS.get(key, 0) + 1
+    _LAYER_COUNTS[key] = n
     return n % CALL_MODULUS
 
 
-_MPI_LAYER_COUNTS: dict = {}
+_LAYER_COUNTS: dict = {}
+_CONSTRUCTED: dict = {}
+_DTYPE_CODES = {"float32": 1, "float64": 2}
+
+
+def _group_key(comm: Any) -> Any:
+    fn = getattr(comm, "group_key", None)
+    if fn is not None:
+        return fn()
+    if hasattr(comm, "Set_attr"):  # a raw mpi4py communicator (adapters keep those)
+        from .comm.mpi import MPICommunicator
+
+        return MPICommunicator(comm).group_key()
+    return ("object", id(comm))
+
+
+def next_construction_ordinal(comm: Any = None) -> int:
+    """Order of construction of a synchronized layer on ``comm`` (1, 2, ...).
+
+    Computed on every rank without communication; ranks that build the same
+    model build its layers in the same order, so the ordinal names the same
+    layer everywhere, whatever order the layers later first synchronize in.
+    ``comm=None`` (the default communicator, resolved later) has a sequence
+    of its own.
+    """
+    key = "default" if comm is None else _group_key(comm)
+    n = _CONSTRUCTED.get(key, 0) + 1
+    _CONSTRUCTED[key] = n
+    return n
+
+
+def layer_identity(ordinal: int, dtype: Any) -> int:
+    """The ``ident`` header value of a layer: construction ordinal and dtype."""
+    code = _DTYPE_CODES.get(getattr(dtype, "name", str(dtype)), 3)
+    return (int(ordinal) % CALL_MODULUS) * 4 + code
 
 
 def _header(
-    count: int, phase: int, error_kind: str | None, num_features: int, layer: int, call: int
+    count: int, phase: int, error_kind: str | None, num_features: int, layer: int, call: int,
+    ident: int = 0, evals: int = 0,
 ) -> np.ndarray:
     head = np.zeros(HEADER, dtype=np.float64)
     head[_I["count"]] = count
     head[_I["one"]] = 1.0
     head[_I["nf"]] = num_features
     head[_I["nf_sq"]] = float(num_features) ** 2
-    layer %= CALL_MODULUS
-    call %= CALL_MODULUS
-    head[_I["layer"]] = layer
-    head[_I["layer_sq"]] = float(layer) ** 2
-    head[_I["call"]] = call
-    head[_I["call_sq"]] = float(call) ** 2
+    for name, value in (("layer", layer), ("call", call), ("evals", evals)):
+        value %= CALL_MODULUS
+        head[_I[name]] = value
+        head[_I[name + "_sq"]] = float(value) ** 2
+    ident %= CALL_MODULUS * 4
+    head[_I["ident"]] = ident
+    head[_I["ident_sq"]] = float(ident) ** 2
     head[_I[f"phase_{phase}"]] = 1.0
     if error_kind is not None:
         head[_I[f"err_{error_kind}"]] = 1.0
@@ -152,9 +188,11 @@ def fill_header(
     num_features: int = 0,
     layer: int = 0,
     call: int = 0,
+    ident: int = 0,
+    evals: int = 0,
 ) -> None:
     """Write this rank's header into the first :data:`HEADER` slots of ``buf``."""
-    head = _header(count, phase, error_kind, num_features, layer, call)
+    head = _header(count, phase, error_kind, num_features, layer, call, ident, evals)
     if isinstance(buf, np.ndarray):
         buf[:HEADER] = head
     else:
@@ -184,13 +222,30 @@ def _mismatch(head: np.ndarray, phase: int, size: int) -> str | None:
             f"this rank ran the {_PHASE_NAMES[phase]} pass but the group ran: {ran}"
             " rank(s)"
         )
+    return None
+
+
+def _identity_mismatch(head: np.ndarray, size: int) -> str | None:
+    """Why the ranks' layers, counts or modes differ, or None."""
     if not _same(head, "nf", size):
         return (
             f"num_features differs across ranks (mean over ranks {head[_I['nf']] / size:g});"
             " every rank must build the layer with the same num_features"
         )
+    if not _same(head, "ident", size):
+        return (
+            "the ranks ran passes of different layers (a layer is identified by its"
+            " order of construction among the synchronized layers of its"
+            " communicator, and its dtype: every rank must build the same layers in"
+            " the same order, and run them in the same order)"
+        )
     if not _same(head, "layer", size):
         return "the ranks ran passes of different layers"
+    if not _same(head, "evals", size):
+        return (
+            "the ranks ran a different number of eval-mode forwards of this layer"
+            " (one rank in eval mode while the others train?)"
+        )
     if not _same(head, "call", size):
         return (
             "the ranks called this layer a different number of times (e.g. an extra"
@@ -219,6 +274,13 @@ def check_header(
         When another rank's input was invalid.
     """
     why = _mismatch(head, phase, size)
+    bad = [
+        (k, int(head[_I[f"err_{k}"]])) for k in ERROR_KINDS if head[_I[f"err_{k}"]]
+    ]
+    if why is None and not bad:
+        # A faulty rank may not know its layer's num_features or identity; its
+        # error, not the resulting disagreement, is what every rank reports.
+        why = _identity_mismatch(head, size)
     if why is not None:
         raise CollectiveMismatchError(
             f"SyncBatchNorm: ranks are out of step: {why}. Every rank must call"
@@ -227,9 +289,6 @@ def check_header(
         ) from own_error
     if own_error is not None:
         raise own_error
-    bad = [
-        (k, int(head[_I[f"err_{k}"]])) for k in ERROR_KINDS if head[_I[f"err_{k}"]]
-    ]
     if bad:
         what = "; ".join(f"{n} rank(s) passed {_ERROR_TEXT[k]}" for k, n in bad)
         raise RemoteInputError(
@@ -240,19 +299,24 @@ def check_header(
 
 
 def handshake(
-    comm: Any, num_features: int, make_buffer: Any, to_host: Any, layer: int = 0
+    comm: Any, num_features: int, make_buffer: Any, to_host: Any, layer: int = 0,
+    ident: int = 0, evals: int = 0, error: tuple | None = None,
 ) -> None:
-    """Check that every rank of ``comm`` has the same ``num_features`` and layer id.
+    """Check that every rank of ``comm`` has the same ``num_features`` and layer.
 
     Uses one fixed-size (header-only) all-reduce, so ranks that disagree on
     ``num_features`` cannot deadlock: they all see ``size * sum(C^2) != sum(C)^2``
-    and raise the same error.
+    and raise the same error. A rank with invalid input passes
+    ``error=(kind, exception)``: it takes part, then raises its exception, and
+    the others raise :class:`RemoteInputError`.
 
     Raises
     ------
     CollectiveMismatchError
-        On every rank, when the ranks' ``num_features`` or layer order differ.
+        On every rank, when the ranks' ``num_features``, layer identity or
+        layer order differ.
     """
-    buf = make_buffer(_header(0, PHASE_HANDSHAKE, None, num_features, layer, 0))
-    buf = comm.allreduce_sum(buf)
-    check_header(to_host(buf), PHASE_HANDSHAKE, comm.size, None)
+    kind, exc = error if error is not None else (None, None)
+    head = _header(0, PHASE_HANDSHAKE, kind, num_features, layer, 0, ident, evals)
+    buf = comm.allreduce_sum(make_buffer(head))
+    check_header(to_host(buf), PHASE_HANDSHAKE, comm.size, exc)

@@ -35,8 +35,10 @@
 #define SBN_H_PHASE0 8
 #define SBN_N_PHASES 4
 #define SBN_H_ERR0 12
-#define SBN_N_ERRORS 7
-#define SBN_HEADER 19
+#define SBN_N_ERRORS 8
+#define SBN_H_IDENT 20  // layer identity (construction order, dtype) and its square
+#define SBN_H_EVALS 22  // eval forwards of the layer so far and its square
+#define SBN_HEADER 24
 
 // status: [flag, phase, header (SBN_HEADER)]; flag 0 ok, 1 header verdict, 2
 // unbiased running variance with a global count of 1.
@@ -69,7 +71,8 @@ __device__ __forceinline__ bool header_bad(const double* h, int phase, double si
   if (h[SBN_H_ONE] != size) return true;
   if (h[SBN_H_PHASE0 + phase] != size) return true;
   if (!same_(h, SBN_H_NF, size) || !same_(h, SBN_H_LAYER, size) ||
-      !same_(h, SBN_H_CALL, size)) {
+      !same_(h, SBN_H_CALL, size) || !same_(h, SBN_H_IDENT, size) ||
+      !same_(h, SBN_H_EVALS, size)) {
     return true;
   }
   for (int k = 0; k < SBN_N_ERRORS; ++k) {
@@ -135,7 +138,10 @@ __device__ __forceinline__ FwdCoef<A, P> fwd_coef(i64 c, i64 C, int flags, const
       k.mean64 = shift_used[c] + s / n;
       k.var64 = clamp0((q - s * s / n) / n);
       k.mean = static_cast<A>(k.mean64);
-      k.invstd = static_cast<A>(1.0 / sqrt(k.var64 + eps));
+      // var + eps == 0 (epsilon=0, constant channel): normalized value 0, so
+      // y = bias and dx = 0 instead of 0 * inf = NaN (finite in, finite out)
+      const double ve = k.var64 + eps;
+      k.invstd = ve == 0.0 ? A(0) : static_cast<A>(1.0 / sqrt(ve));
     } else {  // empty global batch: nothing to normalize, no inf
       k.mean64 = 0.0;
       k.var64 = 0.0;
@@ -146,7 +152,8 @@ __device__ __forceinline__ FwdCoef<A, P> fwd_coef(i64 c, i64 C, int flags, const
     k.mean64 = static_cast<double>(rmean[c]);
     k.var64 = static_cast<double>(rvar[c]);
     k.mean = static_cast<A>(rmean[c]);
-    k.invstd = A(1) / sqrt_(static_cast<A>(rvar[c]) + static_cast<A>(eps));
+    const A ve = static_cast<A>(rvar[c]) + static_cast<A>(eps);
+    k.invstd = ve == A(0) ? A(0) : A(1) / sqrt_(ve);
   }
   k.scale = weight ? k.invstd * static_cast<A>(weight[c]) : k.invstd;
   k.bias = bias ? static_cast<A>(bias[c]) : A(0);
@@ -218,7 +225,7 @@ __global__ void bn_fwd_pack(const sbn::i64* __restrict__ pcount, const A* __rest
                             const double* __restrict__ meanbuf, double* __restrict__ buf,
                             double* __restrict__ status, double* __restrict__ nbt, double size,
                             sbn::i64 count, int phase, int err, sbn::i64 nf, sbn::i64 layer,
-                            sbn::i64 call) {
+                            sbn::i64 call, sbn::i64 ident, sbn::i64 evals) {
   const sbn::i64 start = sbn::global_thread();
   if (start == 0) {
     if (nbt) nbt[0] = nbt[1];  // batches tracked before this pass (momentum=None)
@@ -231,6 +238,10 @@ __global__ void bn_fwd_pack(const sbn::i64* __restrict__ pcount, const A* __rest
     buf[SBN_H_LAYER_SQ] = (double)layer * (double)layer;
     buf[SBN_H_CALL] = (double)call;
     buf[SBN_H_CALL_SQ] = (double)call * (double)call;
+    buf[SBN_H_IDENT] = (double)ident;
+    buf[SBN_H_IDENT + 1] = (double)ident * (double)ident;
+    buf[SBN_H_EVALS] = (double)evals;
+    buf[SBN_H_EVALS + 1] = (double)evals * (double)evals;
     buf[SBN_H_PHASE0 + phase] = 1.0;
     if (err >= 0) buf[SBN_H_ERR0 + err] = 1.0;
     if (mode == 2) sbn::check(meanbuf, 1, size, status);
@@ -376,7 +387,7 @@ __global__ void bn_bwd_pack(const A* __restrict__ p1, const A* __restrict__ p2, 
                             const A* __restrict__ statc, double* __restrict__ buf,
                             P* __restrict__ dweight, P* __restrict__ dbias, int flags,
                             sbn::i64 count, int phase, int err, sbn::i64 nf, sbn::i64 layer,
-                            sbn::i64 call) {
+                            sbn::i64 call, sbn::i64 ident, sbn::i64 evals) {
   const sbn::i64 start = sbn::global_thread();
   if (start == 0) {
     for (int k = 0; k < SBN_HEADER; ++k) buf[k] = 0.0;
@@ -388,6 +399,10 @@ __global__ void bn_bwd_pack(const A* __restrict__ p1, const A* __restrict__ p2, 
     buf[SBN_H_LAYER_SQ] = (double)layer * (double)layer;
     buf[SBN_H_CALL] = (double)call;
     buf[SBN_H_CALL_SQ] = (double)call * (double)call;
+    buf[SBN_H_IDENT] = (double)ident;
+    buf[SBN_H_IDENT + 1] = (double)ident * (double)ident;
+    buf[SBN_H_EVALS] = (double)evals;
+    buf[SBN_H_EVALS + 1] = (double)evals * (double)evals;
     buf[SBN_H_PHASE0 + phase] = 1.0;
     if (err >= 0) buf[SBN_H_ERR0 + err] = 1.0;
   }

@@ -124,7 +124,7 @@ PARAMS = {
     "bn_fwd_pack": "const long long* pc, const A* pm, const A* pq, long long C, int G, int mode,"
                    " const double* sn, double* su, const double* mb, double* buf, double* st,"
                    " double* nbt, double size, long long count, int phase, int err, long long nf,"
-                   " long long layer, long long call",
+                   " long long layer, long long call, long long ident, long long evals",
     "bn_fwd_norm_cf": "const T* x, T* y, long long NC, long long C, long long S,"
                       " const double* buf, const double* su, double* sn, const P* w,"
                       " const P* b, const P* rm, const P* rv, P* rmo, P* rvo, double* s64,"
@@ -139,7 +139,8 @@ PARAMS = {
                       " double size",
     "bn_bwd_pack": "const A* p1, const A* p2, long long C, int G, const A* sc, double* buf,"
                    " P* dw, P* db, int flags, long long count, int phase, int err,"
-                   " long long nf, long long layer, long long call",
+                   " long long nf, long long layer, long long call, long long ident,"
+                   " long long evals",
     "bn_bwd_elemt_cf": "const T* dy, const T* x, T* dx, long long NC, long long C, long long S,"
                        " const double* buf, const double* s64, const A* sc, const P* w,"
                        " double* st, int flags, double size",

@@ -192,11 +192,11 @@ def test_failure_mid_write_keeps_old_file(tmp_path, monkeypatch):
     sbn.save({"w": np.arange(4.0)}, path)
     before = path.read_bytes()
 
-    def broken_savez(f, **arrays):
+    def broken_write(f, arrays):
         f.write(b"PK\x03\x04partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(sio.np, "savez", broken_savez)
+    monkeypatch.setattr(sio, "_write_archive", broken_write)
     with pytest.raises(OSError, match="disk full"):
         sbn.save({"w": np.zeros(4)}, path)
     monkeypatch.undo()
@@ -307,4 +307,130 @@ def test_collective_save_and_crash_safety(tmp_path):
     loaded = sbn.load(folder / "model.npz")
     np.testing.assert_array_equal(loaded["w"], np.zeros(3))
     leftovers = [f for f in os.listdir(folder) if f != "model.npz"]
-    assert all(f.startswith(".model.npz.tmp-") for f in leftovers), leftovers
+    assert all(f.startswith(".sbn-") and f.endswith(".tmp") for f in leftovers), leftovers
+
+
+# ---- issue 14: checkpoint hardening ------------------------------------------
+
+
+@pytest.mark.parametrize("key", ["allow_pickle", "file", "a/b", "x.npy", "ünï cödé", "a.b",
+                                 "-", " lead space", "../up", "back\\slash"])
+def test_any_key_round_trips(tmp_path, key):
+    sd = {key: np.arange(4, dtype=np.float32), "other": np.ones(2)}
+    sbn.save(sd, tmp_path / "k.npz")
+    back = sbn.load(tmp_path / "k.npz")
+    assert list(back) == [key, "other"]
+    np.testing.assert_array_equal(back[key], sd[key])
+    # numpy reads our archives too (same layout as np.savez)
+    with np.load(tmp_path / "k.npz") as z:
+        np.testing.assert_array_equal(z[key], sd[key])
+
+
+@pytest.mark.parametrize("key", ["nul\x00byte"])
+def test_keys_zip_cannot_hold_are_refused_by_name(tmp_path, key):
+    import re
+
+    with pytest.raises(ValueError, match=re.escape(repr(key))):
+        sbn.save({key: np.ones(2)}, tmp_path / "k.npz")
+    assert not (tmp_path / "k.npz").exists()
+
+
+def test_torch_save_file_is_a_checkpoint_error(tmp_path):
+    torch = pytest.importorskip("torch")
+    torch.save({"weight": torch.ones(3)}, tmp_path / "t.pt")
+    with pytest.raises(CheckpointError, match="not a cupysyncbn checkpoint.*torch"):
+        sbn.load(tmp_path / "t.pt")
+
+
+def test_zip_with_other_members_is_a_checkpoint_error(tmp_path):
+    p = tmp_path / "mixed.npz"
+    np.savez(p, w=np.ones(3))
+    with zipfile.ZipFile(p, "a") as z:
+        z.writestr("README.txt", "hello")
+    with pytest.raises(CheckpointError, match="README.txt"):
+        sbn.load(p)
+
+
+def test_header_declaring_more_than_the_data_is_refused_without_allocating(tmp_path):
+    import io as _io
+    import tracemalloc
+
+    buf = _io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        buf, {"descr": "<f8", "fortran_order": False, "shape": (10**12,)}
+    )
+    buf.write(np.ones(4).tobytes())
+    p = tmp_path / "forged.npz"
+    with zipfile.ZipFile(p, "w") as z:
+        z.writestr("w.npy", buf.getvalue())
+    tracemalloc.start()
+    try:
+        with pytest.raises(CheckpointError, match="declares shape.*truncated or forged"):
+            sbn.load(p)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 10 * 2**20  # 8 TB declared; nothing near it allocated
+
+
+def test_truncated_member_is_a_checkpoint_error(tmp_path):
+    buf = __import__("io").BytesIO()
+    np.lib.format.write_array(buf, np.arange(100.0))
+    p = tmp_path / "short.npz"
+    with zipfile.ZipFile(p, "w") as z:
+        z.writestr("w.npy", buf.getvalue()[:-8])
+    with pytest.raises(CheckpointError, match="'w'"):
+        sbn.load(p)
+
+
+def test_long_valid_file_name_saves(tmp_path):
+    name = "m" * 240 + ".npz"  # valid (NAME_MAX 255); the old temp name was not
+    sbn.save({"w": np.ones(3)}, tmp_path / name)
+    np.testing.assert_array_equal(sbn.load(tmp_path / name)["w"], np.ones(3))
+    assert os.listdir(tmp_path) == [name]
+
+
+def test_big_endian_arrays_save_load_and_set_state_dict(tmp_path):
+    layer = sbn.SyncBatchNorm(3, comm=sbn.comm.base.LOCAL)
+    sd = {k: np.asarray(v).astype(np.asarray(v).dtype.newbyteorder(">"))
+          for k, v in layer.state_dict().items()}
+    sd["weight"] = np.array([1.0, 2.0, 3.0], ">f4")
+    sbn.save(sd, tmp_path / "be.npz")
+    back = sbn.load(tmp_path / "be.npz")
+    assert all(v.dtype.isnative for v in back.values())
+    layer.set_state_dict(sd)  # big-endian in memory is accepted too
+    np.testing.assert_array_equal(layer.weight.data, [1.0, 2.0, 3.0])
+    assert layer.weight.data.dtype == np.float32 and layer.weight.data.dtype.isnative
+
+
+@pytest.mark.parametrize("bad", [np.array(-1), np.array(2**63 + 5, dtype=np.uint64),
+                                 np.array(-(2**40))])
+def test_num_batches_tracked_is_validated(bad):
+    layer = sbn.SyncBatchNorm(3, momentum=None, data_format="NC", comm=sbn.comm.base.LOCAL)
+    sd = layer.state_dict()
+    before = _snapshot(layer)
+    sd["_num_batches_tracked"] = bad
+    with pytest.raises(ValueError, match="_num_batches_tracked.*integer in"):
+        layer.set_state_dict(sd)
+    _assert_unchanged(layer, before)
+    sd["_num_batches_tracked"] = np.array(7, dtype=np.uint64)
+    layer.set_state_dict(sd)
+    assert int(layer._num_batches_tracked) == 7
+    layer(np.ones((2, 3), np.float32))  # the next forward divides by 7 + 1
+    assert int(layer._num_batches_tracked) == 8
+
+
+def test_dotted_sublayer_names_are_refused():
+    model = sbn.Sequential()
+    with pytest.raises(ValueError, match="'a.b'"):
+        model.add_sublayer("a.b", sbn.BatchNorm1D(2))
+    with pytest.raises(ValueError, match="'a.b'"):
+        setattr(model, "a.b", sbn.BatchNorm1D(2))
+    with pytest.raises(ValueError, match="'x.y'"):
+        sbn.Sequential(("x.y", sbn.BatchNorm1D(2)))
+    # the colliding layout of the issue can no longer be built, so every key of
+    # a state dict names exactly one entry
+    inner = sbn.Sequential(("b", sbn.BatchNorm1D(2)))
+    model = sbn.Sequential(("a", inner), ("ab", sbn.BatchNorm1D(2)))
+    sd = model.state_dict()
+    assert len(sd) == len(set(sd)) == 8

@@ -229,3 +229,150 @@ _NEEDS_PEERS = ("num_features mismatch", "forward/backward out of step")
 ])
 def test_errors_across_ranks(mpi_job, k, group):
     check_group(mpi_job("errors", k), group)
+
+
+# ---- issue 14: finite in, finite out; big-endian; one watchdog ----------------
+
+
+@pytest.mark.parametrize("fmt,shape,value", [
+    ("NC", (4096, 3), 4e35), ("NHWC", (8, 32, 32, 3), 4e35),
+    ("NCHW", (2, 3, 64, 64), 1e25), ("NCHW", (2, 3, 64, 64), 3e38),
+    ("NC", (4096, 3), -3.4e38),
+])
+def test_finite_float32_input_gives_finite_statistics(fmt, shape, value):
+    layer = _layer(data_format=fmt)
+    x = np.full(shape, value, np.float32)
+    y = layer(x)
+    assert np.isfinite(y).all() and np.array_equal(y, np.zeros_like(y))  # bias 0
+    np.testing.assert_allclose(layer._mean, 0.1 * np.float32(value), rtol=1e-6)
+    np.testing.assert_allclose(layer._variance, 0.9, rtol=1e-6)  # batch variance 0
+    dx = layer.backward(np.ones_like(y))
+    assert np.isfinite(dx).all()
+
+
+def test_finite_float16_input_near_its_limit():
+    layer = _layer(data_format="NC")
+    x = np.full((8192, 3), 6.0e4, np.float16)
+    y = layer(x)
+    assert np.isfinite(y).all()
+    np.testing.assert_allclose(layer._mean, 0.1 * 6.0e4, rtol=1e-3)
+
+
+def test_overflowing_chunks_still_match_float64_reference(rng):
+    # spread data whose float32 chunk sums overflow: redone in float64, exact
+    x = (rng.standard_normal((4096, 2)) * 1e30 + 3e35).astype(np.float32)
+    res = F.batch_norm_forward(x, data_format="NC", comm=LOCAL)
+    ref = x.astype(np.float64)
+    np.testing.assert_allclose(res.batch_mean, ref.mean(0), rtol=1e-6)
+    np.testing.assert_allclose(res.batch_var, ref.var(0), rtol=1e-4)
+
+
+def test_inf_input_still_propagates():
+    x = np.ones((4, 2), np.float32)
+    x[0, 0] = np.inf
+    res = F.batch_norm_forward(x, data_format="NC", comm=LOCAL)
+    assert not np.isfinite(res.y[:, 0]).all() and np.isfinite(res.y[:, 1]).all()
+
+
+def test_epsilon_zero_constant_channel_is_finite(rng):
+    """Chosen behaviour: var + epsilon == 0 normalizes to 0: y = bias, dx = 0."""
+    x = rng.standard_normal((6, 3)).astype(np.float32)
+    x[:, 1] = 2.5
+    w = np.array([2.0, 3.0, 4.0], np.float32)
+    b = np.array([0.5, -1.0, 0.25], np.float32)
+    res = F.batch_norm_forward(x, w, b, epsilon=0.0, data_format="NC", comm=LOCAL)
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    dx, dw, db = F.batch_norm_backward(dy, res.ctx)
+    assert np.isfinite(res.y).all() and np.isfinite(dx).all() and np.isfinite(dw).all()
+    np.testing.assert_array_equal(res.y[:, 1], -1.0)
+    np.testing.assert_array_equal(dx[:, 1], 0.0)
+    # the other channels are the ordinary batch norm with epsilon 0
+    ref = x.astype(np.float64)[:, [0, 2]]
+    xhat = (ref - ref.mean(0)) / ref.std(0)
+    np.testing.assert_allclose(res.y[:, [0, 2]], xhat * w[[0, 2]] + b[[0, 2]], atol=1e-5)
+    # eval mode with a zero running variance too
+    layer = _layer(epsilon=0.0, data_format="NC")
+    layer.set_state_dict({**layer.state_dict(), "_variance": np.zeros(3, np.float32)})
+    layer.eval()
+    assert np.isfinite(layer(x)).all()
+
+
+@pytest.mark.parametrize("dt", [">f2", ">f4", ">f8"])
+def test_big_endian_input_is_accepted_as_native(dt, rng):
+    x = rng.standard_normal((4, 3, 2, 2)).astype(dt)
+    dy = rng.standard_normal(x.shape).astype(dt)
+    native = np.dtype(dt).newbyteorder("=")
+    a, b = _layer(), _layer()
+    ya, yb = a(x), b(x.astype(native))
+    assert ya.dtype == native and ya.dtype.isnative
+    np.testing.assert_array_equal(ya, yb)
+    np.testing.assert_array_equal(a.backward(dy), b.backward(dy.astype(native)))
+    assert sbn.SyncBatchNorm(3, dtype=">f8", comm=LOCAL).weight.data.dtype == np.float64
+
+
+def test_watchdog_times_overlapping_collectives_each_on_its_own(monkeypatch):
+    import threading
+
+    from cupysyncbn import fault
+
+    fired = []
+    done = threading.Event()
+
+    def fake_abort(comm, code, message):
+        fired.append((comm, message))
+        done.set()
+        dog.stop()  # the real abort_job never returns
+
+    monkeypatch.setattr(fault, "abort_job", fake_abort)
+    dog = fault.CollectiveWatchdog(timeout=0.3)
+    ta = dog.begin("layer A", comm="comm-A")
+    tb = dog.begin("layer B", comm="comm-B")  # starts while A is in flight
+    assert dog.in_flight == 2
+    dog.end(ta)  # A completes; B never does
+    assert done.wait(10)
+    assert fired[0][0] == "comm-B" and "layer B" in fired[0][1]
+    assert "0.3 s" in fired[0][1]
+    dog.end(tb)
+    assert dog._thread is None
+
+
+def test_watchdog_forgets_async_collectives_that_complete(monkeypatch):
+    from cupysyncbn import fault
+
+    monkeypatch.setattr(fault, "abort_job", lambda *a: pytest.fail("aborted"))
+    dog = fault.CollectiveWatchdog(timeout=0.2)
+    dog.begin("nccl all-reduce", done=lambda: True)
+    deadline = __import__("time").monotonic() + 5
+    while dog.in_flight and __import__("time").monotonic() < deadline:
+        __import__("time").sleep(0.02)
+    assert dog.in_flight == 0
+    assert dog.begin("disabled", timeout=0) is None
+    dog.stop()
+
+
+def test_one_timeout_parser_and_one_list_of_launcher_variables(monkeypatch):
+    from cupysyncbn import comm, fault
+
+    for bad in ("-1", "abc", "nan"):
+        with pytest.raises(ValueError, match="CUPYSYNCBN_TIMEOUT"):
+            fault.parse_timeout(bad)
+    monkeypatch.setenv("CUPYSYNCBN_NCCL_TIMEOUT", "-5")
+    with pytest.raises(ValueError, match="CUPYSYNCBN_NCCL_TIMEOUT must be >= 0"):
+        fault.collective_timeout("CUPYSYNCBN_NCCL_TIMEOUT")
+    monkeypatch.setenv("CUPYSYNCBN_NCCL_TIMEOUT", "")
+    monkeypatch.setenv("CUPYSYNCBN_TIMEOUT", "7")
+    assert fault.collective_timeout("CUPYSYNCBN_NCCL_TIMEOUT") == 7.0
+    with pytest.raises(ValueError, match="timeout"):
+        fault.CollectiveWatchdog(timeout=-1)
+    assert comm._RANK_VARS is fault.RANK_VARS and comm._SIZE_VARS is fault.SIZE_VARS
+    assert comm._LAUNCHER_RANK_VARS is fault.LAUNCHER_RANK_VARS
+    assert comm._LAUNCHER_SIZE_VARS is fault.LAUNCHER_SIZE_VARS
+    from cupysyncbn import placement
+
+    assert placement.LOCAL_RANK_VARS is fault.LOCAL_RANK_VARS
+    import inspect
+
+    from cupysyncbn.comm import nccl
+
+    src = inspect.getsource(nccl._timeout_from_env)
+    assert "collective_timeout" in src and "max(" not in src

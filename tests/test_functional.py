@@ -204,7 +204,8 @@ def test_default_comm_is_one_process_outside_mpiexec(rng):
 @pytest.mark.parametrize("bad", ["dtype", "ndim"])
 def test_invalid_input_without_params_does_not_hang(bad):
     # No weight/running stats: the faulty rank still joins the collectives
-    # (channel count from x), so its peers raise instead of waiting forever.
+    # (the handshake, which needs no channel count), so its peers raise
+    # RemoteInputError naming the fault instead of waiting forever.
     from cupysyncbn.errors import CollectiveMismatchError, RemoteInputError
 
     group = bn_ref.ThreadGroup(2, timeout=10)
@@ -224,6 +225,7 @@ def test_invalid_input_without_params_does_not_hang(bad):
         assert isinstance(errs[0], TypeError) and "dtype" in str(errs[0])
     else:
         assert isinstance(errs[0], ValueError) and "dimensions" in str(errs[0])
+        assert "dimensions" in str(errs[1])
     assert isinstance(errs[1], RemoteInputError)
     assert not isinstance(errs[0], CollectiveMismatchError)
 

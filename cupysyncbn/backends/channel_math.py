@@ -62,14 +62,27 @@ class ChannelMath:
     ) -> tuple[Any, Any]:
         """``(mean, invstd)`` in the compute dtype; zeros for an empty batch."""
         mean_c = mean.astype(cdt)
-        invstd = (1.0 / self.xp.sqrt(var + float(epsilon))).astype(cdt)
+        invstd = self._invstd(var + float(epsilon)).astype(cdt)
         if count == 0:
             invstd = self.xp.zeros(mean.shape[0], dtype=cdt)  # nothing to normalize; no inf
         return mean_c, invstd
 
     def running_invstd(self, running_var: Any, epsilon: float, cdt: np.dtype) -> Any:
         """``1 / sqrt(running_var + epsilon)`` in the compute dtype (eval mode)."""
-        return 1.0 / self.xp.sqrt(running_var.astype(cdt, copy=False) + cdt.type(epsilon))
+        return self._invstd(running_var.astype(cdt, copy=False) + cdt.type(epsilon))
+
+    def _invstd(self, var_eps: Any) -> Any:
+        """``1/sqrt(var + eps)``, and 0 where ``var + eps`` is exactly 0.
+
+        Finite in, finite out: with ``epsilon=0`` a constant channel has
+        variance 0, and ``(x - mean) * inf`` would be ``0 * inf = NaN``. Its
+        normalized value is taken as 0 instead, so ``y = bias`` and ``dx = 0``
+        there. NaN/Inf variances propagate.
+        """
+        xp = self.xp
+        return xp.where(var_eps == 0, 0.0, 1.0 / xp.sqrt(var_eps)).astype(
+            var_eps.dtype, copy=False
+        )
 
     def affine(self, invstd: Any, weight: Any, bias: Any, cdt: np.dtype) -> tuple[Any, Any]:
         """``(scale, bias)`` of ``y = (x - mean) * scale + bias``."""

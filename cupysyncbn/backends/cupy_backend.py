@@ -349,9 +349,10 @@ class CupyBackend(ChannelMath):
     ) -> None:
         """Merge partials, write header + shifted sums into ``buf`` (kernels/fused.cu).
 
-        ``header`` is ``(count, phase, error_index, num_features, layer, call)``.
+        ``header`` is ``(count, phase, error_index, num_features, layer, call,
+        ident, evals)`` (:mod:`cupysyncbn.protocol`).
         """
-        count, phase, err, nf, layer, call = header
+        count, phase, err, nf, layer, call, ident, evals = header
         if parts is None:
             parts, g = (None, None, None), 0
         grid, block = self._channel_threads(c)
@@ -360,7 +361,7 @@ class CupyBackend(ChannelMath):
             (*(self._ptr(p) for p in parts), np.int64(c), np.int32(g), np.int32(mode),
              self._ptr(shift_next), self._ptr(shift_used), self._ptr(meanbuf), buf, status,
              self._ptr(nbt), np.float64(size), np.int64(count), np.int32(phase), np.int32(err),
-             np.int64(nf), np.int64(layer), np.int64(call)),
+             np.int64(nf), np.int64(layer), np.int64(call), np.int64(ident), np.int64(evals)),
         )
 
     def _elemt_grid(self, x: Any, channel_last: bool, *arrays: Any) -> tuple:
@@ -440,7 +441,7 @@ class CupyBackend(ChannelMath):
         dbias: Any, accumulate: bool, header: tuple, pdt: Any,
     ) -> None:
         """Merge backward partials, pack header + global-sum payload, local grads."""
-        count, phase, err, nf, layer, call = header
+        count, phase, err, nf, layer, call, ident, evals = header
         if parts is None:
             parts, g = (None, None), 0
         a, p = ks.accum_type(statc.dtype), ks.accum_type(pdt)
@@ -450,7 +451,7 @@ class CupyBackend(ChannelMath):
             (*(self._ptr(q) for q in parts), np.int64(c), np.int32(g), statc, buf,
              self._ptr(dweight), self._ptr(dbias), np.int32(32 if accumulate else 0),
              np.int64(count), np.int32(phase), np.int32(err), np.int64(nf), np.int64(layer),
-             np.int64(call)),
+             np.int64(call), np.int64(ident), np.int64(evals)),
         )
 
     def bwd_elemt(

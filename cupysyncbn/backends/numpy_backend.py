@@ -201,6 +201,19 @@ def chan_merge(
     return mean, np.maximum(m2, 0.0)
 
 
+def _moments_f64(
+    x: np.ndarray, channel_last: bool, channels: np.ndarray, mean: np.ndarray, m2: np.ndarray
+) -> None:
+    """Two-pass float64 mean and M2 of ``channels``, written into ``mean``/``m2``."""
+    with np.errstate(all="ignore"):
+        for c in channels:
+            v = (x[:, c] if channel_last else x[:, c, :]).astype(_F64)
+            mu = v.mean()
+            d = v - mu
+            mean[c] = mu + d.mean()
+            m2[c] = max(float(np.dot(d.ravel(), d.ravel()) - d.sum() ** 2 / d.size), 0.0)
+
+
 class NumpyBackend(ChannelMath):
     """Batch-norm primitives on NumPy arrays (see :mod:`.base`)."""
 
@@ -275,7 +288,15 @@ class NumpyBackend(ChannelMath):
         # float64 from here: each piece's mean and M2, then Chan's merge
         m = c0 + s1 / w
         q = q - s1 * s1 / w
-        return chan_merge(m, q, w, float(x.size // x.shape[1]))
+        mean, m2 = chan_merge(m, q, w, float(x.size // x.shape[1]))
+        bad = ~(np.isfinite(mean) & np.isfinite(m2))
+        if bad.any():
+            # A compute-dtype sum overflowed (finite float32 data near its
+            # limit: 1024 values of 4e35 sum past 3.4e38), or the channel
+            # holds Inf/NaN. Redo those channels in float64, where finite
+            # float32/float16 inputs cannot overflow; Inf/NaN stay non-finite.
+            _moments_f64(x, channel_last, np.flatnonzero(bad), mean, m2)
+        return mean, m2
 
     def normalize(
         self,

@@ -34,6 +34,8 @@ import sys
 from typing import Any
 
 from ..errors import CommunicatorError
+from ..fault import RANK_VARS as _RANK_VARS  # the one list of process-manager variables
+from ..fault import SIZE_VARS as _SIZE_VARS
 from .base import Communicator, NoCommunicator
 
 __all__ = [
@@ -49,9 +51,6 @@ __all__ = [
 _BACKENDS = ("auto", "nccl", "mpi", "none", "paddle", "torch")
 _default: Communicator | None = None
 
-# Variables that process managers set: MPICH/Hydra, Open MPI, PMIx, Slurm.
-_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS", "SLURM_NTASKS")
-_RANK_VARS = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK")
 
 
 def launched_size() -> int:
@@ -299,10 +298,10 @@ def _as_paddle_communicator(comm: Any) -> Communicator | None:
 
 # -- torch.distributed (issue 13): small functions, kept apart for merging ----
 
-# Variables that framework launchers set: torchrun / torch.distributed.launch
-# and paddle.distributed.launch.
-_LAUNCHER_SIZE_VARS = ("WORLD_SIZE", "PADDLE_TRAINERS_NUM")
-_LAUNCHER_RANK_VARS = ("RANK", "PADDLE_TRAINER_ID")
+# Variables that framework launchers set (torchrun, paddle.distributed.launch):
+# kept with the MPI ones in fault.py, the one list of launcher variables.
+from ..fault import LAUNCHER_RANK_VARS as _LAUNCHER_RANK_VARS  # noqa: E402
+from ..fault import LAUNCHER_SIZE_VARS as _LAUNCHER_SIZE_VARS  # noqa: E402
 
 
 def _torch_group_communicator(comm: Any) -> Communicator | None:

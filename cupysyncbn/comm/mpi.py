@@ -19,6 +19,20 @@ from .base import Communicator
 
 __all__ = ["MPICommunicator"]
 
+_KEYVAL: list = []
+
+
+class _GroupKey:
+    """A hashable token that identifies one MPI communicator in this process."""
+
+    __slots__ = ("__weakref__",)
+
+
+def _group_keyval(MPI: Any) -> Any:
+    if not _KEYVAL:
+        _KEYVAL.append(MPI.Comm.Create_keyval())
+    return _KEYVAL[0]
+
 
 class MPICommunicator(Communicator):
     """Sum all-reduce over an ``mpi4py.MPI.Comm``.
@@ -63,11 +77,11 @@ class MPICommunicator(Communicator):
         (default 600) aborts the job (:mod:`cupysyncbn.fault`).
         """
         dog = shared_watchdog()
-        started = dog.begin(buf.size)
+        token = dog.begin(buf.size, self)
         try:
             return self._allreduce_sum(buf)
         finally:
-            dog.end(started)
+            dog.end(token)
 
     def _allreduce_sum(self, buf: Any) -> Any:
         MPI = self._MPI
@@ -85,6 +99,27 @@ class MPICommunicator(Communicator):
         self.mpi_comm.Allreduce(MPI.IN_PLACE, host, op=MPI.SUM)
         buf.set(host)
         return buf
+
+    def group_key(self) -> Any:
+        """Identity of the MPI group, stored as an attribute on the MPI communicator.
+
+        MPICH reuses the handles (``py2f()``) of freed communicators, so a
+        handle cannot tell a new group from a freed one. The key is a fresh
+        object kept in an MPI attribute (``Create_keyval``/``Set_attr``) of
+        the communicator itself: every wrapper of the same communicator sees
+        the same key, a communicator created later (``Dup``, ``Split``) never
+        inherits it (the keyval has no copy function), and ``Free`` drops it.
+        """
+        mpi_comm = self.mpi_comm
+        try:
+            keyval = _group_keyval(self._MPI)
+            key = mpi_comm.Get_attr(keyval)
+            if key is None:
+                key = _GroupKey()
+                mpi_comm.Set_attr(keyval, key)
+            return key
+        except Exception:  # pragma: no cover - MPI without attribute caching
+            return super().group_key()
 
     def split(self, color: int, key: int | None = None) -> MPICommunicator:
         """A communicator over the ranks that pass the same ``color``."""

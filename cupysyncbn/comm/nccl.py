@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import CommunicatorError
+from ..fault import parse_timeout
 from .base import Communicator
 
 __all__ = ["NCCLCommunicator", "nccl_version"]
@@ -63,18 +64,11 @@ def nccl_version() -> str:
 
 
 def _timeout_from_env() -> float:
-    raw = os.environ.get("CUPYSYNCBN_NCCL_TIMEOUT", "").strip()
-    if not raw:  # the package-wide collective timeout (CUPYSYNCBN_TIMEOUT, default 600)
-        from ..fault import collective_timeout
+    # One parser for every timeout (fault.py): CUPYSYNCBN_NCCL_TIMEOUT, else
+    # CUPYSYNCBN_TIMEOUT, else 600; a negative value is refused, not clamped.
+    from ..fault import collective_timeout
 
-        return collective_timeout()
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ValueError(
-            f"CUPYSYNCBN_NCCL_TIMEOUT must be a number of seconds; got {raw!r}"
-        ) from None
-    return max(value, 0.0)
+    return collective_timeout("CUPYSYNCBN_NCCL_TIMEOUT")
 
 
 def _make_nccl_comm(nccl: Any, size: int, uid: Any, rank: int) -> Any:
@@ -230,7 +224,7 @@ class NCCLCommunicator(Communicator):
         self.mpi_comm = mpi_comm
         self.rank = mpi_comm.Get_rank()
         self.size = mpi_comm.Get_size()
-        self.timeout = _timeout_from_env() if timeout is None else max(float(timeout), 0.0)
+        self.timeout = _timeout_from_env() if timeout is None else parse_timeout(timeout, "timeout")
         self._abort_job = os.environ.get("CUPYSYNCBN_NCCL_ABORT", "1") not in ("", "0")
         self._host = MPICommunicator(mpi_comm)
         self._error: str | None = None

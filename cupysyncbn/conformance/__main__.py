@@ -11,6 +11,13 @@ Examples
 
 Exit status 0 when every case of every implementation passes, 1 otherwise,
 2 for usage errors; the same on every rank.
+
+An implementation that raises on some ranks only leaves the others inside its
+collectives, where nothing this CLI does can reach them: the raising rank
+waits :data:`RAISE_GRACE_S` seconds for the others to finish the case too
+(they report normally when they do, e.g. when every rank raised), then prints
+its error and aborts the job (exit status 1 on every rank), instead of
+leaving the peers waiting for the collective timeout.
 """
 
 from __future__ import annotations
@@ -19,10 +26,58 @@ import argparse
 import shutil
 import subprocess
 import sys
+import time
+from typing import Any, Callable
 
 from . import case_files, format_table, load_case, load_impl, run_suite
 
 DEFAULT_IMPL = "cupysyncbn.conformance.impls:cupysyncbn_layer"
+
+#: Seconds a rank whose implementation raised waits for the others.
+RAISE_GRACE_S = 10.0
+
+
+def _no_hang(impl: Callable, comm: Any, spec: str) -> Callable:
+    """``impl``, followed on every rank by a barrier that cannot block forever.
+
+    The barrier runs on a duplicate of ``comm`` (never mixed with the
+    implementation's own messages). A rank whose call raised waits
+    :data:`RAISE_GRACE_S` for it; a rank whose call returned waits the
+    collective timeout (``CUPYSYNCBN_TIMEOUT``). Past that, the other ranks
+    are stuck inside the implementation, and the job is aborted.
+    """
+    from ..fault import abort_job, collective_timeout
+
+    sync = comm.Dup()
+
+    def wrapped(case: dict, rank: int, size: int) -> Any:
+        err: BaseException | None = None
+        try:
+            return impl(case, rank, size)
+        except BaseException as e:
+            err = e
+            raise
+        finally:
+            req = sync.Ibarrier()
+            limit = RAISE_GRACE_S if err is not None else (collective_timeout() or float("inf"))
+            t0 = time.monotonic()
+            while not req.Test():
+                if time.monotonic() - t0 > limit:
+                    if err is not None:
+                        why = (
+                            f"--impl {spec} raised on this rank ({type(err).__name__}: {err})"
+                            f" in case {case.get('name', '?')!r} while other ranks are still"
+                            " inside it (in its collectives)"
+                        )
+                    else:
+                        why = (
+                            f"other ranks have not finished --impl {spec} on case"
+                            f" {case.get('name', '?')!r} after {limit:g} s"
+                        )
+                    abort_job(None, 1, f"conformance: {why}; aborting the job")
+                time.sleep(0.002)
+
+    return wrapped
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -107,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
             if rank == 0:
                 print(f"cannot load --impl {spec}: {type(e).__name__}: {e}", file=sys.stderr)
             return 2
+        if comm is not None:
+            impl = _no_hang(impl, comm, spec)
         results = run_suite(impl, cases, comm, args.split, args.device)
         if rank == 0:
             print(format_table(results, spec, size, args.split))

@@ -43,6 +43,7 @@ from paddle.autograd import PyLayer
 from paddle.nn.layer.norm import _BatchNormBase
 
 from .. import functional as F
+from .. import protocol
 from ..comm import as_communicator
 from ..comm.base import LOCAL
 from .dlpack import to_native
@@ -333,7 +334,10 @@ class SyncBatchNorm(paddle.nn.SyncBatchNorm):
         # init_parallel_env() may run after the model is built); anything else
         # is resolved now so a bad ``comm`` fails at construction.
         self._comm_ref = _SharedComm(None if comm is None else as_communicator(comm))
-        self._sync_state = F.SyncState()
+        # identity on every rank: order of construction (see cupysyncbn.protocol)
+        self._sync_state = F.SyncState(
+            ordinal=protocol.next_construction_ordinal(self._comm_ref.comm)
+        )
         self._act: str | None = None  # set when converted from paddle.nn.BatchNorm(act=...)
 
     @property
@@ -348,10 +352,22 @@ class SyncBatchNorm(paddle.nn.SyncBatchNorm):
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
         """Normalize ``x`` with global-batch statistics (training) or running ones (eval)."""
+        err: BaseException | None = None
         if not isinstance(x, paddle.Tensor):
-            raise TypeError(f"x must be a paddle.Tensor; got {type(x).__name__}")
-        if x.ndim not in (2, 3, 4, 5):
-            raise ValueError(f"expected 2D to 5D input (got {x.ndim}D input)")
+            err = TypeError(f"x must be a paddle.Tensor; got {type(x).__name__}")
+        elif x.ndim not in (2, 3, 4, 5):
+            err = ValueError(f"expected 2D to 5D input (got {x.ndim}D input)")
+        if err is not None:
+            ugs = self._use_global_stats
+            if (not self.training) if ugs is None else bool(ugs):
+                raise err  # running statistics: no collective to join
+            # The other ranks are already in the collective: join it, then raise
+            # (they raise RemoteInputError instead of waiting for the watchdog).
+            F.fail_collectively(
+                err, "type" if isinstance(err, TypeError) else "ndim", comm=self.comm,
+                sync_state=self._sync_state, num_features=self._num_features,
+                backend="cupy" if self._mean.place.is_gpu_place() else "numpy",
+            )
         y = batch_norm(
             x, self._mean, self._variance, self.weight, self.bias, self.training,
             self._momentum, self._epsilon, self._data_format, self._use_global_stats,

@@ -35,6 +35,7 @@ from torch.autograd.function import once_differentiable
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import functional as F
+from .. import protocol
 from .dlpack import to_native
 from .state_dict import momentum_torch_to_paddle, paddle_to_torch, torch_to_paddle
 
@@ -316,7 +317,8 @@ class SyncBatchNorm(_BatchNorm):
             dtype=dtype, **extra,
         )
         self.comm = comm
-        self._sync_state = F.SyncState()
+        # identity on every rank: order of construction (see cupysyncbn.protocol)
+        self._sync_state = F.SyncState(ordinal=protocol.next_construction_ordinal(comm))
 
     def __getstate__(self) -> dict:
         # A copy (pickle, deepcopy) is a new layer: it agrees on its own layer
@@ -340,8 +342,22 @@ class SyncBatchNorm(_BatchNorm):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         """Normalize ``input`` with global-batch statistics (training) or running ones (eval)."""
-        self._check_input_dim(input)
         bn_training = self.training or (self.running_mean is None and self.running_var is None)
+        try:
+            if not isinstance(input, torch.Tensor):
+                raise TypeError(f"input must be a torch.Tensor; got {type(input).__name__}")
+            self._check_input_dim(input)
+        except (TypeError, ValueError) as e:
+            if not bn_training:
+                raise
+            # The other ranks are already in the collective: join it, then raise
+            # (they raise RemoteInputError instead of waiting for the watchdog).
+            p = self.weight if self.weight is not None else self.running_mean
+            F.fail_collectively(
+                e, "type" if isinstance(e, TypeError) else "ndim", comm=self.comm,
+                sync_state=self._sync_state, num_features=self.num_features,
+                backend=None if p is None else ("cupy" if p.is_cuda else "numpy"),
+            )
         # As in torch: running stats are passed when they are updated or used.
         use_running = not self.training or self.track_running_stats
         track = self.training and self.track_running_stats
