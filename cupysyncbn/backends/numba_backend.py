@@ -1,8 +1,9 @@
-"""Fused CPU backend: the batch-norm primitives as numba-compiled loops (opt-in).
+"""Fused CPU backend: the batch-norm primitives as numba-compiled loops.
 
-Selected with ``CUPYSYNCBN_CPU_BACKEND=numba`` (see :func:`cupysyncbn.backends.get_backend`);
-needs the ``fast`` extra (``pip install cupysyncbn[fast]``, i.e. numba). The
-NumPy backend stays the default.
+The default for NumPy arrays whenever numba is importable (the ``fast`` extra:
+``pip install "cupysyncbn[fast]"``); ``CUPYSYNCBN_CPU_BACKEND=numpy`` opts out
+(see :func:`cupysyncbn.backends.cpu_backend`). The NumPy backend stays the
+fallback and the reference.
 
 Why: batch norm is memory-bound, and NumPy needs several passes per formula
 (:mod:`.numpy_backend` explains the costs). Here every primitive is one loop
@@ -11,7 +12,10 @@ reads x and dy once, ``backward_elemt`` reads both and writes dx once, and
 ``moments`` reads x once from memory (its second pass runs on a piece that is
 still in cache). The kernels are single-threaded (one MPI rank is one
 process), compiled with ``cache=True`` and without ``fastmath`` (IEEE
-semantics, no reassociation), and release the GIL.
+semantics, no reassociation), and release the GIL. Compilation happens once
+per machine and signature (a few seconds on first use); later processes load
+the machine code from ``__pycache__`` next to this file (or numba's user cache
+directory, or ``NUMBA_CACHE_DIR``) in well under a second.
 
 Accuracy (same contract as the NumPy backend, never worse):
 
@@ -50,7 +54,7 @@ from numba.extending import intrinsic, overload
 
 from .numpy_backend import NumpyBackend, chan_merge
 
-__all__ = ["NumbaBackend", "BACKEND", "PIECE"]
+__all__ = ["NumbaBackend", "BACKEND", "PIECE", "GROUP", "LANES"]
 
 _F64 = np.dtype(np.float64)
 _NATIVE = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
@@ -67,6 +71,12 @@ WIDE = 256
 #: Independent float64 accumulators per channel-first row sum (a runtime-length
 #: loop over them is what the compiler vectorizes best).
 LANES = 64
+#: Channel-first rows shorter than ``2 * LANES`` (late-ResNet 7x7 = 49 values)
+#: leave the lanes nearly empty; there a whole row is the lanes (``acc[t] +=
+#: x[i, j, t]``, vectorized along the row) and up to GROUP samples of one
+#: channel are one piece: GROUP concurrent streams through memory, a second
+#: pass over at most PIECE values still in cache, one merge per piece.
+GROUP = 16
 
 #: float16 bit pattern -> float32 value, exact for all 65536 patterns (NaNs too).
 _F16_TABLE = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(
@@ -272,6 +282,39 @@ def _lane_dot(x, dy, m, tab, acc, acc2):  # noqa: ANN001, ANN202
 
 
 @njit(inline="always", **_JIT)
+def _row_add(r, tab, acc):  # noqa: ANN001, ANN202
+    """``acc += r`` elementwise in float64 (a short row is the lanes)."""
+    for t in range(acc.shape[0]):
+        acc[t] += np.float64(_ld(r, t, tab))
+
+
+@njit(inline="always", **_JIT)
+def _row_dev(r, c, tab, acc, acc2):  # noqa: ANN001, ANN202
+    """``acc += d``, ``acc2 += d*d`` elementwise, ``d = r - c`` in float64."""
+    for t in range(acc.shape[0]):
+        d = np.float64(_ld(r, t, tab)) - c
+        acc[t] += d
+        acc2[t] += d * d
+
+
+@njit(inline="always", **_JIT)
+def _row_dot(x, dy, m, tab, acc, acc2):  # noqa: ANN001, ANN202
+    """``acc += dy``, ``acc2 += dy * (x - m)`` elementwise (``x - m`` in the compute dtype)."""
+    for t in range(acc.shape[0]):
+        g = np.float64(_ld(dy, t, tab))
+        acc[t] += g
+        acc2[t] += g * np.float64(_ld(x, t, tab) - m)
+
+
+@njit(inline="always", **_JIT)
+def _total(acc):  # noqa: ANN001, ANN202
+    s = 0.0
+    for t in range(acc.shape[0]):
+        s += acc[t]
+    return s
+
+
+@njit(inline="always", **_JIT)
 def _chan(cnt, mean, m2, c, k, mb, m2b):  # noqa: ANN001, ANN202
     """Merge a piece (``k`` values, mean ``mb``, M2 ``m2b``) into channel ``c``."""
     na = cnt[c]
@@ -287,6 +330,25 @@ def _chan(cnt, mean, m2, c, k, mb, m2b):  # noqa: ANN001, ANN202
 def _moments_cf(x, tab, mean, m2):  # noqa: ANN001, ANN202
     n, c, s = x.shape
     cnt = np.zeros(c, dtype=np.float64)
+    if s < 2 * LANES:  # short rows: GROUP samples of a channel per piece
+        g = max(1, min(GROUP, PIECE // s))
+        acc = np.empty(s, dtype=np.float64)
+        acc2 = np.empty(s, dtype=np.float64)
+        for i0 in range(0, n, g):
+            i1 = min(n, i0 + g)
+            k = np.float64((i1 - i0) * s)
+            for j in range(c):
+                acc[:] = 0.0
+                for i in range(i0, i1):
+                    _row_add(x[i, j], tab, acc)
+                cp = _total(acc) / k
+                acc[:] = 0.0
+                acc2[:] = 0.0
+                for i in range(i0, i1):
+                    _row_dev(x[i, j], cp, tab, acc, acc2)
+                sd = _total(acc)
+                _chan(cnt, mean, m2, j, k, cp + sd / k, _total(acc2) - sd * sd / k)
+        return
     acc = np.empty(LANES, dtype=np.float64)
     acc2 = np.empty(LANES, dtype=np.float64)
     for i in range(n):
@@ -353,6 +415,19 @@ def _normalize_cl(x, tab, mean, scale, bias, y):  # noqa: ANN001, ANN202
 @njit(**_JIT)
 def _bwd_reduce_cf(dy, x, tab, mean, sum_dy, sum_dxm):  # noqa: ANN001, ANN202
     n, c, s = x.shape
+    if s < 2 * LANES:  # short rows: the row is the lanes, GROUP samples at a time
+        acc = np.empty(s, dtype=np.float64)
+        acc2 = np.empty(s, dtype=np.float64)
+        for i0 in range(0, n, GROUP):
+            i1 = min(n, i0 + GROUP)
+            for j in range(c):
+                acc[:] = 0.0
+                acc2[:] = 0.0
+                for i in range(i0, i1):
+                    _row_dot(x[i, j], dy[i, j], mean[j], tab, acc, acc2)
+                sum_dy[j] += _total(acc)
+                sum_dxm[j] += _total(acc2)
+        return
     acc = np.empty(LANES, dtype=np.float64)
     acc2 = np.empty(LANES, dtype=np.float64)
     for i in range(n):
