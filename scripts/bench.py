@@ -8,9 +8,13 @@ Usage::
     python scripts/bench.py --shapes 32x64x56x56 --formats NCHW --dtypes float32 --ranks 2
     python scripts/bench.py ... --cpu-backend numpy,numba   # both CPU backends, same run
 
-For every row (global batch shape, data format, dtype, ranks K; each rank holds
-N/K samples) it reports the median over repeated runs (after warm-up) of
-forward, backward and forward+backward, the slowest rank of each run counting:
+For every row (global batch shape, data format, dtype, ranks K) it reports
+the median over repeated runs (after warm-up) of forward, backward and
+forward+backward, the slowest rank of each run counting. The batch need not
+split evenly: rank r holds ceil(N/K) samples if r < N mod K, else floor(N/K)
+(so with N < K some ranks hold none, the case synchronized batch norm exists
+for); the time is then the slowest rank's, the bandwidth that of the global
+batch.
 
 * effective bandwidth from the minimum bytes (forward reads x twice and writes
   y; backward reads x and dy twice and writes dx), summed over the K ranks;
@@ -27,7 +31,22 @@ forward, backward and forward+backward, the slowest rank of each run counting:
 ``--cpu-backend numpy,numba`` times each listed CPU backend in turn (it sets
 ``CUPYSYNCBN_CPU_BACKEND`` for the worker ranks; the table then gets a
 ``backend`` column naming the class that actually ran, and both share the
-same PyTorch baseline).
+same PyTorch baseline). The default, ``auto``, is what a user gets: numba
+when it is importable, else NumPy.
+
+Launches and host synchronizations per pass: ``--recorder MODULE:NAME`` names
+an object with ``clear()`` and ``summary() -> dict`` (keys ``kernels``,
+``ops``, ``syncs``, ``d2h``; for instance the recording CuPy stand-in of the
+tests, ``fake_cupy:REC``, with ``tests/`` on ``PYTHONPATH``). After the
+timings, each rank runs one more forward and one more backward between
+``clear()`` and ``summary()``; the rows get ``launches_fwd``/``launches_bwd``
+(our kernels + other device operations) and ``syncs_fwd``/``syncs_bwd``, and
+the table a ``launch/sync f;b`` column (see ``count_pass``: the one place to
+change if the recorder's interface changes). Without a recorder the column
+is left out.
+
+Errors in the arguments are reported by the driver before any rank starts;
+an error inside the ranks is printed once, with the ranks that raised it.
 
 Writes ``OUT/bench.json`` and ``OUT/bench.md`` (default OUT=bench_out) and
 prints the markdown table.
@@ -84,9 +103,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch baselines")
     p.add_argument("--copy-mib", type=int, default=None,
                    help="array size for the copy-bandwidth probe (default 256, smoke 8)")
-    p.add_argument("--cpu-backend", default="numpy",
-                   help="comma-separated CPU backends to time: numpy, numba"
-                   " (sets CUPYSYNCBN_CPU_BACKEND for the ranks)")
+    p.add_argument("--cpu-backend", default="auto",
+                   help="comma-separated CPU backends to time: auto (numba when importable),"
+                   " numba, numpy (sets CUPYSYNCBN_CPU_BACKEND for the ranks)")
+    p.add_argument("--recorder", default=None, metavar="MODULE:NAME",
+                   help="object with clear()/summary() counting launches and host syncs"
+                   " (e.g. fake_cupy:REC); adds a launches/syncs per pass column")
     p.add_argument("--out", type=Path, default=Path("bench_out"))
     # internal: one worker job under mpiexec
     p.add_argument("--worker", type=Path, default=None, help=argparse.SUPPRESS)
@@ -110,10 +132,31 @@ def parse_shapes(text: str | None) -> list[tuple[int, ...]]:
         return list(FULL_SHAPES)
     out = []
     for item in text.split(","):
-        dims = tuple(int(v) for v in item.lower().split("x"))
+        try:
+            dims = tuple(int(v) for v in item.strip().lower().split("x"))
+        except ValueError:
+            dims = ()
         if len(dims) != 4 or min(dims) < 1:
-            raise SystemExit(f"--shapes: expected NxCxHxW, got {item!r}")
+            raise SystemExit(f"--shapes: expected NxCxHxW with positive sizes, got {item!r}")
         out.append(dims)
+    return out
+
+
+def parse_ranks(text: str) -> list[int]:
+    try:
+        ranks = [int(v) for v in text.split(",")]
+    except ValueError:
+        ranks = []
+    if not ranks or min(ranks) < 1:
+        raise SystemExit(f"--ranks: expected comma-separated positive integers, got {text!r}")
+    return ranks
+
+
+def parse_dtypes(text: str) -> list[str]:
+    out = [d.strip() for d in text.split(",")]
+    for d in out:
+        if d not in ("float16", "float32", "float64"):
+            raise SystemExit(f"--dtypes: float16, float32 or float64, got {d!r}")
     return out
 
 
@@ -136,11 +179,16 @@ def use_gpu(device: str) -> bool:
     return ok
 
 
-def local_shape(shape: tuple, fmt: str, k: int) -> tuple:
+def rank_batches(n: int, k: int) -> list[int]:
+    """Samples per rank: ceil(n/k) for the first n % k ranks, floor(n/k) for the rest."""
+    return [n // k + (1 if r < n % k else 0) for r in range(k)]
+
+
+def local_shape(shape: tuple, fmt: str, k: int, rank: int = 0) -> tuple:
+    """Rank ``rank``'s part of the global batch ``shape`` (N, C, H, W), in ``fmt``."""
     n, c, h, w = shape
-    if n % k:
-        raise SystemExit(f"batch {n} of {shape} does not split over {k} ranks")
-    return (n // k, c, h, w) if fmt == "NCHW" else (n // k, h, w, c)
+    nr = rank_batches(n, k)[rank]
+    return (nr, c, h, w) if fmt == "NCHW" else (nr, h, w, c)
 
 
 # ------------------------------------------------------------------------- worker
@@ -220,9 +268,34 @@ def copy_bandwidth(timer: Timer, xp, mib: int) -> float:
     return k * 2 * src.nbytes / t
 
 
-def measure_row(sbn, xp, gpu, timer, counting, rng, shape, fmt, dt) -> dict:
-    """Time one row on this rank's slice of the batch; count its collectives."""
-    ls = local_shape(tuple(shape), fmt, counting.size)
+def load_recorder(spec: str | None):
+    """The ``--recorder MODULE:NAME`` object, or None."""
+    if not spec:
+        return None
+    import importlib
+
+    mod, _, name = spec.partition(":")
+    obj = importlib.import_module(mod)
+    for part in (name or "REC").split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def count_pass(recorder, fn) -> tuple[int, int]:
+    """(launches, host synchronizations) of one call of ``fn``, from the recorder.
+
+    Launches are our kernels plus every other device operation the recorder
+    saw (its ``kernels`` and ``ops``); synchronizations its ``syncs``.
+    """
+    recorder.clear()
+    fn()
+    got = recorder.summary()
+    return int(got.get("kernels", 0)) + int(got.get("ops", 0)), int(got.get("syncs", 0))
+
+
+def measure_row(sbn, xp, gpu, timer, counting, rng, shape, fmt, dt, recorder=None) -> dict:
+    """Time one row on this rank's part of the batch; count its collectives."""
+    ls = local_shape(tuple(shape), fmt, counting.size, counting.rank)
     x = xp.asarray(rng.standard_normal(ls, dtype=np.float32) + 1.0).astype(dt)
     dy = xp.asarray(rng.standard_normal(ls, dtype=np.float32)).astype(dt)
     bn = sbn.SyncBatchNorm(shape[1], data_format=fmt, comm=counting)
@@ -234,14 +307,22 @@ def measure_row(sbn, xp, gpu, timer, counting, rng, shape, fmt, dt) -> dict:
     t_f = timer(lambda: bn(x))
     t_b = timer(lambda: bn.backward(dy))
     t_fb = timer(lambda: (bn(x), bn.backward(dy)))
+    counts = {}
+    if recorder is not None:  # launches and host syncs of one steady-state pass each
+        timer.barrier()
+        counts["launches_fwd"], counts["syncs_fwd"] = count_pass(recorder, lambda: bn(x))
+        counts["launches_bwd"], counts["syncs_bwd"] = count_pass(
+            recorder, lambda: bn.backward(dy))
+        timer.barrier()
     bn.clear_gradients()
     counting.calls = counting.bytes = 0
     bn(x)
     bn.backward(dy)
-    xbytes = counting.size * x.nbytes  # the whole global batch
+    xbytes = int(np.prod(shape)) * np.dtype(dt).itemsize  # the whole global batch
     return {
         "shape": list(shape), "format": fmt, "dtype": dt, "ranks": counting.size,
-        "local_shape": list(ls), "backend": impl,
+        "local_shape": list(local_shape(tuple(shape), fmt, counting.size)),
+        "rank_batches": rank_batches(shape[0], counting.size), "backend": impl, **counts,
         "fwd_s": t_f, "bwd_s": t_b, "fwdbwd_s": t_fb,
         "fwd_bytes": 3 * xbytes, "bwd_bytes": 5 * xbytes,
         "collectives_per_step": counting.calls, "comm_bytes_per_step": counting.bytes,
@@ -272,12 +353,14 @@ def run_worker(spec: dict) -> list[dict] | None:
     timer = Timer(mpi, xp, gpu, spec["reps"], spec["warmup"])
     copy_bw = copy_bandwidth(timer, xp, spec["copy_mib"])
     counting = CountingComm(comm)
+    recorder = load_recorder(spec.get("recorder"))
     rows = []
     rng = np.random.default_rng(comm.rank)
     for shape in spec["shapes"]:
         for fmt in spec["formats"]:
             for dt in spec["dtypes"]:
-                rows.append(measure_row(sbn, xp, gpu, timer, counting, rng, shape, fmt, dt))
+                rows.append(measure_row(sbn, xp, gpu, timer, counting, rng, shape, fmt, dt,
+                                        recorder))
                 rows[-1]["copy_bw"] = copy_bw
     return rows if comm.rank == 0 else None
 
@@ -353,7 +436,48 @@ def torch_baselines(shape, fmt, dt, threads, gpu, timer_args) -> dict:
 
 
 # ------------------------------------------------------------------------- driver
-def launch(spec: dict, k: int, timeout: float, cpu_backend: str = "numpy") -> list[dict]:
+def worker_rank() -> int:
+    """This worker's rank, from the process manager (before MPI is initialized)."""
+    for var in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return 0
+
+
+def worker_main(path: Path) -> int:
+    """Run one worker; on error leave the message in ``path.err.RANK`` for the driver."""
+    import traceback
+
+    try:
+        rows = run_worker(json.loads(path.read_text()))
+    except BaseException as e:
+        text = "".join(traceback.format_exception_only(type(e), e)).strip()
+        if not isinstance(e, (SystemExit, KeyboardInterrupt)):
+            text = "".join(traceback.format_exception(type(e), e, e.__traceback__)).strip()
+        Path(f"{path}.err.{worker_rank()}").write_text(text + "\n")
+        if isinstance(e, SystemExit):  # sys.exit does not trip the abort hook: make it
+            raise RuntimeError(str(e)) from None
+        raise
+    if rows is not None:
+        Path(str(path) + ".out").write_text(json.dumps(rows))
+    return 0
+
+
+def worker_errors(tmp: Path, k: int) -> str:
+    """The ranks' error messages, each distinct one once, with the ranks that raised it."""
+    by_text: dict[str, list[int]] = {}
+    for f in sorted(tmp.glob("spec.json.err.*")):
+        rank = int(f.name.rsplit(".", 1)[1])
+        by_text.setdefault(f.read_text().strip(), []).append(rank)
+    parts = []
+    for text, ranks in by_text.items():
+        who = "every rank" if len(ranks) == k and k > 1 else (
+            "rank " if len(ranks) == 1 else "ranks ") + ",".join(map(str, sorted(ranks)))
+        parts.append(f"[{who}] {text}")
+    return "\n".join(parts)
+
+
+def launch(spec: dict, k: int, timeout: float, cpu_backend: str = "auto") -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "spec.json"
         path.write_text(json.dumps({**spec, "k": k}))
@@ -371,7 +495,9 @@ def launch(spec: dict, k: int, timeout: float, cpu_backend: str = "numpy") -> li
             cmd = [mpiexec, "-n", str(k), sys.executable, __file__, "--worker", str(path)]
         proc = subprocess.run(cmd, env=env, timeout=timeout, capture_output=True, text=True)
         if proc.returncode != 0:
-            sys.stderr.write(proc.stdout + proc.stderr)
+            errors = worker_errors(Path(tmp), k)
+            # the ranks' own messages, once each; the raw output only if they left none
+            sys.stderr.write((errors or proc.stdout + proc.stderr).rstrip() + "\n")
             raise SystemExit(f"benchmark worker on {k} rank(s) failed ({proc.returncode})")
         return json.loads((Path(tmp) / "spec.json.out").read_text())
 
@@ -393,11 +519,12 @@ def finish_row(r: dict) -> dict:
 
 def markdown(rows: list[dict], meta: dict) -> str:
     gpu = meta["gpu"]
-    show_backend = meta.get("cpu_backends", ["numpy"]) != ["numpy"]
+    show_backend = not gpu
+    show_counts = any("launches_fwd" in r for r in rows)
     head = ["shape (global)", "fmt", "dtype", "K"] + (["backend"] if show_backend else [])
     head += ["fwd ms", "bwd ms", "f+b ms", "f+b GB/s", "vs copy", "x bound"]
     head += ["vs torch f/b/f+b"] + (["vs torch Sync f+b"] if gpu else [])
-    head += ["coll/step", "bytes/step"]
+    head += ["coll/step", "bytes/step"] + (["launch/sync f;b"] if show_counts else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         vt = ("/".join(f"{r[f'{p}_vs_torch']:.2f}" for p in ("fwd", "bwd", "fwdbwd"))
@@ -413,6 +540,9 @@ def markdown(rows: list[dict], meta: dict) -> str:
             vs = r.get("fwdbwd_vs_torch_sync")
             cells.append("n/a" if vs is None else f"{vs:.2f}")
         cells += [str(r["collectives_per_step"]), str(r["comm_bytes_per_step"])]
+        if show_counts:
+            cells.append(f"{r['launches_fwd']}/{r['syncs_fwd']};{r['launches_bwd']}/{r['syncs_bwd']}"
+                         if "launches_fwd" in r else "n/a")
         lines.append("| " + " | ".join(cells) + " |")
     copy = sorted({(r["ranks"], r["copy_bw"]) for r in rows})
     notes = [
@@ -424,37 +554,49 @@ def markdown(rows: list[dict], meta: dict) -> str:
         "vs copy = effective f+b bandwidth / copy bandwidth; x bound = f+b time / 8-pass bound;"
         " vs torch = our time / PyTorch's (< 1: faster).",
     ]
+    uneven = {}
+    for r in rows:
+        if len(set(r.get("rank_batches", [0]))) > 1:
+            key = f"{'x'.join(map(str, r['shape']))} on {r['ranks']}"
+            uneven[key] = "/".join(map(str, r["rank_batches"]))
+    if uneven:
+        notes.append("uneven splits (samples per rank; times are the slowest rank's): "
+                     + ", ".join(f"{k}: {v}" for k, v in uneven.items()))
+    if show_counts:
+        notes.append("launch/sync f;b = device launches / host synchronizations per forward;"
+                     " per backward pass (from --recorder).")
     return "\n".join(lines + notes) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     if a.worker is not None:
-        spec = json.loads(a.worker.read_text())
-        rows = run_worker(spec)
-        if rows is not None:
-            Path(str(a.worker) + ".out").write_text(json.dumps(rows))
-        return 0
+        return worker_main(a.worker)
+    ranks = parse_ranks(a.ranks)
+    shapes = parse_shapes(a.shapes)
+    dtypes = parse_dtypes(a.dtypes)
     gpu = use_gpu(a.device)
-    ranks = [int(v) for v in a.ranks.split(",")]
     if gpu:
         import cupy
 
         ndev = cupy.cuda.runtime.getDeviceCount()
         ranks = [k for k in ranks if k <= ndev] or [1]
     spec = {
-        "shapes": [list(s) for s in parse_shapes(a.shapes)],
+        "shapes": [list(s) for s in shapes],
         "formats": [f.strip().upper() for f in a.formats.split(",")],
-        "dtypes": [d.strip() for d in a.dtypes.split(",")],
+        "dtypes": dtypes,
         "reps": a.reps, "warmup": a.warmup, "copy_mib": a.copy_mib, "gpu": gpu,
+        "recorder": a.recorder,
     }
     for f in spec["formats"]:
         if f not in ("NCHW", "NHWC"):
             raise SystemExit(f"--formats: NCHW or NHWC, got {f!r}")
-    backends = ["numpy"] if gpu else [b.strip().lower() for b in a.cpu_backend.split(",")]
+    backends = ["auto"] if gpu else [b.strip().lower() for b in a.cpu_backend.split(",")]
     for b in backends:
-        if b not in ("numpy", "numba"):
-            raise SystemExit(f"--cpu-backend: numpy or numba, got {b!r}")
+        if b not in ("auto", "numpy", "numba"):
+            raise SystemExit(f"--cpu-backend: auto, numpy or numba, got {b!r}")
+    if a.reps < 1 or a.warmup < 0:
+        raise SystemExit(f"--reps must be >= 1 and --warmup >= 0, got {a.reps}, {a.warmup}")
     rows = []
     for b in backends:
         for k in ranks:
