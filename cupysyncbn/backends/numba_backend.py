@@ -129,6 +129,25 @@ def _ld_impl(a, i, tab):  # noqa: ANN001, ANN202 - numba typing hook
     return lambda a, i, tab: a[i]
 
 
+def _ld3(a: Any, i: Any, j: Any, t: Any, tab: Any) -> Any:  # pragma: no cover - overloaded
+    """Element ``a[i, j, t]`` of a 3-D array as a float (float16 bits through ``tab``).
+
+    The short-row loops index ``x[i, j, t]`` directly instead of taking a row
+    view per ``(i, j)``: with rows of a few dozen values, per-row overhead
+    matters as much as the row's work.
+    """
+    raise NotImplementedError
+
+
+@overload(_ld3, inline="always")
+def _ld3_impl(a, i, j, t, tab):  # noqa: ANN001, ANN202 - numba typing hook
+    if a.dtype == types.uint16:
+        if _HW_F16:
+            return lambda a, i, j, t, tab: _h2f(a[i, j, t])
+        return lambda a, i, j, t, tab: tab[a[i, j, t]]
+    return lambda a, i, j, t, tab: a[i, j, t]
+
+
 @intrinsic
 def _f32_bits(typingctx, v):  # noqa: ANN001, ANN202 - numba typing hook
     """Bit pattern of a float32 as uint32 (an LLVM bitcast)."""
@@ -282,31 +301,6 @@ def _lane_dot(x, dy, m, tab, acc, acc2):  # noqa: ANN001, ANN202
 
 
 @njit(inline="always", **_JIT)
-def _row_add(r, tab, acc):  # noqa: ANN001, ANN202
-    """``acc += r`` elementwise in float64 (a short row is the lanes)."""
-    for t in range(acc.shape[0]):
-        acc[t] += np.float64(_ld(r, t, tab))
-
-
-@njit(inline="always", **_JIT)
-def _row_dev(r, c, tab, acc, acc2):  # noqa: ANN001, ANN202
-    """``acc += d``, ``acc2 += d*d`` elementwise, ``d = r - c`` in float64."""
-    for t in range(acc.shape[0]):
-        d = np.float64(_ld(r, t, tab)) - c
-        acc[t] += d
-        acc2[t] += d * d
-
-
-@njit(inline="always", **_JIT)
-def _row_dot(x, dy, m, tab, acc, acc2):  # noqa: ANN001, ANN202
-    """``acc += dy``, ``acc2 += dy * (x - m)`` elementwise (``x - m`` in the compute dtype)."""
-    for t in range(acc.shape[0]):
-        g = np.float64(_ld(dy, t, tab))
-        acc[t] += g
-        acc2[t] += g * np.float64(_ld(x, t, tab) - m)
-
-
-@njit(inline="always", **_JIT)
 def _total(acc):  # noqa: ANN001, ANN202
     s = 0.0
     for t in range(acc.shape[0]):
@@ -340,12 +334,16 @@ def _moments_cf(x, tab, mean, m2):  # noqa: ANN001, ANN202
             for j in range(c):
                 acc[:] = 0.0
                 for i in range(i0, i1):
-                    _row_add(x[i, j], tab, acc)
+                    for t in range(s):
+                        acc[t] += np.float64(_ld3(x, i, j, t, tab))
                 cp = _total(acc) / k
                 acc[:] = 0.0
                 acc2[:] = 0.0
                 for i in range(i0, i1):
-                    _row_dev(x[i, j], cp, tab, acc, acc2)
+                    for t in range(s):
+                        d = np.float64(_ld3(x, i, j, t, tab)) - cp
+                        acc[t] += d
+                        acc2[t] += d * d
                 sd = _total(acc)
                 _chan(cnt, mean, m2, j, k, cp + sd / k, _total(acc2) - sd * sd / k)
         return
@@ -413,21 +411,33 @@ def _normalize_cl(x, tab, mean, scale, bias, y):  # noqa: ANN001, ANN202
 
 
 @njit(**_JIT)
+def _bwd_reduce_short(dy, x, tab, mean, sum_dy, sum_dxm):  # noqa: ANN001, ANN202
+    """Channel-first rows shorter than ``2 * LANES``: the row is the lanes.
+
+    ``acc[t] += dy[i, j, t]`` over GROUP samples of channel ``j``, vectorized
+    along the row; one float64 total per channel and group.
+    """
+    n, c, s = x.shape
+    acc = np.empty(s, dtype=np.float64)
+    acc2 = np.empty(s, dtype=np.float64)
+    for i0 in range(0, n, GROUP):
+        i1 = min(n, i0 + GROUP)
+        for j in range(c):
+            acc[:] = 0.0
+            acc2[:] = 0.0
+            m = mean[j]
+            for i in range(i0, i1):
+                for t in range(s):
+                    g = np.float64(_ld3(dy, i, j, t, tab))
+                    acc[t] += g
+                    acc2[t] += g * np.float64(_ld3(x, i, j, t, tab) - m)
+            sum_dy[j] += _total(acc)
+            sum_dxm[j] += _total(acc2)
+
+
+@njit(**_JIT)
 def _bwd_reduce_cf(dy, x, tab, mean, sum_dy, sum_dxm):  # noqa: ANN001, ANN202
     n, c, s = x.shape
-    if s < 2 * LANES:  # short rows: the row is the lanes, GROUP samples at a time
-        acc = np.empty(s, dtype=np.float64)
-        acc2 = np.empty(s, dtype=np.float64)
-        for i0 in range(0, n, GROUP):
-            i1 = min(n, i0 + GROUP)
-            for j in range(c):
-                acc[:] = 0.0
-                acc2[:] = 0.0
-                for i in range(i0, i1):
-                    _row_dot(x[i, j], dy[i, j], mean[j], tab, acc, acc2)
-                sum_dy[j] += _total(acc)
-                sum_dxm[j] += _total(acc2)
-        return
     acc = np.empty(LANES, dtype=np.float64)
     acc2 = np.empty(LANES, dtype=np.float64)
     for i in range(n):
@@ -572,7 +582,9 @@ class NumbaBackend(NumpyBackend):
         sum_dxm = np.zeros(c, dtype=_F64)
         tab = _table(x)
         if not channel_last:
-            _bwd_reduce_cf(_bits(dy), _bits(x), tab, mean, sum_dy, sum_dxm)
+            short = x.shape[2] < 2 * LANES
+            (_bwd_reduce_short if short else _bwd_reduce_cf)(
+                _bits(dy), _bits(x), tab, mean, sum_dy, sum_dxm)
             return sum_dy, sum_dxm * invstd.astype(_F64)
         r = _rows_per_wide(x)
         for dp, xp_, k in zip(_regroup(_bits(dy), r), _regroup(_bits(x), r), (r, 1)):
