@@ -241,6 +241,14 @@ class Timer:
 
         return self.mpi.allreduce(t, op=MPI.MAX)
 
+    def once(self, fn) -> float:
+        """One timed call, all ranks together; the slowest rank's time."""
+        self.barrier()
+        t0 = time.perf_counter()
+        fn()
+        self.sync()
+        return self.slowest(time.perf_counter() - t0)
+
     def __call__(self, fn, before=None) -> float:
         for _ in range(self.warmup):
             if before:
@@ -293,7 +301,49 @@ def count_pass(recorder, fn) -> tuple[int, int]:
     return int(got.get("kernels", 0)) + int(got.get("ops", 0)), int(got.get("syncs", 0))
 
 
-def measure_row(sbn, xp, gpu, timer, counting, rng, shape, fmt, dt, recorder=None) -> dict:
+def idle_wait(mpi) -> None:
+    """Wait for every rank without spinning: a rank blocked in an MPI call spins
+    at 100% and would steal a core from PyTorch's threads on rank 0."""
+    if mpi is None:
+        return
+    req = mpi.Ibarrier()
+    while not req.Test():
+        time.sleep(0.0005)
+
+
+def torch_beside(timer, mpi, rank, k, shape, fmt, dt, ours_fb) -> dict:
+    """CPU PyTorch baseline timed inside the job, right after our row.
+
+    Rank 0 times ``torch.nn.BatchNorm2d`` on the whole global batch with k
+    threads while the other ranks sleep (:func:`idle_wait`). Then ``reps``
+    paired rounds, each one forward+backward of ours (all ranks) followed by
+    one of PyTorch (rank 0): ``paired_fwdbwd_vs_torch`` is the median of the
+    per-round ratios, robust against load that drifts during a run on a
+    shared machine. Returns the keys for rank 0's row ({} elsewhere).
+    """
+    fns = torch_cpu_fns(tuple(shape), fmt, dt, k) if rank == 0 else None
+    res = {}
+    if fns is not None:
+        alone = Timer(None, np, False, timer.reps, timer.warmup)
+        res = {"torch_fwd_s": alone(fns[0]), "torch_bwd_s": alone(fns[1]),
+               "torch_fwdbwd_s": alone(fns[2]), "torch_threads": k,
+               "torch_version": fns[3], "torch_timed": "in the job, other ranks asleep"}
+    idle_wait(mpi)
+    ratios = []
+    for _ in range(timer.reps):
+        ours = timer.once(ours_fb)
+        if fns is not None:
+            t0 = time.perf_counter()
+            fns[2]()
+            ratios.append(ours / (time.perf_counter() - t0))
+        idle_wait(mpi)
+    if ratios:
+        res["paired_fwdbwd_vs_torch"] = statistics.median(ratios)
+    return res
+
+
+def measure_row(sbn, xp, gpu, timer, counting, rng, shape, fmt, dt, recorder=None,
+                torch_cpu=False) -> dict:
     """Time one row on this rank's part of the batch; count its collectives."""
     ls = local_shape(tuple(shape), fmt, counting.size, counting.rank)
     x = xp.asarray(rng.standard_normal(ls, dtype=np.float32) + 1.0).astype(dt)
@@ -307,6 +357,10 @@ def measure_row(sbn, xp, gpu, timer, counting, rng, shape, fmt, dt, recorder=Non
     t_f = timer(lambda: bn(x))
     t_b = timer(lambda: bn.backward(dy))
     t_fb = timer(lambda: (bn(x), bn.backward(dy)))
+    beside = {}
+    if torch_cpu and not gpu:
+        beside = torch_beside(timer, timer.mpi, counting.rank, counting.size, shape, fmt, dt,
+                              lambda: (bn(x), bn.backward(dy)))
     counts = {}
     if recorder is not None:  # launches and host syncs of one steady-state pass each
         timer.barrier()
@@ -323,6 +377,7 @@ def measure_row(sbn, xp, gpu, timer, counting, rng, shape, fmt, dt, recorder=Non
         "shape": list(shape), "format": fmt, "dtype": dt, "ranks": counting.size,
         "local_shape": list(local_shape(tuple(shape), fmt, counting.size)),
         "rank_batches": rank_batches(shape[0], counting.size), "backend": impl, **counts,
+        **beside,
         "fwd_s": t_f, "bwd_s": t_b, "fwdbwd_s": t_fb,
         "fwd_bytes": 3 * xbytes, "bwd_bytes": 5 * xbytes,
         "collectives_per_step": counting.calls, "comm_bytes_per_step": counting.bytes,
@@ -360,12 +415,40 @@ def run_worker(spec: dict) -> list[dict] | None:
         for fmt in spec["formats"]:
             for dt in spec["dtypes"]:
                 rows.append(measure_row(sbn, xp, gpu, timer, counting, rng, shape, fmt, dt,
-                                        recorder))
+                                        recorder, spec.get("torch", False)))
                 rows[-1]["copy_bw"] = copy_bw
     return rows if comm.rank == 0 else None
 
 
 # -------------------------------------------------------------------------- torch
+def torch_cpu_fns(shape, fmt, dt, threads):
+    """``(fwd, bwd, fwd+bwd, version)`` of CPU ``torch.nn.BatchNorm2d`` on the
+    whole batch with ``threads`` threads; None without PyTorch."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    torch.set_num_threads(threads)
+    n, c, h, w = shape
+    mf = torch.channels_last if fmt == "NHWC" else torch.contiguous_format
+    gen = torch.Generator().manual_seed(0)
+    tdt = getattr(torch, dt)
+    x = (torch.randn(n, c, h, w, generator=gen) + 1).to(tdt).contiguous(memory_format=mf)
+    dy = torch.randn(n, c, h, w, generator=gen).to(tdt).contiguous(memory_format=mf)
+    x.requires_grad_(True)
+    bn = torch.nn.BatchNorm2d(c)
+    try:
+        y = bn(x)
+    except RuntimeError:
+        bn = bn.to(tdt)  # a torch build without mixed-dtype batch norm
+        y = bn(x)
+
+    def fb():
+        bn(x).backward(dy)
+
+    return (lambda: bn(x)), (lambda: y.backward(dy, retain_graph=True)), fb, torch.__version__
+
+
 def torch_baselines(shape, fmt, dt, threads, gpu, timer_args) -> dict:
     """PyTorch times for the whole global batch (one process)."""
     try:
@@ -523,7 +606,9 @@ def markdown(rows: list[dict], meta: dict) -> str:
     show_counts = any("launches_fwd" in r for r in rows)
     head = ["shape (global)", "fmt", "dtype", "K"] + (["backend"] if show_backend else [])
     head += ["fwd ms", "bwd ms", "f+b ms", "f+b GB/s", "vs copy", "x bound"]
+    show_paired = any("paired_fwdbwd_vs_torch" in r for r in rows)
     head += ["vs torch f/b/f+b"] + (["vs torch Sync f+b"] if gpu else [])
+    head += ["paired f+b"] if show_paired else []
     head += ["coll/step", "bytes/step"] + (["launch/sync f;b"] if show_counts else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
@@ -538,6 +623,9 @@ def markdown(rows: list[dict], meta: dict) -> str:
         ]
         if gpu:
             vs = r.get("fwdbwd_vs_torch_sync")
+            cells.append("n/a" if vs is None else f"{vs:.2f}")
+        if show_paired:
+            vs = r.get("paired_fwdbwd_vs_torch")
             cells.append("n/a" if vs is None else f"{vs:.2f}")
         cells += [str(r["collectives_per_step"]), str(r["comm_bytes_per_step"])]
         if show_counts:
@@ -554,6 +642,10 @@ def markdown(rows: list[dict], meta: dict) -> str:
         "vs copy = effective f+b bandwidth / copy bandwidth; x bound = f+b time / 8-pass bound;"
         " vs torch = our time / PyTorch's (< 1: faster).",
     ]
+    if show_paired:
+        notes.append("PyTorch timed inside the job on rank 0 while the other ranks sleep, right"
+                     " after each row; paired f+b = median over rounds of (our f+b / PyTorch's"
+                     " f+b), one of each per round.")
     uneven = {}
     for r in rows:
         if len(set(r.get("rank_batches", [0]))) > 1:
@@ -587,6 +679,8 @@ def main(argv: list[str] | None = None) -> int:
         "dtypes": dtypes,
         "reps": a.reps, "warmup": a.warmup, "copy_mib": a.copy_mib, "gpu": gpu,
         "recorder": a.recorder,
+        # CPU: PyTorch timed inside the job (rank 0, others asleep), right after each row
+        "torch": not a.no_torch and not gpu,
     }
     for f in spec["formats"]:
         if f not in ("NCHW", "NHWC"):
@@ -608,6 +702,8 @@ def main(argv: list[str] | None = None) -> int:
     if not a.no_torch:
         cache = {}
         for r in rows:
+            if "torch_fwdbwd_s" in r:
+                continue  # timed beside our row, inside the job
             key = (tuple(r["shape"]), r["format"], r["dtype"], 1 if gpu else r["ranks"])
             if key not in cache:
                 cache[key] = torch_baselines(key[0], key[1], key[2], key[3], gpu,
