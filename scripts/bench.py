@@ -311,17 +311,20 @@ def idle_wait(mpi) -> None:
         time.sleep(0.0005)
 
 
-def torch_beside(timer, mpi, rank, k, shape, fmt, dt, ours_fb) -> dict:
-    """CPU PyTorch baseline timed inside the job, right after our row.
+def beside_rounds(timer, mpi, rank, k, shape, fmt, dt, ours_fb, xbytes, copy_mib,
+                  with_torch) -> dict:
+    """Ratios measured side by side, right after our row (CPU).
 
-    Rank 0 times ``torch.nn.BatchNorm2d`` on the whole global batch with k
-    threads while the other ranks sleep (:func:`idle_wait`). Then ``reps``
-    paired rounds, each one forward+backward of ours (all ranks) followed by
-    one of PyTorch (rank 0): ``paired_fwdbwd_vs_torch`` is the median of the
-    per-round ratios, robust against load that drifts during a run on a
-    shared machine. Returns the keys for rank 0's row ({} elsewhere).
+    Rank 0 first times ``torch.nn.BatchNorm2d`` on the whole global batch with
+    k threads while the other ranks sleep (:func:`idle_wait`). Then ``reps``
+    rounds of: one forward+backward of ours (all ranks), one copy of
+    ``copy_mib`` MiB on every rank at once, one PyTorch forward+backward
+    (rank 0, the others asleep). ``paired_x_bound`` and
+    ``paired_fwdbwd_vs_torch`` are the medians of the per-round ratios: load
+    that drifts during a run on a shared machine affects both sides of each
+    ratio alike. Returns the keys for rank 0's row ({} elsewhere).
     """
-    fns = torch_cpu_fns(tuple(shape), fmt, dt, k) if rank == 0 else None
+    fns = torch_cpu_fns(tuple(shape), fmt, dt, k) if (with_torch and rank == 0) else None
     res = {}
     if fns is not None:
         alone = Timer(None, np, False, timer.reps, timer.warmup)
@@ -329,21 +332,27 @@ def torch_beside(timer, mpi, rank, k, shape, fmt, dt, ours_fb) -> dict:
                "torch_fwdbwd_s": alone(fns[2]), "torch_threads": k,
                "torch_version": fns[3], "torch_timed": "in the job, other ranks asleep"}
     idle_wait(mpi)
-    ratios = []
+    src = np.ones(copy_mib * 2**20 // 4, dtype=np.float32)
+    dst = np.empty_like(src)
+    np.copyto(dst, src)  # first touch outside the timing
+    bounds, ratios = [], []
     for _ in range(timer.reps):
         ours = timer.once(ours_fb)
+        t_copy = timer.once(lambda: np.copyto(dst, src))
+        bounds.append(ours / (8 * xbytes / (k * 2 * src.nbytes / t_copy)))
         if fns is not None:
             t0 = time.perf_counter()
             fns[2]()
             ratios.append(ours / (time.perf_counter() - t0))
         idle_wait(mpi)
+    res["paired_x_bound"] = statistics.median(bounds)
     if ratios:
         res["paired_fwdbwd_vs_torch"] = statistics.median(ratios)
-    return res
+    return res if rank == 0 else {}
 
 
 def measure_row(sbn, xp, gpu, timer, counting, rng, shape, fmt, dt, recorder=None,
-                torch_cpu=False) -> dict:
+                torch_cpu=False, copy_mib=256) -> dict:
     """Time one row on this rank's part of the batch; count its collectives."""
     ls = local_shape(tuple(shape), fmt, counting.size, counting.rank)
     x = xp.asarray(rng.standard_normal(ls, dtype=np.float32) + 1.0).astype(dt)
@@ -358,9 +367,10 @@ def measure_row(sbn, xp, gpu, timer, counting, rng, shape, fmt, dt, recorder=Non
     t_b = timer(lambda: bn.backward(dy))
     t_fb = timer(lambda: (bn(x), bn.backward(dy)))
     beside = {}
-    if torch_cpu and not gpu:
-        beside = torch_beside(timer, timer.mpi, counting.rank, counting.size, shape, fmt, dt,
-                              lambda: (bn(x), bn.backward(dy)))
+    if not gpu:
+        beside = beside_rounds(timer, timer.mpi, counting.rank, counting.size, shape, fmt, dt,
+                               lambda: (bn(x), bn.backward(dy)),
+                               int(np.prod(shape)) * np.dtype(dt).itemsize, copy_mib, torch_cpu)
     counts = {}
     if recorder is not None:  # launches and host syncs of one steady-state pass each
         timer.barrier()
@@ -415,7 +425,7 @@ def run_worker(spec: dict) -> list[dict] | None:
         for fmt in spec["formats"]:
             for dt in spec["dtypes"]:
                 rows.append(measure_row(sbn, xp, gpu, timer, counting, rng, shape, fmt, dt,
-                                        recorder, spec.get("torch", False)))
+                                        recorder, spec.get("torch", False), spec["copy_mib"]))
                 rows[-1]["copy_bw"] = copy_bw
     return rows if comm.rank == 0 else None
 
@@ -606,9 +616,9 @@ def markdown(rows: list[dict], meta: dict) -> str:
     show_counts = any("launches_fwd" in r for r in rows)
     head = ["shape (global)", "fmt", "dtype", "K"] + (["backend"] if show_backend else [])
     head += ["fwd ms", "bwd ms", "f+b ms", "f+b GB/s", "vs copy", "x bound"]
-    show_paired = any("paired_fwdbwd_vs_torch" in r for r in rows)
+    show_paired = any("paired_x_bound" in r for r in rows)
     head += ["vs torch f/b/f+b"] + (["vs torch Sync f+b"] if gpu else [])
-    head += ["paired f+b"] if show_paired else []
+    head += ["paired x bound", "paired vs torch"] if show_paired else []
     head += ["coll/step", "bytes/step"] + (["launch/sync f;b"] if show_counts else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
@@ -625,8 +635,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
             vs = r.get("fwdbwd_vs_torch_sync")
             cells.append("n/a" if vs is None else f"{vs:.2f}")
         if show_paired:
-            vs = r.get("paired_fwdbwd_vs_torch")
-            cells.append("n/a" if vs is None else f"{vs:.2f}")
+            for key in ("paired_x_bound", "paired_fwdbwd_vs_torch"):
+                cells.append(f"{r[key]:.2f}" if key in r else "n/a")
         cells += [str(r["collectives_per_step"]), str(r["comm_bytes_per_step"])]
         if show_counts:
             cells.append(f"{r['launches_fwd']}/{r['syncs_fwd']};{r['launches_bwd']}/{r['syncs_bwd']}"
@@ -643,9 +653,10 @@ def markdown(rows: list[dict], meta: dict) -> str:
         " vs torch = our time / PyTorch's (< 1: faster).",
     ]
     if show_paired:
-        notes.append("PyTorch timed inside the job on rank 0 while the other ranks sleep, right"
-                     " after each row; paired f+b = median over rounds of (our f+b / PyTorch's"
-                     " f+b), one of each per round.")
+        notes.append("CPU: PyTorch timed inside the job on rank 0 while the other ranks sleep,"
+                     " right after each row. paired = median over rounds of one f+b of ours,"
+                     " one copy on every rank at once and one f+b of PyTorch: our f+b over the"
+                     " 8-pass bound of that round's copy, and over PyTorch's f+b.")
     uneven = {}
     for r in rows:
         if len(set(r.get("rank_batches", [0]))) > 1:
