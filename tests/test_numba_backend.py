@@ -404,6 +404,18 @@ def test_compiled_kernels_are_cached_on_disk(tmp_path):
     assert any((tmp_path / "cache").rglob("*.nbc"))
 
 
+def test_warm_up_compiles_every_kernel_for_a_dtype():
+    from cupysyncbn.backends import numba_backend as nbm
+
+    n = nbm.warm_up(("float64",))
+    # float64 inputs: short and long channel-first rows and channel-last, all primitives
+    assert n >= 8
+    for k in (nbm._moments_cf, nbm._moments_cl, nbm._normalize_cf, nbm._normalize_cl,
+              nbm._bwd_reduce_short, nbm._bwd_reduce_cf, nbm._bwd_reduce_cl,
+              nbm._bwd_elemt_cf, nbm._bwd_elemt_cl):
+        assert any(str(sig[0].dtype) == "float64" for sig in k.signatures), k
+
+
 MPI_STEP = r"""
 import numpy as np
 from cupysyncbn.backends import get_backend

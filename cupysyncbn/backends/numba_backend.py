@@ -54,7 +54,7 @@ from numba.extending import intrinsic, overload
 
 from .numpy_backend import NumpyBackend, chan_merge
 
-__all__ = ["NumbaBackend", "BACKEND", "PIECE", "GROUP", "LANES"]
+__all__ = ["NumbaBackend", "BACKEND", "PIECE", "GROUP", "LANES", "warm_up"]
 
 _F64 = np.dtype(np.float64)
 _NATIVE = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
@@ -628,3 +628,47 @@ class NumbaBackend(NumpyBackend):
 
 
 BACKEND = NumbaBackend()
+
+
+def warm_up(dtypes: tuple[str, ...] = ("float16", "float32", "float64")) -> int:
+    """Compile (or load from the disk cache) every kernel the layers use for ``dtypes``.
+
+    Every input dtype with each compute dtype it can meet (float32 and float64;
+    float64 inputs only float64), channel-first short and long rows and
+    channel-last, all four primitives. Run it once where the cache lives, for
+    instance when building a container image or before a large ``mpiexec``
+    job, so that no rank compiles: ``python -m cupysyncbn.backends.numba_backend``.
+
+    Returns
+    -------
+    int
+        Number of kernel signatures now compiled in this process.
+    """
+    b = BACKEND
+    rng = np.random.default_rng(0)
+    for name in dtypes:
+        dt = np.dtype(name)
+        for cdt in (np.dtype(np.float32), _F64):
+            if dt == _F64 and cdt != _F64:
+                continue
+            for shape, cl in (((2, 3, 5), False), ((2, 3, 2 * LANES + 3), False), ((7, 3), True)):
+                x = rng.standard_normal(shape).astype(dt)
+                c = shape[-1] if cl else shape[1]
+                v = np.ones(c, dtype=cdt)
+                b.moments(x, cl, cdt)
+                b.normalize(x, cl, v, v, v, dt)
+                b.backward_reduce(x, x, cl, v, v)
+                b.backward_elemt(x, x, cl, v, v, v, v, dt)
+    kernels = (_moments_cf, _moments_cl, _normalize_cf, _normalize_cl, _bwd_reduce_short,
+               _bwd_reduce_cf, _bwd_reduce_cl, _bwd_elemt_cf, _bwd_elemt_cl)
+    return sum(len(k.signatures) for k in kernels)
+
+
+if __name__ == "__main__":  # python -m cupysyncbn.backends.numba_backend
+    import sys
+    import time
+
+    t0 = time.perf_counter()
+    n = warm_up()
+    print(f"cupysyncbn: {n} numba kernel signatures compiled or loaded from the cache"
+          f" in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
