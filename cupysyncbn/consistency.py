@@ -31,8 +31,18 @@ def allreduce_host(comm: Any, host: np.ndarray) -> np.ndarray:
     return comm.allreduce_host(host)
 
 
+def _host(value: Any) -> np.ndarray:
+    """A host NumPy copy or view of a NumPy, CuPy or DLPack (PyTorch, ...) array."""
+    from .interop.dlpack import is_native, to_native
+    from .layer import _to_host
+
+    if not is_native(value) and hasattr(value, "__dlpack__"):
+        value = to_native(value, "state entry")
+    return _to_host(value)
+
+
 def _entries(obj: Any, buffers_only: bool) -> OrderedDict:
-    from .layer import Layer, _to_host
+    from .layer import Layer
 
     if isinstance(obj, Layer):
         out = OrderedDict()
@@ -40,11 +50,17 @@ def _entries(obj: Any, buffers_only: bool) -> OrderedDict:
             if buffers_only and is_param:
                 continue
             value = getattr(layer, attr)
-            out[key] = _to_host(value.data if is_param else value)
+            out[key] = _host(value.data if is_param else value)
         return out
+    if not hasattr(obj, "items") and callable(getattr(obj, "state_dict", None)):
+        # A framework module (torch.nn.Module, paddle.nn.Layer): its own state dict.
+        named_buffers = getattr(obj, "named_buffers", None)
+        obj = dict(named_buffers()) if buffers_only and callable(named_buffers) else (
+            obj.state_dict()
+        )
     if not hasattr(obj, "items"):
-        raise TypeError(f"expected a Layer or a state dict; got {type(obj).__name__}")
-    return OrderedDict((str(k), _to_host(v)) for k, v in obj.items())
+        raise TypeError(f"expected a Layer, a module or a state dict; got {type(obj).__name__}")
+    return OrderedDict((str(k), _host(v)) for k, v in obj.items())
 
 
 def _hash(*parts: bytes) -> bytes:
@@ -75,11 +91,13 @@ def state_digest(obj: Any, buffers_only: bool = False) -> str:
 
     Parameters
     ----------
-    obj : Layer or dict of str to array
-        What to hash.
+    obj : Layer, framework module or dict of str to array
+        What to hash: a cupysyncbn layer, a ``torch.nn.Module`` (its
+        ``state_dict()``), or a state dict of NumPy, CuPy or DLPack arrays
+        (PyTorch tensors, CPU or CUDA).
     buffers_only : bool
-        For a Layer: hash only the buffers (running statistics), not the
-        parameters.
+        For a layer or module: hash only the buffers (running statistics),
+        not the parameters.
     """
     return _hash(*_entry_hashes(_entries(obj, buffers_only))[2]).hex()
 
@@ -104,13 +122,15 @@ def check_consistency(
 
     Parameters
     ----------
-    obj : Layer or dict of str to array
-        A model (parameters and buffers) or a state dict.
-    comm : Communicator, mpi4py.MPI.Comm or None
-        Group (None: the default communicator).
+    obj : Layer, framework module or dict of str to array
+        A model (parameters and buffers) or a state dict, as for
+        :func:`state_digest`.
+    comm : Communicator, mpi4py.MPI.Comm, torch.distributed.ProcessGroup or None
+        Group (None: the default communicator). Only its
+        :meth:`~cupysyncbn.comm.base.Communicator.allreduce_host` is used.
     buffers_only : bool
-        For a Layer: compare only the buffers (running statistics); use it
-        when parameters are legitimately rank-local.
+        For a layer or module: compare only the buffers (running
+        statistics); use it when parameters are legitimately rank-local.
     raise_on_mismatch : bool
         Raise :class:`StateMismatchError` (on every rank) instead of
         returning the differing names.

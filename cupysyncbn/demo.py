@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -42,6 +41,7 @@ from .comm.base import Communicator
 from .fault import install_abort_hook
 from .grads import allreduce_gradients
 from .norm import BatchNorm1D, BatchNorm2D, SyncBatchNorm
+from .placement import get_device, set_device
 
 __all__ = ["main"]
 
@@ -79,15 +79,6 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _local_rank() -> int:
-    for var in ("MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID",
-                "PMI_LOCAL_RANK", "LOCAL_RANK"):
-        val = os.environ.get(var)
-        if val and val.isdigit():
-            return int(val)
-    return 0
-
-
 def _setup(device: str) -> tuple[Any, Communicator, str]:
     """Array module, communicator and a description of where we run."""
     use_gpu = False
@@ -101,14 +92,14 @@ def _setup(device: str) -> tuple[Any, Communicator, str]:
         if device == "gpu" and not use_gpu:
             raise SystemExit("--device gpu: CuPy sees no GPU here")
     if not use_gpu:
+        set_device("cpu")  # new layers hold NumPy arrays even where a GPU exists
         return np, init("auto" if device == "auto" else "mpi" if _launched() else "none"), "CPU"
     import cupy
 
-    # NCCL picks the GPU of this rank's node-local rank; use the same one.
+    # One placement rule for NCCL and MPI (cupysyncbn.placement).
+    set_device("gpu")
     comm = init("auto")
-    dev = getattr(comm, "device_id", -1)
-    if dev is None or dev < 0:
-        dev = _local_rank() % cupy.cuda.runtime.getDeviceCount()
+    dev = int(get_device()[4:])
     cupy.cuda.Device(dev).use()
     name = cupy.cuda.runtime.getDeviceProperties(dev)["name"]
     name = name.decode() if isinstance(name, bytes) else str(name)

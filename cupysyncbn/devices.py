@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["parse_device", "move_array", "same_kind_device", "device_of"]
+__all__ = ["parse_device", "move_array", "device_of"]
 
 
 def parse_device(device: Any) -> str:
@@ -38,11 +38,6 @@ def device_of(a: Any) -> str:
     if dev is not None and hasattr(dev, "id"):
         return f"cuda:{dev.id}"
     return "cpu"
-
-
-def same_kind_device(a: Any) -> str:
-    """The device an array lives on, for :func:`move_array`."""
-    return device_of(a)
 
 
 def move_array(a: Any, device: str | None, dtype: Any = None, copy: bool = False) -> Any:

@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from . import protocol
+from . import fused_passes, protocol
 from .backends import Backend, get_backend
 from .comm import as_communicator
 from .comm.base import Communicator
@@ -57,6 +57,7 @@ __all__ = [
 ]
 
 _F64 = np.dtype(np.float64)
+_F32 = np.dtype(np.float32)
 
 
 @dataclass
@@ -116,6 +117,9 @@ class ForwardContext:
     batch_stats: bool  # True: training statistics (backward syncs)
     param_dtype: np.dtype
     sync_state: SyncState | None
+    #: Fused (GPU) path: ``(stats64, statc, weight)`` the backward kernels read
+    #: (float64 mean/var/count, compute-dtype mean/invstd, the live weight).
+    fused: Any = None
 
 
 @dataclass
@@ -133,10 +137,13 @@ class ForwardResult:
         no update happened (eval mode, empty global batch, no running stats).
     batch_mean, batch_var : array or None
         Global batch statistics in float64 (biased variance); None in eval.
-    count : int
-        Global number of elements per channel (0 in eval mode).
+    count : int or 0-d device array
+        Global number of elements per channel (0 in eval mode). On the fused
+        GPU path it stays on the device (``int(count)`` synchronizes).
     updated : bool
-        Whether the running statistics were updated.
+        Whether the running statistics were updated. On the fused GPU path:
+        whether an update was requested; the device leaves them unchanged for
+        an empty global batch.
     """
 
     y: Any
@@ -168,8 +175,8 @@ def _validate_input(
     f = format_for_ndim(fmt, x.ndim)
     if f is None:
         return "ndim", ValueError(
-            f"x must have {fmt.ndim} dimensions for data_format={fmt.name!r}; got"
-            f" shape {tuple(x.shape)}"
+            f"x must have 2 to 5 dimensions for data_format={fmt.name!r} (channels on"
+            f" axis {'1' if fmt.channels_first_name else '-1'}); got shape {tuple(x.shape)}"
         )
     c = x.shape[f.channel_axis]
     if num_features is not None and c != num_features:
@@ -199,8 +206,11 @@ def _check_vectors(backend: Backend, num_features: int | None, **vectors: Any) -
         if v is None:
             continue
         if not backend.owns(v):
-            raise TypeError(
-                f"{name} must be a {backend.name} array like x; got {type(v).__name__}"
+            kind = f"{type(v).__module__.split('.')[0]}.{type(v).__name__}"
+            raise TypeError(  # name both libraries: the usual cause is a layer on the
+                # other device than the input (set_device('auto') puts layers on GPUs)
+                f"{name} must be a {backend.name} array like x; got {kind} (move the"
+                " layer with .to('cpu') / .to('cuda'), or pass arrays of its library)"
             )
         if v.ndim != 1 or (num_features is not None and v.shape[0] != num_features):
             raise ValueError(f"{name} must have shape ({num_features},); got {tuple(v.shape)}")
@@ -262,23 +272,9 @@ def running_stats_update(
     ValueError
         ``unbiased_running_var`` with a global ``count`` of 1.
     """
-    if unbiased_running_var:
-        if count == 1:
-            raise ValueError(
-                "unbiased_running_var=True needs more than 1 value per channel in the"
-                " global batch (got 1): the unbiased variance m/(m-1) is undefined"
-            )
-        batch_var = batch_var * (count / (count - 1))
-    if momentum is None:
-        factor = 1.0 / (num_batches_tracked + 1)
-        keep = 1.0 - factor
-    else:
-        keep = float(momentum)
-        factor = 1.0 - keep
-    new_mean = running_mean * keep + batch_mean.astype(running_mean.dtype) * factor
-    new_var = running_var * keep + batch_var.astype(running_var.dtype) * factor
-    return new_mean.astype(running_mean.dtype, copy=False), new_var.astype(
-        running_var.dtype, copy=False
+    return get_backend(running_mean, "running_mean").running_update(
+        running_mean, running_var, batch_mean, batch_var, count, momentum,
+        unbiased_running_var, num_batches_tracked,
     )
 
 
@@ -316,6 +312,7 @@ def batch_norm_forward(
     num_batches_tracked: int = 0,
     sync_state: SyncState | None = None,
     param_dtype: Any = None,
+    inplace_running_stats: bool = False,
 ) -> ForwardResult:
     """Synchronized batch-norm forward.
 
@@ -355,6 +352,10 @@ def batch_norm_forward(
     param_dtype : dtype, optional
         Dtype of the layer (float64 switches the math to float64). Defaults to
         the dtype of ``weight``/``running_mean`` or float32.
+    inplace_running_stats : bool
+        On the fused GPU path, update ``running_mean``/``running_var`` in place
+        (what a layer wants: no allocation, CUDA-graph safe) instead of
+        returning new arrays.
 
     Returns
     -------
@@ -400,7 +401,7 @@ def batch_norm_forward(
             # No weight/running stats give the channel count: take it from x,
             # so this rank joins the peers' collectives instead of leaving
             # them waiting (a differing count fails the handshake everywhere).
-            nf = int(x.shape[-1 if fmt.channel_last else 1])
+            nf = int(x.shape[fmt.axis_for(x.ndim)])
         if not sync or nf is None:
             raise info
         return _forward_invalid(comm_, backend, sync_state, nf, (kind, info))
@@ -412,9 +413,16 @@ def batch_norm_forward(
     v = canonical_view(xc, fmt_x)
     n_local = v.size // c if c else 0
 
+    if _fused_ok(backend, param_dtype, weight, bias, running_mean, running_var):
+        return _forward_fused(
+            backend, comm_, sync_state, x, v, fmt_x, nf, n_local, cdt, param_dtype,
+            (weight, bias, running_mean, running_var), training, batch_stats, momentum,
+            epsilon, unbiased_running_var, num_batches_tracked, sync, inplace_running_stats,
+        )
+
     if not batch_stats:
         mean = _vec(backend, running_mean, cdt)
-        invstd = 1.0 / backend.xp.sqrt(_vec(backend, running_var, cdt) + cdt.type(epsilon))
+        invstd = backend.running_invstd(running_var, epsilon, cdt)
         y = _affine_normalize(backend, v, fmt_x, mean, invstd, weight, bias, cdt, x)
         ctx = ForwardContext(
             v, tuple(x.shape), np.dtype(x.dtype), fmt_x, backend, comm_, mean, invstd,
@@ -433,15 +441,12 @@ def batch_norm_forward(
 
     new_rm, new_rv, updated = running_mean, running_var, False
     if running_mean is not None and training and count > 0:
-        new_rm, new_rv = running_stats_update(
+        new_rm, new_rv = backend.running_update(
             running_mean, running_var, mean, var, count, momentum,
             unbiased_running_var, num_batches_tracked,
         )
         updated = True
-    mean_c = mean.astype(cdt)
-    invstd = (1.0 / backend.xp.sqrt(var + float(epsilon))).astype(cdt)
-    if count == 0:
-        invstd = backend.xp.zeros(nf, dtype=cdt)  # nothing to normalize; no inf
+    mean_c, invstd = backend.forward_coefficients(mean, var, count, epsilon, cdt)
     y = _affine_normalize(backend, v, fmt_x, mean_c, invstd, weight, bias, cdt, x)
     ctx = ForwardContext(
         v, tuple(x.shape), np.dtype(x.dtype), fmt_x, backend, comm_, mean_c, invstd,
@@ -452,15 +457,49 @@ def batch_norm_forward(
     )
 
 
+def _fused_ok(backend: Backend, param_dtype: np.dtype, *vectors: Any) -> bool:
+    """Whether this pass can run on the backend's fused kernels."""
+    if not getattr(backend, "fused", False) or param_dtype not in (_F32, _F64):
+        return False
+    return all(v is None or np.dtype(v.dtype) == param_dtype for v in vectors)
+
+
+def _forward_fused(
+    backend: Backend, comm: Communicator, state: SyncState | None, x: Any, v: Any,
+    fmt: DataFormat, nf: int, n_local: int, cdt: np.dtype, pdt: np.dtype, vectors: tuple,
+    training: bool, batch_stats: bool, momentum: float | None, epsilon: float,
+    unbiased: bool, num_batches_tracked: int, sync: bool, inplace: bool,
+) -> ForwardResult:
+    """A forward on the fused kernels (see :mod:`cupysyncbn.fused_passes`)."""
+    with x.device:
+        y, stats64, statc, new_rm, new_rv, updated = fused_passes.forward(
+            backend=backend, comm=comm, state=state, v=v, channel_last=fmt.channel_last,
+            nf=nf, n_local=n_local, cdt=cdt, pdt=pdt, vectors=vectors, training=training,
+            batch_stats=batch_stats, momentum=momentum, epsilon=float(epsilon),
+            unbiased=unbiased, num_batches_tracked=num_batches_tracked, sync=sync,
+            handshake=lambda: _handshake(comm, backend, state, nf), inplace=inplace,
+        )
+    weight = vectors[0]
+    count = stats64[2 * nf] if batch_stats else 0
+    ctx = ForwardContext(
+        v, tuple(x.shape), np.dtype(x.dtype), fmt, backend, comm, statc[:nf], statc[nf:],
+        weight, count, batch_stats, pdt, state, fused=(stats64, statc, weight),
+    )
+    if not batch_stats:
+        return ForwardResult(y.reshape(x.shape), ctx, new_rm, new_rv)
+    return ForwardResult(
+        y.reshape(x.shape), ctx, new_rm, new_rv, stats64[:nf], stats64[nf : 2 * nf], count,
+        updated,
+    )
+
+
 def _affine_normalize(
     backend: Backend, v: Any, fmt: DataFormat, mean: Any, invstd: Any,
     weight: Any, bias: Any, cdt: np.dtype, x: Any,
 ) -> Any:
-    xp = backend.xp
-    scale = invstd if weight is None else invstd * weight.astype(cdt, copy=False)
-    b = xp.zeros_like(mean) if bias is None else bias.astype(cdt, copy=False)
+    scale, b = backend.affine(invstd, weight, bias, cdt)
     if v.size == 0:
-        return xp.empty(v.shape, dtype=x.dtype)
+        return backend.xp.empty(v.shape, dtype=x.dtype)
     return backend.normalize(v, fmt.channel_last, mean, scale, b, np.dtype(x.dtype))
 
 
@@ -469,12 +508,8 @@ def _global_stats(
     n_local: int, mean_r: Any, m2_r: Any,
 ) -> tuple[int, Any, Any]:
     """Merge per-rank (n, mean, M2) into global float64 mean and biased var."""
-    xp = backend.xp
     if not comm.synchronizes:
-        if n_local == 0:
-            z = xp.zeros(nf, dtype=_F64)
-            return 0, z, z.copy()
-        return n_local, mean_r, xp.maximum(m2_r / n_local, 0.0)
+        return (n_local, *backend.local_stats(n_local, mean_r, m2_r, nf))
     shift = state.shift if state is not None else None
     if shift is None or shift.shape[0] != nf:
         # Two C-sized vectors like every other pass of the layer: equal
@@ -484,25 +519,19 @@ def _global_stats(
             n_local, protocol.PHASE_MEAN, None, nf,
         )
         shift = s / max(total, 1)
-    if mean_r is None:
-        payload = [None, None]
-    else:
-        d = mean_r - shift
-        payload = [d * n_local, m2_r + (d * d) * n_local]
+    payload = backend.shifted_sums(n_local, mean_r, m2_r, shift)
     total, (s, q) = _allreduce(
         comm, backend, state, payload, n_local, protocol.PHASE_STATS, None, nf
     )
+    mean, var = backend.merge_sums(total, s, q, shift, nf)
     if total == 0:
-        z = xp.zeros(nf, dtype=_F64)
-        return 0, z, z.copy()
-    mean = shift + s / total
-    var = xp.maximum((q - s * s / total) / total, 0.0)
+        return 0, mean, var
     if state is not None:
         # A NaN/Inf mean (non-finite input) must not become the next steps'
         # shift, or one bad batch would poison the channel forever. The merge
         # is exact for any shift, so such channels shift by 0 instead; done on
         # the device, without a host read. ``mean`` is identical on every rank.
-        state.shift = xp.where(xp.isfinite(mean), mean, 0.0)
+        state.shift = backend.next_shift(mean)
     return total, mean, var
 
 
@@ -521,6 +550,7 @@ def _forward_invalid(
     comm: Communicator, backend: Backend, state: SyncState | None, nf: int, error: tuple
 ) -> ForwardResult:
     """Take part in the collectives with a zero payload, then raise."""
+    fused_passes.remember_own_error(state, backend, comm, nf, error[1])
     _handshake(comm, backend, state, nf)
     if state is None or state.shift is None or state.shift.shape[0] != nf:
         # the peers run the two-pass path: a mean pass first
@@ -547,7 +577,8 @@ def _forward_not_array(
 @accepts_dlpack("dy")
 @_quiet_fp
 def batch_norm_backward(
-    dy: Any, ctx: ForwardContext, *, need_param_grads: bool = True
+    dy: Any, ctx: ForwardContext, *, need_param_grads: bool = True,
+    accumulate_into: tuple | None = None,
 ) -> tuple[Any, Any, Any]:
     """Synchronized batch-norm backward.
 
@@ -560,6 +591,12 @@ def batch_norm_backward(
         From :func:`batch_norm_forward` (``result.ctx``).
     need_param_grads : bool
         Compute ``dweight``/``dbias`` (else they are None).
+    accumulate_into : (array, array), optional
+        Gradient accumulators ``(weight_grad, bias_grad)`` of the parameter
+        dtype. Where the pass can (the fused GPU path), it adds the local
+        gradients to them in place (no temporaries: CUDA-graph safe) and
+        returns these same arrays as ``dweight, dbias``; otherwise it ignores
+        them and returns new arrays, so callers test ``dweight is grad``.
 
     Returns
     -------
@@ -600,6 +637,7 @@ def batch_norm_backward(
     sync = ctx.batch_stats and ctx.comm.synchronizes
     if err is not None:
         if sync:
+            fused_passes.remember_own_error(ctx.sync_state, backend, ctx.comm, nf, err[1])
             _allreduce(ctx.comm, backend, ctx.sync_state, [None, None], 0,
                        protocol.PHASE_BACKWARD, err, nf)
         raise err[1]
@@ -607,6 +645,24 @@ def batch_norm_backward(
     cl = ctx.fmt.channel_last
     n_local = ctx.x.size // nf if nf else 0
     xp = backend.xp
+    if ctx.fused is not None:
+        stats64, statc, weight = ctx.fused
+        acc = accumulate_into
+        if acc is not None and not (
+            need_param_grads and all(
+                g is not None and backend.owns(g) and g.shape == (nf,)
+                and np.dtype(g.dtype) == ctx.param_dtype and g.flags.c_contiguous
+                for g in acc)
+        ):
+            acc = None
+        with dy.device:
+            dx, dweight, dbias = fused_passes.backward(
+                backend=backend, comm=ctx.comm, state=ctx.sync_state, dyv=dyv, x=ctx.x,
+                channel_last=cl, nf=nf, n_local=n_local, stats64=stats64, statc=statc,
+                weight=weight, pdt=ctx.param_dtype, batch_stats=ctx.batch_stats,
+                need_param_grads=need_param_grads, sync=sync, accumulate_into=acc,
+            )
+        return dx.reshape(ctx.shape), dweight, dbias
     if n_local:
         sum_dy, sum_dy_xhat = backend.backward_reduce(dyv, ctx.x, cl, ctx.mean, ctx.invstd)
     else:
@@ -617,15 +673,9 @@ def batch_norm_backward(
             ctx.comm, backend, ctx.sync_state, [sum_dy, sum_dy_xhat], n_local,
             protocol.PHASE_BACKWARD, None, nf,
         )
-    cdt = ctx.mean.dtype
-    w = ctx.weight if ctx.weight is not None else xp.ones(nf, dtype=cdt)
-    a = (w * ctx.invstd).astype(cdt)
-    if ctx.batch_stats and ctx.count > 0:
-        mean_dy = (g_dy / ctx.count).astype(cdt)
-        b = (a * ctx.invstd * (g_dy_xhat / ctx.count)).astype(cdt)
-    else:
-        mean_dy = xp.zeros(nf, dtype=cdt)
-        b = xp.zeros(nf, dtype=cdt)
+    a, mean_dy, b = backend.backward_coefficients(
+        ctx.weight, ctx.invstd, g_dy, g_dy_xhat, ctx.count, ctx.batch_stats, ctx.mean.dtype
+    )
     if n_local:
         dx = backend.backward_elemt(dyv, ctx.x, cl, ctx.mean, a, mean_dy, b, ctx.dtype)
         dx = dx.reshape(ctx.shape)

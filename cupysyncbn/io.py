@@ -4,7 +4,9 @@
   with ``allow_pickle=False`` and refuses object arrays with a clear error, so
   loading a checkpoint can never run code.
 * Writes are atomic: the archive goes to a temporary file in the target's
-  folder (``.<name>.tmp-XXXX``), is flushed and ``fsync``-ed, then renamed
+  folder (``.<name>.tmp-XXXX``, created with mode 0666 minus the umask, so
+  the checkpoint gets the mode ``numpy.save`` would give it: 0644 under umask
+  022), is flushed and ``fsync``-ed, then renamed
   over the target (``os.replace``). A crash at any point leaves either the old
   file or the new one, never a partial file (a hard crash may leave the
   temporary file behind; it is never read).
@@ -16,7 +18,7 @@
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 import zipfile
 from collections import OrderedDict
 from typing import Any
@@ -128,10 +130,29 @@ def save(state_dict: dict, path: str | os.PathLike, comm: Any = None) -> None:
         raise OSError(f"save: rank 0 could not write {target!r} (see its error)")
 
 
+def _create_temp(folder: str, base: str) -> tuple[int, str]:
+    """Create ``.<base>.tmp-XXXXXXXX`` exclusively, with mode 0666 minus the umask.
+
+    ``tempfile.mkstemp`` would create it 0600 whatever the umask, and the
+    rename would give the checkpoint that mode; ``numpy.save`` and ``open``
+    honour the umask (0644 under 022), so this does too, without changing the
+    process umask (which other threads share).
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    flags |= getattr(os, "O_BINARY", 0)
+    for _ in range(100):
+        tmp = os.path.join(folder, f".{base}.tmp-{secrets.token_hex(4)}")
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:  # pragma: no cover - 32 random bits collided
+            continue
+    raise FileExistsError(f"could not create a temporary file next to {base!r} in {folder!r}")
+
+
 def _atomic_write(arrays: dict, path: str) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     base = os.path.basename(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{base}.tmp-", dir=folder)
+    fd, tmp = _create_temp(folder, base)
     try:
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **arrays)

@@ -2,20 +2,96 @@
 
 Just enough of Paddle's ``nn.Layer`` for batch-norm layers to live in models:
 registration of parameters, buffers and sub-layers by attribute assignment,
-recursive train/eval, dotted-name state dicts, gradient clearing and device or
-dtype moves. There is no autograd: layers implement ``forward`` and
-``backward`` by hand.
+recursive train/eval, dotted-name state dicts (the live arrays, loaded in
+place), gradient clearing, device or dtype moves, ``apply`` and forward hooks.
+There is no autograd: layers implement ``forward`` and ``backward`` by hand,
+and :func:`no_grad` tells them not to keep what a backward would need.
 """
 
 from __future__ import annotations
 
+import functools
+import itertools
+import threading
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 
-__all__ = ["Parameter", "ParamAttr", "Layer"]
+__all__ = [
+    "Parameter",
+    "ParamAttr",
+    "Layer",
+    "HookRemoveHelper",
+    "NoPendingForwardError",
+    "no_grad",
+    "is_grad_enabled",
+]
+
+_grad_mode = threading.local()
+
+
+def is_grad_enabled() -> bool:
+    """False inside :func:`no_grad` (in this thread), True otherwise."""
+    return getattr(_grad_mode, "enabled", True)
+
+
+class no_grad:
+    """Context manager (or decorator) under which forwards keep no backward context.
+
+    Layers normally keep, for every forward, what the matching ``backward``
+    needs (the input among it). Inside ``with cupysyncbn.no_grad():`` they
+    keep nothing, so evaluation or statistics-only loops hold no memory and a
+    later ``backward`` cannot pick up one of their forwards. Training-mode
+    forwards still update running statistics (as in PyTorch). The mode is
+    per thread and nests.
+
+    Examples
+    --------
+    >>> import numpy as np, cupysyncbn as sbn
+    >>> bn = sbn.BatchNorm1D(3)
+    >>> with sbn.no_grad():
+    ...     y = bn(np.ones((4, 3), "float32"))
+    """
+
+    def __enter__(self) -> no_grad:
+        self._prev = is_grad_enabled()
+        _grad_mode.enabled = False
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        _grad_mode.enabled = self._prev
+
+    def __call__(self, fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def inner(*args: Any, **kwargs: Any) -> Any:
+            with no_grad():
+                return fn(*args, **kwargs)
+
+        return inner
+
+
+class NoPendingForwardError(RuntimeError, ValueError):
+    """``backward`` found no pending forward context (a ``RuntimeError``).
+
+    Also a ``ValueError`` so that code written for earlier versions, which
+    raised ``ValueError`` for a backward before forward, keeps working.
+    """
+
+
+class HookRemoveHelper:
+    """Handle returned by the ``register_forward_*_hook`` methods; ``remove()`` detaches."""
+
+    _ids = itertools.count()
+
+    def __init__(self, hooks: OrderedDict) -> None:
+        self._hooks = hooks
+        self._id = next(self._ids)
+
+    def remove(self) -> None:
+        """Detach the hook (a second call does nothing)."""
+        self._hooks.pop(self._id, None)
 
 
 class Parameter:
@@ -155,6 +231,8 @@ class Layer:
         object.__setattr__(self, "training", True)
         object.__setattr__(self, "_full_name", name_scope or type(self).__name__.lower())
         object.__setattr__(self, "_dtype", np.dtype(dtype))
+        object.__setattr__(self, "_forward_pre_hooks", OrderedDict())
+        object.__setattr__(self, "_forward_post_hooks", OrderedDict())
 
     # registration ---------------------------------------------------------
     def __setattr__(self, name: str, value: Any) -> None:
@@ -222,6 +300,46 @@ class Layer:
             return list(self._parameters.values())
         return [p for _, p in self.named_parameters()]
 
+    def named_buffers(
+        self, prefix: str = "", include_sublayers: bool = True
+    ) -> Iterator[tuple[str, Any]]:
+        """Yield ``(dotted_name, array)`` for every buffer (persistable or not).
+
+        The arrays themselves (running statistics are updated in place, so a
+        reference stays current).
+        """
+        layers = (
+            self.named_sublayers(prefix, include_self=True)
+            if include_sublayers
+            else iter([(prefix, self)])
+        )
+        for lname, layer in layers:
+            for bname in layer._buffers:
+                value = getattr(layer, bname)
+                if value is not None:
+                    yield (f"{lname}.{bname}" if lname else bname), value
+
+    def buffers(self, include_sublayers: bool = True) -> list[Any]:
+        """All buffers (running statistics, counters), as the live arrays."""
+        return [b for _, b in self.named_buffers(include_sublayers=include_sublayers)]
+
+    def apply(self, fn: Callable[[Layer], Any]) -> Layer:
+        """Call ``fn(layer)`` on every sub-layer (depth first), then on self; return self.
+
+        Examples
+        --------
+        >>> import cupysyncbn as sbn
+        >>> model = sbn.Sequential(sbn.BatchNorm1D(3), sbn.BatchNorm1D(3))
+        >>> _ = model.apply(lambda m: print(type(m).__name__))
+        BatchNorm1D
+        BatchNorm1D
+        Sequential
+        """
+        for child in self._sub_layers.values():
+            child.apply(fn)
+        fn(self)
+        return self
+
     def _named_state(self) -> Iterator[tuple[str, Layer, str, bool]]:
         # (dotted name, owning layer, attribute, is_parameter), in state order
         for lname, layer in self.named_sublayers(include_self=True):
@@ -252,7 +370,12 @@ class Layer:
 
     # state ------------------------------------------------------------------
     def state_dict(self) -> OrderedDict:
-        """Parameters and persistable buffers by dotted name (the arrays themselves)."""
+        """Parameters and persistable buffers by dotted name: the live arrays.
+
+        As in Paddle, the values are the layer's own arrays, which training
+        updates in place: a state dict taken earlier shows the current values.
+        Copy it (``{k: v.copy() ...}``) to keep a snapshot.
+        """
         out = OrderedDict()
         for key, layer, attr, is_param in self._named_state():
             value = getattr(layer, attr)
@@ -268,12 +391,14 @@ class Layer:
         return {}
 
     def set_state_dict(self, state_dict: dict, strict: bool = True) -> tuple[list, list]:
-        """Load arrays into parameters and buffers, all or nothing.
+        """Copy arrays into the parameters and buffers, all or nothing.
 
         Every entry is validated (name, shape, dtype, finite type) before
         anything is assigned, so a rejected state dict leaves the layer exactly
-        as it was. PyTorch names (``running_mean``, ``running_var``,
-        ``num_batches_tracked``) are accepted for batch-norm layers.
+        as it was. Values are copied into the existing arrays, so references
+        to them (and earlier :meth:`state_dict` results) stay valid. PyTorch
+        names (``running_mean``, ``running_var``, ``num_batches_tracked``)
+        are accepted for batch-norm layers.
 
         Parameters
         ----------
@@ -329,9 +454,10 @@ class Layer:
             )
         for layer, attr, is_param, new in plan:
             if is_param:
-                getattr(layer, attr).data = new
+                p = getattr(layer, attr)
+                p.data = _copy_into(p.data, new)
             else:
-                object.__setattr__(layer, attr, new)
+                object.__setattr__(layer, attr, _copy_into(getattr(layer, attr), new))
         for layer in self.sublayers(include_self=True):
             layer._on_state_loaded()
         return missing, unexpected
@@ -387,8 +513,47 @@ class Layer:
         """Gradient of the input from the gradient of the output."""
         raise NotImplementedError(f"{type(self).__name__} does not implement backward")
 
+    def register_forward_pre_hook(self, hook: Callable) -> HookRemoveHelper:
+        """Run ``hook(layer, inputs)`` before every forward (Paddle's name and semantics).
+
+        ``inputs`` is the tuple of positional arguments; a hook returning
+        something other than None replaces them (a non-tuple becomes a
+        1-tuple). Hooks run in registration order.
+
+        Returns
+        -------
+        HookRemoveHelper
+            ``handle.remove()`` detaches the hook.
+        """
+        handle = HookRemoveHelper(self._forward_pre_hooks)
+        self._forward_pre_hooks[handle._id] = hook
+        return handle
+
+    def register_forward_post_hook(self, hook: Callable) -> HookRemoveHelper:
+        """Run ``hook(layer, inputs, output)`` after every forward.
+
+        A hook returning something other than None replaces the output.
+
+        Returns
+        -------
+        HookRemoveHelper
+            ``handle.remove()`` detaches the hook.
+        """
+        handle = HookRemoveHelper(self._forward_post_hooks)
+        self._forward_post_hooks[handle._id] = hook
+        return handle
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self.forward(*args, **kwargs)
+        for hook in list(self._forward_pre_hooks.values()):
+            res = hook(self, args)
+            if res is not None:
+                args = res if isinstance(res, tuple) else (res,)
+        out = self.forward(*args, **kwargs)
+        for hook in list(self._forward_post_hooks.values()):
+            res = hook(self, args, out)
+            if res is not None:
+                out = res
+        return out
 
     def full_name(self) -> str:
         """The layer's name."""
@@ -410,7 +575,7 @@ class Layer:
 
 def _validated(key: str, value: Any, current: Any) -> Any:
     """Check ``value`` against ``current`` and return it on ``current``'s device."""
-    from .devices import move_array, same_kind_device
+    from .devices import device_of, move_array
 
     if not hasattr(value, "shape") or not hasattr(value, "dtype"):
         try:
@@ -433,4 +598,17 @@ def _validated(key: str, value: Any, current: Any) -> Any:
                 f"state_dict[{key!r}] has dtype {vdt.name}; expected {cdt.name}"
                 " (cast it, or move the layer with .to(dtype=...))"
             )
-    return move_array(value, same_kind_device(current), cdt, copy=True)
+    return move_array(value, device_of(current), cdt, copy=True)
+
+
+def _copy_into(current: Any, new: Any) -> Any:
+    """Write ``new`` into ``current`` in place; returns the array now holding it.
+
+    ``new`` is a validated copy on ``current``'s device. A read-only
+    ``current`` (a user-assigned broadcast view, say) is replaced instead.
+    """
+    flags = getattr(current, "flags", None)
+    if flags is not None and not getattr(flags, "writeable", True):
+        return new
+    current[...] = new
+    return current

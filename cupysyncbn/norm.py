@@ -8,17 +8,20 @@ the one-process communicator, ``SyncBatchNorm`` the group given by ``comm``
 
 from __future__ import annotations
 
+import contextlib
 import numbers
 from typing import Any
 
 import numpy as np
 
 from . import functional as F
+from . import protocol
+from .backends import get_backend
 from .comm import as_communicator
 from .comm.base import LOCAL, Communicator
 from .dtypes import parse_param_dtype
 from .formats import DataFormat, parse_data_format
-from .layer import Layer, ParamAttr, Parameter
+from .layer import Layer, NoPendingForwardError, ParamAttr, Parameter, is_grad_enabled
 
 __all__ = ["BatchNorm1D", "BatchNorm2D", "BatchNorm3D", "SyncBatchNorm"]
 
@@ -68,6 +71,11 @@ class _BatchNormBase(Layer):
     """Shared implementation of the batch-norm layers (see :class:`SyncBatchNorm`)."""
 
     _formats: tuple[str, ...] = ("NC", "NCL", "NCHW", "NCDHW", "NLC", "NHWC", "NDHWC")
+    # Input ranks accepted (Paddle: SyncBatchNorm any of 2-5, BatchNormND their own).
+    _ndims: tuple[int, ...] = (2, 3, 4, 5)
+    #: Most forward contexts kept for ``backward`` (oldest dropped first).
+    #: Set it on a layer used more times than this before its backwards.
+    max_pending_contexts: int = 8
 
     def __init__(
         self,
@@ -119,7 +127,24 @@ class _BatchNormBase(Layer):
         # anything else is resolved now so a bad ``comm`` fails at construction.
         self._comm: Communicator | None = None if comm is None else as_communicator(comm)
         self._sync_state = F.SyncState()
-        self._ctx: F.ForwardContext | None = None
+        # Forward contexts awaiting their backward, most recent last (LIFO).
+        self._pending: list[F.ForwardContext] = []
+        self._dropped = 0  # contexts dropped by the bound, not yet asked for
+        self._place_new_layer()
+
+    def _place_new_layer(self) -> None:
+        """Under ``set_device('auto'|'gpu'...)`` with a GPU, hold CuPy arrays there."""
+        from .placement import layer_device
+
+        dev = layer_device()
+        if dev is not None:
+            self.to(dev)
+        self._state_device = self._device_now()
+
+    def _device_now(self) -> str:
+        from .devices import device_of
+
+        return device_of(self.weight.data)
 
     # read-only views of the configuration ----------------------------------
     @property
@@ -169,7 +194,23 @@ class _BatchNormBase(Layer):
         }
 
     def _on_state_loaded(self) -> None:
-        self._ctx = None
+        self.clear_pending()
+        # A move (``.to``) invalidates the shift and buffers kept on the old
+        # device: the next synchronized pass must not mix NumPy and CuPy.
+        now = self._device_now()
+        if now != getattr(self, "_state_device", now):
+            self._sync_state.reset()
+        self._state_device = now
+
+    def clear_pending(self) -> None:
+        """Forget every pending forward context (frees the inputs they hold)."""
+        self._pending.clear()
+        self._dropped = 0
+
+    @property
+    def num_pending(self) -> int:
+        """Number of forward contexts waiting for a ``backward``."""
+        return len(self._pending)
 
     # passes ------------------------------------------------------------------
     def forward(self, x: Any) -> Any:
@@ -177,9 +218,21 @@ class _BatchNormBase(Layer):
 
         In training mode (or with ``track_running_stats=False``) uses the
         statistics of the global batch, synchronized over :attr:`comm`, and
-        updates the running statistics; in eval mode uses the running
-        statistics without communication.
+        updates the running statistics in place; in eval mode uses the
+        running statistics without communication.
+
+        Unless under :func:`cupysyncbn.no_grad`, the forward's context is kept
+        for :meth:`backward` (at most :attr:`max_pending_contexts`).
         """
+        ndim = getattr(x, "ndim", None)
+        # Only the local BatchNormND narrow the ranks, and they never
+        # synchronize: a synchronized layer must reach the collective (where
+        # functional reports a bad rank on every rank) instead of raising here.
+        if self._ndims != (2, 3, 4, 5) and isinstance(ndim, int) and ndim not in self._ndims:
+            raise ValueError(
+                f"{type(self).__name__} takes inputs of {_ranks(self._ndims)} dimensions;"
+                f" got shape {tuple(x.shape)} with data_format={self._data_format!r}"
+            )
         if self._use_global_stats is None:
             batch_stats = self.training or not self._track_running_stats
         else:
@@ -201,41 +254,122 @@ class _BatchNormBase(Layer):
             num_batches_tracked=int(self._num_batches_tracked),
             sync_state=self._sync_state,
             param_dtype=self._dtype,
+            inplace_running_stats=True,  # GPU: the live arrays, no allocation
         )
         if update and res.updated:
-            object.__setattr__(self, "_mean", res.running_mean)
-            object.__setattr__(self, "_variance", res.running_var)
-            object.__setattr__(
-                self, "_num_batches_tracked", np.asarray(self._num_batches_tracked + 1)
-            )
-        self._ctx = res.ctx
+            # In place (as Paddle and PyTorch): references to the running
+            # statistics and earlier state_dict() results stay current.
+            _store(self._mean, res.running_mean)
+            _store(self._variance, res.running_var)
+            self._num_batches_tracked[...] += 1
+        if is_grad_enabled():
+            self._pending.append(res.ctx)
+            if len(self._pending) > max(1, int(self.max_pending_contexts)):
+                del self._pending[0]
+                self._dropped += 1
         return res.y
 
     def backward(self, dy: Any) -> Any:
-        """Input gradient of the last forward; accumulates parameter gradients.
+        """Input gradient of the most recent pending forward; accumulates parameter gradients.
+
+        Forwards are consumed last in, first out: a layer used k times before
+        its backwards gets k backward calls, in reverse order, and the
+        parameter gradients of all of them add up (as in Paddle and PyTorch).
+        A ``backward`` that raises leaves its forward pending.
 
         Returns
         -------
         dx : array
-            Same shape and dtype as the last forward's input.
+            Same shape and dtype as that forward's input.
 
         Raises
         ------
-        ValueError
-            If no forward ran since the layer was built or loaded, or ``dy``
-            does not match the forward's input.
+        NoPendingForwardError (a RuntimeError)
+            If no forward is pending: none ran since the layer was built or
+            loaded, every one already had its backward, they ran under
+            :func:`cupysyncbn.no_grad`, or the one needed was dropped because
+            more than :attr:`max_pending_contexts` were pending.
+        ValueError, TypeError
+            If ``dy`` does not match the forward's input.
         """
-        if self._ctx is None:
-            raise ValueError(
-                f"{type(self).__name__}.backward(dy) called before forward(x): run a"
-                " forward pass first"
-            )
+        if not self._pending:
+            name = type(self).__name__
+            if self._dropped:
+                self._dropped -= 1
+                self._raise_no_pending(NoPendingForwardError(
+                    f"{name}.backward(dy): the forward it belongs to was dropped: at most"
+                    f" max_pending_contexts={self.max_pending_contexts} forwards are kept"
+                    " awaiting backward (raise layer.max_pending_contexts, or run"
+                    " forward-only passes under cupysyncbn.no_grad())"
+                ))
+            self._raise_no_pending(NoPendingForwardError(
+                f"{name}.backward(dy) called before forward(x): no forward is pending"
+                " (each training forward allows one backward; forwards under"
+                " cupysyncbn.no_grad() keep none)"
+            ))
+        ctx = self._pending.pop()
         need = self.weight.trainable or self.bias.trainable
-        dx, dweight, dbias = F.batch_norm_backward(dy, self._ctx, need_param_grads=need)
-        if need:
-            self.weight.accumulate_grad(dweight)
-            self.bias.accumulate_grad(dbias)
+        gw, gb = self.weight.grad, self.bias.grad
+        acc = (gw, gb) if self.weight.trainable and self.bias.trainable else None
+        try:
+            dx, dweight, dbias = F.batch_norm_backward(
+                dy, ctx, need_param_grads=need, accumulate_into=acc
+            )
+        except BaseException:
+            # A rejected dy (raised on every rank of the group alike) leaves
+            # the forward pending, so a corrected backward can follow.
+            self._pending.append(ctx)
+            raise
+        if need:  # the GPU path may have added to .grad in place already
+            if dweight is not gw:
+                self.weight.accumulate_grad(dweight)
+            if dbias is not gb:
+                self.bias.accumulate_grad(dbias)
         return dx
+
+    def _raise_no_pending(self, err: NoPendingForwardError) -> None:
+        """Raise ``err``, on every rank when the peers may be in a pass of this layer.
+
+        Once a layer has synchronized, a peer that did run a forward waits in
+        this layer's collective: join it with an error slot set (zero
+        payload, the buffer size of every pass) so that every rank raises --
+        this one ``err``, the others a mismatch or ``RemoteInputError`` --
+        instead of leaving them waiting.
+        """
+        state = self._sync_state
+        if self._use_global_stats is None:
+            batch_stats = self.training or not self._track_running_stats
+        else:
+            batch_stats = not self._use_global_stats
+        if not (state.handshake_done and batch_stats and self.comm.synchronizes):
+            raise err
+        backend = get_backend(self.weight.data, "weight")
+        c = self._num_features
+        dev = getattr(self.weight.data, "device", None)  # CuPy: the layer's GPU
+        with dev if hasattr(dev, "__enter__") else contextlib.nullcontext():
+            buf = backend.xp.zeros(protocol.HEADER + 2 * c, dtype=np.float64)
+        protocol.fill_header(
+            buf, 0, protocol.PHASE_BACKWARD, "other", c, state.layer_id, state.calls
+        )
+        state.calls += 1
+        buf = self.comm.allreduce_sum(buf)
+        protocol.check_header(
+            backend.to_host(buf[: protocol.HEADER]), protocol.PHASE_BACKWARD,
+            self.comm.size, err,
+        )
+        raise err  # pragma: no cover - check_header raised
+
+
+def _ranks(ndims: tuple[int, ...]) -> str:
+    if len(ndims) == 1:
+        return str(ndims[0])
+    return ", ".join(map(str, ndims[:-1])) + f" or {ndims[-1]}"
+
+
+def _store(dst: Any, src: Any) -> None:
+    """Copy ``src`` into ``dst`` unless the functional layer already wrote there."""
+    if src is not dst:
+        dst[...] = src
 
 
 class _LocalBatchNorm(_BatchNormBase):
@@ -298,6 +432,7 @@ class BatchNorm1D(_LocalBatchNorm):
     """
 
     _formats = ("NC", "NCL", "NLC")
+    _ndims = (2, 3)
     _default_format = "NCL"
 
 
@@ -309,6 +444,7 @@ class BatchNorm2D(_LocalBatchNorm):
     """
 
     _formats = ("NCHW", "NHWC")
+    _ndims = (4,)
     _default_format = "NCHW"
 
 
@@ -320,6 +456,7 @@ class BatchNorm3D(_LocalBatchNorm):
     """
 
     _formats = ("NCDHW", "NDHWC")
+    _ndims = (5,)
     _default_format = "NCDHW"
 
 
@@ -342,9 +479,10 @@ class SyncBatchNorm(_BatchNormBase):
         False fixes the weight at 1 / the bias at 0 (not trainable, no
         gradient, still in ``state_dict``); each acts on its own parameter.
     data_format : str, default 'NCHW'
-        ``NC, NCL, NCHW, NCDHW`` (channels on axis 1) or ``NLC, NHWC, NDHWC``
-        (channels last). The input's rank must match (``NC``/``NCL``/``NLC``
-        accept 2-D and 3-D inputs).
+        ``NC, NCL, NCHW, NCDHW`` (alias ``NCW``: channels on axis 1) or
+        ``NLC, NHWC, NDHWC`` (alias ``NWC``: channels on the last axis). As in
+        Paddle, any of them takes inputs of 2 to 5 dimensions: the name says
+        where the channels are, not the rank.
     name : str, optional
     comm : Communicator, mpi4py.MPI.Comm or None, keyword-only
         Group to synchronize over; None is the default communicator

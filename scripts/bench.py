@@ -361,10 +361,10 @@ def measure_row(sbn, xp, gpu, timer, counting, rng, shape, fmt, dt, recorder=Non
     from cupysyncbn.backends import get_backend
 
     impl = type(get_backend(x)).__name__  # what actually runs (numba may be missing)
-    if gpu:
-        bn.to("cuda")
+    bn.to("cuda" if gpu else "cpu")  # set_device('auto') may have put it on a GPU
     t_f = timer(lambda: bn(x))
-    t_b = timer(lambda: bn.backward(dy))
+    # each backward consumes one pending forward (LIFO): run it, untimed, first
+    t_b = timer(lambda: bn.backward(dy), before=lambda: bn(x))
     t_fb = timer(lambda: (bn(x), bn.backward(dy)))
     beside = {}
     if not gpu:

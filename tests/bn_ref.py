@@ -3,7 +3,7 @@
 * :func:`ref_forward` / :func:`ref_backward`: textbook batch norm in float64
   NumPy on the *global* batch, written from the formulas of SPEC §2-§3.
 * :func:`split_counts`: uneven ways to cut a batch across ranks.
-* :func:`run_conformance_case`: replays one ``tests/data/*.npz`` vector through
+* :func:`run_conformance_case`: replays one ``cupysyncbn/conformance/data/*.npz`` vector through
   a ``SyncBatchNorm`` on any communicator and returns the worst errors. It is
   used in-process (1 rank) and inside the mpiexec scripts (K ranks).
 """
@@ -15,13 +15,29 @@ from pathlib import Path
 
 import numpy as np
 
-DATA = Path(__file__).resolve().parent / "data"
+TESTS = Path(__file__).resolve().parent
+# The conformance vectors live once, shipped with the package.
+DATA = Path(__file__).resolve().parents[1] / "cupysyncbn" / "conformance" / "data"
 F64 = np.float64
 
 
 def channel_axis(fmt: str, ndim: int) -> int:
-    """Channel axis of an input of ``ndim`` dims in ``fmt`` (NC/NCL share 1-D)."""
-    return ndim - 1 if fmt.endswith("C") else 1
+    """Channel axis of an input of ``ndim`` dims in ``fmt``.
+
+    Paddle's rule, written out independently of ``cupysyncbn.formats``:
+    channel-first names put the channels on axis 1, channel-last names on the
+    last axis, whatever the rank.
+    """
+    if fmt.upper() in ("NC", "NCL", "NCW", "NCHW", "NCDHW"):
+        return 1
+    if fmt.upper() in ("NLC", "NWC", "NHWC", "NDHWC"):
+        return ndim - 1
+    raise ValueError(fmt)
+
+
+def to_numpy(a):
+    """A host NumPy copy of a NumPy or CuPy array."""
+    return a.get() if hasattr(a, "get") and not isinstance(a, np.ndarray) else np.asarray(a)
 
 
 def _b(v, ndim, ca):
@@ -208,7 +224,7 @@ def tolerances(path) -> dict:
 
     float32: 2e-5 absolute on O(1) values (a few float32 ulps of the two
     frameworks' different summation orders). float64: 1e-10. Running stats:
-    rtol 1e-6 (Paddle keeps momentum in float32, see tests/data/README.md).
+    rtol 1e-6 (Paddle keeps momentum in float32, see cupysyncbn/conformance/data/README.md).
     ``eval_ref``: the eval output of the vector inherits Paddle's running-stat
     rounding, |dy| <= |w| * 1e-6 * |mean| / sqrt(var + eps); bounded with the
     vector's own numbers, plus the base tolerance.

@@ -7,7 +7,13 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-DATA = Path(__file__).resolve().parent / "data"
+# conformance vectors: the shipped copy (cupysyncbn/conformance/data), see bn_ref.DATA
+FORCE_ENV = "CUPYSYNCBN_FORCE_COLLECTIVES"
+
+# The NumPy suite builds layers and feeds them NumPy arrays: keep new layers
+# on the CPU even on a GPU machine (set_device('auto') would put them on the
+# GPU). Tests of placement set their own; GPU tests move layers with .to().
+os.environ.setdefault("CUPYSYNCBN_DEVICE", "cpu")
 
 
 @pytest.fixture
@@ -26,7 +32,10 @@ def mpi_job(tmp_path_factory):
     """``get(job, k)``: run ``tests/mpi_cases.py`` job on ``k`` ranks once per session.
 
     Returns the merged check dict (see :func:`bn_ref.parse_result`); several test
-    modules share one launch per (job, k) so the suite stays fast.
+    modules share one launch per (job, k) so the suite stays fast. ``k == 1``
+    runs with ``CUPYSYNCBN_FORCE_COLLECTIVES=1``: one rank then runs the whole
+    synchronized path (handshake, header, shift, one all-reduce per pass), as a
+    one-GPU machine does over NCCL.
     """
     import bn_ref
     from mpi_runner import run_mpi
@@ -38,7 +47,8 @@ def mpi_job(tmp_path_factory):
         if (job, k) not in cache:
             code = f"import sys\nsys.path.insert(0, {here!r})\nimport mpi_cases\nmpi_cases.main()\n"
             tmp = tmp_path_factory.mktemp(f"{job}{k}")
-            res = run_mpi(code, k, timeout=180, tmp_path=tmp, args=(job,))
+            env = {FORCE_ENV: "1"} if k == 1 else None
+            res = run_mpi(code, k, timeout=180, tmp_path=tmp, args=(job,), env=env)
             cache[job, k] = bn_ref.parse_result(res.stdout)
         return cache[job, k]
 

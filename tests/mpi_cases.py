@@ -81,6 +81,7 @@ class Counting(Communicator):
         self.rank = inner.rank
         self.size = inner.size
         self.backend = inner.backend
+        self.force_collectives = inner.force_collectives  # one rank: still synchronizes
         self.calls: list[int] = []
 
     def allreduce_sum(self, buf):
@@ -181,7 +182,9 @@ def _oracle_case(ck, world, comm, rng, fmt, in_dt, layer_dt, momentum=0.8, unbia
             shard.weight.data = w.copy()
             shard.bias.data = b.copy()
             differ = max(differ, _maxabs(shard(np.ascontiguousarray(xs)), ys))
-    ck.ge(f"oracle {name} local BN on the split differs", world.allreduce(differ, op=MPI.MAX), 1e-2)
+    if k > 1:  # one rank (forced collectives): the split is the whole batch
+        ck.ge(f"oracle {name} local BN on the split differs",
+              world.allreduce(differ, op=MPI.MAX), 1e-2)
     if track:
         blobs = world.allgather(sync._mean.tobytes() + sync._variance.tobytes())
         ck.true(f"oracle {name} running stats bitwise identical", len(set(blobs)) == 1)
@@ -352,6 +355,7 @@ def oracle():
     world = MPI.COMM_WORLD
     comm = sbn.init("mpi")
     ck = Checks(world)
+    ck.true("oracle: the communicator synchronizes (one rank: forced)", comm.synchronizes)
     rng = np.random.default_rng(100)  # same stream on every rank: same global batch
     for fmt in SHAPES:
         _oracle_case(ck, world, comm, rng, fmt, np.float32, np.float32)
@@ -393,6 +397,7 @@ def errors():
     comm = sbn.init("mpi")
     rank, k = world.rank, world.size
     ck = Checks(world)
+    ck.true("after init: the communicator synchronizes (one rank: forced)", comm.synchronizes)
     rng = np.random.default_rng(7)
     x = rng.standard_normal((3, 4, 2, 2)).astype(np.float32)
 
@@ -406,13 +411,14 @@ def errors():
         ck.le(f"{tag}: a normal step afterwards is exact", _maxabs(y, yr[sl]), 1e-12)
 
     # num_features differs across ranks: same error type on every rank, no hang.
-    bad = sbn.SyncBatchNorm(3 if rank == 0 else 4, comm=comm)
-    xx = rng.standard_normal((2, 3 if rank == 0 else 4, 2, 2)).astype(np.float32)
-    e = _expect(ck, "num_features mismatch", partial(bad, xx), CollectiveMismatchError,
-                ("num_features",))
-    msgs = world.allgather(f"{type(e).__name__}: {e}")
-    ck.true("num_features mismatch: the same message on every rank", len(set(msgs)) == 1)
-    normal_step("after num_features mismatch")
+    if k > 1:  # (one rank with forced collectives has no one to differ from)
+        bad = sbn.SyncBatchNorm(3 if rank == 0 else 4, comm=comm)
+        xx = rng.standard_normal((2, 3 if rank == 0 else 4, 2, 2)).astype(np.float32)
+        e = _expect(ck, "num_features mismatch", partial(bad, xx), CollectiveMismatchError,
+                    ("num_features",))
+        msgs = world.allgather(f"{type(e).__name__}: {e}")
+        ck.true("num_features mismatch: the same message on every rank", len(set(msgs)) == 1)
+        normal_step("after num_features mismatch")
 
     # One rank's input invalid: specific error there, RemoteInputError elsewhere,
     # on the first pass (handshake + mean pass) and in the steady state.
@@ -421,7 +427,8 @@ def errors():
         cases = [
             ("wrong channel count", lambda: x[:, :3].copy(), ValueError, ("channels",)),
             ("integer dtype", lambda: x.astype(np.int32), TypeError, ("dtype",)),
-            ("rank/format mismatch", lambda: x[:, :, 0].copy(), ValueError, ("dimensions",)),
+            ("rank/format mismatch", lambda: x.reshape(x.shape + (1, 1)), ValueError,
+             ("dimensions",)),
             ("non-array input", lambda: x.tolist(), TypeError, ("x must be",)),
         ]
         for what, make, etype, words in cases:
@@ -451,14 +458,15 @@ def errors():
     normal_step("after input errors")
 
     # Ranks out of step (forward on one rank, backward on the other) in steady state.
-    layer = sbn.SyncBatchNorm(4, comm=comm)
-    layer(x)
-    layer.backward(x)
-    layer(x)
-    layer.backward(x)
-    op = (lambda: layer(x)) if rank == 0 else (lambda: layer.backward(x))
-    _expect(ck, "forward/backward out of step", op, CollectiveMismatchError, ("out of step",))
-    normal_step("after out-of-step")
+    if k > 1:
+        layer = sbn.SyncBatchNorm(4, comm=comm)
+        layer(x)
+        layer.backward(x)
+        layer(x)
+        layer.backward(x)
+        op = (lambda: layer(x)) if rank == 0 else (lambda: layer.backward(x))
+        _expect(ck, "forward/backward out of step", op, CollectiveMismatchError, ("out of step",))
+        normal_step("after out-of-step")
 
     # Unbiased running variance with a global count of 1: every rank raises,
     # the running statistics are left unchanged.
@@ -468,7 +476,7 @@ def errors():
     _expect(ck, "unbiased var with global count 1", lambda: layer(one), ValueError, ("unbiased",))
     ck.true("unbiased count 1: running stats unchanged",
             np.array_equal(before[0], layer._mean) and np.array_equal(before[1], layer._variance))
-    two = np.ones((1, 3), np.float32) * rank  # global count k >= 2 works
+    two = np.ones((2 if k == 1 else 1, 3), np.float32) * rank  # global count >= 2 works
     layer(two)
     ck.true("unbiased: works again with count >= 2", bool(np.isfinite(layer._variance).all()))
 

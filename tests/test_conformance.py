@@ -103,7 +103,7 @@ def multi_rank_results(tmp_path_factory):
     def get(k):
         if k not in cache:
             tmp = tmp_path_factory.mktemp(f"conf{k}")
-            res = run_mpi(SCRIPT.format(tests=str(bn_ref.DATA.parent)), k, timeout=180,
+            res = run_mpi(SCRIPT.format(tests=str(bn_ref.TESTS)), k, timeout=180,
                           tmp_path=tmp)
             line = [ln for ln in res.stdout.splitlines() if ln.startswith("RESULT ")]
             assert line, res.stdout + res.stderr

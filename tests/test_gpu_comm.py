@@ -1,10 +1,13 @@
 """Communicators for CuPy arrays: NCCL (one rank) and MPI (several ranks).
 
 NCCL cannot put two ranks on one GPU, so on a one-GPU machine NCCL is tested
-with one rank (collective, sub-group, layer, watchdog) and the multi-rank
-logic with MPI over CuPy arrays (host staging). The first test runs on any
-machine: when some rank cannot use NCCL, every rank gets the same
-CommunicatorError and ``init('auto')`` falls back to MPI together.
+with one rank and forced collectives (the whole synchronized path: handshake,
+header, one NCCL all-reduce per pass; plus sub-group, layer, watchdog) and the
+multi-rank logic with MPI over CuPy arrays (host staging) on 2 and 3 ranks
+sharing the GPU. The first test runs on any machine: when some rank cannot
+use NCCL, every rank gets the same CommunicatorError and ``init('auto')``
+falls back to MPI together. Placement and agreement with 0-8 GPUs are in
+``test_placement_mpi.py`` (a stand-in for CUDA's device queries).
 """
 
 import json
@@ -92,8 +95,9 @@ import cupysyncbn as sbn
 from cupysyncbn.comm.base import LOCAL
 from cupysyncbn.errors import CommunicatorError
 
-comm = sbn.init("nccl")
+comm = sbn.init("nccl", force_collectives=True)  # the synchronized path on one GPU
 assert comm.backend == "nccl" and comm.size == 1 and comm.rank == 0, comm
+assert comm.synchronizes
 buf = cp.arange(7, dtype=cp.float64) * 0.5
 out = comm.allreduce_sum(buf)
 assert out is buf and cp.array_equal(buf, cp.arange(7) * 0.5)
@@ -116,13 +120,19 @@ dy = rng.standard_normal(x.shape).astype(np.float32)
 ref = sbn.SyncBatchNorm(4, comm=LOCAL)
 lay = sbn.SyncBatchNorm(4, comm=comm).to("cuda")
 errs = []
-for _ in range(3):
+calls = []  # pass markers and the size of every all-reduce of the NCCL communicator
+inner = comm.allreduce_sum
+comm.allreduce_sum = lambda buf: (calls.append(buf.size), inner(buf))[1]
+for step in range(3):
+    calls.append("fwd")
     y_r, y_g = ref(x), lay(cp.asarray(x))
+    calls.append("bwd")
     dx_r, dx_g = ref.backward(dy), lay.backward(cp.asarray(dy))
     errs.append(float(np.abs(cp.asnumpy(y_g) - y_r).max()))
     errs.append(float(np.abs(cp.asnumpy(dx_g) - dx_r).max()))
 for k, v in ref.state_dict().items():
     errs.append(float(np.abs(cp.asnumpy(lay.state_dict()[k]) - v).max()))
+del comm.allreduce_sum
 
 # Watchdog: a collective stuck behind a 4 s kernel trips a 0.5 s timeout.
 spin = cp.RawKernel(r'''
@@ -142,7 +152,7 @@ try:
     short.allreduce_sum(cp.ones(4))
 except CommunicatorError as e:
     tripped = "did not complete" in str(e)
-res = {"rank": 0, "errs": errs, "tripped": tripped}
+res = {"rank": 0, "errs": errs, "tripped": tripped, "calls": calls}
 with open("res_0.json", "w") as f:
     f.write(json.dumps(res))
 # An aborted NCCL communicator may leave the CUDA context unusable (as after
@@ -161,6 +171,16 @@ def test_nccl_one_rank(tmp_path):
     (res,) = _results(tmp_path)
     assert max(res["errs"]) < 2e-5, res
     assert res["tripped"], proc.stderr
+    # Forced collectives over NCCL: after the first forward, exactly one
+    # all-reduce per pass (header + 2C floats).
+    calls = res["calls"]
+    from cupysyncbn import protocol
+
+    first = calls[:calls.index("bwd")]
+    assert first[0] == "fwd" and 2 <= len(first) <= 4, calls  # handshake + first pass
+    steady = calls[calls.index("bwd"):]
+    h = protocol.HEADER + 8  # C = 4
+    assert steady == ["bwd", h] + ["fwd", h, "bwd", h] * 2, calls
 
 
 MPI_CUPY = r"""
@@ -207,7 +227,8 @@ open(f"res_{rank}.json", "w").write(json.dumps(res))
 
 
 @pytest.mark.mpi
-@pytest.mark.parametrize("k", [3])
+@pytest.mark.gpu
+@pytest.mark.parametrize("k", [2, 3])
 def test_mpi_over_cupy_arrays_several_ranks(tmp_path, k):
     if GPU_REASON is not None:
         pytest.skip(GPU_REASON)

@@ -270,3 +270,88 @@ def _check_large(total, c=4, s=1 << 16):
         dx = be.backward_elemt(v, v, channel_last, mc, sc, mc, zero, np.dtype(np.float16))
         assert float(cp.max(cp.abs(dx[tail].astype(cp.float64) - (yref + 1.0)))) < 8e-3
         del dx
+
+
+# -- fused synchronized passes (issue 10) --------------------------------------
+
+def _forced_comm():
+    from cupysyncbn.comm.base import NoCommunicator
+
+    comm = NoCommunicator()
+    comm.force_collectives = True  # the whole synchronized path on one GPU
+    return comm
+
+
+def _layer_pair(fmt, c, comm_cpu, comm_gpu):
+    import cupysyncbn as sbn
+
+    cpu = sbn.SyncBatchNorm(c, data_format=fmt, comm=comm_cpu)
+    gpu = sbn.SyncBatchNorm(c, data_format=fmt, comm=comm_gpu).to("cuda")
+    w = np.linspace(0.5, 2.0, c).astype("float32")
+    cpu.weight.data = w.copy()
+    gpu.weight.data = cp.asarray(w)
+    return cpu, gpu
+
+
+@pytest.mark.parametrize("fmt,shape", [("NCHW", (2, 8, 17, 9)), ("NHWC", (2, 9, 7, 16)),
+                                       ("NC", (5, 24)), ("NCDHW", (1, 3, 4, 5, 6))])
+@pytest.mark.parametrize("dt", ["float16", "float32", "float64"])
+def test_gpu_fused_steady_state_equals_cpu(fmt, shape, dt):
+    c = shape[-1] if fmt[-1] == "C" else shape[1]
+    cpu, gpu = _layer_pair(fmt, c, _forced_comm(), _forced_comm())
+    tol = OUT_TOL[dt]
+    for step in range(3):  # the handshake + mean pass, then the steady state
+        x = _data(shape, dt, 20 + step)
+        dy = _data(shape, dt, 30 + step, offset=0.0)
+        _close(gpu(cp.asarray(x)), cpu(x), tol, "y")
+        _close(gpu.backward(cp.asarray(dy)), cpu.backward(dy), tol, "dx")
+        _close(gpu._mean, cpu._mean, 2e-5, "running mean")
+        _close(gpu._variance, cpu._variance, 2e-5, "running var")
+        _close(gpu.weight.grad, cpu.weight.grad, 50 * tol, "weight.grad")
+    import cupysyncbn as sbn
+
+    sbn.check_errors()
+
+
+def test_gpu_training_step_replays_from_a_cuda_graph():
+    # Capture fails on any host synchronization or pageable copy in the step,
+    # so this is also the on-GPU proof of "no host sync in steady state".
+    import cupysyncbn as sbn
+
+    if not hasattr(cp.cuda.Stream, "begin_capture"):
+        pytest.skip("this CuPy has no stream capture")
+    shape = (2, 16, 12, 10)
+    x = cp.asarray(_data(shape, "float32", 1))
+    dy = cp.asarray(_data(shape, "float32", 2, offset=0.0))
+    graphed = sbn.SyncBatchNorm(16, comm=_forced_comm()).to("cuda")
+    eager = sbn.SyncBatchNorm(16, comm=_forced_comm()).to("cuda")
+    stream = cp.cuda.Stream(non_blocking=True)
+    with stream:
+        for layer in (graphed, eager):
+            for _ in range(2):  # warm-up: handshake, mean pass, workspaces
+                layer(x)
+                layer.backward(dy)
+        stream.synchronize()
+        stream.begin_capture()
+        y = graphed(x)
+        dx = graphed.backward(dy)
+        graph = stream.end_capture()
+        for _ in range(3):
+            graph.launch(stream)
+            y_e = eager(x)
+            dx_e = eager.backward(dy)
+            stream.synchronize()
+            _close(y, y_e, 1e-6, "graph y")
+            _close(dx, dx_e, 1e-6, "graph dx")
+            _close(graphed._mean, eager._mean, 1e-7, "graph running mean")
+            _close(graphed._variance, eager._variance, 1e-7, "graph running var")
+            _close(graphed.weight.grad, eager.weight.grad, 1e-5, "graph weight.grad")
+    sbn.check_errors()
+
+
+def test_gpu_misaligned_rows_take_the_scalar_path():
+    # A view starting 2 elements into its buffer: rows are not 16-byte aligned.
+    base = cp.asarray(_data((2 * 3 * 7 * 5 + 2,), "float32", 3))
+    x = base[2:].reshape(2, 3, 7, 5)
+    cpu, gpu = _layer_pair("NCHW", 3, LOCAL, LOCAL)
+    _close(gpu(x), cpu(cp.asnumpy(x)), 2e-5, "misaligned y")

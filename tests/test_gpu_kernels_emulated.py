@@ -14,10 +14,8 @@ model) is left to ``test_gpu_cupy.py``.
 """
 
 import ctypes
-import re
-import shutil
-import subprocess
 
+import cuda_emu
 import numpy as np
 import pytest
 
@@ -25,143 +23,13 @@ from cupysyncbn.backends import NUMPY_BACKEND
 from cupysyncbn.backends import kernel_source as ks
 from cupysyncbn.backends.cupy_backend import CupyBackend
 
-EMU_H = r"""
-#include <barrier>
-#include <cstdint>
-#include <cstring>
-#include <memory>
-#include <thread>
-#include <vector>
-struct uint3_ { unsigned x = 0, y = 0, z = 0; };
-inline thread_local uint3_ threadIdx, blockIdx;
-inline uint3_ blockDim, gridDim;
-#define __global__
-#define __device__
-#define __forceinline__ inline
-#define __restrict__
-#define __shared__ static
-inline std::unique_ptr<std::barrier<>> g_block;
-inline std::vector<std::unique_ptr<std::barrier<>>> g_warps;
-inline std::vector<std::uint64_t> g_slots;
-inline void __syncthreads() { g_block->arrive_and_wait(); }
-template <typename V>
-inline V __shfl_xor_sync(unsigned, V v, int offset) {
-  const int tid = threadIdx.x + threadIdx.y * blockDim.x;
-  std::barrier<>& bar = *g_warps[tid >> 5];
-  std::uint64_t bits = 0;
-  std::memcpy(&bits, &v, sizeof(V));
-  bar.arrive_and_wait();
-  g_slots[tid] = bits;
-  bar.arrive_and_wait();
-  std::uint64_t o = g_slots[tid ^ offset];
-  bar.arrive_and_wait();
-  V r;
-  std::memcpy(&r, &o, sizeof(V));
-  return r;
-}
-inline float __uint_as_float(unsigned u) { float f; std::memcpy(&f, &u, 4); return f; }
-inline unsigned __float_as_uint(float f) { unsigned u; std::memcpy(&u, &f, 4); return u; }
-template <typename F>
-void launch(unsigned gx, unsigned gy, unsigned bx, unsigned by, F body) {
-  gridDim = {gx, gy, 1};
-  blockDim = {bx, by, 1};
-  const int n = bx * by;
-  g_block = std::make_unique<std::barrier<>>(n);
-  g_warps.clear();
-  for (int w = 0; w < (n + 31) / 32; ++w) g_warps.push_back(std::make_unique<std::barrier<>>(32));
-  g_slots.assign(n, 0);
-  std::vector<std::thread> pool;
-  for (unsigned ty = 0; ty < by; ++ty)
-    for (unsigned tx = 0; tx < bx; ++tx)
-      pool.emplace_back([=] {
-        threadIdx = {tx, ty, 0};
-        for (unsigned b_y = 0; b_y < gy; ++b_y)
-          for (unsigned b_x = 0; b_x < gx; ++b_x) {
-            blockIdx = {b_x, b_y, 0};
-            body();
-            g_block->arrive_and_wait();  // the block ends before the next starts
-          }
-      });
-  for (auto& t : pool) t.join();
-}
-"""
-# Host replacements for the two PTX conversions (GCC's _Float16 rounds to nearest even).
-HALF_IN = '  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));'
-HALF_IN_EMU = "  { _Float16 t; std::memcpy(&t, &h, 2); f = (float)t; }"
-HALF_OUT = '  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));'
-HALF_OUT_EMU = "  { _Float16 t = (_Float16)f; std::memcpy(&h, &t, 2); }"
-
-# Parameter lists of the kernels (T, A, I substituted), in launch order.
-PARAMS = {
-    "bn_stats_partial_cf": "const T* x, long long N, long long C, long long S, int gsx, int gsy,"
-                           " long long* pc, A* pm, A* pq",
-    "bn_stats_partial_cl": "const T* x, long long M, long long C, long long* pc, A* pm, A* pq",
-    "bn_stats_finalize": "const long long* pc, const A* pm, const A* pq, long long C, int G,"
-                         " double* mean, double* m2",
-    "bn_bwd_partial_cf": "const T* dy, const T* x, long long N, long long C, long long S,"
-                         " int gsx, int gsy, const A* mean, A* p1, A* p2",
-    "bn_bwd_partial_cl": "const T* dy, const T* x, long long M, long long C, const A* mean,"
-                         " A* p1, A* p2",
-    "bn_bwd_finalize": "const A* p1, const A* p2, long long C, int G, const A* invstd,"
-                       " double* s1, double* s2",
-    "bn_normalize": "const T* x, T* y, I total, I C, I S, const A* mean, const A* scale,"
-                    " const A* bias",
-    "bn_backward_elemt": "const T* dy, const T* x, T* dx, I total, I C, I S, const A* mean,"
-                         " const A* a, const A* mean_dy, const A* b",
-}
-
-
-def _source():
-    parts = []
-    for i, f in enumerate(ks.KERNEL_FILES):
-        src = ks.read_source(f)
-        if i:  # common.cuh once
-            src = re.sub(r"// begin common\.cuh.*?// end common\.cuh", "", src, flags=re.S)
-        parts.append(src)
-    src = "\n".join(parts)
-    assert HALF_IN in src and HALF_OUT in src, "update the emulated half conversions"
-    src = src.replace(HALF_IN, HALF_IN_EMU).replace(HALF_OUT, HALF_OUT_EMU)
-    wrappers, symbols = [], {}
-    for f in ks.KERNEL_FILES:
-        for k, expr in enumerate(ks.name_expressions(f)):
-            kind, targs = re.fullmatch(r"(\w+)<(.*)>", expr).groups()
-            targs = [t.strip() for t in targs.split(",")]
-            names = {"T": None, "A": None, "I": None}
-            keys = ["A"] if kind.endswith("finalize") else ["T", "A", "I"][: len(targs)]
-            names.update(zip(keys, targs))
-            params = PARAMS[kind]
-            for key, val in names.items():
-                if val is not None:
-                    params = re.sub(rf"\b{key}\b", val, params)
-            args = ", ".join(p.split()[-1].lstrip("*") for p in params.split(","))
-            sym = f"emu_{f.split('.')[0]}_{k}"
-            symbols[expr] = (sym, params)
-            wrappers.append(
-                f'extern "C" void {sym}(unsigned gx, unsigned gy, unsigned bx, unsigned by,'
-                f" {params}) {{ launch(gx, gy, bx, by, [=] {{ {expr}({args}); }}); }}"
-            )
-    return EMU_H + src + "\n" + "\n".join(wrappers) + "\n", symbols
-
 
 @pytest.fixture(scope="module")
-def emu(tmp_path_factory):
-    cxx = shutil.which("g++")
-    if cxx is None:
-        pytest.skip("no g++ to build the CPU emulation of the kernels")
-    d = tmp_path_factory.mktemp("emu")
-    probe = d / "probe.cpp"
-    probe.write_text("#include <barrier>\nint main() { std::barrier<> b(1); _Float16 h = 1; }\n")
-    if subprocess.run([cxx, "-std=c++20", str(probe), "-o", str(d / "probe")],
-                      capture_output=True).returncode:
-        pytest.skip("g++ lacks C++20 <barrier> or _Float16 (needs GCC >= 12 on x86-64)")
-    src, symbols = _source()
-    (d / "emu.cpp").write_text(src)
-    res = subprocess.run([cxx, "-std=c++20", "-O0", "-shared", "-fPIC", "-pthread", "-w",
-                          str(d / "emu.cpp"), "-o", str(d / "libemu.so")],
-                         capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr[-4000:]
-    lib = ctypes.CDLL(str(d / "libemu.so"))
-    return lib, symbols
+def emu():
+    try:
+        return cuda_emu.build()
+    except cuda_emu.Unavailable as e:
+        pytest.skip(str(e))
 
 
 class EmulatedBackend(CupyBackend):
@@ -196,30 +64,7 @@ class EmulatedBackend(CupyBackend):
 
     def _kernel(self, file, name):
         assert name in ks.name_expressions(file), name
-        sym, params = self._symbols[name]
-        fn = getattr(self._lib, sym)
-        kinds = [p.split()[-2] if "*" not in p else "ptr" for p in params.split(",")]
-
-        def call(grid, block, args):
-            assert len(args) == len(kinds), (name, args)
-            grid = tuple(grid) + (1,) * (2 - len(grid))
-            block = tuple(block) + (1,) * (2 - len(block))
-            assert block[0] * block[1] % 32 == 0 and block[0] * block[1] <= 512
-            conv = []
-            for kind, a in zip(kinds, args):
-                if kind == "ptr":
-                    assert isinstance(a, np.ndarray) and a.flags.c_contiguous, (name, kind)
-                    conv.append(ctypes.c_void_p(a.ctypes.data))
-                elif kind == "long":  # long long: exactly np.int64
-                    assert type(a) is np.int64, (name, type(a))
-                    conv.append(ctypes.c_longlong(int(a)))
-                else:
-                    assert kind == "int" and type(a) is np.int32, (name, kind, type(a))
-                    conv.append(ctypes.c_int(int(a)))
-            self.launches.append((name, grid, block))
-            fn(*(ctypes.c_uint(v) for v in (*grid, *block)), *conv)
-
-        return call
+        return cuda_emu.launcher(self._lib, self._symbols, name, self.launches)
 
 
 @pytest.fixture(scope="module")

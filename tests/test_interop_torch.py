@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +14,15 @@ from cupysyncbn.comm.base import LOCAL  # noqa: E402
 from cupysyncbn.interop import torch as ti  # noqa: E402
 
 TOL = 1e-9
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Tiny tensors: PyTorch's thread pool only adds latency on a busy machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def _pair(momentum=0.1, affine=True, track=True, c=4, seed=0):
@@ -35,6 +45,7 @@ def _maxdiff(a, b):
 
 def test_import_cupysyncbn_does_not_import_torch():
     code = "import sys, cupysyncbn, cupysyncbn.interop, cupysyncbn.conformance; " \
+           "assert cupysyncbn.init('auto').backend == 'none'; " \
            "print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
@@ -237,6 +248,14 @@ for step in range(3):
     rec("convert_running_var", sync[1].running_var, model[1].running_var)
     model.zero_grad(); sync.zero_grad()
 
+if len(sys.argv) > 2:  # PyTorch's module_db BatchNorm samples, split over the ranks
+    sys.path.insert(0, sys.argv[2])
+    import test_interop_torch_module_db as mdb
+    walked = mdb.walk(mdb.load_samples(sys.argv[1]), comm, rank, size, allsum)
+    walked = comm.gather(walked, root=0)
+    if rank == 0:
+        mdb.emit(mdb.merge(walked))
+
 worst = {k: comm.allreduce(v, op=MPI.MAX) for k, v in worst.items()}
 if rank == 0:
     for k, v in sorted(worst.items()):
@@ -248,13 +267,30 @@ assert all(v <= 1e-9 for v in worst.values()), worst
 @pytest.mark.mpi
 @pytest.mark.parametrize("n", [1, 3])
 def test_adapter_under_mpiexec_equals_torch_global_batch(n, tmp_path):
-    res = run_mpi(MPI_SCRIPT, n, timeout=240, tmp_path=tmp_path)
+    """One launch per size: the checks above and every module_db BatchNorm sample.
+
+    With 3 ranks each sample's batch is split unevenly with the last rank
+    empty (test_interop_torch_module_db.split_counts); the reference is the
+    torch module on the whole batch.
+    """
+    import test_interop_torch_module_db as mdb
+
+    try:
+        samples = mdb.module_db_samples()
+    except pytest.skip.Exception:  # no expecttest: the checks above only
+        samples, args = None, ()
+    else:
+        args = (mdb.save_samples(tmp_path / "samples.pt"), Path(__file__).parent)
+    res = run_mpi(MPI_SCRIPT, n, timeout=300, tmp_path=tmp_path, args=args)
     errs = {line.split()[1]: float(line.split()[2]) for line in res.stdout.splitlines()
             if line.startswith("MAXERR")}
     print(f"ranks={n}", errs)
     assert set(errs) >= {"y", "dx", "dweight_sum", "dbias_sum", "running_mean", "running_var",
                          "y_eval", "convert_y", "convert_conv_wgrad_sum"}
     assert max(errs.values()) <= 1e-9
+    if samples is not None:
+        worst = mdb.check_walk(mdb.parse(res.stdout), samples)
+        print(f"module_db: {len(samples)} samples on {n} rank(s), worst:", worst)
 
 
 def test_state_dict_helpers_with_torch():

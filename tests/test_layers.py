@@ -311,9 +311,10 @@ def test_gradient_accumulation_and_clear(rng):
     _, w2, b2 = bn_ref.ref_backward(x2, d2, "NCHW")
     np.testing.assert_allclose(layer.weight.grad, w1 + w2, atol=1e-12)
     np.testing.assert_allclose(layer.bias.grad, b1 + b2, atol=1e-12)
-    # backward twice on the same forward accumulates twice
-    layer.backward(d2)
-    np.testing.assert_allclose(layer.bias.grad, b1 + 2 * b2, atol=1e-12)
+    # each forward allows one backward (as Paddle and PyTorch)
+    with pytest.raises(RuntimeError, match="no forward is pending"):
+        layer.backward(d2)
+    np.testing.assert_allclose(layer.bias.grad, b1 + b2, atol=1e-12)
     layer.clear_gradients()
     assert layer.weight.grad is None and layer.bias.grad is None
 
@@ -534,3 +535,230 @@ def test_bfloat16_input_where_available(rng):
     assert y.dtype == x.dtype and layer._mean.dtype == np.float32
     yr = bn_ref.ref_forward(x.astype(np.float64), "NCHW")[0]
     assert np.abs(y.astype(np.float64) - yr).max() <= 2e-2 * max(1.0, np.abs(yr).max())
+
+
+# --------------------------------------------------------------- in-place state
+def _array_libs():
+    libs = [pytest.param(np, id="numpy")]
+    try:
+        import cupy
+
+        cupy.cuda.runtime.getDeviceCount()
+        libs.append(pytest.param(cupy, id="cupy", marks=pytest.mark.gpu))
+    except Exception:  # noqa: BLE001 - no CuPy or no GPU
+        libs.append(pytest.param(None, id="cupy", marks=[pytest.mark.gpu,
+                                                         pytest.mark.skip(reason="no GPU")]))
+    return libs
+
+
+@pytest.mark.parametrize("xp", _array_libs())
+def test_state_keeps_identity_and_state_dict_is_live(rng, xp):
+    layer = _bn(dtype="float64", momentum=None)
+    if xp is not np:
+        layer.to("cuda")
+    arrays = [layer._mean, layer._variance, layer.weight.data, layer.bias.data,
+              layer._num_batches_tracked]
+    sd = layer.state_dict()
+    snapshot = {k: np.array(bn_ref.to_numpy(v)) for k, v in sd.items()}
+    xs = [_x(rng, (4, 3, 2, 2)) for _ in range(3)]
+    for x in xs:
+        layer(xp.asarray(x))
+        layer.backward(xp.asarray(x))
+    after = [layer._mean, layer._variance, layer.weight.data, layer.bias.data,
+             layer._num_batches_tracked]
+    assert all(a is b for a, b in zip(arrays, after))
+    # the state dict taken before the steps shows the update (Paddle: live arrays)
+    assert sd["_mean"] is layer._mean and sd["_variance"] is layer._variance
+    means = [bn_ref.ref_forward(x, "NCHW")[1] for x in xs]
+    np.testing.assert_allclose(bn_ref.to_numpy(sd["_mean"]), np.mean(means, axis=0), atol=1e-14)
+    assert int(sd["_num_batches_tracked"]) == 3
+    assert not np.array_equal(bn_ref.to_numpy(sd["_mean"]), snapshot["_mean"])
+    # set_state_dict copies into the existing arrays
+    layer.set_state_dict({k: xp.asarray(v) for k, v in snapshot.items()})
+    assert all(a is b for a, b in zip(arrays, [layer._mean, layer._variance, layer.weight.data,
+                                               layer.bias.data, layer._num_batches_tracked]))
+    for k, v in snapshot.items():
+        assert np.array_equal(bn_ref.to_numpy(sd[k]), v), k
+
+
+def test_rejected_state_dict_changes_nothing_in_place(rng):
+    layer = _bn()
+    layer(_x(rng, (4, 3, 2, 2), np.float32))
+    before = {k: v.copy() for k, v in layer.state_dict().items()}
+    bad = {k: np.full_like(v, 7) for k, v in before.items()}
+    bad["_variance"] = np.ones(4, np.float32)  # last entry invalid
+    with pytest.raises(ValueError, match="_variance"):
+        layer.set_state_dict(bad)
+    for k, v in layer.state_dict().items():
+        assert np.array_equal(v, before[k]), k
+
+
+# --------------------------------------------------------------- a layer used k times
+@pytest.mark.parametrize("k", [2, 3])
+def test_layer_used_k_times_equals_separate_layers(rng, k):
+    shared = _bn(dtype="float64")
+    separate = [_bn(dtype="float64") for _ in range(k)]
+    w, b = rng.standard_normal(3), rng.standard_normal(3)
+    for la in [shared, *separate]:
+        la.weight.data[...] = w
+        la.bias.data[...] = b
+    xs = [_x(rng, (2 + i, 3, 2, 3)) for i in range(k)]
+    dys = [_x(rng, x.shape) for x in xs]
+    ys = [shared(x) for x in xs]
+    assert shared.num_pending == k
+    dxs = [None] * k
+    for i in reversed(range(k)):  # LIFO, as autograd runs them
+        dxs[i] = shared.backward(dys[i])
+    assert shared.num_pending == 0
+    dw, db = np.zeros(3), np.zeros(3)
+    for i, la in enumerate(separate):
+        assert np.array_equal(la(xs[i]), ys[i])
+        np.testing.assert_allclose(la.backward(dys[i]), dxs[i], rtol=0, atol=1e-13)
+        dxr, dwr, dbr = bn_ref.ref_backward(xs[i], dys[i], "NCHW", w)
+        np.testing.assert_allclose(dxs[i], dxr, rtol=0, atol=1e-12)
+        dw, db = dw + la.weight.grad, db + la.bias.grad
+    np.testing.assert_allclose(shared.weight.grad, dw, rtol=1e-13, atol=1e-13)
+    np.testing.assert_allclose(shared.bias.grad, db, rtol=1e-13, atol=1e-13)
+    with pytest.raises(RuntimeError, match="no forward is pending"):
+        shared.backward(dys[0])
+
+
+def test_sequential_with_a_shared_layer(rng):
+    bn = _bn(dtype="float64")
+    model = sbn.Sequential(bn, Scale(2.0, []), bn)
+    x, dy = _x(rng, (3, 3, 2, 2)), _x(rng, (3, 3, 2, 2))
+    y = model(x)
+    dx = model.backward(dy)
+    h = bn_ref.ref_forward(x, "NCHW")[0]
+    np.testing.assert_allclose(y, bn_ref.ref_forward(2 * h, "NCHW")[0], atol=1e-12)
+    g = bn_ref.ref_backward(2 * h, dy, "NCHW")[0] * 2
+    np.testing.assert_allclose(dx, bn_ref.ref_backward(x, g, "NCHW")[0], atol=1e-10)
+
+
+def test_backward_without_forward_raises_runtime_error():
+    layer = _bn()
+    with pytest.raises(RuntimeError, match="before forward"):
+        layer.backward(np.ones((2, 3, 2, 2), np.float32))
+    assert issubclass(sbn.NoPendingForwardError, RuntimeError)
+
+
+def test_pending_contexts_are_bounded(rng):
+    layer = _bn(dtype="float64")
+    assert layer.max_pending_contexts == 8
+    xs = [_x(rng, (2, 3, 2, 2)) for _ in range(20)]
+    for x in xs:  # a forward-only loop: memory stays bounded
+        layer(x)
+    assert layer.num_pending == 8
+    for x in reversed(xs[-8:]):  # the 8 most recent are still exact
+        np.testing.assert_allclose(layer.backward(x), bn_ref.ref_backward(x, x, "NCHW")[0],
+                                   atol=1e-12)
+    with pytest.raises(RuntimeError, match="was dropped.*max_pending_contexts=8"):
+        layer.backward(xs[11])
+    layer.max_pending_contexts = 2
+    for x in xs[:3]:
+        layer(x)
+    assert layer.num_pending == 2
+    layer.clear_pending()
+    assert layer.num_pending == 0
+
+
+def test_no_grad_keeps_no_context_but_updates_running_stats(rng):
+    layer = _bn(dtype="float64")
+    x = _x(rng, (4, 3, 2, 2))
+    with sbn.no_grad():
+        y = layer(x)
+        with sbn.no_grad():
+            pass
+        layer(x)  # still off after a nested block
+    assert layer.num_pending == 0
+    np.testing.assert_allclose(y, bn_ref.ref_forward(x, "NCHW")[0], atol=1e-12)
+    np.testing.assert_allclose(layer._mean, 0.19 * bn_ref.ref_forward(x, "NCHW")[1], atol=1e-14)
+    with pytest.raises(RuntimeError, match="no_grad"):
+        layer.backward(x)
+
+    @sbn.no_grad()
+    def evaluate(v):
+        return layer(v)
+
+    evaluate(x)
+    assert layer.num_pending == 0
+    layer(x)  # grad mode is back
+    assert layer.num_pending == 1
+
+
+# --------------------------------------------------------------- conveniences
+def test_forward_hooks(rng):
+    layer = _bn(dtype="float64")
+    calls = []
+
+    def pre(la, inputs):
+        calls.append(("pre", la, len(inputs)))
+        return inputs[0] * 2  # replaces the input
+
+    def post(la, inputs, out):
+        calls.append(("post", la))
+        return out + 1  # replaces the output
+
+    h1 = layer.register_forward_pre_hook(pre)
+    h2 = layer.register_forward_post_hook(post)
+    x = _x(rng, (3, 3, 2, 2))
+    y = layer(x)
+    np.testing.assert_allclose(y, bn_ref.ref_forward(2 * x, "NCHW")[0] + 1, atol=1e-12)
+    assert calls == [("pre", layer, 1), ("post", layer)]
+    h1.remove()
+    h1.remove()  # idempotent
+    np.testing.assert_allclose(layer(x), bn_ref.ref_forward(x, "NCHW")[0] + 1, atol=1e-12)
+    h2.remove()
+    np.testing.assert_allclose(layer(x), bn_ref.ref_forward(x, "NCHW")[0], atol=1e-12)
+    # hooks returning None observe only; sub-layers of a Sequential run theirs
+    seen = []
+    inner = _bn()
+    inner.register_forward_post_hook(lambda la, i, o: seen.append(o.shape))
+    sbn.Sequential(inner)(_x(rng, (2, 3, 2, 2), np.float32))
+    assert seen == [(2, 3, 2, 2)]
+
+
+def test_apply_and_buffers():
+    model = sbn.Sequential(("block", Block()), ("head", _bn(5)))
+    order = []
+    assert model.apply(lambda la: order.append(type(la).__name__)) is model
+    assert order[-1] == "Sequential" and order.count("SyncBatchNorm") == 4
+    model.apply(lambda la: la.weight.data.fill(3) if isinstance(la, sbn.SyncBatchNorm) else None)
+    assert all(np.all(v == 3) for k, v in model.state_dict().items() if k.endswith("weight"))
+    named = dict(model.named_buffers())
+    assert list(named)[:3] == ["block.norm._mean", "block.norm._variance",
+                               "block.norm._num_batches_tracked"]
+    assert "head._num_batches_tracked" in named  # non-persistable buffers too
+    assert named["head._mean"] is model["head"]._mean
+    assert len(model.buffers()) == 12
+    assert [k for k, _ in model["head"].named_buffers(prefix="h")] == [
+        "h._mean", "h._variance", "h._num_batches_tracked"]
+
+
+def test_backward_without_pending_forward_raises_on_every_rank(rng):
+    # Once a layer has synchronized, a backward with nothing pending still
+    # joins the layer's collective, so no peer is left waiting in it.
+    from cupysyncbn.errors import CollectiveMismatchError
+
+    group = bn_ref.ThreadGroup(2, timeout=10)
+    x = _x(rng, (2, 3, 2, 2))
+
+    def fn(r, comm):
+        layer = sbn.SyncBatchNorm(3, comm=comm, dtype="float64")
+        layer(x)
+        layer.backward(x)
+        errs = []
+        for rank_doing_backward in ((0, 1), (0,)):  # both ranks, then rank 0 only
+            try:
+                if r in rank_doing_backward:
+                    layer.backward(x)
+                else:
+                    layer(x)
+            except (RuntimeError, ValueError) as e:
+                errs.append(e)
+        return errs
+
+    (a1, a2), (b1, b2) = group.run(fn)
+    assert isinstance(a1, sbn.NoPendingForwardError) and isinstance(b1, sbn.NoPendingForwardError)
+    assert isinstance(a2, CollectiveMismatchError) and isinstance(b2, CollectiveMismatchError)
+    assert "backward on 1" in str(a2)

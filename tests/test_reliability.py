@@ -78,7 +78,7 @@ for when in ("first", "steady"):
     before = (np.copy(bn._mean), np.copy(bn._variance))
     bad_inputs = {
         "channels": (x_good(c=C + 1), ValueError, "channels.*num_features"),
-        "ndim": (np.zeros((3, C), np.float32), ValueError, "dimensions.*data_format"),
+        "ndim": (np.zeros((3, C, 1, 1, 1, 1), np.float32), ValueError, "dimensions.*data_format"),
         "dtype": (np.zeros((3, C, 2, 2), np.int64), TypeError, "x must have a floating dtype"),
         "list": ([[1.0, 2.0]], TypeError, "x must be"),
         "none": (None, TypeError, "x must be"),

@@ -17,6 +17,20 @@ channel-last (``channel_last=True``).
 Per-channel vectors (``mean``, ``scale``...) passed to the primitives are 1-D
 arrays of the compute dtype on the backend's device. Inputs are C-contiguous
 and non-empty; the functional layer handles empty batches.
+
+The per-channel steps between them (what a rank sends, the merge of the
+all-reduced sums, the running-statistics update, the affine and backward
+coefficients) are the :class:`~.channel_math.ChannelMath` primitives every
+backend inherits (``shifted_sums``, ``merge_sums``, ``next_shift``,
+``local_stats``, ``forward_coefficients``, ``running_invstd``, ``affine``,
+``running_update``, ``backward_coefficients``).
+
+A backend with ``fused = True`` (CuPy) also offers the fused primitives
+:mod:`cupysyncbn.fused_passes` runs a pass with, so that a synchronized pass
+is three launches around one all-reduce with no host synchronization:
+``stats_partials`` / ``fwd_pack`` / ``fwd_norm`` and ``bwd_partials`` /
+``bwd_pack`` / ``bwd_elemt`` (the same float64 math as ``ChannelMath``, done
+by the kernels of ``kernels/fused.cu`` on the all-reduced buffer).
 """
 
 from __future__ import annotations
@@ -33,6 +47,8 @@ class Backend(Protocol):
     name: str
     #: The array module (``numpy`` or ``cupy``).
     xp: Any
+    #: Whether the fused pass primitives exist (see the module docstring).
+    fused: bool = False
 
     def owns(self, a: Any) -> bool:
         """True if ``a`` is an array of this backend."""

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from . import kernel_source as ks
+from .channel_math import ChannelMath
 
 __all__ = ["CupyBackend", "get_cupy_backend"]
 
@@ -63,7 +64,7 @@ def _on_input_device(fn: Any) -> Any:
     return wrapper
 
 
-class CupyBackend:
+class CupyBackend(ChannelMath):
     """Batch-norm primitives on CuPy arrays (see :mod:`.base`)."""
 
     name = "cupy"
@@ -292,6 +293,180 @@ class CupyBackend:
                  self._vec(a, adt), self._vec(mean_dy, adt), self._vec(b, adt)),
             )
         return dx if dx.dtype == np.dtype(out_dtype) else dx.astype(out_dtype)
+
+    # -- fused synchronized passes (see kernels/fused.cu) ---------------------
+    #: Has the fused primitives below: functional runs a training pass as
+    #: 3 launches + 1 all-reduce with no host synchronization.
+    fused = True
+
+    @staticmethod
+    def _ptr(a: Any) -> Any:
+        # NULL for an absent vector (the kernels test the pointer).
+        return np.uint64(0) if a is None else a
+
+    @staticmethod
+    def _address(a: Any) -> int:
+        return int(a.data.ptr)
+
+    def _aligned16(self, *arrays: Any) -> bool:
+        return all(self._address(a) % 16 == 0 for a in arrays)
+
+    @staticmethod
+    def _channel_threads(c: int) -> tuple[tuple, tuple]:
+        return (max(1, _cdiv(c, _THREADS)),), (min(_THREADS, 32 * _cdiv(max(c, 1), 32)),)
+
+    def stats_partials(
+        self, x: Any, channel_last: bool, cdt: Any, workspace: Any
+    ) -> tuple[tuple, int]:
+        """Launch the statistics partial kernel into ``workspace``; ``(partials, G)``.
+
+        ``workspace(key, size, dtype)`` returns a reusable array (a layer's).
+        """
+        adt = self._cdt(cdt, x.dtype)
+        t, a = ks.storage_type(x.dtype), ks.accum_type(adt)
+        c = int(x.shape[-1] if channel_last else x.shape[1])
+        if channel_last:
+            m = int(x.shape[0])
+            bdx, bdy, gx, g = self._cl_grid(m, c)
+            grid, args = (gx, g), (x, np.int64(m), np.int64(c))
+        else:
+            n, s = int(x.shape[0]), int(x.shape[2])
+            bdx, bdy, gsx, gsy = self._cf_grid(n, c, s)
+            g = gsx * gsy
+            grid = (g, min(c, _MAX_GRID_YZ))
+            args = (x, np.int64(n), np.int64(c), np.int64(s), np.int32(gsx), np.int32(gsy))
+        parts = (workspace("pc", c * g, _I64), workspace("pm", c * g, adt),
+                 workspace("pq", c * g, adt))
+        self._kernel("stats.cu", ks.stats_partial(t, a, channel_last))(
+            grid, (bdx, bdy), (*args, *parts)
+        )
+        return parts, g
+
+    def fwd_pack(
+        self, parts: tuple | None, g: int, c: int, adt: Any, mode: int, shift_next: Any,
+        shift_used: Any, meanbuf: Any, buf: Any, status: Any, size: int, header: tuple,
+        nbt: Any = None,
+    ) -> None:
+        """Merge partials, write header + shifted sums into ``buf`` (kernels/fused.cu).
+
+        ``header`` is ``(count, phase, error_index, num_features, layer, call)``.
+        """
+        count, phase, err, nf, layer, call = header
+        if parts is None:
+            parts, g = (None, None, None), 0
+        grid, block = self._channel_threads(c)
+        self._kernel("fused.cu", ks.fwd_pack(ks.accum_type(adt)))(
+            grid, block,
+            (*(self._ptr(p) for p in parts), np.int64(c), np.int32(g), np.int32(mode),
+             self._ptr(shift_next), self._ptr(shift_used), self._ptr(meanbuf), buf, status,
+             self._ptr(nbt), np.float64(size), np.int64(count), np.int32(phase), np.int32(err),
+             np.int64(nf), np.int64(layer), np.int64(call)),
+        )
+
+    def _elemt_grid(self, x: Any, channel_last: bool, *arrays: Any) -> tuple:
+        """Grid, block and layout arguments of a fused elementwise kernel."""
+        v = 16 // x.dtype.itemsize
+        target = self._sm_count() * 32
+        if channel_last:
+            m, c = int(x.shape[0]), int(x.shape[1])
+            gx = max(1, _cdiv(_cdiv(c, v), 32))
+            gy = max(1, min(_cdiv(m, 8), _MAX_GRID_YZ, _cdiv(target, gx)))
+            vec = c % v == 0 and self._aligned16(x, *arrays)
+            return (gx, gy), (32, 8), (np.int64(m), np.int64(c), np.int32(vec))
+        n, c, s = (int(d) for d in x.shape)
+        bx = min(_THREADS, max(32, _next_pow2(_cdiv(s, v))))
+        by = _THREADS // bx  # rows per block: short rows share a block
+        gy = max(1, min(_cdiv(_cdiv(s, v), bx), _MAX_GRID_YZ))
+        gx = max(1, min(_cdiv(n * c, by), max(1, _cdiv(target, gy)), 2**31 - 1))
+        return (gx, gy), (bx, by), (np.int64(n * c), np.int64(c), np.int64(s))
+
+    def fwd_norm(
+        self, x: Any, y: Any, channel_last: bool, c: int, buf: Any, shift_used: Any,
+        shift_next: Any, vectors: tuple, out_vectors: tuple, stats64: Any, statc: Any,
+        status: Any, eps: float, keep: float, factor: float, flags: int, size: int,
+        pdt: Any, nbt: Any = None,
+    ) -> None:
+        """Fused finalize + normalize: ``y`` from ``x`` and the reduced ``buf``.
+
+        ``vectors`` = ``(weight, bias, running_mean, running_var)`` (None for
+        absent ones), ``out_vectors`` = new running mean/var (may be the
+        inputs: updated in place). Writes the saved statistics ``stats64``
+        (mean, var, count; float64) and ``statc`` (mean, invstd; compute dtype).
+        ``nbt`` (``[before, after]``, float64): momentum=None's batch count on
+        the device; the kernel takes the averaging factor from it.
+        """
+        t = ks.storage_type(x.dtype)
+        a, p = ks.accum_type(statc.dtype), ks.accum_type(pdt)
+        if x.size:
+            grid, block, layout = self._elemt_grid(x, channel_last, y)
+        else:
+            grid, block = self._channel_threads(c)
+            layout = (np.int64(0), np.int64(c), np.int32(0) if channel_last else np.int64(1))
+        self._kernel("fused.cu", ks.fwd_norm(t, a, p, channel_last))(
+            grid, block,
+            (x, y, *layout, self._ptr(buf), self._ptr(shift_used), self._ptr(shift_next),
+             *(self._ptr(v) for v in vectors), *(self._ptr(v) for v in out_vectors),
+             stats64, statc, self._ptr(status), self._ptr(nbt), np.float64(eps), np.float64(keep),
+             np.float64(factor),
+             np.int32(flags), np.float64(size)),
+        )
+
+    def bwd_partials(
+        self, dy: Any, x: Any, channel_last: bool, mean: Any, workspace: Any
+    ) -> tuple[tuple, int]:
+        """Launch the backward partial kernel into ``workspace``; ``(partials, G)``."""
+        adt = self._cdt(mean.dtype, x.dtype)
+        t, a = ks.storage_type(x.dtype), ks.accum_type(adt)
+        c = int(x.shape[-1] if channel_last else x.shape[1])
+        if channel_last:
+            m = int(x.shape[0])
+            bdx, bdy, gx, g = self._cl_grid(m, c)
+            grid, args = (gx, g), (dy, x, np.int64(m), np.int64(c))
+        else:
+            n, s = int(x.shape[0]), int(x.shape[2])
+            bdx, bdy, gsx, gsy = self._cf_grid(n, c, s)
+            g = gsx * gsy
+            grid = (g, min(c, _MAX_GRID_YZ))
+            args = (dy, x, np.int64(n), np.int64(c), np.int64(s), np.int32(gsx),
+                    np.int32(gsy))
+        parts = (workspace("p1", c * g, adt), workspace("p2", c * g, adt))
+        self._kernel("backward.cu", ks.bwd_partial(t, a, channel_last))(
+            grid, (bdx, bdy), (*args, mean, *parts)
+        )
+        return parts, g
+
+    def bwd_pack(
+        self, parts: tuple | None, g: int, c: int, statc: Any, buf: Any, dweight: Any,
+        dbias: Any, accumulate: bool, header: tuple, pdt: Any,
+    ) -> None:
+        """Merge backward partials, pack header + global-sum payload, local grads."""
+        count, phase, err, nf, layer, call = header
+        if parts is None:
+            parts, g = (None, None), 0
+        a, p = ks.accum_type(statc.dtype), ks.accum_type(pdt)
+        grid, block = self._channel_threads(c)
+        self._kernel("fused.cu", ks.bwd_pack(a, p))(
+            grid, block,
+            (*(self._ptr(q) for q in parts), np.int64(c), np.int32(g), statc, buf,
+             self._ptr(dweight), self._ptr(dbias), np.int32(32 if accumulate else 0),
+             np.int64(count), np.int32(phase), np.int32(err), np.int64(nf), np.int64(layer),
+             np.int64(call)),
+        )
+
+    def bwd_elemt(
+        self, dy: Any, x: Any, dx: Any, channel_last: bool, buf: Any, stats64: Any,
+        statc: Any, weight: Any, status: Any, flags: int, size: int, pdt: Any,
+    ) -> None:
+        """Fused backward coefficients + ``dx`` (kernels/fused.cu)."""
+        t = ks.storage_type(x.dtype)
+        a, p = ks.accum_type(statc.dtype), ks.accum_type(pdt)
+        grid, block, layout = self._elemt_grid(x, channel_last, dy, dx)
+        self._kernel("fused.cu", ks.bwd_elemt(t, a, p, channel_last))(
+            grid, block,
+            (dy, x, dx, *layout, self._ptr(buf), stats64, statc, self._ptr(weight),
+             self._ptr(status),
+             np.int32(flags), np.float64(size)),
+        )
 
     @staticmethod
     def _cs(x: Any, channel_last: bool) -> tuple[int, int]:

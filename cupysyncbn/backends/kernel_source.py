@@ -35,13 +35,18 @@ __all__ = [
     "bwd_finalize",
     "normalize",
     "backward_elemt",
+    "fused_types",
+    "fwd_pack",
+    "fwd_norm",
+    "bwd_pack",
+    "bwd_elemt",
 ]
 
 #: Extra NVRTC options (CuPy adds the architecture and its own defaults).
 COMPILE_OPTIONS: tuple = ("--std=c++14",)
 
 #: The kernel files, each compiled as one module.
-KERNEL_FILES = ("stats.cu", "backward.cu", "elementwise.cu")
+KERNEL_FILES = ("stats.cu", "backward.cu", "elementwise.cu", "fused.cu")
 
 #: C++ storage type of each supported input dtype name.
 STORAGE_TYPES = {
@@ -173,6 +178,40 @@ def backward_elemt(t: str, a: str, index: str) -> str:
     return f"bn_backward_elemt<{t}, {a}, {index}>"
 
 
+def fused_types() -> tuple:
+    """``(T, A, P)`` triples of the fused kernels: storage, compute, parameter type.
+
+    The compute type is float64 when the input or the layer is float64
+    (:func:`cupysyncbn.dtypes.compute_dtype`), else float32.
+    """
+    out = []
+    for t in STORAGE_TYPES.values():
+        for p in ("float", "double"):
+            a = "double" if "double" in (t, p) else "float"
+            out.append((t, a, p))
+    return tuple(out)
+
+
+def fwd_pack(a: str) -> str:
+    """Name expression of the forward pack kernel (merge partials, header, shifted sums)."""
+    return f"bn_fwd_pack<{a}>"
+
+
+def fwd_norm(t: str, a: str, p: str, channel_last: bool) -> str:
+    """Name expression of the fused forward finalize + normalize kernel."""
+    return f"bn_fwd_norm_{'cl' if channel_last else 'cf'}<{t}, {a}, {p}>"
+
+
+def bwd_pack(a: str, p: str) -> str:
+    """Name expression of the backward pack kernel (merge partials, header, grads)."""
+    return f"bn_bwd_pack<{a}, {p}>"
+
+
+def bwd_elemt(t: str, a: str, p: str, channel_last: bool) -> str:
+    """Name expression of the fused backward coefficients + elementwise kernel."""
+    return f"bn_bwd_elemt_{'cl' if channel_last else 'cf'}<{t}, {a}, {p}>"
+
+
 def name_expressions(name: str) -> tuple[str, ...]:
     """Every template instantiation of kernel file ``name`` (dtype x layout x index).
 
@@ -192,4 +231,11 @@ def name_expressions(name: str) -> tuple[str, ...]:
         return tuple(
             f(t, a, i) for f in (normalize, backward_elemt) for t, a in _PAIRS for i in _INDEX
         )
+    if name == "fused.cu":
+        types = fused_types()
+        out = [fwd_pack(a) for a in accs]
+        out += [bwd_pack(a, p) for a, p in sorted({(a, p) for _, a, p in types})]
+        out += [f(t, a, p, cl) for f in (fwd_norm, bwd_elemt) for t, a, p in types
+                for cl in (False, True)]
+        return tuple(out)
     raise ValueError(f"name must be one of {KERNEL_FILES}; got {name!r}")

@@ -38,6 +38,8 @@ from typing import Any
 
 import numpy as np
 
+from .channel_math import ChannelMath
+
 __all__ = ["NumpyBackend", "BACKEND", "CHUNK_BYTES", "ROW_BLOCK"]
 
 _F64 = np.dtype(np.float64)
@@ -199,7 +201,7 @@ def chan_merge(
     return mean, np.maximum(m2, 0.0)
 
 
-class NumpyBackend:
+class NumpyBackend(ChannelMath):
     """Batch-norm primitives on NumPy arrays (see :mod:`.base`)."""
 
     name = "numpy"

@@ -35,6 +35,9 @@ class Communicator:
     #: pass) even in a group of one, so one device exercises every line a
     #: multi-rank job runs (``init(..., force_collectives=True)``).
     force_collectives: bool = False
+    #: GPU passes read the device's header verdict at once (a host sync per
+    #: pass) instead of at the layer's next pass; None: ``CUPYSYNCBN_STRICT_SYNC``.
+    strict_sync: bool | None = None
 
     @property
     def synchronizes(self) -> bool:

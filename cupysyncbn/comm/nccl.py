@@ -1,16 +1,21 @@
 """NCCL communicator for CuPy arrays, bootstrapped over MPI.
 
-* The GPU of each process is chosen by its node-local rank (an
-  ``MPI.COMM_TYPE_SHARED`` split), once per process; sub-group communicators
-  reuse it.
+* Each process's GPU comes from the placement rule
+  (:mod:`cupysyncbn.placement`: node-local rank of the whole job, a single
+  visible GPU, or ``CUPYSYNCBN_DEVICE``), chosen once per process; sub-group
+  communicators reuse it.
+* Before any NCCL call the ranks agree (:mod:`cupysyncbn.comm.agreement`, one
+  MPI all-gather) that every one of them can use NCCL on its own GPU; if not,
+  :class:`CommunicatorError` is raised on every rank.
 * Rank 0 creates the NCCL unique id and broadcasts it over a duplicate of the
   MPI communicator (the bootstrap never mixes with the caller's messages).
   CuPy 13 returns the id as a tuple of ints and CuPy 14 as ``bytes``; either
   is accepted.
-* Before any NCCL call the ranks agree (one MPI all-gather of each rank's
-  problem, if any) that every one of them can use NCCL, so a failure raises
-  :class:`CommunicatorError` on every rank and ``init('auto')`` falls back to
-  MPI together instead of hanging.
+* ``ncclCommInitRank`` errors (``NcclError``) are agreed on too (one more
+  all-gather): every rank raises the same :class:`CommunicatorError`, and
+  ``init('auto')`` falls back to MPI together. The initialization is timed by
+  the collective watchdog, so a rank stuck in it aborts the job instead of
+  hanging.
 * ``allreduce_sum`` enqueues ``ncclAllReduce`` on the current CuPy stream and
   returns without waiting. A watchdog thread checks each collective's
   completion and NCCL's asynchronous errors; past the timeout
@@ -40,41 +45,21 @@ import numpy as np
 from ..errors import CommunicatorError
 from .base import Communicator
 
-__all__ = ["NCCLCommunicator", "node_local_rank", "select_device"]
+__all__ = ["NCCLCommunicator", "nccl_version"]
 
-_DEVICE: int | None = None  # this process's GPU, chosen once
 _POLL_S = 0.05
 
 
-def node_local_rank(mpi_comm: Any) -> tuple[int, int]:
-    """``(rank, size)`` of this process among the ranks of ``mpi_comm`` on its node.
+def nccl_version() -> str:
+    """The loaded NCCL's version as ``'2.21.5'`` ('none' when NCCL is not loadable)."""
+    from . import agreement
 
-    Collective over ``mpi_comm`` (an ``MPI.COMM_TYPE_SHARED`` split).
-    """
-    from mpi4py import MPI
-
-    node = mpi_comm.Split_type(MPI.COMM_TYPE_SHARED, key=mpi_comm.Get_rank())
     try:
-        return node.Get_rank(), node.Get_size()
-    finally:
-        node.Free()
+        from cupy.cuda import nccl
 
-
-def select_device(mpi_comm: Any) -> tuple[int, int]:
-    """The GPU of this process and the number of ranks sharing its node.
-
-    The first call picks ``node_local_rank % device_count`` and makes it
-    CuPy's current device; later calls (sub-groups) return the same device.
-    Collective over ``mpi_comm``.
-    """
-    import cupy
-
-    global _DEVICE
-    local_rank, local_size = node_local_rank(mpi_comm)
-    if _DEVICE is None:
-        _DEVICE = local_rank % cupy.cuda.runtime.getDeviceCount()
-    cupy.cuda.Device(_DEVICE).use()
-    return _DEVICE, local_size
+        return agreement._version_text(nccl.get_version() if nccl.available else None)
+    except Exception:
+        return "none"
 
 
 def _timeout_from_env() -> float:
@@ -103,6 +88,48 @@ def _make_nccl_comm(nccl: Any, size: int, uid: Any, rank: int) -> Any:
     else:  # CuPy 14 wants bytes
         alt = bytes(int(v) & 0xFF for v in uid)
     return nccl.NcclCommunicator(size, alt, rank)
+
+
+def _init_agreed(boot: Any, nccl: Any, cupy: Any, size: int, rank: int, device: int) -> Any:
+    """``ncclCommInitRank`` on every rank of ``boot``, with its failures agreed on.
+
+    Raises
+    ------
+    CommunicatorError
+        On every rank, when getting the id or initializing failed on any rank.
+    """
+    msg: Any = None
+    if rank == 0:
+        try:
+            msg = ("id", nccl.get_unique_id())
+        except Exception as e:  # tell the peers instead of leaving them waiting
+            msg = ("error", f"ncclGetUniqueId failed on rank 0: {e}")
+    kind, uid = boot.bcast(msg, root=0)
+    if kind == "error":
+        raise CommunicatorError(f"backend 'nccl' unavailable: {uid}")
+    from ..fault import shared_watchdog
+
+    comm, err = None, ""
+    dog = shared_watchdog()  # a peer that never joins aborts the job, never a hang
+    started = dog.begin("NCCL initialization (ncclCommInitRank)")
+    try:
+        with cupy.cuda.Device(device):
+            comm = _make_nccl_comm(nccl, size, uid, rank)
+    except Exception as e:  # NcclError, CUDA errors
+        err = f"{type(e).__name__}: {e}"
+    finally:
+        dog.end(started)
+    errors = boot.allgather(err)
+    bad = [(r, e) for r, e in enumerate(errors) if e]
+    if bad:
+        if comm is not None:
+            try:
+                comm.abort()
+            except Exception:
+                pass
+        r, e = bad[0]
+        raise CommunicatorError(f"NCCL initialization failed on rank {r}: {e}")
+    return comm
 
 
 class _Watchdog:
@@ -173,7 +200,8 @@ class NCCLCommunicator(Communicator):
         The group: ``MPI.COMM_WORLD`` or a sub-communicator. Creating the
         communicator is collective over it.
     device : int, optional
-        GPU to use; default: the node-local rank (modulo the GPU count).
+        GPU to use; default: this rank's GPU by the placement rule
+        (:func:`cupysyncbn.placement.this_rank_gpu`).
     timeout : float, optional
         Watchdog timeout in seconds (default ``CUPYSYNCBN_NCCL_TIMEOUT``, else
         ``CUPYSYNCBN_TIMEOUT``, else 600; 0 disables the watchdog).
@@ -182,13 +210,14 @@ class NCCLCommunicator(Communicator):
     ------
     CommunicatorError
         On every rank, when some rank cannot use NCCL (no CuPy, no NCCL
-        library, no GPU, more ranks on a node than GPUs).
+        library, no GPU, two ranks of the group on one GPU), or when NCCL's
+        initialization fails on some rank.
     """
 
     backend = "nccl"
 
     def __init__(self, mpi_comm: Any, device: int | None = None,
-                 timeout: float | None = None) -> None:
+                 timeout: float | None = None, *, _agreed_infos: list | None = None) -> None:
         try:
             from mpi4py import MPI
         except ImportError as e:  # pragma: no cover - depends on the machine
@@ -212,67 +241,25 @@ class NCCLCommunicator(Communicator):
 
         boot = mpi_comm.Dup()  # bootstrap traffic stays off the caller's communicator
         try:
-            problem = self._local_problem(boot, device)
-            problems = boot.allgather(problem)
-            bad = [(r, p) for r, p in enumerate(problems) if p]
-            if bad:
-                r, p = bad[0]
-                raise CommunicatorError(f"backend 'nccl' unavailable: rank {r}: {p}")
+            infos = _agreed_infos
+            if infos is None:  # constructed directly: agree here (init() already did)
+                from . import agreement
+
+                infos = agreement.gather(boot, "nccl", device)
+                agreement.decide("nccl", infos)  # raises on every rank alike
+            self.device_id = int(infos[self.rank]["gpu"])
+            self._init_infos = infos
+            import cupy
             from cupy.cuda import nccl
 
+            self._cupy = cupy
             self._nccl_mod = nccl
-            msg: Any = None
-            if self.rank == 0:
-                try:
-                    msg = ("id", nccl.get_unique_id())
-                except Exception as e:  # tell the peers instead of leaving them waiting
-                    msg = ("error", f"ncclGetUniqueId failed on rank 0: {e}")
-            kind, uid = boot.bcast(msg, root=0)
-            if kind == "error":
-                raise CommunicatorError(f"backend 'nccl' unavailable: {uid}")
-            with self._cupy.cuda.Device(self.device_id):
-                self._nccl = _make_nccl_comm(nccl, self.size, uid, self.rank)
+            self._nccl = _init_agreed(boot, nccl, cupy, self.size, self.rank, self.device_id)
         finally:
             boot.Free()
         if self.timeout > 0:
             self._watchdog = _Watchdog(self, self.timeout)
         atexit.register(_close_at_exit, weakref.ref(self))
-
-    def _local_problem(self, boot: Any, device: int | None) -> str:
-        """Why this rank cannot use NCCL ('' if it can); collective over ``boot``."""
-        try:
-            import cupy
-            from cupy.cuda import nccl
-        except Exception as e:  # ImportError, CUDA driver errors
-            node_local_rank(boot)  # keep the collective sequence of the other ranks
-            return f"cupy is not importable ({e})"
-        self._cupy = cupy
-        try:
-            ndev = cupy.cuda.runtime.getDeviceCount()
-        except Exception as e:
-            ndev, err = 0, str(e)
-        else:
-            err = "no CUDA device"
-        if ndev == 0:
-            node_local_rank(boot)
-            return err
-        try:  # the node split (collective) comes first in both branches
-            if device is None:
-                self.device_id, local_size = select_device(boot)
-            else:
-                _, local_size = node_local_rank(boot)
-                self.device_id = int(device)
-                cupy.cuda.Device(self.device_id).use()
-        except Exception as e:  # e.g. device out of range: report, do not hang the peers
-            return f"cannot use GPU {device if device is not None else ''} ({e})"
-        if not getattr(nccl, "available", False):
-            return 'the NCCL library is not loadable (pip install "nvidia-nccl-cu12>=2.18")'
-        if device is None and local_size > ndev:
-            return (
-                f"{local_size} ranks share a node with {ndev} GPU(s); NCCL needs one GPU"
-                " per rank (use backend='mpi')"
-            )
-        return ""
 
     # -- the collective --------------------------------------------------------
     def supports(self, array: Any) -> bool:
@@ -320,7 +307,9 @@ class NCCLCommunicator(Communicator):
         self._nccl.allReduce(
             buf.data.ptr, buf.data.ptr, buf.size, nccl.NCCL_FLOAT64, nccl.NCCL_SUM, stream.ptr
         )
-        if self._watchdog is not None:
+        # Not inside a CUDA-graph capture: an event recorded there cannot be
+        # queried by the watchdog thread (the graph's replays are not watched).
+        if self._watchdog is not None and not getattr(stream, "is_capturing", bool)():
             self._watchdog.watch(stream)
         return buf
 

@@ -6,6 +6,9 @@
 - :func:`torch_adapter`: ``cupysyncbn.interop.torch.SyncBatchNorm`` (needs torch);
   PyTorch's running variance is unbiased, so it returns ``variance{s}`` and
   ``y_eval`` only for cases with ``unbiased_running_var``.
+- :func:`paddle_adapter`: ``cupysyncbn.interop.paddle.SyncBatchNorm`` (needs
+  paddlepaddle); Paddle's running variance is biased, so it returns
+  ``variance{s}`` and ``y_eval`` only for cases without ``unbiased_running_var``.
 
 Each follows the interface documented in :mod:`cupysyncbn.conformance`.
 """
@@ -16,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["cupysyncbn_layer", "local_batchnorm", "torch_adapter"]
+__all__ = ["cupysyncbn_layer", "local_batchnorm", "torch_adapter", "paddle_adapter"]
 
 
 def _run_layer(case: dict, comm: Any) -> dict:
@@ -34,8 +37,7 @@ def _run_layer(case: dict, comm: Any) -> dict:
     )
     layer.weight.data = np.asarray(case["weight"], dtype=case["dtype"]).copy()
     layer.bias.data = np.asarray(case["bias"], dtype=case["dtype"]).copy()
-    if xp is not np:
-        layer.to(case["device"])
+    layer.to(case.get("device", "cpu"))  # also where set_device('auto') put it on a GPU
     out: dict[str, Any] = {}
     for s in range(case["steps"]):
         out[f"y{s}"] = layer(xp.asarray(case[f"x{s}"]))
@@ -117,4 +119,53 @@ def torch_adapter(case: dict, rank: int, size: int) -> dict:
         bn.eval()
         with torch.no_grad():
             out["y_eval"] = from_t(bn(to_t(case["x_eval"])))
+    return out
+
+
+def paddle_adapter(case: dict, rank: int, size: int) -> dict:
+    """``cupysyncbn.interop.paddle.SyncBatchNorm`` (Paddle conventions) over ``case['comm']``."""
+    import paddle
+
+    from cupysyncbn.comm.base import LOCAL
+    from cupysyncbn.interop.paddle import SyncBatchNorm
+
+    place = "gpu" if case.get("device", "cpu").startswith("cuda") else "cpu"
+    paddle.set_device(place)
+    affine = case["affine"]
+    previous = paddle.get_default_dtype()
+    paddle.set_default_dtype(case["dtype"])  # Paddle layers take their dtype from it
+    try:
+        bn = SyncBatchNorm(
+            len(case["weight"]), epsilon=case["epsilon"], momentum=case["momentum"],
+            weight_attr=None if affine else False, bias_attr=None if affine else False,
+            data_format=case["format"],
+            comm=case["comm"] if case["comm"] is not None else LOCAL,
+        )
+    finally:
+        paddle.set_default_dtype(previous)
+    if affine:
+        bn.weight.set_value(np.asarray(case["weight"], dtype=case["dtype"]))
+        bn.bias.set_value(np.asarray(case["bias"], dtype=case["dtype"]))
+    biased = not case["unbiased_running_var"]
+
+    def to_p(a: np.ndarray, grad: bool = False) -> Any:
+        return paddle.to_tensor(np.ascontiguousarray(a), place=place, stop_gradient=not grad)
+
+    out: dict[str, Any] = {}
+    for s in range(case["steps"]):
+        x = to_p(case[f"x{s}"], grad=True)
+        y = bn(x)
+        y.backward(to_p(case[f"dy{s}"]))
+        out[f"y{s}"], out[f"dx{s}"] = y.numpy(), x.grad.numpy()
+        if affine:
+            out[f"dweight{s}"] = bn.weight.grad.numpy()
+            out[f"dbias{s}"] = bn.bias.grad.numpy()
+        bn.clear_gradients()
+        out[f"mean{s}"] = bn._mean.numpy()
+        if biased:
+            out[f"variance{s}"] = bn._variance.numpy()
+    if "x_eval" in case and biased:  # else the running variance differs
+        bn.eval()
+        with paddle.no_grad():
+            out["y_eval"] = bn(to_p(case["x_eval"])).numpy()
     return out

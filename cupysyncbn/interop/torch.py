@@ -8,12 +8,14 @@ average, ``weight``/``bias`` Parameters, ``running_mean``/``running_var``/
 ``torch.autograd.Function`` whose forward and backward are
 :func:`cupysyncbn.functional.batch_norm_forward` / ``batch_norm_backward``;
 tensors cross over through DLPack without copies (CPU tensors become NumPy
-arrays, CUDA tensors CuPy arrays). Statistics are synchronized over a
-cupysyncbn communicator: MPI for CPU tensors (which ``torch.nn.SyncBatchNorm``
-refuses) and NCCL or MPI for CUDA tensors, exact with uneven and empty
-per-rank batches.
+arrays, CUDA tensors CuPy arrays on PyTorch's current stream). Statistics are
+synchronized over a cupysyncbn communicator: a ``torch.distributed`` process
+group (under ``torchrun``: gloo for CPU tensors, which
+``torch.nn.SyncBatchNorm`` refuses, NCCL for CUDA tensors), MPI, or NCCL,
+exact with uneven and empty per-rank batches.
 
-This is the only module of cupysyncbn that imports ``torch``.
+With :mod:`cupysyncbn.comm.torch`, the only modules of cupysyncbn that import
+``torch``.
 
 Examples
 --------
@@ -24,6 +26,8 @@ Examples
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 from typing import Any
 
 import torch
@@ -58,6 +62,46 @@ def _layout(x: torch.Tensor) -> tuple[str, tuple | None, tuple | None]:
     return _FORMATS[x.dim()], None, None
 
 
+def _on_torch_stream(t: torch.Tensor) -> Any:
+    """Context running CuPy work on PyTorch's current stream of ``t``'s device.
+
+    CUDA tensors become CuPy arrays; without this CuPy would launch on its own
+    current stream, unordered with PyTorch's work on a non-default stream.
+    """
+    if not t.is_cuda:
+        return contextlib.nullcontext()
+    import cupy
+
+    stream = torch.cuda.current_stream(t.device)
+    return _CupyStream(cupy, t.device.index, stream.cuda_stream)
+
+
+class _CupyStream:
+    """``with``: CuPy's current device and stream set to a PyTorch stream."""
+
+    def __init__(self, cupy: Any, device: int, ptr: int) -> None:
+        self._device = cupy.cuda.Device(device)
+        # ptr 0: the legacy default stream (PyTorch's default stream)
+        self._stream = cupy.cuda.Stream.null if ptr == 0 else cupy.cuda.ExternalStream(ptr, device)
+
+    def __enter__(self) -> None:
+        self._device.__enter__()
+        self._stream.__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stream.__exit__(*exc)
+        self._device.__exit__(*exc)
+
+
+def _forward(xv: Any, weight: Any, bias: Any, fmt: str, cfg: dict) -> F.ForwardResult:
+    return F.batch_norm_forward(
+        xv, weight, bias, cfg["running_mean"], cfg["running_var"],
+        training=cfg["training"], momentum=cfg["momentum"], epsilon=cfg["eps"],
+        data_format=fmt, comm=cfg["comm"], unbiased_running_var=cfg["update"],
+        num_batches_tracked=cfg["nbt"], sync_state=cfg["sync_state"],
+    )
+
+
 class _SyncBatchNormFunction(torch.autograd.Function):
     """Autograd bridge: forward/backward are cupysyncbn's functional passes."""
 
@@ -65,18 +109,16 @@ class _SyncBatchNormFunction(torch.autograd.Function):
     def forward(ctx: Any, x: torch.Tensor, weight: Any, bias: Any, cfg: dict) -> torch.Tensor:
         fmt, perm, inv = _layout(x)
         xv = x if perm is None else x.permute(*perm)
-        res = F.batch_norm_forward(
-            xv, weight, bias, cfg["running_mean"], cfg["running_var"],
-            training=cfg["training"], momentum=cfg["momentum"], epsilon=cfg["eps"],
-            data_format=fmt, comm=cfg["comm"], unbiased_running_var=cfg["update"],
-            num_batches_tracked=cfg["nbt"], sync_state=cfg["sync_state"],
-        )
+        with _on_torch_stream(x):
+            res = _forward(xv, weight, bias, fmt, cfg)
         if cfg["update"] and res.updated:
             # In place, so the module's buffers stay the same tensor objects.
             cfg["running_mean"].copy_(res.running_mean)
             cfg["running_var"].copy_(res.running_var)
-            if cfg["num_batches_tracked"] is not None:
-                cfg["num_batches_tracked"].add_(1)
+        if cfg["num_batches_tracked"] is not None:
+            # PyTorch counts every training forward, an empty global batch too
+            # (the statistics are then unchanged); every rank runs this forward.
+            cfg["num_batches_tracked"].add_(1)
         ctx.fctx = res.ctx
         ctx.perm, ctx.inv = perm, inv
         ctx.save_for_backward(x)  # only for autograd's in-place modification check
@@ -91,7 +133,8 @@ class _SyncBatchNormFunction(torch.autograd.Function):
             dy = dy.permute(*ctx.perm)
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         # Always run: in training mode the backward is a collective every rank joins.
-        dx, dw, db = F.batch_norm_backward(dy, ctx.fctx, need_param_grads=need_w or need_b)
+        with _on_torch_stream(dy):
+            dx, dw, db = F.batch_norm_backward(dy, ctx.fctx, need_param_grads=need_w or need_b)
         if ctx.inv is not None:
             dx = dx.permute(*ctx.inv)
         return (dx if need_x else None), (dw if need_w else None), (db if need_b else None), None
@@ -217,14 +260,21 @@ class SyncBatchNorm(_BatchNorm):
         Keep ``running_mean``/``running_var`` (unbiased)/``num_batches_tracked``
         buffers and use them in eval mode. Without them, batch statistics of
         the global batch are used in eval mode too.
-    comm : Communicator, mpi4py.MPI.Comm or None
-        Group to synchronize over; None is cupysyncbn's default communicator
-        (:func:`cupysyncbn.init`; all ranks of ``mpiexec``). Use
+    comm : Communicator, mpi4py.MPI.Comm, torch.distributed.ProcessGroup or None
+        Group to synchronize over (the position of ``torch.nn.SyncBatchNorm``'s
+        ``process_group``); None is cupysyncbn's default communicator
+        (:func:`cupysyncbn.init`: the initialized ``torch.distributed`` group
+        under ``torchrun``, all ranks of ``mpiexec``). Use
         ``cupysyncbn.init('none')`` or a one-process group for local BN. For
         CPU tensors on a machine where the default is NCCL, pass the mpi4py
         communicator itself (``comm=MPI.COMM_WORLD``): MPI reduces host buffers.
     device, dtype : optional
         As for ``torch.nn.BatchNorm2d``.
+    bias : bool, default True, keyword-only
+        With ``affine=True``, False keeps no ``bias`` (it is None, as in
+        ``torch.nn.BatchNorm2d(bias=False)``).
+    process_group : torch.distributed.ProcessGroup, optional, keyword-only
+        ``torch.nn.SyncBatchNorm``'s name for ``comm`` (give one of them).
 
     Notes
     -----
@@ -245,12 +295,35 @@ class SyncBatchNorm(_BatchNorm):
         comm: Any = None,
         device: Any = None,
         dtype: Any = None,
+        *,
+        bias: bool = True,
+        process_group: Any = None,
     ) -> None:
+        if process_group is not None:
+            if comm is not None:
+                raise TypeError("give comm or process_group, not both")
+            comm = process_group
+        extra = {}
+        if not bias:
+            if "bias" not in inspect.signature(_BatchNorm.__init__).parameters:
+                raise TypeError(
+                    f"bias=False needs a PyTorch whose BatchNorm has it (installed:"
+                    f" {torch.__version__})"
+                )
+            extra["bias"] = False
         super().__init__(
-            num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype
+            num_features, eps, momentum, affine, track_running_stats, device=device,
+            dtype=dtype, **extra,
         )
         self.comm = comm
         self._sync_state = F.SyncState()
+
+    def __getstate__(self) -> dict:
+        # A copy (pickle, deepcopy) is a new layer: it agrees on its own layer
+        # id and shift with its group at its first pass.
+        state = dict(super().__getstate__())
+        state["_sync_state"] = F.SyncState()
+        return state
 
     @property
     def comm(self) -> Any:
@@ -287,26 +360,33 @@ class SyncBatchNorm(_BatchNorm):
         )
 
     @classmethod
-    def convert_sync_batchnorm(cls, module: torch.nn.Module, comm: Any = None) -> torch.nn.Module:
+    def convert_sync_batchnorm(
+        cls, module: torch.nn.Module, comm: Any = None, *, process_group: Any = None
+    ) -> torch.nn.Module:
         """See :func:`convert_sync_batchnorm`."""
-        return convert_sync_batchnorm(module, comm)
+        return convert_sync_batchnorm(module, comm, process_group=process_group)
 
 
-def convert_sync_batchnorm(module: torch.nn.Module, comm: Any = None) -> torch.nn.Module:
+def convert_sync_batchnorm(
+    module: torch.nn.Module, comm: Any = None, *, process_group: Any = None
+) -> torch.nn.Module:
     """Replace every ``torch.nn.BatchNorm1d/2d/3d`` (and ``torch.nn.SyncBatchNorm``) by ours.
 
     Like ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``: the new layers
-    keep ``eps``, ``momentum``, ``affine``, ``track_running_stats`` and the
-    training flag, and take over the ``weight``/``bias`` Parameters and the
-    running-statistics buffers (so an optimizer built before the conversion
-    still updates them, and device and dtype are unchanged).
+    keep ``eps``, ``momentum``, ``affine``, ``bias=False`` (no bias),
+    ``track_running_stats`` and the training flag, and take over the
+    ``weight``/``bias`` Parameters and the running-statistics buffers (so an
+    optimizer built before the conversion still updates them, and device and
+    dtype are unchanged).
 
     Parameters
     ----------
     module : torch.nn.Module
         A model, or a single batch-norm layer.
-    comm : Communicator, mpi4py.MPI.Comm or None
+    comm : Communicator, mpi4py.MPI.Comm, torch.distributed.ProcessGroup or None
         Group for the new layers.
+    process_group : torch.distributed.ProcessGroup, optional, keyword-only
+        PyTorch's name for ``comm`` (give one of them).
 
     Returns
     -------
@@ -314,11 +394,19 @@ def convert_sync_batchnorm(module: torch.nn.Module, comm: Any = None) -> torch.n
         ``module`` with its batch norms replaced, or the new layer if
         ``module`` itself is one.
     """
+    if process_group is not None:
+        if comm is not None:
+            raise TypeError("give comm or process_group, not both")
+        comm = process_group
     out = module
     if isinstance(module, _BatchNorm) and not isinstance(module, SyncBatchNorm):
+        like = next((t for t in (module.weight, module.running_mean) if t is not None), None)
         out = SyncBatchNorm(
             module.num_features, module.eps, module.momentum, module.affine,
             module.track_running_stats, comm=comm,
+            bias=not module.affine or module.bias is not None,
+            device=None if like is None else like.device,
+            dtype=None if like is None else like.dtype,
         )
         if module.affine:
             with torch.no_grad():

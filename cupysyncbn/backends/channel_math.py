@@ -1,0 +1,125 @@
+"""The per-channel steps of a pass (C-sized vectors), shared by every backend.
+
+These are the primitives between the data-sized ones (``moments``,
+``normalize``, ``backward_reduce``, ``backward_elemt``): what a rank sends,
+how the all-reduced sums become the global statistics, the running-statistics
+update, and the affine and backward coefficients. The NumPy and numba
+backends (and CuPy's unfused fallback) inherit them from :class:`ChannelMath`
+and run them with ``self.xp``; the fused CUDA path does the same float64 math
+inside its kernels (``kernels/fused.cu``: ``bn_fwd_pack``, ``bn_fwd_norm_*``,
+``bn_bwd_pack``, ``bn_bwd_elemt_*``), with the same casts.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+__all__ = ["ChannelMath", "UNBIASED_COUNT_1"]
+
+_F64 = np.dtype(np.float64)
+
+UNBIASED_COUNT_1 = (
+    "unbiased_running_var=True needs more than 1 value per channel in the"
+    " global batch (got 1): the unbiased variance m/(m-1) is undefined"
+)
+
+
+class ChannelMath:
+    """Per-channel primitives on ``self.xp`` arrays (see the module docstring)."""
+
+    xp: Any
+
+    def local_stats(self, n: int, mean_r: Any, m2_r: Any, nf: int) -> tuple[Any, Any]:
+        """Unsynchronized ``(mean, biased var)`` of ``n`` local elements per channel."""
+        if n == 0:
+            z = self.xp.zeros(nf, dtype=_F64)
+            return z, z.copy()
+        return mean_r, self.xp.maximum(m2_r / n, 0.0)
+
+    def shifted_sums(self, n: int, mean_r: Any, m2_r: Any, shift: Any) -> list:
+        """What a rank sends: ``S = n (m - K)``, ``Q = M2 + n (m - K)^2`` (or zeros)."""
+        if mean_r is None:
+            return [None, None]
+        d = mean_r - shift
+        return [d * n, m2_r + (d * d) * n]
+
+    def merge_sums(self, total: int, s: Any, q: Any, shift: Any, nf: int) -> tuple[Any, Any]:
+        """Global ``(mean, biased var)`` from the all-reduced shifted sums (Chan)."""
+        if total == 0:
+            z = self.xp.zeros(nf, dtype=_F64)
+            return z, z.copy()
+        mean = shift + s / total
+        return mean, self.xp.maximum((q - s * s / total) / total, 0.0)
+
+    def next_shift(self, mean: Any) -> Any:
+        """The next pass's shift: the mean, 0 where it is not finite."""
+        return self.xp.where(self.xp.isfinite(mean), mean, 0.0)
+
+    def forward_coefficients(
+        self, mean: Any, var: Any, count: int, epsilon: float, cdt: np.dtype
+    ) -> tuple[Any, Any]:
+        """``(mean, invstd)`` in the compute dtype; zeros for an empty batch."""
+        mean_c = mean.astype(cdt)
+        invstd = (1.0 / self.xp.sqrt(var + float(epsilon))).astype(cdt)
+        if count == 0:
+            invstd = self.xp.zeros(mean.shape[0], dtype=cdt)  # nothing to normalize; no inf
+        return mean_c, invstd
+
+    def running_invstd(self, running_var: Any, epsilon: float, cdt: np.dtype) -> Any:
+        """``1 / sqrt(running_var + epsilon)`` in the compute dtype (eval mode)."""
+        return 1.0 / self.xp.sqrt(running_var.astype(cdt, copy=False) + cdt.type(epsilon))
+
+    def affine(self, invstd: Any, weight: Any, bias: Any, cdt: np.dtype) -> tuple[Any, Any]:
+        """``(scale, bias)`` of ``y = (x - mean) * scale + bias``."""
+        scale = invstd if weight is None else invstd * weight.astype(cdt, copy=False)
+        b = self.xp.zeros_like(invstd) if bias is None else bias.astype(cdt, copy=False)
+        return scale, b
+
+    def running_update(
+        self, running_mean: Any, running_var: Any, batch_mean: Any, batch_var: Any,
+        count: int, momentum: float | None, unbiased: bool, num_batches_tracked: int,
+    ) -> tuple[Any, Any]:
+        """New running statistics (Paddle convention), as new arrays.
+
+        Raises
+        ------
+        ValueError
+            ``unbiased`` with a global ``count`` of 1.
+        """
+        if unbiased:
+            if count == 1:
+                raise ValueError(UNBIASED_COUNT_1)
+            batch_var = batch_var * (count / (count - 1))
+        if momentum is None:
+            factor = 1.0 / (num_batches_tracked + 1)
+            keep = 1.0 - factor
+        else:
+            keep = float(momentum)
+            factor = 1.0 - keep
+        new_mean = running_mean * keep + batch_mean.astype(running_mean.dtype) * factor
+        new_var = running_var * keep + batch_var.astype(running_var.dtype) * factor
+        return new_mean.astype(running_mean.dtype, copy=False), new_var.astype(
+            running_var.dtype, copy=False
+        )
+
+    def backward_coefficients(
+        self, weight: Any, invstd: Any, g_dy: Any, g_dy_xhat: Any, count: int,
+        batch_stats: bool, cdt: np.dtype,
+    ) -> tuple[Any, Any, Any]:
+        """``(a, mean_dy, b)`` of ``dx = a (dy - mean_dy) - b (x - mean)``.
+
+        ``weight`` is in the compute dtype or None (1); ``g_*`` are the global
+        sums (float64).
+        """
+        nf = invstd.shape[0]
+        w = weight if weight is not None else self.xp.ones(nf, dtype=cdt)
+        a = (w * invstd).astype(cdt)
+        if batch_stats and count > 0:
+            mean_dy = (g_dy / count).astype(cdt)
+            b = (a * invstd * (g_dy_xhat / count)).astype(cdt)
+        else:
+            mean_dy = self.xp.zeros(nf, dtype=cdt)
+            b = self.xp.zeros(nf, dtype=cdt)
+        return a, mean_dy, b

@@ -1,0 +1,230 @@
+"""The synchronized passes on a fused backend (CuPy): launches, no host syncs.
+
+:mod:`cupysyncbn.functional` validates, then hands a pass to this module when
+the backend has the fused primitives (``backend.fused``). A steady-state
+training forward is::
+
+    stats_partials -> fwd_pack -> ONE comm.allreduce_sum -> fwd_norm
+
+(merge, running statistics, invstd/scale/bias, next shift, header check and
+``y`` all in ``fwd_norm``), a training backward::
+
+    bwd_partials -> bwd_pack -> ONE comm.allreduce_sum -> bwd_elemt
+
+and an eval forward one ``fwd_norm``. Per-layer workspaces (partials, the
+wire buffers, the shift, the status) live in the layer's :class:`SyncState`
+and are reused, so a steady-state pass allocates only its outputs and can be
+captured in a CUDA graph. The header verdict is read asynchronously
+(:mod:`cupysyncbn.deferred`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from . import protocol
+from .deferred import DeviceStatus, strict_sync_default
+
+__all__ = ["DeviceWorkspace", "workspace", "forward", "backward", "strict_sync"]
+
+_F64 = np.dtype(np.float64)
+_F_TRAIN, _F_UPDATE, _F_UNBIASED, _F_CHECK, _F_SHIFT = 1, 2, 4, 8, 16
+
+
+class DeviceWorkspace:
+    """One layer's reusable device arrays on one device."""
+
+    def __init__(self, xp: Any, nf: int) -> None:
+        self.xp = xp
+        self.nf = nf
+        self._arrays: dict = {}
+        self.status = DeviceStatus(xp)
+        self.shift_next = xp.zeros(nf, dtype=_F64)
+        self.shift_used = xp.zeros(nf, dtype=_F64)
+        self.has_shift = False
+        # momentum=None: [batches before this pass, after it], counted on the
+        # device (an empty global batch does not count), and the host's
+        # num_batches_tracked the device count was last aligned with.
+        self.nbt = xp.zeros(2, dtype=_F64)
+        self.nbt_host: int | None = None
+
+    def __call__(self, key: str, size: int, dtype: Any) -> Any:
+        """A reusable 1-D array of at least ``size`` elements (a view of ``size``)."""
+        dtype = np.dtype(dtype)
+        a = self._arrays.get((key, dtype))
+        if a is None or a.size < size:
+            a = self.xp.empty(max(size, 1), dtype=dtype)
+            self._arrays[(key, dtype)] = a
+        return a[:size]
+
+
+def workspace(state: Any, backend: Any, nf: int) -> DeviceWorkspace:
+    """The layer's workspace for this device (an ephemeral one without a state)."""
+    if state is None:
+        return DeviceWorkspace(backend.xp, nf)
+    key = ("fused", backend.xp.cuda.Device().id, nf)
+    ws = state._buffers.get(key)
+    if ws is None:
+        ws = DeviceWorkspace(backend.xp, nf)
+        state._buffers[key] = ws
+    return ws
+
+
+def strict_sync(comm: Any) -> bool:
+    """Whether passes over ``comm`` read the device verdict at once."""
+    strict = getattr(comm, "strict_sync", None)
+    return strict_sync_default() if strict is None else bool(strict)
+
+
+def _ids(state: Any, sync: bool) -> tuple[int, int]:
+    if state is None or not sync:
+        return 0, 0
+    call = state.calls
+    state.calls += 1
+    return state.layer_id % protocol.CALL_MODULUS, call % protocol.CALL_MODULUS
+
+
+def _finish(ws: DeviceWorkspace, state: Any, comm: Any) -> None:
+    if state is None or strict_sync(comm):
+        ws.status.check_now(comm.size)
+    else:
+        ws.status.after_pass(comm.size)
+
+
+def poll(state: Any, backend: Any, nf: int) -> None:
+    """Raise a bad verdict of the layer's previous pass (start of a pass)."""
+    if state is not None:
+        ws = state._buffers.get(("fused", backend.xp.cuda.Device().id, nf))
+        if ws is not None:
+            ws.status.poll()
+
+
+def remember_own_error(state: Any, backend: Any, comm: Any, nf: int, exc: BaseException) -> None:
+    """Make the faulty rank raise its own input error again at its next pass.
+
+    Its peers learn of the error only at their next pass of the layer (the
+    deferred verdict) and leave that pass without a collective; so must it.
+    """
+    if state is None or not getattr(backend, "fused", False) or strict_sync(comm):
+        return
+    workspace(state, backend, nf).status.reraise = exc
+
+
+def forward(
+    *, backend: Any, comm: Any, state: Any, v: Any, channel_last: bool, nf: int,
+    n_local: int, cdt: np.dtype, pdt: np.dtype, vectors: tuple, training: bool,
+    batch_stats: bool, momentum: float | None, epsilon: float, unbiased: bool,
+    num_batches_tracked: int, sync: bool, handshake: Any, inplace: bool,
+) -> tuple:
+    """Run a forward; return ``(y_canonical, stats64, statc, new_rm, new_rv, updated)``."""
+    xp = backend.xp
+    weight, bias, rm, rv = vectors
+    y = xp.empty(v.shape, dtype=v.dtype)
+    stats64 = xp.empty(2 * nf + 1, dtype=_F64)
+    statc = xp.empty(2 * nf, dtype=cdt)
+    if not batch_stats:  # eval: one launch, nothing else
+        poll(state, backend, nf)
+        backend.fwd_norm(v, y, channel_last, nf, None, None, None, vectors, (None, None),
+                         stats64, statc, None, epsilon, 0.0, 0.0, 0, comm.size, pdt)
+        return y, stats64, statc, rm, rv, False
+    ws = workspace(state, backend, nf)
+    if state is not None:
+        ws.status.poll()
+    if sync:
+        handshake()
+    update = rm is not None and training
+    nbt = None
+    if update and momentum is None and state is not None:
+        if ws.nbt_host != num_batches_tracked:  # first pass, or state loaded
+            ws.nbt[1:].fill(float(num_batches_tracked))
+        nbt = ws.nbt
+        ws.nbt_host = num_batches_tracked + 1  # the layer counts this pass
+    parts, g = (backend.stats_partials(v, channel_last, cdt, ws) if n_local else (None, 0))
+    size = comm.size
+    wire = protocol.HEADER + 2 * nf
+    buf = ws("buf", wire, _F64)
+    st = ws.status.device
+    if sync and not (state is not None and ws.has_shift):
+        # First pass (or no state): one extra all-reduce finds the global mean.
+        bufm = ws("bufm", wire, _F64)
+        layer, call = _ids(state, sync)
+        backend.fwd_pack(parts, g, nf, cdt, 1, None, None, None, bufm, st, size,
+                         (n_local, protocol.PHASE_MEAN, -1, nf, layer, call), nbt)
+        comm.allreduce_sum(bufm)
+        layer, call = _ids(state, sync)
+        backend.fwd_pack(parts, g, nf, cdt, 2, None, ws.shift_used, bufm, buf, st, size,
+                         (n_local, protocol.PHASE_STATS, -1, nf, layer, call), nbt)
+        comm.allreduce_sum(buf)
+    elif sync:
+        layer, call = _ids(state, sync)
+        backend.fwd_pack(parts, g, nf, cdt, 0, ws.shift_next, ws.shift_used, None, buf, st,
+                         size, (n_local, protocol.PHASE_STATS, -1, nf, layer, call), nbt)
+        comm.allreduce_sum(buf)
+    else:
+        backend.fwd_pack(parts, g, nf, cdt, 3, None, ws.shift_used, None, buf, st, size,
+                         (n_local, protocol.PHASE_STATS, -1, nf, 0, 0), nbt)
+    if sync and state is not None:
+        ws.has_shift = True
+        state.shift = ws.shift_next  # the error path's "is there a shift" test
+    outs = (None, None)
+    if update:
+        outs = (rm, rv) if inplace else (xp.empty_like(rm), xp.empty_like(rv))
+    if momentum is None:
+        factor = 1.0 / (num_batches_tracked + 1)
+        keep = 1.0 - factor
+    else:
+        keep = float(momentum)
+        factor = 1.0 - keep
+    flags = _F_TRAIN
+    flags |= (_F_CHECK | (_F_SHIFT if state is not None else 0)) if sync else 0
+    flags |= (_F_UPDATE | (_F_UNBIASED if unbiased else 0)) if update else 0
+    backend.fwd_norm(v, y, channel_last, nf, buf, ws.shift_used, ws.shift_next, vectors, outs,
+                     stats64, statc, st, epsilon, keep, factor, flags, size, pdt, nbt)
+    _finish(ws, state, comm)
+    new_rm, new_rv = outs if update else (rm, rv)
+    return y, stats64, statc, new_rm, new_rv, update
+
+
+def backward(
+    *, backend: Any, comm: Any, state: Any, dyv: Any, x: Any, channel_last: bool, nf: int,
+    n_local: int, stats64: Any, statc: Any, weight: Any, pdt: np.dtype, batch_stats: bool,
+    need_param_grads: bool, sync: bool, accumulate_into: tuple | None = None,
+) -> tuple:
+    """Run a backward; return ``(dx_canonical, dweight, dbias)``.
+
+    With ``accumulate_into=(grad_w, grad_b)`` the local gradients are added
+    to those arrays in place by the pack kernel and they are returned.
+    """
+    xp = backend.xp
+    ws = workspace(state, backend, nf) if (batch_stats or state is not None) else None
+    if state is not None:
+        ws.status.poll()
+    dweight = dbias = None
+    accumulate = accumulate_into is not None
+    if accumulate:
+        dweight, dbias = accumulate_into
+    elif need_param_grads:
+        dweight = xp.empty(nf, dtype=pdt)
+        dbias = xp.empty(nf, dtype=pdt)
+    buf = None
+    if batch_stats or need_param_grads or accumulate:
+        if ws is None:
+            ws = workspace(None, backend, nf)
+        parts, g = (backend.bwd_partials(dyv, x, channel_last, statc[:nf], ws)
+                    if n_local else (None, 0))
+        buf = ws("bufb", protocol.HEADER + 2 * nf, _F64)
+        layer, call = _ids(state, sync)
+        backend.bwd_pack(parts, g, nf, statc, buf, dweight, dbias, accumulate,
+                         (n_local, protocol.PHASE_BACKWARD, -1, nf, layer, call), pdt)
+        if sync:
+            comm.allreduce_sum(buf)
+    dx = xp.empty(x.shape, dtype=x.dtype)
+    if n_local or sync:
+        flags = (_F_TRAIN if batch_stats else 0) | (_F_CHECK if sync else 0)
+        backend.bwd_elemt(dyv, x, dx, channel_last, buf, stats64, statc, weight,
+                          ws.status.device if ws is not None else None, flags, comm.size, pdt)
+    if ws is not None and (sync or state is None):
+        _finish(ws, state, comm)
+    return dx, dweight, dbias

@@ -1,0 +1,176 @@
+"""A stand-in for CuPy's CUDA device queries and NCCL, for machines without a GPU.
+
+``install(...)`` puts modules ``cupy``, ``cupy.cuda`` and ``cupy.cuda.nccl``
+into ``sys.modules`` that answer what cupysyncbn asks a real CuPy: how many
+GPUs are visible, each one's PCI bus id, which one is current, whether NCCL
+loads, its version, a unique id, and ``NcclCommunicator`` (which can be told
+to fail the way ``ncclCommInitRank`` does). "Device arrays" wrap NumPy arrays
+and know their device, so layers can be placed on a fake GPU. Everything the
+code under test does with them is recorded in the returned :class:`State`.
+
+Scenarios: ``ndev`` GPUs on the node (PCI bus ids ``0000:NN:00.0``), or
+``bus_ids`` given explicitly (e.g. one GPU per rank: each rank sees one GPU
+with its own bus id, as under ``CUDA_VISIBLE_DEVICES``/``--gpus-per-task=1``).
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+
+import numpy as np
+
+NAMES = ("cupy", "cupy.cuda", "cupy.cuda.nccl", "cupy.cuda.runtime")
+
+
+class NcclError(RuntimeError):
+    """What ``cupy.cuda.nccl`` raises."""
+
+
+class State:
+    def __init__(self, ndev, bus_ids, nccl_available, nccl_version, init_error):
+        self.ndev = ndev
+        self.bus_ids = list(bus_ids) if bus_ids is not None else [
+            f"0000:{0x10 + i:02X}:00.0" for i in range(ndev)]
+        self.nccl_available = nccl_available
+        self.nccl_version = nccl_version
+        self.init_error = init_error
+        self.current = 0
+        self.uses: list[int] = []  # Device(i).use() calls, in order
+        self.nccl_comms: list = []
+
+
+def install(ndev=2, *, bus_ids=None, nccl_available=True, nccl_version=21805,
+            init_error=None) -> State:
+    """Replace ``cupy`` in ``sys.modules`` by the stand-in; return its state.
+
+    ``init_error``: a message; ``NcclCommunicator(...)`` then raises
+    ``NcclError(init_error)`` (as ``ncclCommInitRank`` failing does).
+    """
+    if bus_ids is not None:
+        ndev = len(bus_ids)
+    st = State(ndev, bus_ids, nccl_available, nccl_version, init_error)
+
+    class Device:
+        def __init__(self, i=None):
+            self.id = st.current if i is None else int(i)
+            if not 0 <= self.id < max(st.ndev, 1) or st.ndev == 0:
+                raise RuntimeError(f"cudaErrorInvalidDevice: invalid device ordinal {self.id}")
+
+        def use(self):
+            st.current = self.id
+            st.uses.append(self.id)
+
+        def __enter__(self):
+            self._prev = st.current
+            st.current = self.id
+            return self
+
+        def __exit__(self, *exc):
+            st.current = self._prev
+
+        def synchronize(self):
+            pass
+
+        attributes = {"MultiProcessorCount": 132}
+
+    class ndarray:  # noqa: N801 - CuPy's name
+        def __init__(self, a, device=None):
+            self.a = np.array(a)
+            self.device = Device(st.current if device is None else device)
+            self.data = types.SimpleNamespace(ptr=id(self))
+
+        dtype = property(lambda s: s.a.dtype)
+        shape = property(lambda s: s.a.shape)
+        ndim = property(lambda s: s.a.ndim)
+        size = property(lambda s: s.a.size)
+        flags = property(lambda s: s.a.flags)
+
+        def get(self):
+            return self.a.copy()
+
+        def __int__(self):  # a 0-d array, as in CuPy (a device->host copy)
+            return int(self.a)
+
+        def astype(self, dtype, copy=True):
+            return ndarray(self.a.astype(dtype), self.device.id)
+
+        def copy(self):
+            return ndarray(self.a.copy(), self.device.id)
+
+    ndarray.__module__ = "cupy"
+
+    def array(a, dtype=None, copy=True):
+        host = a.a if isinstance(a, ndarray) else np.asarray(a)
+        return ndarray(np.array(host, dtype=dtype), st.current)
+
+    def get_device_count():
+        return st.ndev
+
+    def device_get_pci_bus_id(i):
+        if not 0 <= i < st.ndev:
+            raise RuntimeError(f"cudaErrorInvalidDevice: invalid device ordinal {i}")
+        return st.bus_ids[i]
+
+    class NcclCommunicator:
+        def __init__(self, size, uid, rank):
+            if st.init_error:
+                raise NcclError(st.init_error)
+            self.size, self.uid, self.rank = size, uid, rank
+            self.device = st.current
+            self.destroyed = self.aborted = False
+            st.nccl_comms.append(self)
+
+        def check_async_error(self):
+            pass
+
+        def destroy(self):
+            self.destroyed = True
+
+        def abort(self):
+            self.aborted = True
+
+    class Event:
+        def __init__(self, *a, **k):
+            pass
+
+        def record(self, stream=None):
+            pass
+
+        done = True
+
+    runtime = types.ModuleType("cupy.cuda.runtime")
+    runtime.getDeviceCount = get_device_count
+    runtime.deviceGetPCIBusId = device_get_pci_bus_id
+    runtime.setDevice = lambda i: None
+    nccl = types.ModuleType("cupy.cuda.nccl")
+    nccl.available = nccl_available
+    nccl.NCCL_FLOAT64, nccl.NCCL_SUM = 8, 0
+    nccl.NcclError = NcclError
+    nccl.NcclCommunicator = NcclCommunicator
+    nccl.get_version = lambda: st.nccl_version
+    nccl.get_unique_id = lambda: bytes(range(128))
+    cuda = types.ModuleType("cupy.cuda")
+    cuda.nccl, cuda.runtime, cuda.Device, cuda.Event = nccl, runtime, Device, Event
+    cuda.get_current_stream = lambda: types.SimpleNamespace(ptr=0, synchronize=lambda: None)
+    cupy = types.ModuleType("cupy")
+    cupy.cuda, cupy.ndarray, cupy.array = cuda, ndarray, array
+    cupy.asnumpy = lambda a: a.get() if isinstance(a, ndarray) else np.asarray(a)
+    cupy.fake_state = st
+    sys.modules.update({"cupy": cupy, "cupy.cuda": cuda, "cupy.cuda.nccl": nccl,
+                        "cupy.cuda.runtime": runtime})
+    return st
+
+
+def uninstall(saved: dict) -> None:
+    """Restore the ``sys.modules`` entries saved by :func:`save`."""
+    for name in NAMES:
+        if saved.get(name) is None:
+            sys.modules.pop(name, None)
+        else:
+            sys.modules[name] = saved[name]
+
+
+def save() -> dict:
+    """The current ``sys.modules`` entries that :func:`install` replaces."""
+    return {name: sys.modules.get(name) for name in NAMES}
