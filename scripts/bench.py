@@ -8,9 +8,13 @@ Usage::
     python scripts/bench.py --shapes 32x64x56x56 --formats NCHW --dtypes float32 --ranks 2
     python scripts/bench.py ... --cpu-backend numpy,numba   # both CPU backends, same run
 
-For every row (global batch shape, data format, dtype, ranks K; each rank holds
-N/K samples) it reports the median over repeated runs (after warm-up) of
-forward, backward and forward+backward, the slowest rank of each run counting:
+For every row (global batch shape, data format, dtype, ranks K) it reports
+the median over repeated runs (after warm-up) of forward, backward and
+forward+backward, the slowest rank of each run counting. The batch need not
+split evenly: rank r holds ceil(N/K) samples if r < N mod K, else floor(N/K)
+(so with N < K some ranks hold none, the case synchronized batch norm exists
+for); the time is then the slowest rank's, the bandwidth that of the global
+batch.
 
 * effective bandwidth from the minimum bytes (forward reads x twice and writes
   y; backward reads x and dy twice and writes dx), summed over the K ranks;
@@ -27,7 +31,22 @@ forward, backward and forward+backward, the slowest rank of each run counting:
 ``--cpu-backend numpy,numba`` times each listed CPU backend in turn (it sets
 ``CUPYSYNCBN_CPU_BACKEND`` for the worker ranks; the table then gets a
 ``backend`` column naming the class that actually ran, and both share the
-same PyTorch baseline).
+same PyTorch baseline). The default, ``auto``, is what a user gets: numba
+when it is importable, else NumPy.
+
+Launches and host synchronizations per pass: ``--recorder MODULE:NAME`` names
+an object with ``clear()`` and ``summary() -> dict`` (keys ``kernels``,
+``ops``, ``syncs``, ``d2h``; for instance the recording CuPy stand-in of the
+tests, ``fake_cupy:REC``, with ``tests/`` on ``PYTHONPATH``). After the
+timings, each rank runs one more forward and one more backward between
+``clear()`` and ``summary()``; the rows get ``launches_fwd``/``launches_bwd``
+(our kernels + other device operations) and ``syncs_fwd``/``syncs_bwd``, and
+the table a ``launch/sync f;b`` column (see ``count_pass``: the one place to
+change if the recorder's interface changes). Without a recorder the column
+is left out.
+
+Errors in the arguments are reported by the driver before any rank starts;
+an error inside the ranks is printed once, with the ranks that raised it.
 
 Writes ``OUT/bench.json`` and ``OUT/bench.md`` (default OUT=bench_out) and
 prints the markdown table.
@@ -84,9 +103,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch baselines")
     p.add_argument("--copy-mib", type=int, default=None,
                    help="array size for the copy-bandwidth probe (default 256, smoke 8)")
-    p.add_argument("--cpu-backend", default="numpy",
-                   help="comma-separated CPU backends to time: numpy, numba"
-                   " (sets CUPYSYNCBN_CPU_BACKEND for the ranks)")
+    p.add_argument("--cpu-backend", default="auto",
+                   help="comma-separated CPU backends to time: auto (numba when importable),"
+                   " numba, numpy (sets CUPYSYNCBN_CPU_BACKEND for the ranks)")
+    p.add_argument("--recorder", default=None, metavar="MODULE:NAME",
+                   help="object with clear()/summary() counting launches and host syncs"
+                   " (e.g. fake_cupy:REC); adds a launches/syncs per pass column")
     p.add_argument("--out", type=Path, default=Path("bench_out"))
     # internal: one worker job under mpiexec
     p.add_argument("--worker", type=Path, default=None, help=argparse.SUPPRESS)
@@ -110,10 +132,31 @@ def parse_shapes(text: str | None) -> list[tuple[int, ...]]:
         return list(FULL_SHAPES)
     out = []
     for item in text.split(","):
-        dims = tuple(int(v) for v in item.lower().split("x"))
+        try:
+            dims = tuple(int(v) for v in item.strip().lower().split("x"))
+        except ValueError:
+            dims = ()
         if len(dims) != 4 or min(dims) < 1:
-            raise SystemExit(f"--shapes: expected NxCxHxW, got {item!r}")
+            raise SystemExit(f"--shapes: expected NxCxHxW with positive sizes, got {item!r}")
         out.append(dims)
+    return out
+
+
+def parse_ranks(text: str) -> list[int]:
+    try:
+        ranks = [int(v) for v in text.split(",")]
+    except ValueError:
+        ranks = []
+    if not ranks or min(ranks) < 1:
+        raise SystemExit(f"--ranks: expected comma-separated positive integers, got {text!r}")
+    return ranks
+
+
+def parse_dtypes(text: str) -> list[str]:
+    out = [d.strip() for d in text.split(",")]
+    for d in out:
+        if d not in ("float16", "float32", "float64"):
+            raise SystemExit(f"--dtypes: float16, float32 or float64, got {d!r}")
     return out
 
 
@@ -136,11 +179,16 @@ def use_gpu(device: str) -> bool:
     return ok
 
 
-def local_shape(shape: tuple, fmt: str, k: int) -> tuple:
+def rank_batches(n: int, k: int) -> list[int]:
+    """Samples per rank: ceil(n/k) for the first n % k ranks, floor(n/k) for the rest."""
+    return [n // k + (1 if r < n % k else 0) for r in range(k)]
+
+
+def local_shape(shape: tuple, fmt: str, k: int, rank: int = 0) -> tuple:
+    """Rank ``rank``'s part of the global batch ``shape`` (N, C, H, W), in ``fmt``."""
     n, c, h, w = shape
-    if n % k:
-        raise SystemExit(f"batch {n} of {shape} does not split over {k} ranks")
-    return (n // k, c, h, w) if fmt == "NCHW" else (n // k, h, w, c)
+    nr = rank_batches(n, k)[rank]
+    return (nr, c, h, w) if fmt == "NCHW" else (nr, h, w, c)
 
 
 # ------------------------------------------------------------------------- worker
@@ -193,6 +241,14 @@ class Timer:
 
         return self.mpi.allreduce(t, op=MPI.MAX)
 
+    def once(self, fn) -> float:
+        """One timed call, all ranks together; the slowest rank's time."""
+        self.barrier()
+        t0 = time.perf_counter()
+        fn()
+        self.sync()
+        return self.slowest(time.perf_counter() - t0)
+
     def __call__(self, fn, before=None) -> float:
         for _ in range(self.warmup):
             if before:
@@ -220,9 +276,85 @@ def copy_bandwidth(timer: Timer, xp, mib: int) -> float:
     return k * 2 * src.nbytes / t
 
 
-def measure_row(sbn, xp, gpu, timer, counting, rng, shape, fmt, dt) -> dict:
-    """Time one row on this rank's slice of the batch; count its collectives."""
-    ls = local_shape(tuple(shape), fmt, counting.size)
+def load_recorder(spec: str | None):
+    """The ``--recorder MODULE:NAME`` object, or None."""
+    if not spec:
+        return None
+    import importlib
+
+    mod, _, name = spec.partition(":")
+    obj = importlib.import_module(mod)
+    for part in (name or "REC").split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def count_pass(recorder, fn) -> tuple[int, int]:
+    """(launches, host synchronizations) of one call of ``fn``, from the recorder.
+
+    Launches are our kernels plus every other device operation the recorder
+    saw (its ``kernels`` and ``ops``); synchronizations its ``syncs``.
+    """
+    recorder.clear()
+    fn()
+    got = recorder.summary()
+    return int(got.get("kernels", 0)) + int(got.get("ops", 0)), int(got.get("syncs", 0))
+
+
+def idle_wait(mpi) -> None:
+    """Wait for every rank without spinning: a rank blocked in an MPI call spins
+    at 100% and would steal a core from PyTorch's threads on rank 0."""
+    if mpi is None:
+        return
+    req = mpi.Ibarrier()
+    while not req.Test():
+        time.sleep(0.0005)
+
+
+def beside_rounds(timer, mpi, rank, k, shape, fmt, dt, ours_fb, xbytes, copy_mib,
+                  with_torch) -> dict:
+    """Ratios measured side by side, right after our row (CPU).
+
+    Rank 0 first times ``torch.nn.BatchNorm2d`` on the whole global batch with
+    k threads while the other ranks sleep (:func:`idle_wait`). Then ``reps``
+    rounds of: one forward+backward of ours (all ranks), one copy of
+    ``copy_mib`` MiB on every rank at once, one PyTorch forward+backward
+    (rank 0, the others asleep). ``paired_x_bound`` and
+    ``paired_fwdbwd_vs_torch`` are the medians of the per-round ratios: load
+    that drifts during a run on a shared machine affects both sides of each
+    ratio alike. Returns the keys for rank 0's row ({} elsewhere).
+    """
+    fns = torch_cpu_fns(tuple(shape), fmt, dt, k) if (with_torch and rank == 0) else None
+    res = {}
+    if fns is not None:
+        alone = Timer(None, np, False, timer.reps, timer.warmup)
+        res = {"torch_fwd_s": alone(fns[0]), "torch_bwd_s": alone(fns[1]),
+               "torch_fwdbwd_s": alone(fns[2]), "torch_threads": k,
+               "torch_version": fns[3], "torch_timed": "in the job, other ranks asleep"}
+    idle_wait(mpi)
+    src = np.ones(copy_mib * 2**20 // 4, dtype=np.float32)
+    dst = np.empty_like(src)
+    np.copyto(dst, src)  # first touch outside the timing
+    bounds, ratios = [], []
+    for _ in range(timer.reps):
+        ours = timer.once(ours_fb)
+        t_copy = timer.once(lambda: np.copyto(dst, src))
+        bounds.append(ours / (8 * xbytes / (k * 2 * src.nbytes / t_copy)))
+        if fns is not None:
+            t0 = time.perf_counter()
+            fns[2]()
+            ratios.append(ours / (time.perf_counter() - t0))
+        idle_wait(mpi)
+    res["paired_x_bound"] = statistics.median(bounds)
+    if ratios:
+        res["paired_fwdbwd_vs_torch"] = statistics.median(ratios)
+    return res if rank == 0 else {}
+
+
+def measure_row(sbn, xp, gpu, timer, counting, rng, shape, fmt, dt, recorder=None,
+                torch_cpu=False, copy_mib=256) -> dict:
+    """Time one row on this rank's part of the batch; count its collectives."""
+    ls = local_shape(tuple(shape), fmt, counting.size, counting.rank)
     x = xp.asarray(rng.standard_normal(ls, dtype=np.float32) + 1.0).astype(dt)
     dy = xp.asarray(rng.standard_normal(ls, dtype=np.float32)).astype(dt)
     bn = sbn.SyncBatchNorm(shape[1], data_format=fmt, comm=counting)
@@ -234,14 +366,28 @@ def measure_row(sbn, xp, gpu, timer, counting, rng, shape, fmt, dt) -> dict:
     # each backward consumes one pending forward (LIFO): run it, untimed, first
     t_b = timer(lambda: bn.backward(dy), before=lambda: bn(x))
     t_fb = timer(lambda: (bn(x), bn.backward(dy)))
+    beside = {}
+    if not gpu:
+        beside = beside_rounds(timer, timer.mpi, counting.rank, counting.size, shape, fmt, dt,
+                               lambda: (bn(x), bn.backward(dy)),
+                               int(np.prod(shape)) * np.dtype(dt).itemsize, copy_mib, torch_cpu)
+    counts = {}
+    if recorder is not None:  # launches and host syncs of one steady-state pass each
+        timer.barrier()
+        counts["launches_fwd"], counts["syncs_fwd"] = count_pass(recorder, lambda: bn(x))
+        counts["launches_bwd"], counts["syncs_bwd"] = count_pass(
+            recorder, lambda: bn.backward(dy))
+        timer.barrier()
     bn.clear_gradients()
     counting.calls = counting.bytes = 0
     bn(x)
     bn.backward(dy)
-    xbytes = counting.size * x.nbytes  # the whole global batch
+    xbytes = int(np.prod(shape)) * np.dtype(dt).itemsize  # the whole global batch
     return {
         "shape": list(shape), "format": fmt, "dtype": dt, "ranks": counting.size,
-        "local_shape": list(ls), "backend": impl,
+        "local_shape": list(local_shape(tuple(shape), fmt, counting.size)),
+        "rank_batches": rank_batches(shape[0], counting.size), "backend": impl, **counts,
+        **beside,
         "fwd_s": t_f, "bwd_s": t_b, "fwdbwd_s": t_fb,
         "fwd_bytes": 3 * xbytes, "bwd_bytes": 5 * xbytes,
         "collectives_per_step": counting.calls, "comm_bytes_per_step": counting.bytes,
@@ -272,17 +418,47 @@ def run_worker(spec: dict) -> list[dict] | None:
     timer = Timer(mpi, xp, gpu, spec["reps"], spec["warmup"])
     copy_bw = copy_bandwidth(timer, xp, spec["copy_mib"])
     counting = CountingComm(comm)
+    recorder = load_recorder(spec.get("recorder"))
     rows = []
     rng = np.random.default_rng(comm.rank)
     for shape in spec["shapes"]:
         for fmt in spec["formats"]:
             for dt in spec["dtypes"]:
-                rows.append(measure_row(sbn, xp, gpu, timer, counting, rng, shape, fmt, dt))
+                rows.append(measure_row(sbn, xp, gpu, timer, counting, rng, shape, fmt, dt,
+                                        recorder, spec.get("torch", False), spec["copy_mib"]))
                 rows[-1]["copy_bw"] = copy_bw
     return rows if comm.rank == 0 else None
 
 
 # -------------------------------------------------------------------------- torch
+def torch_cpu_fns(shape, fmt, dt, threads):
+    """``(fwd, bwd, fwd+bwd, version)`` of CPU ``torch.nn.BatchNorm2d`` on the
+    whole batch with ``threads`` threads; None without PyTorch."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    torch.set_num_threads(threads)
+    n, c, h, w = shape
+    mf = torch.channels_last if fmt == "NHWC" else torch.contiguous_format
+    gen = torch.Generator().manual_seed(0)
+    tdt = getattr(torch, dt)
+    x = (torch.randn(n, c, h, w, generator=gen) + 1).to(tdt).contiguous(memory_format=mf)
+    dy = torch.randn(n, c, h, w, generator=gen).to(tdt).contiguous(memory_format=mf)
+    x.requires_grad_(True)
+    bn = torch.nn.BatchNorm2d(c)
+    try:
+        y = bn(x)
+    except RuntimeError:
+        bn = bn.to(tdt)  # a torch build without mixed-dtype batch norm
+        y = bn(x)
+
+    def fb():
+        bn(x).backward(dy)
+
+    return (lambda: bn(x)), (lambda: y.backward(dy, retain_graph=True)), fb, torch.__version__
+
+
 def torch_baselines(shape, fmt, dt, threads, gpu, timer_args) -> dict:
     """PyTorch times for the whole global batch (one process)."""
     try:
@@ -353,7 +529,48 @@ def torch_baselines(shape, fmt, dt, threads, gpu, timer_args) -> dict:
 
 
 # ------------------------------------------------------------------------- driver
-def launch(spec: dict, k: int, timeout: float, cpu_backend: str = "numpy") -> list[dict]:
+def worker_rank() -> int:
+    """This worker's rank, from the process manager (before MPI is initialized)."""
+    for var in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return 0
+
+
+def worker_main(path: Path) -> int:
+    """Run one worker; on error leave the message in ``path.err.RANK`` for the driver."""
+    import traceback
+
+    try:
+        rows = run_worker(json.loads(path.read_text()))
+    except BaseException as e:
+        text = "".join(traceback.format_exception_only(type(e), e)).strip()
+        if not isinstance(e, (SystemExit, KeyboardInterrupt)):
+            text = "".join(traceback.format_exception(type(e), e, e.__traceback__)).strip()
+        Path(f"{path}.err.{worker_rank()}").write_text(text + "\n")
+        if isinstance(e, SystemExit):  # sys.exit does not trip the abort hook: make it
+            raise RuntimeError(str(e)) from None
+        raise
+    if rows is not None:
+        Path(str(path) + ".out").write_text(json.dumps(rows))
+    return 0
+
+
+def worker_errors(tmp: Path, k: int) -> str:
+    """The ranks' error messages, each distinct one once, with the ranks that raised it."""
+    by_text: dict[str, list[int]] = {}
+    for f in sorted(tmp.glob("spec.json.err.*")):
+        rank = int(f.name.rsplit(".", 1)[1])
+        by_text.setdefault(f.read_text().strip(), []).append(rank)
+    parts = []
+    for text, ranks in by_text.items():
+        who = "every rank" if len(ranks) == k and k > 1 else (
+            "rank " if len(ranks) == 1 else "ranks ") + ",".join(map(str, sorted(ranks)))
+        parts.append(f"[{who}] {text}")
+    return "\n".join(parts)
+
+
+def launch(spec: dict, k: int, timeout: float, cpu_backend: str = "auto") -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "spec.json"
         path.write_text(json.dumps({**spec, "k": k}))
@@ -371,7 +588,9 @@ def launch(spec: dict, k: int, timeout: float, cpu_backend: str = "numpy") -> li
             cmd = [mpiexec, "-n", str(k), sys.executable, __file__, "--worker", str(path)]
         proc = subprocess.run(cmd, env=env, timeout=timeout, capture_output=True, text=True)
         if proc.returncode != 0:
-            sys.stderr.write(proc.stdout + proc.stderr)
+            errors = worker_errors(Path(tmp), k)
+            # the ranks' own messages, once each; the raw output only if they left none
+            sys.stderr.write((errors or proc.stdout + proc.stderr).rstrip() + "\n")
             raise SystemExit(f"benchmark worker on {k} rank(s) failed ({proc.returncode})")
         return json.loads((Path(tmp) / "spec.json.out").read_text())
 
@@ -393,11 +612,14 @@ def finish_row(r: dict) -> dict:
 
 def markdown(rows: list[dict], meta: dict) -> str:
     gpu = meta["gpu"]
-    show_backend = meta.get("cpu_backends", ["numpy"]) != ["numpy"]
+    show_backend = not gpu
+    show_counts = any("launches_fwd" in r for r in rows)
     head = ["shape (global)", "fmt", "dtype", "K"] + (["backend"] if show_backend else [])
     head += ["fwd ms", "bwd ms", "f+b ms", "f+b GB/s", "vs copy", "x bound"]
+    show_paired = any("paired_x_bound" in r for r in rows)
     head += ["vs torch f/b/f+b"] + (["vs torch Sync f+b"] if gpu else [])
-    head += ["coll/step", "bytes/step"]
+    head += ["paired x bound", "paired vs torch"] if show_paired else []
+    head += ["coll/step", "bytes/step"] + (["launch/sync f;b"] if show_counts else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         vt = ("/".join(f"{r[f'{p}_vs_torch']:.2f}" for p in ("fwd", "bwd", "fwdbwd"))
@@ -412,7 +634,13 @@ def markdown(rows: list[dict], meta: dict) -> str:
         if gpu:
             vs = r.get("fwdbwd_vs_torch_sync")
             cells.append("n/a" if vs is None else f"{vs:.2f}")
+        if show_paired:
+            for key in ("paired_x_bound", "paired_fwdbwd_vs_torch"):
+                cells.append(f"{r[key]:.2f}" if key in r else "n/a")
         cells += [str(r["collectives_per_step"]), str(r["comm_bytes_per_step"])]
+        if show_counts:
+            cells.append(f"{r['launches_fwd']}/{r['syncs_fwd']};{r['launches_bwd']}/{r['syncs_bwd']}"
+                         if "launches_fwd" in r else "n/a")
         lines.append("| " + " | ".join(cells) + " |")
     copy = sorted({(r["ranks"], r["copy_bw"]) for r in rows})
     notes = [
@@ -424,37 +652,56 @@ def markdown(rows: list[dict], meta: dict) -> str:
         "vs copy = effective f+b bandwidth / copy bandwidth; x bound = f+b time / 8-pass bound;"
         " vs torch = our time / PyTorch's (< 1: faster).",
     ]
+    if show_paired:
+        notes.append("CPU: PyTorch timed inside the job on rank 0 while the other ranks sleep,"
+                     " right after each row. paired = median over rounds of one f+b of ours,"
+                     " one copy on every rank at once and one f+b of PyTorch: our f+b over the"
+                     " 8-pass bound of that round's copy, and over PyTorch's f+b.")
+    uneven = {}
+    for r in rows:
+        if len(set(r.get("rank_batches", [0]))) > 1:
+            key = f"{'x'.join(map(str, r['shape']))} on {r['ranks']}"
+            uneven[key] = "/".join(map(str, r["rank_batches"]))
+    if uneven:
+        notes.append("uneven splits (samples per rank; times are the slowest rank's): "
+                     + ", ".join(f"{k}: {v}" for k, v in uneven.items()))
+    if show_counts:
+        notes.append("launch/sync f;b = device launches / host synchronizations per forward;"
+                     " per backward pass (from --recorder).")
     return "\n".join(lines + notes) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     if a.worker is not None:
-        spec = json.loads(a.worker.read_text())
-        rows = run_worker(spec)
-        if rows is not None:
-            Path(str(a.worker) + ".out").write_text(json.dumps(rows))
-        return 0
+        return worker_main(a.worker)
+    ranks = parse_ranks(a.ranks)
+    shapes = parse_shapes(a.shapes)
+    dtypes = parse_dtypes(a.dtypes)
     gpu = use_gpu(a.device)
-    ranks = [int(v) for v in a.ranks.split(",")]
     if gpu:
         import cupy
 
         ndev = cupy.cuda.runtime.getDeviceCount()
         ranks = [k for k in ranks if k <= ndev] or [1]
     spec = {
-        "shapes": [list(s) for s in parse_shapes(a.shapes)],
+        "shapes": [list(s) for s in shapes],
         "formats": [f.strip().upper() for f in a.formats.split(",")],
-        "dtypes": [d.strip() for d in a.dtypes.split(",")],
+        "dtypes": dtypes,
         "reps": a.reps, "warmup": a.warmup, "copy_mib": a.copy_mib, "gpu": gpu,
+        "recorder": a.recorder,
+        # CPU: PyTorch timed inside the job (rank 0, others asleep), right after each row
+        "torch": not a.no_torch and not gpu,
     }
     for f in spec["formats"]:
         if f not in ("NCHW", "NHWC"):
             raise SystemExit(f"--formats: NCHW or NHWC, got {f!r}")
-    backends = ["numpy"] if gpu else [b.strip().lower() for b in a.cpu_backend.split(",")]
+    backends = ["auto"] if gpu else [b.strip().lower() for b in a.cpu_backend.split(",")]
     for b in backends:
-        if b not in ("numpy", "numba"):
-            raise SystemExit(f"--cpu-backend: numpy or numba, got {b!r}")
+        if b not in ("auto", "numpy", "numba"):
+            raise SystemExit(f"--cpu-backend: auto, numpy or numba, got {b!r}")
+    if a.reps < 1 or a.warmup < 0:
+        raise SystemExit(f"--reps must be >= 1 and --warmup >= 0, got {a.reps}, {a.warmup}")
     rows = []
     for b in backends:
         for k in ranks:
@@ -466,6 +713,8 @@ def main(argv: list[str] | None = None) -> int:
     if not a.no_torch:
         cache = {}
         for r in rows:
+            if "torch_fwdbwd_s" in r:
+                continue  # timed beside our row, inside the job
             key = (tuple(r["shape"]), r["format"], r["dtype"], 1 if gpu else r["ranks"])
             if key not in cache:
                 cache[key] = torch_baselines(key[0], key[1], key[2], key[3], gpu,

@@ -19,15 +19,31 @@ from cupysyncbn import protocol
 pytestmark = pytest.mark.mpi
 
 
-def test_bench_smoke_rows_bytes_and_collectives(tmp_path):
+RECORDER = """
+class Rec:
+    def clear(self):
+        self.n = 0
+    def summary(self):
+        return {"kernels": 3, "ops": 1, "syncs": 0, "d2h": 0}
+REC = Rec()
+"""
+
+
+def _bench(tmp_path, *args, env=None):
     if MPIEXEC is None:
         pytest.skip("no mpiexec on PATH (pip install mpich)")
-    out = tmp_path / "bench"
-    res = subprocess.run(
+    return subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "bench.py"), "--smoke", "--device", "cpu",
-         "--out", str(out)],
-        cwd=tmp_path, env=mpi_env(), capture_output=True, text=True, timeout=300,
+         *args], cwd=tmp_path, env=mpi_env(env), capture_output=True, text=True, timeout=300,
     )
+
+
+def test_bench_smoke_rows_bytes_and_collectives(tmp_path):
+    out = tmp_path / "bench"
+    (tmp_path / "fakerec.py").write_text(RECORDER)
+    # 1x8x6x6 on 2 ranks: rank 1 holds no sample (the uneven split SyncBN exists for)
+    res = _bench(tmp_path, "--shapes", "1x8x6x6", "--recorder", "fakerec:REC",
+                 "--out", str(out), env={"PYTHONPATH": str(tmp_path)})
     assert res.returncode == 0, res.stdout + res.stderr
     data = json.loads((out / "bench.json").read_text())
     rows = data["rows"]
@@ -39,7 +55,11 @@ def test_bench_smoke_rows_bytes_and_collectives(tmp_path):
     for r in rows:
         n, c, h, w = r["shape"]
         k = r["ranks"]
-        assert r["local_shape"][0] == n // k
+        want = [n // k + (i < n % k) for i in range(k)]  # ceil for the first n % k ranks
+        assert r["rank_batches"] == want and sum(want) == n
+        assert r["local_shape"][0] == want[0]
+        assert r["launches_fwd"] == r["launches_bwd"] == 4  # the recorder's kernels + ops
+        assert r["syncs_fwd"] == r["syncs_bwd"] == 0
         xbytes = n * c * h * w * 4
         assert r["fwd_bytes"] == 3 * xbytes and r["bwd_bytes"] == 5 * xbytes
         for key in ("fwd_s", "bwd_s", "fwdbwd_s", "copy_bw"):
@@ -52,9 +72,25 @@ def test_bench_smoke_rows_bytes_and_collectives(tmp_path):
             # one all-reduce per pass, O(C) float64 payload: header + 2 vectors each
             assert r["collectives_per_step"] == 2
             assert r["comm_bytes_per_step"] == 2 * 8 * (protocol.HEADER + 2 * c)
+        assert r["paired_x_bound"] > 0
         if have_torch:
             assert r["fwdbwd_vs_torch"] == pytest.approx(r["fwdbwd_s"] / r["torch_fwdbwd_s"])
+            assert r["paired_fwdbwd_vs_torch"] > 0
     md = (out / "bench.md").read_text()
     assert md.startswith("| shape (global) | fmt | dtype | K |")
-    assert md.count("\n| 4x8x6x6 |") == 4
+    assert md.count("\n| 1x8x6x6 |") == 4
+    assert "| 4/0;4/0 |" in md and "launch/sync f;b" in md
+    assert "uneven splits" in md and "1x8x6x6 on 2: 1/0" in md
     assert "copy bandwidth" in md and md in res.stdout
+
+
+def test_bench_errors_print_once(tmp_path):
+    # argument errors: from the driver, before any rank starts
+    res = _bench(tmp_path, "--shapes", "2x256", "--ranks", "4")
+    assert res.returncode != 0
+    assert res.stderr.count("--shapes: expected NxCxHxW") == 1, res.stderr
+    # an error inside the ranks: its message once, naming the ranks
+    res = _bench(tmp_path, "--ranks", "2", "--no-torch", "--recorder", "no_such_module:REC")
+    assert res.returncode != 0
+    assert res.stderr.count("No module named 'no_such_module'") == 1, res.stderr
+    assert "[every rank]" in res.stderr and "failed" in res.stderr

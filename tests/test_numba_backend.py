@@ -1,10 +1,15 @@
-"""The opt-in fused CPU backend (``CUPYSYNCBN_CPU_BACKEND=numba``).
+"""The fused CPU backend (numba; the default CPU backend when importable).
 
 Primitive by primitive against the NumPy backend and float64 references, on
-all 7 data formats and float16/32/64, plus edge channels (one element, NaN),
-an empty batch through the functional layer, the selection rules, and one
-3-rank mpiexec training step (uneven split, one empty rank) against a float64
-reference on the global batch. Skipped entirely without numba.
+all 7 data formats and float16/32/64, plus edge channels (one element, NaN,
+short rows over several pieces), an empty batch through the functional layer,
+the selection rules (default, opt-out, numba missing or broken), the on-disk
+kernel cache (a second process compiles nothing), both CPU backends end to
+end on every format, and one 3-rank mpiexec training step (uneven split, one
+empty rank) on both backends against a float64 reference on the global batch.
+
+Skipped entirely without numba: then every other test of the suite runs on the
+NumPy backend anyway.
 """
 
 from __future__ import annotations
@@ -225,18 +230,53 @@ def test_selection_by_environment(monkeypatch):
     x = np.zeros((2, 3), np.float32)
     monkeypatch.setattr(backends, "_CPU", {})
     monkeypatch.delenv(backends.CPU_BACKEND_ENV, raising=False)
-    assert type(backends.get_backend(x)) is NumpyBackend  # default
+    assert type(backends.get_backend(x)) is NumbaBackend  # default: numba when importable
+    for value, cls in (("auto", NumbaBackend), ("numba", NumbaBackend), (" NumPy ", NumpyBackend)):
+        monkeypatch.setenv(backends.CPU_BACKEND_ENV, value)
+        assert type(backends.get_backend(x)) is cls, value
+    # same arrays, name and module whichever CPU backend runs
     monkeypatch.setenv(backends.CPU_BACKEND_ENV, "numba")
-    assert type(backends.get_backend(x)) is NumbaBackend
     assert backends.get_backend(x).name == "numpy" and backends.get_backend(x).xp is np
-    # numba missing: one warning, then the NumPy backend
+    # an unknown value warns once and means 'auto'
+    monkeypatch.setenv(backends.CPU_BACKEND_ENV, "fortran")
+    with pytest.warns(RuntimeWarning, match="'fortran' is not one of auto, numba, numpy"):
+        assert type(backends.get_backend(x)) is NumbaBackend
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert type(backends.get_backend(x)) is NumbaBackend  # warned once only
+
+
+def test_selection_without_numba(monkeypatch):
+    """numba not installed: 'auto' falls back silently, 'numba' warns once."""
+    x = np.zeros((2, 3), np.float32)
     monkeypatch.setattr(backends, "_CPU", {})
-    monkeypatch.setitem(sys.modules, "cupysyncbn.backends.numba_backend", None)
-    with pytest.warns(RuntimeWarning, match="numba is not importable"):
+    monkeypatch.delitem(sys.modules, "cupysyncbn.backends.numba_backend")
+    monkeypatch.setitem(sys.modules, "numba", None)  # import numba -> ModuleNotFoundError
+    monkeypatch.delenv(backends.CPU_BACKEND_ENV, raising=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert type(backends.get_backend(x)) is NumpyBackend  # auto: no warning
+    monkeypatch.setenv(backends.CPU_BACKEND_ENV, "numba")
+    with pytest.warns(RuntimeWarning, match="numba is not importable.*cupysyncbn\\[fast\\]"):
         assert type(backends.get_backend(x)) is NumpyBackend
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert type(backends.get_backend(x)) is NumpyBackend  # warned once only
+
+
+def test_selection_with_broken_numba(monkeypatch):
+    """numba installed but failing (e.g. no writable cache): warn, use NumPy, never raise."""
+    x = np.zeros((2, 3), np.float32)
+    monkeypatch.setattr(backends, "_CPU", {})
+    monkeypatch.delenv(backends.CPU_BACKEND_ENV, raising=False)
+
+    class Broken:
+        def __getattr__(self, name):
+            raise RuntimeError("cannot cache function: no locator available")
+
+    monkeypatch.setitem(sys.modules, "cupysyncbn.backends.numba_backend", Broken())
+    with pytest.warns(RuntimeWarning, match="could not start.*no locator"):
+        assert type(backends.get_backend(x)) is NumpyBackend
 
 
 def test_functional_empty_batch_and_fallback_dtype(monkeypatch):
@@ -261,6 +301,121 @@ def test_functional_empty_batch_and_fallback_dtype(monkeypatch):
     np.testing.assert_allclose(res.y, ref, rtol=1e-12, atol=1e-12)
 
 
+# Shapes for the end-to-end comparison, one per format, small enough for the
+# whole 7 formats x 3 dtypes x 2 backends grid to take a fraction of a second.
+E2E = {"NC": (37, 3), "NCL": (5, 3, 41), "NCHW": (19, 4, 7, 7), "NCDHW": (3, 2, 3, 4, 5),
+       "NLC": (5, 41, 3), "NHWC": (19, 7, 7, 4), "NDHWC": (3, 3, 4, 5, 2)}
+
+
+@pytest.mark.parametrize("choice", ["numpy", "numba"])
+@pytest.mark.parametrize("fmt", list(E2E))
+def test_both_cpu_backends_end_to_end(fmt, choice, monkeypatch):
+    """Both CPU backends through the functional layer against the float64 reference.
+
+    The suite's other tests run on the default (numba); this keeps the NumPy
+    backend, the fallback and reference, checked end to end on every format.
+    """
+    import bn_ref
+
+    monkeypatch.setattr(backends, "_CPU", {})
+    monkeypatch.setenv(backends.CPU_BACKEND_ENV, choice)
+    rng = np.random.default_rng(11)
+    c = E2E[fmt][bn_ref.channel_axis(fmt, len(E2E[fmt]))]
+    w, b = rng.uniform(0.5, 2.0, c), rng.standard_normal(c)
+    for dt, tol in (("float64", 1e-11), ("float32", 2e-5), ("float16", 2e-2)):
+        x = (rng.standard_normal(E2E[fmt]) * 3 + 20).astype(dt)
+        dy = rng.standard_normal(E2E[fmt]).astype(dt)
+        res = F.batch_norm_forward(x, w.copy(), b.copy(), np.zeros(c), np.ones(c),
+                                   training=True, data_format=fmt)
+        want = NumbaBackend if choice == "numba" else NumpyBackend
+        assert type(res.ctx.backend) is want
+        dx, dw, db = F.batch_norm_backward(dy, res.ctx)
+        yr, mean, var, m = bn_ref.ref_forward(x.astype(F64), fmt, w, b)
+        dxr, dwr, dbr = bn_ref.ref_backward(x.astype(F64), dy.astype(F64), fmt, w)
+        assert res.y.dtype == dx.dtype == np.dtype(dt)
+        for got, ref, what in ((res.y, yr, "y"), (dx, dxr, "dx"), (dw, dwr, "dweight"),
+                               (db, dbr, "dbias"), (res.running_mean, 0.1 * mean, "mean")):
+            err = np.abs(np.asarray(got, F64) - ref).max() / np.abs(ref).max()
+            assert err <= tol, (fmt, dt, choice, what, err)
+
+
+def test_small_rows_many_samples_match_reference(rng):
+    """Channel-first rows shorter than the lanes, more samples than one piece
+    holds (several pieces per channel merged), a huge offset: moments exact."""
+    from cupysyncbn.backends import numba_backend as nbm
+
+    n = 3 * nbm.GROUP + 5
+    for s in (1, 7, 49, 2 * nbm.LANES - 1):
+        x = (rng.standard_normal((n, 3, s)) + 1e4).astype(np.float32)
+        mean, m2 = NB.moments(x, False, np.float32)
+        xc = x.astype(F64).transpose(1, 0, 2).reshape(3, -1)
+        ref_mean = np.array([math.fsum(r) for r in xc]) / xc.shape[1]
+        ref_m2 = np.array([math.fsum(r) for r in (xc - ref_mean[:, None]) ** 2])
+        np.testing.assert_allclose(mean, ref_mean, rtol=1e-15, atol=0)
+        np.testing.assert_allclose(m2, ref_m2, rtol=1e-12, atol=0)
+        dy = rng.standard_normal(x.shape).astype(np.float32)
+        mf = ref_mean.astype(np.float32)
+        s_n, p_n = NB.backward_reduce(dy, x, False, mf, np.ones(3, np.float32))
+        dyc = dy.astype(F64).transpose(1, 0, 2).reshape(3, -1)
+        xm = (x - mf[:, None]).astype(F64).transpose(1, 0, 2).reshape(3, -1)
+        np.testing.assert_allclose(s_n, [math.fsum(r) for r in dyc], rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(p_n, [math.fsum(r) for r in dyc * xm], rtol=1e-12, atol=1e-9)
+
+
+CACHE_PROBE = r"""
+import json, time
+t0 = time.perf_counter()
+import numpy as np
+from cupysyncbn.backends import get_backend
+from cupysyncbn.backends import numba_backend as nbm
+x = np.random.default_rng(0).standard_normal((4, 3, 25))
+# the layer's default backend, its smallest kernel (compiling more only costs test time)
+v = np.ones(3)
+get_backend(x).normalize(x, False, v, v, v, x.dtype)
+kernels = (nbm._normalize_cf,)
+print(json.dumps({
+    "backend": type(get_backend(x)).__name__,
+    "hits": sum(sum(k.stats.cache_hits.values()) for k in kernels),
+    "misses": sum(sum(k.stats.cache_misses.values()) for k in kernels),
+    "seconds": time.perf_counter() - t0,
+}))
+"""
+
+
+def test_compiled_kernels_are_cached_on_disk(tmp_path):
+    """Only the first process compiles: a second one loads every kernel from the cache."""
+    import json
+    import subprocess
+
+    from mpi_runner import mpi_env
+
+    env = mpi_env({"NUMBA_CACHE_DIR": str(tmp_path / "cache")})  # a cold cache of our own
+    env.pop(backends.CPU_BACKEND_ENV, None)
+    runs = []
+    for _ in range(2):
+        res = subprocess.run([sys.executable, "-c", CACHE_PROBE], env=env, capture_output=True,
+                             text=True, timeout=240, cwd=tmp_path)
+        assert res.returncode == 0, res.stdout + res.stderr
+        runs.append(json.loads(res.stdout.strip().splitlines()[-1]))
+    first, second = runs
+    assert first["backend"] == second["backend"] == "NumbaBackend"
+    assert first["misses"] == 1 and first["hits"] == 0  # compiled (and stored) once
+    assert second["misses"] == 0 and second["hits"] == 1  # nothing compiled again
+    assert any((tmp_path / "cache").rglob("*.nbc"))
+
+
+def test_warm_up_compiles_every_kernel_for_a_dtype():
+    from cupysyncbn.backends import numba_backend as nbm
+
+    n = nbm.warm_up(("float64",))
+    # float64 inputs: short and long channel-first rows and channel-last, all primitives
+    assert n >= 8
+    for k in (nbm._moments_cf, nbm._moments_cl, nbm._normalize_cf, nbm._normalize_cl,
+              nbm._bwd_reduce_short, nbm._bwd_reduce_cf, nbm._bwd_reduce_cl,
+              nbm._bwd_elemt_cf, nbm._bwd_elemt_cl):
+        assert any(str(sig[0].dtype) == "float64" for sig in k.signatures), k
+
+
 MPI_STEP = r"""
 import numpy as np
 from cupysyncbn.backends import get_backend
@@ -272,12 +427,18 @@ comm = sbn.init("mpi")
 rank, size = comm.rank, comm.size
 counts = bn_ref.split_counts(11, size, empty=1)  # uneven, rank 1 holds nothing
 sl = bn_ref.local_slice(counts, rank)
-assert type(get_backend(np.zeros(1))) is NumbaBackend
+import os
+from cupysyncbn.backends import NUMPY_BACKEND
+os.environ.pop("CUPYSYNCBN_CPU_BACKEND", None)  # whatever the test run set: the default
+assert type(get_backend(np.zeros(1))) is NumbaBackend  # the default
 worst = []
-for fmt, shape, dt, tol in (("NCHW", (11, 4, 6, 5), "float32", 2e-5),
+for choice, fmt, shape, dt, tol in [(b, *case) for b in ("numba", "numpy") for case in (
+                            ("NCHW", (11, 4, 6, 5), "float32", 2e-5),
                             ("NHWC", (11, 6, 5, 4), "float32", 2e-5),
                             ("NCL", (11, 4, 70), "float64", 1e-11),
-                            ("NLC", (11, 70, 4), "float16", 2e-2)):
+                            ("NLC", (11, 70, 4), "float16", 2e-2))]:
+    os.environ["CUPYSYNCBN_CPU_BACKEND"] = choice
+    assert (get_backend(np.zeros(1)) is NUMPY_BACKEND) == (choice == "numpy")
     rng = np.random.default_rng(42)
     xg = rng.standard_normal(shape) * 3 + 20
     dyg = rng.standard_normal(shape)
@@ -299,9 +460,9 @@ for fmt, shape, dt, tol in (("NCHW", (11, 4, 6, 5), "float32", 2e-5),
          np.abs(dx - dxr[sl]).max(initial=0) / np.abs(dxr).max(),
          np.abs(bn._mean - rm).max() / np.abs(rm).max(),
          np.abs(bn._variance - rv).max() / np.abs(rv).max())
-    worst.append((fmt, dt, max(e), tol))
-for fmt, dt, err, tol in worst:
-    assert err <= tol, (rank, fmt, dt, err, tol)
+    worst.append((choice, fmt, dt, max(e), tol))
+for choice, fmt, dt, err, tol in worst:
+    assert err <= tol, (rank, choice, fmt, dt, err, tol)
 print("NUMBA_MPI_OK", rank, worst, flush=True)
 """
 
@@ -314,6 +475,5 @@ def test_mpi_training_step_numba(tmp_path):
 
     here = str(Path(__file__).resolve().parent)
     code = f"import sys\nsys.path.insert(0, {here!r})\n" + MPI_STEP
-    res = run_mpi(code, 3, timeout=240, tmp_path=tmp_path,
-                  env={backends.CPU_BACKEND_ENV: "numba"})
+    res = run_mpi(code, 3, timeout=240, tmp_path=tmp_path)
     assert res.stdout.count("NUMBA_MPI_OK") == 3, res.stdout + res.stderr

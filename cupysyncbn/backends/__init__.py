@@ -1,12 +1,16 @@
 """Array backends: pick the implementation of the primitives for an array.
 
-NumPy arrays go to :mod:`.numpy_backend`; CuPy arrays to :mod:`.cupy_backend`
-(RawKernels from the top-level ``kernels/`` folder). CuPy is imported only when
-a CuPy array is seen, so the CPU path needs no CUDA at all.
+NumPy arrays go to the fused numba kernels of :mod:`.numba_backend` when numba
+is importable (the ``fast`` extra), else to :mod:`.numpy_backend`; CuPy arrays
+go to :mod:`.cupy_backend` (RawKernels from the top-level ``kernels/``
+folder). CuPy and numba are imported only when an array of theirs is first
+seen, so ``import cupysyncbn`` stays light and the CPU path needs no CUDA.
 
-``CUPYSYNCBN_CPU_BACKEND=numba`` opts NumPy arrays into the fused numba
-kernels of :mod:`.numba_backend` (the ``fast`` extra); without numba it warns
-once and keeps the NumPy backend.
+``CUPYSYNCBN_CPU_BACKEND`` chooses the CPU backend: ``auto`` (default: numba
+when importable, silently NumPy otherwise), ``numba`` (warns once if numba is
+missing, then uses NumPy) or ``numpy`` (the reference implementation; opts
+out of numba). Both give results within the same accuracy contract; the
+NumPy backend stays the fallback and the reference the tests compare with.
 """
 
 from __future__ import annotations
@@ -19,32 +23,67 @@ from typing import Any
 from .base import Backend
 from .numpy_backend import BACKEND as NUMPY_BACKEND
 
-__all__ = ["Backend", "get_backend", "is_cupy_array", "NUMPY_BACKEND", "CPU_BACKEND_ENV"]
+__all__ = [
+    "Backend", "get_backend", "is_cupy_array", "cpu_backend", "NUMPY_BACKEND",
+    "CPU_BACKEND_ENV", "CPU_CHOICES",
+]
 
-#: Environment variable choosing the CPU backend: ``numpy`` (default) or ``numba``.
+#: Environment variable choosing the CPU backend: ``auto`` (default), ``numba`` or ``numpy``.
 CPU_BACKEND_ENV = "CUPYSYNCBN_CPU_BACKEND"
+#: Accepted values of :data:`CPU_BACKEND_ENV`.
+CPU_CHOICES = ("auto", "numba", "numpy")
 _CPU: dict = {}  # choice -> backend, resolved (and warned about) once per choice
+#: Top-level modules whose absence means "numba is simply not installed".
+_NOT_INSTALLED = {"numba", "llvmlite"}
 
 
-def _cpu_backend() -> Backend:
-    choice = os.environ.get(CPU_BACKEND_ENV, "numpy").strip().lower() or "numpy"
+def _load_numba(choice: str) -> Backend:
+    """The numba backend, or the NumPy backend (with a warning where one is due)."""
+    try:
+        from .numba_backend import BACKEND as backend
+    except ImportError as e:
+        missing = isinstance(e, ModuleNotFoundError) and (e.name or "").split(".")[0] in (
+            _NOT_INSTALLED
+        )
+        if choice == "auto" and missing:
+            return NUMPY_BACKEND  # the documented fallback: nothing to warn about
+        why = "is not importable" if missing else "failed to import"
+        warnings.warn(
+            f"{CPU_BACKEND_ENV}={choice}: numba {why} ({type(e).__name__}: {e});"
+            " using the NumPy backend (pip install 'cupysyncbn[fast]', or set"
+            f" {CPU_BACKEND_ENV}=numpy to silence this)",
+            RuntimeWarning, stacklevel=4,
+        )
+        return NUMPY_BACKEND
+    except Exception as e:  # noqa: BLE001 - a broken numba (cache dir, LLVM) must not stop training
+        warnings.warn(
+            f"{CPU_BACKEND_ENV}={choice}: the numba backend could not start"
+            f" ({type(e).__name__}: {e}); using the NumPy backend"
+            f" (set {CPU_BACKEND_ENV}=numpy to silence this)",
+            RuntimeWarning, stacklevel=4,
+        )
+        return NUMPY_BACKEND
+    return backend
+
+
+def cpu_backend() -> Backend:
+    """The backend NumPy arrays use, chosen by :data:`CPU_BACKEND_ENV` (see the module docstring).
+
+    Resolved once per value of the variable (a warning, if any, is given once).
+    """
+    choice = os.environ.get(CPU_BACKEND_ENV, "auto").strip().lower() or "auto"
     backend = _CPU.get(choice)
     if backend is None:
-        backend = NUMPY_BACKEND
-        if choice == "numba":
-            try:
-                from .numba_backend import BACKEND as backend
-            except ImportError as e:
-                warnings.warn(
-                    f"{CPU_BACKEND_ENV}=numba but numba is not importable ({e});"
-                    " using the NumPy backend (pip install cupysyncbn[fast])",
-                    RuntimeWarning, stacklevel=3,
-                )
-        elif choice != "numpy":
+        if choice == "numpy":
+            backend = NUMPY_BACKEND
+        elif choice in ("auto", "numba"):
+            backend = _load_numba(choice)
+        else:
             warnings.warn(
-                f"{CPU_BACKEND_ENV}={choice!r} is not 'numpy' or 'numba';"
-                " using the NumPy backend", RuntimeWarning, stacklevel=3,
+                f"{CPU_BACKEND_ENV}={choice!r} is not one of {', '.join(CPU_CHOICES)};"
+                " using 'auto'", RuntimeWarning, stacklevel=3,
             )
+            backend = _CPU.get("auto") or _load_numba("auto")
         _CPU[choice] = backend
     return backend
 
@@ -64,7 +103,7 @@ def get_backend(a: Any, argname: str = "x") -> Backend:
         If ``a`` is neither a NumPy nor a CuPy array.
     """
     if NUMPY_BACKEND.owns(a):
-        return _cpu_backend()
+        return cpu_backend()
     if is_cupy_array(a):
         from .cupy_backend import get_cupy_backend
 

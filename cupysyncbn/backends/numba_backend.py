@@ -1,8 +1,9 @@
-"""Fused CPU backend: the batch-norm primitives as numba-compiled loops (opt-in).
+"""Fused CPU backend: the batch-norm primitives as numba-compiled loops.
 
-Selected with ``CUPYSYNCBN_CPU_BACKEND=numba`` (see :func:`cupysyncbn.backends.get_backend`);
-needs the ``fast`` extra (``pip install cupysyncbn[fast]``, i.e. numba). The
-NumPy backend stays the default.
+The default for NumPy arrays whenever numba is importable (the ``fast`` extra:
+``pip install "cupysyncbn[fast]"``); ``CUPYSYNCBN_CPU_BACKEND=numpy`` opts out
+(see :func:`cupysyncbn.backends.cpu_backend`). The NumPy backend stays the
+fallback and the reference.
 
 Why: batch norm is memory-bound, and NumPy needs several passes per formula
 (:mod:`.numpy_backend` explains the costs). Here every primitive is one loop
@@ -11,7 +12,10 @@ reads x and dy once, ``backward_elemt`` reads both and writes dx once, and
 ``moments`` reads x once from memory (its second pass runs on a piece that is
 still in cache). The kernels are single-threaded (one MPI rank is one
 process), compiled with ``cache=True`` and without ``fastmath`` (IEEE
-semantics, no reassociation), and release the GIL.
+semantics, no reassociation), and release the GIL. Compilation happens once
+per machine and signature (a few seconds on first use); later processes load
+the machine code from ``__pycache__`` next to this file (or numba's user cache
+directory, or ``NUMBA_CACHE_DIR``) in well under a second.
 
 Accuracy (same contract as the NumPy backend, never worse):
 
@@ -50,7 +54,7 @@ from numba.extending import intrinsic, overload
 
 from .numpy_backend import NumpyBackend, chan_merge
 
-__all__ = ["NumbaBackend", "BACKEND", "PIECE"]
+__all__ = ["NumbaBackend", "BACKEND", "PIECE", "GROUP", "LANES", "warm_up"]
 
 _F64 = np.dtype(np.float64)
 _NATIVE = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
@@ -67,6 +71,12 @@ WIDE = 256
 #: Independent float64 accumulators per channel-first row sum (a runtime-length
 #: loop over them is what the compiler vectorizes best).
 LANES = 64
+#: Channel-first rows shorter than ``2 * LANES`` (late-ResNet 7x7 = 49 values)
+#: leave the lanes nearly empty; there a whole row is the lanes (``acc[t] +=
+#: x[i, j, t]``, vectorized along the row) and up to GROUP samples of one
+#: channel are one piece: GROUP concurrent streams through memory, a second
+#: pass over at most PIECE values still in cache, one merge per piece.
+GROUP = 16
 
 #: float16 bit pattern -> float32 value, exact for all 65536 patterns (NaNs too).
 _F16_TABLE = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(
@@ -117,6 +127,25 @@ def _ld_impl(a, i, tab):  # noqa: ANN001, ANN202 - numba typing hook
             return lambda a, i, tab: _h2f(a[i])
         return lambda a, i, tab: tab[a[i]]
     return lambda a, i, tab: a[i]
+
+
+def _ld3(a: Any, i: Any, j: Any, t: Any, tab: Any) -> Any:  # pragma: no cover - overloaded
+    """Element ``a[i, j, t]`` of a 3-D array as a float (float16 bits through ``tab``).
+
+    The short-row loops index ``x[i, j, t]`` directly instead of taking a row
+    view per ``(i, j)``: with rows of a few dozen values, per-row overhead
+    matters as much as the row's work.
+    """
+    raise NotImplementedError
+
+
+@overload(_ld3, inline="always")
+def _ld3_impl(a, i, j, t, tab):  # noqa: ANN001, ANN202 - numba typing hook
+    if a.dtype == types.uint16:
+        if _HW_F16:
+            return lambda a, i, j, t, tab: _h2f(a[i, j, t])
+        return lambda a, i, j, t, tab: tab[a[i, j, t]]
+    return lambda a, i, j, t, tab: a[i, j, t]
 
 
 @intrinsic
@@ -272,6 +301,14 @@ def _lane_dot(x, dy, m, tab, acc, acc2):  # noqa: ANN001, ANN202
 
 
 @njit(inline="always", **_JIT)
+def _total(acc):  # noqa: ANN001, ANN202
+    s = 0.0
+    for t in range(acc.shape[0]):
+        s += acc[t]
+    return s
+
+
+@njit(inline="always", **_JIT)
 def _chan(cnt, mean, m2, c, k, mb, m2b):  # noqa: ANN001, ANN202
     """Merge a piece (``k`` values, mean ``mb``, M2 ``m2b``) into channel ``c``."""
     na = cnt[c]
@@ -287,6 +324,29 @@ def _chan(cnt, mean, m2, c, k, mb, m2b):  # noqa: ANN001, ANN202
 def _moments_cf(x, tab, mean, m2):  # noqa: ANN001, ANN202
     n, c, s = x.shape
     cnt = np.zeros(c, dtype=np.float64)
+    if s < 2 * LANES:  # short rows: GROUP samples of a channel per piece
+        g = max(1, min(GROUP, PIECE // s))
+        acc = np.empty(s, dtype=np.float64)
+        acc2 = np.empty(s, dtype=np.float64)
+        for i0 in range(0, n, g):
+            i1 = min(n, i0 + g)
+            k = np.float64((i1 - i0) * s)
+            for j in range(c):
+                acc[:] = 0.0
+                for i in range(i0, i1):
+                    for t in range(s):
+                        acc[t] += np.float64(_ld3(x, i, j, t, tab))
+                cp = _total(acc) / k
+                acc[:] = 0.0
+                acc2[:] = 0.0
+                for i in range(i0, i1):
+                    for t in range(s):
+                        d = np.float64(_ld3(x, i, j, t, tab)) - cp
+                        acc[t] += d
+                        acc2[t] += d * d
+                sd = _total(acc)
+                _chan(cnt, mean, m2, j, k, cp + sd / k, _total(acc2) - sd * sd / k)
+        return
     acc = np.empty(LANES, dtype=np.float64)
     acc2 = np.empty(LANES, dtype=np.float64)
     for i in range(n):
@@ -348,6 +408,31 @@ def _normalize_cl(x, tab, mean, scale, bias, y):  # noqa: ANN001, ANN202
         xr, yr = x[r], y[r]
         for j in range(c):
             _st(yr, j, (_ld(xr, j, tab) - mean[j]) * scale[j] + bias[j])
+
+
+@njit(**_JIT)
+def _bwd_reduce_short(dy, x, tab, mean, sum_dy, sum_dxm):  # noqa: ANN001, ANN202
+    """Channel-first rows shorter than ``2 * LANES``: the row is the lanes.
+
+    ``acc[t] += dy[i, j, t]`` over GROUP samples of channel ``j``, vectorized
+    along the row; one float64 total per channel and group.
+    """
+    n, c, s = x.shape
+    acc = np.empty(s, dtype=np.float64)
+    acc2 = np.empty(s, dtype=np.float64)
+    for i0 in range(0, n, GROUP):
+        i1 = min(n, i0 + GROUP)
+        for j in range(c):
+            acc[:] = 0.0
+            acc2[:] = 0.0
+            m = mean[j]
+            for i in range(i0, i1):
+                for t in range(s):
+                    g = np.float64(_ld3(dy, i, j, t, tab))
+                    acc[t] += g
+                    acc2[t] += g * np.float64(_ld3(x, i, j, t, tab) - m)
+            sum_dy[j] += _total(acc)
+            sum_dxm[j] += _total(acc2)
 
 
 @njit(**_JIT)
@@ -497,7 +582,9 @@ class NumbaBackend(NumpyBackend):
         sum_dxm = np.zeros(c, dtype=_F64)
         tab = _table(x)
         if not channel_last:
-            _bwd_reduce_cf(_bits(dy), _bits(x), tab, mean, sum_dy, sum_dxm)
+            short = x.shape[2] < 2 * LANES
+            (_bwd_reduce_short if short else _bwd_reduce_cf)(
+                _bits(dy), _bits(x), tab, mean, sum_dy, sum_dxm)
             return sum_dy, sum_dxm * invstd.astype(_F64)
         r = _rows_per_wide(x)
         for dp, xp_, k in zip(_regroup(_bits(dy), r), _regroup(_bits(x), r), (r, 1)):
@@ -541,3 +628,47 @@ class NumbaBackend(NumpyBackend):
 
 
 BACKEND = NumbaBackend()
+
+
+def warm_up(dtypes: tuple[str, ...] = ("float16", "float32", "float64")) -> int:
+    """Compile (or load from the disk cache) every kernel the layers use for ``dtypes``.
+
+    Every input dtype with each compute dtype it can meet (float32 and float64;
+    float64 inputs only float64), channel-first short and long rows and
+    channel-last, all four primitives. Run it once where the cache lives, for
+    instance when building a container image or before a large ``mpiexec``
+    job, so that no rank compiles: ``python -m cupysyncbn.backends.numba_backend``.
+
+    Returns
+    -------
+    int
+        Number of kernel signatures now compiled in this process.
+    """
+    b = BACKEND
+    rng = np.random.default_rng(0)
+    for name in dtypes:
+        dt = np.dtype(name)
+        for cdt in (np.dtype(np.float32), _F64):
+            if dt == _F64 and cdt != _F64:
+                continue
+            for shape, cl in (((2, 3, 5), False), ((2, 3, 2 * LANES + 3), False), ((7, 3), True)):
+                x = rng.standard_normal(shape).astype(dt)
+                c = shape[-1] if cl else shape[1]
+                v = np.ones(c, dtype=cdt)
+                b.moments(x, cl, cdt)
+                b.normalize(x, cl, v, v, v, dt)
+                b.backward_reduce(x, x, cl, v, v)
+                b.backward_elemt(x, x, cl, v, v, v, v, dt)
+    kernels = (_moments_cf, _moments_cl, _normalize_cf, _normalize_cl, _bwd_reduce_short,
+               _bwd_reduce_cf, _bwd_reduce_cl, _bwd_elemt_cf, _bwd_elemt_cl)
+    return sum(len(k.signatures) for k in kernels)
+
+
+if __name__ == "__main__":  # python -m cupysyncbn.backends.numba_backend
+    import sys
+    import time
+
+    t0 = time.perf_counter()
+    n = warm_up()
+    print(f"cupysyncbn: {n} numba kernel signatures compiled or loaded from the cache"
+          f" in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
