@@ -576,3 +576,25 @@ def test_torch_adapter_capture_has_no_host_interaction(cp, monkeypatch):
     assert fwd[0]["kernels"] == bwd[0]["kernels"] == 3
     layer.step(cp, "NCHW", x, dy)  # eager again: the pending verdict is read now
     sbn.check_errors()
+
+
+def test_torch_adapter_eval_forward_is_one_kernel(cp):
+    from cupysyncbn.interop import torch as ti
+
+    torch, ref = _torch_ref("NHWC", 8, 0.1)
+    layer = _TorchAdapterLayer(cp, ref, _forced())
+    for step in range(2):
+        x, dy = _batch("NHWC", 3, "float32", 95 + step)
+        layer.step(cp, "NHWC", x, dy)
+        ref(torch.from_numpy(x.astype("f8")).movedim(-1, 1))
+    ref.eval()
+    x, _ = _batch("NHWC", 2, "float32", 99)
+    REC.clear()
+    y, ctx = ti.forward_arrays(
+        cp.asarray(x), layer.weight, layer.bias, layer.running_mean, layer.running_var,
+        data_format="NHWC", training=False, update=False, momentum=0.9, eps=1e-5,
+        comm=layer.comm, sync_state=layer.state)
+    assert _names(REC.kernels) == ["bn_fwd_norm_cl"]
+    assert REC.ops == [] and REC.syncs == [] and REC.d2h == []
+    yr = ref(torch.from_numpy(x.astype("f8")).movedim(-1, 1)).detach().numpy()
+    _close(np.moveaxis(_host(y), -1, 1), yr, 2e-5)
