@@ -216,7 +216,8 @@ def test_one_bad_rank_never_leaves_the_others_waiting(tmp_path):
     cases = {line.split()[1] for line in res.stdout.splitlines() if line.startswith("OK ")}
     for must in ("fn-noparams-list", "fn-noparams-1d", "fn-noparams-0d", "fn-state-list",
                  "fn-arg-weight-shape", "fn-arg-momentum", "fn-arg-epsilon",
-                 "fn-arg-data-format", "swap-first-pass", "eval-one-rank", "eval-rank0-local", "free-then-dup",
+                 "fn-arg-data-format", "swap-first-pass", "eval-one-rank", "eval-rank0-local",
+                 "free-then-dup",
                  "save-path-rank0-only", "save-bad-path-rank0", "backward-without-forward",
                  "torch-1d", "torch-6d", "torch-numpy", "torch-first-1d", "torch-swap-first-pass"):
         assert must in cases, must
