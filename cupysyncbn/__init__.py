@@ -25,6 +25,7 @@ from .io import load, save
 from .layer import Layer, NoPendingForwardError, ParamAttr, Parameter, is_grad_enabled, no_grad
 from .norm import BatchNorm1D, BatchNorm2D, BatchNorm3D, SyncBatchNorm
 from .placement import get_device, set_device
+from .protocol import local_eval
 
 __version__ = "0.1.0"
 
@@ -39,6 +40,7 @@ __all__ = [
     "Parameter",
     "ParamAttr",
     "no_grad",
+    "local_eval",
     "is_grad_enabled",
     "NoPendingForwardError",
     "Communicator",

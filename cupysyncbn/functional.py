@@ -381,7 +381,7 @@ def batch_norm_forward(
     if param_dtype is None:
         param_dtype = param.dtype if param is not None else np.float32
     param_dtype = np.dtype(param_dtype)
-    if not batch_stats and sync_state is not None:
+    if not batch_stats and sync_state is not None and protocol.eval_is_counted():
         # Eval passes count: a rank in eval mode while the others train is
         # caught at the layer's next synchronized pass (protocol "evals").
         sync_state.evals += 1

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from . import protocol
+from .backends.channel_math import momentum_weights
 from .deferred import DeviceStatus, strict_sync_default
 
 __all__ = ["DeviceWorkspace", "workspace", "forward", "backward", "strict_sync"]
@@ -173,12 +174,7 @@ def forward(
     outs = (None, None)
     if update:
         outs = (rm, rv) if inplace else (xp.empty_like(rm), xp.empty_like(rv))
-    if momentum is None:
-        factor = 1.0 / (num_batches_tracked + 1)
-        keep = 1.0 - factor
-    else:
-        keep = float(momentum)
-        factor = 1.0 - keep
+    keep, factor = momentum_weights(momentum, num_batches_tracked)
     flags = _F_TRAIN
     flags |= (_F_CHECK | (_F_SHIFT if state is not None else 0)) if sync else 0
     flags |= (_F_UPDATE | (_F_UNBIASED if unbiased else 0)) if update else 0

@@ -36,14 +36,17 @@ when it is importable, else NumPy.
 
 Launches and host synchronizations per pass: ``--recorder MODULE:NAME`` names
 an object with ``clear()`` and ``summary() -> dict`` (keys ``kernels``,
-``ops``, ``syncs``, ``d2h``; for instance the recording CuPy stand-in of the
-tests, ``fake_cupy:REC``, with ``tests/`` on ``PYTHONPATH``). After the
-timings, each rank runs one more forward and one more backward between
-``clear()`` and ``summary()``; the rows get ``launches_fwd``/``launches_bwd``
-(our kernels + other device operations) and ``syncs_fwd``/``syncs_bwd``, and
-the table a ``launch/sync f;b`` column (see ``count_pass``: the one place to
-change if the recorder's interface changes). Without a recorder the column
-is left out.
+``ops``, ``syncs``, ``d2h``). With the recording CuPy stand-in of the tests,
+``--recorder recording_cupy:REC`` (``tests/`` is put on ``sys.path``; needs
+g++ >= 12), each row's layer is rebuilt on the stand-in (CuPy path, a small
+batch of the row's format and dtype: the counts do not depend on its size,
+forced collectives so the all-reduce path runs) and its third forward and
+backward are counted, on any machine. With another recorder, each rank runs
+one more forward and backward of the timed layer between ``clear()`` and
+``summary()``. The rows get ``launches_fwd``/``launches_bwd`` (our kernels +
+other device operations) and ``syncs_fwd``/``syncs_bwd``, and the table a
+``launch/sync f;b`` column (see ``count_pass``). Without a recorder the
+column is left out.
 
 Errors in the arguments are reported by the driver before any rank starts;
 an error inside the ranks is printed once, with the ranks that raised it.
@@ -283,6 +286,9 @@ def load_recorder(spec: str | None):
     import importlib
 
     mod, _, name = spec.partition(":")
+    tests = str(Path(__file__).resolve().parents[1] / "tests")
+    if tests not in sys.path:
+        sys.path.append(tests)  # the recording CuPy stand-in lives there
     obj = importlib.import_module(mod)
     for part in (name or "REC").split("."):
         obj = getattr(obj, part)
@@ -351,6 +357,34 @@ def beside_rounds(timer, mpi, rank, k, shape, fmt, dt, ours_fb, xbytes, copy_mib
     return res if rank == 0 else {}
 
 
+def standin_counts(sbn, installed, recorder, shape, fmt, dt) -> dict:
+    """Launches and host syncs of a steady-state pass of this row's layer, CuPy path.
+
+    Runs on the recording stand-in (``installed()`` makes ``import cupy`` give
+    it); a small batch of the row's format and dtype, forced collectives.
+    """
+    from cupysyncbn.comm.base import NoCommunicator
+
+    comm = NoCommunicator()
+    comm.force_collectives = True
+    c = min(int(shape[1]), 8)
+    small = (2, 3, 4, c) if fmt.endswith("C") else (2, c, 3, 4)
+    rng = np.random.default_rng(0)
+    with installed() as cp:
+        bn = sbn.SyncBatchNorm(c, data_format=fmt, comm=comm)
+        bn.weight.data, bn.bias.data = cp.ones(c, "float32"), cp.zeros(c, "float32")
+        object.__setattr__(bn, "_mean", cp.zeros(c, "float32"))
+        object.__setattr__(bn, "_variance", cp.ones(c, "float32"))
+        x = cp.asarray(rng.standard_normal(small).astype(dt))
+        dy = cp.asarray(rng.standard_normal(small).astype(dt))
+        for _ in range(2):  # the first pass adds the handshake and the mean pass
+            bn(x)
+            bn.backward(dy)
+        lf, sf = count_pass(recorder, lambda: bn(x))
+        lb, sb = count_pass(recorder, lambda: bn.backward(dy))
+    return {"launches_fwd": lf, "syncs_fwd": sf, "launches_bwd": lb, "syncs_bwd": sb}
+
+
 def measure_row(sbn, xp, gpu, timer, counting, rng, shape, fmt, dt, recorder=None,
                 torch_cpu=False, copy_mib=256) -> dict:
     """Time one row on this rank's part of the batch; count its collectives."""
@@ -372,7 +406,10 @@ def measure_row(sbn, xp, gpu, timer, counting, rng, shape, fmt, dt, recorder=Non
                                lambda: (bn(x), bn.backward(dy)),
                                int(np.prod(shape)) * np.dtype(dt).itemsize, copy_mib, torch_cpu)
     counts = {}
-    if recorder is not None:  # launches and host syncs of one steady-state pass each
+    standin = getattr(sys.modules.get(type(recorder).__module__), "installed", None)
+    if standin is not None:  # the CuPy path, counted on the recording stand-in
+        counts.update(standin_counts(sbn, standin, recorder, shape, fmt, dt))
+    elif recorder is not None:  # launches and host syncs of one steady-state pass each
         timer.barrier()
         counts["launches_fwd"], counts["syncs_fwd"] = count_pass(recorder, lambda: bn(x))
         counts["launches_bwd"], counts["syncs_bwd"] = count_pass(

@@ -94,3 +94,21 @@ def test_bench_errors_print_once(tmp_path):
     assert res.returncode != 0
     assert res.stderr.count("No module named 'no_such_module'") == 1, res.stderr
     assert "[every rank]" in res.stderr and "failed" in res.stderr
+
+
+def test_bench_counts_cupy_path_launches_on_the_recording_standin(tmp_path):
+    """--recorder recording_cupy:REC: the CuPy path's per-pass budget, with no GPU."""
+    import shutil
+
+    if shutil.which("g++") is None:
+        pytest.skip("the kernel emulation needs g++")
+    out = tmp_path / "bench"
+    res = _bench(tmp_path, "--shapes", "2x4x3x3", "--ranks", "1", "--no-torch",
+                 "--recorder", "recording_cupy:REC", "--out", str(out))
+    assert res.returncode == 0, res.stdout + res.stderr
+    rows = json.loads((out / "bench.json").read_text())["rows"]
+    assert {r["format"] for r in rows} == {"NCHW", "NHWC"}
+    for r in rows:  # issue 10's budget: <= 3 kernels + 1 all-reduce, no host sync
+        assert 1 <= r["launches_fwd"] <= 3 and 1 <= r["launches_bwd"] <= 3, r
+        assert r["syncs_fwd"] == r["syncs_bwd"] == 0, r
+    assert "launch/sync f;b" in res.stdout

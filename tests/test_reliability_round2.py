@@ -134,6 +134,18 @@ expect("eval-one-rank", step_with_eval_on_bad,
 L = sbn.SyncBatchNorm(C, data_format="NC")
 L(x_ok()); L.eval(); L(x_ok()); L.train()
 expect("eval-all-ranks", lambda: L(x_ok()))
+# only rank 0 evaluates, on purpose, inside local_eval(): training goes on
+# exactly (the next pass's statistics are those of the global batch)
+L = sbn.SyncBatchNorm(C, data_format="NC", dtype="float64")
+xa = rng.standard_normal((2 + rank, C))
+L(xa); L.backward(np.ones_like(xa))
+if rank == 0:
+    with sbn.local_eval():
+        L.eval(); L(xa); L(xa); L.train()
+xb = rng.standard_normal((1 + rank, C))
+expect("eval-rank0-local", lambda: L(xb))
+glob = np.concatenate(world.allgather(xb))
+np.testing.assert_allclose(L._sync_state.shift, glob.mean(0), rtol=1e-12, atol=1e-12)
 
 # ---- a valid program: sub-communicator layer, Free(), then a Dup() of the world
 sub = world.Split(0 if rank < 2 else MPI.UNDEFINED, rank)
@@ -204,7 +216,8 @@ def test_one_bad_rank_never_leaves_the_others_waiting(tmp_path):
     cases = {line.split()[1] for line in res.stdout.splitlines() if line.startswith("OK ")}
     for must in ("fn-noparams-list", "fn-noparams-1d", "fn-noparams-0d", "fn-state-list",
                  "fn-arg-weight-shape", "fn-arg-momentum", "fn-arg-epsilon",
-                 "fn-arg-data-format", "swap-first-pass", "eval-one-rank", "free-then-dup",
+                 "fn-arg-data-format", "swap-first-pass", "eval-one-rank", "eval-rank0-local",
+                 "free-then-dup",
                  "save-path-rank0-only", "save-bad-path-rank0", "backward-without-forward",
                  "torch-1d", "torch-6d", "torch-numpy", "torch-first-1d", "torch-swap-first-pass"):
         assert must in cases, must

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["ChannelMath", "UNBIASED_COUNT_1"]
+__all__ = ["ChannelMath", "UNBIASED_COUNT_1", "momentum_weights"]
 
 _F64 = np.dtype(np.float64)
 
@@ -24,6 +24,19 @@ UNBIASED_COUNT_1 = (
     "unbiased_running_var=True needs more than 1 value per channel in the"
     " global batch (got 1): the unbiased variance m/(m-1) is undefined"
 )
+
+
+def momentum_weights(momentum: float | None, num_batches_tracked: int) -> tuple[float, float]:
+    """``(keep, factor)`` of ``new = old * keep + batch * factor`` (Paddle convention).
+
+    ``momentum=None`` is the cumulative average over ``num_batches_tracked + 1``
+    batches (PyTorch's ``momentum=None``).
+    """
+    if momentum is None:
+        factor = 1.0 / (num_batches_tracked + 1)
+        return 1.0 - factor, factor
+    keep = float(momentum)
+    return keep, 1.0 - keep
 
 
 class ChannelMath:
@@ -105,12 +118,7 @@ class ChannelMath:
             if count == 1:
                 raise ValueError(UNBIASED_COUNT_1)
             batch_var = batch_var * (count / (count - 1))
-        if momentum is None:
-            factor = 1.0 / (num_batches_tracked + 1)
-            keep = 1.0 - factor
-        else:
-            keep = float(momentum)
-            factor = 1.0 - keep
+        keep, factor = momentum_weights(momentum, num_batches_tracked)
         new_mean = running_mean * keep + batch_mean.astype(running_mean.dtype) * factor
         new_var = running_var * keep + batch_var.astype(running_var.dtype) * factor
         return new_mean.astype(running_mean.dtype, copy=False), new_var.astype(
