@@ -124,6 +124,39 @@ def test_module_runs_the_array_passes_the_launch_budget_tests_count(monkeypatch,
     assert _maxdiff(bn.weight.grad, ref.weight.grad) < TOL
 
 
+def test_cupy_allocates_from_torch_on_the_current_stream(monkeypatch):
+    """CUDA tensors: CuPy's memory comes from PyTorch's caching allocator (what
+    torch.cuda.graph puts in the graph's pool); checked here with a stand-in CuPy."""
+    from types import ModuleType, SimpleNamespace
+
+    made, calls = [], []
+
+    class Allocator:
+        def __init__(self, malloc, free):
+            made.append((malloc, free))
+            self.malloc = lambda size: malloc(size, 0)
+
+    stream = SimpleNamespace(ptr=0xABC)
+    fake = ModuleType("cupy")
+    fake.cuda = SimpleNamespace(memory=SimpleNamespace(PythonFunctionAllocator=Allocator),
+                                get_current_stream=lambda: stream)
+    monkeypatch.setattr(torch.cuda, "caching_allocator_alloc",
+                        lambda size, dev, s: calls.append(("alloc", size, dev, s)) or 0x1000)
+    monkeypatch.setattr(torch.cuda, "caching_allocator_delete",
+                        lambda p: calls.append(("free", p)))
+    ti._torch_allocator.cache_clear()
+    try:
+        alloc = ti._torch_allocator(fake)
+        assert ti._torch_allocator(fake) is alloc  # one allocator per process
+        assert alloc(256) == 0x1000
+        _, free = made[0]
+        free(0, 0)  # CuPy's empty allocations: nothing to give back
+        free(0x1000, 0)
+    finally:
+        ti._torch_allocator.cache_clear()
+    assert calls == [("alloc", 256, 0, 0xABC), ("free", 0x1000)]
+
+
 def test_momentum_none_counts_an_empty_batch_like_torch():
     ref, bn = _pair(None)
     for step, n in enumerate((3, 0, 2, 4)):
