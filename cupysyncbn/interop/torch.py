@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import warnings
 from typing import Any
 
 import numpy as np
@@ -96,8 +97,7 @@ class _CupyStream:
 
     def __init__(self, cupy: Any, device: int, ptr: int) -> None:
         self._device = cupy.cuda.Device(device)
-        # ptr 0: the legacy default stream (PyTorch's default stream)
-        self._stream = cupy.cuda.Stream.null if ptr == 0 else cupy.cuda.ExternalStream(ptr, device)
+        self._stream = _cupy_stream(cupy, device, ptr)
         self._alloc = cupy.cuda.using_allocator(_torch_allocator(cupy))
 
     def __enter__(self) -> None:
@@ -109,6 +109,17 @@ class _CupyStream:
         self._alloc.__exit__(*exc)
         self._stream.__exit__(*exc)
         self._device.__exit__(*exc)
+
+
+@functools.lru_cache(maxsize=64)
+def _cupy_stream(cupy: Any, device: int, ptr: int) -> Any:
+    """CuPy's handle of PyTorch's stream ``ptr`` (made once: no per-pass warning)."""
+    if ptr == 0:
+        return cupy.cuda.Stream.null  # the legacy default stream (PyTorch's default)
+    with warnings.catch_warnings():
+        # deprecated in CuPy 14 for Stream.from_external, which older CuPy lacks
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return cupy.cuda.ExternalStream(ptr, device)
 
 
 @functools.cache
