@@ -106,6 +106,11 @@ class DeviceStatus:
             raise type(exc)(*exc.args)
         if not self.pending:
             return
+        if getattr(self.xp.cuda.get_current_stream(), "is_capturing", lambda: False)():
+            # No event query inside a graph capture: CUDA's global capture
+            # mode (torch.cuda.graph's default) refuses it. The verdict stays
+            # pending for the next pass outside the capture (or check_errors).
+            return
         if not self.event.done:
             self.event.synchronize()
         self.pending = False

@@ -91,6 +91,82 @@ def test_no_running_stats_and_buffers_are_kept_in_place():
     assert not torch.equal(rm, torch.zeros(4, dtype=torch.float64))
 
 
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_module_runs_the_array_passes_the_launch_budget_tests_count(monkeypatch, momentum):
+    """SyncBatchNorm's autograd Function is forward_arrays/backward_arrays on views of its
+    tensors (what test_launch_budget.py runs on the recording CuPy stand-in)."""
+    calls = []
+    fwd, bwd = ti.forward_arrays, ti.backward_arrays
+
+    def spy_fwd(x, w, b, rm, rv, nbt, **kw):
+        calls.append(("fwd", kw["data_format"], kw["update"], kw["momentum"], nbt))
+        assert np.shares_memory(rm, np.from_dlpack(bn.running_mean))  # views, no copies
+        assert np.shares_memory(w, np.from_dlpack(bn.weight.detach()))
+        return fwd(x, w, b, rm, rv, nbt, **kw)
+
+    def spy_bwd(dy, ctx, need):
+        calls.append(("bwd", need))
+        return bwd(dy, ctx, need)
+
+    monkeypatch.setattr(ti, "forward_arrays", spy_fwd)
+    monkeypatch.setattr(ti, "backward_arrays", spy_bwd)
+    ref, bn = _pair(momentum)
+    x = torch.randn(6, 4, 3, 5, dtype=torch.float64).to(memory_format=torch.channels_last)
+    bn(x).sum().backward()
+    ref(x).sum().backward()
+    (kind, fmt, update, m, nbt), back = calls
+    assert (kind, fmt, update, back) == ("fwd", "NHWC", True, ("bwd", True))
+    if momentum is None:  # PyTorch's count before the pass, as a view
+        assert m is None and nbt.shape == () and int(nbt) == 1  # incremented after
+    else:
+        assert m == pytest.approx(0.9) and nbt is None
+    assert _maxdiff(bn.running_var, ref.running_var) < TOL
+    assert _maxdiff(bn.weight.grad, ref.weight.grad) < TOL
+
+
+def test_cupy_allocates_from_torch_on_the_current_stream(monkeypatch):
+    """CUDA tensors: CuPy's memory comes from PyTorch's caching allocator (what
+    torch.cuda.graph puts in the graph's pool); checked here with a stand-in CuPy."""
+    from types import ModuleType, SimpleNamespace
+
+    made, calls = [], []
+
+    class Allocator:
+        def __init__(self, malloc, free):
+            made.append((malloc, free))
+            self.malloc = lambda size: malloc(size, 0)
+
+    stream = SimpleNamespace(ptr=0xABC)
+    fake = ModuleType("cupy")
+    fake.cuda = SimpleNamespace(memory=SimpleNamespace(PythonFunctionAllocator=Allocator),
+                                get_current_stream=lambda: stream)
+    monkeypatch.setattr(torch.cuda, "caching_allocator_alloc",
+                        lambda size, dev, s: calls.append(("alloc", size, dev, s)) or 0x1000)
+    monkeypatch.setattr(torch.cuda, "caching_allocator_delete",
+                        lambda p: calls.append(("free", p)))
+    ti._torch_allocator.cache_clear()
+    try:
+        alloc = ti._torch_allocator(fake)
+        assert ti._torch_allocator(fake) is alloc  # one allocator per process
+        assert alloc(256) == 0x1000
+        _, free = made[0]
+        free(0, 0)  # CuPy's empty allocations: nothing to give back
+        free(0x1000, 0)
+    finally:
+        ti._torch_allocator.cache_clear()
+    assert calls == [("alloc", 256, 0, 0xABC), ("free", 0x1000)]
+
+
+def test_momentum_none_counts_an_empty_batch_like_torch():
+    ref, bn = _pair(None)
+    for step, n in enumerate((3, 0, 2, 4)):
+        x = torch.randn(n, 4, 2, 3, dtype=torch.float64) + step
+        assert _maxdiff(bn(x), ref(x)) < TOL
+        assert int(bn.num_batches_tracked) == int(ref.num_batches_tracked) == step + 1
+        assert _maxdiff(bn.running_mean, ref.running_mean) < TOL
+        assert _maxdiff(bn.running_var, ref.running_var) < TOL
+
+
 def test_channels_last_and_other_ranks_of_input():
     ref, bn = _pair()
     x = torch.randn(6, 4, 3, 5, dtype=torch.float64).to(memory_format=torch.channels_last)

@@ -109,11 +109,14 @@ class _SyncBatchNormFunction(PyLayer):
                 training=cfg["training"], momentum=cfg["momentum"], epsilon=cfg["epsilon"],
                 data_format=cfg["data_format"], comm=cfg["comm"],
                 sync_state=cfg["sync_state"],
+                inplace_running_stats=True,  # GPU: the kernel writes them, no copy
             )
             if cfg["update"] and res.updated:
-                # In place: the layer's _mean/_variance stay the same tensors.
-                rm[...] = res.running_mean
-                rv[...] = res.running_var
+                # In place: the layer's _mean/_variance stay the same tensors
+                # (the CPU path returns new arrays; the GPU path wrote them).
+                for dst, src in ((rm, res.running_mean), (rv, res.running_var)):
+                    if src is not dst:
+                        dst[...] = src
             y = _export(res.y)
         ctx.fctx = res.ctx
         ctx.need = [not x.stop_gradient] + [not p.stop_gradient for p in params]

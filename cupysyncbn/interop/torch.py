@@ -27,22 +27,28 @@ Examples
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
+import warnings
 from typing import Any
 
+import numpy as np
 import torch
 from torch.autograd.function import once_differentiable
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import functional as F
-from .. import protocol
-from .dlpack import to_native
+from .. import fused_passes, protocol
+from ..backends import get_backend
+from .dlpack import from_native, to_native
 from .state_dict import momentum_torch_to_paddle, paddle_to_torch, torch_to_paddle
 
 __all__ = [
     "SyncBatchNorm",
     "convert_sync_batchnorm",
     "batch_norm",
+    "forward_arrays",
+    "backward_arrays",
     "from_paddle_state_dict",
     "to_paddle_state_dict",
 ]
@@ -64,10 +70,11 @@ def _layout(x: torch.Tensor) -> tuple[str, tuple | None, tuple | None]:
 
 
 def _on_torch_stream(t: torch.Tensor) -> Any:
-    """Context running CuPy work on PyTorch's current stream of ``t``'s device.
+    """Context running CuPy work on PyTorch's current stream and memory of ``t``'s device.
 
     CUDA tensors become CuPy arrays; without this CuPy would launch on its own
-    current stream, unordered with PyTorch's work on a non-default stream.
+    current stream, unordered with PyTorch's work on a non-default stream, and
+    allocate from its own pool, which ``torch.cuda.graph`` does not know.
     """
     if not t.is_cuda:
         return contextlib.nullcontext()
@@ -78,52 +85,195 @@ def _on_torch_stream(t: torch.Tensor) -> Any:
 
 
 class _CupyStream:
-    """``with``: CuPy's current device and stream set to a PyTorch stream."""
+    """``with``: CuPy's device, stream and allocator set to PyTorch's.
+
+    CuPy's allocations (outputs, saved statistics, the layer's workspaces)
+    come from PyTorch's caching allocator on the current stream, so that
+    inside ``torch.cuda.graph`` they land in the graph's private pool, as
+    PyTorch's own tensors do, instead of CuPy's pool (whose ``cudaMalloc`` is
+    refused during a capture, and whose blocks a replay would overwrite after
+    reuse).
+    """
 
     def __init__(self, cupy: Any, device: int, ptr: int) -> None:
         self._device = cupy.cuda.Device(device)
-        # ptr 0: the legacy default stream (PyTorch's default stream)
-        self._stream = cupy.cuda.Stream.null if ptr == 0 else cupy.cuda.ExternalStream(ptr, device)
+        self._stream = _cupy_stream(cupy, device, ptr)
+        self._alloc = cupy.cuda.using_allocator(_torch_allocator(cupy))
 
     def __enter__(self) -> None:
         self._device.__enter__()
         self._stream.__enter__()
+        self._alloc.__enter__()
 
     def __exit__(self, *exc: Any) -> None:
+        self._alloc.__exit__(*exc)
         self._stream.__exit__(*exc)
         self._device.__exit__(*exc)
 
 
-def _forward(xv: Any, weight: Any, bias: Any, fmt: str, cfg: dict) -> F.ForwardResult:
-    return F.batch_norm_forward(
-        xv, weight, bias, cfg["running_mean"], cfg["running_var"],
-        training=cfg["training"], momentum=cfg["momentum"], epsilon=cfg["eps"],
-        data_format=fmt, comm=cfg["comm"], unbiased_running_var=cfg["update"],
-        num_batches_tracked=cfg["nbt"], sync_state=cfg["sync_state"],
+@functools.lru_cache(maxsize=64)
+def _cupy_stream(cupy: Any, device: int, ptr: int) -> Any:
+    """CuPy's handle of PyTorch's stream ``ptr`` (made once: no per-pass warning)."""
+    if ptr == 0:
+        return cupy.cuda.Stream.null  # the legacy default stream (PyTorch's default)
+    with warnings.catch_warnings():
+        # deprecated in CuPy 14 for Stream.from_external, which older CuPy lacks
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return cupy.cuda.ExternalStream(ptr, device)
+
+
+@functools.cache
+def _torch_allocator(cupy: Any) -> Any:
+    """A CuPy allocator (``size -> MemoryPointer``) over PyTorch's caching allocator."""
+
+    def malloc(size: int, device: int) -> int:
+        stream = cupy.cuda.get_current_stream().ptr
+        return torch.cuda.caching_allocator_alloc(size, device, stream)
+
+    def free(ptr: int, device: int) -> None:
+        if ptr:
+            torch.cuda.caching_allocator_delete(ptr)
+
+    return cupy.cuda.memory.PythonFunctionAllocator(malloc, free).malloc
+
+
+# ----------------------------------------------------------------------------
+# The passes on arrays. The autograd bridge below turns tensors into NumPy
+# (CPU) or CuPy (CUDA) views by DLPack and calls these; the GPU launch-budget
+# tests call them with the recording CuPy stand-in, so the counted path is
+# the adapter's own.
+# ----------------------------------------------------------------------------
+
+
+def forward_arrays(
+    x: Any,
+    weight: Any,
+    bias: Any,
+    running_mean: Any,
+    running_var: Any,
+    num_batches_tracked: Any = None,
+    *,
+    data_format: str,
+    training: bool,
+    update: bool,
+    momentum: float | None,
+    eps: float,
+    comm: Any = None,
+    sync_state: F.SyncState | None = None,
+) -> tuple[Any, F.ForwardContext]:
+    """The adapter's forward on NumPy or CuPy arrays (PyTorch conventions).
+
+    Parameters
+    ----------
+    x, weight, bias, running_mean, running_var : array or None
+        Views of the module's tensors. With ``update`` the running statistics
+        are updated in place: on the GPU by the normalize kernel itself (no
+        other launch), on the CPU by a copy into them.
+    num_batches_tracked : 0-d int64 array, optional
+        PyTorch's count before this pass; read only for ``momentum=None``
+        with ``update``. A CuPy array is never read by the host: on the fused
+        path it is copied into the layer's device count (one small device
+        copy), so a steady-state pass stays free of host synchronizations and
+        can be captured in a CUDA graph. The caller increments it.
+    data_format : str
+        Format of ``x`` (``NC``, ``NCL``, ``NCHW``, ``NCDHW``, ``NHWC``, ``NDHWC``).
+    training : bool
+        Batch statistics of the global batch (synchronized) when True.
+    update : bool
+        Update the running statistics (PyTorch: unbiased variance).
+    momentum : float or None
+        Paddle convention (``running = running * m + batch * (1 - m)``); None
+        is PyTorch's cumulative average over ``num_batches_tracked + 1`` batches.
+    eps : float
+        Added to the variance.
+    comm, sync_state
+        As for :func:`cupysyncbn.functional.batch_norm_forward`.
+
+    Returns
+    -------
+    y : array
+        Like ``x``.
+    ctx : cupysyncbn.functional.ForwardContext
+        For :func:`backward_arrays`.
+    """
+    nbt = 0
+    if update and momentum is None and num_batches_tracked is not None:
+        nbt = _batches_before(num_batches_tracked, sync_state, weight, bias,
+                              running_mean, running_var)
+    res = F.batch_norm_forward(
+        x, weight, bias, running_mean, running_var,
+        training=training, momentum=momentum, epsilon=eps, data_format=data_format,
+        comm=comm, unbiased_running_var=update, num_batches_tracked=nbt,
+        sync_state=sync_state,
+        inplace_running_stats=True,  # GPU: the kernel writes the buffers, no copy
     )
+    if update and res.updated:
+        # The CPU path returns new arrays: store them, so the module's buffers
+        # stay the same tensors. (On the GPU they are the buffers themselves.)
+        for dst, src in ((running_mean, res.running_mean), (running_var, res.running_var)):
+            if src is not dst:
+                dst[...] = src
+    return res.y, res.ctx
+
+
+def backward_arrays(
+    dy: Any, ctx: F.ForwardContext, need_param_grads: bool = True
+) -> tuple[Any, Any, Any]:
+    """The adapter's backward on NumPy or CuPy arrays: ``(dx, dweight, dbias)``.
+
+    The parameter gradients are new arrays that autograd accumulates into
+    ``.grad`` (not ``accumulate_into``): that keeps gradient hooks, DDP's
+    among them, and ``torch.autograd.grad`` working.
+    """
+    return F.batch_norm_backward(dy, ctx, need_param_grads=need_param_grads)
+
+
+def _batches_before(count: Any, state: F.SyncState | None, *vectors: Any) -> int:
+    """The host count for ``momentum=None``; on the fused path set on the device instead.
+
+    The fused kernels average over a device count of the layer (which, in
+    Paddle's convention, skips empty global batches); PyTorch counts every
+    training forward. Copying PyTorch's count into it before each pass gives
+    PyTorch's average without a host read; the host value handed on then
+    only has to equal the workspace's (so it does not overwrite the copy).
+    """
+    backend = get_backend(count, "num_batches_tracked")
+    present = [v for v in vectors if v is not None]
+    pdt = np.dtype(present[0].dtype) if present else np.dtype(np.float32)
+    if state is None or not F._fused_ok(backend, pdt, *present):
+        return int(count)  # a CPU tensor (free), or the unfused GPU path (which syncs)
+    ws = fused_passes.workspace(state, backend, vectors[2].shape[0])
+    ws.nbt[1:] = count
+    ws.nbt_host = 0
+    return 0
 
 
 class _SyncBatchNormFunction(torch.autograd.Function):
-    """Autograd bridge: forward/backward are cupysyncbn's functional passes."""
+    """Autograd bridge: tensors to arrays by DLPack, then :func:`forward_arrays`."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: Any, bias: Any, cfg: dict) -> torch.Tensor:
         fmt, perm, inv = _layout(x)
         xv = x if perm is None else x.permute(*perm)
+        count = cfg["num_batches_tracked"]
         with _on_torch_stream(x):
-            res = _forward(xv, weight, bias, fmt, cfg)
-        if cfg["update"] and res.updated:
-            # In place, so the module's buffers stay the same tensor objects.
-            cfg["running_mean"].copy_(res.running_mean)
-            cfg["running_var"].copy_(res.running_var)
-        if cfg["num_batches_tracked"] is not None:
+            y, fctx = forward_arrays(
+                to_native(xv, "input"), to_native(weight, "weight"), to_native(bias, "bias"),
+                to_native(cfg["running_mean"], "running_mean"),
+                to_native(cfg["running_var"], "running_var"),
+                to_native(count, "num_batches_tracked") if cfg["nbt_read"] else None,
+                data_format=fmt, training=cfg["training"], update=cfg["update"],
+                momentum=cfg["momentum"], eps=cfg["eps"], comm=cfg["comm"],
+                sync_state=cfg["sync_state"],
+            )
+            y = from_native(y, x)
+        if count is not None:
             # PyTorch counts every training forward, an empty global batch too
             # (the statistics are then unchanged); every rank runs this forward.
-            cfg["num_batches_tracked"].add_(1)
-        ctx.fctx = res.ctx
+            count.add_(1)
+        ctx.fctx = fctx
         ctx.perm, ctx.inv = perm, inv
         ctx.save_for_backward(x)  # only for autograd's in-place modification check
-        y = res.y
         return y if inv is None else y.permute(*inv)
 
     @staticmethod
@@ -135,7 +285,10 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         # Always run: in training mode the backward is a collective every rank joins.
         with _on_torch_stream(dy):
-            dx, dw, db = F.batch_norm_backward(dy, ctx.fctx, need_param_grads=need_w or need_b)
+            dx, dw, db = (
+                from_native(a, dy)
+                for a in backward_arrays(to_native(dy, "dy"), ctx.fctx, need_w or need_b)
+            )
         if ctx.inv is not None:
             dx = dx.permute(*ctx.inv)
         return (dx if need_x else None), (dw if need_w else None), (db if need_b else None), None
@@ -206,9 +359,6 @@ def batch_norm(
         return y.to(torch.bfloat16)
     batch_stats = training or running_mean is None
     update = bool(training and running_mean is not None)
-    nbt = 0
-    if update and momentum is None and num_batches_tracked is not None:
-        nbt = int(num_batches_tracked)
     cfg = {
         "running_mean": running_mean,
         "running_var": running_var,
@@ -217,7 +367,8 @@ def batch_norm(
         "momentum": momentum_torch_to_paddle(momentum),
         "eps": float(eps),
         "comm": comm,
-        "nbt": nbt,
+        # read for momentum=None's average (on the GPU by the device only)
+        "nbt_read": update and momentum is None and num_batches_tracked is not None,
         "num_batches_tracked": num_batches_tracked if update else None,
         "sync_state": sync_state,
     }
