@@ -47,6 +47,7 @@ from .. import protocol
 from ..comm import as_communicator
 from ..comm.base import LOCAL
 from .dlpack import to_native
+from .shared_comm import SharedComm
 
 __all__ = ["SyncBatchNorm", "convert_sync_batchnorm", "batch_norm"]
 
@@ -254,25 +255,6 @@ def _check_epsilon(epsilon: Any) -> float:
     return float(epsilon)
 
 
-class _SharedComm:
-    """Holds a layer's communicator.
-
-    Shared by ``copy.deepcopy`` (an EMA copy of a model syncs over the same
-    group), dropped by pickling (a reloaded model uses the default communicator).
-    """
-
-    __slots__ = ("comm",)
-
-    def __init__(self, comm: Any) -> None:
-        self.comm = comm
-
-    def __deepcopy__(self, memo: dict) -> _SharedComm:
-        return self
-
-    def __reduce__(self) -> tuple:
-        return (_SharedComm, (None,))
-
-
 class SyncBatchNorm(paddle.nn.SyncBatchNorm):
     """``paddle.nn.SyncBatchNorm`` computed by cupysyncbn, on CPU and GPU tensors.
 
@@ -336,7 +318,7 @@ class SyncBatchNorm(paddle.nn.SyncBatchNorm):
         # None stays lazy (resolved at each training pass, so init('auto') or
         # init_parallel_env() may run after the model is built); anything else
         # is resolved now so a bad ``comm`` fails at construction.
-        self._comm_ref = _SharedComm(None if comm is None else as_communicator(comm))
+        self._comm_ref = SharedComm(None if comm is None else as_communicator(comm))
         # identity on every rank: order of construction (see cupysyncbn.protocol)
         self._sync_state = F.SyncState(
             ordinal=protocol.next_construction_ordinal(self._comm_ref.comm)
@@ -350,7 +332,7 @@ class SyncBatchNorm(paddle.nn.SyncBatchNorm):
 
     @comm.setter
     def comm(self, comm: Any) -> None:
-        self._comm_ref = _SharedComm(None if comm is None else as_communicator(comm))
+        self._comm_ref = SharedComm(None if comm is None else as_communicator(comm))
         self._sync_state = F.SyncState()
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:

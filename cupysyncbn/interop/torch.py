@@ -41,6 +41,7 @@ from .. import functional as F
 from .. import fused_passes, protocol
 from ..backends import get_backend
 from .dlpack import from_native, to_native
+from .shared_comm import SharedComm
 from .state_dict import momentum_torch_to_paddle, paddle_to_torch, torch_to_paddle
 
 __all__ = [
@@ -375,26 +376,6 @@ def batch_norm(
     return _SyncBatchNormFunction.apply(input, weight, bias, cfg)
 
 
-class _SharedComm:
-    """Holds a layer's communicator.
-
-    Shared by ``copy.deepcopy`` (an EMA copy of a model syncs over the same
-    group), dropped by pickling (``torch.save(model)`` reloads with the
-    default communicator).
-    """
-
-    __slots__ = ("comm",)
-
-    def __init__(self, comm: Any) -> None:
-        self.comm = comm
-
-    def __deepcopy__(self, memo: dict) -> _SharedComm:
-        return self
-
-    def __reduce__(self) -> tuple:
-        return (_SharedComm, (None,))
-
-
 class SyncBatchNorm(_BatchNorm):
     """``torch.nn.SyncBatchNorm`` computed by cupysyncbn, on CPU and CUDA tensors.
 
@@ -485,7 +466,7 @@ class SyncBatchNorm(_BatchNorm):
 
     @comm.setter
     def comm(self, comm: Any) -> None:
-        self._comm_ref = _SharedComm(comm)
+        self._comm_ref = SharedComm(comm)
 
     def _check_input_dim(self, input: torch.Tensor) -> None:
         if input.dim() not in _FORMATS:
