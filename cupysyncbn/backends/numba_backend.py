@@ -44,6 +44,8 @@ Inputs other than float16/float32/float64 (bfloat16) go to the NumPy backend.
 
 from __future__ import annotations
 
+import sys
+import threading
 from typing import Any
 
 import llvmlite.binding as llb
@@ -54,7 +56,7 @@ from numba.extending import intrinsic, overload
 
 from .numpy_backend import NumpyBackend, chan_merge
 
-__all__ = ["NumbaBackend", "BACKEND", "PIECE", "GROUP", "LANES", "warm_up"]
+__all__ = ["NumbaBackend", "BACKEND", "PIECE", "GROUP", "LANES", "OutputPool", "warm_up"]
 
 _F64 = np.dtype(np.float64)
 _NATIVE = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
@@ -478,6 +480,72 @@ def _bwd_elemt_cl(dy, x, tab, mean, a, mean_dy, b, dx):  # noqa: ANN001, ANN202
             _st(orow, j, (_ld(dr, j, tab) - mean_dy[j]) * a[j] - (_ld(xr, j, tab) - mean[j]) * b[j])
 
 
+# ---------------------------------------------------------------- output pool
+def _refs(arrays: list, i: int) -> int:
+    """Reference count of ``arrays[i]`` as seen from here."""
+    return sys.getrefcount(arrays[i])
+
+
+#: What :func:`_refs` reports for an entry that only its list holds (measured,
+#: not assumed: the interpreter's own share differs between CPython versions).
+_POOL_ONLY = _refs([np.empty(0)], 0)
+class OutputPool:
+    """Output arrays (``y``, ``dx``) handed out again once nobody else refers to them.
+
+    Why: a fresh output of a few MiB or more is a fresh ``mmap`` or freshly
+    trimmed heap, so its first write page-faults every 4 KiB page and the
+    kernel zeroes it: about as long as the kernel's own pass (with ``y`` and
+    ``dx`` of a forward+backward alive at once, glibc's dynamic trim threshold
+    returns the memory to the OS after every step). Process-global allocator
+    settings (``mallopt``, ``MALLOC_TRIM_THRESHOLD_``) would fix it for the
+    whole program; this fixes it for our outputs only.
+
+    Safe by construction: an entry is reused only when CPython's reference
+    count shows that the pool's own list is its only holder, so no array,
+    view (it holds its base), buffer export or PyTorch tensor made from it
+    can observe the reuse. Entries are kept most-recently-used first, at most
+    :attr:`entries` of them and only outputs of at least :attr:`min_bytes`
+    (smaller ones come from the heap without faults); the memory it holds
+    beyond what the program holds anyway is at most ``entries`` outputs.
+    ``entries = 0`` turns it off; :meth:`clear` drops everything.
+    """
+
+    def __init__(self, entries: int = 4, min_bytes: int = 1 << 20) -> None:
+        self.entries = entries
+        self.min_bytes = min_bytes
+        self._arrays: list[np.ndarray] = []
+        self._lock = threading.Lock()
+
+    def empty(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        """An uninitialized C-contiguous array of ``shape`` and ``dtype``."""
+        dtype = np.dtype(dtype)
+        nbytes = dtype.itemsize * int(np.prod(shape))
+        if self.entries <= 0 or nbytes < self.min_bytes:
+            return np.empty(shape, dtype=dtype)
+        with self._lock:
+            arrays = self._arrays
+            for i in range(len(arrays)):
+                # no local name for arrays[i]: it would count as a holder
+                if (arrays[i].shape == shape and arrays[i].dtype == dtype
+                        and _refs(arrays, i) <= _POOL_ONLY):
+                    a = arrays.pop(i)
+                    break
+            else:
+                a = np.empty(shape, dtype=dtype)
+            arrays.insert(0, a)
+            del arrays[self.entries :]
+            return a
+
+    def clear(self) -> None:
+        """Forget every entry (their memory goes back once nobody else holds it)."""
+        with self._lock:
+            self._arrays.clear()
+
+
+#: The pool of :class:`NumbaBackend`'s ``normalize`` and ``backward_elemt`` outputs.
+POOL = OutputPool()
+
+
 # -------------------------------------------------------------------- backend
 def _bits(a: np.ndarray) -> np.ndarray:
     """float16 arrays as their ``uint16`` bits (numba has no CPU float16)."""
@@ -554,7 +622,7 @@ class NumbaBackend(NumpyBackend):
         cdt = mean.dtype
         if not _native(x) or out_dtype != x.dtype or cdt not in _NATIVE[1:]:
             return super().normalize(x, channel_last, mean, scale, bias, out_dtype)
-        y = np.empty(x.shape, dtype=out_dtype)
+        y = POOL.empty(x.shape, out_dtype)
         vecs = (mean, scale.astype(cdt, copy=False), bias.astype(cdt, copy=False))
         tab = _table(x)
         if not channel_last:
@@ -612,7 +680,7 @@ class NumbaBackend(NumpyBackend):
         cdt = mean.dtype
         if not _native(dy, x) or out_dtype != x.dtype or cdt not in _NATIVE[1:]:
             return super().backward_elemt(dy, x, channel_last, mean, a, mean_dy, b, out_dtype)
-        dx = np.empty(x.shape, dtype=out_dtype)
+        dx = POOL.empty(x.shape, out_dtype)
         vecs = (mean, a.astype(cdt, copy=False), mean_dy.astype(cdt, copy=False),
                 b.astype(cdt, copy=False))
         tab = _table(x)
