@@ -407,6 +407,36 @@ def test_output_pool_reuses_only_outputs_nobody_holds(rng):
     np.testing.assert_array_equal(y1, x)
 
 
+
+@pytest.mark.parametrize("outlier", [False, True])
+@pytest.mark.parametrize("dt", ["float16", "float32"])
+@pytest.mark.parametrize("layout", ["long rows", "short rows", "channel-last"])
+def test_one_pass_moments_offset_and_outlier_first_values(layout, dt, outlier, rng):
+    """float16/float32 moments are one pass, shifted by each piece's first
+    value: a large offset (std 1), or an outlier as that first value, must
+    not cost accuracy. Against exact float64 sums (math.fsum) of the values."""
+    offset, far = (1e4, 3e6) if dt == "float32" else (1e3, 6e4)
+    if layout == "channel-last":
+        x = rng.standard_normal((5000, 3)) + offset
+        if outlier:
+            x[::977] = far  # the first rows of the blocks
+    else:
+        s = 4096 + 100 if layout == "long rows" else 49
+        x = rng.standard_normal((40, 3, s)) + offset
+        if outlier:
+            x[:, :, 0] = far
+            if layout == "long rows":
+                x[:, :, 4096] = -far  # the second piece's first value
+    x = x.astype(dt)
+    cl = layout == "channel-last"
+    mean, m2 = NB.moments(x, cl, np.float32)
+    xc = _per_channel(x, cl)
+    ref_mean = np.array([math.fsum(r) for r in xc]) / xc.shape[1]
+    ref_m2 = np.array([math.fsum(r) for r in (xc - ref_mean[:, None]) ** 2])
+    np.testing.assert_allclose(mean, ref_mean, rtol=1e-14, atol=0)
+    np.testing.assert_allclose(m2, ref_m2, rtol=1e-12, atol=0)
+
+
 CACHE_PROBE = r"""
 import json, time
 t0 = time.perf_counter()

@@ -9,8 +9,8 @@ Why: batch norm is memory-bound, and NumPy needs several passes per formula
 (:mod:`.numpy_backend` explains the costs). Here every primitive is one loop
 over the data: ``normalize`` reads x and writes y once, ``backward_reduce``
 reads x and dy once, ``backward_elemt`` reads both and writes dx once, and
-``moments`` reads x once from memory (its second pass runs on a piece that is
-still in cache). The kernels are single-threaded (one MPI rank is one
+``moments`` reads x once (float64 inputs: a second pass over a piece still
+in cache). The kernels are single-threaded (one MPI rank is one
 process), compiled with ``cache=True`` and without ``fastmath`` (IEEE
 semantics, no reassociation), and release the GIL. Compilation happens once
 per machine and signature (a few seconds on first use); later processes load
@@ -19,11 +19,16 @@ directory, or ``NUMBA_CACHE_DIR``) in well under a second.
 
 Accuracy (same contract as the NumPy backend, never worse):
 
-* ``moments``: corrected two-pass per piece in float64 (a channel-first row
+* ``moments``: shifted sums per piece in float64 (a channel-first row
   piece of at most :data:`PIECE` values, or a channel-last block of rows that
-  fits in cache): ``c = sum(x)/k``, ``d = x - c``, ``mean = c + sum(d)/k``,
+  fits in cache): ``d = x - c``, ``mean = c + sum(d)/k``,
   ``M2 = sum(d*d) - sum(d)**2/k``; pieces merged per channel with Chan's
-  formula in float64. Never ``E[x²] - E[x]²``.
+  formula in float64. Never ``E[x²] - E[x]²``. For float16/float32 inputs
+  ``c`` is the piece's first value and the piece is read once: since ``c``
+  belongs to the piece, ``k * (mean - c)**2 <= k * M2`` and cancellation
+  costs at most a factor ``k + 1`` (below 1e-12 relative in float64). For
+  float64 inputs (where ``x - c`` rounds) ``c = sum(x)/k``: a corrected
+  two-pass whose second pass hits cache.
 * Every reduction accumulates in float64 (the NumPy backend sums up to 4096
   values in the compute dtype first). Channel-first rows are summed in
   :data:`LANES` independent float64 lanes and channel-last rows regrouped
@@ -150,6 +155,23 @@ def _ld3_impl(a, i, j, t, tab):  # noqa: ANN001, ANN202 - numba typing hook
     return lambda a, i, j, t, tab: a[i, j, t]
 
 
+def _shifted(a: Any) -> Any:  # pragma: no cover - replaced by the overload
+    """Whether ``moments`` runs one pass (shift by a value of the piece) on ``a``.
+
+    A compile-time constant: True for float16 (as uint16 bits) and float32,
+    whose differences ``x - c`` are exact or nearly so in float64; False for
+    float64, which keeps the corrected two-pass.
+    """
+    raise NotImplementedError
+
+
+@overload(_shifted, inline="always")
+def _shifted_impl(a):  # noqa: ANN001, ANN202 - numba typing hook
+    if a.dtype == types.float64:
+        return lambda a: False
+    return lambda a: True
+
+
 @intrinsic
 def _f32_bits(typingctx, v):  # noqa: ANN001, ANN202 - numba typing hook
     """Bit pattern of a float32 as uint32 (an LLVM bitcast)."""
@@ -270,6 +292,21 @@ def _lane_dev(a, lo, hi, c, tab, acc, acc2):  # noqa: ANN001, ANN202
 
 
 @njit(inline="always", **_JIT)
+def _lane_moments(a, lo, hi, tab, acc, acc2):  # noqa: ANN001, ANN202
+    """``(mean, M2)`` of ``a[lo:hi]``, one pass: ``d = a - c`` with ``c = a[lo]``.
+
+    ``M2 = sum(d*d) - sum(d)**2/k`` loses at most a factor ``k + 1`` to
+    cancellation, whatever the data: ``c`` is a value of the piece, so
+    ``k * (mean - c)**2 <= k * M2``. With float64 sums of at most PIECE
+    values that stays below 1e-12 relative.
+    """
+    k = np.float64(hi - lo)
+    c = np.float64(_ld(a, lo, tab))
+    sd, q = _lane_dev(a, lo, hi, c, tab, acc, acc2)
+    return c + sd / k, q - sd * sd / k
+
+
+@njit(inline="always", **_JIT)
 def _lane_dot(x, dy, m, tab, acc, acc2):  # noqa: ANN001, ANN202
     """``(sum(dy), sum(dy * (x - m)))`` of two rows in float64 lanes.
 
@@ -334,11 +371,14 @@ def _moments_cf(x, tab, mean, m2):  # noqa: ANN001, ANN202
             i1 = min(n, i0 + g)
             k = np.float64((i1 - i0) * s)
             for j in range(c):
-                acc[:] = 0.0
-                for i in range(i0, i1):
-                    for t in range(s):
-                        acc[t] += np.float64(_ld3(x, i, j, t, tab))
-                cp = _total(acc) / k
+                if _shifted(x):  # one pass, shifted by a value of the piece
+                    cp = np.float64(_ld3(x, i0, j, 0, tab))
+                else:
+                    acc[:] = 0.0
+                    for i in range(i0, i1):
+                        for t in range(s):
+                            acc[t] += np.float64(_ld3(x, i, j, t, tab))
+                    cp = _total(acc) / k
                 acc[:] = 0.0
                 acc2[:] = 0.0
                 for i in range(i0, i1):
@@ -357,6 +397,10 @@ def _moments_cf(x, tab, mean, m2):  # noqa: ANN001, ANN202
             for lo in range(0, s, PIECE):
                 hi = min(s, lo + PIECE)
                 k = np.float64(hi - lo)
+                if _shifted(x):  # one pass (see _lane_moments)
+                    mb, m2b = _lane_moments(row, lo, hi, tab, acc, acc2)
+                    _chan(cnt, mean, m2, j, k, mb, m2b)
+                    continue
                 cp = _lane_sum(row, lo, hi, tab, acc) / k
                 sd, q = _lane_dev(row, lo, hi, cp, tab, acc, acc2)
                 _chan(cnt, mean, m2, j, k, cp + sd / k, q - sd * sd / k)
@@ -373,13 +417,18 @@ def _moments_cl(x, tab, mean, m2):  # noqa: ANN001, ANN202
     for r0 in range(0, rows, step):
         r1 = min(rows, r0 + step)
         k = np.float64(r1 - r0)
-        cs[:] = 0.0
-        for r in range(r0, r1):
-            xr = x[r]
+        if _shifted(x):  # one pass, shifted by the block's first row
+            xr = x[r0]
             for j in range(c):
-                cs[j] += np.float64(_ld(xr, j, tab))
-        for j in range(c):
-            cs[j] /= k
+                cs[j] = np.float64(_ld(xr, j, tab))
+        else:
+            cs[:] = 0.0
+            for r in range(r0, r1):
+                xr = x[r]
+                for j in range(c):
+                    cs[j] += np.float64(_ld(xr, j, tab))
+            for j in range(c):
+                cs[j] /= k
         sd[:] = 0.0
         q[:] = 0.0
         for r in range(r0, r1):
