@@ -273,8 +273,16 @@ def _lane_dev(a, lo, hi, c, tab, acc, acc2):  # noqa: ANN001, ANN202
     a2 = a[lo : lo + k * lanes].reshape(k, lanes)
     acc[:] = 0.0
     acc2[:] = 0.0
-    for r in range(k):
+    for r in range(0, k - 1, 2):  # two rows per accumulator update: half the stores
         ar = a2[r]
+        br = a2[r + 1]
+        for j in range(lanes):
+            d = np.float64(_ld(ar, j, tab)) - c
+            e = np.float64(_ld(br, j, tab)) - c
+            acc[j] += d + e
+            acc2[j] += d * d + e * e
+    if k % 2:
+        ar = a2[k - 1]
         for j in range(lanes):
             d = np.float64(_ld(ar, j, tab)) - c
             acc[j] += d
@@ -381,9 +389,15 @@ def _moments_cf(x, tab, mean, m2):  # noqa: ANN001, ANN202
                     cp = _total(acc) / k
                 acc[:] = 0.0
                 acc2[:] = 0.0
-                for i in range(i0, i1):
+                for i in range(i0, i1 - 1, 2):  # two samples per update: half the stores
                     for t in range(s):
                         d = np.float64(_ld3(x, i, j, t, tab)) - cp
+                        e = np.float64(_ld3(x, i + 1, j, t, tab)) - cp
+                        acc[t] += d + e
+                        acc2[t] += d * d + e * e
+                if (i1 - i0) % 2:
+                    for t in range(s):
+                        d = np.float64(_ld3(x, i1 - 1, j, t, tab)) - cp
                         acc[t] += d
                         acc2[t] += d * d
                 sd = _total(acc)
