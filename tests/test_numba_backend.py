@@ -362,6 +362,81 @@ def test_small_rows_many_samples_match_reference(rng):
         np.testing.assert_allclose(p_n, [math.fsum(r) for r in dyc * xm], rtol=1e-12, atol=1e-9)
 
 
+
+def test_output_pool_reuses_only_outputs_nobody_holds(rng):
+    """y/dx come from a pool that hands an array out again only when nothing
+    else refers to it: a kept output, a kept view, a buffer export keep their
+    values; a dropped output's memory is reused (no fresh pages)."""
+    from cupysyncbn.backends.numba_backend import OutputPool
+
+    pool = OutputPool(entries=4, min_bytes=1024)
+    shape, dt = (64, 32), np.dtype(np.float32)
+    a = pool.empty(shape, dt)
+    pa = a.ctypes.data
+    b = pool.empty(shape, dt)
+    v = b[3:]  # a view holds its base
+    pb = b.ctypes.data
+    del b
+    m = memoryview(pool.empty(shape, dt))  # a buffer export holds its array
+    c = pool.empty(shape, dt)
+    assert len({pa, pb, c.ctypes.data, m.obj.ctypes.data}) == 4
+    del a
+    d = pool.empty(shape, dt)
+    assert d.ctypes.data == pa  # reused once dropped
+    assert pool.empty((64, 33), dt).ctypes.data not in (pb, c.ctypes.data)  # shape must match
+    assert pool.empty(shape, np.dtype(np.float64)).dtype == np.float64
+    assert len(pool._arrays) == 4  # bounded
+    assert v.base is not None and all(e is not v.base for e in pool._arrays)  # evicted
+    small = OutputPool(entries=4, min_bytes=1 << 20)
+    small.empty(shape, dt)
+    assert not small._arrays  # small outputs bypass the pool
+    off = OutputPool(entries=0)
+    assert off.empty((1 << 20,), dt).shape == (1 << 20,) and not off._arrays
+
+    # Through the backend: kept outputs never change when later calls run.
+    x = rng.standard_normal((8, 64, 1024)).astype(np.float32)  # 2 MiB outputs: pooled
+    one = np.ones(64, np.float32)
+    y1 = NB.normalize(x, False, one * 0, one, one * 0, np.float32)
+    y1_view = NB.normalize(x, False, one, one, one, np.float32)[1:]
+    ref1, ref2 = y1.copy(), y1_view.copy()
+    for k in range(6):
+        NB.normalize(x, False, one * k, one, one, np.float32)
+        NB.backward_elemt(x, x, False, one, one, one, one * k, np.float32)
+    np.testing.assert_array_equal(y1, ref1)
+    np.testing.assert_array_equal(y1_view, ref2)
+    np.testing.assert_array_equal(y1, x)
+
+
+
+@pytest.mark.parametrize("outlier", [False, True])
+@pytest.mark.parametrize("dt", ["float16", "float32"])
+@pytest.mark.parametrize("layout", ["long rows", "short rows", "channel-last"])
+def test_one_pass_moments_offset_and_outlier_first_values(layout, dt, outlier, rng):
+    """float16/float32 moments are one pass, shifted by each piece's first
+    value: a large offset (std 1), or an outlier as that first value, must
+    not cost accuracy. Against exact float64 sums (math.fsum) of the values."""
+    offset, far = (1e4, 3e6) if dt == "float32" else (1e3, 6e4)
+    if layout == "channel-last":
+        x = rng.standard_normal((5000, 3)) + offset
+        if outlier:
+            x[::977] = far  # the first rows of the blocks
+    else:
+        s = 4096 + 100 if layout == "long rows" else 49
+        x = rng.standard_normal((40, 3, s)) + offset
+        if outlier:
+            x[:, :, 0] = far
+            if layout == "long rows":
+                x[:, :, 4096] = -far  # the second piece's first value
+    x = x.astype(dt)
+    cl = layout == "channel-last"
+    mean, m2 = NB.moments(x, cl, np.float32)
+    xc = _per_channel(x, cl)
+    ref_mean = np.array([math.fsum(r) for r in xc]) / xc.shape[1]
+    ref_m2 = np.array([math.fsum(r) for r in (xc - ref_mean[:, None]) ** 2])
+    np.testing.assert_allclose(mean, ref_mean, rtol=1e-14, atol=0)
+    np.testing.assert_allclose(m2, ref_m2, rtol=1e-12, atol=0)
+
+
 CACHE_PROBE = r"""
 import json, time
 t0 = time.perf_counter()

@@ -9,8 +9,8 @@ Why: batch norm is memory-bound, and NumPy needs several passes per formula
 (:mod:`.numpy_backend` explains the costs). Here every primitive is one loop
 over the data: ``normalize`` reads x and writes y once, ``backward_reduce``
 reads x and dy once, ``backward_elemt`` reads both and writes dx once, and
-``moments`` reads x once from memory (its second pass runs on a piece that is
-still in cache). The kernels are single-threaded (one MPI rank is one
+``moments`` reads x once (float64 inputs: a second pass over a piece still
+in cache). The kernels are single-threaded (one MPI rank is one
 process), compiled with ``cache=True`` and without ``fastmath`` (IEEE
 semantics, no reassociation), and release the GIL. Compilation happens once
 per machine and signature (a few seconds on first use); later processes load
@@ -19,11 +19,16 @@ directory, or ``NUMBA_CACHE_DIR``) in well under a second.
 
 Accuracy (same contract as the NumPy backend, never worse):
 
-* ``moments``: corrected two-pass per piece in float64 (a channel-first row
+* ``moments``: shifted sums per piece in float64 (a channel-first row
   piece of at most :data:`PIECE` values, or a channel-last block of rows that
-  fits in cache): ``c = sum(x)/k``, ``d = x - c``, ``mean = c + sum(d)/k``,
+  fits in cache): ``d = x - c``, ``mean = c + sum(d)/k``,
   ``M2 = sum(d*d) - sum(d)**2/k``; pieces merged per channel with Chan's
-  formula in float64. Never ``E[x²] - E[x]²``.
+  formula in float64. Never ``E[x²] - E[x]²``. For float16/float32 inputs
+  ``c`` is the piece's first value and the piece is read once: since ``c``
+  belongs to the piece, ``k * (mean - c)**2 <= k * M2`` and cancellation
+  costs at most a factor ``k + 1`` (below 1e-12 relative in float64). For
+  float64 inputs (where ``x - c`` rounds) ``c = sum(x)/k``: a corrected
+  two-pass whose second pass hits cache.
 * Every reduction accumulates in float64 (the NumPy backend sums up to 4096
   values in the compute dtype first). Channel-first rows are summed in
   :data:`LANES` independent float64 lanes and channel-last rows regrouped
@@ -39,22 +44,29 @@ Accuracy (same contract as the NumPy backend, never worse):
   A float64 result for a float16 output (a float64 layer) is rounded
   through float32 (differs from a direct rounding only on exact ties).
 
+Outputs (``y``, ``dx``) of 1 MiB and more come from :data:`POOL`, which
+hands an array out again only once nothing else refers to it (see
+:class:`OutputPool`): no page faults on fresh memory in a training loop.
+
 Inputs other than float16/float32/float64 (bfloat16) go to the NumPy backend.
 """
 
 from __future__ import annotations
 
+import sys
+import threading
 from typing import Any
 
 import llvmlite.binding as llb
 import numpy as np
 from llvmlite import ir
 from numba import njit, types
+from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
 from .numpy_backend import NumpyBackend, chan_merge
 
-__all__ = ["NumbaBackend", "BACKEND", "PIECE", "GROUP", "LANES", "warm_up"]
+__all__ = ["NumbaBackend", "BACKEND", "PIECE", "GROUP", "LANES", "OutputPool", "POOL", "warm_up"]
 
 _F64 = np.dtype(np.float64)
 _NATIVE = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
@@ -74,9 +86,18 @@ LANES = 64
 #: Channel-first rows shorter than ``2 * LANES`` (late-ResNet 7x7 = 49 values)
 #: leave the lanes nearly empty; there a whole row is the lanes (``acc[t] +=
 #: x[i, j, t]``, vectorized along the row) and up to GROUP samples of one
-#: channel are one piece: GROUP concurrent streams through memory, a second
-#: pass over at most PIECE values still in cache, one merge per piece.
+#: channel are one piece: GROUP concurrent streams through memory, one merge
+#: per piece (float64 inputs: a second pass over at most PIECE values still
+#: in cache).
 GROUP = 16
+#: The backward reduction's GROUP: it reads two arrays, so 2 * RGROUP
+#: concurrent streams. 16 (32 streams) defeated the hardware prefetcher with
+#: cold caches (1.5 ms for one rank's (16,2048,7,7), 8: 1.05 ms); below 8 the
+#: per-group totals cost more than they save (in cache: 16: 10.5 GB/s, 8: 9.5,
+#: 4: 7.2).
+RGROUP = 8
+#: Short rows: channels ahead whose rows are prefetched explicitly.
+AHEAD = 4
 
 #: float16 bit pattern -> float32 value, exact for all 65536 patterns (NaNs too).
 _F16_TABLE = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(
@@ -146,6 +167,59 @@ def _ld3_impl(a, i, j, t, tab):  # noqa: ANN001, ANN202 - numba typing hook
             return lambda a, i, j, t, tab: _h2f(a[i, j, t])
         return lambda a, i, j, t, tab: tab[a[i, j, t]]
     return lambda a, i, j, t, tab: a[i, j, t]
+
+
+def _shifted(a: Any) -> Any:  # pragma: no cover - replaced by the overload
+    """Whether ``moments`` runs one pass (shift by a value of the piece) on ``a``.
+
+    A compile-time constant: True for float16 (as uint16 bits) and float32,
+    whose differences ``x - c`` are exact or nearly so in float64; False for
+    float64, which keeps the corrected two-pass.
+    """
+    raise NotImplementedError
+
+
+@overload(_shifted, inline="always")
+def _shifted_impl(a):  # noqa: ANN001, ANN202 - numba typing hook
+    if a.dtype == types.float64:
+        return lambda a: False
+    return lambda a: True
+
+
+@intrinsic
+def _prefetch3(typingctx, a, i, j, t):  # noqa: ANN001, ANN202 - numba typing hook
+    """Hint the cache line of ``a[i, j, t]`` into cache (LLVM ``llvm.prefetch``).
+
+    No effect on results; the address is computed without bounds checks, so
+    callers pass valid indices.
+    """
+    sig = types.void(a, i, j, t)
+
+    def codegen(context, builder, signature, args):  # noqa: ANN001, ANN202
+        aryty = signature.args[0]
+        ary = context.make_array(aryty)(context, builder, args[0])
+        idx = [context.cast(builder, v, ty, types.intp)
+               for v, ty in zip(args[1:], signature.args[1:])]
+        ptr = cgutils.get_item_pointer(context, builder, aryty, ary, idx,
+                                       wraparound=False, boundscheck=False)
+        i8p = ir.IntType(8).as_pointer()
+        i32 = ir.IntType(32)
+        fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
+        # read, high locality, data cache
+        builder.call(fn, [builder.bitcast(ptr, i8p), i32(0), i32(3), i32(1)])
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@njit(inline="always", **_JIT)
+def _prefetch_row(a, i, j, s):  # noqa: ANN001, ANN202
+    """Prefetch the row ``a[i, j, :s]`` (every 64-byte line of it)."""
+    step = max(1, 64 // a.itemsize)
+    for t in range(0, s, step):
+        _prefetch3(a, i, j, t)
+    _prefetch3(a, i, j, s - 1)
 
 
 @intrinsic
@@ -249,8 +323,16 @@ def _lane_dev(a, lo, hi, c, tab, acc, acc2):  # noqa: ANN001, ANN202
     a2 = a[lo : lo + k * lanes].reshape(k, lanes)
     acc[:] = 0.0
     acc2[:] = 0.0
-    for r in range(k):
+    for r in range(0, k - 1, 2):  # two rows per accumulator update: half the stores
         ar = a2[r]
+        br = a2[r + 1]
+        for j in range(lanes):
+            d = np.float64(_ld(ar, j, tab)) - c
+            e = np.float64(_ld(br, j, tab)) - c
+            acc[j] += d + e
+            acc2[j] += d * d + e * e
+    if k % 2:
+        ar = a2[k - 1]
         for j in range(lanes):
             d = np.float64(_ld(ar, j, tab)) - c
             acc[j] += d
@@ -265,6 +347,21 @@ def _lane_dev(a, lo, hi, c, tab, acc, acc2):  # noqa: ANN001, ANN202
         s += acc[j]
         q += acc2[j]
     return s, q
+
+
+@njit(inline="always", **_JIT)
+def _lane_moments(a, lo, hi, tab, acc, acc2):  # noqa: ANN001, ANN202
+    """``(mean, M2)`` of ``a[lo:hi]``, one pass: ``d = a - c`` with ``c = a[lo]``.
+
+    ``M2 = sum(d*d) - sum(d)**2/k`` loses at most a factor ``k + 1`` to
+    cancellation, whatever the data: ``c`` is a value of the piece, so
+    ``k * (mean - c)**2 <= k * M2``. With float64 sums of at most PIECE
+    values that stays below 1e-12 relative.
+    """
+    k = np.float64(hi - lo)
+    c = np.float64(_ld(a, lo, tab))
+    sd, q = _lane_dev(a, lo, hi, c, tab, acc, acc2)
+    return c + sd / k, q - sd * sd / k
 
 
 @njit(inline="always", **_JIT)
@@ -332,16 +429,28 @@ def _moments_cf(x, tab, mean, m2):  # noqa: ANN001, ANN202
             i1 = min(n, i0 + g)
             k = np.float64((i1 - i0) * s)
             for j in range(c):
-                acc[:] = 0.0
-                for i in range(i0, i1):
-                    for t in range(s):
-                        acc[t] += np.float64(_ld3(x, i, j, t, tab))
-                cp = _total(acc) / k
+                if j + AHEAD < c:  # GROUP rows at once: the prefetcher cannot follow
+                    for i in range(i0, i1):
+                        _prefetch_row(x, i, j + AHEAD, s)
+                if _shifted(x):  # one pass, shifted by a value of the piece
+                    cp = np.float64(_ld3(x, i0, j, 0, tab))
+                else:
+                    acc[:] = 0.0
+                    for i in range(i0, i1):
+                        for t in range(s):
+                            acc[t] += np.float64(_ld3(x, i, j, t, tab))
+                    cp = _total(acc) / k
                 acc[:] = 0.0
                 acc2[:] = 0.0
-                for i in range(i0, i1):
+                for i in range(i0, i1 - 1, 2):  # two samples per update: half the stores
                     for t in range(s):
                         d = np.float64(_ld3(x, i, j, t, tab)) - cp
+                        e = np.float64(_ld3(x, i + 1, j, t, tab)) - cp
+                        acc[t] += d + e
+                        acc2[t] += d * d + e * e
+                if (i1 - i0) % 2:
+                    for t in range(s):
+                        d = np.float64(_ld3(x, i1 - 1, j, t, tab)) - cp
                         acc[t] += d
                         acc2[t] += d * d
                 sd = _total(acc)
@@ -355,6 +464,10 @@ def _moments_cf(x, tab, mean, m2):  # noqa: ANN001, ANN202
             for lo in range(0, s, PIECE):
                 hi = min(s, lo + PIECE)
                 k = np.float64(hi - lo)
+                if _shifted(x):  # one pass (see _lane_moments)
+                    mb, m2b = _lane_moments(row, lo, hi, tab, acc, acc2)
+                    _chan(cnt, mean, m2, j, k, mb, m2b)
+                    continue
                 cp = _lane_sum(row, lo, hi, tab, acc) / k
                 sd, q = _lane_dev(row, lo, hi, cp, tab, acc, acc2)
                 _chan(cnt, mean, m2, j, k, cp + sd / k, q - sd * sd / k)
@@ -371,13 +484,18 @@ def _moments_cl(x, tab, mean, m2):  # noqa: ANN001, ANN202
     for r0 in range(0, rows, step):
         r1 = min(rows, r0 + step)
         k = np.float64(r1 - r0)
-        cs[:] = 0.0
-        for r in range(r0, r1):
-            xr = x[r]
+        if _shifted(x):  # one pass, shifted by the block's first row
+            xr = x[r0]
             for j in range(c):
-                cs[j] += np.float64(_ld(xr, j, tab))
-        for j in range(c):
-            cs[j] /= k
+                cs[j] = np.float64(_ld(xr, j, tab))
+        else:
+            cs[:] = 0.0
+            for r in range(r0, r1):
+                xr = x[r]
+                for j in range(c):
+                    cs[j] += np.float64(_ld(xr, j, tab))
+            for j in range(c):
+                cs[j] /= k
         sd[:] = 0.0
         q[:] = 0.0
         for r in range(r0, r1):
@@ -414,15 +532,19 @@ def _normalize_cl(x, tab, mean, scale, bias, y):  # noqa: ANN001, ANN202
 def _bwd_reduce_short(dy, x, tab, mean, sum_dy, sum_dxm):  # noqa: ANN001, ANN202
     """Channel-first rows shorter than ``2 * LANES``: the row is the lanes.
 
-    ``acc[t] += dy[i, j, t]`` over GROUP samples of channel ``j``, vectorized
+    ``acc[t] += dy[i, j, t]`` over RGROUP samples of channel ``j``, vectorized
     along the row; one float64 total per channel and group.
     """
     n, c, s = x.shape
     acc = np.empty(s, dtype=np.float64)
     acc2 = np.empty(s, dtype=np.float64)
-    for i0 in range(0, n, GROUP):
-        i1 = min(n, i0 + GROUP)
+    for i0 in range(0, n, RGROUP):
+        i1 = min(n, i0 + RGROUP)
         for j in range(c):
+            if j + AHEAD < c:  # 2 * RGROUP rows at once: the prefetcher cannot follow
+                for i in range(i0, i1):
+                    _prefetch_row(x, i, j + AHEAD, s)
+                    _prefetch_row(dy, i, j + AHEAD, s)
             acc[:] = 0.0
             acc2[:] = 0.0
             m = mean[j]
@@ -476,6 +598,72 @@ def _bwd_elemt_cl(dy, x, tab, mean, a, mean_dy, b, dx):  # noqa: ANN001, ANN202
         xr, dr, orow = x[r], dy[r], dx[r]
         for j in range(c):
             _st(orow, j, (_ld(dr, j, tab) - mean_dy[j]) * a[j] - (_ld(xr, j, tab) - mean[j]) * b[j])
+
+
+# ---------------------------------------------------------------- output pool
+def _refs(arrays: list, i: int) -> int:
+    """Reference count of ``arrays[i]`` as seen from here."""
+    return sys.getrefcount(arrays[i])
+
+
+#: What :func:`_refs` reports for an entry that only its list holds (measured,
+#: not assumed: the interpreter's own share differs between CPython versions).
+_POOL_ONLY = _refs([np.empty(0)], 0)
+class OutputPool:
+    """Output arrays (``y``, ``dx``) handed out again once nobody else refers to them.
+
+    Why: a fresh output of a few MiB or more is a fresh ``mmap`` or freshly
+    trimmed heap, so its first write page-faults every 4 KiB page and the
+    kernel zeroes it: about as long as the kernel's own pass (with ``y`` and
+    ``dx`` of a forward+backward alive at once, glibc's dynamic trim threshold
+    returns the memory to the OS after every step). Process-global allocator
+    settings (``mallopt``, ``MALLOC_TRIM_THRESHOLD_``) would fix it for the
+    whole program; this fixes it for our outputs only.
+
+    Safe by construction: an entry is reused only when CPython's reference
+    count shows that the pool's own list is its only holder, so no array,
+    view (it holds its base), buffer export or PyTorch tensor made from it
+    can observe the reuse. Entries are kept most-recently-used first, at most
+    :attr:`entries` of them and only outputs of at least :attr:`min_bytes`
+    (smaller ones come from the heap without faults); the memory it holds
+    beyond what the program holds anyway is at most ``entries`` outputs.
+    ``entries = 0`` turns it off; :meth:`clear` drops everything.
+    """
+
+    def __init__(self, entries: int = 4, min_bytes: int = 1 << 20) -> None:
+        self.entries = entries
+        self.min_bytes = min_bytes
+        self._arrays: list[np.ndarray] = []
+        self._lock = threading.Lock()
+
+    def empty(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        """An uninitialized C-contiguous array of ``shape`` and ``dtype``."""
+        dtype = np.dtype(dtype)
+        nbytes = dtype.itemsize * int(np.prod(shape))
+        if self.entries <= 0 or nbytes < self.min_bytes:
+            return np.empty(shape, dtype=dtype)
+        with self._lock:
+            arrays = self._arrays
+            for i in range(len(arrays)):
+                # no local name for arrays[i]: it would count as a holder
+                if (arrays[i].shape == shape and arrays[i].dtype == dtype
+                        and _refs(arrays, i) <= _POOL_ONLY):
+                    a = arrays.pop(i)
+                    break
+            else:
+                a = np.empty(shape, dtype=dtype)
+            arrays.insert(0, a)
+            del arrays[self.entries :]
+            return a
+
+    def clear(self) -> None:
+        """Forget every entry (their memory goes back once nobody else holds it)."""
+        with self._lock:
+            self._arrays.clear()
+
+
+#: The pool of :class:`NumbaBackend`'s ``normalize`` and ``backward_elemt`` outputs.
+POOL = OutputPool()
 
 
 # -------------------------------------------------------------------- backend
@@ -554,7 +742,7 @@ class NumbaBackend(NumpyBackend):
         cdt = mean.dtype
         if not _native(x) or out_dtype != x.dtype or cdt not in _NATIVE[1:]:
             return super().normalize(x, channel_last, mean, scale, bias, out_dtype)
-        y = np.empty(x.shape, dtype=out_dtype)
+        y = POOL.empty(x.shape, out_dtype)
         vecs = (mean, scale.astype(cdt, copy=False), bias.astype(cdt, copy=False))
         tab = _table(x)
         if not channel_last:
@@ -612,7 +800,7 @@ class NumbaBackend(NumpyBackend):
         cdt = mean.dtype
         if not _native(dy, x) or out_dtype != x.dtype or cdt not in _NATIVE[1:]:
             return super().backward_elemt(dy, x, channel_last, mean, a, mean_dy, b, out_dtype)
-        dx = np.empty(x.shape, dtype=out_dtype)
+        dx = POOL.empty(x.shape, out_dtype)
         vecs = (mean, a.astype(cdt, copy=False), mean_dy.astype(cdt, copy=False),
                 b.astype(cdt, copy=False))
         tab = _table(x)
