@@ -218,6 +218,24 @@ __device__ __forceinline__ void fwd_channel(i64 C, int flags, const double* buf,
 //   mode 1: the first pass's mean pass: S = n * mean, Q = 0;
 //   mode 2: K = the mean pass's global mean (meanbuf, whose header is checked);
 //   mode 3: K = the local mean (unsynchronized: S = 0, Q = M2).
+// This rank's protocol header (cupysyncbn/protocol.py's slots), written by
+// one thread of the pack kernels so the header needs no separate launch.
+__device__ inline void write_header(double* __restrict__ buf, sbn::i64 count, int phase,
+                                    int err, sbn::i64 nf, sbn::i64 layer, sbn::i64 call,
+                                    sbn::i64 ident, sbn::i64 evals) {
+  for (int k = 0; k < SBN_HEADER; ++k) buf[k] = 0.0;
+  buf[SBN_H_COUNT] = (double)count;
+  buf[SBN_H_ONE] = 1.0;
+  const sbn::i64 eq[5] = {nf, layer, call, ident, evals};
+  const int slot[5] = {SBN_H_NF, SBN_H_LAYER, SBN_H_CALL, SBN_H_IDENT, SBN_H_EVALS};
+  for (int k = 0; k < 5; ++k) {  // value and its square: equality checks (protocol)
+    buf[slot[k]] = (double)eq[k];
+    buf[slot[k] + 1] = (double)eq[k] * (double)eq[k];
+  }
+  buf[SBN_H_PHASE0 + phase] = 1.0;
+  if (err >= 0) buf[SBN_H_ERR0 + err] = 1.0;
+}
+
 template <typename A>
 __global__ void bn_fwd_pack(const sbn::i64* __restrict__ pcount, const A* __restrict__ pmean,
                             const A* __restrict__ pm2, sbn::i64 C, int G, int mode,
@@ -229,21 +247,7 @@ __global__ void bn_fwd_pack(const sbn::i64* __restrict__ pcount, const A* __rest
   const sbn::i64 start = sbn::global_thread();
   if (start == 0) {
     if (nbt) nbt[0] = nbt[1];  // batches tracked before this pass (momentum=None)
-    for (int k = 0; k < SBN_HEADER; ++k) buf[k] = 0.0;
-    buf[SBN_H_COUNT] = (double)count;
-    buf[SBN_H_ONE] = 1.0;
-    buf[SBN_H_NF] = (double)nf;
-    buf[SBN_H_NF_SQ] = (double)nf * (double)nf;
-    buf[SBN_H_LAYER] = (double)layer;
-    buf[SBN_H_LAYER_SQ] = (double)layer * (double)layer;
-    buf[SBN_H_CALL] = (double)call;
-    buf[SBN_H_CALL_SQ] = (double)call * (double)call;
-    buf[SBN_H_IDENT] = (double)ident;
-    buf[SBN_H_IDENT + 1] = (double)ident * (double)ident;
-    buf[SBN_H_EVALS] = (double)evals;
-    buf[SBN_H_EVALS + 1] = (double)evals * (double)evals;
-    buf[SBN_H_PHASE0 + phase] = 1.0;
-    if (err >= 0) buf[SBN_H_ERR0 + err] = 1.0;
+    write_header(buf, count, phase, err, nf, layer, call, ident, evals);
     if (mode == 2) sbn::check(meanbuf, 1, size, status);
   }
   for (sbn::i64 c = start; c < C; c += sbn::global_threads()) {
@@ -390,21 +394,7 @@ __global__ void bn_bwd_pack(const A* __restrict__ p1, const A* __restrict__ p2, 
                             sbn::i64 call, sbn::i64 ident, sbn::i64 evals) {
   const sbn::i64 start = sbn::global_thread();
   if (start == 0) {
-    for (int k = 0; k < SBN_HEADER; ++k) buf[k] = 0.0;
-    buf[SBN_H_COUNT] = (double)count;
-    buf[SBN_H_ONE] = 1.0;
-    buf[SBN_H_NF] = (double)nf;
-    buf[SBN_H_NF_SQ] = (double)nf * (double)nf;
-    buf[SBN_H_LAYER] = (double)layer;
-    buf[SBN_H_LAYER_SQ] = (double)layer * (double)layer;
-    buf[SBN_H_CALL] = (double)call;
-    buf[SBN_H_CALL_SQ] = (double)call * (double)call;
-    buf[SBN_H_IDENT] = (double)ident;
-    buf[SBN_H_IDENT + 1] = (double)ident * (double)ident;
-    buf[SBN_H_EVALS] = (double)evals;
-    buf[SBN_H_EVALS + 1] = (double)evals * (double)evals;
-    buf[SBN_H_PHASE0 + phase] = 1.0;
-    if (err >= 0) buf[SBN_H_ERR0 + err] = 1.0;
+    write_header(buf, count, phase, err, nf, layer, call, ident, evals);
   }
   for (sbn::i64 c = start; c < C; c += sbn::global_threads()) {
     double a = 0.0, b = 0.0;
