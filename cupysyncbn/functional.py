@@ -27,8 +27,9 @@ which is exact in exact arithmetic for any ``K``; rounding error is
 ``eps64 * (mean - K)^2 / var`` relative, negligible when ``K`` is near the
 mean. With a :class:`SyncState` (the layers keep one) ``K`` is the previous
 step's global mean, and the first step runs one extra all-reduce that
-computes the global mean first. Without a state every call uses the
-two-all-reduce path, so the functional API is exact by default.
+computes the global mean first. Without a state every call runs the
+handshake, the mean pass and the statistics pass (three all-reduces), so the
+functional API is exact by default.
 """
 
 from __future__ import annotations
