@@ -22,6 +22,7 @@ from .comm.base import LOCAL, Communicator
 from .dtypes import parse_param_dtype
 from .formats import DataFormat, parse_data_format
 from .layer import Layer, NoPendingForwardError, ParamAttr, Parameter, is_grad_enabled
+from .validation import check_epsilon, check_momentum
 
 __all__ = ["BatchNorm1D", "BatchNorm2D", "BatchNorm3D", "SyncBatchNorm"]
 
@@ -32,24 +33,6 @@ def _check_num_features(num_features: Any) -> int:
     if num_features <= 0:
         raise ValueError(f"num_features must be a positive int; got {num_features}")
     return int(num_features)
-
-
-def _check_momentum(momentum: Any) -> float | None:
-    if momentum is None:
-        return None
-    if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
-        raise TypeError(f"momentum must be a float in [0, 1] or None; got {momentum!r}")
-    if not 0.0 <= float(momentum) <= 1.0:
-        raise ValueError(f"momentum must be in [0, 1] or None; got {momentum}")
-    return float(momentum)
-
-
-def _check_epsilon(epsilon: Any) -> float:
-    if isinstance(epsilon, bool) or not isinstance(epsilon, numbers.Real):
-        raise TypeError(f"epsilon must be a float >= 0; got {epsilon!r}")
-    if not float(epsilon) >= 0.0:
-        raise ValueError(f"epsilon must be >= 0; got {epsilon}")
-    return float(epsilon)
 
 
 def _make_param(
@@ -96,8 +79,8 @@ class _BatchNormBase(Layer):
         dt = parse_param_dtype(dtype)
         super().__init__(name, dtype=dt)
         self._num_features = _check_num_features(num_features)
-        self._momentum = _check_momentum(momentum)
-        self._epsilon = _check_epsilon(epsilon)
+        self._momentum = check_momentum(momentum)
+        self._epsilon = check_epsilon(epsilon)
         fmt = parse_data_format(data_format)
         if fmt.name not in self._formats:
             raise ValueError(

@@ -19,7 +19,10 @@ from typing import Any
 from .backends import Backend, get_backend
 from .formats import DataFormat, parse_data_format
 
-__all__ = ["ArgumentCheck", "check_forward_arguments", "fallback_backend"]
+__all__ = [
+    "ArgumentCheck", "check_epsilon", "check_forward_arguments", "check_momentum",
+    "fallback_backend",
+]
 
 _VECTORS = ("weight", "bias", "running_mean", "running_var")
 
@@ -61,6 +64,38 @@ def _backend_of(x: Any, vectors: dict) -> tuple[Backend | None, TypeError | None
         except TypeError:
             continue
     return None, err
+
+
+def check_momentum(momentum: Any) -> float | None:
+    """``momentum`` as a float in [0, 1], or None.
+
+    Raises
+    ------
+    TypeError, ValueError
+        Naming ``momentum``.
+    """
+    if momentum is None:
+        return None
+    if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
+        raise TypeError(f"momentum must be a float in [0, 1] or None; got {momentum!r}")
+    if not 0.0 <= float(momentum) <= 1.0:
+        raise ValueError(f"momentum must be in [0, 1] or None; got {momentum}")
+    return float(momentum)
+
+
+def check_epsilon(epsilon: Any) -> float:
+    """``epsilon`` as a float >= 0.
+
+    Raises
+    ------
+    TypeError, ValueError
+        Naming ``epsilon``.
+    """
+    if isinstance(epsilon, bool) or not isinstance(epsilon, numbers.Real):
+        raise TypeError(f"epsilon must be a float >= 0; got {epsilon!r}")
+    if not float(epsilon) >= 0.0:
+        raise ValueError(f"epsilon must be >= 0; got {epsilon}")
+    return float(epsilon)
 
 
 def check_forward_arguments(
@@ -118,19 +153,11 @@ def check_forward_arguments(
         return done("argument", ValueError(
             "running_mean and running_var must be given together"
         ))
-    if momentum is not None:
-        if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
-            return done("argument", TypeError(
-                f"momentum must be a float in [0, 1] or None; got {momentum!r}"
-            ))
-        if not 0.0 <= float(momentum) <= 1.0:
-            return done("argument", ValueError(
-                f"momentum must be in [0, 1] or None; got {momentum}"
-            ))
-    if isinstance(epsilon, bool) or not isinstance(epsilon, numbers.Real):
-        return done("argument", TypeError(f"epsilon must be a float >= 0; got {epsilon!r}"))
-    if not float(epsilon) >= 0.0:
-        return done("argument", ValueError(f"epsilon must be >= 0; got {epsilon}"))
+    try:
+        check_momentum(momentum)
+        check_epsilon(epsilon)
+    except (TypeError, ValueError) as e:
+        return done("argument", e)
     return done(None, None)
 
 
