@@ -45,6 +45,7 @@ layer its id.
 
 from __future__ import annotations
 
+import functools
 import threading
 from typing import Any
 
@@ -360,8 +361,6 @@ class local_eval:
         _eval_mode.depth -= 1
 
     def __call__(self, fn: Any) -> Any:
-        import functools
-
         @functools.wraps(fn)
         def inner(*args: Any, **kwargs: Any) -> Any:
             with local_eval():
