@@ -35,7 +35,7 @@ F64 = np.float64
 DTYPES = ("float16", "float32", "float64")
 
 # One shape per format, chosen to hit the kernels' edges: channel-first rows
-# longer than PIECE (NCL) and with a tail after the 64 lanes (NCHW, NCDHW);
+# longer than PIECE (NCL) and with scalar tails after the vector steps (NCHW, NCDHW);
 # channel-last inputs over several row blocks (NC) and odd channel counts.
 SHAPES = {
     "NC": (70000, 2),
@@ -340,12 +340,12 @@ def test_both_cpu_backends_end_to_end(fmt, choice, monkeypatch):
 
 
 def test_small_rows_many_samples_match_reference(rng):
-    """Channel-first rows shorter than the lanes, more samples than one piece
+    """Channel-first rows shorter than SHORT, more samples than one piece
     holds (several pieces per channel merged), a huge offset: moments exact."""
     from cupysyncbn.backends import numba_backend as nbm
 
-    n = 3 * nbm.GROUP + 5
-    for s in (1, 7, 49, 2 * nbm.LANES - 1):
+    n = 3 * nbm.GROUP + 1
+    for s in (1, 7, 49, nbm.SHORT - 1):
         x = (rng.standard_normal((n, 3, s)) + 1e4).astype(np.float32)
         mean, m2 = NB.moments(x, False, np.float32)
         xc = x.astype(F64).transpose(1, 0, 2).reshape(3, -1)
@@ -363,15 +363,15 @@ def test_small_rows_many_samples_match_reference(rng):
 
 
 
-def test_short_row_backward_reduce_channel_blocks(rng):
-    """The short-row backward reduction walks CBLOCK channels at once: a full
-    block and a partial one, samples in 4-sample updates and single ones,
-    a different mean per channel (expanded per lane): sums exact to 1e-12."""
+def test_short_row_backward_reduce_sample_groups(rng):
+    """The short-row backward reduction sums GROUP samples of a channel per
+    vector loop: full groups and a partial one, row lengths with and without
+    a scalar tail, a different mean per channel: sums exact to 1e-12."""
     from cupysyncbn.backends import numba_backend as nbm
 
-    c = nbm.CBLOCK + 3
-    n = nbm.RGROUP + 7
-    for s in (1, 7, 49):
+    c = 5
+    n = 2 * nbm.GROUP + 3
+    for s in (1, 7, 16, 49):
         offs = np.arange(c, dtype=np.float32)[None, :, None] * 10.0
         x = (rng.standard_normal((n, c, s)) + offs).astype(np.float32)
         dy = rng.standard_normal(x.shape).astype(np.float32)
@@ -381,6 +381,65 @@ def test_short_row_backward_reduce_channel_blocks(rng):
         xm = (x - mf[:, None]).astype(F64).transpose(1, 0, 2).reshape(c, -1)
         np.testing.assert_allclose(s_n, [math.fsum(r) for r in dyc], rtol=1e-12, atol=1e-12)
         np.testing.assert_allclose(p_n, [math.fsum(r) for r in dyc * xm], rtol=1e-12, atol=1e-9)
+
+
+@pytest.mark.parametrize("dt", DTYPES)
+def test_vector_row_sums_match_fsum(dt, rng):
+    """The explicit-vector row sums (numba_simd) on every tail length (16-value
+    steps, one 8-value step, scalars), sub-ranges of rows and several rows,
+    against math.fsum in float64: d = x - c and dy * (x - m), m rounded to the
+    compute dtype first."""
+    from numba import njit
+
+    from cupysyncbn.backends.numba_simd import HW_F16, dev_sums, dot_sums
+
+    if dt == "float16" and not HW_F16:
+        pytest.skip("float16 rows are summed by the NumPy backend without F16C")
+
+    @njit
+    def dev(x, i0, i1, j, t0, t1, c):
+        return dev_sums(x, i0, i1, j, t0, t1, c)
+
+    @njit
+    def dot(x, dy, i0, i1, j, t0, t1, m):
+        return dot_sums(x, dy, i0, i1, j, t0, t1, m)
+
+    def bits(a):
+        return a.view(np.uint16) if a.dtype == np.float16 else a
+
+    cdt = _cdt(dt)
+    for s in (1, 7, 8, 15, 16, 17, 24, 31, 33, 49, 100):
+        x = (rng.standard_normal((3, 4, s)) + 2.0).astype(dt)
+        dy = rng.standard_normal((3, 4, s)).astype(dt)
+        t0 = 1 if s > 2 else 0
+        c = float(x[1, 2, t0])
+        a, b = dev(bits(x), 1, 3, 2, t0, s, c)
+        d = x[1:3, 2, t0:].astype(F64) - c
+        assert abs(a - math.fsum(d.ravel())) <= 1e-14 * (1 + np.abs(d).sum()), (s, a)
+        assert abs(b - math.fsum((d * d).ravel())) <= 1e-14 * (1 + (d * d).sum()), (s, b)
+        m = cdt.type(1.5)
+        a, b = dot(bits(x), bits(dy), 0, 3, 3, t0, s, m)
+        g = dy[:, 3, t0:].astype(F64)
+        gx = g * (x[:, 3, t0:].astype(cdt) - m).astype(F64)
+        assert abs(a - math.fsum(g.ravel())) <= 1e-14 * (1 + np.abs(g).sum()), (s, a)
+        assert abs(b - math.fsum(gx.ravel())) <= 1e-14 * (1 + np.abs(gx).sum()), (s, b)
+
+
+def test_float16_rows_without_f16c_use_numpy(monkeypatch, rng):
+    """Without F16C (no vector half conversion) the channel-first float16
+    reductions are the NumPy backend's, exactly; channel-last stays fused."""
+    from cupysyncbn.backends import numba_backend as nbm
+
+    monkeypatch.setattr(nbm, "HW_F16", False)
+    x = rng.standard_normal((3, 4, 9)).astype(np.float16)
+    dy = rng.standard_normal(x.shape).astype(np.float16)
+    mean = np.full(4, 0.5, np.float32)
+    ones = np.ones(4, np.float32)
+    for got, want in zip(NB.moments(x, False, np.float32), NP.moments(x, False, np.float32)):
+        assert np.array_equal(got, want)
+    for got, want in zip(NB.backward_reduce(dy, x, False, mean, ones),
+                         NP.backward_reduce(dy, x, False, mean, ones)):
+        assert np.array_equal(got, want)
 
 
 def test_output_pool_reuses_only_outputs_nobody_holds(rng):
@@ -506,8 +565,7 @@ def test_warm_up_compiles_every_kernel_for_a_dtype():
     # float64 inputs: short and long channel-first rows and channel-last, all primitives
     assert n >= 8
     for k in (nbm._moments_cf, nbm._moments_cl, nbm._normalize_cf, nbm._normalize_cl,
-              nbm._bwd_reduce_short, nbm._bwd_reduce_cf, nbm._bwd_reduce_cl,
-              nbm._bwd_elemt_cf, nbm._bwd_elemt_cl):
+              nbm._bwd_reduce_cf, nbm._bwd_reduce_cl, nbm._bwd_elemt_cf, nbm._bwd_elemt_cl):
         assert any(str(sig[0].dtype) == "float64" for sig in k.signatures), k
 
 

@@ -20,19 +20,22 @@ directory, or ``NUMBA_CACHE_DIR``) in well under a second.
 Accuracy (same contract as the NumPy backend, never worse):
 
 * ``moments``: shifted sums per piece in float64 (a channel-first row
-  piece of at most :data:`PIECE` values, or a channel-last block of rows that
-  fits in cache): ``d = x - c``, ``mean = c + sum(d)/k``,
-  ``M2 = sum(d*d) - sum(d)**2/k``; pieces merged per channel with Chan's
-  formula in float64. Never ``E[x²] - E[x]²``. For float16/float32 inputs
-  ``c`` is the piece's first value and the piece is read once: since ``c``
-  belongs to the piece, ``k * (mean - c)**2 <= k * M2`` and cancellation
-  costs at most a factor ``k + 1`` (below 1e-12 relative in float64). For
-  float64 inputs (where ``x - c`` rounds) ``c = sum(x)/k``: a corrected
-  two-pass whose second pass hits cache.
+  piece of at most :data:`PIECE` values or :data:`GROUP` rows shorter than
+  :data:`SHORT`, or a channel-last block of rows that fits in cache):
+  ``d = x - c``, ``mean = c + sum(d)/k``, ``M2 = sum(d*d) - sum(d)**2/k``;
+  pieces merged per channel with Chan's formula in float64. Never
+  ``E[x²] - E[x]²``. For float16/float32 inputs ``c`` is the piece's first
+  value and the piece is read once: since ``c`` belongs to the piece,
+  ``k * (mean - c)**2 <= k * M2`` and cancellation costs at most a factor
+  ``k + 1`` (below 1e-12 relative in float64). For float64 inputs (where
+  ``x - c`` rounds) ``c = sum(x)/k``: a corrected two-pass whose second pass
+  hits cache.
 * Every reduction accumulates in float64 (the NumPy backend sums up to 4096
-  values in the compute dtype first). Channel-first rows are summed in
-  :data:`LANES` independent float64 lanes and channel-last rows regrouped
-  into long rows (:data:`WIDE`): loops the compiler vectorizes without
+  values in the compute dtype first). Channel-first rows are summed by the
+  explicit ``<8 x double>`` loops of :mod:`.numba_simd` (16 float64
+  accumulators in registers, a fixed order of additions, ``d*d`` and
+  ``dy*(x-m)`` added with one rounding); channel-last rows are regrouped into
+  long rows (:data:`WIDE`), loops the compiler vectorizes without
   reassociating any sum.
 * Elementwise formulas run in the compute dtype in the same order as the
   NumPy backend's channel-last path: ``(x - mean) * scale + bias`` and
@@ -48,7 +51,8 @@ Outputs (``y``, ``dx``) of 1 MiB and more come from :data:`POOL`, which
 hands an array out again only once nothing else refers to it (see
 :class:`OutputPool`): no page faults on fresh memory in a training loop.
 
-Inputs other than float16/float32/float64 (bfloat16) go to the NumPy backend.
+Inputs other than float16/float32/float64 (bfloat16) go to the NumPy backend,
+and so do the channel-first reductions of float16 on CPUs without F16C.
 """
 
 from __future__ import annotations
@@ -57,22 +61,21 @@ import sys
 import threading
 from typing import Any
 
-import llvmlite.binding as llb
 import numpy as np
 from llvmlite import ir
 from numba import njit, types
-from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
+from .numba_simd import HW_F16, dev_sums, dot_sums
 from .numpy_backend import NumpyBackend, chan_merge
 
-__all__ = ["NumbaBackend", "BACKEND", "PIECE", "GROUP", "LANES", "OutputPool", "POOL", "warm_up"]
+__all__ = ["NumbaBackend", "BACKEND", "PIECE", "SHORT", "GROUP", "OutputPool", "POOL", "warm_up"]
 
 _F64 = np.dtype(np.float64)
 _NATIVE = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 
-#: Channel-first moments: longest run of a row handled by one two-pass (its
-#: second pass must hit cache: 4096 float64 values = 32 KiB).
+#: Channel-first moments: most values per piece (one shift, one merge); the
+#: float64 two-pass's second pass over a piece must hit cache (32 KiB).
 PIECE = 4096
 #: Channel-last moments: values per row block (about 256 KiB of float32).
 BLOCK_VALUES = 1 << 16
@@ -80,27 +83,15 @@ BLOCK_VALUES = 1 << 16
 #: ``R*C`` values (per-channel vectors tiled R times), so every kernel's inner
 #: loop is long and vectorized; rows left over are a second, short call.
 WIDE = 256
-#: Independent float64 accumulators per channel-first row sum (a runtime-length
-#: loop over them is what the compiler vectorizes best).
-LANES = 64
-#: Channel-first rows shorter than ``2 * LANES`` (late-ResNet 7x7 = 49 values)
-#: leave the lanes nearly empty; there a whole row is the lanes (``acc[t] +=
-#: x[i, j, t]``, vectorized along the row) and up to GROUP samples of one
-#: channel are one piece: GROUP concurrent streams through memory, one merge
-#: per piece (float64 inputs: a second pass over at most PIECE values still
-#: in cache).
-GROUP = 16
-#: The backward reduction's GROUP (samples per per-channel total). With the
-#: CBLOCK layout (one long loop per sample) 16 is twice as fast as 8 in cache
-#: for one rank's (16,2048,7,7) (0.41 ms against 0.85 with 8 and rows one at
-#: a time) and as fast with cold caches (1.05 ms), where software prefetch no
-#: longer helps.
-RGROUP = 16
-#: Short rows: channels ahead whose rows are prefetched explicitly.
-AHEAD = 4
-#: Backward reduction of short rows: neighbouring channels whose rows (contiguous
-#: within a sample) one vectorized loop covers.
-CBLOCK = 8
+#: Channel-first rows shorter than this (late-ResNet 7x7 = 49 values) are
+#: summed GROUP samples at a time: one call of the vector loop (and one merge)
+#: per GROUP rows instead of per row.
+SHORT = 128
+#: Samples of one channel per piece for short rows. 4 keeps the reads at
+#: memory speed for one rank's (16,2048,7,7): GROUP concurrent streams per
+#: array, which the hardware prefetcher follows (16 halved the backward
+#: reduction's speed, 1 pays a call and a merge per 49-value row).
+GROUP = 4
 
 #: float16 bit pattern -> float32 value, exact for all 65536 patterns (NaNs too).
 _F16_TABLE = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(
@@ -113,7 +104,7 @@ _JIT = {"cache": True, "fastmath": False, "nogil": True}
 #: float16 <-> float32 as LLVM ``fpext``/``fptrunc`` (vectorized F16C
 #: instructions) when the CPU has F16C; otherwise the portable table and
 #: integer rounding below (no runtime library call needed).
-_HW_F16 = bool(llb.get_host_cpu_features().get("f16c", False))
+_HW_F16 = HW_F16
 
 
 # ------------------------------------------------------------ element load/store
@@ -190,42 +181,6 @@ def _shifted_impl(a):  # noqa: ANN001, ANN202 - numba typing hook
 
 
 @intrinsic
-def _prefetch3(typingctx, a, i, j, t):  # noqa: ANN001, ANN202 - numba typing hook
-    """Hint the cache line of ``a[i, j, t]`` into cache (LLVM ``llvm.prefetch``).
-
-    No effect on results; the address is computed without bounds checks, so
-    callers pass valid indices.
-    """
-    sig = types.void(a, i, j, t)
-
-    def codegen(context, builder, signature, args):  # noqa: ANN001, ANN202
-        aryty = signature.args[0]
-        ary = context.make_array(aryty)(context, builder, args[0])
-        idx = [context.cast(builder, v, ty, types.intp)
-               for v, ty in zip(args[1:], signature.args[1:])]
-        ptr = cgutils.get_item_pointer(context, builder, aryty, ary, idx,
-                                       wraparound=False, boundscheck=False)
-        i8p = ir.IntType(8).as_pointer()
-        i32 = ir.IntType(32)
-        fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
-        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
-        # read, high locality, data cache
-        builder.call(fn, [builder.bitcast(ptr, i8p), i32(0), i32(3), i32(1)])
-        return context.get_dummy_value()
-
-    return sig, codegen
-
-
-@njit(inline="always", **_JIT)
-def _prefetch_row(a, i, j, s):  # noqa: ANN001, ANN202
-    """Prefetch the row ``a[i, j, :s]`` (every 64-byte line of it)."""
-    step = max(1, 64 // a.itemsize)
-    for t in range(0, s, step):
-        _prefetch3(a, i, j, t)
-    _prefetch3(a, i, j, s - 1)
-
-
-@intrinsic
 def _f32_bits(typingctx, v):  # noqa: ANN001, ANN202 - numba typing hook
     """Bit pattern of a float32 as uint32 (an LLVM bitcast)."""
     sig = types.uint32(types.float32)
@@ -296,153 +251,6 @@ def _st_impl(o, i, v):  # noqa: ANN001, ANN202 - numba typing hook
 
 # ----------------------------------------------------------------- reductions
 @njit(inline="always", **_JIT)
-def _lane_sum(a, lo, hi, tab, acc):  # noqa: ANN001, ANN202
-    """float64 sum of ``a[lo:hi]`` in :data:`LANES` independent lanes.
-
-    The lanes run down a ``(k, LANES)`` view, an elementwise loop the
-    compiler vectorizes without reassociating any sum.
-    """
-    lanes = acc.shape[0]
-    k = (hi - lo) // lanes
-    a2 = a[lo : lo + k * lanes].reshape(k, lanes)
-    acc[:] = 0.0
-    for r in range(k):
-        ar = a2[r]
-        for j in range(lanes):
-            acc[j] += np.float64(_ld(ar, j, tab))
-    s = 0.0
-    for i in range(lo + k * lanes, hi):
-        s += np.float64(_ld(a, i, tab))
-    for j in range(lanes):
-        s += acc[j]
-    return s
-
-
-@njit(inline="always", **_JIT)
-def _lane_dev(a, lo, hi, c, tab, acc, acc2):  # noqa: ANN001, ANN202
-    """``(sum(d), sum(d*d))`` of ``d = a[lo:hi] - c`` in float64 lanes."""
-    lanes = acc.shape[0]
-    k = (hi - lo) // lanes
-    a2 = a[lo : lo + k * lanes].reshape(k, lanes)
-    acc[:] = 0.0
-    acc2[:] = 0.0
-    for r in range(0, k - 1, 2):  # two rows per accumulator update: half the stores
-        ar = a2[r]
-        br = a2[r + 1]
-        for j in range(lanes):
-            d = np.float64(_ld(ar, j, tab)) - c
-            e = np.float64(_ld(br, j, tab)) - c
-            acc[j] += d + e
-            acc2[j] += d * d + e * e
-    if k % 2:
-        ar = a2[k - 1]
-        for j in range(lanes):
-            d = np.float64(_ld(ar, j, tab)) - c
-            acc[j] += d
-            acc2[j] += d * d
-    s = 0.0
-    q = 0.0
-    for i in range(lo + k * lanes, hi):
-        d = np.float64(_ld(a, i, tab)) - c
-        s += d
-        q += d * d
-    for j in range(lanes):
-        s += acc[j]
-        q += acc2[j]
-    return s, q
-
-
-@njit(inline="always", **_JIT)
-def _lane_moments(a, lo, hi, tab, acc, acc2):  # noqa: ANN001, ANN202
-    """``(mean, M2)`` of ``a[lo:hi]``, one pass: ``d = a - c`` with ``c = a[lo]``.
-
-    ``M2 = sum(d*d) - sum(d)**2/k`` loses at most a factor ``k + 1`` to
-    cancellation, whatever the data: ``c`` is a value of the piece, so
-    ``k * (mean - c)**2 <= k * M2``. With float64 sums of at most PIECE
-    values that stays below 1e-12 relative.
-    """
-    k = np.float64(hi - lo)
-    c = np.float64(_ld(a, lo, tab))
-    sd, q = _lane_dev(a, lo, hi, c, tab, acc, acc2)
-    return c + sd / k, q - sd * sd / k
-
-
-@njit(inline="always", **_JIT)
-def _lane_dot(x, dy, m, tab, acc, acc2):  # noqa: ANN001, ANN202
-    """``(sum(dy), sum(dy * (x - m)))`` of two rows in float64 lanes.
-
-    ``x - m`` is rounded to the compute dtype (the type of ``m``) first, as in
-    the NumPy backend.
-    """
-    n = x.shape[0]
-    lanes = acc.shape[0]
-    k = n // lanes
-    x2 = x[: k * lanes].reshape(k, lanes)
-    d2 = dy[: k * lanes].reshape(k, lanes)
-    acc[:] = 0.0
-    acc2[:] = 0.0
-    for r in range(k):
-        xr = x2[r]
-        dr = d2[r]
-        for j in range(lanes):
-            g = np.float64(_ld(dr, j, tab))
-            acc[j] += g
-            acc2[j] += g * np.float64(_ld(xr, j, tab) - m)
-    s = 0.0
-    p = 0.0
-    for i in range(k * lanes, n):
-        g = np.float64(_ld(dy, i, tab))
-        s += g
-        p += g * np.float64(_ld(x, i, tab) - m)
-    for j in range(lanes):
-        s += acc[j]
-        p += acc2[j]
-    return s, p
-
-
-@njit(inline="always", **_JIT)
-def _total(acc):  # noqa: ANN001, ANN202
-    """Sum of a short float64 row in 4 interleaved partial sums.
-
-    One running sum would be a chain of dependent adds (4 cycles each): for
-    the 49-value rows of a 7x7 map, done twice per channel and group, that
-    chain cost as much as the data pass. Four partials are four independent
-    chains (and no less accurate: each adds a quarter of the values).
-    """
-    n = acc.shape[0]
-    s0 = s1 = s2 = s3 = 0.0
-    for t in range(0, n - 3, 4):
-        s0 += acc[t]
-        s1 += acc[t + 1]
-        s2 += acc[t + 2]
-        s3 += acc[t + 3]
-    for t in range(n - n % 4, n):
-        s0 += acc[t]
-    return (s0 + s1) + (s2 + s3)
-
-
-@njit(inline="always", **_JIT)
-def _total2(acc, acc2):  # noqa: ANN001, ANN202
-    """``(_total(acc), _total(acc2))`` in one loop: eight independent chains."""
-    n = acc.shape[0]
-    s0 = s1 = s2 = s3 = 0.0
-    q0 = q1 = q2 = q3 = 0.0
-    for t in range(0, n - 3, 4):
-        s0 += acc[t]
-        s1 += acc[t + 1]
-        s2 += acc[t + 2]
-        s3 += acc[t + 3]
-        q0 += acc2[t]
-        q1 += acc2[t + 1]
-        q2 += acc2[t + 2]
-        q3 += acc2[t + 3]
-    for t in range(n - n % 4, n):
-        s0 += acc[t]
-        q0 += acc2[t]
-    return (s0 + s1) + (s2 + s3), (q0 + q1) + (q2 + q3)
-
-
-@njit(inline="always", **_JIT)
 def _chan(cnt, mean, m2, c, k, mb, m2b):  # noqa: ANN001, ANN202
     """Merge a piece (``k`` values, mean ``mb``, M2 ``m2b``) into channel ``c``."""
     na = cnt[c]
@@ -456,57 +264,25 @@ def _chan(cnt, mean, m2, c, k, mb, m2b):  # noqa: ANN001, ANN202
 # -------------------------------------------------------------------- kernels
 @njit(**_JIT)
 def _moments_cf(x, tab, mean, m2):  # noqa: ANN001, ANN202
+    """Local moments: one vector loop per piece, then a Chan merge.
+
+    A piece is GROUP short rows of a channel or at most PIECE values of a
+    long row (:mod:`.numba_simd` sums them).
+    """
     n, c, s = x.shape
     cnt = np.zeros(c, dtype=np.float64)
-    if s < 2 * LANES:  # short rows: GROUP samples of a channel per piece
-        g = max(1, min(GROUP, PIECE // s))
-        acc = np.empty(s, dtype=np.float64)
-        acc2 = np.empty(s, dtype=np.float64)
-        for i0 in range(0, n, g):
-            i1 = min(n, i0 + g)
-            k = np.float64((i1 - i0) * s)
-            for j in range(c):
-                if j + AHEAD < c:  # GROUP rows at once: the prefetcher cannot follow
-                    for i in range(i0, i1):
-                        _prefetch_row(x, i, j + AHEAD, s)
-                if _shifted(x):  # one pass, shifted by a value of the piece
-                    cp = np.float64(_ld3(x, i0, j, 0, tab))
-                else:
-                    acc[:] = 0.0
-                    for i in range(i0, i1):
-                        for t in range(s):
-                            acc[t] += np.float64(_ld3(x, i, j, t, tab))
-                    cp = _total(acc) / k
-                acc[:] = 0.0
-                acc2[:] = 0.0
-                for i in range(i0, i1 - 1, 2):  # two samples per update: half the stores
-                    for t in range(s):
-                        d = np.float64(_ld3(x, i, j, t, tab)) - cp
-                        e = np.float64(_ld3(x, i + 1, j, t, tab)) - cp
-                        acc[t] += d + e
-                        acc2[t] += d * d + e * e
-                if (i1 - i0) % 2:
-                    for t in range(s):
-                        d = np.float64(_ld3(x, i1 - 1, j, t, tab)) - cp
-                        acc[t] += d
-                        acc2[t] += d * d
-                sd, sq = _total2(acc, acc2)
-                _chan(cnt, mean, m2, j, k, cp + sd / k, sq - sd * sd / k)
-        return
-    acc = np.empty(LANES, dtype=np.float64)
-    acc2 = np.empty(LANES, dtype=np.float64)
-    for i in range(n):
+    g = GROUP if s < SHORT else 1
+    for i0 in range(0, n, g):
+        i1 = min(n, i0 + g)
         for j in range(c):
-            row = x[i, j]
-            for lo in range(0, s, PIECE):
-                hi = min(s, lo + PIECE)
-                k = np.float64(hi - lo)
-                if _shifted(x):  # one pass (see _lane_moments)
-                    mb, m2b = _lane_moments(row, lo, hi, tab, acc, acc2)
-                    _chan(cnt, mean, m2, j, k, mb, m2b)
-                    continue
-                cp = _lane_sum(row, lo, hi, tab, acc) / k
-                sd, q = _lane_dev(row, lo, hi, cp, tab, acc, acc2)
+            for t0 in range(0, s, PIECE):
+                t1 = min(s, t0 + PIECE)
+                k = np.float64((i1 - i0) * (t1 - t0))
+                if _shifted(x):  # one pass, shifted by a value of the piece
+                    cp = np.float64(_ld3(x, i0, j, t0, tab))
+                else:  # float64: corrected two-pass, the second pass in cache
+                    cp = dev_sums(x, i0, i1, j, t0, t1, 0.0)[0] / k
+                sd, q = dev_sums(x, i0, i1, j, t0, t1, cp)
                 _chan(cnt, mean, m2, j, k, cp + sd / k, q - sd * sd / k)
 
 
@@ -566,73 +342,14 @@ def _normalize_cl(x, tab, mean, scale, bias, y):  # noqa: ANN001, ANN202
 
 
 @njit(**_JIT)
-def _bwd_reduce_short(dy, x, tab, mean, sum_dy, sum_dxm):  # noqa: ANN001, ANN202
-    """Channel-first rows shorter than ``2 * LANES``: the rows are the lanes.
-
-    Within a sample the rows of CBLOCK neighbouring channels are contiguous,
-    so ``acc[u] += dy[i, j0*s + u]`` runs over all of them in one long
-    vectorized loop (instead of a loop of a few dozen values and its scalar
-    remainder per row), four samples per update; ``mean`` is expanded to one
-    value per lane. Then one float64 total per channel and group of RGROUP
-    samples.
-    """
-    n, c, s = x.shape
-    x2 = x.reshape(n, c * s)
-    d2 = dy.reshape(n, c * s)
-    w = CBLOCK * s
-    acc = np.empty(w, dtype=np.float64)
-    acc2 = np.empty(w, dtype=np.float64)
-    mv = np.empty(w, dtype=mean.dtype)
-    for i0 in range(0, n, RGROUP):
-        i1 = min(n, i0 + RGROUP)
-        i4 = i0 + (i1 - i0) // 4 * 4
-        for j0 in range(0, c, CBLOCK):
-            j1 = min(c, j0 + CBLOCK)
-            lo = j0 * s
-            ln = (j1 - j0) * s
-            for jj in range(j1 - j0):
-                m = mean[j0 + jj]
-                for t in range(s):
-                    mv[jj * s + t] = m
-            acc[:ln] = 0.0
-            acc2[:ln] = 0.0
-            for i in range(i0, i4, 4):  # four samples per update: a quarter of the stores
-                xa, xb = x2[i, lo : lo + ln], x2[i + 1, lo : lo + ln]
-                xc, xd = x2[i + 2, lo : lo + ln], x2[i + 3, lo : lo + ln]
-                da, db = d2[i, lo : lo + ln], d2[i + 1, lo : lo + ln]
-                dc, dd = d2[i + 2, lo : lo + ln], d2[i + 3, lo : lo + ln]
-                for u in range(ln):
-                    mu = mv[u]
-                    ga = np.float64(_ld(da, u, tab))
-                    gb = np.float64(_ld(db, u, tab))
-                    gc = np.float64(_ld(dc, u, tab))
-                    gd = np.float64(_ld(dd, u, tab))
-                    acc[u] += (ga + gb) + (gc + gd)
-                    acc2[u] += ((ga * np.float64(_ld(xa, u, tab) - mu)
-                                 + gb * np.float64(_ld(xb, u, tab) - mu))
-                                + (gc * np.float64(_ld(xc, u, tab) - mu)
-                                   + gd * np.float64(_ld(xd, u, tab) - mu)))
-            for i in range(i4, i1):
-                xr = x2[i, lo : lo + ln]
-                dr = d2[i, lo : lo + ln]
-                for u in range(ln):
-                    g = np.float64(_ld(dr, u, tab))
-                    acc[u] += g
-                    acc2[u] += g * np.float64(_ld(xr, u, tab) - mv[u])
-            for jj in range(j1 - j0):
-                ta, tb = _total2(acc[jj * s : jj * s + s], acc2[jj * s : jj * s + s])
-                sum_dy[j0 + jj] += ta
-                sum_dxm[j0 + jj] += tb
-
-
-@njit(**_JIT)
 def _bwd_reduce_cf(dy, x, tab, mean, sum_dy, sum_dxm):  # noqa: ANN001, ANN202
+    """One vector loop per row (GROUP rows for short rows) of a channel."""
     n, c, s = x.shape
-    acc = np.empty(LANES, dtype=np.float64)
-    acc2 = np.empty(LANES, dtype=np.float64)
-    for i in range(n):
+    g = GROUP if s < SHORT else 1
+    for i0 in range(0, n, g):
+        i1 = min(n, i0 + g)
         for j in range(c):
-            a, b = _lane_dot(x[i, j], dy[i, j], mean[j], tab, acc, acc2)
+            a, b = dot_sums(x, dy, i0, i1, j, 0, s, mean[j])
             sum_dy[j] += a
             sum_dxm[j] += b
 
@@ -756,6 +473,11 @@ def _rows_per_wide(x: np.ndarray) -> int:
     return max(1, min(m, WIDE // max(1, c)))
 
 
+def _vector_rows(x: np.ndarray) -> bool:
+    """True if :mod:`.numba_simd` can sum ``x``'s rows (float16 needs F16C)."""
+    return x.dtype != np.float16 or HW_F16
+
+
 def _native(*arrays: np.ndarray) -> bool:
     """True if the fused kernels handle these arrays (else: NumPy backend)."""
     return all(
@@ -777,6 +499,8 @@ class NumbaBackend(NumpyBackend):
             return super().moments(x, channel_last, cdt)
         tab = _table(x)
         if not channel_last:
+            if not _vector_rows(x):
+                return super().moments(x, channel_last, cdt)
             mean = np.zeros(x.shape[1], dtype=_F64)
             m2 = np.zeros(x.shape[1], dtype=_F64)
             _moments_cf(_bits(x), tab, mean, m2)
@@ -838,9 +562,9 @@ class NumbaBackend(NumpyBackend):
         sum_dxm = np.zeros(c, dtype=_F64)
         tab = _table(x)
         if not channel_last:
-            short = x.shape[2] < 2 * LANES
-            (_bwd_reduce_short if short else _bwd_reduce_cf)(
-                _bits(dy), _bits(x), tab, mean, sum_dy, sum_dxm)
+            if not _vector_rows(x):
+                return super().backward_reduce(dy, x, channel_last, mean, invstd)
+            _bwd_reduce_cf(_bits(dy), _bits(x), tab, mean, sum_dy, sum_dxm)
             return sum_dy, sum_dxm * invstd.astype(_F64)
         r = _rows_per_wide(x)
         for dp, xp_, k in zip(_regroup(_bits(dy), r), _regroup(_bits(x), r), (r, 1)):
@@ -907,7 +631,7 @@ def warm_up(dtypes: tuple[str, ...] = ("float16", "float32", "float64")) -> int:
         for cdt in (np.dtype(np.float32), _F64):
             if dt == _F64 and cdt != _F64:
                 continue
-            for shape, cl in (((2, 3, 5), False), ((2, 3, 2 * LANES + 3), False), ((7, 3), True)):
+            for shape, cl in (((2, 3, 5), False), ((2, 3, SHORT + 3), False), ((7, 3), True)):
                 x = rng.standard_normal(shape).astype(dt)
                 c = shape[-1] if cl else shape[1]
                 v = np.ones(c, dtype=cdt)
@@ -915,8 +639,8 @@ def warm_up(dtypes: tuple[str, ...] = ("float16", "float32", "float64")) -> int:
                 b.normalize(x, cl, v, v, v, dt)
                 b.backward_reduce(x, x, cl, v, v)
                 b.backward_elemt(x, x, cl, v, v, v, v, dt)
-    kernels = (_moments_cf, _moments_cl, _normalize_cf, _normalize_cl, _bwd_reduce_short,
-               _bwd_reduce_cf, _bwd_reduce_cl, _bwd_elemt_cf, _bwd_elemt_cl)
+    kernels = (_moments_cf, _moments_cl, _normalize_cf, _normalize_cl, _bwd_reduce_cf,
+               _bwd_reduce_cl, _bwd_elemt_cf, _bwd_elemt_cl)
     return sum(len(k.signatures) for k in kernels)
 
 

@@ -1,0 +1,181 @@
+"""Per-channel float64 sums over channel-first rows, as explicit LLVM vector loops.
+
+The fused CPU backend's two reductions (``moments`` and ``backward_reduce``)
+are built on the two intrinsics here. Why explicit vectors: the sums must not
+be reassociated by the compiler (results would then depend on the vector
+width it picks), numba compiles without fastmath and with the SLP vectorizer
+off, and a loop over an accumulator *array* (what the compiler does vectorize
+without reassociation) pays a load and a store per accumulator and step: the
+reductions ran at 10-20 GB/s in cache, below memory bandwidth. Here the
+accumulators are ``<8 x double>`` registers (two of each, 16 values per step),
+so one rank's reductions keep up with memory; the order of every addition is
+fixed by this code, the same on every CPU (``<8 x double>`` is split into
+whatever registers the CPU has, lane by lane).
+
+Both intrinsics walk rows ``x[i, j, t0:t1]`` for ``i0 <= i < i1`` of a
+C-contiguous 3-D array ``(N, C, S)``, each row in 16-value steps, then one
+8-value step, then scalars; the lanes are added pairwise at the end. Inputs
+are float32, float64, or float16 as ``uint16`` bits (only where the CPU has
+F16C: :data:`HW_F16`; elsewhere LLVM's ``fpext`` from half would need a
+runtime library call numba does not link).
+"""
+
+from __future__ import annotations
+
+import llvmlite.binding as llb
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+__all__ = ["HW_F16", "WIDTH", "dev_sums", "dot_sums"]
+
+#: float16 <-> float32 as LLVM ``fpext``/``fptrunc`` (F16C instructions).
+HW_F16 = bool(llb.get_host_cpu_features().get("f16c", False))
+#: float64 lanes per accumulator vector.
+WIDTH = 8
+
+_I32 = ir.IntType(32)
+_I64 = ir.IntType(64)
+_F64 = ir.DoubleType()
+_BITS = {ir.HalfType: 16, ir.FloatType: 32, ir.DoubleType: 64}
+
+
+def _convert(builder: ir.IRBuilder, v: ir.Value, to: ir.Type) -> ir.Value:
+    """A float (or float16 bits), scalar or vector, as float type ``to`` (exact or rounded)."""
+    vec = isinstance(v.type, ir.VectorType)
+    elem = v.type.element if vec else v.type
+    if isinstance(elem, ir.IntType):  # float16 bits
+        half = ir.HalfType()
+        v = builder.bitcast(v, ir.VectorType(half, v.type.count) if vec else half)
+        elem = half
+    dst = to.element if isinstance(to, ir.VectorType) else to
+    if _BITS[type(elem)] < _BITS[type(dst)]:
+        return builder.fpext(v, to)
+    if _BITS[type(elem)] > _BITS[type(dst)]:
+        return builder.fptrunc(v, to)
+    return v
+
+
+def _splat(builder: ir.IRBuilder, v: ir.Value) -> ir.Value:
+    vt = ir.VectorType(v.type, WIDTH)
+    one = builder.insert_element(ir.Constant(vt, ir.Undefined), v, _I32(0))
+    return builder.shuffle_vector(one, ir.Constant(vt, ir.Undefined),
+                                  ir.Constant(ir.VectorType(_I32, WIDTH), [0] * WIDTH))
+
+
+def _hsum(builder: ir.IRBuilder, v: ir.Value) -> ir.Value:
+    """Lanes of a vector added pairwise (halves first), a fixed order."""
+    n = v.type.count
+    while n > 1:
+        h = n // 2
+        lo = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, h), list(range(h))))
+        hi = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, h), list(range(h, n))))
+        v = builder.fadd(lo, hi)
+        n = h
+    return builder.extract_element(v, _I32(0))
+
+
+def _fma(builder: ir.IRBuilder, a: ir.Value, b: ir.Value, c: ir.Value) -> ir.Value:
+    """``a * b + c`` with one rounding (``llvm.fma``), scalar or vector float64."""
+    t = a.type
+    name = f"llvm.fma.v{t.count}f64" if isinstance(t, ir.VectorType) else "llvm.fma.f64"
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(t, [t, t, t]), name)
+    return builder.call(fn, [a, b, c])
+
+
+def _codegen(dot: bool):
+    """Code generator of :func:`dev_sums` (``dot=False``) or :func:`dot_sums`."""
+
+    def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202 - numba lowering hook
+        nargs = 2 if dot else 1
+        aty = sig.args[0]
+        arrays = [context.make_array(t)(context, builder, a)
+                  for t, a in zip(sig.args[:nargs], args[:nargs])]
+        i0, i1, j, t0, t1 = (context.cast(builder, v, t, types.intp)
+                             for v, t in zip(args[nargs:nargs + 5], sig.args[nargs:nargs + 5]))
+        ety = context.get_data_type(aty.dtype)
+        # dev: d = f64(x) - c.  dot: x - m in m's (compute) dtype, as the NumPy backend.
+        cty = context.get_data_type(sig.args[-1]) if dot else _F64
+        cval = args[-1] if dot else context.cast(builder, args[-1], sig.args[-1], types.float64)
+        v64 = ir.VectorType(_F64, WIDTH)
+        zero = ir.Constant(v64, [0.0] * WIDTH)
+        acc = [cgutils.alloca_once_value(builder, zero) for _ in range(4)]
+        tail = [cgutils.alloca_once_value(builder, _F64(0.0)) for _ in range(2)]
+        cvec = _splat(builder, cval)
+        align = context.get_abi_sizeof(ety)  # element alignment: rows start anywhere
+
+        def terms(loads, vec):  # (a, p, q): a is summed, and p * q
+            f = v64 if vec else _F64
+            c = cvec if vec else cval
+            if dot:
+                x, g = loads
+                xc = _convert(builder, x, ir.VectorType(cty, WIDTH) if vec else cty)
+                xm = builder.fsub(xc, c)
+                g = _convert(builder, g, f)
+                return g, g, _convert(builder, xm, f)
+            d = builder.fsub(_convert(builder, loads[0], f), c)
+            return d, d, d
+
+        def step(rows, t, k):  # WIDTH values at t into accumulator pair k
+            vt = ir.VectorType(ety, WIDTH).as_pointer()
+            loads = [builder.load(builder.bitcast(builder.gep(r, [t]), vt), align=align)
+                     for r in rows]
+            a, p, q = terms(loads, True)
+            builder.store(builder.fadd(builder.load(acc[2 * k]), a), acc[2 * k])
+            builder.store(_fma(builder, p, q, builder.load(acc[2 * k + 1])), acc[2 * k + 1])
+
+        width = t1.type(WIDTH)
+        n = builder.sub(t1, t0)
+        steps = builder.sdiv(n, t1.type(2 * WIDTH))
+        with cgutils.for_range_slice(builder, i0, i1, _I64(1), inc=True) as (i, _):
+            rows = [cgutils.get_item_pointer(context, builder, t, a, [i, j, t0],
+                                             wraparound=False, boundscheck=False)
+                    for t, a in zip(sig.args[:nargs], arrays)]
+            with cgutils.for_range(builder, steps) as loop:
+                t = builder.mul(loop.index, t1.type(2 * WIDTH))
+                step(rows, t, 0)
+                step(rows, builder.add(t, width), 1)
+            done = builder.mul(steps, t1.type(2 * WIDTH))
+            with builder.if_then(builder.icmp_signed(">=", builder.sub(n, done), width)):
+                step(rows, done, 0)
+            rest = builder.add(done, builder.mul(
+                builder.sdiv(builder.sub(n, done), width), width))
+            with cgutils.for_range_slice(builder, rest, n, _I64(1), inc=True) as (t, _):
+                a, p, q = terms([builder.load(builder.gep(r, [t])) for r in rows], False)
+                builder.store(builder.fadd(builder.load(tail[0]), a), tail[0])
+                builder.store(_fma(builder, p, q, builder.load(tail[1])), tail[1])
+        out = [builder.fadd(_hsum(builder, builder.fadd(builder.load(acc[k]),
+                                                        builder.load(acc[k + 2]))),
+                            builder.load(tail[k])) for k in (0, 1)]
+        return context.make_tuple(builder, sig.return_type, out)
+
+    return codegen
+
+
+def _check_rows(*arrays: types.Type) -> None:
+    for a in arrays:
+        if not (isinstance(a, types.Array) and a.ndim == 3 and a.layout == "C"):
+            raise TypeError(f"expected a C-contiguous 3-D array, got {a}")
+
+
+@intrinsic
+def dev_sums(typingctx, x, i0, i1, j, t0, t1, c):  # noqa: ANN001, ANN202 - numba typing hook
+    """``(sum(d), sum(d*d))`` in float64 of ``d = x[i0:i1, j, t0:t1] - c``.
+
+    ``x`` float32/float64 (or float16 bits, only with :data:`HW_F16`); ``c``
+    a float64 shift. ``d*d`` is added with one rounding (fused multiply-add).
+    """
+    _check_rows(x)
+    return types.UniTuple(types.float64, 2)(x, i0, i1, j, t0, t1, c), _codegen(False)
+
+
+@intrinsic
+def dot_sums(typingctx, x, dy, i0, i1, j, t0, t1, m):  # noqa: ANN001, ANN202 - numba typing hook
+    """``(sum(g), sum(g * (x - m)))`` in float64, ``g = dy[i0:i1, j, t0:t1]``.
+
+    ``x - m`` is computed in ``m``'s dtype (the compute dtype) and then
+    widened, as the NumPy backend does; ``x`` and ``dy`` share their dtype.
+    """
+    _check_rows(x, dy)
+    return types.UniTuple(types.float64, 2)(x, dy, i0, i1, j, t0, t1, m), _codegen(True)
