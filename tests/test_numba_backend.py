@@ -425,6 +425,44 @@ def test_vector_row_sums_match_fsum(dt, rng):
         assert abs(b - math.fsum(gx.ravel())) <= 1e-14 * (1 + np.abs(gx).sum()), (s, b)
 
 
+@pytest.mark.parametrize("dt", DTYPES)
+def test_streamed_outputs_are_bitwise_the_plain_ones(dt, monkeypatch, rng):
+    """Channel-first y and dx written with streamed (non-temporal) stores are
+    bitwise those of the plain loops, for every compute dtype and row lengths
+    whose rows start at every alignment (plain head, streamed whole lines,
+    plain tail)."""
+    from cupysyncbn.backends import numba_backend as nbm
+
+    if not nbm.STREAMS or (dt == "float16" and not nbm.HW_F16):
+        pytest.skip("no streamed stores on this CPU")
+    for cdt in {np.dtype(np.float64), _cdt(dt)}:
+        for s in (1, 9, 49, 100, 1031):
+            x = (rng.standard_normal((3, 5, s)) * 3 + 1).astype(dt)
+            dy = rng.standard_normal(x.shape).astype(dt)
+            v = [rng.standard_normal(5).astype(cdt) for _ in range(4)]
+            outs = []
+            for rule in ((1 << 62, 0), (0, 0)):  # never, always
+                monkeypatch.setattr(nbm, "STREAM_MIN_BYTES", rule[0])
+                monkeypatch.setattr(nbm, "STREAM_ROW_BYTES", rule[1])
+                assert nbm._stream(x, x) == (rule[0] == 0)
+                outs.append((NB.normalize(x, False, v[0], v[1], v[2], x.dtype).copy(),
+                             NB.backward_elemt(dy, x, False, *v, x.dtype).copy()))
+            for plain, *streamed in zip(*outs):
+                for got in streamed:
+                    assert plain.view(np.uint8).tobytes() == got.view(np.uint8).tobytes()
+
+
+def test_streamed_stores_only_for_large_outputs_with_long_rows():
+    from cupysyncbn.backends import numba_backend as nbm
+
+    big = np.empty((4, 64, 56 * 56), np.float32)  # 3.2 MB, 12.5 KB rows
+    short = np.empty((16, 2048, 49), np.float32)  # 6.4 MB, 196-byte rows share lines
+    large = np.empty((16, 64, 56 * 56), np.float32)  # 12.8 MB
+    assert not nbm._stream(big, big)  # below STREAM_MIN_BYTES: stays in cache
+    assert not nbm._stream(short, short)  # rows share cache lines
+    assert nbm._stream(large, large) == nbm.STREAMS
+
+
 def test_float16_rows_without_f16c_use_numpy(monkeypatch, rng):
     """Without F16C (no vector half conversion) the channel-first float16
     reductions are the NumPy backend's, exactly; channel-last stays fused."""

@@ -1,4 +1,4 @@
-"""Per-channel float64 sums over channel-first rows, as explicit LLVM vector loops.
+"""Channel-first rows as explicit LLVM vector loops: float64 sums, streamed writes.
 
 The fused CPU backend's two reductions (``moments`` and ``backward_reduce``)
 are built on the two intrinsics here. Why explicit vectors: the sums must not
@@ -12,15 +12,24 @@ so one rank's reductions keep up with memory; the order of every addition is
 fixed by this code, the same on every CPU (``<8 x double>`` is split into
 whatever registers the CPU has, lane by lane).
 
-Both intrinsics walk rows ``x[i, j, t0:t1]`` for ``i0 <= i < i1`` of a
+Both reductions walk rows ``x[i, j, t0:t1]`` for ``i0 <= i < i1`` of a
 C-contiguous 3-D array ``(N, C, S)``, each row in 16-value steps, then one
 8-value step, then scalars; the lanes are added pairwise at the end. Inputs
 are float32, float64, or float16 as ``uint16`` bits (only where the CPU has
 F16C: :data:`HW_F16`; elsewhere LLVM's ``fpext`` from half would need a
 runtime library call numba does not link).
+
+The streamed writers (:func:`norm_row_nt`, :func:`elemt_row_nt`) compute a
+row of ``y`` or ``dx`` with the caller's formula, operation for operation
+(bitwise the same values), and store whole cache lines with non-temporal
+stores: no read of each output line before it is written, no eviction of
+the inputs; :func:`store_fence` after the last row orders them. The fused
+backend uses them for large outputs with long rows (``STREAM_MIN_BYTES``).
 """
 
 from __future__ import annotations
+
+import platform
 
 import llvmlite.binding as llb
 from llvmlite import ir
@@ -28,13 +37,20 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-__all__ = ["HW_F16", "WIDTH", "dev_sums", "dot_sums"]
+__all__ = [
+    "HW_F16", "WIDTH", "STREAMS", "dev_sums", "dot_sums", "norm_row_nt", "elemt_row_nt",
+    "store_fence",
+]
 
 #: float16 <-> float32 as LLVM ``fpext``/``fptrunc`` (F16C instructions).
 HW_F16 = bool(llb.get_host_cpu_features().get("f16c", False))
-#: float64 lanes per accumulator vector.
+#: float64 lanes per accumulator vector; values per streamed store.
 WIDTH = 8
+#: Whether the streaming (non-temporal) row writers may be used: x86-64 only,
+#: where ``sfence`` orders them (:func:`store_fence`).
+STREAMS = platform.machine().lower() in ("x86_64", "amd64")
 
+_LINE = 64  # bytes per cache line (x86-64)
 _I32 = ir.IntType(32)
 _I64 = ir.IntType(64)
 _F64 = ir.DoubleType()
@@ -57,11 +73,11 @@ def _convert(builder: ir.IRBuilder, v: ir.Value, to: ir.Type) -> ir.Value:
     return v
 
 
-def _splat(builder: ir.IRBuilder, v: ir.Value) -> ir.Value:
-    vt = ir.VectorType(v.type, WIDTH)
+def _splat(builder: ir.IRBuilder, v: ir.Value, width: int = WIDTH) -> ir.Value:
+    vt = ir.VectorType(v.type, width)
     one = builder.insert_element(ir.Constant(vt, ir.Undefined), v, _I32(0))
     return builder.shuffle_vector(one, ir.Constant(vt, ir.Undefined),
-                                  ir.Constant(ir.VectorType(_I32, WIDTH), [0] * WIDTH))
+                                  ir.Constant(ir.VectorType(_I32, width), [0] * width))
 
 
 def _hsum(builder: ir.IRBuilder, v: ir.Value) -> ir.Value:
@@ -179,3 +195,124 @@ def dot_sums(typingctx, x, dy, i0, i1, j, t0, t1, m):  # noqa: ANN001, ANN202 - 
     """
     _check_rows(x, dy)
     return types.UniTuple(types.float64, 2)(x, dy, i0, i1, j, t0, t1, m), _codegen(True)
+
+
+# ------------------------------------------------------------- streamed writes
+def _to_out(builder: ir.IRBuilder, v: ir.Value, ety: ir.Type) -> ir.Value:
+    """A compute-dtype value as the output element (float16 bits via float32)."""
+    if not isinstance(ety, ir.IntType):
+        return _convert(builder, v, ir.VectorType(ety, v.type.count)
+                        if isinstance(v.type, ir.VectorType) else ety)
+    vec = isinstance(v.type, ir.VectorType)
+    f32 = ir.VectorType(ir.FloatType(), v.type.count) if vec else ir.FloatType()
+    half = ir.VectorType(ir.HalfType(), v.type.count) if vec else ir.HalfType()
+    h = builder.fptrunc(_convert(builder, v, f32), half)
+    return builder.bitcast(h, ir.VectorType(ety, v.type.count) if vec else ety)
+
+
+def _stream_codegen(bwd: bool):
+    """Code generator of :func:`norm_row_nt` (``bwd=False``) or :func:`elemt_row_nt`."""
+
+    def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202 - numba lowering hook
+        na = 3 if bwd else 2  # arrays: (dy, x, dx) or (x, y)
+        arrays = [context.make_array(t)(context, builder, a)
+                  for t, a in zip(sig.args[:na], args[:na])]
+        ety = context.get_data_type(sig.args[0].dtype)
+        esize = context.get_abi_sizeof(ety)
+        vw = _LINE // esize  # values per streamed store: one whole cache line
+        i, j = (context.cast(builder, v, t, types.intp)
+                for v, t in zip(args[na:na + 2], sig.args[na:na + 2]))
+        n = builder.extract_value(arrays[0].shape, 2)
+        index = [i, j, n.type(0)]
+        cty = context.get_data_type(sig.args[-1])
+        scalars_ = args[na + 2:]
+        splats = [_splat(builder, p, vw) for p in scalars_]
+        rows = [cgutils.get_item_pointer(context, builder, t, a, index,
+                                         wraparound=False, boundscheck=False)
+                for t, a in zip(sig.args[:na], arrays)]
+        nontemporal = builder.module.add_metadata([_I32(1)])
+        vptr = ir.VectorType(ety, vw).as_pointer()
+
+        def value(t, vec):  # the output value at t (vw values if vec)
+            if vec:
+                ld = [builder.load(builder.bitcast(builder.gep(r, [t]), vptr), align=esize)
+                      for r in rows[:na - 1]]
+            else:
+                ld = [builder.load(builder.gep(r, [t])) for r in rows[:na - 1]]
+            ct = ir.VectorType(cty, vw) if vec else cty
+            ld = [_convert(builder, v, ct) for v in ld]
+            if bwd:  # (dy - mean_dy) * a - (x - mean) * b
+                m, a, md, b = splats if vec else scalars_
+                r = builder.fsub(builder.fmul(builder.fsub(ld[0], md), a),
+                                 builder.fmul(builder.fsub(ld[1], m), b))
+            else:  # (x - mean) * scale + bias
+                m, sc, b = splats if vec else scalars_
+                r = builder.fadd(builder.fmul(builder.fsub(ld[0], m), sc), b)
+            return _to_out(builder, r, ety)
+
+        def scalars(lo, hi):
+            with cgutils.for_range_slice(builder, lo, hi, n.type(1), inc=True) as (t, _):
+                builder.store(value(t, False), builder.gep(rows[-1], [t]))
+
+        # plain stores up to a cache-line boundary of the output, streamed
+        # whole lines, plain stores for the rest: a line is never written
+        # partly by streamed stores (those are 10x slower)
+        addr = builder.ptrtoint(rows[-1], n.type)
+        gap = builder.and_(builder.sub(n.type(0), addr), n.type(_LINE - 1))
+        head = builder.udiv(gap, n.type(esize))
+        head = builder.select(builder.icmp_signed("<", head, n), head, n)
+        scalars(n.type(0), head)
+        steps = builder.sdiv(builder.sub(n, head), n.type(vw))
+        with cgutils.for_range(builder, steps) as loop:
+            t = builder.add(head, builder.mul(loop.index, n.type(vw)))
+            ptr = builder.bitcast(builder.gep(rows[-1], [t]), vptr)
+            st = builder.store(value(t, True), ptr, align=_LINE)
+            st.set_metadata("nontemporal", nontemporal)
+        scalars(builder.add(head, builder.mul(steps, n.type(vw))), n)
+        return context.get_dummy_value()
+
+    return codegen
+
+
+def _check_params(arrays: tuple, params: tuple) -> None:
+    _check_rows(*arrays)
+    if len({a.dtype for a in arrays}) != 1 or len(set(params)) != 1 or not all(
+            isinstance(p, types.Float) for p in params):
+        raise TypeError(f"expected arrays of one dtype and float parameters of one dtype,"
+                        f" got {arrays} and {params}")
+
+
+@intrinsic
+def norm_row_nt(typingctx, x, y, i, j, m, sc, b):  # noqa: ANN001, ANN202 - numba typing hook
+    """``y[i, j, :] = (x[i, j, :] - m) * sc + b`` with streamed (non-temporal) stores.
+
+    The same operations in the same order as the scalar loop of the caller
+    (no fused multiply-add), in the dtype of ``m``; bitwise the same result.
+    Call :func:`store_fence` after the last row.
+    """
+    _check_params((x, y), (m, sc, b))
+    return types.void(x, y, i, j, m, sc, b), _stream_codegen(False)
+
+
+@intrinsic
+def elemt_row_nt(typingctx, dy, x, dx, i, j, m, a, md, b):  # noqa: ANN001, ANN202 - numba hook
+    """``dx[i, j, :] = (dy[i, j, :] - md) * a - (x[i, j, :] - m) * b``, streamed stores.
+
+    Bitwise the caller's scalar formula (see :func:`norm_row_nt`).
+    """
+    _check_params((dy, x, dx), (m, a, md, b))
+    return types.void(dy, x, dx, i, j, m, a, md, b), _stream_codegen(True)
+
+
+@intrinsic
+def store_fence(typingctx):  # noqa: ANN001, ANN202 - numba typing hook
+    """``sfence``: streamed stores become visible in order to every other thread."""
+
+    def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
+        if STREAMS:
+            fn = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(ir.VoidType(), []), "llvm.x86.sse.sfence")
+            builder.call(fn, [])
+        return context.get_dummy_value()
+
+    return types.void(), codegen
