@@ -429,22 +429,21 @@ def test_vector_row_sums_match_fsum(dt, rng):
 def test_streamed_outputs_are_bitwise_the_plain_ones(dt, monkeypatch, rng):
     """Channel-first y and dx written with streamed (non-temporal) stores are
     bitwise those of the plain loops, for every compute dtype and row lengths
-    whose rows start at every alignment (plain head, streamed whole lines,
-    plain tail)."""
+    that put channel boundaries anywhere in a line (plain head, streamed
+    whole lines, plain tail)."""
     from cupysyncbn.backends import numba_backend as nbm
 
     if not nbm.STREAMS or (dt == "float16" and not nbm.HW_F16):
         pytest.skip("no streamed stores on this CPU")
     for cdt in {np.dtype(np.float64), _cdt(dt)}:
-        for s in (1, 9, 49, 100, 1031):
+        for s in (1, 9, 32, 49, 100, 1031):
             x = (rng.standard_normal((3, 5, s)) * 3 + 1).astype(dt)
             dy = rng.standard_normal(x.shape).astype(dt)
             v = [rng.standard_normal(5).astype(cdt) for _ in range(4)]
             outs = []
-            for rule in ((1 << 62, 0), (0, 0)):  # never, always
-                monkeypatch.setattr(nbm, "STREAM_MIN_BYTES", rule[0])
-                monkeypatch.setattr(nbm, "STREAM_ROW_BYTES", rule[1])
-                assert nbm._stream(x, x) == (rule[0] == 0)
+            for limit in (1 << 62, 0):  # never, always (rows of at least a line)
+                monkeypatch.setattr(nbm, "STREAM_MIN_BYTES", limit)
+                assert nbm._stream(x, x) == (limit == 0 and s * x.itemsize >= 64)
                 outs.append((NB.normalize(x, False, v[0], v[1], v[2], x.dtype).copy(),
                              NB.backward_elemt(dy, x, False, *v, x.dtype).copy()))
             for plain, *streamed in zip(*outs):
@@ -452,15 +451,18 @@ def test_streamed_outputs_are_bitwise_the_plain_ones(dt, monkeypatch, rng):
                     assert plain.view(np.uint8).tobytes() == got.view(np.uint8).tobytes()
 
 
-def test_streamed_stores_only_for_large_outputs_with_long_rows():
+def test_streamed_stores_only_for_large_outputs():
     from cupysyncbn.backends import numba_backend as nbm
 
-    big = np.empty((4, 64, 56 * 56), np.float32)  # 3.2 MB, 12.5 KB rows
-    short = np.empty((16, 2048, 49), np.float32)  # 6.4 MB, 196-byte rows share lines
+    small = np.empty((4, 64, 56 * 56), np.float32)  # 3.2 MB
+    tiny_rows = np.empty((16, 4096, 9), np.float32)  # 2.4 MB, 36-byte rows
+    many_rows = np.empty((64, 4096, 9), np.float32)  # 9.4 MB, 36-byte rows
+    short = np.empty((16, 2048, 49), np.float32)  # 6.4 MB, 196-byte rows
     large = np.empty((16, 64, 56 * 56), np.float32)  # 12.8 MB
-    assert not nbm._stream(big, big)  # below STREAM_MIN_BYTES: stays in cache
-    assert not nbm._stream(short, short)  # rows share cache lines
-    assert nbm._stream(large, large) == nbm.STREAMS
+    assert not nbm._stream(small, small)  # below STREAM_MIN_BYTES: stays in cache
+    assert not nbm._stream(tiny_rows, tiny_rows)
+    assert not nbm._stream(many_rows, many_rows)  # a line would span 2+ channels
+    assert nbm._stream(short, short) == nbm._stream(large, large) == nbm.STREAMS
 
 
 def test_float16_rows_without_f16c_use_numpy(monkeypatch, rng):

@@ -69,11 +69,12 @@ from numba.extending import intrinsic, overload
 
 from .numba_simd import (
     HW_F16,
+    LINE,
     STREAMS,
     dev_sums,
     dot_sums,
-    elemt_row_nt,
-    norm_row_nt,
+    elemt_line_nt,
+    norm_line_nt,
     store_fence,
 )
 from .numpy_backend import NumpyBackend, chan_merge
@@ -102,19 +103,14 @@ SHORT = 128
 #: reduction's speed, 1 pays a call and a merge per 49-value row).
 GROUP = 4
 
-#: Channel-first ``y``/``dx`` of at least this many bytes are written with
-#: streamed (non-temporal) stores, which skip reading each line before
-#: writing it and do not evict the inputs from cache: with 2 ranks on 2 cores
-#: the elementwise passes of (32,64,56,56) ran 20-30% faster. Below it an
-#: output likely stays in cache for its consumer, the next layer (memcpy's
-#: rule, a fraction of the last-level cache). 0 streams every output.
+#: Channel-first ``y``/``dx`` of at least this many bytes (and rows of at
+#: least a cache line) are written with streamed (non-temporal) stores, which
+#: skip reading each line before writing it and do not evict the inputs from
+#: cache: with 2 ranks on 2 cores the elementwise passes of (32,64,56,56) ran
+#: 20-30% faster. Below it an output likely stays in cache for its consumer,
+#: the next layer (memcpy's rule, a fraction of the last-level cache). 0
+#: streams every output.
 STREAM_MIN_BYTES = 4 << 20
-#: ... and whose rows have at least this many bytes. Shorter rows (a 7x7 map:
-#: 196 bytes) share cache lines between channels: streaming them row by row
-#: writes partial lines (10x slower), and streaming runs of channels that
-#: fill whole lines (tried) was 1.4x slower than plain stores for
-#: (16,2048,7,7) (a run per 16 channels and sample, parameters per value).
-STREAM_ROW_BYTES = 2048
 
 #: float16 bit pattern -> float32 value, exact for all 65536 patterns (NaNs too).
 _F16_TABLE = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(
@@ -345,19 +341,50 @@ def _moments_cl(x, tab, mean, m2):  # noqa: ANN001, ANN202
 
 
 @njit(**_JIT)
-def _normalize_cf(x, tab, mean, scale, bias, y, stream):  # noqa: ANN001, ANN202
+def _normalize_cf(x, tab, mean, scale, bias, y):  # noqa: ANN001, ANN202
     n, c, s = x.shape
     for i in range(n):
         for j in range(c):
             m, sc, b = mean[j], scale[j], bias[j]
-            if stream:  # same values, streamed stores (see STREAM_MIN_BYTES)
-                norm_row_nt(x, y, i, j, m, sc, b)
-                continue
             xr, yr = x[i, j], y[i, j]
             for t in range(s):
                 _st(yr, t, (_ld(xr, t, tab) - m) * sc + b)
-    if stream:
-        store_fence()
+
+
+@njit(**_JIT)
+def _normalize_cf_stream(x, tab, mean, scale, bias, y):  # noqa: ANN001, ANN202
+    """:func:`_normalize_cf` with streamed whole-line stores (see STREAM_MIN_BYTES).
+
+    Each sample's ``C*S`` values are one run: plain stores up to a line
+    boundary, then one streamed line at a time (a line may end one channel's
+    row and start the next: rows of at least a line), plain stores after.
+    """
+    n, c, s = x.shape
+    size = c * s
+    x2, y2 = x.reshape(n, size), y.reshape(n, size)
+    vw = LINE // y.itemsize
+    for i in range(n):
+        xr, yr = x2[i], y2[i]
+        head = min(size, (-yr.ctypes.data) % LINE // y.itemsize)
+        for t in range(head):
+            j = t // s
+            _st(yr, t, (_ld(xr, t, tab) - mean[j]) * scale[j] + bias[j])
+        t = head
+        j = t // s
+        end = (j + 1) * s
+        while t + vw <= size:
+            k = end - t
+            j1 = j + 1 if k < vw else j
+            norm_line_nt(x2, y2, i, t, mean[j], scale[j], bias[j],
+                         mean[j1], scale[j1], bias[j1], k)
+            t += vw
+            if t >= end:
+                j += 1
+                end += s
+        for u in range(t, size):
+            j = u // s
+            _st(yr, u, (_ld(xr, u, tab) - mean[j]) * scale[j] + bias[j])
+    store_fence()
 
 
 @njit(**_JIT)
@@ -394,19 +421,45 @@ def _bwd_reduce_cl(dy, x, tab, mean, sum_dy, sum_dxm):  # noqa: ANN001, ANN202
 
 
 @njit(**_JIT)
-def _bwd_elemt_cf(dy, x, tab, mean, a, mean_dy, b, dx, stream):  # noqa: ANN001, ANN202
+def _bwd_elemt_cf(dy, x, tab, mean, a, mean_dy, b, dx):  # noqa: ANN001, ANN202
     n, c, s = x.shape
     for i in range(n):
         for j in range(c):
             m, av, md, bv = mean[j], a[j], mean_dy[j], b[j]
-            if stream:
-                elemt_row_nt(dy, x, dx, i, j, m, av, md, bv)
-                continue
             xr, dr, orow = x[i, j], dy[i, j], dx[i, j]
             for t in range(s):
                 _st(orow, t, (_ld(dr, t, tab) - md) * av - (_ld(xr, t, tab) - m) * bv)
-    if stream:
-        store_fence()
+
+
+@njit(**_JIT)
+def _bwd_elemt_cf_stream(dy, x, tab, mean, a, mean_dy, b, dx):  # noqa: ANN001, ANN202
+    """:func:`_bwd_elemt_cf` with streamed stores (see :func:`_normalize_cf_stream`)."""
+    n, c, s = x.shape
+    size = c * s
+    d2, x2, o2 = dy.reshape(n, size), x.reshape(n, size), dx.reshape(n, size)
+    vw = LINE // dx.itemsize
+    for i in range(n):
+        dr, xr, orow = d2[i], x2[i], o2[i]
+        head = min(size, (-orow.ctypes.data) % LINE // dx.itemsize)
+        for t in range(head):
+            j = t // s
+            _st(orow, t, (_ld(dr, t, tab) - mean_dy[j]) * a[j] - (_ld(xr, t, tab) - mean[j]) * b[j])
+        t = head
+        j = t // s
+        end = (j + 1) * s
+        while t + vw <= size:
+            k = end - t
+            j1 = j + 1 if k < vw else j
+            elemt_line_nt(d2, x2, o2, i, t, mean[j], a[j], mean_dy[j], b[j],
+                          mean[j1], a[j1], mean_dy[j1], b[j1], k)
+            t += vw
+            if t >= end:
+                j += 1
+                end += s
+        for u in range(t, size):
+            j = u // s
+            _st(orow, u, (_ld(dr, u, tab) - mean_dy[j]) * a[j] - (_ld(xr, u, tab) - mean[j]) * b[j])
+    store_fence()
 
 
 @njit(**_JIT)
@@ -514,7 +567,7 @@ def _vector_rows(x: np.ndarray) -> bool:
 def _stream(x: np.ndarray, out: np.ndarray) -> bool:
     """Whether a channel-first output is written with streamed stores."""
     return (STREAMS and out.nbytes >= STREAM_MIN_BYTES and _vector_rows(x)
-            and x.shape[2] * x.itemsize >= STREAM_ROW_BYTES)
+            and x.shape[2] * x.itemsize >= LINE)
 
 
 def _native(*arrays: np.ndarray) -> bool:
@@ -581,7 +634,8 @@ class NumbaBackend(NumpyBackend):
         vecs = (mean, scale.astype(cdt, copy=False), bias.astype(cdt, copy=False))
         tab = _table(x)
         if not channel_last:
-            _normalize_cf(_bits(x), tab, *vecs, _bits(y), _stream(x, y))
+            (_normalize_cf_stream if _stream(x, y) else _normalize_cf)(
+                _bits(x), tab, *vecs, _bits(y))
             return y
         r = _rows_per_wide(x)
         for xp_, yp, k in zip(_regroup(_bits(x), r), _regroup(_bits(y), r), (r, 1)):
@@ -640,7 +694,8 @@ class NumbaBackend(NumpyBackend):
                 b.astype(cdt, copy=False))
         tab = _table(x)
         if not channel_last:
-            _bwd_elemt_cf(_bits(dy), _bits(x), tab, *vecs, _bits(dx), _stream(x, dx))
+            (_bwd_elemt_cf_stream if _stream(x, dx) else _bwd_elemt_cf)(
+                _bits(dy), _bits(x), tab, *vecs, _bits(dx))
             return dx
         r = _rows_per_wide(x)
         parts = zip(_regroup(_bits(dy), r), _regroup(_bits(x), r), _regroup(_bits(dx), r), (r, 1))
@@ -682,8 +737,9 @@ def warm_up(dtypes: tuple[str, ...] = ("float16", "float32", "float64")) -> int:
                 b.normalize(x, cl, v, v, v, dt)
                 b.backward_reduce(x, x, cl, v, v)
                 b.backward_elemt(x, x, cl, v, v, v, v, dt)
-    kernels = (_moments_cf, _moments_cl, _normalize_cf, _normalize_cl, _bwd_reduce_cf,
-               _bwd_reduce_cl, _bwd_elemt_cf, _bwd_elemt_cl)
+    kernels = (_moments_cf, _moments_cl, _normalize_cf, _normalize_cf_stream, _normalize_cl,
+               _bwd_reduce_cf, _bwd_reduce_cl, _bwd_elemt_cf, _bwd_elemt_cf_stream,
+               _bwd_elemt_cl)
     return sum(len(k.signatures) for k in kernels)
 
 

@@ -19,12 +19,14 @@ are float32, float64, or float16 as ``uint16`` bits (only where the CPU has
 F16C: :data:`HW_F16`; elsewhere LLVM's ``fpext`` from half would need a
 runtime library call numba does not link).
 
-The streamed writers (:func:`norm_row_nt`, :func:`elemt_row_nt`) compute a
-row of ``y`` or ``dx`` with the caller's formula, operation for operation
-(bitwise the same values), and store whole cache lines with non-temporal
-stores: no read of each output line before it is written, no eviction of
-the inputs; :func:`store_fence` after the last row orders them. The fused
-backend uses them for large outputs with long rows (``STREAM_MIN_BYTES``).
+The streamed writers (:func:`norm_line_nt`, :func:`elemt_line_nt`) compute
+one cache line of ``y`` or ``dx`` with the caller's formula, operation for
+operation (bitwise the same values), and store it with a non-temporal store:
+no read of the line before it is written, no eviction of the inputs;
+:func:`store_fence` after the last line orders them. A line may hold the end
+of one channel's row and the start of the next (short rows such as 7x7
+maps), so each lane picks its channel's parameters. The fused backend uses
+them for large outputs (``STREAM_MIN_BYTES``).
 """
 
 from __future__ import annotations
@@ -38,8 +40,8 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 __all__ = [
-    "HW_F16", "WIDTH", "STREAMS", "dev_sums", "dot_sums", "norm_row_nt", "elemt_row_nt",
-    "store_fence",
+    "HW_F16", "WIDTH", "STREAMS", "LINE", "dev_sums", "dot_sums", "norm_line_nt",
+    "elemt_line_nt", "store_fence",
 ]
 
 #: float16 <-> float32 as LLVM ``fpext``/``fptrunc`` (F16C instructions).
@@ -50,7 +52,9 @@ WIDTH = 8
 #: where ``sfence`` orders them (:func:`store_fence`).
 STREAMS = platform.machine().lower() in ("x86_64", "amd64")
 
-_LINE = 64  # bytes per cache line (x86-64)
+#: Bytes per cache line (x86-64): the unit of a streamed store.
+LINE = 64
+_LINE = LINE
 _I32 = ir.IntType(32)
 _I64 = ir.IntType(64)
 _F64 = ir.DoubleType()
@@ -210,72 +214,48 @@ def _to_out(builder: ir.IRBuilder, v: ir.Value, ety: ir.Type) -> ir.Value:
     return builder.bitcast(h, ir.VectorType(ety, v.type.count) if vec else ety)
 
 
-def _stream_codegen(bwd: bool):
-    """Code generator of :func:`norm_row_nt` (``bwd=False``) or :func:`elemt_row_nt`."""
+def _line_codegen(bwd: bool):
+    """Code generator of :func:`norm_line_nt` (``bwd=False``) or :func:`elemt_line_nt`."""
 
     def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202 - numba lowering hook
         na = 3 if bwd else 2  # arrays: (dy, x, dx) or (x, y)
+        np_ = 4 if bwd else 3  # parameters per channel
         arrays = [context.make_array(t)(context, builder, a)
                   for t, a in zip(sig.args[:na], args[:na])]
+        i, t, k = (context.cast(builder, args[q], sig.args[q], types.intp)
+                   for q in (na, na + 1, len(args) - 1))
         ety = context.get_data_type(sig.args[0].dtype)
-        esize = context.get_abi_sizeof(ety)
-        vw = _LINE // esize  # values per streamed store: one whole cache line
-        i, j = (context.cast(builder, v, t, types.intp)
-                for v, t in zip(args[na:na + 2], sig.args[na:na + 2]))
-        n = builder.extract_value(arrays[0].shape, 2)
-        index = [i, j, n.type(0)]
-        cty = context.get_data_type(sig.args[-1])
-        scalars_ = args[na + 2:]
-        splats = [_splat(builder, p, vw) for p in scalars_]
-        rows = [cgutils.get_item_pointer(context, builder, t, a, index,
-                                         wraparound=False, boundscheck=False)
-                for t, a in zip(sig.args[:na], arrays)]
-        nontemporal = builder.module.add_metadata([_I32(1)])
-        vptr = ir.VectorType(ety, vw).as_pointer()
-
-        def value(t, vec):  # the output value at t (vw values if vec)
-            if vec:
-                ld = [builder.load(builder.bitcast(builder.gep(r, [t]), vptr), align=esize)
-                      for r in rows[:na - 1]]
-            else:
-                ld = [builder.load(builder.gep(r, [t])) for r in rows[:na - 1]]
-            ct = ir.VectorType(cty, vw) if vec else cty
-            ld = [_convert(builder, v, ct) for v in ld]
-            if bwd:  # (dy - mean_dy) * a - (x - mean) * b
-                m, a, md, b = splats if vec else scalars_
-                r = builder.fsub(builder.fmul(builder.fsub(ld[0], md), a),
-                                 builder.fmul(builder.fsub(ld[1], m), b))
-            else:  # (x - mean) * scale + bias
-                m, sc, b = splats if vec else scalars_
-                r = builder.fadd(builder.fmul(builder.fsub(ld[0], m), sc), b)
-            return _to_out(builder, r, ety)
-
-        def scalars(lo, hi):
-            with cgutils.for_range_slice(builder, lo, hi, n.type(1), inc=True) as (t, _):
-                builder.store(value(t, False), builder.gep(rows[-1], [t]))
-
-        # plain stores up to a cache-line boundary of the output, streamed
-        # whole lines, plain stores for the rest: a line is never written
-        # partly by streamed stores (those are 10x slower)
-        addr = builder.ptrtoint(rows[-1], n.type)
-        gap = builder.and_(builder.sub(n.type(0), addr), n.type(_LINE - 1))
-        head = builder.udiv(gap, n.type(esize))
-        head = builder.select(builder.icmp_signed("<", head, n), head, n)
-        scalars(n.type(0), head)
-        steps = builder.sdiv(builder.sub(n, head), n.type(vw))
-        with cgutils.for_range(builder, steps) as loop:
-            t = builder.add(head, builder.mul(loop.index, n.type(vw)))
-            ptr = builder.bitcast(builder.gep(rows[-1], [t]), vptr)
-            st = builder.store(value(t, True), ptr, align=_LINE)
-            st.set_metadata("nontemporal", nontemporal)
-        scalars(builder.add(head, builder.mul(steps, n.type(vw))), n)
+        cty = context.get_data_type(sig.args[na + 2])
+        vw = _LINE // context.get_abi_sizeof(ety)
+        ptrs = [builder.bitcast(cgutils.get_item_pointer(
+            context, builder, ty, a, [i, t], wraparound=False, boundscheck=False),
+            ir.VectorType(ety, vw).as_pointer()) for ty, a in zip(sig.args[:na], arrays)]
+        # lanes below k take the first channel's parameters, the rest the next's
+        lanes = ir.Constant(ir.VectorType(k.type, vw), list(range(vw)))
+        first = builder.icmp_signed("<", lanes, _splat(builder, k, vw))
+        params = [builder.select(first, _splat(builder, p0, vw), _splat(builder, p1, vw))
+                  for p0, p1 in zip(args[na + 2:na + 2 + np_], args[na + 2 + np_:na + 2 + 2 * np_])]
+        ct = ir.VectorType(cty, vw)
+        ld = [_convert(builder, builder.load(p, align=context.get_abi_sizeof(ety)), ct)
+              for p in ptrs[:-1]]
+        if bwd:  # (dy - mean_dy) * a - (x - mean) * b
+            m, a, md, b = params
+            r = builder.fsub(builder.fmul(builder.fsub(ld[0], md), a),
+                             builder.fmul(builder.fsub(ld[1], m), b))
+        else:  # (x - mean) * scale + bias
+            m, sc, b = params
+            r = builder.fadd(builder.fmul(builder.fsub(ld[0], m), sc), b)
+        st = builder.store(_to_out(builder, r, ety), ptrs[-1], align=_LINE)
+        st.set_metadata("nontemporal", builder.module.add_metadata([_I32(1)]))
         return context.get_dummy_value()
 
     return codegen
 
 
-def _check_params(arrays: tuple, params: tuple) -> None:
-    _check_rows(*arrays)
+def _check_line(arrays: tuple, params: tuple) -> None:
+    for a in arrays:
+        if not (isinstance(a, types.Array) and a.ndim == 2 and a.layout == "C"):
+            raise TypeError(f"expected a C-contiguous 2-D array, got {a}")
     if len({a.dtype for a in arrays}) != 1 or len(set(params)) != 1 or not all(
             isinstance(p, types.Float) for p in params):
         raise TypeError(f"expected arrays of one dtype and float parameters of one dtype,"
@@ -283,25 +263,31 @@ def _check_params(arrays: tuple, params: tuple) -> None:
 
 
 @intrinsic
-def norm_row_nt(typingctx, x, y, i, j, m, sc, b):  # noqa: ANN001, ANN202 - numba typing hook
-    """``y[i, j, :] = (x[i, j, :] - m) * sc + b`` with streamed (non-temporal) stores.
+def norm_line_nt(typingctx, x, y, i, t, m0, sc0, b0, m1, sc1, b1, k):  # noqa: ANN001, ANN202
+    """One cache line of ``y[i, t:]``: ``(x - m) * sc + b``, a streamed store.
 
-    The same operations in the same order as the scalar loop of the caller
-    (no fused multiply-add), in the dtype of ``m``; bitwise the same result.
-    Call :func:`store_fence` after the last row.
+    ``x``, ``y``: 2-D ``(N, C*S)`` views of channel-first arrays; ``y[i, t]``
+    starts a 64-byte line (``64 // itemsize`` values). The first ``k`` values
+    take the parameters ``m0, sc0, b0`` (their channel), the rest
+    ``m1, sc1, b1`` (the next channel; rows of at least one line cross at
+    most one channel boundary per line). The same operations in the same
+    order as the plain loop (no fused multiply-add), in the parameters'
+    dtype: bitwise the same values. Call :func:`store_fence` when done.
     """
-    _check_params((x, y), (m, sc, b))
-    return types.void(x, y, i, j, m, sc, b), _stream_codegen(False)
+    _check_line((x, y), (m0, sc0, b0, m1, sc1, b1))
+    return types.void(x, y, i, t, m0, sc0, b0, m1, sc1, b1, k), _line_codegen(False)
 
 
 @intrinsic
-def elemt_row_nt(typingctx, dy, x, dx, i, j, m, a, md, b):  # noqa: ANN001, ANN202 - numba hook
-    """``dx[i, j, :] = (dy[i, j, :] - md) * a - (x[i, j, :] - m) * b``, streamed stores.
+def elemt_line_nt(typingctx, dy, x, dx, i, t, m0, a0, md0, b0,  # noqa: ANN001, ANN202
+                  m1, a1, md1, b1, k):
+    """One line of ``dx[i, t:]``: ``(dy - md) * a - (x - m) * b``, a streamed store.
 
-    Bitwise the caller's scalar formula (see :func:`norm_row_nt`).
+    Parameters per channel as in :func:`norm_line_nt`.
     """
-    _check_params((dy, x, dx), (m, a, md, b))
-    return types.void(dy, x, dx, i, j, m, a, md, b), _stream_codegen(True)
+    _check_line((dy, x, dx), (m0, a0, md0, b0, m1, a1, md1, b1))
+    return (types.void(dy, x, dx, i, t, m0, a0, md0, b0, m1, a1, md1, b1, k),
+            _line_codegen(True))
 
 
 @intrinsic
