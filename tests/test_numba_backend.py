@@ -605,7 +605,8 @@ def test_warm_up_compiles_every_kernel_for_a_dtype():
     # float64 inputs: short and long channel-first rows and channel-last, all primitives
     assert n >= 8
     for k in (nbm._moments_cf, nbm._moments_cl, nbm._normalize_cf, nbm._normalize_cl,
-              nbm._bwd_reduce_cf, nbm._bwd_reduce_cl, nbm._bwd_elemt_cf, nbm._bwd_elemt_cl):
+              nbm._bwd_reduce_cf, nbm._bwd_reduce_cl, nbm._bwd_elemt_cf, nbm._bwd_elemt_cl,
+              nbm._elemt_cf_stream):
         assert any(str(sig[0].dtype) == "float64" for sig in k.signatures), k
 
 

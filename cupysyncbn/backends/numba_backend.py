@@ -351,39 +351,49 @@ def _normalize_cf(x, tab, mean, scale, bias, y):  # noqa: ANN001, ANN202
                 _st(yr, t, (_ld(xr, t, tab) - m) * sc + b)
 
 
-@njit(**_JIT)
-def _normalize_cf_stream(x, tab, mean, scale, bias, y):  # noqa: ANN001, ANN202
-    """:func:`_normalize_cf` with streamed whole-line stores (see STREAM_MIN_BYTES).
+@njit(inline="always", **_JIT)
+def _elemt_value(bwd, dr, xr, t, tab, j, mean, a, mean_dy, b):  # noqa: ANN001, ANN202
+    """``dx`` (``bwd``) or ``y`` (``a`` = scale, ``b`` = bias) at ``t``, channel ``j``."""
+    if bwd:
+        return (_ld(dr, t, tab) - mean_dy[j]) * a[j] - (_ld(xr, t, tab) - mean[j]) * b[j]
+    return (_ld(xr, t, tab) - mean[j]) * a[j] + b[j]
 
+
+@njit(**_JIT)
+def _elemt_cf_stream(dy, x, tab, mean, a, mean_dy, b, out, bwd):  # noqa: ANN001, ANN202
+    """``dx`` (``bwd``) or ``y`` with streamed whole-line stores (STREAM_MIN_BYTES).
+
+    For ``y``: ``a``, ``b`` are scale and bias (``dy``, ``mean_dy`` unused).
     Each sample's ``C*S`` values are one run: plain stores up to a line
     boundary, then one streamed line at a time (a line may end one channel's
     row and start the next: rows of at least a line), plain stores after.
     """
     n, c, s = x.shape
     size = c * s
-    x2, y2 = x.reshape(n, size), y.reshape(n, size)
-    vw = LINE // y.itemsize
+    d2, x2, o2 = dy.reshape(n, size), x.reshape(n, size), out.reshape(n, size)
+    vw = LINE // out.itemsize
     for i in range(n):
-        xr, yr = x2[i], y2[i]
-        head = min(size, (-yr.ctypes.data) % LINE // y.itemsize)
+        dr, xr, orow = d2[i], x2[i], o2[i]
+        head = min(size, (-orow.ctypes.data) % LINE // out.itemsize)
         for t in range(head):
-            j = t // s
-            _st(yr, t, (_ld(xr, t, tab) - mean[j]) * scale[j] + bias[j])
+            _st(orow, t, _elemt_value(bwd, dr, xr, t, tab, t // s, mean, a, mean_dy, b))
         t = head
         j = t // s
         end = (j + 1) * s
         while t + vw <= size:
             k = end - t
             j1 = j + 1 if k < vw else j
-            norm_line_nt(x2, y2, i, t, mean[j], scale[j], bias[j],
-                         mean[j1], scale[j1], bias[j1], k)
+            if bwd:
+                elemt_line_nt(d2, x2, o2, i, t, mean[j], a[j], mean_dy[j], b[j],
+                              mean[j1], a[j1], mean_dy[j1], b[j1], k)
+            else:
+                norm_line_nt(x2, o2, i, t, mean[j], a[j], b[j], mean[j1], a[j1], b[j1], k)
             t += vw
             if t >= end:
                 j += 1
                 end += s
         for u in range(t, size):
-            j = u // s
-            _st(yr, u, (_ld(xr, u, tab) - mean[j]) * scale[j] + bias[j])
+            _st(orow, u, _elemt_value(bwd, dr, xr, u, tab, u // s, mean, a, mean_dy, b))
     store_fence()
 
 
@@ -429,37 +439,6 @@ def _bwd_elemt_cf(dy, x, tab, mean, a, mean_dy, b, dx):  # noqa: ANN001, ANN202
             xr, dr, orow = x[i, j], dy[i, j], dx[i, j]
             for t in range(s):
                 _st(orow, t, (_ld(dr, t, tab) - md) * av - (_ld(xr, t, tab) - m) * bv)
-
-
-@njit(**_JIT)
-def _bwd_elemt_cf_stream(dy, x, tab, mean, a, mean_dy, b, dx):  # noqa: ANN001, ANN202
-    """:func:`_bwd_elemt_cf` with streamed stores (see :func:`_normalize_cf_stream`)."""
-    n, c, s = x.shape
-    size = c * s
-    d2, x2, o2 = dy.reshape(n, size), x.reshape(n, size), dx.reshape(n, size)
-    vw = LINE // dx.itemsize
-    for i in range(n):
-        dr, xr, orow = d2[i], x2[i], o2[i]
-        head = min(size, (-orow.ctypes.data) % LINE // dx.itemsize)
-        for t in range(head):
-            j = t // s
-            _st(orow, t, (_ld(dr, t, tab) - mean_dy[j]) * a[j] - (_ld(xr, t, tab) - mean[j]) * b[j])
-        t = head
-        j = t // s
-        end = (j + 1) * s
-        while t + vw <= size:
-            k = end - t
-            j1 = j + 1 if k < vw else j
-            elemt_line_nt(d2, x2, o2, i, t, mean[j], a[j], mean_dy[j], b[j],
-                          mean[j1], a[j1], mean_dy[j1], b[j1], k)
-            t += vw
-            if t >= end:
-                j += 1
-                end += s
-        for u in range(t, size):
-            j = u // s
-            _st(orow, u, (_ld(dr, u, tab) - mean_dy[j]) * a[j] - (_ld(xr, u, tab) - mean[j]) * b[j])
-    store_fence()
 
 
 @njit(**_JIT)
@@ -634,8 +613,11 @@ class NumbaBackend(NumpyBackend):
         vecs = (mean, scale.astype(cdt, copy=False), bias.astype(cdt, copy=False))
         tab = _table(x)
         if not channel_last:
-            (_normalize_cf_stream if _stream(x, y) else _normalize_cf)(
-                _bits(x), tab, *vecs, _bits(y))
+            if _stream(x, y):
+                m, sc, b = vecs
+                _elemt_cf_stream(_bits(x), _bits(x), tab, m, sc, m, b, _bits(y), False)
+            else:
+                _normalize_cf(_bits(x), tab, *vecs, _bits(y))
             return y
         r = _rows_per_wide(x)
         for xp_, yp, k in zip(_regroup(_bits(x), r), _regroup(_bits(y), r), (r, 1)):
@@ -694,8 +676,10 @@ class NumbaBackend(NumpyBackend):
                 b.astype(cdt, copy=False))
         tab = _table(x)
         if not channel_last:
-            (_bwd_elemt_cf_stream if _stream(x, dx) else _bwd_elemt_cf)(
-                _bits(dy), _bits(x), tab, *vecs, _bits(dx))
+            if _stream(x, dx):
+                _elemt_cf_stream(_bits(dy), _bits(x), tab, *vecs, _bits(dx), True)
+            else:
+                _bwd_elemt_cf(_bits(dy), _bits(x), tab, *vecs, _bits(dx))
             return dx
         r = _rows_per_wide(x)
         parts = zip(_regroup(_bits(dy), r), _regroup(_bits(x), r), _regroup(_bits(dx), r), (r, 1))
@@ -737,9 +721,12 @@ def warm_up(dtypes: tuple[str, ...] = ("float16", "float32", "float64")) -> int:
                 b.normalize(x, cl, v, v, v, dt)
                 b.backward_reduce(x, x, cl, v, v)
                 b.backward_elemt(x, x, cl, v, v, v, v, dt)
-    kernels = (_moments_cf, _moments_cl, _normalize_cf, _normalize_cf_stream, _normalize_cl,
-               _bwd_reduce_cf, _bwd_reduce_cl, _bwd_elemt_cf, _bwd_elemt_cf_stream,
-               _bwd_elemt_cl)
+                if not cl and _vector_rows(x):  # the streamed writers (large outputs)
+                    xb = _bits(x)
+                    for bwd in (False, True):
+                        _elemt_cf_stream(xb, xb, _table(x), v, v, v, v, np.empty_like(xb), bwd)
+    kernels = (_moments_cf, _moments_cl, _normalize_cf, _normalize_cl, _bwd_reduce_cf,
+               _bwd_reduce_cl, _bwd_elemt_cf, _bwd_elemt_cl, _elemt_cf_stream)
     return sum(len(k.signatures) for k in kernels)
 
 
