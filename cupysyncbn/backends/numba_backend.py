@@ -50,6 +50,9 @@ Accuracy (same contract as the NumPy backend, never worse):
 Outputs (``y``, ``dx``) of 1 MiB and more come from :data:`POOL`, which
 hands an array out again only once nothing else refers to it (see
 :class:`OutputPool`): no page faults on fresh memory in a training loop.
+Channel-first outputs of :data:`STREAM_MIN_BYTES` and more are written with
+streamed (non-temporal) whole-line stores, bitwise the same values
+(:mod:`.numba_simd`).
 
 Inputs other than float16/float32/float64 (bfloat16) go to the NumPy backend,
 and so do the channel-first reductions of float16 on CPUs without F16C.
