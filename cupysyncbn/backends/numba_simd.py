@@ -46,15 +46,14 @@ __all__ = [
 
 #: float16 <-> float32 as LLVM ``fpext``/``fptrunc`` (F16C instructions).
 HW_F16 = bool(llb.get_host_cpu_features().get("f16c", False))
-#: float64 lanes per accumulator vector; values per streamed store.
+#: float64 lanes per accumulator vector.
 WIDTH = 8
-#: Whether the streaming (non-temporal) row writers may be used: x86-64 only,
+#: Whether the streamed (non-temporal) line writers may be used: x86-64 only,
 #: where ``sfence`` orders them (:func:`store_fence`).
 STREAMS = platform.machine().lower() in ("x86_64", "amd64")
 
 #: Bytes per cache line (x86-64): the unit of a streamed store.
 LINE = 64
-_LINE = LINE
 _I32 = ir.IntType(32)
 _I64 = ir.IntType(64)
 _F64 = ir.DoubleType()
@@ -226,7 +225,7 @@ def _line_codegen(bwd: bool):
                    for q in (na, na + 1, len(args) - 1))
         ety = context.get_data_type(sig.args[0].dtype)
         cty = context.get_data_type(sig.args[na + 2])
-        vw = _LINE // context.get_abi_sizeof(ety)
+        vw = LINE // context.get_abi_sizeof(ety)
         ptrs = [builder.bitcast(cgutils.get_item_pointer(
             context, builder, ty, a, [i, t], wraparound=False, boundscheck=False),
             ir.VectorType(ety, vw).as_pointer()) for ty, a in zip(sig.args[:na], arrays)]
@@ -245,7 +244,7 @@ def _line_codegen(bwd: bool):
         else:  # (x - mean) * scale + bias
             m, sc, b = params
             r = builder.fadd(builder.fmul(builder.fsub(ld[0], m), sc), b)
-        st = builder.store(_to_out(builder, r, ety), ptrs[-1], align=_LINE)
+        st = builder.store(_to_out(builder, r, ety), ptrs[-1], align=LINE)
         st.set_metadata("nontemporal", builder.module.add_metadata([_I32(1)]))
         return context.get_dummy_value()
 
