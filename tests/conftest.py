@@ -41,11 +41,10 @@ def mpi_job(tmp_path_factory):
     from mpi_runner import run_mpi
 
     cache = {}
-    here = str(Path(__file__).resolve().parent)
 
     def get(job, k):
         if (job, k) not in cache:
-            code = f"import sys\nsys.path.insert(0, {here!r})\nimport mpi_cases\nmpi_cases.main()\n"
+            code = "import mpi_cases\nmpi_cases.main()\n"
             tmp = tmp_path_factory.mktemp(f"{job}{k}")
             env = {FORCE_ENV: "1"} if k == 1 else None
             res = run_mpi(code, k, timeout=180, tmp_path=tmp, args=(job,), env=env)

@@ -663,11 +663,7 @@ print("NUMBA_MPI_OK", rank, worst, flush=True)
 
 @pytest.mark.mpi
 def test_mpi_training_step_numba(tmp_path):
-    from pathlib import Path
-
     from mpi_runner import run_mpi
 
-    here = str(Path(__file__).resolve().parent)
-    code = f"import sys\nsys.path.insert(0, {here!r})\n" + MPI_STEP
-    res = run_mpi(code, 3, timeout=240, tmp_path=tmp_path)
+    res = run_mpi(MPI_STEP, 3, timeout=240, tmp_path=tmp_path)
     assert res.stdout.count("NUMBA_MPI_OK") == 3, res.stdout + res.stderr

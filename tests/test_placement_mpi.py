@@ -10,17 +10,14 @@ on, and the warnings and verbose line it printed.
 """
 
 import json
-from pathlib import Path
 
 import pytest
 from mpi_runner import run_mpi
 
 pytestmark = pytest.mark.mpi
-TESTS = str(Path(__file__).resolve().parent)
 
 SCRIPT = r"""
 import contextlib, io, json, os, sys, warnings
-sys.path.insert(0, TESTS)
 import fake_cupy
 import numpy as np
 from mpi4py import MPI
@@ -116,7 +113,7 @@ def runs(tmp_path_factory):
     def get(k):
         if k not in cache:
             tmp = tmp_path_factory.mktemp(f"placement{k}")
-            run_mpi(SCRIPT.replace("TESTS", repr(TESTS)), k, timeout=240, tmp_path=tmp)
+            run_mpi(SCRIPT, k, timeout=240, tmp_path=tmp)
             res = [json.loads(p.read_text()) for p in tmp.glob("res_*.json")]
             assert len(res) == k
             res.sort(key=lambda r: r["rank"])

@@ -25,12 +25,13 @@ import numpy as np
 from mpi4py import MPI
 import cupysyncbn as sbn
 from cupysyncbn.errors import CollectiveMismatchError, RemoteInputError
+from rank_outcomes import expecter, say
 
 sbn.install_abort_hook()
 world = MPI.COMM_WORLD
 rank, size = world.rank, world.size
-say = lambda msg: os.write(1, (msg + "\n").encode())  # one write: lines never interleave
 BAD = 1
+expect = expecter(rank, BAD)
 comm = sbn.init("mpi")
 rng = np.random.default_rng(rank)
 C = 4
@@ -38,27 +39,6 @@ C = 4
 
 def x_good(n=3, c=C):
     return rng.standard_normal((n, c, 2, 3)).astype(np.float32)
-
-
-def outcome(fn):
-    try:
-        fn()
-    except Exception as e:  # noqa: BLE001
-        return e
-    return None
-
-
-def expect(case, fn, bad=None, other=None, everyone=None):
-    # bad/other/everyone: (exception type, regex) expected on that rank
-    got = outcome(fn)
-    want = everyone or (bad if rank == BAD else other)
-    if want is None:
-        assert got is None, (case, rank, repr(got))
-    else:
-        etype, pattern = want
-        assert isinstance(got, etype), (case, rank, repr(got))
-        assert re.search(pattern, str(got)), (case, rank, str(got))
-    say(f"OK {case} {rank}")
 
 
 def state_equal_everywhere(layer, case):

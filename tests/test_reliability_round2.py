@@ -24,34 +24,15 @@ from mpi4py import MPI
 import cupysyncbn as sbn
 from cupysyncbn import functional as F
 from cupysyncbn.errors import CollectiveMismatchError, RemoteInputError
+from rank_outcomes import expecter, say
 
 sbn.install_abort_hook()
 world = MPI.COMM_WORLD
 rank, size = world.rank, world.size
-say = lambda msg: os.write(1, (msg + "\n").encode())
 BAD = 1
+expect = expecter(rank, BAD)
 rng = np.random.default_rng(rank)
 C = 3
-
-
-def outcome(fn):
-    try:
-        fn()
-    except Exception as e:  # noqa: BLE001
-        return e
-    return None
-
-
-def expect(case, fn, bad=None, other=None, everyone=None):
-    got = outcome(fn)
-    want = everyone or (bad if rank == BAD else other)
-    if want is None:
-        assert got is None, (case, rank, repr(got))
-    else:
-        etype, pattern = want
-        assert isinstance(got, etype), (case, rank, repr(got))
-        assert re.search(pattern, str(got)), (case, rank, str(got))
-    say(f"OK {case} {rank}")
 
 
 def remote(words):
@@ -168,10 +149,8 @@ sd = {"w": np.arange(3.0) + (0 if rank == 0 else 100)}
 expect("save-path-rank0-only", lambda: sbn.save(sd, path, comm=comm))
 assert np.array_equal(sbn.load(os.path.join(folder, "ck.npz"))["w"], np.arange(3.0))
 bad_path = 12345 if rank == 0 else None
-BAD = 0
-expect("save-bad-path-rank0", lambda: sbn.save(sd, bad_path, comm=comm),
+expect("save-bad-path-rank0", lambda: sbn.save(sd, bad_path, comm=comm), bad_rank=0,
        bad=(TypeError, "path must be"), other=remote("invalid state_dict or path"))
-BAD = 1
 
 # ---- backward with no pending forward on one rank (its state was reloaded)
 L2 = sbn.SyncBatchNorm(C, data_format="NC")
