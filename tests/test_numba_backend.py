@@ -239,11 +239,17 @@ def test_selection_by_environment(monkeypatch):
     assert backends.get_backend(x).name == "numpy" and backends.get_backend(x).xp is np
     # an unknown value warns once and means 'auto'
     monkeypatch.setenv(backends.CPU_BACKEND_ENV, "fortran")
-    with pytest.warns(RuntimeWarning, match="'fortran' is not one of auto, numba, numpy"):
-        assert type(backends.get_backend(x)) is NumbaBackend
+    _warns_once(x, NumbaBackend, "'fortran' is not one of auto, numba, numpy")
+
+
+def _warns_once(x, cls, match):
+    """``get_backend(x)`` is ``cls``: one RuntimeWarning matching ``match`` the
+    first time, none after."""
+    with pytest.warns(RuntimeWarning, match=match):
+        assert type(backends.get_backend(x)) is cls
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert type(backends.get_backend(x)) is NumbaBackend  # warned once only
+        assert type(backends.get_backend(x)) is cls  # warned once only
 
 
 def test_selection_without_numba(monkeypatch):
@@ -257,11 +263,7 @@ def test_selection_without_numba(monkeypatch):
         warnings.simplefilter("error")
         assert type(backends.get_backend(x)) is NumpyBackend  # auto: no warning
     monkeypatch.setenv(backends.CPU_BACKEND_ENV, "numba")
-    with pytest.warns(RuntimeWarning, match="numba is not importable.*cupysyncbn\\[fast\\]"):
-        assert type(backends.get_backend(x)) is NumpyBackend
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        assert type(backends.get_backend(x)) is NumpyBackend  # warned once only
+    _warns_once(x, NumpyBackend, "numba is not importable.*cupysyncbn\\[fast\\]")
 
 
 def test_selection_with_broken_numba(monkeypatch):
