@@ -34,6 +34,29 @@ def mpi_env(extra: dict | None = None) -> dict:
     return env
 
 
+def run_job(
+    cmd: list, timeout: float, what: str, env: dict, cwd: Path, merge_stderr: bool = False,
+) -> subprocess.CompletedProcess:
+    """Run a launcher command (``mpiexec``, ``torchrun``, ...) in its own process group.
+
+    A run that exceeds ``timeout`` seconds has its whole process group killed
+    and fails the test as a hang (``what`` names it). ``merge_stderr`` sends
+    stderr into stdout.
+    """
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT if merge_stderr else subprocess.PIPE, text=True,
+        env=env, start_new_session=True, cwd=str(cwd),
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"{what} hung for more than {timeout}s\nstdout:\n{out}\nstderr:\n{err}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
 def run_mpi(
     code: str,
     n: int,
@@ -54,17 +77,8 @@ def run_mpi(
     script = folder / f"mpi_case_{os.getpid()}_{abs(hash(code)) % 10**8}.py"
     script.write_text(textwrap.dedent(code))
     cmd = [MPIEXEC, "-n", str(n), sys.executable, str(script), *map(str, args)]
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env=mpi_env(env), start_new_session=True, cwd=str(folder),
-    )
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"mpiexec -n {n} hung for more than {timeout}s\nstdout:\n{out}\nstderr:\n{err}")
-    res = subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+    res = run_job(cmd, timeout, f"mpiexec -n {n}", mpi_env(env), folder)
+    out, err = res.stdout, res.stderr
     if check and res.returncode != 0:
         pytest.fail(f"mpiexec -n {n} exited {res.returncode}\nstdout:\n{out}\nstderr:\n{err}")
     return res

@@ -6,14 +6,11 @@ header protocol as MPI.
 """
 
 import json
-import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from mpi_runner import mpi_env
+from mpi_runner import mpi_env, run_job
 
 pytest.importorskip("paddle")
 
@@ -118,14 +115,8 @@ def test_adapter_under_paddle_launch_two_cpu_processes(tmp_path):
         del env[var]  # a clean, non-MPI job
     cmd = [sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", "2",
            "--log_dir", str(tmp_path / "log"), str(script), str(tmp_path)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=env, cwd=str(tmp_path), start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        pytest.fail(f"paddle.distributed.launch hung\n{out}")
+    proc = run_job(cmd, 240, "paddle.distributed.launch", env, tmp_path, merge_stderr=True)
+    out = proc.stdout
     logs = "".join(p.read_text() for p in sorted(Path(tmp_path / "log").glob("workerlog.*")))
     assert proc.returncode == 0, out + logs
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]

@@ -16,16 +16,13 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from mpi_runner import mpi_env
+from mpi_runner import mpi_env, run_job
 
 torch = pytest.importorskip("torch")
 dist = pytest.importorskip("torch.distributed")
@@ -270,14 +267,8 @@ def test_torchrun_three_gloo_ranks_equal_torch_on_the_global_batch(tmp_path):
     env = mpi_env()
     for var in cm._SIZE_VARS + cm._RANK_VARS:  # not an MPI job
         env.pop(var, None)
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env, cwd=str(tmp_path), start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"torchrun hung\nstdout:\n{out}\nstderr:\n{err[-5000:]}")
+    proc = run_job(cmd, 300, "torchrun", env, tmp_path)
+    out, err = proc.stdout, proc.stderr
     # rank 2 aborted with code 7 after the results; torchrun stopped the others
     assert proc.returncode != 0 and re.search(r"exitcode\s*:\s*7", err), (
         f"returncode {proc.returncode}\nstdout:\n{out}\nstderr:\n{err[-5000:]}")
