@@ -100,6 +100,26 @@ def ref_running(rm, rv, mean, var, m, momentum, unbiased=False):
     return rm * momentum + mean * (1 - momentum), rv * momentum + v * (1 - momentum)
 
 
+def check_training_step(layer, x, dy, fmt, w, b, momentum):
+    """One forward and backward of a float64 ``layer`` (weight ``w``, bias
+    ``b``, running statistics 0 and 1) against the references: output,
+    input and parameter gradients, running statistics. Returns the expected
+    running ``(mean, var)``."""
+    y = layer(x)
+    dx = layer.backward(dy)
+    yr, mean, var, m = ref_forward(x, fmt, w, b)
+    dxr, dwr, dbr = ref_backward(x, dy, fmt, w)
+    np.testing.assert_allclose(y, yr, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(dx, dxr, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(layer.weight.grad, dwr, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(layer.bias.grad, dbr, rtol=1e-12, atol=1e-12)
+    c = w.shape[0]
+    rm, rv = ref_running(np.zeros(c), np.ones(c), mean, var, m, momentum)
+    np.testing.assert_allclose(layer._mean, rm, atol=1e-14)
+    np.testing.assert_allclose(layer._variance, rv, atol=1e-14)
+    return rm, rv
+
+
 def split_counts(n: int, k: int, empty: int | None = None) -> list[int]:
     """Uneven counts summing to ``n`` over ``k`` ranks; rank ``empty`` gets 0.
 
