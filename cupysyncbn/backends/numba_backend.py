@@ -123,13 +123,11 @@ _NO_TABLE = np.zeros(1, dtype=np.float32)
 
 _JIT = {"cache": True, "fastmath": False, "nogil": True}
 
-#: float16 <-> float32 as LLVM ``fpext``/``fptrunc`` (vectorized F16C
-#: instructions) when the CPU has F16C; otherwise the portable table and
-#: integer rounding below (no runtime library call needed).
-_HW_F16 = HW_F16
-
 
 # ------------------------------------------------------------ element load/store
+# float16 <-> float32: LLVM ``fpext``/``fptrunc`` (vectorized F16C
+# instructions) where the CPU has F16C (``HW_F16``); otherwise the portable
+# table and integer rounding below (no runtime library call needed).
 def _ld(a: Any, i: Any, tab: Any) -> Any:  # pragma: no cover - replaced by the overload
     """Element ``i`` of a 1-D array as a float (float16 bits through ``tab``)."""
     raise NotImplementedError
@@ -160,7 +158,7 @@ def _f2h(typingctx, v):  # noqa: ANN001, ANN202 - numba typing hook
 @overload(_ld, inline="always")
 def _ld_impl(a, i, tab):  # noqa: ANN001, ANN202 - numba typing hook
     if a.dtype == types.uint16:
-        if _HW_F16:
+        if HW_F16:
             return lambda a, i, tab: _h2f(a[i])
         return lambda a, i, tab: tab[a[i]]
     return lambda a, i, tab: a[i]
@@ -179,7 +177,7 @@ def _ld3(a: Any, i: Any, j: Any, t: Any, tab: Any) -> Any:  # pragma: no cover -
 @overload(_ld3, inline="always")
 def _ld3_impl(a, i, j, t, tab):  # noqa: ANN001, ANN202 - numba typing hook
     if a.dtype == types.uint16:
-        if _HW_F16:
+        if HW_F16:
             return lambda a, i, j, t, tab: _h2f(a[i, j, t])
         return lambda a, i, j, t, tab: tab[a[i, j, t]]
     return lambda a, i, j, t, tab: a[i, j, t]
@@ -253,7 +251,7 @@ def _st(o: Any, i: Any, v: Any) -> None:  # pragma: no cover - replaced by the o
 @overload(_st, inline="always")
 def _st_impl(o, i, v):  # noqa: ANN001, ANN202 - numba typing hook
     if o.dtype == types.uint16:
-        if _HW_F16:
+        if HW_F16:
 
             def st16(o, i, v):  # noqa: ANN001, ANN202
                 o[i] = _f2h(np.float32(v))
