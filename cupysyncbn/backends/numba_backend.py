@@ -571,12 +571,11 @@ class NumbaBackend(NumpyBackend):
 
     def moments(self, x: np.ndarray, channel_last: bool, cdt: Any) -> tuple[np.ndarray, np.ndarray]:
         """Local per-channel mean and M2, float64 (two-pass per cached piece, Chan merge)."""
-        if not _native(x):
+        # channel-first float16 without F16C: the NumPy backend (see numba_simd)
+        if not _native(x) or not (channel_last or _vector_rows(x)):
             return super().moments(x, channel_last, cdt)
         tab = _table(x)
         if not channel_last:
-            if not _vector_rows(x):
-                return super().moments(x, channel_last, cdt)
             mean = np.zeros(x.shape[1], dtype=_F64)
             m2 = np.zeros(x.shape[1], dtype=_F64)
             _moments_cf(_bits(x), tab, mean, m2)
@@ -635,15 +634,14 @@ class NumbaBackend(NumpyBackend):
         invstd: np.ndarray,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Local ``sum(dy)`` and ``sum(dy * (x - mean)) * invstd`` (float64), one pass."""
-        if not _native(dy, x) or mean.dtype not in _NATIVE[1:]:
+        if (not _native(dy, x) or mean.dtype not in _NATIVE[1:]
+                or not (channel_last or _vector_rows(x))):
             return super().backward_reduce(dy, x, channel_last, mean, invstd)
         c = mean.shape[0]
         sum_dy = np.zeros(c, dtype=_F64)
         sum_dxm = np.zeros(c, dtype=_F64)
         tab = _table(x)
         if not channel_last:
-            if not _vector_rows(x):
-                return super().backward_reduce(dy, x, channel_last, mean, invstd)
             _bwd_reduce_cf(_bits(dy), _bits(x), tab, mean, sum_dy, sum_dxm)
             return sum_dy, sum_dxm * invstd.astype(_F64)
         r = _rows_per_wide(x)
