@@ -376,3 +376,82 @@ def test_one_timeout_parser_and_one_list_of_launcher_variables(monkeypatch):
 
     src = inspect.getsource(nccl._timeout_from_env)
     assert "collective_timeout" in src and "max(" not in src
+
+
+def test_steady_state_skips_the_checks_but_every_change_is_checked(monkeypatch):
+    """A layer's repeated passes skip the argument checks (per-state memo); any
+    change of what the checks look at is checked again, and still refused."""
+    calls = []
+    real = F._check_call
+    monkeypatch.setattr(F, "_check_call", lambda *a, **k: calls.append(1) or real(*a, **k))
+    rng = np.random.default_rng(0)
+    c = 3
+    x = rng.standard_normal((4, c, 5)).astype(np.float32)
+    w, b = np.ones(c, np.float32), np.zeros(c, np.float32)
+    rm, rv = np.zeros(c, np.float32), np.ones(c, np.float32)
+    state = F.SyncState()
+
+    def fwd(x_, *vectors, momentum=0.9, epsilon=1e-5, fmt="NCL"):
+        args = vectors or (w, b, rm, rv)
+        return F.batch_norm_forward(x_, *args, momentum=momentum, epsilon=epsilon,
+                                    data_format=fmt, comm=LOCAL, sync_state=state)
+
+    y0 = fwd(x).y
+    assert np.array_equal(fwd(x.copy()).y, y0) and len(calls) == 1  # memo: no re-check
+    refused = [
+        (lambda: fwd(x[:, :2]), ValueError, "2 channels"),
+        (lambda: fwd(x.astype(np.int32)), TypeError, "floating dtype"),
+        (lambda: fwd(x.reshape(-1)), ValueError, "dimensions"),
+        (lambda: fwd(x, fmt="NLC"), ValueError, "channels"),
+        (lambda: fwd(x, momentum=True), TypeError, "momentum"),
+        (lambda: fwd(x, epsilon=-1.0), ValueError, "epsilon"),
+        (lambda: fwd(x, np.ones(c + 1, np.float32), b, rm, rv), ValueError, "shape"),
+        (lambda: fwd(x, w, b, rm, None), ValueError, "together"),
+        (lambda: fwd(x, w, b, rm, list(rv)), TypeError, "running_var"),
+    ]
+    for call, exc, match in refused:
+        with pytest.raises(exc, match=match):
+            call()
+        assert np.array_equal(fwd(x).y, y0)  # a refused call leaves the memo alone
+    assert len(calls) == 1 + len(refused)
+    fwd(x, momentum=1)  # an int momentum is fine, and is memoized ...
+    with pytest.raises(TypeError, match="momentum"):
+        fwd(x, momentum=True)  # ... but True == 1 is still refused
+    b.shape = (c, 1)  # a vector reshaped in place
+    with pytest.raises(ValueError, match="bias must have shape"):
+        fwd(x)
+    b.shape = (c,)
+    assert np.array_equal(fwd(x).y, y0)
+
+
+def test_header_fast_check_agrees_with_the_full_check():
+    """Steady-state passes check the reduced header with one scan
+    (``protocol._in_step``); it must accept exactly what the full check accepts."""
+    from cupysyncbn import protocol as P
+
+    rng = np.random.default_rng(3)
+    kinds = (None, None, None, *P.ERROR_KINDS)
+    seen = {True: 0, False: 0}
+    for _ in range(3000):
+        size = int(rng.integers(1, 4))
+        phase = int(rng.integers(0, 4))
+        base = [int(rng.integers(0, 5000)) for _ in range(5)]  # nf, layer, call, ident, evals
+        heads = []
+        for _ in range(size):
+            vals = [v if rng.random() < 0.9 else v + int(rng.integers(1, 3)) for v in base]
+            ph = phase if rng.random() < 0.95 else (phase + 1) % 4
+            kind = kinds[int(rng.integers(0, len(kinds)))] if rng.random() < 0.1 else None
+            nf, layer, call, ident, evals = vals
+            heads.append(P._header(int(rng.integers(0, 100)), ph, kind, nf, layer, call,
+                                   ident, evals))
+        h = np.sum(heads, axis=0)
+        full = (P._mismatch(h, phase, size) is None and not any(
+            h[P._I[f"err_{k}"]] for k in P.ERROR_KINDS) and P._identity_mismatch(h, size) is None)
+        assert P._in_step(h.tolist(), phase, size) == full
+        seen[full] += 1
+        if full:
+            assert P.check_header(h, phase, size, None) == int(h[P._I["count"]])
+        else:
+            with pytest.raises((sbn.errors.CollectiveMismatchError, sbn.errors.RemoteInputError)):
+                P.check_header(h, phase, size, None)
+    assert min(seen.values()) > 300  # both verdicts were exercised

@@ -669,3 +669,56 @@ def test_mpi_training_step_numba(tmp_path):
 
     res = run_mpi(MPI_STEP, 3, timeout=240, tmp_path=tmp_path)
     assert res.stdout.count("NUMBA_MPI_OK") == 3, res.stdout + res.stderr
+
+
+def _bitwise(a, b):
+    a, b = np.asarray(a), np.asarray(b)
+    return a.dtype == b.dtype and a.shape == b.shape and (
+        np.array_equal(a.view(np.uint8), b.view(np.uint8)) or np.array_equal(a, b, equal_nan=True))
+
+
+@pytest.mark.parametrize("cdt", ["float32", "float64"])
+def test_compiled_channel_steps_are_bitwise_the_numpy_ones(cdt, rng):
+    """numba_channel computes every per-channel step with NumPy's operations,
+    in NumPy's order and dtypes: the same bits, NaN/Inf and empty batches too."""
+    cdt = np.dtype(cdt)
+    c = 41
+
+    def vec(dt=F64):
+        v = rng.standard_normal(c) * rng.choice([1e-3, 1.0, 1e4], c)
+        v[:4] = [np.nan, np.inf, -np.inf, 0.0]
+        return v.astype(dt)
+
+    def same(got, want):
+        assert len(got) == len(want)
+        for g, w in zip(got, want):
+            assert _bitwise(g, w), (g, w)
+
+    with np.errstate(all="ignore"):
+        for n in (1, 7, 12345):
+            args = (n, vec(), np.abs(vec()), vec())
+            same(NB.shifted_sums(*args), NP.shifted_sums(*args))
+        for total in (0, 1, 3, 10**7):
+            s, q, shift = vec(), np.abs(vec()), vec()
+            q[5], q[6], s[6] = -1e-30, 0.0, 0.0  # a negative M2 by rounding: clamped to 0
+            same(NB.merge_sums(total, s, q, shift, c), NP.merge_sums(total, s, q, shift, c))
+        m = vec()
+        same([NB.next_shift(m)], [NP.next_shift(m)])
+        for count, eps in ((0, 1e-5), (5, 0.0), (5, 1e-5)):
+            mean, var = vec(), np.abs(vec())
+            var[7] = 0.0  # with eps 0: invstd 0, not inf
+            same(NB.forward_coefficients(mean, var, count, eps, cdt),
+                 NP.forward_coefficients(mean, var, count, eps, cdt))
+        for mom, unbiased, nbt, count in ((0.9, False, 0, 2), (0.0, True, 7, 1000),
+                                          (1.0, True, 0, 2), (None, False, 7, 9)):
+            args = (vec(cdt), np.abs(vec(cdt)), vec(), np.abs(vec()), count, mom, unbiased, nbt)
+            same(NB.running_update(*args), NP.running_update(*args))
+        for weight in (None, vec(cdt)):
+            for batch_stats, count in ((True, 0), (True, 9), (False, 9)):
+                args = (weight, np.abs(vec(cdt)), vec(), vec(), count, batch_stats, cdt)
+                same(NB.backward_coefficients(*args), NP.backward_coefficients(*args))
+        # not a contiguous float vector: the NumPy code, same results
+        s = np.repeat(vec(), 2)[::2]
+        same(NB.merge_sums(4, s, np.abs(s), s, c), NP.merge_sums(4, s, np.abs(s), s, c))
+    with pytest.raises(ValueError, match="unbiased"):
+        NB.running_update(vec(cdt), vec(cdt), vec(), vec(), 1, 0.9, True, 0)

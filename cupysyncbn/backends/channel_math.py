@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["ChannelMath", "UNBIASED_COUNT_1", "momentum_weights"]
+__all__ = ["ChannelMath", "UNBIASED_COUNT_1", "momentum_weights", "unbiased_ratio"]
 
 _F64 = np.dtype(np.float64)
 
@@ -37,6 +37,19 @@ def momentum_weights(momentum: float | None, num_batches_tracked: int) -> tuple[
         return 1.0 - factor, factor
     keep = float(momentum)
     return keep, 1.0 - keep
+
+
+def unbiased_ratio(count: int) -> float:
+    """``m / (m - 1)``, the unbiased variance over the biased one, for ``m = count``.
+
+    Raises
+    ------
+    ValueError
+        For a count of 1.
+    """
+    if count == 1:
+        raise ValueError(UNBIASED_COUNT_1)
+    return count / (count - 1)
 
 
 class ChannelMath:
@@ -115,9 +128,7 @@ class ChannelMath:
             ``unbiased`` with a global ``count`` of 1.
         """
         if unbiased:
-            if count == 1:
-                raise ValueError(UNBIASED_COUNT_1)
-            batch_var = batch_var * (count / (count - 1))
+            batch_var = batch_var * unbiased_ratio(count)
         keep, factor = momentum_weights(momentum, num_batches_tracked)
         new_mean = running_mean * keep + batch_mean.astype(running_mean.dtype) * factor
         new_var = running_var * keep + batch_var.astype(running_var.dtype) * factor

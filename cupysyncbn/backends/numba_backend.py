@@ -70,6 +70,7 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic, overload
 
+from .numba_channel import CHANNEL_KERNELS, NumbaChannelMath
 from .numba_simd import (
     HW_F16,
     LINE,
@@ -561,12 +562,13 @@ def _native(*arrays: np.ndarray) -> bool:
     return True
 
 
-class NumbaBackend(NumpyBackend):
+class NumbaBackend(NumbaChannelMath, NumpyBackend):
     """Batch-norm primitives on NumPy arrays as fused numba loops (see the module docstring).
 
     Same arrays, ``name`` and ``xp`` as the NumPy backend (results, buffers and
-    error messages do not depend on which CPU backend runs); only the four
-    data-sized primitives differ.
+    error messages do not depend on which CPU backend runs); the four
+    data-sized primitives differ, and the per-channel steps are compiled
+    (:mod:`.numba_channel`, bitwise the NumPy results).
     """
 
     def moments(self, x: np.ndarray, channel_last: bool, cdt: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -696,7 +698,8 @@ def warm_up(dtypes: tuple[str, ...] = ("float16", "float32", "float64")) -> int:
 
     Every input dtype with each compute dtype it can meet (float32 and float64;
     float64 inputs only float64), channel-first short and long rows and
-    channel-last, all four primitives. Run it once where the cache lives, for
+    channel-last, all four primitives, and the per-channel steps
+    (:mod:`.numba_channel`) for both compute dtypes. Run it once where the cache lives, for
     instance when building a container image or before a large ``mpiexec``
     job, so that no rank compiles: ``python -m cupysyncbn.backends.numba_backend``.
 
@@ -724,8 +727,18 @@ def warm_up(dtypes: tuple[str, ...] = ("float16", "float32", "float64")) -> int:
                     xb = _bits(x)
                     for bwd in (False, True):
                         _elemt_cf_stream(xb, xb, _table(x), v, v, v, v, np.empty_like(xb), bwd)
+    for cdt in (np.dtype(np.float32), _F64):  # the per-channel steps (numba_channel)
+        v64, vc = np.ones(3), np.ones(3, dtype=cdt)
+        b.shifted_sums(2, v64, v64, v64)
+        mean, var = b.merge_sums(2, v64, v64, v64, 3)
+        b.next_shift(mean)
+        b.forward_coefficients(mean, var, 2, 1e-5, cdt)
+        b.running_update(vc, vc, mean, var, 2, 0.9, False, 0)
+        for w in (None, vc):
+            b.backward_coefficients(w, vc, v64, v64, 2, True, cdt)
     kernels = (_moments_cf, _moments_cl, _normalize_cf, _normalize_cl, _bwd_reduce_cf,
-               _bwd_reduce_cl, _bwd_elemt_cf, _bwd_elemt_cl, _elemt_cf_stream)
+               _bwd_reduce_cl, _bwd_elemt_cf, _bwd_elemt_cl, _elemt_cf_stream,
+               *CHANNEL_KERNELS)
     return sum(len(k.signatures) for k in kernels)
 
 
