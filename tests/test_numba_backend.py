@@ -468,20 +468,22 @@ def test_streamed_stores_only_for_large_outputs():
 
 
 def test_float16_rows_without_f16c_use_numpy(monkeypatch, rng):
-    """Without F16C (no vector half conversion) the channel-first float16
-    reductions are the NumPy backend's, exactly; channel-last stays fused."""
+    """Without F16C (no vector half conversion) the float16 reductions of
+    both layouts are the NumPy backend's, exactly."""
     from cupysyncbn.backends import numba_backend as nbm
 
     monkeypatch.setattr(nbm, "HW_F16", False)
-    x = rng.standard_normal((3, 4, 9)).astype(np.float16)
-    dy = rng.standard_normal(x.shape).astype(np.float16)
-    mean = np.full(4, 0.5, np.float32)
-    ones = np.ones(4, np.float32)
-    for got, want in zip(NB.moments(x, False, np.float32), NP.moments(x, False, np.float32)):
-        assert np.array_equal(got, want)
-    for got, want in zip(NB.backward_reduce(dy, x, False, mean, ones),
-                         NP.backward_reduce(dy, x, False, mean, ones)):
-        assert np.array_equal(got, want)
+    for cl, shape in ((False, (3, 4, 9)), (True, (27, 4)), (True, (5, nbm.LONG_COLS + 3))):
+        x = rng.standard_normal(shape).astype(np.float16)
+        dy = rng.standard_normal(x.shape).astype(np.float16)
+        c = shape[-1] if cl else shape[1]
+        mean = np.full(c, 0.5, np.float32)
+        ones = np.ones(c, np.float32)
+        for got, want in zip(NB.moments(x, cl, np.float32), NP.moments(x, cl, np.float32)):
+            assert np.array_equal(got, want)
+        for got, want in zip(NB.backward_reduce(dy, x, cl, mean, ones),
+                             NP.backward_reduce(dy, x, cl, mean, ones)):
+            assert np.array_equal(got, want)
 
 
 def test_output_pool_reuses_only_outputs_nobody_holds(rng):
@@ -722,3 +724,39 @@ def test_compiled_channel_steps_are_bitwise_the_numpy_ones(cdt, rng):
         same(NB.merge_sums(4, s, np.abs(s), s, c), NP.merge_sums(4, s, np.abs(s), s, c))
     with pytest.raises(ValueError, match="unbiased"):
         NB.running_update(vec(cdt), vec(cdt), vec(), vec(), 1, 0.9, True, 0)
+
+
+@pytest.mark.parametrize("dt", DTYPES)
+def test_long_channel_last_rows_match_fsum(dt, rng):
+    """Channel-last rows of LONG_COLS channels and more are summed in register
+    blocks of 16 channels, TILE_ROWS rows at a time (numba_simd.col_*_sums):
+    block and tail channels, partial tiles, a channel offset per column and
+    (float16) more rows than one PIECE; sums against math.fsum."""
+    from cupysyncbn.backends import numba_backend as nbm
+
+    if dt == "float16" and not nbm.HW_F16:
+        pytest.skip("float16 reductions go to the NumPy backend without F16C")
+    c = nbm.LONG_COLS + 13  # 64 blocks and a 13-channel tail
+    cases = [(2 * nbm.TILE_ROWS + 3, 1e3)]
+    if dt == "float16":
+        cases.append((nbm.PIECE + 5, 20.0))  # two pieces, one Chan merge
+    cdt = _cdt(dt)
+    for rows, offset in cases:
+        offs = (np.arange(c) % 7) * offset / 7
+        x = (rng.standard_normal((rows, c)) + offs).astype(dt)
+        dy = rng.standard_normal((rows, c)).astype(dt)
+        xc = x.astype(F64).T
+        ref_mean = np.array([math.fsum(r) for r in xc]) / rows
+        ref_m2 = np.array([math.fsum(r) for r in (xc - ref_mean[:, None]) ** 2])
+        mean, m2 = NB.moments(x, True, cdt)
+        std = np.sqrt(ref_m2 / rows)
+        assert np.all(np.abs(mean - ref_mean) <= 1e-15 * np.abs(ref_mean) + 1e-13 * std)
+        np.testing.assert_allclose(m2, ref_m2, rtol=1e-11, atol=0)
+        mf = ref_mean.astype(cdt)
+        s_n, p_n = NB.backward_reduce(dy, x, True, mf, np.ones(c, cdt))
+        dyc = dy.astype(F64).T
+        xm = (x - mf).astype(F64).T  # x - mean in the compute dtype
+        ref_s = np.array([math.fsum(r) for r in dyc])
+        ref_p = np.array([math.fsum(r) for r in dyc * xm])
+        assert np.all(np.abs(s_n - ref_s) <= 1e-14 * np.abs(dyc).sum(axis=1))
+        assert np.all(np.abs(p_n - ref_p) <= 1e-14 * np.abs(dyc * xm).sum(axis=1))

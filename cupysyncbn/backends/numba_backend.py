@@ -21,7 +21,8 @@ Accuracy (same contract as the NumPy backend, never worse):
 
 * ``moments``: shifted sums per piece in float64 (a channel-first row
   piece of at most :data:`PIECE` values or :data:`GROUP` rows shorter than
-  :data:`SHORT`, or a channel-last block of rows that fits in cache):
+  :data:`SHORT`; a channel-last block of rows that fits in cache, or of
+  :data:`PIECE` rows for float16/float32 rows of :data:`LONG_COLS` and more):
   ``d = x - c``, ``mean = c + sum(d)/k``, ``M2 = sum(d*d) - sum(d)**2/k``;
   pieces merged per channel with Chan's formula in float64. Never
   ``E[x²] - E[x]²``. For float16/float32 inputs ``c`` is the piece's first
@@ -36,7 +37,10 @@ Accuracy (same contract as the NumPy backend, never worse):
   accumulators in registers, a fixed order of additions, ``d*d`` and
   ``dy*(x-m)`` added with one rounding); channel-last rows are regrouped into
   long rows (:data:`WIDE`), loops the compiler vectorizes without
-  reassociating any sum.
+  reassociating any sum, except rows of :data:`LONG_COLS` values and more
+  (late-ResNet channels): blocks of 16 channels summed :data:`TILE_ROWS` rows
+  at a time in registers (:func:`.numba_simd.col_dev_sums`), where the
+  accumulator-array loops ran at a third of memory speed.
 * Elementwise formulas run in the compute dtype in the same order as the
   NumPy backend's channel-last path: ``(x - mean) * scale + bias`` and
   ``a * (dy - mean_dy) - b * (x - mean)``, subtracting first.
@@ -55,7 +59,7 @@ streamed (non-temporal) whole-line stores, bitwise the same values
 (:mod:`.numba_simd`).
 
 Inputs other than float16/float32/float64 (bfloat16) go to the NumPy backend,
-and so do the channel-first reductions of float16 on CPUs without F16C.
+and so do the reductions of float16 on CPUs without F16C.
 """
 
 from __future__ import annotations
@@ -72,9 +76,12 @@ from numba.extending import intrinsic, overload
 
 from .numba_channel import CHANNEL_KERNELS, NumbaChannelMath
 from .numba_simd import (
+    COLS,
     HW_F16,
     LINE,
     STREAMS,
+    col_dev_sums,
+    col_dot_sums,
     dev_sums,
     dot_sums,
     elemt_line_nt,
@@ -97,6 +104,13 @@ BLOCK_VALUES = 1 << 16
 #: ``R*C`` values (per-channel vectors tiled R times), so every kernel's inner
 #: loop is long and vectorized; rows left over are a second, short call.
 WIDE = 256
+#: Channel-last rows of at least this many values (late-ResNet C = 1024, 2048)
+#: are summed in blocks of ``COLS`` channels, ``TILE_ROWS`` rows at a time, in
+#: registers (:func:`.numba_simd.col_dev_sums`); shorter rows keep the
+#: accumulator-array loops, which are faster there.
+LONG_COLS = 1024
+#: Rows per register pass of a long-row channel-last block.
+TILE_ROWS = 4
 #: Channel-first rows shorter than this (late-ResNet 7x7 = 49 values) are
 #: summed GROUP samples at a time: one call of the vector loop (and one merge)
 #: per GROUP rows instead of per row.
@@ -307,9 +321,44 @@ def _moments_cf(x, tab, mean, m2):  # noqa: ANN001, ANN202
                 _chan(cnt, mean, m2, j, k, cp + sd / k, q - sd * sd / k)
 
 
+@njit(inline="always", **_JIT)
+def _cl_tile(x, tab, t0, t1, cs, sd, q):  # noqa: ANN001, ANN202
+    """Shifted sums of rows ``t0:t1``: register blocks, then the last columns one by one."""
+    c = x.shape[1]
+    cv = c - c % COLS
+    for j in range(0, cv, COLS):
+        col_dev_sums(x, t0, t1, j, cs, sd, q)
+    for r in range(t0, t1):
+        xr = x[r]
+        for j in range(cv, c):
+            d = np.float64(_ld(xr, j, tab)) - cs[j]
+            sd[j] += d
+            q[j] += d * d
+
+
 @njit(**_JIT)
 def _moments_cl(x, tab, mean, m2):  # noqa: ANN001, ANN202
     rows, c = x.shape
+    if c >= LONG_COLS and _shifted(x):
+        # Long rows, one pass: pieces of PIECE rows shifted by their first
+        # row (one Chan merge per piece), summed TILE_ROWS rows at a time.
+        cnt = np.zeros(c, dtype=np.float64)
+        cs = np.empty(c, dtype=np.float64)
+        sd = np.empty(c, dtype=np.float64)
+        q = np.empty(c, dtype=np.float64)
+        for p0 in range(0, rows, PIECE):
+            p1 = min(rows, p0 + PIECE)
+            k = np.float64(p1 - p0)
+            xr = x[p0]
+            for j in range(c):
+                cs[j] = np.float64(_ld(xr, j, tab))
+            sd[:] = 0.0
+            q[:] = 0.0
+            for t0 in range(p0, p1, TILE_ROWS):
+                _cl_tile(x, tab, t0, min(p1, t0 + TILE_ROWS), cs, sd, q)
+            for j in range(c):
+                _chan(cnt, mean, m2, j, k, cs[j] + sd[j] / k, q[j] - sd[j] * sd[j] / k)
+        return
     step = max(1, BLOCK_VALUES // max(1, c))
     cnt = np.zeros(c, dtype=np.float64)
     cs = np.empty(c, dtype=np.float64)
@@ -421,15 +470,30 @@ def _bwd_reduce_cf(dy, x, tab, mean, sum_dy, sum_dxm):  # noqa: ANN001, ANN202
             sum_dxm[j] += b
 
 
-@njit(**_JIT)
-def _bwd_reduce_cl(dy, x, tab, mean, sum_dy, sum_dxm):  # noqa: ANN001, ANN202
+@njit(inline="always", **_JIT)
+def _dot_cols(dy, x, tab, mean, sum_dy, sum_dxm, j0):  # noqa: ANN001, ANN202
+    """Add ``sum(dy)``, ``sum(dy * (x - mean))`` of columns ``j0:`` (one by one)."""
     rows, c = x.shape
     for r in range(rows):
         xr, dr = x[r], dy[r]
-        for j in range(c):
+        for j in range(j0, c):
             g = np.float64(_ld(dr, j, tab))
             sum_dy[j] += g
             sum_dxm[j] += g * np.float64(_ld(xr, j, tab) - mean[j])
+
+
+@njit(**_JIT)
+def _bwd_reduce_cl(dy, x, tab, mean, sum_dy, sum_dxm):  # noqa: ANN001, ANN202
+    rows, c = x.shape
+    if c < LONG_COLS:
+        _dot_cols(dy, x, tab, mean, sum_dy, sum_dxm, 0)
+        return
+    cv = c - c % COLS  # long rows: register blocks, then the last columns
+    for t0 in range(0, rows, TILE_ROWS):
+        t1 = min(rows, t0 + TILE_ROWS)
+        for j in range(0, cv, COLS):
+            col_dot_sums(x, dy, t0, t1, j, mean, sum_dy, sum_dxm)
+    _dot_cols(dy, x, tab, mean, sum_dy, sum_dxm, cv)
 
 
 @njit(**_JIT)
@@ -573,8 +637,8 @@ class NumbaBackend(NumbaChannelMath, NumpyBackend):
 
     def moments(self, x: np.ndarray, channel_last: bool, cdt: Any) -> tuple[np.ndarray, np.ndarray]:
         """Local per-channel mean and M2, float64 (two-pass per cached piece, Chan merge)."""
-        # channel-first float16 without F16C: the NumPy backend (see numba_simd)
-        if not _native(x) or not (channel_last or _vector_rows(x)):
+        # float16 without F16C: the NumPy backend (see numba_simd)
+        if not _native(x) or not _vector_rows(x):
             return super().moments(x, channel_last, cdt)
         tab = _table(x)
         if not channel_last:
@@ -637,7 +701,7 @@ class NumbaBackend(NumbaChannelMath, NumpyBackend):
     ) -> tuple[np.ndarray, np.ndarray]:
         """Local ``sum(dy)`` and ``sum(dy * (x - mean)) * invstd`` (float64), one pass."""
         if (not _native(dy, x) or mean.dtype not in _NATIVE[1:]
-                or not (channel_last or _vector_rows(x))):
+                or not _vector_rows(x)):
             return super().backward_reduce(dy, x, channel_last, mean, invstd)
         c = mean.shape[0]
         sum_dy = np.zeros(c, dtype=_F64)

@@ -40,8 +40,8 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 __all__ = [
-    "HW_F16", "WIDTH", "STREAMS", "LINE", "dev_sums", "dot_sums", "norm_line_nt",
-    "elemt_line_nt", "store_fence",
+    "HW_F16", "WIDTH", "COLS", "STREAMS", "LINE", "dev_sums", "dot_sums", "col_dev_sums",
+    "col_dot_sums", "norm_line_nt", "elemt_line_nt", "store_fence",
 ]
 
 #: float16 <-> float32 as LLVM ``fpext``/``fptrunc`` (F16C instructions).
@@ -198,6 +198,96 @@ def dot_sums(typingctx, x, dy, i0, i1, j, t0, t1, m):  # noqa: ANN001, ANN202 - 
     """
     _check_rows(x, dy)
     return types.UniTuple(types.float64, 2)(x, dy, i0, i1, j, t0, t1, m), _codegen(True)
+
+
+# ------------------------------------------------------------ channel-last blocks
+#: Columns (channels) per block of :func:`col_dev_sums` / :func:`col_dot_sums`.
+COLS = 2 * WIDTH
+
+
+def _col_codegen(dot: bool):
+    """Code generator of :func:`col_dev_sums` (``dot=False``) or :func:`col_dot_sums`."""
+
+    def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202 - numba lowering hook
+        nargs = 2 if dot else 1
+        tys, vals = sig.args, args
+        arrays = [context.make_array(t)(context, builder, a)
+                  for t, a in zip(tys[:nargs], vals[:nargs])]
+        r0, r1, j = (context.cast(builder, v, t, types.intp)
+                     for v, t in zip(vals[nargs:nargs + 3], tys[nargs:nargs + 3]))
+        vecs = [context.make_array(t)(context, builder, a)
+                for t, a in zip(tys[nargs + 3:], vals[nargs + 3:])]  # c, out_a, out_b
+        ety = context.get_data_type(tys[0].dtype)
+        cty = context.get_data_type(tys[nargs + 3].dtype)  # f64 shift, or the compute dtype
+        v64 = ir.VectorType(_F64, WIDTH)
+        align = context.get_abi_sizeof(ety)
+
+        def vptr(aty, arr, idx, elem):
+            p = cgutils.get_item_pointer(context, builder, aty, arr, idx, wraparound=False,
+                                         boundscheck=False)
+            return builder.bitcast(p, ir.VectorType(elem, WIDTH).as_pointer())
+
+        cty_ = tys[nargs + 3]
+        halves = [builder.add(j, j.type(h * WIDTH)) for h in range(2)]
+        cvec = [builder.load(vptr(cty_, vecs[0], [jh], cty), align=context.get_abi_sizeof(cty))
+                for jh in halves]
+        acc = [cgutils.alloca_once_value(builder, ir.Constant(v64, [0.0] * WIDTH))
+               for _ in range(4)]
+        with cgutils.for_range_slice(builder, r0, r1, _I64(1), inc=True) as (r, _):
+            for h, jh in enumerate(halves):
+                loads = [builder.load(vptr(t, a, [r, jh], ety), align=align)
+                         for t, a in zip(tys[:nargs], arrays)]
+                if dot:  # g = dy, x - m in the compute dtype, then widened
+                    g = _convert(builder, loads[1], v64)
+                    xm = builder.fsub(_convert(builder, loads[0], ir.VectorType(cty, WIDTH)),
+                                      cvec[h])
+                    a, p, q = g, g, _convert(builder, xm, v64)
+                else:  # d = f64(x) - c
+                    d = builder.fsub(_convert(builder, loads[0], v64), cvec[h])
+                    a, p, q = d, d, d
+                builder.store(builder.fadd(builder.load(acc[2 * h]), a), acc[2 * h])
+                builder.store(_fma(builder, p, q, builder.load(acc[2 * h + 1])), acc[2 * h + 1])
+        for h, jh in enumerate(halves):  # out[j:j+16] += block sums
+            for k, out in ((0, 1), (1, 2)):
+                ptr = vptr(tys[nargs + 3 + out], vecs[out], [jh], _F64)
+                builder.store(builder.fadd(builder.load(ptr, align=8),
+                                           builder.load(acc[2 * h + k])), ptr, align=8)
+        return context.get_dummy_value()
+
+    return codegen
+
+
+def _check_cols(arrays: tuple, vectors: tuple) -> None:
+    for a in arrays:
+        if not (isinstance(a, types.Array) and a.ndim == 2 and a.layout == "C"):
+            raise TypeError(f"expected a C-contiguous 2-D array, got {a}")
+    for v in vectors:
+        if not (isinstance(v, types.Array) and v.ndim == 1 and v.layout == "C"):
+            raise TypeError(f"expected a C-contiguous 1-D array, got {v}")
+
+
+@intrinsic
+def col_dev_sums(typingctx, x, r0, r1, j, c, sd, q):  # noqa: ANN001, ANN202 - numba typing hook
+    """Add ``sum(d)`` to ``sd[j:j+16]`` and ``sum(d*d)`` to ``q[j:j+16]`` (float64).
+
+    ``d = x[r0:r1, j:j+16] - c[j:j+16]`` per column (channel-last rows, a
+    block of :data:`COLS` columns), accumulated row by row in registers, then
+    added to the float64 vectors ``sd``, ``q``; ``d*d`` with one rounding.
+    ``c`` is float64.
+    """
+    _check_cols((x,), (c, sd, q))
+    return types.void(x, r0, r1, j, c, sd, q), _col_codegen(False)
+
+
+@intrinsic
+def col_dot_sums(typingctx, x, dy, r0, r1, j, m, s1, s2):  # noqa: ANN001, ANN202
+    """Add ``sum(g)`` to ``s1[j:j+16]`` and ``sum(g * (x - m))`` to ``s2[j:j+16]``.
+
+    ``g = dy[r0:r1, j:j+16]``; ``x - m`` in ``m``'s dtype (the compute dtype),
+    then widened, as :func:`dot_sums`.
+    """
+    _check_cols((x, dy), (m, s1, s2))
+    return types.void(x, dy, r0, r1, j, m, s1, s2), _col_codegen(True)
 
 
 # ------------------------------------------------------------- streamed writes
