@@ -339,27 +339,11 @@ def _cl_tile(x, tab, t0, t1, cs, sd, q):  # noqa: ANN001, ANN202
 @njit(**_JIT)
 def _moments_cl(x, tab, mean, m2):  # noqa: ANN001, ANN202
     rows, c = x.shape
-    if c >= LONG_COLS and _shifted(x):
-        # Long rows, one pass: pieces of PIECE rows shifted by their first
-        # row (one Chan merge per piece), summed TILE_ROWS rows at a time.
-        cnt = np.zeros(c, dtype=np.float64)
-        cs = np.empty(c, dtype=np.float64)
-        sd = np.empty(c, dtype=np.float64)
-        q = np.empty(c, dtype=np.float64)
-        for p0 in range(0, rows, PIECE):
-            p1 = min(rows, p0 + PIECE)
-            k = np.float64(p1 - p0)
-            xr = x[p0]
-            for j in range(c):
-                cs[j] = np.float64(_ld(xr, j, tab))
-            sd[:] = 0.0
-            q[:] = 0.0
-            for t0 in range(p0, p1, TILE_ROWS):
-                _cl_tile(x, tab, t0, min(p1, t0 + TILE_ROWS), cs, sd, q)
-            for j in range(c):
-                _chan(cnt, mean, m2, j, k, cs[j] + sd[j] / k, q[j] - sd[j] * sd[j] / k)
-        return
-    step = max(1, BLOCK_VALUES // max(1, c))
+    # Long float16/float32 rows: pieces of PIECE rows (one Chan merge each),
+    # summed TILE_ROWS rows at a time in register blocks. Otherwise blocks
+    # that fit in cache (float64: the second pass hits it).
+    long = c >= LONG_COLS and _shifted(x)
+    step = PIECE if long else max(1, BLOCK_VALUES // max(1, c))
     cnt = np.zeros(c, dtype=np.float64)
     cs = np.empty(c, dtype=np.float64)
     sd = np.empty(c, dtype=np.float64)
@@ -381,12 +365,16 @@ def _moments_cl(x, tab, mean, m2):  # noqa: ANN001, ANN202
                 cs[j] /= k
         sd[:] = 0.0
         q[:] = 0.0
-        for r in range(r0, r1):
-            xr = x[r]
-            for j in range(c):
-                d = np.float64(_ld(xr, j, tab)) - cs[j]
-                sd[j] += d
-                q[j] += d * d
+        if long:
+            for t0 in range(r0, r1, TILE_ROWS):
+                _cl_tile(x, tab, t0, min(r1, t0 + TILE_ROWS), cs, sd, q)
+        else:
+            for r in range(r0, r1):
+                xr = x[r]
+                for j in range(c):
+                    d = np.float64(_ld(xr, j, tab)) - cs[j]
+                    sd[j] += d
+                    q[j] += d * d
         for j in range(c):
             _chan(cnt, mean, m2, j, k, cs[j] + sd[j] / k, q[j] - sd[j] * sd[j] / k)
 
