@@ -429,10 +429,10 @@ def test_vector_row_sums_match_fsum(dt, rng):
 
 @pytest.mark.parametrize("dt", DTYPES)
 def test_streamed_outputs_are_bitwise_the_plain_ones(dt, monkeypatch, rng):
-    """Channel-first y and dx written with streamed (non-temporal) stores are
-    bitwise those of the plain loops, for every compute dtype and row lengths
-    that put channel boundaries anywhere in a line (plain head, streamed
-    whole lines, plain tail)."""
+    """y and dx written with streamed (non-temporal) stores are bitwise those
+    of the plain loops, for every compute dtype, channel-first row lengths
+    and channel-last widths that put channel or row boundaries anywhere in a
+    line (plain head, streamed whole lines, plain tail)."""
     from cupysyncbn.backends import numba_backend as nbm
 
     if not nbm.STREAMS or (dt == "float16" and not nbm.HW_F16):
@@ -451,6 +451,19 @@ def test_streamed_outputs_are_bitwise_the_plain_ones(dt, monkeypatch, rng):
             for plain, *streamed in zip(*outs):
                 for got in streamed:
                     assert plain.view(np.uint8).tobytes() == got.view(np.uint8).tobytes()
+        # channel-last: a line holds the ends and starts of rows of any width
+        for c in (1, 3, 16, 37, 2053):
+            x = (rng.standard_normal((7, c)) * 3 + 1).astype(dt)[1:]  # off line boundaries
+            dy = rng.standard_normal(x.shape).astype(dt)
+            v = [rng.standard_normal(c).astype(cdt) for _ in range(4)]
+            outs = []
+            for limit in (1 << 62, 0):
+                monkeypatch.setattr(nbm, "STREAM_MIN_BYTES", limit)
+                assert nbm._stream_cl(x, x) == (limit == 0)
+                outs.append((NB.normalize(x, True, v[0], v[1], v[2], x.dtype).copy(),
+                             NB.backward_elemt(dy, x, True, *v, x.dtype).copy()))
+            for plain, got in zip(*outs):
+                assert plain.view(np.uint8).tobytes() == got.view(np.uint8).tobytes()
 
 
 def test_streamed_stores_only_for_large_outputs():
@@ -610,7 +623,7 @@ def test_warm_up_compiles_every_kernel_for_a_dtype():
     assert n >= 8
     for k in (nbm._moments_cf, nbm._moments_cl, nbm._normalize_cf, nbm._normalize_cl,
               nbm._bwd_reduce_cf, nbm._bwd_reduce_cl, nbm._bwd_elemt_cf, nbm._bwd_elemt_cl,
-              nbm._elemt_cf_stream):
+              nbm._elemt_cf_stream, nbm._elemt_cl_stream):
         assert any(str(sig[0].dtype) == "float64" for sig in k.signatures), k
 
 

@@ -54,9 +54,10 @@ Accuracy (same contract as the NumPy backend, never worse):
 Outputs (``y``, ``dx``) of 1 MiB and more come from :data:`POOL`, which
 hands an array out again only once nothing else refers to it (see
 :class:`OutputPool`): no page faults on fresh memory in a training loop.
-Channel-first outputs of :data:`STREAM_MIN_BYTES` and more are written with
-streamed (non-temporal) whole-line stores, bitwise the same values
-(:mod:`.numba_simd`).
+Outputs of :data:`STREAM_MIN_BYTES` and more are written with streamed
+(non-temporal) whole-line stores, bitwise the same values
+(:mod:`.numba_simd`; channel-first rows of at least a line, channel-last of
+any width).
 
 Inputs other than float16/float32/float64 (bfloat16) go to the NumPy backend,
 and so do the reductions of float16 on CPUs without F16C.
@@ -85,7 +86,9 @@ from .numba_simd import (
     dev_sums,
     dot_sums,
     elemt_line_nt,
+    elemt_vline_nt,
     norm_line_nt,
+    norm_vline_nt,
     store_fence,
 )
 from .numpy_backend import NumpyBackend, chan_merge
@@ -121,7 +124,7 @@ SHORT = 128
 #: reduction's speed, 1 pays a call and a merge per 49-value row).
 GROUP = 4
 
-#: Channel-first ``y``/``dx`` of at least this many bytes (and rows of at
+#: ``y``/``dx`` of at least this many bytes (channel-first: with rows of at
 #: least a cache line) are written with streamed (non-temporal) stores, which
 #: skip reading each line before writing it and do not evict the inputs from
 #: cache: with 2 ranks on 2 cores the elementwise passes of (32,64,56,56) ran
@@ -437,6 +440,38 @@ def _elemt_cf_stream(dy, x, tab, mean, a, mean_dy, b, out, bwd):  # noqa: ANN001
 
 
 @njit(**_JIT)
+def _elemt_cl_stream(dy, x, tab, mean, a, mean_dy, b, out, bwd):  # noqa: ANN001, ANN202
+    """Channel-last ``dx`` (``bwd``) or ``y`` with streamed whole-line stores.
+
+    The ``(M, C)`` arrays as one run of values: plain stores up to a line
+    boundary, one streamed line at a time, plain stores after. The
+    per-channel vectors are repeated past ``C`` (:func:`_lines_ext`), so a
+    line at channel ``j`` reads its lanes' parameters at ``j:j+line``.
+    """
+    rows, c = x.shape
+    size = rows * c
+    d1, x1, o1 = dy.reshape(size), x.reshape(size), out.reshape(size)
+    vw = LINE // out.itemsize
+    head = min(size, (-o1.ctypes.data) % LINE // out.itemsize)
+    for t in range(head):
+        _st(o1, t, _elemt_value(bwd, d1, x1, t, tab, t % c, mean, a, mean_dy, b))
+    t = head
+    j = t % c
+    while t + vw <= size:
+        if bwd:
+            elemt_vline_nt(d1, x1, o1, mean, a, mean_dy, b, t, j)
+        else:
+            norm_vline_nt(x1, o1, mean, a, b, t, j)
+        t += vw
+        j += vw
+        while j >= c:
+            j -= c
+    for u in range(t, size):
+        _st(o1, u, _elemt_value(bwd, d1, x1, u, tab, u % c, mean, a, mean_dy, b))
+    store_fence()
+
+
+@njit(**_JIT)
 def _normalize_cl(x, tab, mean, scale, bias, y):  # noqa: ANN001, ANN202
     rows, c = x.shape
     for r in range(rows):
@@ -603,6 +638,16 @@ def _stream(x: np.ndarray, out: np.ndarray) -> bool:
             and x.shape[2] * x.itemsize >= LINE)
 
 
+def _stream_cl(x: np.ndarray, out: np.ndarray) -> bool:
+    """Whether a channel-last output is written with streamed stores."""
+    return STREAMS and out.nbytes >= STREAM_MIN_BYTES and _vector_rows(x)
+
+
+def _lines_ext(v: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """``v`` followed by its values repeated for one line of ``out`` (see ``_elemt_cl_stream``)."""
+    return np.concatenate((v, np.resize(v, LINE // out.itemsize)))
+
+
 def _native(*arrays: np.ndarray) -> bool:
     """True if the fused kernels handle these arrays (else: NumPy backend)."""
     dt = arrays[0].dtype
@@ -673,6 +718,10 @@ class NumbaBackend(NumbaChannelMath, NumpyBackend):
             else:
                 _normalize_cf(_bits(x), tab, *vecs, _bits(y))
             return y
+        if _stream_cl(x, y):
+            m, sc, b = (_lines_ext(v, y) for v in vecs)
+            _elemt_cl_stream(_bits(x), _bits(x), tab, m, sc, m, b, _bits(y), False)
+            return y
         r = _rows_per_wide(x)
         for xp_, yp, k in zip(_regroup(_bits(x), r), _regroup(_bits(y), r), (r, 1)):
             if xp_.shape[0]:
@@ -734,6 +783,10 @@ class NumbaBackend(NumbaChannelMath, NumpyBackend):
             else:
                 _bwd_elemt_cf(_bits(dy), _bits(x), tab, *vecs, _bits(dx))
             return dx
+        if _stream_cl(x, dx):
+            ext = [_lines_ext(v, dx) for v in vecs]
+            _elemt_cl_stream(_bits(dy), _bits(x), tab, *ext, _bits(dx), True)
+            return dx
         r = _rows_per_wide(x)
         parts = zip(_regroup(_bits(dy), r), _regroup(_bits(x), r), _regroup(_bits(dx), r), (r, 1))
         for dp, xp_, op, k in parts:
@@ -775,10 +828,12 @@ def warm_up(dtypes: tuple[str, ...] = ("float16", "float32", "float64")) -> int:
                 b.normalize(x, cl, v, v, v, dt)
                 b.backward_reduce(x, x, cl, v, v)
                 b.backward_elemt(x, x, cl, v, v, v, v, dt)
-                if not cl and _vector_rows(x):  # the streamed writers (large outputs)
+                if _vector_rows(x):  # the streamed writers (large outputs)
                     xb = _bits(x)
+                    kernel, p = ((_elemt_cl_stream, _lines_ext(v, x)) if cl
+                                 else (_elemt_cf_stream, v))
                     for bwd in (False, True):
-                        _elemt_cf_stream(xb, xb, _table(x), v, v, v, v, np.empty_like(xb), bwd)
+                        kernel(xb, xb, _table(x), p, p, p, p, np.empty_like(xb), bwd)
     for cdt in (np.dtype(np.float32), _F64):  # the per-channel steps (numba_channel)
         v64, vc = np.ones(3), np.ones(3, dtype=cdt)
         b.shifted_sums(2, v64, v64, v64)
@@ -789,7 +844,7 @@ def warm_up(dtypes: tuple[str, ...] = ("float16", "float32", "float64")) -> int:
         for w in (None, vc):
             b.backward_coefficients(w, vc, v64, v64, 2, True, cdt)
     kernels = (_moments_cf, _moments_cl, _normalize_cf, _normalize_cl, _bwd_reduce_cf,
-               _bwd_reduce_cl, _bwd_elemt_cf, _bwd_elemt_cl, _elemt_cf_stream,
+               _bwd_reduce_cl, _bwd_elemt_cf, _bwd_elemt_cl, _elemt_cf_stream, _elemt_cl_stream,
                *CHANNEL_KERNELS)
     return sum(len(k.signatures) for k in kernels)
 

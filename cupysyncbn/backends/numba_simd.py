@@ -41,7 +41,8 @@ from numba.extending import intrinsic
 
 __all__ = [
     "HW_F16", "WIDTH", "COLS", "STREAMS", "LINE", "dev_sums", "dot_sums", "col_dev_sums",
-    "col_dot_sums", "norm_line_nt", "elemt_line_nt", "store_fence",
+    "col_dot_sums", "norm_line_nt", "elemt_line_nt", "norm_vline_nt", "elemt_vline_nt",
+    "store_fence",
 ]
 
 #: float16 <-> float32 as LLVM ``fpext``/``fptrunc`` (F16C instructions).
@@ -303,6 +304,26 @@ def _to_out(builder: ir.IRBuilder, v: ir.Value, ety: ir.Type) -> ir.Value:
     return builder.bitcast(h, ir.VectorType(ety, v.type.count) if vec else ety)
 
 
+def _emit_line(context, builder, bwd, ptrs, params, ety, cty, vw):  # noqa: ANN001, ANN202
+    """One line: load the inputs, apply the formula, stream the result.
+
+    Inputs at ``ptrs[:-1]``, per-lane ``params`` in the compute dtype, the
+    output line at ``ptrs[-1]``.
+    """
+    ct = ir.VectorType(cty, vw)
+    ld = [_convert(builder, builder.load(p, align=context.get_abi_sizeof(ety)), ct)
+          for p in ptrs[:-1]]
+    if bwd:  # (dy - mean_dy) * a - (x - mean) * b
+        m, a, md, b = params
+        r = builder.fsub(builder.fmul(builder.fsub(ld[0], md), a),
+                         builder.fmul(builder.fsub(ld[1], m), b))
+    else:  # (x - mean) * scale + bias
+        m, sc, b = params
+        r = builder.fadd(builder.fmul(builder.fsub(ld[0], m), sc), b)
+    st = builder.store(_to_out(builder, r, ety), ptrs[-1], align=LINE)
+    st.set_metadata("nontemporal", builder.module.add_metadata([_I32(1)]))
+
+
 def _line_codegen(bwd: bool):
     """Code generator of :func:`norm_line_nt` (``bwd=False``) or :func:`elemt_line_nt`."""
 
@@ -324,18 +345,7 @@ def _line_codegen(bwd: bool):
         first = builder.icmp_signed("<", lanes, _splat(builder, k, vw))
         params = [builder.select(first, _splat(builder, p0, vw), _splat(builder, p1, vw))
                   for p0, p1 in zip(args[na + 2:na + 2 + np_], args[na + 2 + np_:na + 2 + 2 * np_])]
-        ct = ir.VectorType(cty, vw)
-        ld = [_convert(builder, builder.load(p, align=context.get_abi_sizeof(ety)), ct)
-              for p in ptrs[:-1]]
-        if bwd:  # (dy - mean_dy) * a - (x - mean) * b
-            m, a, md, b = params
-            r = builder.fsub(builder.fmul(builder.fsub(ld[0], md), a),
-                             builder.fmul(builder.fsub(ld[1], m), b))
-        else:  # (x - mean) * scale + bias
-            m, sc, b = params
-            r = builder.fadd(builder.fmul(builder.fsub(ld[0], m), sc), b)
-        st = builder.store(_to_out(builder, r, ety), ptrs[-1], align=LINE)
-        st.set_metadata("nontemporal", builder.module.add_metadata([_I32(1)]))
+        _emit_line(context, builder, bwd, ptrs, params, ety, cty, vw)
         return context.get_dummy_value()
 
     return codegen
@@ -377,6 +387,69 @@ def elemt_line_nt(typingctx, dy, x, dx, i, t, m0, a0, md0, b0,  # noqa: ANN001, 
     _check_line((dy, x, dx), (m0, a0, md0, b0, m1, a1, md1, b1))
     return (types.void(dy, x, dx, i, t, m0, a0, md0, b0, m1, a1, md1, b1, k),
             _line_codegen(True))
+
+
+def _vline_codegen(bwd: bool):
+    """Code generator of :func:`norm_vline_nt` (``bwd=False``) or :func:`elemt_vline_nt`."""
+
+    def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202 - numba lowering hook
+        na = 3 if bwd else 2  # flat arrays: (dy, x, dx) or (x, y)
+        np_ = 4 if bwd else 3  # parameter vectors
+        tys = sig.args
+        arrays = [context.make_array(t)(context, builder, a) for t, a in zip(tys[:na], args[:na])]
+        pars = [context.make_array(t)(context, builder, a)
+                for t, a in zip(tys[na:na + np_], args[na:na + np_])]
+        t, j = (context.cast(builder, args[q], tys[q], types.intp)
+                for q in (na + np_, na + np_ + 1))
+        ety = context.get_data_type(tys[0].dtype)
+        cty = context.get_data_type(tys[na].dtype)
+        vw = LINE // context.get_abi_sizeof(ety)
+
+        def vptr(aty, arr, idx, elem):
+            p = cgutils.get_item_pointer(context, builder, aty, arr, [idx], wraparound=False,
+                                         boundscheck=False)
+            return builder.bitcast(p, ir.VectorType(elem, vw).as_pointer())
+
+        ptrs = [vptr(ty, a, t, ety) for ty, a in zip(tys[:na], arrays)]
+        params = [builder.load(vptr(ty, a, j, cty), align=context.get_abi_sizeof(cty))
+                  for ty, a in zip(tys[na:na + np_], pars)]
+        _emit_line(context, builder, bwd, ptrs, params, ety, cty, vw)
+        return context.get_dummy_value()
+
+    return codegen
+
+
+def _check_vline(arrays: tuple, params: tuple) -> None:
+    for a in (*arrays, *params):
+        if not (isinstance(a, types.Array) and a.ndim == 1 and a.layout == "C"):
+            raise TypeError(f"expected a C-contiguous 1-D array, got {a}")
+    if len({a.dtype for a in arrays}) != 1 or len({p.dtype for p in params}) != 1:
+        raise TypeError(f"expected arrays of one dtype and parameters of one dtype,"
+                        f" got {arrays} and {params}")
+
+
+@intrinsic
+def norm_vline_nt(typingctx, x, y, m, sc, b, t, j):  # noqa: ANN001, ANN202
+    """One cache line of a flat channel-last ``y[t:]``: ``(x - m) * sc + b``, streamed.
+
+    ``y[t]`` starts a 64-byte line; lane ``l`` takes the parameters at
+    ``j + l`` of ``m``, ``sc``, ``b`` (the channels of those values, laid out
+    by the caller: per-channel vectors repeated so that a line that crosses a
+    row boundary reads on into the next row's first channels). The same
+    operations as the plain loop; call :func:`store_fence` when done.
+    """
+    _check_vline((x, y), (m, sc, b))
+    return types.void(x, y, m, sc, b, t, j), _vline_codegen(False)
+
+
+@intrinsic
+def elemt_vline_nt(typingctx, dy, x, dx, m, a, md, b, t, j):  # noqa: ANN001, ANN202
+    """One line of a flat channel-last ``dx[t:]``: ``(dy - md) * a - (x - m) * b``, streamed.
+
+    Parameters laid out as in :func:`norm_vline_nt`.
+    """
+    _check_vline((dy, x, dx), (m, a, md, b))
+    return types.void(dy, x, dx, m, a, md, b, t, j), _vline_codegen(True)
 
 
 @intrinsic
