@@ -803,10 +803,11 @@ def warm_up(dtypes: tuple[str, ...] = ("float16", "float32", "float64")) -> int:
 
     Every input dtype with each compute dtype it can meet (float32 and float64;
     float64 inputs only float64), channel-first short and long rows and
-    channel-last, all four primitives, and the per-channel steps
-    (:mod:`.numba_channel`) for both compute dtypes. Run it once where the cache lives, for
-    instance when building a container image or before a large ``mpiexec``
-    job, so that no rank compiles: ``python -m cupysyncbn.backends.numba_backend``.
+    channel-last, all four primitives and the streamed writers, and the
+    per-channel steps (:mod:`.numba_channel`) for both compute dtypes. Run it
+    once where the cache lives, for instance when building a container image
+    or before a large ``mpiexec`` job, so that no rank compiles:
+    ``python -m cupysyncbn.backends.numba_backend``.
 
     Returns
     -------
