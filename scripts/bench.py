@@ -19,7 +19,8 @@ batch.
 * effective bandwidth from the minimum bytes (forward reads x twice and writes
   y; backward reads x and dy twice and writes dx), summed over the K ranks;
 * ``vs copy``: that bandwidth over the machine's copy bandwidth measured in the
-  same run with K processes copying at once (``np.copyto`` / ``cupy`` copy);
+  same run with K processes copying at once (``np.copyto`` / ``cupy`` copy),
+  right before each row (a shared machine's bandwidth drifts within a run);
   ``x bound`` is forward+backward time over the 8-pass copy-bandwidth bound;
 * ``vs torch``: our time over PyTorch's in the same run (CPU:
   ``torch.nn.BatchNorm2d`` on the whole batch with K threads; GPU: cuDNN
@@ -453,7 +454,6 @@ def run_worker(spec: dict) -> list[dict] | None:
             dev = 0
         xp.cuda.Device(dev).use()
     timer = Timer(mpi, xp, gpu, spec["reps"], spec["warmup"])
-    copy_bw = copy_bandwidth(timer, xp, spec["copy_mib"])
     counting = CountingComm(comm)
     recorder = load_recorder(spec.get("recorder"))
     rows = []
@@ -461,6 +461,8 @@ def run_worker(spec: dict) -> list[dict] | None:
     for shape in spec["shapes"]:
         for fmt in spec["formats"]:
             for dt in spec["dtypes"]:
+                # the bound of this row, measured just before it
+                copy_bw = copy_bandwidth(timer, xp, spec["copy_mib"])
                 rows.append(measure_row(sbn, xp, gpu, timer, counting, rng, shape, fmt, dt,
                                         recorder, spec.get("torch", False), spec["copy_mib"]))
                 rows[-1]["copy_bw"] = copy_bw
@@ -647,6 +649,12 @@ def finish_row(r: dict) -> dict:
     return r
 
 
+def _span(values: list[float]) -> str:
+    """``a`` or ``a-b`` (GB/s, one decimal) for bandwidths in bytes/s."""
+    lo, hi = min(values) / 1e9, max(values) / 1e9
+    return f"{lo:.1f}" if f"{lo:.1f}" == f"{hi:.1f}" else f"{lo:.1f}-{hi:.1f}"
+
+
 def markdown(rows: list[dict], meta: dict) -> str:
     gpu = meta["gpu"]
     show_backend = not gpu
@@ -679,13 +687,15 @@ def markdown(rows: list[dict], meta: dict) -> str:
             cells.append(f"{r['launches_fwd']}/{r['syncs_fwd']};{r['launches_bwd']}/{r['syncs_bwd']}"
                          if "launches_fwd" in r else "n/a")
         lines.append("| " + " | ".join(cells) + " |")
-    copy = sorted({(r["ranks"], r["copy_bw"]) for r in rows})
+    copy: dict = {}
+    for r in rows:
+        copy.setdefault(r["ranks"], []).append(r["copy_bw"])
     notes = [
         "",
         f"{meta['device']}; {meta['date']}; numpy {meta['numpy']}"
         + (f", torch {meta['torch']}" if meta.get("torch") else ""),
-        "copy bandwidth (K processes copying at once, read+write): "
-        + ", ".join(f"K={k}: {bw / 1e9:.1f} GB/s" for k, bw in copy),
+        "copy bandwidth (K processes copying at once, read+write, measured before each row): "
+        + ", ".join(f"K={k}: {_span(bws)} GB/s" for k, bws in sorted(copy.items())),
         "vs copy = effective f+b bandwidth / copy bandwidth; x bound = f+b time / 8-pass bound;"
         " vs torch = our time / PyTorch's (< 1: faster).",
     ]
