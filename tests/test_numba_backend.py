@@ -342,12 +342,15 @@ def test_both_cpu_backends_end_to_end(fmt, choice, monkeypatch):
 
 
 def test_small_rows_many_samples_match_reference(rng):
-    """Channel-first rows shorter than SHORT, more samples than one piece
-    holds (several pieces per channel merged), a huge offset: moments exact."""
+    """Channel-first rows shorter than SHORT: several groups per piece, several
+    pieces per channel merged, a huge offset: moments exact."""
     from cupysyncbn.backends import numba_backend as nbm
 
     n = 3 * nbm.GROUP + 1
-    for s in (1, 7, 49, nbm.SHORT - 1):
+    cases = [(n, s) for s in (1, 7, 49, nbm.SHORT - 1)]
+    # several pieces of PIECE values per channel, the last of them partial
+    cases += [(2 * (nbm.PIECE // s) + 5, s) for s in (49, nbm.SHORT - 1)]
+    for n, s in cases:
         x = (rng.standard_normal((n, 3, s)) + 1e4).astype(np.float32)
         mean, m2 = NB.moments(x, False, np.float32)
         xc = x.astype(F64).transpose(1, 0, 2).reshape(3, -1)

@@ -19,10 +19,11 @@ directory, or ``NUMBA_CACHE_DIR``) in well under a second.
 
 Accuracy (same contract as the NumPy backend, never worse):
 
-* ``moments``: shifted sums per piece in float64 (a channel-first row
-  piece of at most :data:`PIECE` values or :data:`GROUP` rows shorter than
-  :data:`SHORT`; a channel-last block of rows that fits in cache, or of
-  :data:`PIECE` rows for float16/float32 rows of :data:`LONG_COLS` and more):
+* ``moments``: shifted sums per piece in float64 (channel-first: at most
+  :data:`PIECE` values of one long row or of a channel's rows shorter than
+  :data:`SHORT`, float64: :data:`GROUP` such rows; channel-last: a block of
+  rows that fits in cache, or :data:`PIECE` rows for float16/float32 rows of
+  :data:`LONG_COLS` values and more):
   ``d = x - c``, ``mean = c + sum(d)/k``, ``M2 = sum(d*d) - sum(d)**2/k``;
   pieces merged per channel with Chan's formula in float64. Never
   ``E[x²] - E[x]²``. For float16/float32 inputs ``c`` is the piece's first
@@ -302,14 +303,40 @@ def _chan(cnt, mean, m2, c, k, mb, m2b):  # noqa: ANN001, ANN202
 # -------------------------------------------------------------------- kernels
 @njit(**_JIT)
 def _moments_cf(x, tab, mean, m2):  # noqa: ANN001, ANN202
-    """Local moments: one vector loop per piece, then a Chan merge.
+    """Local moments: vector loops over a piece, then a Chan merge.
 
-    A piece is GROUP short rows of a channel or at most PIECE values of a
-    long row (:mod:`.numba_simd` sums them).
+    A piece is at most PIECE values of a long row, or of a channel's short
+    rows (float16/float32: summed GROUP rows per loop; float64: GROUP rows,
+    two-pass) (:mod:`.numba_simd` sums them).
     """
     n, c, s = x.shape
     cnt = np.zeros(c, dtype=np.float64)
     g = GROUP if s < SHORT else 1
+    if s < SHORT and n > g and _shifted(x):
+        # Short rows, one pass: a piece is up to PIECE values of a channel
+        # over several groups, shifted by its first value; the groups' sums
+        # add up per channel and the piece is merged once (one group: the
+        # loop below, which merges as it goes).
+        span = max(g, PIECE // s // g * g)
+        cs = np.empty(c, dtype=np.float64)
+        sd = np.empty(c, dtype=np.float64)
+        q = np.empty(c, dtype=np.float64)
+        for p0 in range(0, n, span):
+            p1 = min(n, p0 + span)
+            for i0 in range(p0, p1, g):
+                i1 = min(p1, i0 + g)
+                for j in range(c):
+                    if i0 == p0:  # the piece's first group: its shift, fresh sums
+                        cs[j] = np.float64(_ld3(x, p0, j, 0, tab))
+                        sd[j] = 0.0
+                        q[j] = 0.0
+                    a, b = dev_sums(x, i0, i1, j, 0, s, cs[j])
+                    sd[j] += a
+                    q[j] += b
+            k = np.float64((p1 - p0) * s)
+            for j in range(c):
+                _chan(cnt, mean, m2, j, k, cs[j] + sd[j] / k, q[j] - sd[j] * sd[j] / k)
+        return
     for i0 in range(0, n, g):
         i1 = min(n, i0 + g)
         for j in range(c):
