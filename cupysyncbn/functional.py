@@ -86,8 +86,8 @@ class SyncState:
     ident: int = 0  # protocol.layer_identity, fixed at the handshake
     num_features: int | None = None  # fixed at the handshake
     _buffers: dict = field(default_factory=dict, repr=False)
-    #: ``(key, vectors, verdict)`` of the last forward whose checks passed
-    #: (see ``_call_key``): a steady-state pass skips them.
+    #: ``(key, verdict)`` of the last forward whose checks passed (see
+    #: ``_call_key``): a steady-state pass skips them.
     _checked: Any = field(default=None, repr=False)
 
     def buffer(self, backend: Backend, size: int) -> Any:
@@ -376,7 +376,7 @@ def batch_norm_forward(
     key = _call_key(sync_state, x, data_format, momentum, epsilon, vectors, param_dtype)
     checked = sync_state._checked if key is not None else None
     if checked is not None and checked[0] == key:
-        fmt_x, backend, nf, param_dtype, cdt = checked[2]
+        fmt_x, backend, nf, param_dtype, cdt = checked[1]
         _count_eval(sync_state, batch_stats)
     else:
         fmt_x, backend, nf, param_dtype, cdt = _check_call(
@@ -384,8 +384,7 @@ def batch_norm_forward(
             batch_stats, sync,
         )
         if key is not None:
-            # The references keep the vectors' ids from being reused.
-            sync_state._checked = (key, vectors, (fmt_x, backend, nf, param_dtype, cdt))
+            sync_state._checked = (key, (fmt_x, backend, nf, param_dtype, cdt))
     xc = backend.ascontiguous(x)
     v = canonical_view(xc, fmt_x)
     n_local = v.size // nf if nf else 0
@@ -440,11 +439,11 @@ def _call_key(
 ) -> tuple | None:
     """What the checks of a forward depend on, or None where no memo applies.
 
-    Equal keys mean equal verdicts: ``x``'s library, dtype and shape, the
-    scalar arguments with their types (``True`` is not a momentum), and each
-    vector's identity, shape and dtype. Only for NumPy arrays and a layer's
-    state (the CPU passes, where these checks cost a small layer's step
-    several percent).
+    Equal keys mean equal verdicts: the checks look at ``x``'s library, dtype
+    and shape, the scalar arguments with their types (``True`` is not a
+    momentum), and each vector's library, shape and dtype, never at values.
+    Only for NumPy arrays and a layer's state (the CPU passes, where these
+    checks cost a small layer's step several percent).
     """
     if state is None or type(x) is not np.ndarray or type(data_format) not in _FORMATS:
         return None
@@ -454,9 +453,9 @@ def _call_key(
            param_dtype, get_backend(x)]
     for v in vectors:
         if v is None:
-            key += (None, None, None)
+            key += (None, None)
         elif type(v) is np.ndarray:
-            key += (id(v), v.shape, v.dtype)
+            key += (v.shape, v.dtype)
         else:
             return None
     return tuple(key)
