@@ -549,7 +549,7 @@ def test_output_pool_reuses_only_outputs_nobody_holds(rng):
 
 @pytest.mark.parametrize("outlier", [False, True])
 @pytest.mark.parametrize("dt", ["float16", "float32"])
-@pytest.mark.parametrize("layout", ["long rows", "short rows", "channel-last"])
+@pytest.mark.parametrize("layout", ["long rows", "short rows", "channel-last", "long channel-last"])
 def test_one_pass_moments_offset_and_outlier_first_values(layout, dt, outlier, rng):
     """float16/float32 moments are one pass, shifted by each piece's first
     value: a large offset (std 1), or an outlier as that first value, must
@@ -559,6 +559,10 @@ def test_one_pass_moments_offset_and_outlier_first_values(layout, dt, outlier, r
         x = rng.standard_normal((5000, 3)) + offset
         if outlier:
             x[::977] = far  # the first rows of the blocks
+    elif layout == "long channel-last":  # register blocks (LONG_COLS), one piece
+        x = rng.standard_normal((300, 1030)) + offset
+        if outlier:
+            x[0] = far  # the piece's first row: the shift
     else:
         s = 4096 + 100 if layout == "long rows" else 49
         x = rng.standard_normal((40, 3, s)) + offset
@@ -567,12 +571,16 @@ def test_one_pass_moments_offset_and_outlier_first_values(layout, dt, outlier, r
             if layout == "long rows":
                 x[:, :, 4096] = -far  # the second piece's first value
     x = x.astype(dt)
-    cl = layout == "channel-last"
+    cl = layout.endswith("channel-last")
     mean, m2 = NB.moments(x, cl, np.float32)
     xc = _per_channel(x, cl)
     ref_mean = np.array([math.fsum(r) for r in xc]) / xc.shape[1]
     ref_m2 = np.array([math.fsum(r) for r in (xc - ref_mean[:, None]) ** 2])
-    np.testing.assert_allclose(mean, ref_mean, rtol=1e-14, atol=0)
+    # One float64 lane per channel sums the long channel-last rows (16 lanes
+    # split a channel-first row): with the 300x outlier as the shift, each
+    # of the k values adds rounding of |far - mean|, about 1e-14 of the mean.
+    rtol = 5e-14 if layout == "long channel-last" else 1e-14
+    np.testing.assert_allclose(mean, ref_mean, rtol=rtol, atol=0)
     np.testing.assert_allclose(m2, ref_m2, rtol=1e-12, atol=0)
 
 
