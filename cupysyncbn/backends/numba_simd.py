@@ -104,6 +104,45 @@ def _fma(builder: ir.IRBuilder, a: ir.Value, b: ir.Value, c: ir.Value) -> ir.Val
     return builder.call(fn, [a, b, c])
 
 
+def _terms(builder: ir.IRBuilder, dot: bool, loads: list, c: ir.Value, cty: ir.Type,
+           f: ir.Type) -> tuple:
+    """``(a, p, q)`` of one step: ``a`` is summed, and ``p * q``, in float type ``f``.
+
+    dev: ``d = f(x) - c``. dot (``loads = [x, dy]``): ``g = f(dy)`` and
+    ``x - m`` in ``m``'s (compute) dtype ``cty``, then widened, as the NumPy
+    backend. Scalars or vectors alike.
+    """
+    if dot:
+        x, g = loads
+        vec = isinstance(f, ir.VectorType)
+        xm = builder.fsub(_convert(builder, x, ir.VectorType(cty, f.count) if vec else cty), c)
+        g = _convert(builder, g, f)
+        return g, g, _convert(builder, xm, f)
+    d = builder.fsub(_convert(builder, loads[0], f), c)
+    return d, d, d
+
+
+def _accumulate(builder: ir.IRBuilder, acc_a: ir.Value, acc_pq: ir.Value, terms: tuple) -> None:
+    """``acc_a += a``, ``acc_pq += p * q`` (one rounding): accumulators in allocas."""
+    a, p, q = terms
+    builder.store(builder.fadd(builder.load(acc_a), a), acc_a)
+    builder.store(_fma(builder, p, q, builder.load(acc_pq)), acc_pq)
+
+
+def _vec_ptr(context, builder, aty, arr, idx, elem, width):  # noqa: ANN001, ANN202
+    """Pointer to ``width`` elements of type ``elem`` at ``arr[idx]`` (no checks)."""
+    p = cgutils.get_item_pointer(context, builder, aty, arr, idx, wraparound=False,
+                                 boundscheck=False)
+    return builder.bitcast(p, ir.VectorType(elem, width).as_pointer())
+
+
+def _require_c(arrays: tuple, ndim: int) -> None:
+    """Typing check of an intrinsic: every argument a C-contiguous ``ndim``-D array."""
+    for a in arrays:
+        if not (isinstance(a, types.Array) and a.ndim == ndim and a.layout == "C"):
+            raise TypeError(f"expected a C-contiguous {ndim}-D array, got {a}")
+
+
 def _codegen(dot: bool):
     """Code generator of :func:`dev_sums` (``dot=False``) or :func:`dot_sums`."""
 
@@ -125,25 +164,12 @@ def _codegen(dot: bool):
         cvec = _splat(builder, cval)
         align = context.get_abi_sizeof(ety)  # element alignment: rows start anywhere
 
-        def terms(loads, vec):  # (a, p, q): a is summed, and p * q
-            f = v64 if vec else _F64
-            c = cvec if vec else cval
-            if dot:
-                x, g = loads
-                xc = _convert(builder, x, ir.VectorType(cty, WIDTH) if vec else cty)
-                xm = builder.fsub(xc, c)
-                g = _convert(builder, g, f)
-                return g, g, _convert(builder, xm, f)
-            d = builder.fsub(_convert(builder, loads[0], f), c)
-            return d, d, d
-
         def step(rows, t, k):  # WIDTH values at t into accumulator pair k
             vt = ir.VectorType(ety, WIDTH).as_pointer()
             loads = [builder.load(builder.bitcast(builder.gep(r, [t]), vt), align=align)
                      for r in rows]
-            a, p, q = terms(loads, True)
-            builder.store(builder.fadd(builder.load(acc[2 * k]), a), acc[2 * k])
-            builder.store(_fma(builder, p, q, builder.load(acc[2 * k + 1])), acc[2 * k + 1])
+            _accumulate(builder, acc[2 * k], acc[2 * k + 1],
+                        _terms(builder, dot, loads, cvec, cty, v64))
 
         width = t1.type(WIDTH)
         n = builder.sub(t1, t0)
@@ -162,21 +188,15 @@ def _codegen(dot: bool):
             rest = builder.add(done, builder.mul(
                 builder.sdiv(builder.sub(n, done), width), width))
             with cgutils.for_range_slice(builder, rest, n, _I64(1), inc=True) as (t, _):
-                a, p, q = terms([builder.load(builder.gep(r, [t])) for r in rows], False)
-                builder.store(builder.fadd(builder.load(tail[0]), a), tail[0])
-                builder.store(_fma(builder, p, q, builder.load(tail[1])), tail[1])
+                loads = [builder.load(builder.gep(r, [t])) for r in rows]
+                _accumulate(builder, tail[0], tail[1],
+                            _terms(builder, dot, loads, cval, cty, _F64))
         out = [builder.fadd(_hsum(builder, builder.fadd(builder.load(acc[k]),
                                                         builder.load(acc[k + 2]))),
                             builder.load(tail[k])) for k in (0, 1)]
         return context.make_tuple(builder, sig.return_type, out)
 
     return codegen
-
-
-def _check_rows(*arrays: types.Type) -> None:
-    for a in arrays:
-        if not (isinstance(a, types.Array) and a.ndim == 3 and a.layout == "C"):
-            raise TypeError(f"expected a C-contiguous 3-D array, got {a}")
 
 
 @intrinsic
@@ -186,7 +206,7 @@ def dev_sums(typingctx, x, i0, i1, j, t0, t1, c):  # noqa: ANN001, ANN202 - numb
     ``x`` float32/float64 (or float16 bits, only with :data:`HW_F16`); ``c``
     a float64 shift. ``d*d`` is added with one rounding (fused multiply-add).
     """
-    _check_rows(x)
+    _require_c((x,), 3)
     return types.UniTuple(types.float64, 2)(x, i0, i1, j, t0, t1, c), _codegen(False)
 
 
@@ -197,7 +217,7 @@ def dot_sums(typingctx, x, dy, i0, i1, j, t0, t1, m):  # noqa: ANN001, ANN202 - 
     ``x - m`` is computed in ``m``'s dtype (the compute dtype) and then
     widened, as the NumPy backend does; ``x`` and ``dy`` share their dtype.
     """
-    _check_rows(x, dy)
+    _require_c((x, dy), 3)
     return types.UniTuple(types.float64, 2)(x, dy, i0, i1, j, t0, t1, m), _codegen(True)
 
 
@@ -224,9 +244,7 @@ def _col_codegen(dot: bool):
         align = context.get_abi_sizeof(ety)
 
         def vptr(aty, arr, idx, elem):
-            p = cgutils.get_item_pointer(context, builder, aty, arr, idx, wraparound=False,
-                                         boundscheck=False)
-            return builder.bitcast(p, ir.VectorType(elem, WIDTH).as_pointer())
+            return _vec_ptr(context, builder, aty, arr, idx, elem, WIDTH)
 
         cty_ = tys[nargs + 3]
         halves = [builder.add(j, j.type(h * WIDTH)) for h in range(2)]
@@ -238,16 +256,8 @@ def _col_codegen(dot: bool):
             for h, jh in enumerate(halves):
                 loads = [builder.load(vptr(t, a, [r, jh], ety), align=align)
                          for t, a in zip(tys[:nargs], arrays)]
-                if dot:  # g = dy, x - m in the compute dtype, then widened
-                    g = _convert(builder, loads[1], v64)
-                    xm = builder.fsub(_convert(builder, loads[0], ir.VectorType(cty, WIDTH)),
-                                      cvec[h])
-                    a, p, q = g, g, _convert(builder, xm, v64)
-                else:  # d = f64(x) - c
-                    d = builder.fsub(_convert(builder, loads[0], v64), cvec[h])
-                    a, p, q = d, d, d
-                builder.store(builder.fadd(builder.load(acc[2 * h]), a), acc[2 * h])
-                builder.store(_fma(builder, p, q, builder.load(acc[2 * h + 1])), acc[2 * h + 1])
+                _accumulate(builder, acc[2 * h], acc[2 * h + 1],
+                            _terms(builder, dot, loads, cvec[h], cty, v64))
         for h, jh in enumerate(halves):  # out[j:j+16] += block sums
             for k, out in ((0, 1), (1, 2)):
                 ptr = vptr(tys[nargs + 3 + out], vecs[out], [jh], _F64)
@@ -256,15 +266,6 @@ def _col_codegen(dot: bool):
         return context.get_dummy_value()
 
     return codegen
-
-
-def _check_cols(arrays: tuple, vectors: tuple) -> None:
-    for a in arrays:
-        if not (isinstance(a, types.Array) and a.ndim == 2 and a.layout == "C"):
-            raise TypeError(f"expected a C-contiguous 2-D array, got {a}")
-    for v in vectors:
-        if not (isinstance(v, types.Array) and v.ndim == 1 and v.layout == "C"):
-            raise TypeError(f"expected a C-contiguous 1-D array, got {v}")
 
 
 @intrinsic
@@ -276,7 +277,8 @@ def col_dev_sums(typingctx, x, r0, r1, j, c, sd, q):  # noqa: ANN001, ANN202 - n
     added to the float64 vectors ``sd``, ``q``; ``d*d`` with one rounding.
     ``c`` is float64.
     """
-    _check_cols((x,), (c, sd, q))
+    _require_c((x,), 2)
+    _require_c((c, sd, q), 1)
     return types.void(x, r0, r1, j, c, sd, q), _col_codegen(False)
 
 
@@ -287,7 +289,8 @@ def col_dot_sums(typingctx, x, dy, r0, r1, j, m, s1, s2):  # noqa: ANN001, ANN20
     ``g = dy[r0:r1, j:j+16]``; ``x - m`` in ``m``'s dtype (the compute dtype),
     then widened, as :func:`dot_sums`.
     """
-    _check_cols((x, dy), (m, s1, s2))
+    _require_c((x, dy), 2)
+    _require_c((m, s1, s2), 1)
     return types.void(x, dy, r0, r1, j, m, s1, s2), _col_codegen(True)
 
 
@@ -337,9 +340,8 @@ def _line_codegen(bwd: bool):
         ety = context.get_data_type(sig.args[0].dtype)
         cty = context.get_data_type(sig.args[na + 2])
         vw = LINE // context.get_abi_sizeof(ety)
-        ptrs = [builder.bitcast(cgutils.get_item_pointer(
-            context, builder, ty, a, [i, t], wraparound=False, boundscheck=False),
-            ir.VectorType(ety, vw).as_pointer()) for ty, a in zip(sig.args[:na], arrays)]
+        ptrs = [_vec_ptr(context, builder, ty, a, [i, t], ety, vw)
+                for ty, a in zip(sig.args[:na], arrays)]
         # lanes below k take the first channel's parameters, the rest the next's
         lanes = ir.Constant(ir.VectorType(k.type, vw), list(range(vw)))
         first = builder.icmp_signed("<", lanes, _splat(builder, k, vw))
@@ -352,9 +354,7 @@ def _line_codegen(bwd: bool):
 
 
 def _check_line(arrays: tuple, params: tuple) -> None:
-    for a in arrays:
-        if not (isinstance(a, types.Array) and a.ndim == 2 and a.layout == "C"):
-            raise TypeError(f"expected a C-contiguous 2-D array, got {a}")
+    _require_c(arrays, 2)
     if len({a.dtype for a in arrays}) != 1 or len(set(params)) != 1 or not all(
             isinstance(p, types.Float) for p in params):
         raise TypeError(f"expected arrays of one dtype and float parameters of one dtype,"
@@ -404,14 +404,10 @@ def _vline_codegen(bwd: bool):
         ety = context.get_data_type(tys[0].dtype)
         cty = context.get_data_type(tys[na].dtype)
         vw = LINE // context.get_abi_sizeof(ety)
-
-        def vptr(aty, arr, idx, elem):
-            p = cgutils.get_item_pointer(context, builder, aty, arr, [idx], wraparound=False,
-                                         boundscheck=False)
-            return builder.bitcast(p, ir.VectorType(elem, vw).as_pointer())
-
-        ptrs = [vptr(ty, a, t, ety) for ty, a in zip(tys[:na], arrays)]
-        params = [builder.load(vptr(ty, a, j, cty), align=context.get_abi_sizeof(cty))
+        ptrs = [_vec_ptr(context, builder, ty, a, [t], ety, vw)
+                for ty, a in zip(tys[:na], arrays)]
+        params = [builder.load(_vec_ptr(context, builder, ty, a, [j], cty, vw),
+                               align=context.get_abi_sizeof(cty))
                   for ty, a in zip(tys[na:na + np_], pars)]
         _emit_line(context, builder, bwd, ptrs, params, ety, cty, vw)
         return context.get_dummy_value()
@@ -420,9 +416,7 @@ def _vline_codegen(bwd: bool):
 
 
 def _check_vline(arrays: tuple, params: tuple) -> None:
-    for a in (*arrays, *params):
-        if not (isinstance(a, types.Array) and a.ndim == 1 and a.layout == "C"):
-            raise TypeError(f"expected a C-contiguous 1-D array, got {a}")
+    _require_c((*arrays, *params), 1)
     if len({a.dtype for a in arrays}) != 1 or len({p.dtype for p in params}) != 1:
         raise TypeError(f"expected arrays of one dtype and parameters of one dtype,"
                         f" got {arrays} and {params}")
