@@ -290,8 +290,13 @@ def _st_impl(o, i, v):  # noqa: ANN001, ANN202 - numba typing hook
 
 # ----------------------------------------------------------------- reductions
 @njit(inline="always", **_JIT)
-def _chan(cnt, mean, m2, c, k, mb, m2b):  # noqa: ANN001, ANN202
-    """Merge a piece (``k`` values, mean ``mb``, M2 ``m2b``) into channel ``c``."""
+def _chan(cnt, mean, m2, c, k, cp, sd, q):  # noqa: ANN001, ANN202
+    """Merge a piece into channel ``c``: ``k`` values, shift ``cp``, shifted sums ``sd``, ``q``.
+
+    The piece's mean is ``cp + sd/k`` and its M2 ``q - sd**2/k``.
+    """
+    mb = cp + sd / k
+    m2b = q - sd * sd / k
     na = cnt[c]
     n = na + k
     delta = mb - mean[c]
@@ -335,7 +340,7 @@ def _moments_cf(x, tab, mean, m2):  # noqa: ANN001, ANN202
                     q[j] += b
             k = np.float64((p1 - p0) * s)
             for j in range(c):
-                _chan(cnt, mean, m2, j, k, cs[j] + sd[j] / k, q[j] - sd[j] * sd[j] / k)
+                _chan(cnt, mean, m2, j, k, cs[j], sd[j], q[j])
         return
     for i0 in range(0, n, g):
         i1 = min(n, i0 + g)
@@ -348,7 +353,19 @@ def _moments_cf(x, tab, mean, m2):  # noqa: ANN001, ANN202
                 else:  # float64: corrected two-pass, the second pass in cache
                     cp = dev_sums(x, i0, i1, j, t0, t1, 0.0)[0] / k
                 sd, q = dev_sums(x, i0, i1, j, t0, t1, cp)
-                _chan(cnt, mean, m2, j, k, cp + sd / k, q - sd * sd / k)
+                _chan(cnt, mean, m2, j, k, cp, sd, q)
+
+
+@njit(inline="always", **_JIT)
+def _dev_cols(x, tab, r0, r1, cs, sd, q, j0):  # noqa: ANN001, ANN202
+    """Add the shifted sums ``d``, ``d*d`` of rows ``r0:r1``, columns ``j0:`` (one by one)."""
+    c = x.shape[1]
+    for r in range(r0, r1):
+        xr = x[r]
+        for j in range(j0, c):
+            d = np.float64(_ld(xr, j, tab)) - cs[j]
+            sd[j] += d
+            q[j] += d * d
 
 
 @njit(inline="always", **_JIT)
@@ -358,12 +375,7 @@ def _cl_tile(x, tab, t0, t1, cs, sd, q):  # noqa: ANN001, ANN202
     cv = c - c % COLS
     for j in range(0, cv, COLS):
         col_dev_sums(x, t0, t1, j, cs, sd, q)
-    for r in range(t0, t1):
-        xr = x[r]
-        for j in range(cv, c):
-            d = np.float64(_ld(xr, j, tab)) - cs[j]
-            sd[j] += d
-            q[j] += d * d
+    _dev_cols(x, tab, t0, t1, cs, sd, q, cv)
 
 
 @njit(**_JIT)
@@ -399,14 +411,9 @@ def _moments_cl(x, tab, mean, m2):  # noqa: ANN001, ANN202
             for t0 in range(r0, r1, TILE_ROWS):
                 _cl_tile(x, tab, t0, min(r1, t0 + TILE_ROWS), cs, sd, q)
         else:
-            for r in range(r0, r1):
-                xr = x[r]
-                for j in range(c):
-                    d = np.float64(_ld(xr, j, tab)) - cs[j]
-                    sd[j] += d
-                    q[j] += d * d
+            _dev_cols(x, tab, r0, r1, cs, sd, q, 0)
         for j in range(c):
-            _chan(cnt, mean, m2, j, k, cs[j] + sd[j] / k, q[j] - sd[j] * sd[j] / k)
+            _chan(cnt, mean, m2, j, k, cs[j], sd[j], q[j])
 
 
 @njit(**_JIT)
@@ -659,15 +666,14 @@ def _vector_rows(x: np.ndarray) -> bool:
     return x.dtype != np.float16 or HW_F16
 
 
-def _stream(x: np.ndarray, out: np.ndarray) -> bool:
-    """Whether a channel-first output is written with streamed stores."""
-    return (STREAMS and out.nbytes >= STREAM_MIN_BYTES and _vector_rows(x)
-            and x.shape[2] * x.itemsize >= LINE)
-
-
 def _stream_cl(x: np.ndarray, out: np.ndarray) -> bool:
     """Whether a channel-last output is written with streamed stores."""
     return STREAMS and out.nbytes >= STREAM_MIN_BYTES and _vector_rows(x)
+
+
+def _stream(x: np.ndarray, out: np.ndarray) -> bool:
+    """Whether a channel-first output is written with streamed stores (rows of a line or more)."""
+    return _stream_cl(x, out) and x.shape[2] * x.itemsize >= LINE
 
 
 def _lines_ext(v: np.ndarray, out: np.ndarray) -> np.ndarray:
