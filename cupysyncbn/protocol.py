@@ -164,10 +164,16 @@ def layer_identity(ordinal: int, dtype: Any) -> int:
 
 def _header(
     count: int, phase: int, error_kind: str | None, num_features: int, layer: int, call: int,
-    ident: int = 0, evals: int = 0,
+    ident: int = 0, evals: int = 0, out: np.ndarray | None = None,
 ) -> np.ndarray:
-    head = _template(phase, error_kind, num_features, layer % CALL_MODULUS,
-                     ident % (CALL_MODULUS * 4), evals % CALL_MODULUS).copy()
+    """The rank's header, written into ``out`` (a NumPy view) or a new array."""
+    tmpl = _template(phase, error_kind, num_features, layer % CALL_MODULUS,
+                     ident % (CALL_MODULUS * 4), evals % CALL_MODULUS)
+    if out is None:
+        head = tmpl.copy()
+    else:
+        head = out
+        head[...] = tmpl
     call %= CALL_MODULUS
     head[_COUNT] = count
     head[_CALL] = call
@@ -205,11 +211,11 @@ def fill_header(
     evals: int = 0,
 ) -> None:
     """Write this rank's header into the first :data:`HEADER` slots of ``buf``."""
-    head = _header(count, phase, error_kind, num_features, layer, call, ident, evals)
     if isinstance(buf, np.ndarray):
-        buf[:HEADER] = head
+        _header(count, phase, error_kind, num_features, layer, call, ident, evals, buf[:HEADER])
     else:
-        buf[:HEADER].set(head)
+        buf[:HEADER].set(_header(count, phase, error_kind, num_features, layer, call, ident,
+                                 evals))
 
 
 _COUNT, _ONE, _CALL = _I["count"], _I["one"], _I["call"]
