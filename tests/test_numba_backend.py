@@ -71,6 +71,17 @@ def _per_channel(a, cl):
     return np.ascontiguousarray(a.T if cl else a.transpose(1, 0, 2).reshape(a.shape[1], -1))
 
 
+def _fsum_rows(a):
+    """``math.fsum`` of each row of a 2-D float64 array: exact sums, the reference."""
+    return np.array([math.fsum(r) for r in a])
+
+
+def _fsum_moments(xc):
+    """Exact per-row mean and M2 of a ``(C, count)`` float64 array (``math.fsum``)."""
+    mean = _fsum_rows(xc) / xc.shape[1]
+    return mean, _fsum_rows((xc - mean[:, None]) ** 2)
+
+
 def _close_out(got, want, scale, dt, what):
     """Elementwise outputs: within a few ulps of the output dtype of ``scale``."""
     assert got.dtype == want.dtype == np.dtype(dt), what
@@ -92,7 +103,7 @@ def test_primitives_match_numpy_backend(fmt, dt, rng):
     # moments: both backends against the float64 two-pass reference
     mean_n, m2_n = NB.moments(x, cl, cdt)
     mean_p, m2_p = NP.moments(x, cl, cdt)
-    ref_mean = np.array([math.fsum(r) for r in xc]) / cnt
+    ref_mean = _fsum_rows(xc) / cnt
     ref_m2 = ((xc - ref_mean[:, None]) ** 2).sum(axis=1)
     std = np.sqrt(ref_m2 / cnt)
     assert mean_n.dtype == m2_n.dtype == F64 and mean_n.shape == (c,)
@@ -120,8 +131,8 @@ def test_primitives_match_numpy_backend(fmt, dt, rng):
     s_p, p_p = NP.backward_reduce(dy, x, cl, mean, invstd)
     dyc = _per_channel(dy, cl)
     xm = (xc.astype(cdt) - mean[:, None]).astype(F64)  # x - mean in the compute dtype
-    ref_s = np.array([math.fsum(r) for r in dyc])
-    ref_p = np.array([math.fsum(r) for r in dyc * xm]) * invstd.astype(F64)
+    ref_s = _fsum_rows(dyc)
+    ref_p = _fsum_rows(dyc * xm) * invstd.astype(F64)
     abs_s = np.abs(dyc).sum(axis=1)
     abs_p = (np.abs(dyc * xm)).sum(axis=1) * invstd.astype(F64)
     assert s_n.dtype == p_n.dtype == F64
@@ -341,6 +352,17 @@ def test_both_cpu_backends_end_to_end(fmt, choice, monkeypatch):
             assert err <= tol, (fmt, dt, choice, what, err)
 
 
+def _check_cf_backward_reduce(x, dy, mf):
+    """Channel-first ``backward_reduce`` (invstd 1) against exact sums: ``sum(dy)``
+    and ``sum(dy * (x - mf))``, ``x - mf`` in float32 first."""
+    c = x.shape[1]
+    s_n, p_n = NB.backward_reduce(dy, x, False, mf, np.ones(c, np.float32))
+    dyc = dy.astype(F64).transpose(1, 0, 2).reshape(c, -1)
+    xm = (x - mf[:, None]).astype(F64).transpose(1, 0, 2).reshape(c, -1)
+    np.testing.assert_allclose(s_n, _fsum_rows(dyc), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(p_n, _fsum_rows(dyc * xm), rtol=1e-12, atol=1e-9)
+
+
 def test_small_rows_many_samples_match_reference(rng):
     """Channel-first rows shorter than SHORT: several groups per piece, several
     pieces per channel merged, a huge offset: moments exact."""
@@ -354,18 +376,12 @@ def test_small_rows_many_samples_match_reference(rng):
         x = (rng.standard_normal((n, 3, s)) + 1e4).astype(np.float32)
         mean, m2 = NB.moments(x, False, np.float32)
         xc = x.astype(F64).transpose(1, 0, 2).reshape(3, -1)
-        ref_mean = np.array([math.fsum(r) for r in xc]) / xc.shape[1]
-        ref_m2 = np.array([math.fsum(r) for r in (xc - ref_mean[:, None]) ** 2])
+        ref_mean, ref_m2 = _fsum_moments(xc)
         np.testing.assert_allclose(mean, ref_mean, rtol=1e-15, atol=0)
         np.testing.assert_allclose(m2, ref_m2, rtol=1e-12, atol=0)
         dy = rng.standard_normal(x.shape).astype(np.float32)
         mf = ref_mean.astype(np.float32)
-        s_n, p_n = NB.backward_reduce(dy, x, False, mf, np.ones(3, np.float32))
-        dyc = dy.astype(F64).transpose(1, 0, 2).reshape(3, -1)
-        xm = (x - mf[:, None]).astype(F64).transpose(1, 0, 2).reshape(3, -1)
-        np.testing.assert_allclose(s_n, [math.fsum(r) for r in dyc], rtol=1e-12, atol=1e-12)
-        np.testing.assert_allclose(p_n, [math.fsum(r) for r in dyc * xm], rtol=1e-12, atol=1e-9)
-
+        _check_cf_backward_reduce(x, dy, mf)
 
 
 def test_short_row_backward_reduce_sample_groups(rng):
@@ -381,11 +397,7 @@ def test_short_row_backward_reduce_sample_groups(rng):
         x = (rng.standard_normal((n, c, s)) + offs).astype(np.float32)
         dy = rng.standard_normal(x.shape).astype(np.float32)
         mf = (np.arange(c) * 10.0 + 0.25).astype(np.float32)
-        s_n, p_n = NB.backward_reduce(dy, x, False, mf, np.ones(c, np.float32))
-        dyc = dy.astype(F64).transpose(1, 0, 2).reshape(c, -1)
-        xm = (x - mf[:, None]).astype(F64).transpose(1, 0, 2).reshape(c, -1)
-        np.testing.assert_allclose(s_n, [math.fsum(r) for r in dyc], rtol=1e-12, atol=1e-12)
-        np.testing.assert_allclose(p_n, [math.fsum(r) for r in dyc * xm], rtol=1e-12, atol=1e-9)
+        _check_cf_backward_reduce(x, dy, mf)
 
 
 @pytest.mark.parametrize("dt", DTYPES)
@@ -574,8 +586,7 @@ def test_one_pass_moments_offset_and_outlier_first_values(layout, dt, outlier, r
     cl = layout.endswith("channel-last")
     mean, m2 = NB.moments(x, cl, np.float32)
     xc = _per_channel(x, cl)
-    ref_mean = np.array([math.fsum(r) for r in xc]) / xc.shape[1]
-    ref_m2 = np.array([math.fsum(r) for r in (xc - ref_mean[:, None]) ** 2])
+    ref_mean, ref_m2 = _fsum_moments(xc)
     # One float64 lane per channel sums the long channel-last rows (16 lanes
     # split a channel-first row): with the 300x outlier as the shift, each
     # of the k values adds rounding of |far - mean|, about 1e-14 of the mean.
@@ -770,8 +781,7 @@ def test_long_channel_last_rows_match_fsum(dt, rng):
         x = (rng.standard_normal((rows, c)) + offs).astype(dt)
         dy = rng.standard_normal((rows, c)).astype(dt)
         xc = x.astype(F64).T
-        ref_mean = np.array([math.fsum(r) for r in xc]) / rows
-        ref_m2 = np.array([math.fsum(r) for r in (xc - ref_mean[:, None]) ** 2])
+        ref_mean, ref_m2 = _fsum_moments(xc)
         mean, m2 = NB.moments(x, True, cdt)
         std = np.sqrt(ref_m2 / rows)
         assert np.all(np.abs(mean - ref_mean) <= 1e-15 * np.abs(ref_mean) + 1e-13 * std)
@@ -780,7 +790,7 @@ def test_long_channel_last_rows_match_fsum(dt, rng):
         s_n, p_n = NB.backward_reduce(dy, x, True, mf, np.ones(c, cdt))
         dyc = dy.astype(F64).T
         xm = (x - mf).astype(F64).T  # x - mean in the compute dtype
-        ref_s = np.array([math.fsum(r) for r in dyc])
-        ref_p = np.array([math.fsum(r) for r in dyc * xm])
+        ref_s = _fsum_rows(dyc)
+        ref_p = _fsum_rows(dyc * xm)
         assert np.all(np.abs(s_n - ref_s) <= 1e-14 * np.abs(dyc).sum(axis=1))
         assert np.all(np.abs(p_n - ref_p) <= 1e-14 * np.abs(dyc * xm).sum(axis=1))
