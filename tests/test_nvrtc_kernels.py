@@ -10,8 +10,10 @@ needed: the test dependencies bring the NVRTC library
 """
 
 import configparser
+import os
 import re
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -89,15 +91,29 @@ def test_nvrtc_instantiation_list_is_complete():
     assert {p.name for p in (ROOT / "kernels").glob("*.cu")} == set(ks.KERNEL_FILES)
 
 
-@pytest.mark.parametrize("file,arch", [
-    (f, a) for f in ks.KERNEL_FILES for a in ARCHS
-    # fused.cu is the largest module: its lowest and highest architecture
-    if f != "fused.cu" or a in (ARCHS[0], ARCHS[-1])
-])
-def test_nvrtc_compiles_every_instantiation(file, arch):
-    src = ks.read_source(file)
+# fused.cu is the largest module: its lowest and highest architecture
+CASES = [(f, a) for f in ks.KERNEL_FILES for a in ARCHS
+         if f != "fused.cu" or a in (ARCHS[0], ARCHS[-1])]
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    """Every case compiling at once, one per core; ``{case: future}``.
+
+    NVRTC releases the GIL, so threads use every core (the compiles are most
+    of this module's time). The largest module is submitted first; each test
+    waits for its own case only and re-raises what the compile raised.
+    """
+    cases = sorted(CASES, key=lambda fa: fa[0] != "fused.cu")
+    with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
+        yield {(f, a): pool.submit(lambda f=f, a=a: _compile(
+            ks.read_source(f), f, ks.name_expressions(f), a)) for f, a in cases}
+
+
+@pytest.mark.parametrize("file,arch", CASES)
+def test_nvrtc_compiles_every_instantiation(file, arch, compiled):
     names = ks.name_expressions(file)
-    cubin, lowered, log = _compile(src, file, names, arch)
+    cubin, lowered, log = compiled[file, arch].result()
     assert len(cubin) > 1000
     assert len(set(lowered.values())) == len(names)
     for n, low in lowered.items():
