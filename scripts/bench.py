@@ -768,12 +768,8 @@ def main(argv: list[str] | None = None) -> int:
                                              (a.reps, a.warmup))
             r.update(cache[key])
     rows = [finish_row(r) for r in rows]
-    try:
-        import torch
-
-        tv = torch.__version__
-    except ImportError:
-        tv = None
+    # the version of the PyTorch that was timed (none timed: none named)
+    tv = next((r["torch_version"] for r in rows if r.get("torch_version")), None)
     if gpu:
         import cupy
 
