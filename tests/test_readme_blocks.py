@@ -1,7 +1,8 @@
 """Every ```python block of README.md and docs/*.md runs as written.
 
-Each block runs alone in a fresh interpreter (a temporary working folder,
-a timeout), so a block that uses a name it does not define fails. A comment
+Each block runs in a fresh interpreter of its own (a temporary working
+folder, a timeout; two blocks at a time), so a block that uses a name it
+does not define fails. A comment
 on a block's first line changes how it runs:
 
 * ``# mpiexec -n 2``: under ``mpiexec -n 2`` (tests/mpi_runner.py);
@@ -18,6 +19,7 @@ import importlib.util
 import re
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -75,24 +77,52 @@ def test_readme_and_docs_have_blocks():
     assert any(_NEEDS.match(f.strip()) for f in firsts)
 
 
-@pytest.mark.parametrize("code", _blocks())
-def test_readme_block_runs(code, tmp_path):
-    first = code.splitlines()[0] if code.strip() else ""
-    _skip_unmet(first)
-    mpi = _MPI.match(first.strip())
+def _run_block(code: str, folder) -> str | None:
+    """Run one block; None when it passed, else why it failed."""
+    mpi = _MPI.match(code.splitlines()[0].strip())
     if mpi:
-        run_mpi(code, int(mpi.group(1)), timeout=TIMEOUT, tmp_path=tmp_path)
-        return
-    script = tmp_path / "block.py"
+        run_mpi(code, int(mpi.group(1)), timeout=TIMEOUT, tmp_path=folder)
+        return None
+    script = folder / "block.py"
     script.write_text(code)
     try:
         res = subprocess.run(
-            [sys.executable, str(script)], cwd=tmp_path, env=mpi_env(),
+            [sys.executable, str(script)], cwd=folder, env=mpi_env(),
             capture_output=True, text=True, timeout=TIMEOUT,
         )
     except subprocess.TimeoutExpired:
-        pytest.fail(f"block ran for more than {TIMEOUT}s:\n{code}")
-    assert res.returncode == 0, f"block failed:\n{code}\n--- stderr:\n{res.stderr}"
+        return f"block ran for more than {TIMEOUT}s:\n{code}"
+    if res.returncode != 0:
+        return f"block failed:\n{code}\n--- stderr:\n{res.stderr}"
+    return None
+
+
+@pytest.fixture(scope="module")
+def started(tmp_path_factory):
+    """Every runnable block started, two at a time; ``{code: future}``.
+
+    The blocks are separate processes that mostly wait on imports, so two at
+    once take about half the time on two cores; each test waits for its own.
+    """
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        futures = {}
+        for p in _blocks():
+            code = p.values[0]
+            if code in futures:
+                continue
+            try:
+                _skip_unmet(code.splitlines()[0] if code.strip() else "")
+            except pytest.skip.Exception:
+                continue  # its test skips itself
+            futures[code] = pool.submit(_run_block, code, tmp_path_factory.mktemp("block"))
+        yield futures
+
+
+@pytest.mark.parametrize("code", _blocks())
+def test_readme_block_runs(code, started):
+    _skip_unmet(code.splitlines()[0] if code.strip() else "")
+    why = started[code].result()
+    assert why is None, why
 
 
 def test_readme_design_counts():
