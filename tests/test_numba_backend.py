@@ -467,7 +467,7 @@ def test_streamed_outputs_are_bitwise_the_plain_ones(dt, monkeypatch, rng):
                 for got in streamed:
                     assert plain.view(np.uint8).tobytes() == got.view(np.uint8).tobytes()
         # channel-last: a line holds the ends and starts of rows of any width
-        for c in (1, 3, 16, 37, 2053):
+        for c in (1, 3, 16, 37, 2048, 2053):  # 2048: whole-line rows, tiled
             x = (rng.standard_normal((7, c)) * 3 + 1).astype(dt)[1:]  # off line boundaries
             dy = rng.standard_normal(x.shape).astype(dt)
             v = [rng.standard_normal(c).astype(cdt) for _ in range(4)]
@@ -479,6 +479,45 @@ def test_streamed_outputs_are_bitwise_the_plain_ones(dt, monkeypatch, rng):
                              NB.backward_elemt(dy, x, True, *v, x.dtype).copy()))
             for plain, got in zip(*outs):
                 assert plain.view(np.uint8).tobytes() == got.view(np.uint8).tobytes()
+
+
+@pytest.mark.parametrize("dt", DTYPES)
+def test_tiled_channel_last_lines_are_bitwise_the_plain_ones(dt, monkeypatch, rng):
+    """Long channel-last rows written TILE_ROWS rows per channel offset give
+    bitwise the plain loops' y and dx wherever the output starts in a line
+    (every row then starts at that place too: the last row's last line would
+    run past the end), for row counts below, at and past a tile."""
+    from cupysyncbn.backends import numba_backend as nbm
+
+    if not nbm.STREAMS or (dt == "float16" and not nbm.HW_F16):
+        pytest.skip("no streamed stores on this CPU")
+    monkeypatch.setattr(nbm, "STREAM_MIN_BYTES", 1 << 62)  # the reference: plain loops
+    dt = np.dtype(dt)
+    vw = 64 // dt.itemsize
+    for cdt in {np.dtype(F64), _cdt(dt.name)}:
+        c = nbm.TILE_MIN_BYTES // cdt.itemsize  # the shortest rows that are tiled
+        for rows in (2, 4, 9):
+            x = (rng.standard_normal((rows, c)) * 3 + 1).astype(dt)
+            dy = rng.standard_normal(x.shape).astype(dt)
+            v = [rng.standard_normal(c).astype(cdt) for _ in range(4)]
+            want = (NB.normalize(x, True, v[0], v[1], v[2], dt).copy(),
+                    NB.backward_elemt(dy, x, True, *v, dt).copy())
+            m, a, md, b = (nbm._lines_ext(u, x) for u in v)
+            for head in (0, 1, vw - 1):  # values before the output's first line boundary
+                buf = np.full(x.nbytes + 128, 0xAB, np.uint8)  # bytes around out: a canary
+                o = (-buf.ctypes.data) % 64 + (64 - head * dt.itemsize) % 64
+                out = buf[o : o + x.nbytes].view(dt).reshape(x.shape)
+                assert nbm._tiled(out, cdt)
+                for bwd, params, ref in ((False, (m, a, m, md), want[0]),
+                                         (True, (m, a, md, b), want[1])):
+                    out[...] = np.nan
+                    nbm._elemt_cl_stream(nbm._bits(dy), nbm._bits(x), nbm._table(x), *params,
+                                         nbm._bits(out), bwd, True)
+                    assert out.tobytes() == ref.tobytes(), (cdt, rows, head, bwd)
+                    assert (buf[:o] == 0xAB).all() and (buf[o + x.nbytes :] == 0xAB).all()
+        # vectors of less than TILE_MIN_BYTES, or rows that are not whole lines: one row at a time
+        assert not nbm._tiled(np.empty((2, c // 2), dt), cdt)
+        assert not nbm._tiled(np.empty((2, c + 1), dt), cdt)
 
 
 def test_streamed_stores_only_for_large_outputs():
