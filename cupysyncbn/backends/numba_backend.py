@@ -114,7 +114,8 @@ WIDE = 256
 #: registers (:func:`.numba_simd.col_dev_sums`); shorter rows keep the
 #: accumulator-array loops, which are faster there.
 LONG_COLS = 1024
-#: Rows per register pass of a long-row channel-last block.
+#: Rows per register pass of a long-row channel-last block, and per channel
+#: offset of a tiled streamed channel-last output (:data:`TILE_MIN_BYTES`).
 TILE_ROWS = 4
 #: Channel-first rows shorter than this (late-ResNet 7x7 = 49 values) are
 #: summed GROUP samples at a time: one call of the vector loop (and one merge)
