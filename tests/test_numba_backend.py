@@ -46,6 +46,9 @@ SHAPES = {
     "NHWC": (3, 9, 11, 5),
     "NDHWC": (2, 4, 5, 6, 3),
 }
+# Channel-last rows of WIDE channels or more: one kernel call per primitive, no
+# regrouping (the shapes above regroup rows and have rows left over).
+WIDE_CL = ("NHWC", (3, 5, 7, 300))
 
 
 def _cdt(dt: str) -> np.dtype:
@@ -92,10 +95,10 @@ def _close_out(got, want, scale, dt, what):
 
 
 @pytest.mark.parametrize("dt", DTYPES)
-@pytest.mark.parametrize("fmt", list(SHAPES))
-def test_primitives_match_numpy_backend(fmt, dt, rng):
+@pytest.mark.parametrize("fmt,shape", [*SHAPES.items(), WIDE_CL], ids=[*SHAPES, "NHWC-wide"])
+def test_primitives_match_numpy_backend(fmt, shape, dt, rng):
     offset = 50.0 if dt == "float16" else 1e3  # a large mean: subtract-first matters
-    x, dy, cl = _data(SHAPES[fmt], dt, fmt, rng, offset)
+    x, dy, cl = _data(shape, dt, fmt, rng, offset)
     cdt, tol = _cdt(dt), _tol(dt)
     xc = _per_channel(x, cl)
     c, cnt = xc.shape

@@ -36,8 +36,8 @@ Accuracy (same contract as the NumPy backend, never worse):
   values in the compute dtype first). Channel-first rows are summed by the
   explicit ``<8 x double>`` loops of :mod:`.numba_simd` (16 float64
   accumulators in registers, a fixed order of additions, ``d*d`` and
-  ``dy*(x-m)`` added with one rounding); channel-last rows are regrouped into
-  long rows (:data:`WIDE`), loops the compiler vectorizes without
+  ``dy*(x-m)`` added with one rounding); channel-last rows narrower than
+  :data:`WIDE` are regrouped into long rows, loops the compiler vectorizes without
   reassociating any sum, except rows of :data:`LONG_COLS` values and more
   (late-ResNet channels): blocks of 16 channels summed :data:`TILE_ROWS` rows
   at a time in registers (:func:`.numba_simd.col_dev_sums`), where the
@@ -93,7 +93,7 @@ from .numba_simd import (
     norm_vline_nt,
     store_fence,
 )
-from .numpy_backend import NumpyBackend, chan_merge
+from .numpy_backend import NumpyBackend
 
 __all__ = ["NumbaBackend", "BACKEND", "PIECE", "SHORT", "GROUP", "OutputPool", "POOL", "warm_up"]
 
@@ -305,14 +305,48 @@ def _chan(cnt, mean, m2, c, k, cp, sd, q):  # noqa: ANN001, ANN202
 
     The piece's mean is ``cp + sd/k`` and its M2 ``q - sd**2/k``.
     """
-    mb = cp + sd / k
-    m2b = q - sd * sd / k
+    _merge_piece(cnt, mean, m2, c, k, cp + sd / k, q - sd * sd / k)
+
+
+@njit(inline="always", **_JIT)
+def _merge_piece(cnt, mean, m2, c, k, mb, m2b):  # noqa: ANN001, ANN202
+    """Merge a piece of ``k`` values, mean ``mb`` and M2 ``m2b`` into channel ``c``.
+
+    Into an empty channel the piece comes in exactly (``delta * k / k``, ``0 * delta``).
+    """
     na = cnt[c]
     n = na + k
     delta = mb - mean[c]
     mean[c] += delta * (k / n)
     m2[c] += m2b + delta * delta * (na * k / n)
     cnt[c] = n
+
+
+# Channel-last rows narrower than WIDE are summed as wide rows of R rows
+# (R*C columns, :func:`_regroup`); these fold the R column groups back into
+# C channels in one call each (in NumPy they were 6-10 calls per pass: after
+# the data passes evict the caches, about 0.1 ms). Float64 only: one
+# signature each.
+@njit(**_JIT)
+def _merge_groups(k, pm, pq, cnt, mean, m2):  # noqa: ANN001, ANN202
+    """Merge column groups of ``k`` rows each (``pm``/``pq``: group-major) per channel (Chan)."""
+    c = mean.shape[0]
+    for g in range(pm.shape[0] // c):
+        for j in range(c):
+            _merge_piece(cnt, mean, m2, j, k, pm[g * c + j], pq[g * c + j])
+
+
+@njit(**_JIT)
+def _add_groups(s1, s2, sum_dy, sum_dxm):  # noqa: ANN001, ANN202
+    """Add group-major sums per channel, groups in order (NumPy's ``reshape(k, C).sum(0)``)."""
+    c = sum_dy.shape[0]
+    for j in range(c):
+        a, b = s1[j], s2[j]
+        for g in range(1, s1.shape[0] // c):
+            a += s1[g * c + j]
+            b += s2[g * c + j]
+        sum_dy[j] += a
+        sum_dxm[j] += b
 
 
 # -------------------------------------------------------------------- kernels
@@ -751,19 +785,20 @@ class NumbaBackend(NumbaChannelMath, NumpyBackend):
             _moments_cf(_bits(x), tab, mean, m2)
             return mean, np.maximum(m2, 0.0)
         c = x.shape[1]
+        mean = np.zeros(c, dtype=_F64)
+        m2 = np.zeros(c, dtype=_F64)
         r = _rows_per_wide(x)
-        counts, means, m2s = [], [], []
-        for part, k in zip(_regroup(_bits(x), r), (r, 1)):
+        if r == 1:  # rows of WIDE channels or more: one call
+            _moments_cl(_bits(x), tab, mean, m2)
+            return mean, np.maximum(m2, 0.0)
+        cnt = np.zeros(c, dtype=_F64)
+        for part in _regroup(_bits(x), r):
             if part.shape[0]:
                 pm = np.zeros(part.shape[1], dtype=_F64)
                 pq = np.zeros(part.shape[1], dtype=_F64)
                 _moments_cl(part, tab, pm, pq)
-                counts += [float(part.shape[0])] * k
-                means.append(pm.reshape(k, c))
-                m2s.append(pq.reshape(k, c))
-        # Chan's merge of the per-column pieces, in float64
-        w = np.array(counts)[:, None]
-        return chan_merge(np.concatenate(means), np.concatenate(m2s), w, float(w.sum()))
+                _merge_groups(float(part.shape[0]), pm, pq, cnt, mean, m2)
+        return mean, np.maximum(m2, 0.0)
 
     def normalize(
         self,
@@ -795,6 +830,9 @@ class NumbaBackend(NumbaChannelMath, NumpyBackend):
                              _tiled(y, cdt))
             return y
         r = _rows_per_wide(x)
+        if r == 1:
+            _normalize_cl(_bits(x), tab, *vecs, _bits(y))
+            return y
         for xp_, yp, k in zip(_regroup(_bits(x), r), _regroup(_bits(y), r), (r, 1)):
             if xp_.shape[0]:
                 _normalize_cl(xp_, tab, *(np.tile(v, k) for v in vecs), yp)
@@ -820,13 +858,15 @@ class NumbaBackend(NumbaChannelMath, NumpyBackend):
             _bwd_reduce_cf(_bits(dy), _bits(x), tab, mean, sum_dy, sum_dxm)
             return sum_dy, sum_dxm * invstd.astype(_F64)
         r = _rows_per_wide(x)
+        if r == 1:
+            _bwd_reduce_cl(_bits(dy), _bits(x), tab, mean, sum_dy, sum_dxm)
+            return sum_dy, sum_dxm * invstd.astype(_F64)
         for dp, xp_, k in zip(_regroup(_bits(dy), r), _regroup(_bits(x), r), (r, 1)):
             if xp_.shape[0]:
                 s1 = np.zeros(k * c, dtype=_F64)
                 s2 = np.zeros(k * c, dtype=_F64)
                 _bwd_reduce_cl(dp, xp_, tab, np.tile(mean, k), s1, s2)
-                sum_dy += s1.reshape(k, c).sum(axis=0)
-                sum_dxm += s2.reshape(k, c).sum(axis=0)
+                _add_groups(s1, s2, sum_dy, sum_dxm)
         return sum_dy, sum_dxm * invstd.astype(_F64)
 
     def backward_elemt(
@@ -860,6 +900,9 @@ class NumbaBackend(NumbaChannelMath, NumpyBackend):
             _elemt_cl_stream(_bits(dy), _bits(x), tab, *ext, _bits(dx), True, _tiled(dx, cdt))
             return dx
         r = _rows_per_wide(x)
+        if r == 1:
+            _bwd_elemt_cl(_bits(dy), _bits(x), tab, *vecs, _bits(dx))
+            return dx
         parts = zip(_regroup(_bits(dy), r), _regroup(_bits(x), r), _regroup(_bits(dx), r), (r, 1))
         for dp, xp_, op, k in parts:
             if xp_.shape[0]:
@@ -921,7 +964,7 @@ def warm_up(dtypes: tuple[str, ...] = ("float16", "float32", "float64")) -> int:
             b.backward_coefficients(w, vc, v64, v64, 2, True, cdt)
     kernels = (_moments_cf, _moments_cl, _normalize_cf, _normalize_cl, _bwd_reduce_cf,
                _bwd_reduce_cl, _bwd_elemt_cf, _bwd_elemt_cl, _elemt_cf_stream, _elemt_cl_stream,
-               *CHANNEL_KERNELS)
+               _merge_groups, _add_groups, *CHANNEL_KERNELS)
     return sum(len(k.signatures) for k in kernels)
 
 
