@@ -77,9 +77,13 @@ def test_readme_and_docs_have_blocks():
     assert any(_NEEDS.match(f.strip()) for f in firsts)
 
 
+def _first_line(code: str) -> str:
+    return code.splitlines()[0] if code.strip() else ""
+
+
 def _run_block(code: str, folder) -> str | None:
     """Run one block; None when it passed, else why it failed."""
-    mpi = _MPI.match(code.splitlines()[0].strip())
+    mpi = _MPI.match(_first_line(code).strip())
     if mpi:
         run_mpi(code, int(mpi.group(1)), timeout=TIMEOUT, tmp_path=folder)
         return None
@@ -111,7 +115,7 @@ def started(tmp_path_factory):
             if code in futures:
                 continue
             try:
-                _skip_unmet(code.splitlines()[0] if code.strip() else "")
+                _skip_unmet(_first_line(code))
             except pytest.skip.Exception:
                 continue  # its test skips itself
             futures[code] = pool.submit(_run_block, code, tmp_path_factory.mktemp("block"))
@@ -120,7 +124,7 @@ def started(tmp_path_factory):
 
 @pytest.mark.parametrize("code", _blocks())
 def test_readme_block_runs(code, started):
-    _skip_unmet(code.splitlines()[0] if code.strip() else "")
+    _skip_unmet(_first_line(code))
     why = started[code].result()
     assert why is None, why
 
