@@ -4,28 +4,35 @@ Layers follow ``paddle.nn.SyncBatchNorm`` (arguments, parameter names, momentum
 convention); statistics are merged exactly across ranks with uneven or empty
 batches, over MPI (NumPy arrays) or NCCL (CuPy arrays) with one all-reduce per
 pass. See README.md and docs/ (conventions, design, GPUs, failure behaviour).
+
+The package, by layer (docs/design.md has the map): :mod:`.nn` (layers) over
+:mod:`.functional` (the pure functions) over the private engine ``_sync``
+over :mod:`.backends` (communication-free primitives) and :mod:`.comm`
+(communicators); :mod:`.arrays` and :mod:`.runtime` (environment, placement,
+watchdog) underneath; :mod:`.interop` adapters beside :mod:`.nn`.
 """
 
 from __future__ import annotations
 
-from . import functional
+from . import _deprecated, functional
+from ._sync.device_status import check_errors
+from .checkpoint import load, save
 from .comm import Communicator, get_default_comm, init, set_default_comm
 from .consistency import check_consistency, state_digest
-from .container import LayerList, Sequential
-from .deferred import check_errors
 from .errors import (
     CollectiveMismatchError,
     CommunicatorError,
+    NoPendingForwardError,
     RemoteInputError,
     SyncBatchNormError,
 )
-from .fault import install_abort_hook, uninstall_abort_hook
-from .grads import allreduce_gradients
-from .io import load, save
-from .layer import Layer, NoPendingForwardError, ParamAttr, Parameter, is_grad_enabled, no_grad
-from .norm import BatchNorm1D, BatchNorm2D, BatchNorm3D, SyncBatchNorm
-from .placement import get_device, set_device
-from .protocol import local_eval
+from .modes import is_grad_enabled, local_eval, no_grad
+from .nn.container import LayerList, Sequential
+from .nn.grads import allreduce_gradients
+from .nn.layer import Layer, ParamAttr, Parameter
+from .nn.norm import BatchNorm1D, BatchNorm2D, BatchNorm3D, SyncBatchNorm
+from .runtime.placement import get_device, set_device
+from .runtime.watchdog import install_abort_hook, uninstall_abort_hook
 
 __version__ = "0.1.0"
 
@@ -64,3 +71,6 @@ __all__ = [
     "CommunicatorError",
     "__version__",
 ]
+
+_deprecated.install()
+__getattr__ = _deprecated.submodule_getattr(__name__)  # old module paths, one release

@@ -15,15 +15,15 @@ from typing import Any
 
 import numpy as np
 
-from .errors import SyncBatchNormError
+from .arrays.devices import to_host
+from .arrays.dlpack import is_native, to_native
+from .comm.select import as_communicator
+from .errors import StateMismatchError
+from .nn.layer import Layer
 
 __all__ = ["state_digest", "check_consistency", "StateMismatchError", "allreduce_host"]
 
 _CHUNKS = 4  # 16-bit chunks of a 64-bit hash: squares stay exact in float64
-
-
-class StateMismatchError(SyncBatchNormError, RuntimeError):
-    """Ranks hold different model state (raised on every rank)."""
 
 
 def allreduce_host(comm: Any, host: np.ndarray) -> np.ndarray:
@@ -33,17 +33,12 @@ def allreduce_host(comm: Any, host: np.ndarray) -> np.ndarray:
 
 def _host(value: Any) -> np.ndarray:
     """A host NumPy copy or view of a NumPy, CuPy or DLPack (PyTorch, ...) array."""
-    from .interop.dlpack import is_native, to_native
-    from .layer import _to_host
-
     if not is_native(value) and hasattr(value, "__dlpack__"):
         value = to_native(value, "state entry")
-    return _to_host(value)
+    return to_host(value)
 
 
 def _entries(obj: Any, buffers_only: bool) -> OrderedDict:
-    from .layer import Layer
-
     if isinstance(obj, Layer):
         out = OrderedDict()
         for key, layer, attr, is_param in obj._named_state():
@@ -146,8 +141,6 @@ def check_consistency(
         With ``raise_on_mismatch``, when the state differs, naming the
         entries (or saying that the names/shapes/dtypes themselves differ).
     """
-    from .comm import as_communicator
-
     comm_ = as_communicator(comm)
     entries = _entries(obj, buffers_only)
     struct, content, per = _entry_hashes(entries)

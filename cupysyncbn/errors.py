@@ -12,6 +12,9 @@ __all__ = [
     "CollectiveMismatchError",
     "RemoteInputError",
     "CommunicatorError",
+    "NoPendingForwardError",
+    "CheckpointError",
+    "StateMismatchError",
 ]
 
 
@@ -39,3 +42,19 @@ class RemoteInputError(SyncBatchNormError, ValueError):
 
 class CommunicatorError(SyncBatchNormError, RuntimeError):
     """A communicator could not be created or a collective failed."""
+
+
+class NoPendingForwardError(RuntimeError, ValueError):
+    """``backward`` found no pending forward context (a ``RuntimeError``).
+
+    Also a ``ValueError`` so that code written for earlier versions, which
+    raised ``ValueError`` for a backward before forward, keeps working.
+    """
+
+
+class CheckpointError(SyncBatchNormError, ValueError):
+    """A checkpoint file could not be read: truncated, corrupt or not numeric."""
+
+
+class StateMismatchError(SyncBatchNormError, RuntimeError):
+    """Ranks hold different model state (raised on every rank)."""

@@ -1,8 +1,8 @@
 """Array backends: pick the implementation of the primitives for an array.
 
-NumPy arrays go to the fused numba kernels of :mod:`.numba_backend` when numba
-is importable (the ``fast`` extra), else to :mod:`.numpy_backend`; CuPy arrays
-go to :mod:`.cupy_backend` (RawKernels from the top-level ``kernels/``
+NumPy arrays go to the fused numba kernels of :mod:`.numba` when numba
+is importable (the ``fast`` extra), else to :mod:`.numpy`; CuPy arrays
+go to :mod:`.cupy` (RawKernels from the top-level ``kernels/``
 folder). CuPy and numba are imported only when an array of theirs is first
 seen, so ``import cupysyncbn`` stays light and the CPU path needs no CUDA.
 
@@ -15,21 +15,20 @@ NumPy backend stays the fallback and the reference the tests compare with.
 
 from __future__ import annotations
 
-import os
 import sys
 import warnings
 from typing import Any
 
+from .. import _deprecated
+from ..runtime.env import CPU_BACKEND_ENV, text
 from .base import Backend
-from .numpy_backend import BACKEND as NUMPY_BACKEND
+from .numpy import BACKEND as NUMPY_BACKEND
 
 __all__ = [
     "Backend", "get_backend", "is_cupy_array", "cpu_backend", "NUMPY_BACKEND",
     "CPU_BACKEND_ENV", "CPU_CHOICES",
 ]
 
-#: Environment variable choosing the CPU backend: ``auto`` (default), ``numba`` or ``numpy``.
-CPU_BACKEND_ENV = "CUPYSYNCBN_CPU_BACKEND"
 #: Accepted values of :data:`CPU_BACKEND_ENV`.
 CPU_CHOICES = ("auto", "numba", "numpy")
 _CPU: dict = {}  # choice -> backend, resolved (and warned about) once per choice
@@ -40,7 +39,7 @@ _NOT_INSTALLED = {"numba", "llvmlite"}
 def _load_numba(choice: str) -> Backend:
     """The numba backend, or the NumPy backend (with a warning where one is due)."""
     try:
-        from .numba_backend import BACKEND as backend
+        from .numba.backend import BACKEND as backend
     except ImportError as e:
         missing = isinstance(e, ModuleNotFoundError) and (e.name or "").split(".")[0] in (
             _NOT_INSTALLED
@@ -71,7 +70,7 @@ def cpu_backend() -> Backend:
 
     Resolved once per value of the variable (a warning, if any, is given once).
     """
-    choice = os.environ.get(CPU_BACKEND_ENV, "auto").strip().lower() or "auto"
+    choice = text(CPU_BACKEND_ENV, "auto").lower()
     backend = _CPU.get(choice)
     if backend is None:
         if choice == "numpy":
@@ -105,10 +104,13 @@ def get_backend(a: Any, argname: str = "x") -> Backend:
     if NUMPY_BACKEND.owns(a):
         return cpu_backend()
     if is_cupy_array(a):
-        from .cupy_backend import get_cupy_backend
+        from .cupy.backend import get_cupy_backend  # imports CuPy: only once a CuPy array exists
 
         return get_cupy_backend()
     raise TypeError(
         f"{argname} must be a numpy.ndarray or cupy.ndarray; got {type(a).__module__}."
-        f"{type(a).__name__} (use cupysyncbn.interop.dlpack to convert other arrays)"
+        f"{type(a).__name__} (use cupysyncbn.arrays.dlpack to convert other arrays)"
     )
+
+
+__getattr__ = _deprecated.submodule_getattr(__name__)  # old module paths, one release

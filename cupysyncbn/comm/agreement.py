@@ -22,8 +22,11 @@ import warnings
 from typing import Any
 
 from ..errors import CommunicatorError
+from ..runtime import placement
 
-__all__ = ["probe", "gather", "decide", "placement_error", "summary", "verbose_line"]
+__all__ = [
+    "probe", "gather", "decide", "placement_error", "summary", "verbose_line", "nccl_version_text",
+]
 
 NCCL_MISSING = (
     'the NCCL library is not loadable (pip install "cupysyncbn[cuda]", or'
@@ -51,8 +54,6 @@ def probe(backend: str, device: int | None = None) -> dict:
         error, '' if none), ``problem`` (why NCCL cannot work here, '' if it
         can) and ``nccl`` (NCCL version or None).
     """
-    from .. import placement
-
     info: dict = {"gpu": None, "identity": None, "ndev": 0, "wants_gpu": False,
                   "fatal": "", "problem": "", "nccl": None}
     try:
@@ -69,7 +70,7 @@ def probe(backend: str, device: int | None = None) -> dict:
     try:
         if device is not None:
             gpu = placement.choose_gpu(ndev, None, int(device))
-            placement._cupy().cuda.Device(gpu).use()
+            placement.cupy_module().cuda.Device(gpu).use()
         else:
             gpu = placement.this_rank_gpu()
     except ValueError as e:
@@ -164,7 +165,8 @@ def warn_fallback(reason: str, rank: int) -> None:
         )
 
 
-def _version_text(code: Any) -> str:
+def nccl_version_text(code: Any) -> str:
+    """NCCL's integer version code as ``'2.21.5'`` (``'none'`` for None or 0)."""
     if not code:
         return "none"
     code = int(code)
@@ -185,7 +187,7 @@ def summary(backend: str, infos: list[dict]) -> dict:
         "gpus_per_node": infos[0]["ndev"] if infos else 0,
         "ranks_per_gpu": max(per_gpu.values()) if per_gpu else 0,
         "gpu": infos[0]["gpu"] if infos else None,
-        "nccl": _version_text(next((i["nccl"] for i in infos if i["nccl"]), None)),
+        "nccl": nccl_version_text(next((i["nccl"] for i in infos if i["nccl"]), None)),
     }
 
 

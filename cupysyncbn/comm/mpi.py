@@ -8,13 +8,13 @@ buffer is passed to MPI after synchronizing the current stream.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import numpy as np
 
 from ..errors import CommunicatorError
-from ..fault import shared_watchdog
+from ..runtime import env
+from ..runtime.watchdog import shared_watchdog
 from .base import Communicator
 
 __all__ = ["MPICommunicator"]
@@ -67,7 +67,7 @@ class MPICommunicator(Communicator):
         self.rank = mpi_comm.Get_rank()
         self.size = mpi_comm.Get_size()
         if cuda_aware is None:
-            cuda_aware = os.environ.get("CUPYSYNCBN_CUDA_AWARE_MPI", "0") not in ("", "0")
+            cuda_aware = env.flag(env.CUDA_AWARE_ENV)
         self.cuda_aware = bool(cuda_aware)
 
     def allreduce_sum(self, buf: Any) -> Any:

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import atexit
 import collections
-import os
 import sys
 import threading
 import time
@@ -43,8 +42,12 @@ from typing import Any
 import numpy as np
 
 from ..errors import CommunicatorError
-from ..fault import parse_timeout
+from ..runtime import env
+from ..runtime.env import parse_timeout
+from ..runtime.watchdog import abort_job, shared_watchdog
+from . import agreement
 from .base import Communicator
+from .mpi import MPICommunicator
 
 __all__ = ["NCCLCommunicator", "nccl_version"]
 
@@ -53,22 +56,18 @@ _POLL_S = 0.05
 
 def nccl_version() -> str:
     """The loaded NCCL's version as ``'2.21.5'`` ('none' when NCCL is not loadable)."""
-    from . import agreement
-
     try:
         from cupy.cuda import nccl
 
-        return agreement._version_text(nccl.get_version() if nccl.available else None)
+        return agreement.nccl_version_text(nccl.get_version() if nccl.available else None)
     except Exception:
         return "none"
 
 
 def _timeout_from_env() -> float:
-    # One parser for every timeout (fault.py): CUPYSYNCBN_NCCL_TIMEOUT, else
+    # One parser for every timeout (runtime.env): CUPYSYNCBN_NCCL_TIMEOUT, else
     # CUPYSYNCBN_TIMEOUT, else 600; a negative value is refused, not clamped.
-    from ..fault import collective_timeout
-
-    return collective_timeout("CUPYSYNCBN_NCCL_TIMEOUT")
+    return env.collective_timeout(env.NCCL_TIMEOUT_ENV)
 
 
 def _make_nccl_comm(nccl: Any, size: int, uid: Any, rank: int) -> Any:
@@ -101,8 +100,6 @@ def _init_agreed(boot: Any, nccl: Any, cupy: Any, size: int, rank: int, device: 
     kind, uid = boot.bcast(msg, root=0)
     if kind == "error":
         raise CommunicatorError(f"backend 'nccl' unavailable: {uid}")
-    from ..fault import shared_watchdog
-
     comm, err = None, ""
     dog = shared_watchdog()  # a peer that never joins aborts the job, never a hang
     started = dog.begin("NCCL initialization (ncclCommInitRank)")
@@ -218,14 +215,12 @@ class NCCLCommunicator(Communicator):
             raise CommunicatorError("backend 'nccl' needs mpi4py for its bootstrap") from e
         if not isinstance(mpi_comm, MPI.Comm):
             raise TypeError(f"mpi_comm must be an mpi4py.MPI.Comm; got {type(mpi_comm).__name__}")
-        from .mpi import MPICommunicator
-
         self._MPI = MPI
         self.mpi_comm = mpi_comm
         self.rank = mpi_comm.Get_rank()
         self.size = mpi_comm.Get_size()
         self.timeout = _timeout_from_env() if timeout is None else parse_timeout(timeout, "timeout")
-        self._abort_job = os.environ.get("CUPYSYNCBN_NCCL_ABORT", "1") not in ("", "0")
+        self._abort_job = env.flag(env.NCCL_ABORT_ENV, default=True)
         self._host = MPICommunicator(mpi_comm)
         self._error: str | None = None
         self._closed = False
@@ -237,8 +232,6 @@ class NCCLCommunicator(Communicator):
         try:
             infos = _agreed_infos
             if infos is None:  # constructed directly: agree here (init() already did)
-                from . import agreement
-
                 infos = agreement.gather(boot, "nccl", device)
                 agreement.decide("nccl", infos)  # raises on every rank alike
             self.device_id = int(infos[self.rank]["gpu"])
@@ -323,8 +316,6 @@ class NCCLCommunicator(Communicator):
             pass
         self._closed = True
         if self._abort_job:
-            from ..fault import abort_job
-
             abort_job(None, 1, self._error)  # MPI_Abort, never returns
         print(f"cupysyncbn (rank {self.rank}): {self._error}", file=sys.stderr, flush=True)
 

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import CommunicatorError
-from ..fault import shared_watchdog
+from ..runtime.watchdog import shared_watchdog
 from .base import Communicator
 
 __all__ = ["PaddleCommunicator", "communicator_for", "is_paddle_group", "paddle_initialized"]

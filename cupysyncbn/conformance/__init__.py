@@ -54,6 +54,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from ..arrays.dlpack import to_native
+
 __all__ = [
     "DATA_DIR",
     "QUANTITIES",
@@ -217,8 +219,6 @@ def load_impl(spec: str) -> Callable:
 def _host(v: Any) -> np.ndarray:
     """Any array (NumPy, CuPy, torch, DLPack) as a float64 NumPy array."""
     if not isinstance(v, np.ndarray) and hasattr(v, "__dlpack__"):
-        from ..interop.dlpack import to_native
-
         v = to_native(v)
     if hasattr(v, "get") and type(v).__module__.startswith("cupy"):
         v = v.get()

@@ -29,6 +29,8 @@ import sys
 import time
 from typing import Any, Callable
 
+from ..runtime.env import collective_timeout, launched_size
+from ..runtime.watchdog import abort_job
 from . import case_files, format_table, load_case, load_impl, run_suite
 
 DEFAULT_IMPL = "cupysyncbn.conformance.impls:cupysyncbn_layer"
@@ -46,8 +48,6 @@ def _no_hang(impl: Callable, comm: Any, spec: str) -> Callable:
     collective timeout (``CUPYSYNCBN_TIMEOUT``). Past that, the other ranks
     are stuck inside the implementation, and the job is aborted.
     """
-    from ..fault import abort_job, collective_timeout
-
     sync = comm.Dup()
 
     def wrapped(case: dict, rank: int, size: int) -> Any:
@@ -128,8 +128,6 @@ def main(argv: list[str] | None = None) -> int:
     """Run the suite; return the exit status (0: all pass)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
-    from ..comm import launched_size
-
     launched = launched_size()
     if args.ranks is not None and args.ranks < 1:
         print("--ranks must be >= 1", file=sys.stderr)

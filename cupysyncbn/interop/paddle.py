@@ -43,10 +43,10 @@ from paddle.autograd import PyLayer
 from paddle.nn.layer.norm import _BatchNormBase
 
 from .. import functional as F
-from .. import protocol
-from ..comm import as_communicator
+from .._sync.state import SyncState
+from ..arrays.dlpack import to_native
 from ..comm.base import LOCAL
-from .dlpack import to_native
+from ..comm.select import as_communicator
 from .shared_comm import SharedComm
 
 __all__ = ["SyncBatchNorm", "convert_sync_batchnorm", "batch_norm"]
@@ -154,7 +154,7 @@ def batch_norm(
     name: str | None = None,
     *,
     comm: Any = None,
-    sync_state: F.SyncState | None = None,
+    sync_state: SyncState | None = None,
 ) -> paddle.Tensor:
     """Synchronized ``paddle.nn.functional.batch_norm``.
 
@@ -319,10 +319,8 @@ class SyncBatchNorm(paddle.nn.SyncBatchNorm):
         # init_parallel_env() may run after the model is built); anything else
         # is resolved now so a bad ``comm`` fails at construction.
         self._comm_ref = SharedComm(None if comm is None else as_communicator(comm))
-        # identity on every rank: order of construction (see cupysyncbn.protocol)
-        self._sync_state = F.SyncState(
-            ordinal=protocol.next_construction_ordinal(self._comm_ref.comm)
-        )
+        # identity on every rank: order of construction (see cupysyncbn._sync.protocol)
+        self._sync_state = SyncState.for_layer(self._comm_ref.comm)
         self._act: str | None = None  # set when converted from paddle.nn.BatchNorm(act=...)
 
     @property
@@ -333,7 +331,7 @@ class SyncBatchNorm(paddle.nn.SyncBatchNorm):
     @comm.setter
     def comm(self, comm: Any) -> None:
         self._comm_ref = SharedComm(None if comm is None else as_communicator(comm))
-        self._sync_state = F.SyncState()
+        self._sync_state = SyncState()
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
         """Normalize ``x`` with global-batch statistics (training) or running ones (eval)."""

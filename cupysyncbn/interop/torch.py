@@ -38,9 +38,10 @@ from torch.autograd.function import once_differentiable
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import functional as F
-from .. import fused_passes, protocol
+from .._sync import fused
+from .._sync.state import SyncState, workspace
+from ..arrays.dlpack import from_native, to_native
 from ..backends import get_backend
-from .dlpack import from_native, to_native
 from .shared_comm import SharedComm
 from .state_dict import momentum_torch_to_paddle, paddle_to_torch, torch_to_paddle
 
@@ -160,7 +161,7 @@ def forward_arrays(
     momentum: float | None,
     eps: float,
     comm: Any = None,
-    sync_state: F.SyncState | None = None,
+    sync_state: SyncState | None = None,
 ) -> tuple[Any, F.ForwardContext]:
     """The adapter's forward on NumPy or CuPy arrays (PyTorch conventions).
 
@@ -229,7 +230,7 @@ def backward_arrays(
     return F.batch_norm_backward(dy, ctx, need_param_grads=need_param_grads)
 
 
-def _batches_before(count: Any, state: F.SyncState | None, *vectors: Any) -> int:
+def _batches_before(count: Any, state: SyncState | None, *vectors: Any) -> int:
     """The host count for ``momentum=None``; on the fused path set on the device instead.
 
     The fused kernels average over a device count of the layer (which, in
@@ -241,9 +242,9 @@ def _batches_before(count: Any, state: F.SyncState | None, *vectors: Any) -> int
     backend = get_backend(count, "num_batches_tracked")
     present = [v for v in vectors if v is not None]
     pdt = np.dtype(present[0].dtype) if present else np.dtype(np.float32)
-    if state is None or not F._fused_ok(backend, pdt, *present):
+    if state is None or not fused.applies(backend, pdt, *present):
         return int(count)  # a CPU tensor (free), or the unfused GPU path (which syncs)
-    ws = fused_passes.workspace(state, backend, vectors[2].shape[0])
+    ws = workspace(state, backend, vectors[2].shape[0])
     ws.nbt[1:] = count
     ws.nbt_host = 0
     return 0
@@ -307,7 +308,7 @@ def batch_norm(
     *,
     comm: Any = None,
     num_batches_tracked: torch.Tensor | None = None,
-    sync_state: F.SyncState | None = None,
+    sync_state: SyncState | None = None,
 ) -> torch.Tensor:
     """Synchronized ``torch.nn.functional.batch_norm``.
 
@@ -449,14 +450,14 @@ class SyncBatchNorm(_BatchNorm):
             dtype=dtype, **extra,
         )
         self.comm = comm
-        # identity on every rank: order of construction (see cupysyncbn.protocol)
-        self._sync_state = F.SyncState(ordinal=protocol.next_construction_ordinal(comm))
+        # identity on every rank: order of construction (see cupysyncbn._sync.protocol)
+        self._sync_state = SyncState.for_layer(comm)
 
     def __getstate__(self) -> dict:
         # A copy (pickle, deepcopy) is a new layer: it agrees on its own layer
         # id and shift with its group at its first pass.
         state = dict(super().__getstate__())
-        state["_sync_state"] = F.SyncState()
+        state["_sync_state"] = SyncState()
         return state
 
     @property

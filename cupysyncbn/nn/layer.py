@@ -5,80 +5,28 @@ registration of parameters, buffers and sub-layers by attribute assignment,
 recursive train/eval, dotted-name state dicts (the live arrays, loaded in
 place), gradient clearing, device or dtype moves, ``apply`` and forward hooks.
 There is no autograd: layers implement ``forward`` and ``backward`` by hand,
-and :func:`no_grad` tells them not to keep what a backward would need.
+and :func:`cupysyncbn.modes.no_grad` tells them not to keep what a backward
+would need.
 """
 
 from __future__ import annotations
 
-import functools
 import itertools
-import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 
+from ..arrays.devices import device_of, move_array, parse_device, to_host
+from ..arrays.dtypes import native_byteorder, native_dtype, parse_param_dtype
+
 __all__ = [
     "Parameter",
     "ParamAttr",
     "Layer",
     "HookRemoveHelper",
-    "NoPendingForwardError",
-    "no_grad",
-    "is_grad_enabled",
 ]
-
-_grad_mode = threading.local()
-
-
-def is_grad_enabled() -> bool:
-    """False inside :func:`no_grad` (in this thread), True otherwise."""
-    return getattr(_grad_mode, "enabled", True)
-
-
-class no_grad:
-    """Context manager (or decorator) under which forwards keep no backward context.
-
-    Layers normally keep, for every forward, what the matching ``backward``
-    needs (the input among it). Inside ``with cupysyncbn.no_grad():`` they
-    keep nothing, so evaluation or statistics-only loops hold no memory and a
-    later ``backward`` cannot pick up one of their forwards. Training-mode
-    forwards still update running statistics (as in PyTorch). The mode is
-    per thread and nests.
-
-    Examples
-    --------
-    >>> import numpy as np, cupysyncbn as sbn
-    >>> bn = sbn.BatchNorm1D(3)
-    >>> with sbn.no_grad():
-    ...     y = bn(np.ones((4, 3), "float32"))
-    """
-
-    def __enter__(self) -> no_grad:
-        self._prev = is_grad_enabled()
-        _grad_mode.enabled = False
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        _grad_mode.enabled = self._prev
-
-    def __call__(self, fn: Callable) -> Callable:
-        @functools.wraps(fn)
-        def inner(*args: Any, **kwargs: Any) -> Any:
-            with no_grad():
-                return fn(*args, **kwargs)
-
-        return inner
-
-
-class NoPendingForwardError(RuntimeError, ValueError):
-    """``backward`` found no pending forward context (a ``RuntimeError``).
-
-    Also a ``ValueError`` so that code written for earlier versions, which
-    raised ``ValueError`` for a backward before forward, keeps working.
-    """
-
 
 class HookRemoveHelper:
     """Handle returned by the ``register_forward_*_hook`` methods; ``remove()`` detaches."""
@@ -147,7 +95,7 @@ class Parameter:
 
     def numpy(self) -> np.ndarray:
         """A host (NumPy) copy of :attr:`data`."""
-        return _to_host(self.data)
+        return to_host(self.data)
 
     def __repr__(self) -> str:
         return (
@@ -194,9 +142,9 @@ class ParamAttr:
         if init is None:
             return np.full(shape, default, dtype=dtype)
         if callable(init):
-            value = np.asarray(_to_host(init(shape, dtype)), dtype=dtype)
+            value = np.asarray(to_host(init(shape, dtype)), dtype=dtype)
         else:
-            value = np.asarray(_to_host(init), dtype=dtype)
+            value = np.asarray(to_host(init), dtype=dtype)
             if value.ndim == 0:
                 value = np.full(shape, value, dtype=dtype)
         if value.shape != tuple(shape):
@@ -205,15 +153,6 @@ class ParamAttr:
                 f" {tuple(shape)}"
             )
         return value.copy()
-
-
-def _to_host(a: Any) -> np.ndarray:
-    if isinstance(a, np.ndarray):
-        return a
-    get = getattr(a, "get", None)
-    if callable(get) and type(a).__module__.startswith("cupy"):
-        return get()
-    return np.asarray(a)
 
 
 class Layer:
@@ -491,13 +430,9 @@ class Layer:
         Layer
             self.
         """
-        from .devices import move_array, parse_device
-
         dev = parse_device(device) if device is not None else None
         dt = None
         if dtype is not None:
-            from .dtypes import parse_param_dtype
-
             dt = parse_param_dtype(dtype)
         for layer in self.sublayers(include_self=True):
             for p in layer._parameters.values():
@@ -594,8 +529,6 @@ def _check_child_name(name: str) -> str:
 
 def _validated(key: str, value: Any, current: Any) -> Any:
     """Check ``value`` against ``current`` and return it on ``current``'s device."""
-    from .devices import device_of, move_array
-
     if not hasattr(value, "shape") or not hasattr(value, "dtype"):
         try:
             value = np.asarray(value)
@@ -603,9 +536,7 @@ def _validated(key: str, value: Any, current: Any) -> Any:
             raise TypeError(
                 f"state_dict[{key!r}] must be an array; got {type(value).__name__}"
             ) from None
-    from .dtypes import native_dtype, to_native
-
-    value = to_native(value)  # big-endian checkpoints load like native ones
+    value = native_byteorder(value)  # big-endian checkpoints load like native ones
     vdt = native_dtype(value.dtype)
     cdt = np.dtype(current.dtype)
     if tuple(value.shape) != tuple(current.shape):
@@ -629,7 +560,7 @@ def _check_counter(key: str, value: Any, cdt: np.dtype) -> None:
     """Counters (``num_batches_tracked``) are integers in ``[0, max of cdt]``."""
     if np.dtype(value.dtype).kind not in "iu":
         raise TypeError(f"state_dict[{key!r}] must hold integers; got {value.dtype}")
-    host = np.asarray(_to_host(value))
+    host = np.asarray(to_host(value))
     if host.size and (int(host.min()) < 0 or int(host.max()) > np.iinfo(cdt).max):
         raise ValueError(
             f"state_dict[{key!r}] must be an integer in [0, {np.iinfo(cdt).max}] (a count"

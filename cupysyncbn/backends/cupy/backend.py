@@ -1,6 +1,6 @@
 """CuPy backend: the batch-norm primitives as our own CUDA kernels.
 
-Kernels come from ``kernels/*.cu`` (see :mod:`.kernel_source`), compiled with
+Kernels come from ``kernels/*.cu`` (see :mod:`.kernels`), compiled with
 ``cupy.RawModule`` (C++ templates selected by name expressions) once per
 process and device; CuPy's on-disk cache makes later processes cheap.
 Everything is launched on the current CuPy stream and nothing here
@@ -27,8 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from . import kernel_source as ks
-from .channel_math import ChannelMath
+from ..channel_math import ChannelMath
+from . import kernels as ks
 
 __all__ = ["CupyBackend", "get_cupy_backend"]
 

@@ -46,16 +46,14 @@ layer its id.
 from __future__ import annotations
 
 import functools
-import threading
 from typing import Any
 
 import numpy as np
 
-from .errors import CollectiveMismatchError, RemoteInputError
+from ..comm.mpi import MPICommunicator
+from ..errors import CollectiveMismatchError, RemoteInputError
 
 __all__ = [
-    "local_eval",
-    "eval_is_counted",
     "HEADER",
     "PHASE_HANDSHAKE",
     "PHASE_MEAN",
@@ -135,8 +133,6 @@ def _group_key(comm: Any) -> Any:
     if fn is not None:
         return fn()
     if hasattr(comm, "Set_attr"):  # a raw mpi4py communicator (adapters keep those)
-        from .comm.mpi import MPICommunicator
-
         return MPICommunicator(comm).group_key()
     return ("object", id(comm))
 
@@ -366,44 +362,3 @@ def handshake(
     head = _header(0, PHASE_HANDSHAKE, kind, num_features, layer, 0, ident, evals)
     buf = comm.allreduce_sum(make_buffer(head))
     check_header(to_host(buf), PHASE_HANDSHAKE, comm.size, exc)
-
-
-_eval_mode = threading.local()
-
-
-def eval_is_counted() -> bool:
-    """False inside :class:`local_eval` (in this thread), True otherwise."""
-    return getattr(_eval_mode, "depth", 0) == 0
-
-
-class local_eval:
-    """Eval forwards inside this block are not counted in the header.
-
-    Every eval-mode forward of a synchronized layer advances its eval counter,
-    so one rank in eval mode while the others train is caught at the next
-    synchronized pass. A program in which only some ranks evaluate on purpose
-    (rank 0 runs the validation set, say) wraps that evaluation in
-    ``with cupysyncbn.local_eval():`` (per thread; usable as a decorator).
-    Training forwards inside the block are synchronized as usual.
-
-    Examples
-    --------
-    >>> import cupysyncbn as sbn
-    >>> with sbn.local_eval():
-    ...     pass  # model.eval(); validate(model); model.train()
-    """
-
-    def __enter__(self) -> local_eval:
-        _eval_mode.depth = getattr(_eval_mode, "depth", 0) + 1
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        _eval_mode.depth -= 1
-
-    def __call__(self, fn: Any) -> Any:
-        @functools.wraps(fn)
-        def inner(*args: Any, **kwargs: Any) -> Any:
-            with local_eval():
-                return fn(*args, **kwargs)
-
-        return inner

@@ -33,13 +33,13 @@ so ``import cupysyncbn`` and CPU-only machines never pay for it.
 from __future__ import annotations
 
 import ctypes
-import os
 import sys
 import threading
 import warnings
 from typing import Any
 
-from .fault import LOCAL_RANK_VARS as _LOCAL_RANK_VARS
+from ..arrays.devices import parse_device
+from .env import DEVICE_ENV, env_local_rank, launched_size, text
 
 __all__ = [
     "set_device",
@@ -52,11 +52,6 @@ __all__ = [
     "parse_placement",
 ]
 
-DEVICE_ENV = "CUPYSYNCBN_DEVICE"
-#: Launcher variables holding the node-local rank of the whole job (the one
-#: list of process-manager variables lives in :mod:`cupysyncbn.fault`).
-LOCAL_RANK_VARS = _LOCAL_RANK_VARS
-
 _lock = threading.RLock()
 _requested: str | None = None  # set_device()'s value; None: the environment's, else 'auto'
 _gpu: int | None = None  # this process's GPU, once chosen
@@ -67,37 +62,23 @@ _count: int | None = None  # GPUs CuPy sees, once asked
 def parse_placement(device: Any, argname: str = "device") -> str:
     """Normalize a placement to ``'auto'``, ``'cpu'``, ``'gpu'`` or ``'gpu:N'``.
 
-    Accepts those, ``'cuda'``/``'cuda:N'`` and a bare GPU index (int or digits).
+    Accepts those, ``'cuda'``/``'cuda:N'`` and a bare GPU index (int or digits)
+    (:func:`cupysyncbn.arrays.devices.parse_device`, spelled the placement way).
 
     Raises
     ------
     ValueError
         For anything else (the message names ``argname``).
     """
-    if isinstance(device, bool):
-        pass
-    elif isinstance(device, int) and device >= 0:
-        return f"gpu:{device}"
-    elif isinstance(device, str):
-        d = device.strip().lower()
-        if d.startswith("cuda"):
-            d = "gpu" + d[4:]
-        if d in ("auto", "cpu", "gpu"):
-            return d
-        if d.isdigit():
-            return f"gpu:{int(d)}"
-        if d.startswith("gpu:") and d[4:].isdigit():
-            return f"gpu:{int(d[4:])}"
-    raise ValueError(
-        f"{argname} must be 'auto', 'cpu', 'gpu' or 'gpu:N' (N a GPU index); got {device!r}"
-    )
+    d = parse_device(device, argname, allow_auto=True)
+    return "gpu" + d[4:] if d.startswith("cuda") else d
 
 
 def requested() -> str:
     """The placement asked for: ``set_device``'s, else ``CUPYSYNCBN_DEVICE``'s, else 'auto'."""
     if _requested is not None:
         return _requested
-    raw = os.environ.get(DEVICE_ENV, "").strip()
+    raw = text(DEVICE_ENV)
     return parse_placement(raw, DEVICE_ENV) if raw else "auto"
 
 
@@ -113,7 +94,7 @@ def _driver_present() -> bool:
     return False
 
 
-def _cupy() -> Any:
+def cupy_module() -> Any:
     """The ``cupy`` module if it can see GPUs here, else None (never raises)."""
     cp = sys.modules.get("cupy")
     if cp is not None:  # already imported (by the user, or a test's stand-in)
@@ -132,7 +113,7 @@ def visible_gpu_count() -> int:
     """GPUs CuPy sees in this process (0 without CuPy, driver or GPU); cached."""
     global _count
     if _count is None:
-        cp = _cupy()
+        cp = cupy_module()
         n = 0
         if cp is not None:
             try:
@@ -147,7 +128,7 @@ def gpu_identity(device: int) -> str:
     """``host/PCI-bus-id`` of GPU ``device``: equal for two ranks on the same GPU."""
     import socket
 
-    cp = _cupy()
+    cp = cupy_module()
     try:
         bus = str(cp.cuda.runtime.deviceGetPCIBusId(device))
     except Exception:  # pragma: no cover - very old CuPy
@@ -207,16 +188,10 @@ def choose_gpu(ndev: int, local_rank: int | None, forced: int | None = None) -> 
     return (local_rank or 0) % ndev
 
 
-def _launched_size() -> int:
-    from .comm import launched_size
-
-    return launched_size()
-
-
 def node_local_rank() -> int:
     """The rank of this process among the job's processes on its node; cached.
 
-    From the launcher's variable (see :data:`LOCAL_RANK_VARS`) when set;
+    From the launcher's variable (see :data:`.env.LOCAL_RANK_VARS`) when set;
     otherwise, in a job of several processes, from ``MPI.COMM_WORLD`` split
     by shared memory (collective over the whole job); 0 for one process.
     """
@@ -224,14 +199,13 @@ def node_local_rank() -> int:
     with _lock:
         if _local_rank is not None:
             return _local_rank
-        for var in LOCAL_RANK_VARS:
-            raw = os.environ.get(var, "").strip()
-            if raw.isdigit():
-                _local_rank = int(raw)
-                return _local_rank
+        from_env = env_local_rank()
+        if from_env is not None:
+            _local_rank = from_env
+            return _local_rank
         mpi = sys.modules.get("mpi4py.MPI")
         initialized = mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized()
-        if initialized or _launched_size() > 1:
+        if initialized or launched_size() > 1:
             from mpi4py import MPI
 
             world = MPI.COMM_WORLD
@@ -267,7 +241,7 @@ def this_rank_gpu() -> int:
                 raise ValueError(f"no GPU visible to this process ({_no_gpu_reason()})")
             local = None if forced is not None or ndev == 1 else node_local_rank()
             _gpu = choose_gpu(ndev, local, forced)
-        _cupy().cuda.Device(_gpu).use()  # per thread in CUDA: repeat where asked
+        cupy_module().cuda.Device(_gpu).use()  # per thread in CUDA: repeat where asked
         return _gpu
 
 

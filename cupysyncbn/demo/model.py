@@ -22,8 +22,15 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .container import Sequential
-from .layer import Layer, Parameter
+from ..nn.container import Sequential
+from ..nn.layer import Layer, Parameter
+
+#: The three runs the demo compares, as its report and figure name them.
+LABELS = {
+    "global": "one process, global batch",
+    "sync": "SyncBN across ranks",
+    "local": "local BN per rank",
+}
 
 IN_CH, HW, HIDDEN_CONV, HIDDEN_FC, CLASSES = 4, 8, 16, 32, 4
 

@@ -3,7 +3,7 @@
 On the fused (GPU) path the reduced header of each synchronized pass is
 checked by the kernel that consumes it (``kernels/fused.cu``). A bad verdict
 is latched into a small device ``status`` vector: ``[flag, phase, header]``
-with flag 1 for a header that :func:`cupysyncbn.protocol.check_header` rejects
+with flag 1 for a header that :func:`cupysyncbn._sync.protocol.check_header` rejects
 and flag 2 for an unbiased running variance over a global count of 1. After
 the pass the status is copied into pinned host memory and an event is
 recorded, both asynchronously; the host looks at the copy at the start of the
@@ -19,29 +19,31 @@ in a collective.
 
 from __future__ import annotations
 
-import os
 import weakref
 from typing import Any
 
 import numpy as np
 
+from ..backends.channel_math import UNBIASED_COUNT_1
+from ..errors import CollectiveMismatchError
+from ..runtime import env
 from . import protocol
-from .backends.channel_math import UNBIASED_COUNT_1
-from .errors import CollectiveMismatchError
 
-__all__ = ["DeviceStatus", "check_errors", "STRICT_SYNC_ENV", "strict_sync_default"]
-
-#: ``CUPYSYNCBN_STRICT_SYNC=1`` reads every pass's verdict at once (a host sync).
-STRICT_SYNC_ENV = "CUPYSYNCBN_STRICT_SYNC"
+__all__ = ["DeviceStatus", "check_errors", "strict_sync", "strict_sync_default"]
 
 STATUS_SIZE = 2 + protocol.HEADER
 _LIVE: weakref.WeakSet = weakref.WeakSet()
 
 
-
 def strict_sync_default() -> bool:
-    """``strict_sync`` when neither ``init`` nor the communicator sets it."""
-    return os.environ.get(STRICT_SYNC_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+    """``strict_sync`` when neither ``init`` nor the communicator sets it (the environment)."""
+    return env.flag(env.STRICT_SYNC_ENV)
+
+
+def strict_sync(comm: Any) -> bool:
+    """Whether passes over ``comm`` read the device verdict at once."""
+    strict = getattr(comm, "strict_sync", None)
+    return strict_sync_default() if strict is None else bool(strict)
 
 
 def _raise_verdict(host: np.ndarray, size: int) -> None:

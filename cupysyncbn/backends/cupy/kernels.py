@@ -2,11 +2,9 @@
 
 The ``.cu``/``.cuh`` files live in the repository's top-level ``kernels/``
 folder and ship inside the wheel as ``cupysyncbn/kernels`` (package data).
-:func:`kernel_dir` finds the installed copy first and falls back to the
-source checkout (an editable install does not expose the package-data
-mapping). :func:`read_source` returns a file with its local ``#include
-"..."`` lines inlined, so the text is self-contained: the same string is
-compiled by ``cupy.RawModule`` and by the NVRTC tests, and CuPy's compile
+:func:`kernel_dir` is the one place that finds them. :func:`read_source`
+returns a file with its local ``#include "..."`` lines inlined, so the text
+is self-contained: the same string is compiled by ``cupy.RawModule`` and by the NVRTC tests, and CuPy's compile
 cache is keyed on everything the kernels depend on.
 
 Nothing here imports CuPy.
@@ -16,6 +14,7 @@ from __future__ import annotations
 
 import re
 from functools import cache
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -69,21 +68,32 @@ _INCLUDE = re.compile(r'^[ \t]*#[ \t]*include[ \t]*"([^"]+)"[ \t]*$', re.MULTILI
 
 
 def _candidates() -> list[Path]:
-    here = Path(__file__).resolve().parent.parent  # the cupysyncbn package
-    return [here / "kernels", here.parent / "kernels"]
+    """Where the sources may be, in the order :func:`kernel_dir` tries them."""
+    found = []
+    try:
+        # Resolved by the import system: the wheel's package data, or an
+        # editable install's mapping of ``cupysyncbn.kernels`` to ``kernels/``.
+        found.append(Path(str(resources.files("cupysyncbn.kernels"))))
+    except (ModuleNotFoundError, TypeError):
+        pass
+    # A source tree on sys.path without an install: the top-level kernels/.
+    found.append(Path(__file__).resolve().parents[3] / "kernels")
+    return found
 
 
 @cache
 def kernel_dir() -> Path:
-    """The folder holding the kernel sources.
+    """The folder holding the kernel sources: the one loader of the ``.cu`` files.
 
-    The installed package data (``cupysyncbn/kernels``) wins; a source
-    checkout's top-level ``kernels/`` is the fallback.
+    ``cupysyncbn.kernels`` as the import system finds it (the wheel ships the
+    top-level ``kernels/`` folder as that package; an editable install maps
+    it to the checkout's folder); in a source tree that is not installed,
+    the checkout's ``kernels/``.
 
     Raises
     ------
     FileNotFoundError
-        If neither location has the kernel files (a broken install).
+        If no location has the kernel files (a broken install).
     """
     for d in _candidates():
         if all((d / f).is_file() for f in KERNEL_FILES):

@@ -1,6 +1,6 @@
 """The demo's figure: loss curves and running-statistics drift of the three runs.
 
-Private to :mod:`cupysyncbn.demo`. Uses matplotlib's non-interactive Agg
+Part of :mod:`cupysyncbn.demo`. Uses matplotlib's non-interactive Agg
 backend, so it works on machines without a display.
 """
 
@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
+
+from .model import LABELS
 
 COLORS = {"global": "black", "sync": "tab:blue", "local": "tab:red"}
 
@@ -35,8 +37,6 @@ def plot(summary: dict, path: Path) -> bool:
     except ImportError:
         sys.stderr.write("matplotlib is not installed: no plot (pip install matplotlib)\n")
         return False
-    from .demo import LABELS
-
     c = summary["curves"]
     steps = np.arange(1, len(c["loss_global"]) + 1)
     k = max(1, len(steps) // 20)

@@ -6,7 +6,7 @@ The default for NumPy arrays whenever numba is importable (the ``fast`` extra:
 fallback and the reference.
 
 Why: batch norm is memory-bound, and NumPy needs several passes per formula
-(:mod:`.numpy_backend` explains the costs). Here every primitive is one loop
+(:mod:`..numpy` explains the costs). Here every primitive is one loop
 over the data: ``normalize`` reads x and writes y once, ``backward_reduce``
 reads x and dy once, ``backward_elemt`` reads both and writes dx once, and
 ``moments`` reads x once (float64 inputs: a second pass over a piece still
@@ -34,13 +34,13 @@ Accuracy (same contract as the NumPy backend, never worse):
   hits cache.
 * Every reduction accumulates in float64 (the NumPy backend sums up to 4096
   values in the compute dtype first). Channel-first rows are summed by the
-  explicit ``<8 x double>`` loops of :mod:`.numba_simd` (16 float64
+  explicit ``<8 x double>`` loops of :mod:`.simd` (16 float64
   accumulators in registers, a fixed order of additions, ``d*d`` and
   ``dy*(x-m)`` added with one rounding); channel-last rows narrower than
   :data:`WIDE` are regrouped into long rows, loops the compiler vectorizes without
   reassociating any sum, except rows of :data:`LONG_COLS` values and more
   (late-ResNet channels): blocks of 16 channels summed :data:`TILE_ROWS` rows
-  at a time in registers (:func:`.numba_simd.col_dev_sums`), where the
+  at a time in registers (:func:`.simd.col_dev_sums`), where the
   accumulator-array loops ran at a third of memory speed.
 * Elementwise formulas run in the compute dtype in the same order as the
   NumPy backend's channel-last path: ``(x - mean) * scale + bias`` and
@@ -57,7 +57,7 @@ hands an array out again only once nothing else refers to it (see
 :class:`OutputPool`): no page faults on fresh memory in a training loop.
 Outputs of :data:`STREAM_MIN_BYTES` and more are written with streamed
 (non-temporal) whole-line stores, bitwise the same values
-(:mod:`.numba_simd`; channel-first rows of at least a line, channel-last of
+(:mod:`.simd`; channel-first rows of at least a line, channel-last of
 any width; long channel-last rows a few rows per channel offset,
 :data:`TILE_MIN_BYTES`).
 
@@ -77,8 +77,9 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic, overload
 
-from .numba_channel import CHANNEL_KERNELS, NumbaChannelMath
-from .numba_simd import (
+from ..numpy import NumpyBackend
+from .channel import CHANNEL_KERNELS, NumbaChannelMath
+from .simd import (
     COLS,
     HW_F16,
     LINE,
@@ -93,7 +94,6 @@ from .numba_simd import (
     norm_vline_nt,
     store_fence,
 )
-from .numpy_backend import NumpyBackend
 
 __all__ = ["NumbaBackend", "BACKEND", "PIECE", "SHORT", "GROUP", "OutputPool", "POOL", "warm_up"]
 
@@ -111,7 +111,7 @@ BLOCK_VALUES = 1 << 16
 WIDE = 256
 #: Channel-last rows of at least this many values (late-ResNet C = 1024, 2048)
 #: are summed in blocks of ``COLS`` channels, ``TILE_ROWS`` rows at a time, in
-#: registers (:func:`.numba_simd.col_dev_sums`); shorter rows keep the
+#: registers (:func:`.simd.col_dev_sums`); shorter rows keep the
 #: accumulator-array loops, which are faster there.
 LONG_COLS = 1024
 #: Rows per register pass of a long-row channel-last block, and per channel
@@ -356,7 +356,7 @@ def _moments_cf(x, tab, mean, m2):  # noqa: ANN001, ANN202
 
     A piece is at most PIECE values of a long row, or of a channel's short
     rows (float16/float32: summed GROUP rows per loop; float64: GROUP rows,
-    two-pass) (:mod:`.numba_simd` sums them).
+    two-pass) (:mod:`.simd` sums them).
     """
     n, c, s = x.shape
     cnt = np.zeros(c, dtype=np.float64)
@@ -723,7 +723,7 @@ def _rows_per_wide(x: np.ndarray) -> int:
 
 
 def _vector_rows(x: np.ndarray) -> bool:
-    """True if :mod:`.numba_simd` can sum ``x``'s rows (float16 needs F16C)."""
+    """True if :mod:`.simd` can sum ``x``'s rows (float16 needs F16C)."""
     return x.dtype != np.float16 or HW_F16
 
 
@@ -770,12 +770,12 @@ class NumbaBackend(NumbaChannelMath, NumpyBackend):
     Same arrays, ``name`` and ``xp`` as the NumPy backend (results, buffers and
     error messages do not depend on which CPU backend runs); the four
     data-sized primitives differ, and the per-channel steps are compiled
-    (:mod:`.numba_channel`, bitwise the NumPy results).
+    (:mod:`.channel`, bitwise the NumPy results).
     """
 
     def moments(self, x: np.ndarray, channel_last: bool, cdt: Any) -> tuple[np.ndarray, np.ndarray]:
         """Local per-channel mean and M2, float64 (two-pass per cached piece, Chan merge)."""
-        # float16 without F16C: the NumPy backend (see numba_simd)
+        # float16 without F16C: the NumPy backend (see simd)
         if not _native(x) or not _vector_rows(x):
             return super().moments(x, channel_last, cdt)
         tab = _table(x)
@@ -919,10 +919,10 @@ def warm_up(dtypes: tuple[str, ...] = ("float16", "float32", "float64")) -> int:
     Every input dtype with each compute dtype it can meet (float32 and float64;
     float64 inputs only float64), channel-first short and long rows and
     channel-last, all four primitives and the streamed writers, and the
-    per-channel steps (:mod:`.numba_channel`) for both compute dtypes. Run it
+    per-channel steps (:mod:`.channel`) for both compute dtypes. Run it
     once where the cache lives, for instance when building a container image
     or before a large ``mpiexec`` job, so that no rank compiles:
-    ``python -m cupysyncbn.backends.numba_backend``.
+    ``python -m cupysyncbn.backends.numba``.
 
     Returns
     -------
@@ -953,7 +953,7 @@ def warm_up(dtypes: tuple[str, ...] = ("float16", "float32", "float64")) -> int:
                             _elemt_cl_stream(xb, xb, _table(x), p, p, p, p, out, bwd, False)
                         else:
                             _elemt_cf_stream(xb, xb, _table(x), v, v, v, v, out, bwd)
-    for cdt in (np.dtype(np.float32), _F64):  # the per-channel steps (numba_channel)
+    for cdt in (np.dtype(np.float32), _F64):  # the per-channel steps (channel)
         v64, vc = np.ones(3), np.ones(3, dtype=cdt)
         b.shifted_sums(2, v64, v64, v64)
         mean, var = b.merge_sums(2, v64, v64, v64, 3)
@@ -967,12 +967,3 @@ def warm_up(dtypes: tuple[str, ...] = ("float16", "float32", "float64")) -> int:
                _merge_groups, _add_groups, *CHANNEL_KERNELS)
     return sum(len(k.signatures) for k in kernels)
 
-
-if __name__ == "__main__":  # python -m cupysyncbn.backends.numba_backend
-    import sys
-    import time
-
-    t0 = time.perf_counter()
-    n = warm_up()
-    print(f"cupysyncbn: {n} numba kernel signatures compiled or loaded from the cache"
-          f" in {time.perf_counter() - t0:.1f} s", file=sys.stderr)

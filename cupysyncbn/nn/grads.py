@@ -11,8 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from .backends import get_backend
-from .comm import as_communicator
+from ..backends import get_backend
+from ..comm.select import as_communicator
 from .layer import Layer, Parameter
 
 __all__ = ["allreduce_gradients"]

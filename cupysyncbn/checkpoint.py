@@ -35,18 +35,15 @@ from typing import Any
 
 import numpy as np
 
+from .arrays.devices import to_host
+from .comm.select import as_communicator
 from .consistency import allreduce_host
-from .errors import SyncBatchNormError
-from .layer import _to_host
+from .errors import CheckpointError, RemoteInputError
 
 __all__ = ["save", "load", "CheckpointError"]
 
 _ZIP_MAGIC = b"PK\x03\x04"
 _NPY_MAGIC = b"\x93NUMPY"
-
-
-class CheckpointError(SyncBatchNormError, ValueError):
-    """A checkpoint file could not be read: truncated, corrupt or not numeric."""
 
 
 def _host_arrays(state_dict: Any) -> OrderedDict:
@@ -66,7 +63,7 @@ def _host_arrays(state_dict: Any) -> OrderedDict:
                 " names cannot hold it as it is: a NUL character?); rename it"
             )
         try:
-            host = np.asarray(_to_host(value))
+            host = np.asarray(to_host(value))
         except Exception as e:  # noqa: BLE001 - anything array-like that fails
             raise TypeError(
                 f"state_dict[{key!r}] is not an array ({type(e).__name__}: {e})"
@@ -113,8 +110,6 @@ def save(state_dict: dict, path: str | os.PathLike, comm: Any = None) -> None:
     """
     comm_ = None
     if comm is not None:
-        from .comm import as_communicator
-
         comm_ = as_communicator(comm)
     if comm_ is None or comm_.size == 1:
         _atomic_write(_host_arrays(state_dict), _check_path(path))
@@ -134,8 +129,6 @@ def save(state_dict: dict, path: str | os.PathLike, comm: Any = None) -> None:
     if own is not None:
         raise own
     if bad:
-        from .errors import RemoteInputError
-
         raise RemoteInputError(
             f"save: {int(bad)} rank(s) passed an invalid state_dict or path; nothing was"
             " written"

@@ -32,48 +32,26 @@ import threading
 import time
 from typing import Any
 
+from .env import (
+    DEFAULT_TIMEOUT,
+    TIMEOUT_ENV,
+    collective_timeout,
+    env_rank,
+    launched_size,
+    parse_timeout,
+)
+
 __all__ = [
     "install_abort_hook",
     "uninstall_abort_hook",
     "abort_job",
     "collective_timeout",
     "parse_timeout",
-    "RANK_VARS",
-    "SIZE_VARS",
-    "LOCAL_RANK_VARS",
-    "LAUNCHER_SIZE_VARS",
-    "LAUNCHER_RANK_VARS",
     "CollectiveWatchdog",
     "shared_watchdog",
     "TIMEOUT_ENV",
     "DEFAULT_TIMEOUT",
 ]
-
-#: Environment variable: seconds a collective may take before the job aborts.
-TIMEOUT_ENV = "CUPYSYNCBN_TIMEOUT"
-#: Default collective timeout in seconds (PyTorch's NCCL default is 10 minutes too).
-DEFAULT_TIMEOUT = 600.0
-
-#: Variables that process managers set, in the order they are trusted:
-#: MPICH/Hydra, Open MPI, PMIx, Slurm (the one list the package reads).
-RANK_VARS = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK")
-SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS", "SLURM_NTASKS")
-#: Node-local rank of the whole job, most specific first (an MPI launcher
-#: inside a Slurm allocation sets its own variable; ``SLURM_LOCALID`` is right
-#: only under ``srun``).
-LOCAL_RANK_VARS = (
-    "MPI_LOCALRANKID",  # MPICH / Intel MPI (Hydra)
-    "OMPI_COMM_WORLD_LOCAL_RANK",  # Open MPI
-    "MV2_COMM_WORLD_LOCAL_RANK",  # MVAPICH2
-    "PALS_LOCAL_RANKID",  # Cray PALS
-    "SLURM_LOCALID",  # srun
-    "LOCAL_RANK",  # torchrun, paddle.distributed.launch
-)
-
-#: Variables that framework launchers set without an MPI world: torchrun /
-#: torch.distributed.launch, paddle.distributed.launch.
-LAUNCHER_SIZE_VARS = ("WORLD_SIZE", "PADDLE_TRAINERS_NUM")
-LAUNCHER_RANK_VARS = ("RANK", "PADDLE_TRAINER_ID")
 
 _saved: dict[str, Any] = {}
 
@@ -85,10 +63,8 @@ def _rank_text() -> str:
             return f"rank {mpi.COMM_WORLD.Get_rank()}"
     except Exception:  # pragma: no cover - best effort only
         pass
-    for var in RANK_VARS:
-        if os.environ.get(var):
-            return f"rank {os.environ[var]}"
-    return "this process"
+    rank = env_rank()
+    return "this process" if rank is None else f"rank {rank}"
 
 
 def abort_job(comm: Any = None, errorcode: int = 1, message: str | None = None) -> None:
@@ -143,8 +119,6 @@ def _in_job(comm: Any) -> bool:
             return mpi.Is_initialized() and mpi.COMM_WORLD.Get_size() > 1
         except Exception:  # pragma: no cover
             return False
-    from .comm import launched_size
-
     return launched_size() > 1
 
 
@@ -205,51 +179,6 @@ def uninstall_abort_hook() -> None:
         sys.excepthook = _saved.pop("sys")
     if "thread" in _saved:
         threading.excepthook = _saved.pop("thread")
-
-
-def parse_timeout(raw: Any, name: str = TIMEOUT_ENV) -> float:
-    """Seconds from a timeout setting: a number >= 0 (``0`` disables).
-
-    The one parser of every cupysyncbn timeout (``CUPYSYNCBN_TIMEOUT``,
-    ``CUPYSYNCBN_NCCL_TIMEOUT``, a ``timeout=`` argument), so they all accept
-    and refuse the same values.
-
-    Raises
-    ------
-    ValueError
-        For anything that is not a finite or infinite number >= 0, naming ``name``.
-    """
-    if isinstance(raw, bool):
-        raise ValueError(f"{name} must be a number of seconds; got {raw!r}")
-    try:
-        value = float(raw.strip() if isinstance(raw, str) else raw)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number of seconds; got {raw!r}") from None
-    if not value >= 0:
-        raise ValueError(f"{name} must be >= 0 (0 disables); got {raw!r}")
-    return value
-
-
-def collective_timeout(env: str = TIMEOUT_ENV) -> float:
-    """The collective timeout in seconds from the environment (0: none).
-
-    Parameters
-    ----------
-    env : str
-        Variable to read; when it is unset or empty the package-wide
-        ``CUPYSYNCBN_TIMEOUT`` is used, and when that is unset too
-        :data:`DEFAULT_TIMEOUT`.
-
-    Raises
-    ------
-    ValueError
-        When the variable is set to something that is not a number >= 0.
-    """
-    for var in dict.fromkeys((env, TIMEOUT_ENV)):
-        raw = os.environ.get(var, "").strip()
-        if raw:
-            return parse_timeout(raw, var)
-    return DEFAULT_TIMEOUT
 
 
 class CollectiveWatchdog:

@@ -7,7 +7,7 @@
 * outputs and input gradients keep the input dtype;
 * non-native byte orders (big-endian ``>f4`` on a little-endian machine) are
   accepted wherever a dtype is checked and converted to the native order
-  (:func:`to_native`), so ``>f4`` behaves exactly like ``float32``.
+  (:func:`native_byteorder`), so ``>f4`` behaves exactly like ``float32``.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ __all__ = [
     "compute_dtype",
     "parse_param_dtype",
     "native_dtype",
-    "to_native",
+    "native_byteorder",
 ]
 
 PARAM_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
@@ -35,7 +35,7 @@ def native_dtype(dt: Any) -> np.dtype:
     return dt if dt.isnative else dt.newbyteorder("=")
 
 
-def to_native(a: Any) -> Any:
+def native_byteorder(a: Any) -> Any:
     """``a`` itself, or a native-byte-order copy of a NumPy array that is not native."""
     if isinstance(a, np.ndarray) and not a.dtype.isnative:
         return a.astype(native_dtype(a.dtype))

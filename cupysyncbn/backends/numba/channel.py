@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 from numba import njit
 
-from .channel_math import ChannelMath, momentum_weights, unbiased_ratio
+from ..channel_math import ChannelMath, momentum_weights, unbiased_ratio
 
 __all__ = ["NumbaChannelMath", "CHANNEL_KERNELS"]
 
@@ -186,5 +186,5 @@ class NumbaChannelMath(ChannelMath):
 _NO_WEIGHT = {dt: np.empty(0, dtype=dt) for dt in _FLOATS}
 _NO_SUMS = np.empty(0, dtype=_F64)
 
-#: The compiled per-channel kernels (``numba_backend.warm_up`` counts them).
+#: The compiled per-channel kernels (``backend.warm_up`` counts them).
 CHANNEL_KERNELS = (_shifted, _merge, _next_shift, _fwd_coef, _running, _bwd_coef)

@@ -8,21 +8,25 @@ the one-process communicator, ``SyncBatchNorm`` the group given by ``comm``
 
 from __future__ import annotations
 
-import contextlib
 import numbers
 from typing import Any
 
 import numpy as np
 
-from . import functional as F
-from . import protocol
-from .backends import get_backend
-from .comm import as_communicator
-from .comm.base import LOCAL, Communicator
-from .dtypes import parse_param_dtype
-from .formats import DataFormat, parse_data_format
-from .layer import Layer, NoPendingForwardError, ParamAttr, Parameter, is_grad_enabled
-from .validation import check_epsilon, check_momentum
+from .. import functional as F
+from .._sync import collective
+from .._sync.checks import check_epsilon, check_momentum
+from .._sync.state import SyncState
+from ..arrays.devices import device_of
+from ..arrays.dtypes import parse_param_dtype
+from ..arrays.formats import DataFormat, parse_data_format
+from ..backends import get_backend
+from ..comm.base import LOCAL, Communicator
+from ..comm.select import as_communicator
+from ..errors import NoPendingForwardError
+from ..modes import is_grad_enabled
+from ..runtime.placement import layer_device
+from .layer import Layer, ParamAttr, Parameter
 
 __all__ = ["BatchNorm1D", "BatchNorm2D", "BatchNorm3D", "SyncBatchNorm"]
 
@@ -110,8 +114,8 @@ class _BatchNormBase(Layer):
         # anything else is resolved now so a bad ``comm`` fails at construction.
         self._comm: Communicator | None = None if comm is None else as_communicator(comm)
         # The layer's identity on every rank: its order of construction among
-        # the layers of its communicator (protocol.next_construction_ordinal).
-        self._sync_state = F.SyncState(ordinal=protocol.next_construction_ordinal(self._comm))
+        # the layers of its communicator.
+        self._sync_state = SyncState.for_layer(self._comm)
         # Forward contexts awaiting their backward, most recent last (LIFO).
         self._pending: list[F.ForwardContext] = []
         self._dropped = 0  # contexts dropped by the bound, not yet asked for
@@ -119,16 +123,12 @@ class _BatchNormBase(Layer):
 
     def _place_new_layer(self) -> None:
         """Under ``set_device('auto'|'gpu'...)`` with a GPU, hold CuPy arrays there."""
-        from .placement import layer_device
-
         dev = layer_device()
         if dev is not None:
             self.to(dev)
         self._state_device = self._device_now()
 
     def _device_now(self) -> str:
-        from .devices import device_of
-
         return device_of(self.weight.data)
 
     # read-only views of the configuration ----------------------------------
@@ -329,19 +329,10 @@ class _BatchNormBase(Layer):
         if not (state.handshake_done and batch_stats and self.comm.synchronizes):
             raise err
         backend = get_backend(self.weight.data, "weight")
-        c = self._num_features
         dev = getattr(self.weight.data, "device", None)  # CuPy: the layer's GPU
-        with dev if hasattr(dev, "__enter__") else contextlib.nullcontext():
-            buf = backend.xp.zeros(protocol.HEADER + 2 * c, dtype=np.float64)
-        protocol.fill_header(
-            buf, 0, protocol.PHASE_BACKWARD, "other", c, state.layer_id, state.calls,
-            state.ident, state.evals,
-        )
-        state.calls += 1
-        buf = self.comm.allreduce_sum(buf)
-        protocol.check_header(
-            backend.to_host(buf[: protocol.HEADER]), protocol.PHASE_BACKWARD,
-            self.comm.size, err,
+        collective.backward_invalid(
+            self.comm, backend, state, self._num_features, ("other", err), device=dev,
+            remember=False,
         )
         raise err  # pragma: no cover - check_header raised
 

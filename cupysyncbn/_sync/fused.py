@@ -1,7 +1,7 @@
 """The synchronized passes on a fused backend (CuPy): launches, no host syncs.
 
-:mod:`cupysyncbn.functional` validates, then hands a pass to this module when
-the backend has the fused primitives (``backend.fused``). A steady-state
+:mod:`cupysyncbn.functional` validates (:mod:`._sync.checks`), then hands a
+pass to this module when the backend has the fused primitives (``backend.fused``). A steady-state
 training forward is::
 
     stats_partials -> fwd_pack -> ONE comm.allreduce_sum -> fwd_norm
@@ -15,7 +15,7 @@ and an eval forward one ``fwd_norm``. Per-layer workspaces (partials, the
 wire buffers, the shift, the status) live in the layer's :class:`SyncState`
 and are reused, so a steady-state pass allocates only its outputs and can be
 captured in a CUDA graph. The header verdict is read asynchronously
-(:mod:`cupysyncbn.deferred`).
+(:mod:`.device_status`).
 """
 
 from __future__ import annotations
@@ -24,69 +24,33 @@ from typing import Any
 
 import numpy as np
 
-from . import protocol
-from .backends.channel_math import momentum_weights
-from .deferred import DeviceStatus, strict_sync_default
+from ..backends.channel_math import momentum_weights
+from . import collective, protocol
+from .checks import Verdict
+from .device_status import strict_sync
+from .state import (
+    DeviceWorkspace,
+    ForwardContext,
+    ForwardResult,
+    SyncState,
+    workspace,
+    workspace_key,
+)
 
-__all__ = ["DeviceWorkspace", "workspace", "forward", "backward", "strict_sync"]
+__all__ = ["applies", "run_forward", "run_backward", "forward", "backward", "poll"]
 
 _F64 = np.dtype(np.float64)
+_F32 = np.dtype(np.float32)
 _F_TRAIN, _F_UPDATE, _F_UNBIASED, _F_CHECK, _F_SHIFT = 1, 2, 4, 8, 16
-
-
-class DeviceWorkspace:
-    """One layer's reusable device arrays on one device."""
-
-    def __init__(self, xp: Any, nf: int) -> None:
-        self.xp = xp
-        self.nf = nf
-        self._arrays: dict = {}
-        self.status = DeviceStatus(xp)
-        self.shift_next = xp.zeros(nf, dtype=_F64)
-        self.shift_used = xp.zeros(nf, dtype=_F64)
-        self.has_shift = False
-        # momentum=None: [batches before this pass, after it], counted on the
-        # device (an empty global batch does not count), and the host's
-        # num_batches_tracked the device count was last aligned with.
-        self.nbt = xp.zeros(2, dtype=_F64)
-        self.nbt_host: int | None = None
-
-    def __call__(self, key: str, size: int, dtype: Any) -> Any:
-        """A reusable 1-D array of at least ``size`` elements (a view of ``size``)."""
-        dtype = np.dtype(dtype)
-        a = self._arrays.get((key, dtype))
-        if a is None or a.size < size:
-            a = self.xp.empty(max(size, 1), dtype=dtype)
-            self._arrays[(key, dtype)] = a
-        return a[:size]
-
-
-def workspace(state: Any, backend: Any, nf: int) -> DeviceWorkspace:
-    """The layer's workspace for this device (an ephemeral one without a state)."""
-    if state is None:
-        return DeviceWorkspace(backend.xp, nf)
-    key = ("fused", backend.xp.cuda.Device().id, nf)
-    ws = state._buffers.get(key)
-    if ws is None:
-        ws = DeviceWorkspace(backend.xp, nf)
-        state._buffers[key] = ws
-    return ws
-
-
-def strict_sync(comm: Any) -> bool:
-    """Whether passes over ``comm`` read the device verdict at once."""
-    strict = getattr(comm, "strict_sync", None)
-    return strict_sync_default() if strict is None else bool(strict)
 
 
 def _ids(state: Any, sync: bool) -> tuple[int, int, int, int]:
     """``(layer, call, ident, evals)`` header values of the next pass (protocol)."""
     if state is None or not sync:
         return 0, 0, 0, 0
-    call = state.calls
-    state.calls += 1
+    layer, call, ident, evals = state.next_ids()
     m = protocol.CALL_MODULUS
-    return state.layer_id % m, call % m, state.ident % (4 * m), state.evals % m
+    return layer % m, call % m, ident % (4 * m), evals % m
 
 
 def _finish(ws: DeviceWorkspace, state: Any, comm: Any) -> None:
@@ -96,30 +60,19 @@ def _finish(ws: DeviceWorkspace, state: Any, comm: Any) -> None:
         ws.status.after_pass(comm.size)
 
 
-def poll(state: Any, backend: Any, nf: int) -> None:
+def poll(state: SyncState | None, backend: Any, nf: int) -> None:
     """Raise a bad verdict of the layer's previous pass (start of a pass)."""
     if state is not None:
-        ws = state._buffers.get(("fused", backend.xp.cuda.Device().id, nf))
+        ws = state.workspace(workspace_key(backend, nf))
         if ws is not None:
             ws.status.poll()
-
-
-def remember_own_error(state: Any, backend: Any, comm: Any, nf: int, exc: BaseException) -> None:
-    """Make the faulty rank raise its own input error again at its next pass.
-
-    Its peers learn of the error only at their next pass of the layer (the
-    deferred verdict) and leave that pass without a collective; so must it.
-    """
-    if state is None or not getattr(backend, "fused", False) or strict_sync(comm):
-        return
-    workspace(state, backend, nf).status.reraise = exc
 
 
 def forward(
     *, backend: Any, comm: Any, state: Any, v: Any, channel_last: bool, nf: int,
     n_local: int, cdt: np.dtype, pdt: np.dtype, vectors: tuple, training: bool,
     batch_stats: bool, momentum: float | None, epsilon: float, unbiased: bool,
-    num_batches_tracked: int, sync: bool, handshake: Any, inplace: bool,
+    num_batches_tracked: int, sync: bool, inplace: bool,
 ) -> tuple:
     """Run a forward; return ``(y_canonical, stats64, statc, new_rm, new_rv, updated)``."""
     xp = backend.xp
@@ -136,7 +89,7 @@ def forward(
     if state is not None:
         ws.status.poll()
     if sync:
-        handshake()
+        collective.handshake(comm, backend, state, nf, pdt)
     update = rm is not None and training
     nbt = None
     if update and momentum is None and state is not None:
@@ -226,3 +179,66 @@ def backward(
     if ws is not None and (sync or state is None):
         _finish(ws, state, comm)
     return dx, dweight, dbias
+
+
+def applies(backend: Any, param_dtype: np.dtype, *vectors: Any) -> bool:
+    """Whether a pass can run on the backend's fused kernels."""
+    if not getattr(backend, "fused", False) or param_dtype not in (_F32, _F64):
+        return False
+    return all(v is None or np.dtype(v.dtype) == param_dtype for v in vectors)
+
+
+def run_forward(
+    comm: Any, state: SyncState | None, x: Any, v: Any, vd: Verdict, vectors: tuple,
+    training: bool, batch_stats: bool, momentum: float | None, epsilon: float,
+    unbiased: bool, num_batches_tracked: int, sync: bool, inplace: bool,
+) -> ForwardResult:
+    """A forward on the fused kernels, as the functional API returns it."""
+    nf, pdt = vd.nf, vd.param_dtype
+    with x.device:
+        y, stats64, statc, new_rm, new_rv, updated = forward(
+            backend=vd.backend, comm=comm, state=state, v=v,
+            channel_last=vd.fmt.channel_last, nf=nf, n_local=v.size // nf if nf else 0,
+            cdt=vd.cdt, pdt=pdt, vectors=vectors, training=training,
+            batch_stats=batch_stats, momentum=momentum, epsilon=float(epsilon),
+            unbiased=unbiased, num_batches_tracked=num_batches_tracked, sync=sync,
+            inplace=inplace,
+        )
+    weight = vectors[0]
+    count = stats64[2 * nf] if batch_stats else 0
+    ctx = ForwardContext(
+        v, tuple(x.shape), np.dtype(x.dtype), vd.fmt, vd.backend, comm, statc[:nf],
+        statc[nf:], weight, count, batch_stats, pdt, state, fused=(stats64, statc, weight),
+    )
+    if not batch_stats:
+        return ForwardResult(y.reshape(x.shape), ctx, new_rm, new_rv)
+    return ForwardResult(
+        y.reshape(x.shape), ctx, new_rm, new_rv, stats64[:nf], stats64[nf : 2 * nf], count,
+        updated,
+    )
+
+
+def run_backward(
+    dy: Any, dyv: Any, ctx: ForwardContext, nf: int, sync: bool, need_param_grads: bool,
+    accumulate_into: tuple | None,
+) -> tuple[Any, Any, Any]:
+    """A backward on the fused kernels, as the functional API returns it."""
+    backend = ctx.backend
+    stats64, statc, weight = ctx.fused
+    acc = accumulate_into
+    if acc is not None and not (
+        need_param_grads and all(
+            g is not None and backend.owns(g) and g.shape == (nf,)
+            and np.dtype(g.dtype) == ctx.param_dtype and g.flags.c_contiguous
+            for g in acc)
+    ):
+        acc = None
+    with dy.device:
+        dx, dweight, dbias = backward(
+            backend=backend, comm=ctx.comm, state=ctx.sync_state, dyv=dyv, x=ctx.x,
+            channel_last=ctx.fmt.channel_last, nf=nf, n_local=ctx.x.size // nf if nf else 0,
+            stats64=stats64, statc=statc, weight=weight, pdt=ctx.param_dtype,
+            batch_stats=ctx.batch_stats, need_param_grads=need_param_grads, sync=sync,
+            accumulate_into=acc,
+        )
+    return dx.reshape(ctx.shape), dweight, dbias

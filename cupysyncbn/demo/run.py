@@ -1,10 +1,10 @@
-"""Why synchronized batch norm: the same training run three ways.
+"""The demo's job: the same training run three ways (``python -m cupysyncbn.demo``).
 
 Run it under MPI (the README's first command)::
 
     mpiexec -n 4 python -m cupysyncbn.demo --out demo_out
 
-Every rank trains a small network (:mod:`cupysyncbn._demo_model`) on a tiny
+Every rank trains a small network (:mod:`cupysyncbn.demo.model`) on a tiny
 slice (default 2 samples) of a global batch, three ways, in lock step:
 
 * **local BN**: each rank normalizes with its own 2-sample statistics
@@ -35,22 +35,20 @@ from typing import Any
 
 import numpy as np
 
-from . import _demo_model as dm
-from .comm import init
-from .comm.base import Communicator
-from .fault import install_abort_hook
-from .grads import allreduce_gradients
-from .norm import BatchNorm1D, BatchNorm2D, SyncBatchNorm
-from .placement import get_device, set_device
+from ..comm.base import Communicator
+from ..comm.select import init
+from ..nn.grads import allreduce_gradients
+from ..nn.norm import BatchNorm1D, BatchNorm2D, SyncBatchNorm
+from ..runtime.env import launched_size
+from ..runtime.placement import get_device, set_device
+from ..runtime.watchdog import install_abort_hook
+from . import model as dm
+from .model import LABELS
+from .plot import plot
 
 __all__ = ["main"]
 
 RUNS = ("global", "sync", "local")
-LABELS = {
-    "global": "one process, global batch",
-    "sync": "SyncBN across ranks",
-    "local": "local BN per rank",
-}
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -107,8 +105,6 @@ def _setup(device: str) -> tuple[Any, Communicator, str]:
 
 
 def _launched() -> bool:
-    from .comm import launched_size
-
     return launched_size() > 1
 
 
@@ -358,8 +354,6 @@ def main(argv: list[str] | None = None) -> int:
         args.out.mkdir(parents=True, exist_ok=True)
         path = args.out / "summary.json"
         if not args.no_plot:
-            from ._demo_plot import plot
-
             png = args.out / "demo.png"
             if plot(summary, png):
                 summary["plot"] = png.name
@@ -369,7 +363,3 @@ def main(argv: list[str] | None = None) -> int:
     print(_report(summary, files), flush=True)
     ok = summary["sync_equals_global"] and math.isfinite(summary["max_abs_diff_sync_vs_global"])
     return 0 if ok else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())
