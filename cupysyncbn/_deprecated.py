@@ -76,6 +76,19 @@ class _Alias(types.ModuleType):
                 return getattr(mod, attr)
         raise AttributeError(f"module {self.__name__!r} has no attribute {attr!r}")
 
+    def __setattr__(self, attr: str, value: Any) -> None:
+        # Writes go to the module that owns the name (monkeypatching an old
+        # path keeps patching the code that runs).
+        setattr(self._owner(attr), self._renames.get(attr, attr), value)
+
+    def __delattr__(self, attr: str) -> None:
+        delattr(self._owner(attr), self._renames.get(attr, attr))
+
+    def _owner(self, attr: str) -> types.ModuleType:
+        attr = self._renames.get(attr, attr)
+        mods = [importlib.import_module(t) for t in self._targets]
+        return next((m for m in mods if hasattr(m, attr)), mods[0])
+
     def __dir__(self) -> list[str]:
         names: set[str] = set()
         for target in self._targets:

@@ -9,7 +9,7 @@
 //   eval:     bn_fwd_norm_* alone (running statistics); bn_bwd_elemt_* alone.
 //
 // All per-channel math is float64 as on the host path, then cast to the
-// compute type A exactly where functional.py casts. The reduced header is
+// compute type A exactly where the unfused pass (_sync/passes.py) casts. The reduced header is
 // checked on the device and a bad verdict is latched into `status` (flag,
 // phase, copy of the header), which the host reads asynchronously and turns
 // into the same exception protocol.check_header raises.
@@ -218,7 +218,7 @@ __device__ __forceinline__ void fwd_channel(i64 C, int flags, const double* buf,
 //   mode 1: the first pass's mean pass: S = n * mean, Q = 0;
 //   mode 2: K = the mean pass's global mean (meanbuf, whose header is checked);
 //   mode 3: K = the local mean (unsynchronized: S = 0, Q = M2).
-// This rank's protocol header (cupysyncbn/protocol.py's slots), written by
+// This rank's protocol header (cupysyncbn/_sync/protocol.py's slots), written by
 // one thread of the pack kernels so the header needs no separate launch.
 __device__ inline void write_header(double* __restrict__ buf, sbn::i64 count, int phase,
                                     int err, sbn::i64 nf, sbn::i64 layer, sbn::i64 call,

@@ -38,8 +38,8 @@ KERNEL_LOAD = r"""
 import json, time
 t0 = time.perf_counter()
 import cupy
-from cupysyncbn.backends import kernel_source as ks
-from cupysyncbn.backends.cupy_backend import get_cupy_backend
+from cupysyncbn.backends.cupy import kernels as ks
+from cupysyncbn.backends.cupy.backend import get_cupy_backend
 cupy.cuda.Device(0).use()
 b = get_cupy_backend()
 t1 = time.perf_counter()

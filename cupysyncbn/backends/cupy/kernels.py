@@ -4,8 +4,8 @@ The ``.cu``/``.cuh`` files live in the repository's top-level ``kernels/``
 folder and ship inside the wheel as ``cupysyncbn/kernels`` (package data).
 :func:`kernel_dir` is the one place that finds them. :func:`read_source`
 returns a file with its local ``#include "..."`` lines inlined, so the text
-is self-contained: the same string is compiled by ``cupy.RawModule`` and by the NVRTC tests, and CuPy's compile
-cache is keyed on everything the kernels depend on.
+is self-contained: the same string is compiled by ``cupy.RawModule`` and by
+the NVRTC tests, and CuPy's compile cache is keyed on everything the kernels depend on.
 
 Nothing here imports CuPy.
 """
