@@ -52,7 +52,9 @@ MOVED: dict[str, tuple[str, tuple[str, ...], dict[str, str], str | None]] = {
     _P + "backends.cupy_backend": (_P + "backends.cupy.backend", (), {}, None),
     _P + "backends.kernel_source": (_P + "backends.cupy.kernels", (), {}, None),
     _P + "fault": (_P + "runtime.watchdog", (_P + "runtime.env",), {}, None),
-    _P + "placement": (_P + "runtime.placement", (), {"_cupy": "cupy_module"}, None),
+    _P + "placement": (
+        _P + "runtime.placement", (_P + "runtime.env",), {"_cupy": "cupy_module"}, None,
+    ),
     _P + "_demo_model": (_P + "demo.model", (), {}, None),
     _P + "_demo_plot": (_P + "demo.plot", (), {}, None),
 }

@@ -19,17 +19,18 @@ from typing import Any
 
 import numpy as np
 
+from ..comm.base import LOCAL
+from ..nn.norm import SyncBatchNorm as NativeSyncBatchNorm
+
 __all__ = ["cupysyncbn_layer", "local_batchnorm", "torch_adapter", "paddle_adapter"]
 
 
 def _run_layer(case: dict, comm: Any) -> dict:
-    import cupysyncbn as sbn
-
     xp = np
     if case.get("device", "cpu").startswith("cuda"):
         import cupy as xp  # noqa: N813 - the array module
     affine = case["affine"]
-    layer = sbn.SyncBatchNorm(
+    layer = NativeSyncBatchNorm(
         len(case["weight"]), epsilon=case["epsilon"], momentum=case["momentum"],
         weight_attr=None if affine else False, bias_attr=None if affine else False,
         data_format=case["format"], comm=comm,
@@ -57,15 +58,11 @@ def _run_layer(case: dict, comm: Any) -> dict:
 
 def cupysyncbn_layer(case: dict, rank: int, size: int) -> dict:
     """``cupysyncbn.SyncBatchNorm`` synchronized over ``case['comm']``."""
-    from cupysyncbn.comm.base import LOCAL
-
     return _run_layer(case, case["comm"] if case["comm"] is not None else LOCAL)
 
 
 def local_batchnorm(case: dict, rank: int, size: int) -> dict:
     """The same layer with a one-process communicator: per-rank statistics."""
-    from cupysyncbn.comm.base import LOCAL
-
     return _run_layer(case, LOCAL)
 
 
@@ -77,8 +74,7 @@ def torch_adapter(case: dict, rank: int, size: int) -> dict:
     """``cupysyncbn.interop.torch.SyncBatchNorm`` (PyTorch conventions) over ``case['comm']``."""
     import torch
 
-    from cupysyncbn.comm.base import LOCAL
-    from cupysyncbn.interop.torch import SyncBatchNorm
+    from ..interop.torch import SyncBatchNorm
 
     dtype = getattr(torch, case["dtype"])
     dev = "cuda" if case.get("device", "cpu").startswith("cuda") else "cpu"
@@ -126,8 +122,7 @@ def paddle_adapter(case: dict, rank: int, size: int) -> dict:
     """``cupysyncbn.interop.paddle.SyncBatchNorm`` (Paddle conventions) over ``case['comm']``."""
     import paddle
 
-    from cupysyncbn.comm.base import LOCAL
-    from cupysyncbn.interop.paddle import SyncBatchNorm
+    from ..interop.paddle import SyncBatchNorm
 
     place = "gpu" if case.get("device", "cpu").startswith("cuda") else "cpu"
     paddle.set_device(place)
