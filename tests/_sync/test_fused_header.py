@@ -8,11 +8,10 @@ paired in different orders, raise ``CollectiveMismatchError`` on both ranks.
 """
 
 import numpy as np
-import pytest
+import test_launch_budget as tlb  # the sibling module (same folder): its harness and fixture
 
 from cupysyncbn.errors import CollectiveMismatchError
 
-tlb = pytest.importorskip("test_launch_budget")
 cp = tlb.cp  # the module-scoped recording-CuPy fixture
 
 

@@ -1,7 +1,7 @@
 """GPU launch budget, proven without a GPU (issue 10).
 
 The real layer -> functional -> ``CupyBackend`` -> communicator path runs on
-the recording CuPy stand-in (:mod:`recording_cupy`: NumPy-backed arrays, our
+the recording CuPy stand-in (:mod:`support.recording_cupy`: NumPy-backed arrays, our
 kernels executed by the C++ emulation of the CUDA sources). Asserted per
 steady-state pass: our kernel launches, other CuPy operations, device->host
 copies and host synchronizations; and the results against the NumPy backend
@@ -13,6 +13,7 @@ import threading
 
 import numpy as np
 import pytest
+from support import cuda_emu, recording_cupy
 
 import cupysyncbn as sbn
 from cupysyncbn import protocol
@@ -20,8 +21,6 @@ from cupysyncbn.backends import kernel_source as ks
 from cupysyncbn.comm.base import Communicator, NoCommunicator
 from cupysyncbn.errors import RemoteInputError
 
-cuda_emu = pytest.importorskip("cuda_emu")
-recording_cupy = pytest.importorskip("recording_cupy")
 REC = recording_cupy.REC
 
 SHAPES = {  # (format, local shape builder from N)
@@ -402,7 +401,7 @@ def test_strict_sync_from_init_and_environment(monkeypatch):
 # --- The PyTorch adapter's array-level passes (cupysyncbn.interop.torch) ---
 #
 # Its autograd Function turns CUDA tensors into CuPy views by DLPack and calls
-# forward_arrays / backward_arrays (a test in test_interop_torch.py checks that
+# forward_arrays / backward_arrays (a test in interop/test_torch_adapter.py checks that
 # it does); here they run on stand-in CuPy arrays, with PyTorch's own
 # torch.nn.BatchNorm (float64, CPU) as the reference.
 

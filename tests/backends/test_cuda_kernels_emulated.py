@@ -10,14 +10,14 @@ backend (several blocks per channel in both directions, grid-stride loops
 over channels), the order and types of the launch arguments, and the
 float16/bfloat16 conversions. Results are compared with float64 truth
 (reductions) and the NumPy backend. Real-GPU behaviour (warp timing, memory
-model) is left to ``test_gpu_cupy.py``.
+model) is left to ``test_cupy_on_gpu.py``.
 """
 
 import ctypes
 
-import cuda_emu
 import numpy as np
 import pytest
+from support import cuda_emu
 
 from cupysyncbn.backends import NUMPY_BACKEND
 from cupysyncbn.backends import kernel_source as ks

@@ -10,7 +10,7 @@ has the memory, else 256M) against a float64 reference of its statistics.
 
 import numpy as np
 import pytest
-from bn_ref import ref_backward, ref_forward
+from support.bn_ref import ref_backward, ref_forward
 
 
 def _gpu_skip_reason():

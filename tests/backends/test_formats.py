@@ -6,9 +6,9 @@ of the input (2 to 5). Reference: float64 NumPy on the batch (``bn_ref``),
 whose channel axis is written out independently of ``cupysyncbn.formats``.
 """
 
-import bn_ref
 import numpy as np
 import pytest
+from support import bn_ref
 
 import cupysyncbn as sbn
 from cupysyncbn import functional as F

@@ -331,7 +331,7 @@ def test_both_cpu_backends_end_to_end(fmt, choice, monkeypatch):
     The suite's other tests run on the default (numba); this keeps the NumPy
     backend, the fallback and reference, checked end to end on every format.
     """
-    import bn_ref
+    from support import bn_ref
 
     monkeypatch.setattr(backends, "_CPU", {})
     monkeypatch.setenv(backends.CPU_BACKEND_ENV, choice)
@@ -662,7 +662,7 @@ def test_compiled_kernels_are_cached_on_disk(tmp_path):
     import json
     import subprocess
 
-    from mpi_runner import mpi_env
+    from support.mpi_runner import mpi_env
 
     env = mpi_env({"NUMBA_CACHE_DIR": str(tmp_path / "cache")})  # a cold cache of our own
     env.pop(backends.CPU_BACKEND_ENV, None)
@@ -696,7 +696,7 @@ import numpy as np
 from cupysyncbn.backends import get_backend
 from cupysyncbn.backends.numba_backend import NumbaBackend
 import cupysyncbn as sbn
-import bn_ref
+from support import bn_ref
 
 comm = sbn.init("mpi")
 rank, size = comm.rank, comm.size
@@ -744,7 +744,7 @@ print("NUMBA_MPI_OK", rank, worst, flush=True)
 
 @pytest.mark.mpi
 def test_mpi_training_step_numba(tmp_path):
-    from mpi_runner import run_mpi
+    from support.mpi_runner import run_mpi
 
     res = run_mpi(MPI_STEP, 3, timeout=240, tmp_path=tmp_path)
     assert res.stdout.count("NUMBA_MPI_OK") == 3, res.stdout + res.stderr

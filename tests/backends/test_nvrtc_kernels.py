@@ -14,16 +14,15 @@ import os
 import re
 import shutil
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 from cupy.cuda import nvrtc
+from support import ROOT
 
 from cupysyncbn.backends import kernel_source as ks
 
 pytestmark = pytest.mark.nvrtc
 
-ROOT = Path(__file__).resolve().parents[1]
 SUPPORTED = tuple(nvrtc.getSupportedArchs())
 LOWEST = 70 if 70 in SUPPORTED else min(a for a in SUPPORTED if a <= 90)
 ARCHS = tuple(a for a in SUPPORTED if LOWEST <= a <= 90)

@@ -18,11 +18,11 @@ from __future__ import annotations
 import json
 import re
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
-from mpi_runner import mpi_env, run_job
+from support import TESTS
+from support.mpi_runner import mpi_env, run_job
 
 torch = pytest.importorskip("torch")
 dist = pytest.importorskip("torch.distributed")
@@ -30,8 +30,6 @@ dist = pytest.importorskip("torch.distributed")
 import cupysyncbn as sbn  # noqa: E402
 from cupysyncbn import comm as cm  # noqa: E402
 from cupysyncbn.errors import CommunicatorError  # noqa: E402
-
-TESTS = Path(__file__).resolve().parent
 
 
 @pytest.fixture
@@ -159,7 +157,7 @@ sys.path.insert(0, sys.argv[2])
 import cupysyncbn as sbn
 from cupysyncbn.errors import RemoteInputError
 from cupysyncbn.interop import torch as ti
-import test_interop_torch_module_db as mdb
+from support import torch_module_db as mdb
 
 checks = {}
 
@@ -257,7 +255,7 @@ print("not reached", flush=True)
 
 @pytest.mark.mpi
 def test_torchrun_three_gloo_ranks_equal_torch_on_the_global_batch(tmp_path):
-    import test_interop_torch_module_db as mdb
+    from support import torch_module_db as mdb
 
     samples = mdb.module_db_samples()
     script = tmp_path / "torchrun_case.py"

@@ -5,9 +5,9 @@ Multi-rank behaviour is checked in-process with :class:`bn_ref.ThreadGroup`
 ``functional.batch_norm`` with autograd.
 """
 
-import bn_ref
 import numpy as np
 import pytest
+from support import bn_ref
 
 import cupysyncbn as sbn
 from cupysyncbn import functional as F

@@ -1,7 +1,7 @@
 """Paddle adapter (cupysyncbn.interop.paddle), one process, against paddle.nn.BatchNorm*D.
 
-Multi-process checks: tests/test_interop_paddle_mpi.py (mpiexec) and
-tests/test_interop_paddle_launch.py (python -m paddle.distributed.launch).
+Multi-process checks: tests/interop/test_paddle_adapter_mpi.py (mpiexec) and
+tests/interop/test_paddle_adapter_launch.py (python -m paddle.distributed.launch).
 """
 
 import copy
@@ -360,9 +360,10 @@ def test_paddle_own_syncbatchnorm_has_no_cpu_kernel():
 
 def test_packaging_has_the_paddle_extra():
     import configparser
-    from pathlib import Path
+
+    from support import ROOT
 
     cfg = configparser.ConfigParser()
-    cfg.read(Path(__file__).resolve().parents[1] / "setup.cfg")
+    cfg.read(ROOT / "setup.cfg")
     extras = cfg["options.extras_require"]
     assert "paddlepaddle" in extras["paddle"] and "paddlepaddle" in extras["test"]

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from mpi_runner import mpi_env, run_job
+from support.mpi_runner import mpi_env, run_job
 
 pytest.importorskip("paddle")
 
@@ -78,7 +78,7 @@ for dtype, fmt, comm, counts in configs:
         dist.all_reduce(gw); dist.all_reduce(gb)  # rank-summed parameter gradients
         rec("y", err(yl.numpy(), yr.numpy()[sl]))
         rec("dx", err(xl.grad.numpy(), xr.grad.numpy()[sl]))
-        r = dtype == "float32"  # float32 sums: relative (see test_interop_paddle_mpi)
+        r = dtype == "float32"  # float32 sums: relative (see test_paddle_adapter_mpi)
         rec("dweight_sum" + "_r" * r, err(gw.numpy(), ref.weight.grad.numpy(), rel=r))
         rec("dbias_sum" + "_r" * r, err(gb.numpy(), ref.bias.grad.numpy(), rel=r))
         rec("mean_rel", err(bn._mean.numpy(), ref._mean.numpy(), rel=True))

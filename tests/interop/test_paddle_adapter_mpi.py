@@ -5,7 +5,7 @@ with ``:paddle_adapter`` (importing Paddle takes seconds per rank).
 """
 
 import pytest
-from mpi_runner import run_mpi
+from support.mpi_runner import run_mpi
 
 from cupysyncbn import conformance as C
 

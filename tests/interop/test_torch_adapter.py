@@ -2,11 +2,10 @@
 
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
-from mpi_runner import run_mpi
+from support.mpi_runner import run_mpi
 
 torch = pytest.importorskip("torch")
 
@@ -94,7 +93,7 @@ def test_no_running_stats_and_buffers_are_kept_in_place():
 @pytest.mark.parametrize("momentum", [0.1, None])
 def test_module_runs_the_array_passes_the_launch_budget_tests_count(monkeypatch, momentum):
     """SyncBatchNorm's autograd Function is forward_arrays/backward_arrays on views of its
-    tensors (what test_launch_budget.py runs on the recording CuPy stand-in)."""
+    tensors (what _sync/test_launch_budget.py runs on the recording CuPy stand-in)."""
     calls = []
     fwd, bwd = ti.forward_arrays, ti.backward_arrays
 
@@ -326,7 +325,7 @@ for step in range(3):
 
 if len(sys.argv) > 2:  # PyTorch's module_db BatchNorm samples, split over the ranks
     sys.path.insert(0, sys.argv[2])
-    import test_interop_torch_module_db as mdb
+    from support import torch_module_db as mdb
     walked = mdb.walk(mdb.load_samples(sys.argv[1]), comm, rank, size, allsum)
     walked = comm.gather(walked, root=0)
     if rank == 0:
@@ -346,17 +345,18 @@ def test_adapter_under_mpiexec_equals_torch_global_batch(n, tmp_path):
     """One launch per size: the checks above and every module_db BatchNorm sample.
 
     With 3 ranks each sample's batch is split unevenly with the last rank
-    empty (test_interop_torch_module_db.split_counts); the reference is the
+    empty (support.torch_module_db.split_counts); the reference is the
     torch module on the whole batch.
     """
-    import test_interop_torch_module_db as mdb
+    from support import TESTS
+    from support import torch_module_db as mdb
 
     try:
         samples = mdb.module_db_samples()
     except pytest.skip.Exception:  # no expecttest: the checks above only
         samples, args = None, ()
     else:
-        args = (mdb.save_samples(tmp_path / "samples.pt"), Path(__file__).parent)
+        args = (mdb.save_samples(tmp_path / "samples.pt"), TESTS)
     res = run_mpi(MPI_SCRIPT, n, timeout=300, tmp_path=tmp_path, args=args)
     errs = {line.split()[1]: float(line.split()[2]) for line in res.stdout.splitlines()
             if line.startswith("MAXERR")}

@@ -9,7 +9,7 @@ eval pass. On a non-default stream the input is produced behind a spinning
 kernel, so work that is not ordered after it on that stream reads garbage.
 A training step of a converted model (forward, backward, optimizer) captured
 with ``torch.cuda.graph`` replays to the values of the same steps run eagerly
-(issue 10, point 3; counts per pass: tests/test_launch_budget.py).
+(issue 10, point 3; counts per pass: tests/_sync/test_launch_budget.py).
 """
 
 import numpy as np

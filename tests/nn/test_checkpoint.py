@@ -8,7 +8,7 @@ import zipfile
 
 import numpy as np
 import pytest
-from mpi_runner import run_mpi
+from support.mpi_runner import run_mpi
 
 import cupysyncbn as sbn
 from cupysyncbn import io as sio

@@ -3,7 +3,7 @@ nothing half-updated, and on several ranks the same error everywhere, no hang.""
 
 import numpy as np
 import pytest
-from conftest import check_group
+from support.bn_ref import check_group
 
 import cupysyncbn as sbn
 from cupysyncbn import functional as F

@@ -5,9 +5,9 @@ with ``h = 1e-6`` have truncation + rounding error ~1e-9, so a relative
 tolerance of 1e-6 separates right from wrong gradients by orders of magnitude.
 """
 
-import bn_ref
 import numpy as np
 import pytest
+from support import bn_ref
 
 import cupysyncbn as sbn
 from cupysyncbn import functional as F

@@ -3,9 +3,9 @@
 References: float64 NumPy on the batch (``bn_ref``) and torch CPU.
 """
 
-import bn_ref
 import numpy as np
 import pytest
+from support import bn_ref
 
 import cupysyncbn as sbn
 from cupysyncbn.comm.base import NoCommunicator

@@ -7,7 +7,7 @@ the same data (checked below), so the test can tell the difference.
 
 import numpy as np
 import pytest
-from conftest import check_group
+from support.bn_ref import check_group
 
 import cupysyncbn as sbn
 from cupysyncbn.comm.base import NoCommunicator

@@ -1,7 +1,7 @@
 """SPEC §7's seed example and its backward."""
 
-import bn_ref
 import numpy as np
+from support import bn_ref
 
 import cupysyncbn as sbn
 

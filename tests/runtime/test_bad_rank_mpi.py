@@ -1,4 +1,4 @@
-"""Reliability, round two (issue 14): each probe of the issue, as a test.
+"""One bad rank never leaves the others waiting: issue 14's probes, each as a test.
 
 The multi-rank probes run under real ``mpiexec`` with the abort hook, every
 rank asserting its own outcome and printing ``OK <case> <rank>``. The jobs'
@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from mpi_runner import run_mpi
+from support.mpi_runner import run_mpi
 
 pytestmark = pytest.mark.mpi
 
@@ -24,7 +24,7 @@ from mpi4py import MPI
 import cupysyncbn as sbn
 from cupysyncbn import functional as F
 from cupysyncbn.errors import CollectiveMismatchError, RemoteInputError
-from rank_outcomes import expecter, say
+from support.rank_outcomes import expecter, say
 
 sbn.install_abort_hook()
 world = MPI.COMM_WORLD

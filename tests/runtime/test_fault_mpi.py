@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from mpi_runner import run_mpi
+from support.mpi_runner import run_mpi
 
 pytestmark = pytest.mark.mpi
 
@@ -25,7 +25,7 @@ import numpy as np
 from mpi4py import MPI
 import cupysyncbn as sbn
 from cupysyncbn.errors import CollectiveMismatchError, RemoteInputError
-from rank_outcomes import expecter, say
+from support.rank_outcomes import expecter, say
 
 sbn.install_abort_hook()
 world = MPI.COMM_WORLD

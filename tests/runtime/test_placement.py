@@ -7,9 +7,9 @@ backend agreement) is in ``test_placement_mpi.py``.
 
 import sys
 
-import fake_cupy
 import numpy as np
 import pytest
+from support import fake_cupy
 
 import cupysyncbn as sbn
 from cupysyncbn import placement

@@ -12,13 +12,13 @@ on, and the warnings and verbose line it printed.
 import json
 
 import pytest
-from mpi_runner import run_mpi
+from support.mpi_runner import run_mpi
 
 pytestmark = pytest.mark.mpi
 
 SCRIPT = r"""
 import contextlib, io, json, os, sys, warnings
-import fake_cupy
+from support import fake_cupy
 import numpy as np
 from mpi4py import MPI
 import cupysyncbn as sbn

@@ -15,9 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
-TESTS = Path(__file__).resolve().parent
+from support import ROOT
+
 # The conformance vectors live once, shipped with the package.
-DATA = Path(__file__).resolve().parents[1] / "cupysyncbn" / "conformance" / "data"
+DATA = ROOT / "cupysyncbn" / "conformance" / "data"
 F64 = np.float64
 
 
@@ -277,6 +278,14 @@ def failures(result: dict) -> dict:
         if not ok:
             bad[k] = (v, op, b)
     return bad
+
+
+def check_group(result: dict, prefix: str, min_count: int = 1) -> None:
+    """Assert every check whose name starts with ``prefix`` passed (and there are some)."""
+    group = {k: v for k, v in result.items() if k.startswith(prefix)}
+    assert len(group) >= min_count, f"only {len(group)} checks named {prefix!r}"
+    bad = failures(group)
+    assert not bad, f"{len(bad)} of {len(group)} {prefix!r} checks failed: {bad}"
 
 
 class ThreadGroup:

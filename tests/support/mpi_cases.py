@@ -6,7 +6,8 @@ line ``RESULT {json}`` that :func:`bn_ref.parse_result` turns back into a dict. 
 references are float64 NumPy on the global batch (:mod:`bn_ref`) and the local
 (one-process) batch norm on the whole batch.
 
-Run as ``python -c "import mpi_cases; mpi_cases.main()" JOB``.
+Run as ``python -c "from support import mpi_cases; mpi_cases.main()" JOB``
+(``tests/`` on ``PYTHONPATH``).
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import sys
 import traceback
 from functools import partial
 
-import bn_ref
 import numpy as np
 from mpi4py import MPI
 
@@ -24,6 +24,7 @@ import cupysyncbn as sbn
 from cupysyncbn import protocol
 from cupysyncbn.comm.base import Communicator
 from cupysyncbn.errors import CollectiveMismatchError, RemoteInputError
+from support import bn_ref
 
 F64 = np.float64
 SHAPES = {  # per-sample shape (channels C=3 in place)

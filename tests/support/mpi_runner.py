@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-TESTS = ROOT / "tests"
+from support import ROOT, TESTS
+
 MPIEXEC = shutil.which("mpiexec") or shutil.which("mpirun")
 
 
@@ -26,7 +26,7 @@ def mpi_env(extra: dict | None = None) -> dict:
     # One thread per rank: ranks share 2 cores in CI.
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         env[var] = "1"
-    # the package and the test helpers (bn_ref, rank_outcomes, ...) for the scripts
+    # the package, and tests/ for the helpers (support.bn_ref, support.rank_outcomes, ...)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(TESTS), env.get("PYTHONPATH", "")])
     env.setdefault("PYTHONUNBUFFERED", "1")
     if extra:

@@ -23,8 +23,9 @@ import sys
 import threading
 import types
 
-import cuda_emu
 import numpy as np
+
+from support import cuda_emu
 
 
 class Recorder:

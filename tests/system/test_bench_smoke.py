@@ -12,7 +12,7 @@ import subprocess
 import sys
 
 import pytest
-from mpi_runner import MPIEXEC, ROOT, mpi_env
+from support.mpi_runner import MPIEXEC, ROOT, mpi_env
 
 from cupysyncbn import protocol
 
@@ -97,14 +97,14 @@ def test_bench_errors_print_once(tmp_path):
 
 
 def test_bench_counts_cupy_path_launches_on_the_recording_standin(tmp_path):
-    """--recorder recording_cupy:REC: the CuPy path's per-pass budget, with no GPU."""
+    """--recorder support.recording_cupy:REC: the CuPy path's per-pass budget, with no GPU."""
     import shutil
 
     if shutil.which("g++") is None:
         pytest.skip("the kernel emulation needs g++")
     out = tmp_path / "bench"
     res = _bench(tmp_path, "--shapes", "2x4x3x3", "--ranks", "1", "--no-torch",
-                 "--recorder", "recording_cupy:REC", "--out", str(out))
+                 "--recorder", "support.recording_cupy:REC", "--out", str(out))
     assert res.returncode == 0, res.stdout + res.stderr
     rows = json.loads((out / "bench.json").read_text())["rows"]
     assert {r["format"] for r in rows} == {"NCHW", "NHWC"}

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from mpi_runner import ROOT, run_mpi
+from support.mpi_runner import ROOT, run_mpi
 
 from cupysyncbn import conformance as C
 from cupysyncbn.conformance import __main__ as cli
@@ -63,7 +63,7 @@ def wrong_impl(tmp_path):
 
 def test_tests_read_the_shipped_vectors():
     # The 17 vectors live once: the tests replay the copy shipped in the wheel.
-    import bn_ref
+    from support import bn_ref
 
     shipped = sorted(C.DATA_DIR.glob("*.npz"))
     assert len(shipped) == 17 and bn_ref.case_paths() == shipped
@@ -133,7 +133,8 @@ def test_raising_impl_is_reported_not_crashing(tmp_path, capsys):
 def test_ranks_option_relaunches_under_mpiexec(monkeypatch):
     calls = []
     monkeypatch.setattr(cli.subprocess, "call", lambda cmd: calls.append(cmd) or 0)
-    monkeypatch.setattr(cli, "launched_size", lambda: 1, raising=False)
+    # main() looks launched_size up in cupysyncbn.comm at each call: patch it there
+    monkeypatch.setattr("cupysyncbn.comm.launched_size", lambda: 1)
     assert cli.main(["--ranks", "3", "--case", "paddle_NC_*"]) == 0
     cmd = calls[0]
     assert cmd[1:3] == ["-n", "3"] and cmd[-2:] == ["--case", "paddle_NC_*"]

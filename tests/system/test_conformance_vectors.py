@@ -9,10 +9,10 @@ must all match. Run with ``-s`` to see the worst errors.
 
 import json
 
-import bn_ref
 import numpy as np
 import pytest
-from mpi_runner import run_mpi
+from support import bn_ref
+from support.mpi_runner import run_mpi
 
 import cupysyncbn as sbn
 from cupysyncbn.comm.base import NoCommunicator
@@ -76,7 +76,7 @@ def test_split_counts_shapes():
 SCRIPT = """
 import json, sys
 from mpi4py import MPI
-import bn_ref
+from support import bn_ref
 import cupysyncbn as sbn
 
 world = MPI.COMM_WORLD

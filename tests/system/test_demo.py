@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from mpi_runner import ROOT, mpi_env, run_mpi
+from support.mpi_runner import ROOT, mpi_env, run_mpi
 
 pytestmark = pytest.mark.mpi
 

@@ -12,11 +12,9 @@ import re
 import shutil
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
+from support import ROOT
 
 
 def _has_gpu():

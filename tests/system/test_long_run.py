@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from mpi_runner import run_mpi
+from support.mpi_runner import run_mpi
 
 pytestmark = pytest.mark.mpi
 

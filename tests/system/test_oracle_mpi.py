@@ -12,7 +12,7 @@ statistics, sub-groups, the number and size of collectives, empty batches and
 """
 
 import pytest
-from conftest import check_group
+from support.bn_ref import check_group
 
 pytestmark = pytest.mark.mpi
 KS = [1, 2, 3, 4]  # 1: one rank with forced collectives (conftest.mpi_job)

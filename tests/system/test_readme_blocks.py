@@ -5,7 +5,7 @@ folder, a timeout; two blocks at a time), so a block that uses a name it
 does not define fails. A comment
 on a block's first line changes how it runs:
 
-* ``# mpiexec -n 2``: under ``mpiexec -n 2`` (tests/mpi_runner.py);
+* ``# mpiexec -n 2``: under ``mpiexec -n 2`` (tests/support/mpi_runner.py);
 * ``# needs: gpu``: skipped unless CuPy sees a GPU;
 * ``# needs: torch`` / ``# needs: paddle``: skipped unless importable.
 
@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from mpi_runner import ROOT, mpi_env, run_mpi
+from support.mpi_runner import ROOT, mpi_env, run_mpi
 
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 _FENCE = re.compile(r"^```python[ \t]*\n(.*?)^```[ \t]*$", re.S | re.M)
