@@ -38,7 +38,7 @@ when it is importable, else NumPy.
 Launches and host synchronizations per pass: ``--recorder MODULE:NAME`` names
 an object with ``clear()`` and ``summary() -> dict`` (keys ``kernels``,
 ``ops``, ``syncs``, ``d2h``). With the recording CuPy stand-in of the tests,
-``--recorder recording_cupy:REC`` (``tests/`` is put on ``sys.path``; needs
+``--recorder support.recording_cupy:REC`` (``tests/`` is put on ``sys.path``; needs
 g++ >= 12), each row's layer is rebuilt on the stand-in (CuPy path, a small
 batch of the row's format and dtype: the counts do not depend on its size,
 forced collectives so the all-reduce path runs) and its third forward and
@@ -112,7 +112,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    " numba, numpy (sets CUPYSYNCBN_CPU_BACKEND for the ranks)")
     p.add_argument("--recorder", default=None, metavar="MODULE:NAME",
                    help="object with clear()/summary() counting launches and host syncs"
-                   " (e.g. fake_cupy:REC); adds a launches/syncs per pass column")
+                   " (e.g. support.recording_cupy:REC); adds a launches/syncs per pass column")
     p.add_argument("--out", type=Path, default=Path("bench_out"))
     # internal: one worker job under mpiexec
     p.add_argument("--worker", type=Path, default=None, help=argparse.SUPPRESS)
@@ -289,7 +289,7 @@ def load_recorder(spec: str | None):
     mod, _, name = spec.partition(":")
     tests = str(Path(__file__).resolve().parents[1] / "tests")
     if tests not in sys.path:
-        sys.path.append(tests)  # the recording CuPy stand-in lives there
+        sys.path.append(tests)  # the recording CuPy stand-in: tests/support/recording_cupy.py
     obj = importlib.import_module(mod)
     for part in (name or "REC").split("."):
         obj = getattr(obj, part)

@@ -5,9 +5,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+# tests/ on sys.path: the shared helpers are imported as ``support.<name>``
+# (tests/support/); the processes the tests launch get it on PYTHONPATH from
+# support.mpi_runner.mpi_env.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-# conformance vectors: the shipped copy (cupysyncbn/conformance/data), see bn_ref.DATA
+# conformance vectors: the shipped copy (cupysyncbn/conformance/data), see support.bn_ref.DATA
 FORCE_ENV = "CUPYSYNCBN_FORCE_COLLECTIVES"
 
 # The NumPy suite builds layers and feeds them NumPy arrays: keep new layers
@@ -29,22 +32,22 @@ def _one_thread(monkeypatch):
 
 @pytest.fixture(scope="session")
 def mpi_job(tmp_path_factory):
-    """``get(job, k)``: run ``tests/mpi_cases.py`` job on ``k`` ranks once per session.
+    """``get(job, k)``: run ``tests/support/mpi_cases.py`` job on ``k`` ranks once per session.
 
-    Returns the merged check dict (see :func:`bn_ref.parse_result`); several test
+    Returns the merged check dict (see :func:`support.bn_ref.parse_result`); several test
     modules share one launch per (job, k) so the suite stays fast. ``k == 1``
     runs with ``CUPYSYNCBN_FORCE_COLLECTIVES=1``: one rank then runs the whole
     synchronized path (handshake, header, shift, one all-reduce per pass), as a
     one-GPU machine does over NCCL.
     """
-    import bn_ref
-    from mpi_runner import run_mpi
+    from support import bn_ref
+    from support.mpi_runner import run_mpi
 
     cache = {}
 
     def get(job, k):
         if (job, k) not in cache:
-            code = "import mpi_cases\nmpi_cases.main()\n"
+            code = "from support import mpi_cases\nmpi_cases.main()\n"
             tmp = tmp_path_factory.mktemp(f"{job}{k}")
             env = {FORCE_ENV: "1"} if k == 1 else None
             res = run_mpi(code, k, timeout=180, tmp_path=tmp, args=(job,), env=env)
@@ -53,12 +56,3 @@ def mpi_job(tmp_path_factory):
 
     return get
 
-
-def check_group(result, prefix, min_count=1):
-    """Assert every check whose name starts with ``prefix`` passed (and there are some)."""
-    import bn_ref
-
-    group = {k: v for k, v in result.items() if k.startswith(prefix)}
-    assert len(group) >= min_count, f"only {len(group)} checks named {prefix!r}"
-    bad = bn_ref.failures(group)
-    assert not bad, f"{len(bad)} of {len(group)} {prefix!r} checks failed: {bad}"

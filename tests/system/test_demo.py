@@ -1,0 +1,65 @@
+"""The demo (README's first command) in a quick mode under real mpiexec."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from support.mpi_runner import ROOT, mpi_env, run_mpi
+
+pytestmark = pytest.mark.mpi
+
+DEMO = """
+import sys
+from cupysyncbn.demo import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_demo_two_ranks_writes_summary_and_plot(tmp_path):
+    out = tmp_path / "demo_out"
+    res = run_mpi(
+        DEMO, 2, timeout=120, tmp_path=tmp_path,
+        args=("--out", out, "--steps", "40", "--device", "cpu"),
+    )
+    assert "SyncBN == one process on the global batch: yes" in res.stdout
+    s = json.loads((out / "summary.json").read_text())
+    assert s["world_size"] == 2 and s["global_batch"] == 4 and s["steps"] == 40
+    assert s["dtype"] == "float64" and s["communicator"] == "mpi"
+    d = s["max_abs_diff_sync_vs_global"]
+    assert isinstance(d, float)
+    # float64: SyncBN over 2 ranks is one process on the global batch up to rounding.
+    assert d < 1e-10
+    assert s["sync_vs_global"]["train_loss_curve"] < 1e-10
+    # Local BN on 2-sample batches must clearly differ (it is the point of the demo).
+    assert s["max_abs_diff_local_vs_global"] > 1e-2
+    assert s["local_vs_global"]["train_loss_curve"] > 1e-3
+    assert s["sync_equals_global"] is True and s["local_differs_from_global"] is True
+    assert len(s["curves"]["loss_sync"]) == 40
+    # every rank of the SyncBN run ends with the same parameters
+    assert max(s["sync_vs_global"]["per_rank_parameters"]) < 1e-10
+    png = out / "demo.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_demo_one_process_without_out(tmp_path):
+    # No mpiexec, no --out: prints the summary and writes nothing.
+    res = subprocess.run(
+        [sys.executable, "-m", "cupysyncbn.demo", "--steps", "5", "--device", "cpu"],
+        cwd=tmp_path, env=mpi_env(), capture_output=True, text=True, timeout=120,
+    )
+    assert res.returncode == 0, res.stderr
+    assert "1 rank: the three runs coincide" in res.stdout
+    assert "max abs diff 0.00e+00" in res.stdout
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_demo_rejects_bad_arguments(tmp_path):
+    res = subprocess.run(
+        [sys.executable, "-m", "cupysyncbn.demo", "--steps", "0"],
+        cwd=tmp_path, env=mpi_env(), capture_output=True, text=True, timeout=60,
+    )
+    assert res.returncode == 2 and "--steps must be >= 1" in res.stderr
+    assert str(ROOT)  # the package is imported from the checkout (mpi_env sets PYTHONPATH)
