@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import cupysyncbn as sbn
-from cupysyncbn import protocol
+from cupysyncbn._sync import protocol
 from cupysyncbn.comm.base import LOCAL
 
 

@@ -16,8 +16,8 @@ import pytest
 from support import cuda_emu, recording_cupy
 
 import cupysyncbn as sbn
-from cupysyncbn import protocol
-from cupysyncbn.backends import kernel_source as ks
+from cupysyncbn._sync import protocol
+from cupysyncbn.backends.cupy import kernels as ks
 from cupysyncbn.comm.base import Communicator, NoCommunicator
 from cupysyncbn.errors import RemoteInputError
 
@@ -33,7 +33,7 @@ TOL = {"float16": 1e-2, "float32": 2e-5, "float64": 1e-11}
 
 @pytest.fixture(scope="module")
 def cp():
-    import cupysyncbn.backends.cupy_backend as cb
+    import cupysyncbn.backends.cupy.backend as cb
 
     try:
         with recording_cupy.installed() as mod, pytest.MonkeyPatch.context() as mp:
@@ -383,16 +383,16 @@ def test_momentum_none_skips_empty_global_batches_like_the_host(cp):
 
 
 def test_strict_sync_from_init_and_environment(monkeypatch):
-    from cupysyncbn import fused_passes
+    from cupysyncbn._sync import device_status
     from cupysyncbn.comm import set_default_comm
 
     monkeypatch.delenv("CUPYSYNCBN_STRICT_SYNC", raising=False)
-    assert fused_passes.strict_sync(NoCommunicator()) is False
+    assert device_status.strict_sync(NoCommunicator()) is False
     monkeypatch.setenv("CUPYSYNCBN_STRICT_SYNC", "1")
-    assert fused_passes.strict_sync(NoCommunicator()) is True
+    assert device_status.strict_sync(NoCommunicator()) is True
     try:
         comm = sbn.init("none", strict_sync=False)
-        assert comm.strict_sync is False and fused_passes.strict_sync(comm) is False
+        assert comm.strict_sync is False and device_status.strict_sync(comm) is False
         assert sbn.init("none").strict_sync is None  # the environment decides
     finally:
         set_default_comm(None)

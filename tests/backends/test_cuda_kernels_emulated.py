@@ -20,8 +20,8 @@ import pytest
 from support import cuda_emu
 
 from cupysyncbn.backends import NUMPY_BACKEND
-from cupysyncbn.backends import kernel_source as ks
-from cupysyncbn.backends.cupy_backend import CupyBackend
+from cupysyncbn.backends.cupy import kernels as ks
+from cupysyncbn.backends.cupy.backend import CupyBackend
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +71,7 @@ class EmulatedBackend(CupyBackend):
 def backend(emu):
     # 64-thread blocks (two warps) keep the emulation fast; the production
     # 256-thread blocks run in test_emulated_grid_splits_and_channel_loops.
-    import cupysyncbn.backends.cupy_backend as cb
+    import cupysyncbn.backends.cupy.backend as cb
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(cb, "_THREADS", 64)
@@ -140,7 +140,7 @@ def test_emulated_kernels_equal_numpy_backend(backend, shape, idt, cdt):
 def test_emulated_grid_splits_and_channel_loops(emu, monkeypatch):
     # Several blocks per channel along S and N (channel-first) and along rows
     # (channel-last); more channels than grid rows (grid-stride channel loops).
-    import cupysyncbn.backends.cupy_backend as cb
+    import cupysyncbn.backends.cupy.backend as cb
 
     monkeypatch.setattr(cb, "_MAX_GRID_YZ", 3)
     monkeypatch.setattr(cb, "_THREADS", 256)  # the production block size

@@ -33,7 +33,7 @@ if REASON is None:
 
     from cupysyncbn import functional as F
     from cupysyncbn.backends import NUMPY_BACKEND
-    from cupysyncbn.backends.cupy_backend import get_cupy_backend
+    from cupysyncbn.backends.cupy.backend import get_cupy_backend
     from cupysyncbn.comm.base import LOCAL
 
 SHAPES = {

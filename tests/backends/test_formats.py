@@ -3,7 +3,7 @@
 Channel-first names (NC, NCL, NCW, NCHW, NCDHW) put the channels on axis 1 and
 channel-last names (NLC, NWC, NHWC, NDHWC) on the last axis, whatever the rank
 of the input (2 to 5). Reference: float64 NumPy on the batch (``bn_ref``),
-whose channel axis is written out independently of ``cupysyncbn.formats``.
+whose channel axis is written out independently of ``cupysyncbn.arrays.formats``.
 """
 
 import numpy as np
@@ -12,8 +12,8 @@ from support import bn_ref
 
 import cupysyncbn as sbn
 from cupysyncbn import functional as F
+from cupysyncbn.arrays.formats import FORMATS, format_for_ndim, parse_data_format
 from cupysyncbn.comm.base import NoCommunicator
-from cupysyncbn.formats import FORMATS, format_for_ndim, parse_data_format
 
 LOCAL = NoCommunicator()
 FIRST = ["NC", "NCL", "NCW", "NCHW", "NCDHW"]

@@ -25,11 +25,11 @@ pytest.importorskip("numba")
 
 import cupysyncbn.backends as backends  # noqa: E402
 from cupysyncbn import functional as F  # noqa: E402
-from cupysyncbn.backends.numba_backend import BACKEND as NB  # noqa: E402
-from cupysyncbn.backends.numba_backend import NumbaBackend  # noqa: E402
-from cupysyncbn.backends.numpy_backend import BACKEND as NP  # noqa: E402
-from cupysyncbn.backends.numpy_backend import NumpyBackend  # noqa: E402
-from cupysyncbn.formats import FORMATS, canonical_view  # noqa: E402
+from cupysyncbn.arrays.formats import FORMATS, canonical_view  # noqa: E402
+from cupysyncbn.backends.numba.backend import BACKEND as NB  # noqa: E402
+from cupysyncbn.backends.numba.backend import NumbaBackend  # noqa: E402
+from cupysyncbn.backends.numpy import BACKEND as NP  # noqa: E402
+from cupysyncbn.backends.numpy import NumpyBackend  # noqa: E402
 
 F64 = np.float64
 DTYPES = ("float16", "float32", "float64")
@@ -219,7 +219,7 @@ def test_float16_rounding_matches_numpy():
     with np.errstate(over="ignore"):
         want = x.astype(np.float16)
     # float32 input, float16 output: only reachable through the kernels' store
-    from cupysyncbn.backends import numba_backend as nbm
+    from cupysyncbn.backends.numba import backend as nbm
 
     got = np.empty(x.shape, np.float16)
     nbm._normalize_cl(x, nbm._NO_TABLE, zero, one, zero, got.view(np.uint16))
@@ -270,7 +270,7 @@ def test_selection_without_numba(monkeypatch):
     """numba not installed: 'auto' falls back silently, 'numba' warns once."""
     x = np.zeros((2, 3), np.float32)
     monkeypatch.setattr(backends, "_CPU", {})
-    monkeypatch.delitem(sys.modules, "cupysyncbn.backends.numba_backend")
+    monkeypatch.delitem(sys.modules, "cupysyncbn.backends.numba.backend")
     monkeypatch.setitem(sys.modules, "numba", None)  # import numba -> ModuleNotFoundError
     monkeypatch.delenv(backends.CPU_BACKEND_ENV, raising=False)
     with warnings.catch_warnings():
@@ -290,7 +290,7 @@ def test_selection_with_broken_numba(monkeypatch):
         def __getattr__(self, name):
             raise RuntimeError("cannot cache function: no locator available")
 
-    monkeypatch.setitem(sys.modules, "cupysyncbn.backends.numba_backend", Broken())
+    monkeypatch.setitem(sys.modules, "cupysyncbn.backends.numba.backend", Broken())
     with pytest.warns(RuntimeWarning, match="could not start.*no locator"):
         assert type(backends.get_backend(x)) is NumpyBackend
 
@@ -369,7 +369,7 @@ def _check_cf_backward_reduce(x, dy, mf):
 def test_small_rows_many_samples_match_reference(rng):
     """Channel-first rows shorter than SHORT: several groups per piece, several
     pieces per channel merged, a huge offset: moments exact."""
-    from cupysyncbn.backends import numba_backend as nbm
+    from cupysyncbn.backends.numba import backend as nbm
 
     n = 3 * nbm.GROUP + 1
     cases = [(n, s) for s in (1, 7, 49, nbm.SHORT - 1)]
@@ -391,7 +391,7 @@ def test_short_row_backward_reduce_sample_groups(rng):
     """The short-row backward reduction sums GROUP samples of a channel per
     vector loop: full groups and a partial one, row lengths with and without
     a scalar tail, a different mean per channel: sums exact to 1e-12."""
-    from cupysyncbn.backends import numba_backend as nbm
+    from cupysyncbn.backends.numba import backend as nbm
 
     c = 5
     n = 2 * nbm.GROUP + 3
@@ -405,13 +405,13 @@ def test_short_row_backward_reduce_sample_groups(rng):
 
 @pytest.mark.parametrize("dt", DTYPES)
 def test_vector_row_sums_match_fsum(dt, rng):
-    """The explicit-vector row sums (numba_simd) on every tail length (16-value
+    """The explicit-vector row sums (numba/simd.py) on every tail length (16-value
     steps, one 8-value step, scalars), sub-ranges of rows and several rows,
     against math.fsum in float64: d = x - c and dy * (x - m), m rounded to the
     compute dtype first."""
     from numba import njit
 
-    from cupysyncbn.backends.numba_simd import HW_F16, dev_sums, dot_sums
+    from cupysyncbn.backends.numba.simd import HW_F16, dev_sums, dot_sums
 
     if dt == "float16" and not HW_F16:
         pytest.skip("float16 rows are summed by the NumPy backend without F16C")
@@ -451,7 +451,7 @@ def test_streamed_outputs_are_bitwise_the_plain_ones(dt, monkeypatch, rng):
     of the plain loops, for every compute dtype, channel-first row lengths
     and channel-last widths that put channel or row boundaries anywhere in a
     line (plain head, streamed whole lines, plain tail)."""
-    from cupysyncbn.backends import numba_backend as nbm
+    from cupysyncbn.backends.numba import backend as nbm
 
     if not nbm.STREAMS or (dt == "float16" and not nbm.HW_F16):
         pytest.skip("no streamed stores on this CPU")
@@ -490,7 +490,7 @@ def test_tiled_channel_last_lines_are_bitwise_the_plain_ones(dt, monkeypatch, rn
     bitwise the plain loops' y and dx wherever the output starts in a line
     (every row then starts at that place too: the last row's last line would
     run past the end), for row counts below, at and past a tile."""
-    from cupysyncbn.backends import numba_backend as nbm
+    from cupysyncbn.backends.numba import backend as nbm
 
     if not nbm.STREAMS or (dt == "float16" and not nbm.HW_F16):
         pytest.skip("no streamed stores on this CPU")
@@ -524,7 +524,7 @@ def test_tiled_channel_last_lines_are_bitwise_the_plain_ones(dt, monkeypatch, rn
 
 
 def test_streamed_stores_only_for_large_outputs():
-    from cupysyncbn.backends import numba_backend as nbm
+    from cupysyncbn.backends.numba import backend as nbm
 
     small = np.empty((4, 64, 56 * 56), np.float32)  # 3.2 MB
     tiny_rows = np.empty((16, 4096, 9), np.float32)  # 2.4 MB, 36-byte rows
@@ -540,7 +540,7 @@ def test_streamed_stores_only_for_large_outputs():
 def test_float16_rows_without_f16c_use_numpy(monkeypatch, rng):
     """Without F16C (no vector half conversion) the float16 reductions of
     both layouts are the NumPy backend's, exactly."""
-    from cupysyncbn.backends import numba_backend as nbm
+    from cupysyncbn.backends.numba import backend as nbm
 
     monkeypatch.setattr(nbm, "HW_F16", False)
     for cl, shape in ((False, (3, 4, 9)), (True, (27, 4)), (True, (5, nbm.LONG_COLS + 3))):
@@ -560,7 +560,7 @@ def test_output_pool_reuses_only_outputs_nobody_holds(rng):
     """y/dx come from a pool that hands an array out again only when nothing
     else refers to it: a kept output, a kept view, a buffer export keep their
     values; a dropped output's memory is reused (no fresh pages)."""
-    from cupysyncbn.backends.numba_backend import OutputPool
+    from cupysyncbn.backends.numba.backend import OutputPool
 
     pool = OutputPool(entries=4, min_bytes=1024)
     shape, dt = (64, 32), np.dtype(np.float32)
@@ -642,7 +642,7 @@ import json, time
 t0 = time.perf_counter()
 import numpy as np
 from cupysyncbn.backends import get_backend
-from cupysyncbn.backends import numba_backend as nbm
+from cupysyncbn.backends.numba import backend as nbm
 x = np.random.default_rng(0).standard_normal((4, 3, 25))
 # the layer's default backend, its smallest kernel (compiling more only costs test time)
 v = np.ones(3)
@@ -680,7 +680,7 @@ def test_compiled_kernels_are_cached_on_disk(tmp_path):
 
 
 def test_warm_up_compiles_every_kernel_for_a_dtype():
-    from cupysyncbn.backends import numba_backend as nbm
+    from cupysyncbn.backends.numba import backend as nbm
 
     n = nbm.warm_up(("float64",))
     # float64 inputs: short and long channel-first rows and channel-last, all primitives
@@ -694,7 +694,7 @@ def test_warm_up_compiles_every_kernel_for_a_dtype():
 MPI_STEP = r"""
 import numpy as np
 from cupysyncbn.backends import get_backend
-from cupysyncbn.backends.numba_backend import NumbaBackend
+from cupysyncbn.backends.numba.backend import NumbaBackend
 import cupysyncbn as sbn
 from support import bn_ref
 
@@ -758,7 +758,7 @@ def _bitwise(a, b):
 
 @pytest.mark.parametrize("cdt", ["float32", "float64"])
 def test_compiled_channel_steps_are_bitwise_the_numpy_ones(cdt, rng):
-    """numba_channel computes every per-channel step with NumPy's operations,
+    """numba/channel.py computes every per-channel step with NumPy's operations,
     in NumPy's order and dtypes: the same bits, NaN/Inf and empty batches too."""
     cdt = np.dtype(cdt)
     c = 41
@@ -806,10 +806,10 @@ def test_compiled_channel_steps_are_bitwise_the_numpy_ones(cdt, rng):
 @pytest.mark.parametrize("dt", DTYPES)
 def test_long_channel_last_rows_match_fsum(dt, rng):
     """Channel-last rows of LONG_COLS channels and more are summed in register
-    blocks of 16 channels, TILE_ROWS rows at a time (numba_simd.col_*_sums):
+    blocks of 16 channels, TILE_ROWS rows at a time (numba/simd.py col_*_sums):
     block and tail channels, partial tiles, a channel offset per column and
     (float16) more rows than one PIECE; sums against math.fsum."""
-    from cupysyncbn.backends import numba_backend as nbm
+    from cupysyncbn.backends.numba import backend as nbm
 
     if dt == "float16" and not nbm.HW_F16:
         pytest.skip("float16 reductions go to the NumPy backend without F16C")

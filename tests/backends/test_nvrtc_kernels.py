@@ -4,7 +4,7 @@ Every kernel file and every template instantiation (storage dtype x
 accumulation x layout x index type) is compiled to SASS with the low-level
 ``cupy.cuda.nvrtc`` API for each architecture NVRTC offers from sm_70 (or its
 lowest) to sm_90. The text compiled is exactly what the loader
-(``cupysyncbn.backends.kernel_source``) hands to ``cupy.RawModule``. No GPU is
+(``cupysyncbn.backends.cupy.kernels``) hands to ``cupy.RawModule``. No GPU is
 needed: the test dependencies bring the NVRTC library
 (``nvidia-cuda-nvrtc-cu12``), so these tests run in CI.
 """
@@ -19,7 +19,7 @@ import pytest
 from cupy.cuda import nvrtc
 from support import ROOT
 
-from cupysyncbn.backends import kernel_source as ks
+from cupysyncbn.backends.cupy import kernels as ks
 
 pytestmark = pytest.mark.nvrtc
 

@@ -132,7 +132,7 @@ def test_nccl_one_rank(tmp_path):
     # Forced collectives over NCCL: after the first forward, exactly one
     # all-reduce per pass (header + 2C floats).
     calls = res["calls"]
-    from cupysyncbn import protocol
+    from cupysyncbn._sync import protocol
 
     first = calls[:calls.index("bwd")]
     assert first[0] == "fwd" and 2 <= len(first) <= 4, calls  # handshake + first pass

@@ -30,6 +30,7 @@ dist = pytest.importorskip("torch.distributed")
 import cupysyncbn as sbn  # noqa: E402
 from cupysyncbn import comm as cm  # noqa: E402
 from cupysyncbn.errors import CommunicatorError  # noqa: E402
+from cupysyncbn.runtime import env as rt_env  # noqa: E402
 
 
 @pytest.fixture
@@ -117,7 +118,7 @@ def test_check_consistency_of_a_torch_module(one_rank_group):
 def test_torch_backend_without_a_group_says_how_to_start_one():
     assert not dist.is_initialized()
     with pytest.raises(CommunicatorError, match="init_process_group"):
-        cm._create("torch", None)
+        cm.select._create("torch", None)
 
 
 @pytest.mark.parametrize("env", [
@@ -126,25 +127,27 @@ def test_torch_backend_without_a_group_says_how_to_start_one():
     {"PADDLE_TRAINERS_NUM": "2", "PADDLE_TRAINER_ID": "1"},  # paddle.distributed.launch
 ])
 def test_auto_refuses_local_statistics_under_a_launcher_without_group(monkeypatch, env):
-    for var in cm._SIZE_VARS + cm._RANK_VARS + cm._LAUNCHER_SIZE_VARS + cm._LAUNCHER_RANK_VARS:
+    for var in (*rt_env.SIZE_VARS, *rt_env.RANK_VARS, *rt_env.LAUNCHER_SIZE_VARS,
+                *rt_env.LAUNCHER_RANK_VARS):
         monkeypatch.delenv(var, raising=False)
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     with pytest.raises(CommunicatorError) as info:
-        cm._create("auto", None)
+        cm.select._create("auto", None)
     msg = str(info.value)
     for words in ("torchrun", "init_process_group", "mpiexec", "init('none')",
                   "init_parallel_env", next(iter(env))):
         assert words in msg, words
-    assert cm._create("none", None).size == 1  # deliberately local still works
+    assert cm.select._create("none", None).size == 1  # deliberately local still works
 
 
 def test_auto_stays_local_for_a_single_process(monkeypatch):
-    for var in cm._SIZE_VARS + cm._RANK_VARS + cm._LAUNCHER_SIZE_VARS + cm._LAUNCHER_RANK_VARS:
+    for var in (*rt_env.SIZE_VARS, *rt_env.RANK_VARS, *rt_env.LAUNCHER_SIZE_VARS,
+                *rt_env.LAUNCHER_RANK_VARS):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("WORLD_SIZE", "1")
     monkeypatch.setenv("RANK", "0")
-    assert cm._create("auto", None).backend == "none"
+    assert cm.select._create("auto", None).backend == "none"
 
 
 TORCHRUN_SCRIPT = r"""
@@ -263,7 +266,7 @@ def test_torchrun_three_gloo_ranks_equal_torch_on_the_global_batch(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
            "3", str(script), str(mdb.save_samples(tmp_path / "samples.pt")), str(TESTS)]
     env = mpi_env()
-    for var in cm._SIZE_VARS + cm._RANK_VARS:  # not an MPI job
+    for var in rt_env.SIZE_VARS + rt_env.RANK_VARS:  # not an MPI job
         env.pop(var, None)
     proc = run_job(cmd, 300, "torchrun", env, tmp_path)
     out, err = proc.stdout, proc.stderr

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from cupysyncbn import functional as F
-from cupysyncbn.interop import dlpack as D
+from cupysyncbn.arrays import dlpack as D
 
 torch = pytest.importorskip("torch")
 

@@ -286,7 +286,7 @@ def test_convert_sync_batchnorm_one_process(dtype64):
 def test_paddle_communicator_without_launcher():
     # Paddle imported but init_parallel_env() not run: auto stays one process.
     assert not cp.paddle_initialized()
-    assert isinstance(sbn.comm._create("auto", None), NoCommunicator)
+    assert isinstance(sbn.comm.select._create("auto", None), NoCommunicator)
     with pytest.raises(CommunicatorError, match="init_parallel_env"):
         cp.PaddleCommunicator()
     with pytest.raises(CommunicatorError, match="init_parallel_env"):

@@ -11,8 +11,8 @@ import pytest
 from support.mpi_runner import run_mpi
 
 import cupysyncbn as sbn
-from cupysyncbn import io as sio
-from cupysyncbn.io import CheckpointError
+from cupysyncbn import checkpoint as sio
+from cupysyncbn.errors import CheckpointError
 
 
 def _trained_model(rng, momentum=0.9):
@@ -238,7 +238,7 @@ COLLECTIVE = r"""
 import os, sys
 import numpy as np
 import cupysyncbn as sbn
-from cupysyncbn import io as sio
+from cupysyncbn import checkpoint as sio
 from cupysyncbn.errors import RemoteInputError
 
 sbn.install_abort_hook()

@@ -313,7 +313,7 @@ def test_big_endian_input_is_accepted_as_native(dt, rng):
 def test_watchdog_times_overlapping_collectives_each_on_its_own(monkeypatch):
     import threading
 
-    from cupysyncbn import fault
+    from cupysyncbn.runtime import watchdog
 
     fired = []
     done = threading.Event()
@@ -323,8 +323,8 @@ def test_watchdog_times_overlapping_collectives_each_on_its_own(monkeypatch):
         done.set()
         dog.stop()  # the real abort_job never returns
 
-    monkeypatch.setattr(fault, "abort_job", fake_abort)
-    dog = fault.CollectiveWatchdog(timeout=0.3)
+    monkeypatch.setattr(watchdog, "abort_job", fake_abort)
+    dog = watchdog.CollectiveWatchdog(timeout=0.3)
     ta = dog.begin("layer A", comm="comm-A")
     tb = dog.begin("layer B", comm="comm-B")  # starts while A is in flight
     assert dog.in_flight == 2
@@ -337,10 +337,10 @@ def test_watchdog_times_overlapping_collectives_each_on_its_own(monkeypatch):
 
 
 def test_watchdog_forgets_async_collectives_that_complete(monkeypatch):
-    from cupysyncbn import fault
+    from cupysyncbn.runtime import watchdog
 
-    monkeypatch.setattr(fault, "abort_job", lambda *a: pytest.fail("aborted"))
-    dog = fault.CollectiveWatchdog(timeout=0.2)
+    monkeypatch.setattr(watchdog, "abort_job", lambda *a: pytest.fail("aborted"))
+    dog = watchdog.CollectiveWatchdog(timeout=0.2)
     dog.begin("nccl all-reduce", done=lambda: True)
     deadline = __import__("time").monotonic() + 5
     while dog.in_flight and __import__("time").monotonic() < deadline:
@@ -351,29 +351,31 @@ def test_watchdog_forgets_async_collectives_that_complete(monkeypatch):
 
 
 def test_one_timeout_parser_and_one_list_of_launcher_variables(monkeypatch):
-    from cupysyncbn import comm, fault
-
-    for bad in ("-1", "abc", "nan"):
-        with pytest.raises(ValueError, match="CUPYSYNCBN_TIMEOUT"):
-            fault.parse_timeout(bad)
-    monkeypatch.setenv("CUPYSYNCBN_NCCL_TIMEOUT", "-5")
-    with pytest.raises(ValueError, match="CUPYSYNCBN_NCCL_TIMEOUT must be >= 0"):
-        fault.collective_timeout("CUPYSYNCBN_NCCL_TIMEOUT")
-    monkeypatch.setenv("CUPYSYNCBN_NCCL_TIMEOUT", "")
-    monkeypatch.setenv("CUPYSYNCBN_TIMEOUT", "7")
-    assert fault.collective_timeout("CUPYSYNCBN_NCCL_TIMEOUT") == 7.0
-    with pytest.raises(ValueError, match="timeout"):
-        fault.CollectiveWatchdog(timeout=-1)
-    assert comm._RANK_VARS is fault.RANK_VARS and comm._SIZE_VARS is fault.SIZE_VARS
-    assert comm._LAUNCHER_RANK_VARS is fault.LAUNCHER_RANK_VARS
-    assert comm._LAUNCHER_SIZE_VARS is fault.LAUNCHER_SIZE_VARS
-    from cupysyncbn import placement
-
-    assert placement.LOCAL_RANK_VARS is fault.LOCAL_RANK_VARS
     import inspect
 
     from cupysyncbn.comm import nccl
+    from cupysyncbn.runtime import env, watchdog
 
+    for bad in ("-1", "abc", "nan"):
+        with pytest.raises(ValueError, match="CUPYSYNCBN_TIMEOUT"):
+            env.parse_timeout(bad)
+    monkeypatch.setenv("CUPYSYNCBN_NCCL_TIMEOUT", "-5")
+    with pytest.raises(ValueError, match="CUPYSYNCBN_NCCL_TIMEOUT must be >= 0"):
+        env.collective_timeout("CUPYSYNCBN_NCCL_TIMEOUT")
+    with pytest.raises(ValueError, match="CUPYSYNCBN_NCCL_TIMEOUT must be >= 0"):
+        nccl._timeout_from_env()
+    monkeypatch.setenv("CUPYSYNCBN_NCCL_TIMEOUT", "")
+    monkeypatch.setenv("CUPYSYNCBN_TIMEOUT", "7")
+    assert env.collective_timeout("CUPYSYNCBN_NCCL_TIMEOUT") == 7.0
+    assert nccl._timeout_from_env() == 7.0
+    with pytest.raises(ValueError, match="timeout"):
+        watchdog.CollectiveWatchdog(timeout=-1)
+    # The launcher variables are listed once, in runtime/env.py, and read there only
+    # (tests/system/test_layout.py checks that no other module reads os.environ).
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "3")
+    assert env.launched_size() == 3
+    monkeypatch.setenv("MPI_LOCALRANKID", "1")
+    assert env.env_local_rank() == 1
     src = inspect.getsource(nccl._timeout_from_env)
     assert "collective_timeout" in src and "max(" not in src
 
@@ -381,9 +383,11 @@ def test_one_timeout_parser_and_one_list_of_launcher_variables(monkeypatch):
 def test_steady_state_skips_the_checks_but_every_change_is_checked(monkeypatch):
     """A layer's repeated passes skip the argument checks (per-state memo); any
     change of what the checks look at is checked again, and still refused."""
+    from cupysyncbn._sync import checks
+
     calls = []
-    real = F._check_call
-    monkeypatch.setattr(F, "_check_call", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = checks._check_call
+    monkeypatch.setattr(checks, "_check_call", lambda *a, **k: calls.append(1) or real(*a, **k))
     rng = np.random.default_rng(0)
     c = 3
     x = rng.standard_normal((4, c, 5)).astype(np.float32)
@@ -427,7 +431,7 @@ def test_steady_state_skips_the_checks_but_every_change_is_checked(monkeypatch):
 def test_header_fast_check_agrees_with_the_full_check():
     """Steady-state passes check the reduced header with one scan
     (``protocol._in_step``); it must accept exactly what the full check accepts."""
-    from cupysyncbn import protocol as P
+    from cupysyncbn._sync import protocol as P
 
     rng = np.random.default_rng(3)
     kinds = (None, None, None, *P.ERROR_KINDS)

@@ -302,18 +302,18 @@ def test_abort_hook_is_noop_in_one_process():
 
 
 def test_timeout_env_validation(monkeypatch):
-    from cupysyncbn import fault
+    from cupysyncbn.runtime import env
 
-    monkeypatch.setenv(fault.TIMEOUT_ENV, "abc")
+    monkeypatch.setenv(env.TIMEOUT_ENV, "abc")
     with pytest.raises(ValueError, match="CUPYSYNCBN_TIMEOUT"):
-        fault.collective_timeout()
-    monkeypatch.setenv(fault.TIMEOUT_ENV, "-1")
+        env.collective_timeout()
+    monkeypatch.setenv(env.TIMEOUT_ENV, "-1")
     with pytest.raises(ValueError, match=">= 0"):
-        fault.collective_timeout()
-    monkeypatch.setenv(fault.TIMEOUT_ENV, "12.5")
-    assert fault.collective_timeout() == 12.5
-    monkeypatch.delenv(fault.TIMEOUT_ENV)
-    assert fault.collective_timeout() == fault.DEFAULT_TIMEOUT
+        env.collective_timeout()
+    monkeypatch.setenv(env.TIMEOUT_ENV, "12.5")
+    assert env.collective_timeout() == 12.5
+    monkeypatch.delenv(env.TIMEOUT_ENV)
+    assert env.collective_timeout() == env.DEFAULT_TIMEOUT
 
 
 def test_install_uninstall_restores_hooks():

@@ -12,11 +12,11 @@ import pytest
 from support import fake_cupy
 
 import cupysyncbn as sbn
-from cupysyncbn import placement
 from cupysyncbn.comm.base import LOCAL
 from cupysyncbn.errors import CommunicatorError
+from cupysyncbn.runtime import env, placement
 
-LAUNCH_VARS = (*placement.LOCAL_RANK_VARS, "PMI_SIZE", "PMI_RANK", "OMPI_COMM_WORLD_SIZE",
+LAUNCH_VARS = (*env.LOCAL_RANK_VARS, "PMI_SIZE", "PMI_RANK", "OMPI_COMM_WORLD_SIZE",
                "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMIX_SIZE", "MPI_LOCALNRANKS",
                "SLURM_NTASKS")
 
@@ -25,7 +25,7 @@ LAUNCH_VARS = (*placement.LOCAL_RANK_VARS, "PMI_SIZE", "PMI_RANK", "OMPI_COMM_WO
 def gpus(monkeypatch):
     """``install(ndev, **kw)``: a fake CuPy seeing ``ndev`` GPUs; placement forgotten."""
     saved = fake_cupy.save()
-    for var in (*LAUNCH_VARS, placement.DEVICE_ENV):
+    for var in (*LAUNCH_VARS, env.DEVICE_ENV):
         monkeypatch.delenv(var, raising=False)
     placement._reset_for_tests()
 
@@ -165,7 +165,7 @@ def test_new_layers_live_on_this_ranks_gpu(gpus, monkeypatch):
 
 def test_gpu_input_on_cpu_layer_names_both(gpus, monkeypatch):
     # The reverse mix: a (fake) CuPy input on a NumPy layer.
-    from cupysyncbn.backends import cupy_backend
+    from cupysyncbn.backends.cupy import backend as cupy_backend
 
     gpus(1)
     monkeypatch.setenv("CUPYSYNCBN_DEVICE", "cpu")

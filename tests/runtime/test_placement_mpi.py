@@ -22,14 +22,15 @@ from support import fake_cupy
 import numpy as np
 from mpi4py import MPI
 import cupysyncbn as sbn
-from cupysyncbn import placement
+from cupysyncbn.runtime import env as rt_env
+from cupysyncbn.runtime import placement
 from cupysyncbn.comm.base import LOCAL
 from cupysyncbn.errors import CommunicatorError
 
 w = MPI.COMM_WORLD
 rank, size = w.Get_rank(), w.Get_size()
 os.environ.pop("CUPYSYNCBN_DEVICE", None)  # the test suite's default ('cpu')
-LAUNCH = {v: os.environ[v] for v in placement.LOCAL_RANK_VARS if v in os.environ}
+LAUNCH = {v: os.environ[v] for v in rt_env.LOCAL_RANK_VARS if v in os.environ}
 out = {}
 
 
@@ -37,7 +38,7 @@ def scenario(name, ndev=8, bus_ids=None, nccl=True, init_error=None, backend="au
              color=None, env=None, launcher_vars=True, world_default=False):
     placement._reset_for_tests()
     sbn.set_default_comm(None)
-    for v in placement.LOCAL_RANK_VARS:
+    for v in rt_env.LOCAL_RANK_VARS:
         os.environ.pop(v, None)
     if launcher_vars:
         os.environ.update(LAUNCH)

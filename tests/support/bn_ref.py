@@ -25,7 +25,7 @@ F64 = np.float64
 def channel_axis(fmt: str, ndim: int) -> int:
     """Channel axis of an input of ``ndim`` dims in ``fmt``.
 
-    Paddle's rule, written out independently of ``cupysyncbn.formats``:
+    Paddle's rule, written out independently of ``cupysyncbn.arrays.formats``:
     channel-first names put the channels on axis 1, channel-last names on the
     last axis, whatever the rank.
     """

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cupysyncbn.backends import kernel_source as ks
+from cupysyncbn.backends.cupy import kernels as ks
 
 EMU_H = r"""
 #include <barrier>

@@ -21,7 +21,7 @@ import numpy as np
 from mpi4py import MPI
 
 import cupysyncbn as sbn
-from cupysyncbn import protocol
+from cupysyncbn._sync import protocol
 from cupysyncbn.comm.base import Communicator
 from cupysyncbn.errors import CollectiveMismatchError, RemoteInputError
 from support import bn_ref

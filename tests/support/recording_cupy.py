@@ -296,7 +296,7 @@ def installed():
     if _LIB is None:
         _LIB = cuda_emu.build()
     from cupysyncbn.backends import NUMPY_BACKEND
-    from cupysyncbn.backends import cupy_backend as cb
+    from cupysyncbn.backends.cupy import backend as cb
 
     cp = _make_module()
     saved = sys.modules.get("cupy")

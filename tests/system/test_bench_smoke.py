@@ -14,7 +14,7 @@ import sys
 import pytest
 from support.mpi_runner import MPIEXEC, ROOT, mpi_env
 
-from cupysyncbn import protocol
+from cupysyncbn._sync import protocol
 
 pytestmark = pytest.mark.mpi
 

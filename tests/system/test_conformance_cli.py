@@ -133,8 +133,7 @@ def test_raising_impl_is_reported_not_crashing(tmp_path, capsys):
 def test_ranks_option_relaunches_under_mpiexec(monkeypatch):
     calls = []
     monkeypatch.setattr(cli.subprocess, "call", lambda cmd: calls.append(cmd) or 0)
-    # main() looks launched_size up in cupysyncbn.comm at each call: patch it there
-    monkeypatch.setattr("cupysyncbn.comm.launched_size", lambda: 1)
+    monkeypatch.setattr(cli, "launched_size", lambda: 1)
     assert cli.main(["--ranks", "3", "--case", "paddle_NC_*"]) == 0
     cmd = calls[0]
     assert cmd[1:3] == ["-n", "3"] and cmd[-2:] == ["--case", "paddle_NC_*"]

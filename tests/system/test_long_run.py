@@ -13,7 +13,7 @@ LONG_RUN = r"""
 import gc, json, os, sys
 import numpy as np
 import cupysyncbn as sbn
-from cupysyncbn.consistency import StateMismatchError
+from cupysyncbn.errors import StateMismatchError
 
 sbn.install_abort_hook()
 comm = sbn.init("mpi")

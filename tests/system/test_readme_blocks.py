@@ -133,7 +133,7 @@ def test_readme_design_counts():
     """docs/design.md's table: all-reduces per call, seen by a counting communicator."""
     import cupysyncbn as sbn
     from cupysyncbn import functional as F
-    from cupysyncbn import protocol
+    from cupysyncbn._sync import protocol
     from cupysyncbn.comm.base import NoCommunicator
 
     class Counting(NoCommunicator):
