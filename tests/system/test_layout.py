@@ -215,7 +215,7 @@ def test_kernel_sources_found_by_the_one_loader():
 
 
 def test_no_monkeypatch_that_may_patch_nothing():
-    """``monkeypatch.setattr(..., raising=False)`` patches nothing when the name moved."""
+    """A monkeypatch told not to raise patches nothing, silently, once a name moves."""
     tests = Path(__file__).resolve().parents[1]
     offenders = [
         f"{p.relative_to(tests)}:{i}"
