@@ -12,9 +12,9 @@ Nothing here imports CuPy.
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from functools import cache
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -69,13 +69,11 @@ _INCLUDE = re.compile(r'^[ \t]*#[ \t]*include[ \t]*"([^"]+)"[ \t]*$', re.MULTILI
 
 def _candidates() -> list[Path]:
     """Where the sources may be, in the order :func:`kernel_dir` tries them."""
-    found = []
-    try:
-        # Resolved by the import system: the wheel's package data, or an
-        # editable install's mapping of ``cupysyncbn.kernels`` to ``kernels/``.
-        found.append(Path(str(resources.files("cupysyncbn.kernels"))))
-    except (ModuleNotFoundError, TypeError):
-        pass
+    # Resolved by the import system: the wheel's package data, or an editable
+    # install's mapping of ``cupysyncbn.kernels`` to ``kernels/`` (a namespace
+    # package either way: the folder has no __init__.py).
+    spec = importlib.util.find_spec("cupysyncbn.kernels")
+    found = [Path(p) for p in (spec.submodule_search_locations or [])] if spec else []
     # A source tree on sys.path without an install: the top-level kernels/.
     found.append(Path(__file__).resolve().parents[3] / "kernels")
     return found
