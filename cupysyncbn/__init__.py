@@ -12,8 +12,6 @@ over :mod:`.backends` (communication-free primitives) and :mod:`.comm`
 watchdog) underneath; :mod:`.interop` adapters beside :mod:`.nn`.
 """
 
-from __future__ import annotations
-
 from . import _deprecated, functional
 from ._sync.device_status import check_errors
 from .checkpoint import load, save

@@ -35,7 +35,10 @@ def plot(summary: dict, path: Path) -> bool:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        sys.stderr.write("matplotlib is not installed: no plot (pip install matplotlib)\n")
+        sys.stderr.write(
+            "matplotlib is not installed: no demo.png (pip install 'cupysyncbn[plot]',"
+            " or pip install matplotlib)\n"
+        )
         return False
     c = summary["curves"]
     steps = np.arange(1, len(c["loss_global"]) + 1)

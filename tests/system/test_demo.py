@@ -63,3 +63,12 @@ def test_demo_rejects_bad_arguments(tmp_path):
     )
     assert res.returncode == 2 and "--steps must be >= 1" in res.stderr
     assert str(ROOT)  # the package is imported from the checkout (mpi_env sets PYTHONPATH)
+
+
+def test_demo_without_matplotlib_says_how_to_get_the_plot(monkeypatch, tmp_path, capsys):
+    from cupysyncbn.demo import plot as demo_plot
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    assert demo_plot.plot({"curves": {}}, tmp_path / "demo.png") is False
+    assert not (tmp_path / "demo.png").exists()
+    assert "cupysyncbn[plot]" in capsys.readouterr().err
