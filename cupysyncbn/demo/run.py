@@ -16,9 +16,14 @@ slice (default 2 samples) of a global batch, three ways, in lock step:
   batch norm (every rank computes it redundantly from the regenerated data, so
   nothing is gathered and the check is local).
 
-It reports the maximum absolute difference between the SyncBN run and the
-one-process run (parameters, running statistics and outputs after training),
-which is at rounding level, while local BN clearly differs. ``--out DIR``
+The check is what SyncBN promises: at every step, the SyncBN forward and
+backward equal one process's on the same global batch *from the same
+parameters* (teacher-forced: a probe with local batch norm is loaded with the
+SyncBN model's parameters and running statistics before the step and run on
+the whole batch): outputs, parameter gradients and running statistics agree
+to the dtype's rounding. The trajectories after many steps are reported
+separately: training amplifies rounding, so two exact runs drift apart
+slowly (float32 far more than float64); local BN differs at once. ``--out DIR``
 writes ``DIR/summary.json`` and ``DIR/demo.png``. NumPy + MPI on the CPU by
 default; CuPy + NCCL when CuPy sees a GPU (``--device`` overrides).
 """
@@ -141,6 +146,9 @@ def _build_runs(args: argparse.Namespace, comm: Communicator, on_gpu: bool) -> d
         # The point of the package in one line: convert a local-BN model.
         "sync": _Run("sync", SyncBatchNorm.convert_sync_batchnorm(local_model(), comm), args.lr),
     }
+    # Teacher-forced check: loaded with a run's state before each step, run on
+    # the global batch (see _step_check).
+    runs["probe"] = _Run("probe", local_model(), args.lr)
     if on_gpu:
         for r in runs.values():
             r.model.to("cuda")
@@ -167,13 +175,55 @@ def _progress(step: int, total: int, t0: float, msg: str) -> None:
     done = int(width * step / total)
     rate = step / max(time.perf_counter() - t0, 1e-9)
     eta = (total - step) / rate if rate > 0 else 0.0
-    sys.stderr.write(
-        f"\rtraining [{'#' * done}{'.' * (width - done)}] {step}/{total}"
-        f"  {msg}  eta {eta:4.0f}s "
-    )
-    if step == total:
-        sys.stderr.write("\n")
+    line = (f"training [{'#' * done}{'.' * (width - done)}] {step}/{total}  {msg}"
+            f"  eta {eta:4.0f}s ")
+    if sys.stderr.isatty():
+        sys.stderr.write("\r" + line + ("\n" if step == total else ""))
+    elif step == total or step % max(1, total // 4) == 0:  # a log: a few plain lines
+        sys.stderr.write(line.rstrip() + "\n")
     sys.stderr.flush()
+
+
+def _rel_max(pairs: list, xp: Any) -> float:
+    """``max|a - b| / max|b|`` over all ``(a, b)`` pairs together, in float64.
+
+    One scale for a whole group (all parameter gradients, say): a gradient that
+    is zero in exact arithmetic (a bias right before a batch norm) then
+    counts by its rounding against the group, not against itself.
+    """
+    diff = scale = 0.0
+    for a, b in pairs:
+        if b.size:
+            a, b = a.astype(np.float64), b.astype(np.float64)
+            diff = max(diff, float(xp.abs(a - b).max()))
+            scale = max(scale, float(xp.abs(b).max()))
+    return diff / max(scale, 1e-300)
+
+
+def _step_check(run: _Run, probe: _Run, before: dict, logits: Any, xg: Any, yg: Any,
+                rank: int, b: int, xp: Any) -> float:
+    """One step of ``run`` against one process on the global batch from the same state.
+
+    ``before``: ``run``'s parameters and running statistics before the step.
+    Compares this rank's outputs, the parameter gradients (each rank's are of
+    its mean loss over ``b`` samples; averaged over the ranks they are those
+    of the global batch's mean loss) and the running statistics after the
+    step, each group against its own scale; returns the largest relative
+    difference.
+    """
+    probe.model.set_state_dict(before)
+    probe.model.clear_gradients()
+    ref_logits = probe.model(xg)
+    _, dref, _ = dm.softmax_cross_entropy(ref_logits, yg)
+    probe.model.backward(dref)
+    got = dict(run.model.named_parameters())
+    grads = [(got[n].grad, p.grad) for n, p in probe.model.named_parameters()
+             if p.grad is not None and got[n].grad is not None]
+    after, ref_after = run.model.state_dict(), probe.model.state_dict()
+    stats = [(after[k], ref_after[k]) for k in ref_after if "_mean" in k or "_variance" in k]
+    probe.model.clear_gradients()
+    return max(_rel_max([(logits, ref_logits[rank * b:(rank + 1) * b])], xp),
+               _rel_max(grads, xp), _rel_max(stats, xp))
 
 
 def _train(args: argparse.Namespace, xp: Any, comm: Communicator, runs: dict) -> dict:
@@ -183,6 +233,7 @@ def _train(args: argparse.Namespace, xp: Any, comm: Communicator, runs: dict) ->
     gbatch = b * size
     curves: dict[str, list] = {f"loss_{k}": [] for k in RUNS}
     curves.update(drift_sync=[], drift_local=[], mean_global=[], mean_sync=[], mean_local=[])
+    step_diff = {"sync": 0.0, "local": 0.0}
     every = max(1, args.steps // 25)
     t0 = time.perf_counter()
     for step in range(args.steps):
@@ -190,14 +241,20 @@ def _train(args: argparse.Namespace, xp: Any, comm: Communicator, runs: dict) ->
         xg, yg = xp.asarray(xg), xp.asarray(yg)
         xr, yr = xg[rank * b:(rank + 1) * b], yg[rank * b:(rank + 1) * b]
         losses = {}
-        for kind, run in runs.items():
+        for kind in RUNS:
+            run = runs[kind]
             x, y = (xg, yg) if kind == "global" else (xr, yr)
+            before = None
+            if kind != "global":
+                before = {k: v.copy() for k, v in run.model.state_dict().items()}
             logits = run.model(x)
             losses[kind], dlogits, _ = dm.softmax_cross_entropy(logits, y)
             run.model.backward(dlogits)
             if kind != "global":
                 # Data parallelism: one packed all-reduce averages every gradient.
                 allreduce_gradients(run.model, comm)
+                step_diff[kind] = max(step_diff[kind], _step_check(
+                    run, runs["probe"], before, logits, xg, yg, rank, b, xp))
             run.opt.step()
             run.model.clear_gradients()
         ref = runs["global"].bn_buffers()
@@ -216,8 +273,15 @@ def _train(args: argparse.Namespace, xp: Any, comm: Communicator, runs: dict) ->
             # One running mean (conv BN, channel 0) to plot; rank 0's for local BN.
             curves[f"mean_{kind}"].append(float(runs[kind].model["bn1"]._mean[0]))
         if rank == 0 and ((step + 1) % every == 0 or step + 1 == args.steps):
-            msg = f"loss sync {curves['loss_sync'][-1]:.3f} local {curves['loss_local'][-1]:.3f}"
+            msg = (f"this step's loss: sync {curves['loss_sync'][-1]:.3f}"
+                   f" local {curves['loss_local'][-1]:.3f}")
             _progress(step + 1, args.steps, t0, msg)
+    # The largest per-step difference of any rank, known to every rank.
+    buf = xp.zeros(2 * size, dtype=np.float64)
+    buf[rank], buf[size + rank] = step_diff["sync"], step_diff["local"]
+    host = [float(v) for v in comm.allreduce_sum(buf)]
+    curves["step_diff_sync"] = max(host[:size])
+    curves["step_diff_local"] = max(host[size:])
     return curves
 
 
@@ -228,7 +292,8 @@ def _compare(args: argparse.Namespace, xp: Any, comm: Communicator, runs: dict) 
     xe, ye = xp.asarray(xe), xp.asarray(ye)
     res: dict[str, Any] = {}
     outs, acc = {}, {}
-    for kind, run in runs.items():
+    for kind in RUNS:
+        run = runs[kind]
         run.model.eval()
         outs[kind] = run.model(xe)
         _, _, correct = dm.softmax_cross_entropy(outs[kind], ye)
@@ -257,21 +322,40 @@ def _compare(args: argparse.Namespace, xp: Any, comm: Communicator, runs: dict) 
     return res
 
 
+def step_tolerance(dtype: str) -> float:
+    """Largest relative difference one step may show between exact computations.
+
+    Both sides round differently (sums over ranks against sums over one
+    batch, the shifted merge against a two-pass variance), and the network's
+    backward carries those roundings through three layers: 2048 units in the
+    last place of each group's largest value (outputs, parameter gradients,
+    running statistics). Measured on 2-8 ranks, 200 steps: up to 650 units
+    in float64 and 50 in float32.
+    """
+    return 2048 * float(np.finfo(dtype).eps)
+
+
 def _summary(args: argparse.Namespace, comm: Communicator, where: str, curves: dict,
              cmp: dict, elapsed: float) -> dict:
     size = comm.size
-    tol = 1e-9 if args.dtype == "float64" else 1e-3
+    tol = step_tolerance(args.dtype)
+    step_sync, step_local = curves.pop("step_diff_sync"), curves.pop("step_diff_local")
     loss_diff = max(abs(a - b) for a, b in zip(curves["loss_sync"], curves["loss_global"]))
     loss_diff_local = max(abs(a - b) for a, b in zip(curves["loss_local"], curves["loss_global"]))
     d_sync = max(cmp["sync"]["parameters_and_running_stats"], cmp["sync"]["eval_outputs"])
     d_local = max(cmp["local"]["parameters_and_running_stats"], cmp["local"]["eval_outputs"])
     tail = max(1, args.steps // 10)
     return {
+        # The claim: each step, from the same parameters, equals one process.
+        "sync_equals_global": step_sync <= tol,
+        "max_step_rel_diff_sync_vs_global": step_sync,
+        "max_step_rel_diff_local_vs_global": step_local,
+        "step_tolerance": tol,
+        "local_differs_from_global": step_local > 1e3 * max(step_sync, tol) if size > 1
+        else False,
+        # The trajectories after all steps (rounding amplified by training).
         "max_abs_diff_sync_vs_global": d_sync,
         "max_abs_diff_local_vs_global": d_local,
-        "sync_equals_global": d_sync <= tol,
-        "local_differs_from_global": d_local > 1e3 * max(d_sync, tol) if size > 1 else False,
-        "tolerance": tol,
         "sync_vs_global": {**cmp["sync"], "train_loss_curve": loss_diff},
         "local_vs_global": {**cmp["local"], "train_loss_curve": loss_diff_local},
         "eval_accuracy": cmp["accuracy"],
@@ -292,28 +376,45 @@ def _summary(args: argparse.Namespace, comm: Communicator, where: str, curves: d
 
 def _report(s: dict, files: list[str]) -> str:
     k, b = s["world_size"], s["batch_per_rank"]
+    tail = max(1, s["steps"] // 10)
     lines = [
         "",
         f"cupysyncbn demo: {k} rank(s) x {b} samples = global batch {s['global_batch']},"
         f" {s['steps']} steps, {s['dtype']}, {s['device']}, comm={s['communicator']},"
         f" {s['elapsed_s']:.1f}s",
         "",
-        f"  {'run':<28}{'train loss':>11}{'eval acc':>10}{'max |diff| vs one process':>28}",
+        f"  {'run':<28}{'train loss':>11}{'eval acc':>10}{'step diff':>12}"
+        f"{'end diff':>11}",
     ]
-    diffs = {"global": None, "sync": s["max_abs_diff_sync_vs_global"],
-             "local": s["max_abs_diff_local_vs_global"]}
+    step = {"global": None, "sync": s["max_step_rel_diff_sync_vs_global"],
+            "local": s["max_step_rel_diff_local_vs_global"]}
+    end = {"global": None, "sync": s["max_abs_diff_sync_vs_global"],
+           "local": s["max_abs_diff_local_vs_global"]}
     for kind in RUNS:
-        d = "(reference)" if diffs[kind] is None else f"{diffs[kind]:.3e}"
+        d1 = "(reference)" if step[kind] is None else f"{step[kind]:.2e}"
+        d2 = "" if end[kind] is None else f"{end[kind]:.2e}"
         lines.append(
             f"  {LABELS[kind]:<28}{s['final_train_loss'][kind]:>11.4f}"
-            f"{s['eval_accuracy'][kind]:>10.3f}{d:>28}"
+            f"{s['eval_accuracy'][kind]:>10.3f}{d1:>12}{d2:>11}"
         )
-    lines.append("")
+    lines += [
+        f"  train loss: mean of the last {tail} steps.",
+        "  step diff: largest relative difference of one step from the same parameters",
+        "    (outputs, parameter gradients, running statistics).",
+        "  end diff: max |difference| after all steps (parameters, running statistics,",
+        "    eval outputs).",
+        "",
+    ]
     verdict = "yes" if s["sync_equals_global"] else "NO"
     lines.append(
-        f"SyncBN == one process on the global batch: {verdict}"
-        f" (max abs diff {s['max_abs_diff_sync_vs_global']:.2e}, tolerance {s['tolerance']:.0e};"
-        " parameters, running stats and eval outputs)"
+        f"SyncBN == one process on the global batch: {verdict} (every step from the same"
+        f" parameters: max relative diff {s['max_step_rel_diff_sync_vs_global']:.2e},"
+        f" tolerance {s['step_tolerance']:.1e} for {s['dtype']})"
+    )
+    lines.append(
+        f"after {s['steps']} steps the trajectories differ by"
+        f" {s['max_abs_diff_sync_vs_global']:.2e} (training amplifies rounding; not a"
+        " synchronization error)"
     )
     if k > 1:
         lines.append(
@@ -361,5 +462,7 @@ def main(argv: list[str] | None = None) -> int:
         path.write_text(json.dumps(summary, indent=1, allow_nan=False) + "\n")
         files.insert(0, str(path))
     print(_report(summary, files), flush=True)
-    ok = summary["sync_equals_global"] and math.isfinite(summary["max_abs_diff_sync_vs_global"])
+    ok = summary["sync_equals_global"] and math.isfinite(
+        summary["max_step_rel_diff_sync_vs_global"]
+    )
     return 0 if ok else 1
