@@ -621,7 +621,10 @@ def launch(spec: dict, k: int, timeout: float, cpu_backend: str = "auto") -> lis
         if k == 1 and not spec["gpu"]:
             cmd = [sys.executable, __file__, "--worker", str(path)]
         else:
-            mpiexec = shutil.which("mpiexec") or shutil.which("mpirun")
+            here = Path(sys.executable).parent  # a venv whose bin/ is not on PATH
+            mpiexec = next((str(here / n) for n in ("mpiexec", "mpirun")
+                            if (here / n).is_file()), None)
+            mpiexec = mpiexec or shutil.which("mpiexec") or shutil.which("mpirun")
             if mpiexec is None:
                 raise SystemExit("mpiexec not found (pip install mpich)")
             cmd = [mpiexec, "-n", str(k), sys.executable, __file__, "--worker", str(path)]

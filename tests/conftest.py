@@ -1,3 +1,4 @@
+import ctypes
 import os
 import sys
 from pathlib import Path
@@ -17,6 +18,53 @@ FORCE_ENV = "CUPYSYNCBN_FORCE_COLLECTIVES"
 # on the CPU even on a GPU machine (set_device('auto') would put them on the
 # GPU). Tests of placement set their own; GPU tests move layers with .to().
 os.environ.setdefault("CUPYSYNCBN_DEVICE", "cpu")
+
+
+def _nvidia_driver_present() -> bool:
+    for name in ("libcuda.so.1", "libcuda.so"):
+        try:
+            ctypes.CDLL(name)
+            return True
+        except OSError:
+            continue
+    return False
+
+
+#: One reason for every GPU test on a machine without an NVIDIA driver (not
+#: "CUDA driver version is insufficient", which reads like a broken install).
+NO_GPU = "no NVIDIA GPU on this machine (GPU tests run where one is: scripts/gpu_check.sh)"
+_HAS_DRIVER = _nvidia_driver_present()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    # Raised here, every such skip is reported once, from this line.
+    if not _HAS_DRIVER and item.get_closest_marker("gpu") is not None:
+        pytest.skip(NO_GPU)
+
+
+_NON_GPU_SKIPS: list = []
+
+
+def pytest_runtest_logreport(report):
+    if report.skipped and isinstance(report.longrepr, tuple):
+        path, line, reason = report.longrepr
+        if "GPU" not in reason:
+            _NON_GPU_SKIPS.append(f"{path}:{line}: {reason}")
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _NON_GPU_SKIPS:
+        terminalreporter.write_line(
+            f"{len(_NON_GPU_SKIPS)} test(s) skipped for a reason other than a missing GPU"
+            " (a missing test dependency?): " + "; ".join(sorted(set(_NON_GPU_SKIPS))[:10])
+        )
+
+
+def pytest_sessionfinish(session, exitstatus):
+    # On CI every dependency of the suite is installed: only GPU tests may skip.
+    if _NON_GPU_SKIPS and os.environ.get("CI") and exitstatus == 0:
+        session.exitstatus = 1
 
 
 @pytest.fixture

@@ -27,6 +27,7 @@ import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 from ..runtime.env import collective_timeout, launched_size
@@ -105,7 +106,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _relaunch(argv: list[str], ranks: int) -> int:
-    mpiexec = shutil.which("mpiexec") or shutil.which("mpirun")
+    here = Path(sys.executable).parent  # a venv whose bin/ is not on PATH
+    found = [str(here / n) for n in ("mpiexec", "mpirun") if (here / n).is_file()]
+    mpiexec = found[0] if found else shutil.which("mpiexec") or shutil.which("mpirun")
     if mpiexec is None:
         print("--ranks needs mpiexec on PATH (pip install mpich)", file=sys.stderr)
         return 2

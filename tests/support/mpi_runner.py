@@ -18,7 +18,41 @@ import pytest
 
 from support import ROOT, TESTS
 
-MPIEXEC = shutil.which("mpiexec") or shutil.which("mpirun")
+
+def find_mpiexec() -> str | None:
+    """``mpiexec`` beside this Python (a venv or env whose bin/ is not on PATH), else on PATH."""
+    here = Path(sys.executable).parent
+    for name in ("mpiexec", "mpirun"):
+        cand = here / name
+        if cand.is_file() and os.access(cand, os.X_OK):
+            return str(cand)
+    return shutil.which("mpiexec") or shutil.which("mpirun")
+
+
+MPIEXEC = find_mpiexec()
+
+
+def require_mpiexec() -> str:
+    """The launcher; fails the test when mpi4py imports but no launcher is found.
+
+    mpi4py without a launcher would turn every multi-rank test into a quiet
+    skip: that is a broken setup, not a reason to skip. Without mpi4py too,
+    the test is skipped (a machine without MPI at all).
+    """
+    if MPIEXEC is not None:
+        return MPIEXEC
+    if _mpi4py_imports():
+        pytest.fail("mpi4py imports but no mpiexec/mpirun was found beside"
+                    f" {sys.executable} or on PATH (pip install mpich)")
+    pytest.skip("no mpiexec and no mpi4py (pip install mpich mpi4py)")
+
+
+def _mpi4py_imports() -> bool:
+    try:
+        import mpi4py  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def mpi_env(extra: dict | None = None) -> dict:
@@ -71,12 +105,11 @@ def run_mpi(
     With ``check`` a non-zero exit fails the test and shows every rank's output.
     A run that exceeds ``timeout`` is killed and fails the test as a hang.
     """
-    if MPIEXEC is None:
-        pytest.skip("no mpiexec on PATH (pip install mpich)")
+    mpiexec = require_mpiexec()
     folder = Path(tmp_path) if tmp_path is not None else Path(os.environ.get("TMPDIR", "/tmp"))
     script = folder / f"mpi_case_{os.getpid()}_{abs(hash(code)) % 10**8}.py"
     script.write_text(textwrap.dedent(code))
-    cmd = [MPIEXEC, "-n", str(n), sys.executable, str(script), *map(str, args)]
+    cmd = [mpiexec, "-n", str(n), sys.executable, str(script), *map(str, args)]
     res = run_job(cmd, timeout, f"mpiexec -n {n}", mpi_env(env), folder)
     out, err = res.stdout, res.stderr
     if check and res.returncode != 0:

@@ -12,7 +12,7 @@ import subprocess
 import sys
 
 import pytest
-from support.mpi_runner import MPIEXEC, ROOT, mpi_env
+from support.mpi_runner import ROOT, mpi_env, require_mpiexec
 
 from cupysyncbn._sync import protocol
 
@@ -30,8 +30,7 @@ REC = Rec()
 
 
 def _bench(tmp_path, *args, env=None):
-    if MPIEXEC is None:
-        pytest.skip("no mpiexec on PATH (pip install mpich)")
+    require_mpiexec()
     return subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "bench.py"), "--smoke", "--device", "cpu",
          *args], cwd=tmp_path, env=mpi_env(env), capture_output=True, text=True, timeout=300,
