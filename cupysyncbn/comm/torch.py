@@ -130,7 +130,8 @@ class TorchCommunicator(Communicator):
             devices = {"cpu"} if name == "gloo" else {"cuda"} if name == "nccl" else set()
             devices = devices or {"cpu", "cuda"}
         self.cpu_direct = "cpu" in devices
-        self.cuda_direct = "cuda" in devices
+        # gloo lists "cuda" even in a CPU-only build of torch, which has no CUDA tensors.
+        self.cuda_direct = "cuda" in devices and bool(self._torch.backends.cuda.is_built())
 
     # -- the collective --------------------------------------------------------
     def supports(self, array: Any) -> bool:
