@@ -194,3 +194,14 @@ def test_readme_documents_the_command():
     assert "docs/conformance.md" in Path(ROOT / "README.md").read_text()
     text = Path(ROOT / "docs" / "conformance.md").read_text()
     assert "python -m cupysyncbn.conformance" in text
+
+
+def test_table_shows_how_much_of_its_tolerance_each_case_used():
+    from cupysyncbn.conformance.impls import cupysyncbn_layer
+
+    case = C.load_case(C.case_files(pattern="paddle_NCHW_float64_offset1e4")[0])
+    res = C.run_suite(cupysyncbn_layer, [case])
+    assert 0 < res[0].tolerance_used < 1
+    table = C.format_table(res, "x", 1, "uneven")
+    assert "tol used" in table and "atol + rtol*|ref|" in table
+    assert f"{res[0].tolerance_used:.1e}" in table.splitlines()[3]
