@@ -26,7 +26,7 @@ from .errors import (
 )
 from .modes import is_grad_enabled, local_eval, no_grad
 from .nn.container import LayerList, Sequential
-from .nn.grads import allreduce_gradients
+from .nn.grads import allreduce_gradients, global_batch_size
 from .nn.layer import Layer, ParamAttr, Parameter
 from .nn.norm import BatchNorm1D, BatchNorm2D, BatchNorm3D, SyncBatchNorm
 from .runtime.placement import get_device, set_device
@@ -55,6 +55,7 @@ __all__ = [
     "get_default_comm",
     "set_default_comm",
     "allreduce_gradients",
+    "global_batch_size",
     "check_errors",
     "install_abort_hook",
     "check_consistency",

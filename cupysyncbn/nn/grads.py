@@ -1,8 +1,10 @@
-"""Data-parallel gradient averaging for users without a framework wrapper.
+"""Data-parallel gradients for users without a framework wrapper.
 
 Batch-norm parameter gradients are local (as in Paddle and PyTorch); a
-data-parallel job averages them across ranks. :func:`allreduce_gradients`
-does that for every trainable parameter of a model in ONE packed collective.
+data-parallel job sums or averages them across ranks. :func:`allreduce_gradients`
+does that for every trainable parameter of a model in ONE packed collective;
+:func:`global_batch_size` gives the loss scale that makes the result exact
+when ranks hold different numbers of samples.
 """
 
 from __future__ import annotations
@@ -15,7 +17,45 @@ from ..backends import get_backend
 from ..comm.select import as_communicator
 from .layer import Layer, Parameter
 
-__all__ = ["allreduce_gradients"]
+__all__ = ["allreduce_gradients", "global_batch_size"]
+
+
+def global_batch_size(n_local: int, comm: Any = None) -> int:
+    """The number of samples in the global batch: ``n_local`` summed over ``comm``.
+
+    The loss scale for uneven batches: with ``N = global_batch_size(n)``, each
+    rank takes the SUM of its per-sample losses divided by ``N`` and sums the
+    gradients with ``allreduce_gradients(model, average=False)``; the result is
+    the gradient of the global batch's mean loss, exactly as one process on
+    the whole batch computes it. (The data-parallel habit, each rank's mean
+    loss and then averaged gradients, weights a sample on a rank with fewer
+    samples more: biased whenever the batches are uneven.)
+
+    Parameters
+    ----------
+    n_local : int
+        Samples this rank holds (0 is fine: the rank still takes part).
+    comm : Communicator, mpi4py.MPI.Comm or None
+        Group (None: the default communicator). One small all-reduce;
+        collective over the group.
+
+    Returns
+    -------
+    int
+
+    Raises
+    ------
+    TypeError, ValueError
+        For an ``n_local`` that is not an integer >= 0.
+    """
+    if isinstance(n_local, bool) or not isinstance(n_local, (int, np.integer)):
+        raise TypeError(f"n_local must be an int >= 0; got {n_local!r}")
+    if n_local < 0:
+        raise ValueError(f"n_local must be >= 0; got {n_local}")
+    comm_ = as_communicator(comm)
+    if comm_.size == 1 and not comm_.force_collectives:
+        return int(n_local)
+    return int(round(float(comm_.allreduce_host(np.array([float(n_local)]))[0])))
 
 
 def allreduce_gradients(

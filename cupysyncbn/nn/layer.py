@@ -28,6 +28,7 @@ __all__ = [
     "HookRemoveHelper",
 ]
 
+
 class HookRemoveHelper:
     """Handle returned by the ``register_forward_*_hook`` methods; ``remove()`` detaches."""
 
