@@ -9,6 +9,11 @@ on a block's first line changes how it runs:
 * ``# needs: gpu``: skipped unless CuPy sees a GPU;
 * ``# needs: torch`` / ``# needs: paddle``: skipped unless importable.
 
+A ``# launch: LAUNCHER`` line among a block's first three lines runs it once
+more under that launcher, as its text says (``mpiexec -n K``, ``torchrun
+--nproc-per-node K``, ``python -m paddle.distributed.launch --nproc_per_node
+K``): every documented way to start a job is exercised.
+
 Illustrations that must not run use ```text or ```bash fences. Also checks the
 all-reduce counts docs/design.md states, with a counting communicator.
 """
@@ -23,13 +28,18 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from support.mpi_runner import ROOT, mpi_env, run_mpi
+from support.mpi_runner import ROOT, mpi_env, require_mpiexec, run_job, run_mpi
 
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 _FENCE = re.compile(r"^```python[ \t]*\n(.*?)^```[ \t]*$", re.S | re.M)
 _MPI = re.compile(r"#\s*mpiexec\s+-n\s+(\d+)")
 _NEEDS = re.compile(r"#\s*needs:\s*([\w, ]+)")
+_LAUNCH = re.compile(
+    r"#\s*launch:\s*(mpiexec -n|torchrun --nproc-per-node|"
+    r"python -m paddle\.distributed\.launch --nproc_per_node) (\d+)"
+)
 TIMEOUT = 120
+LAUNCH_TIMEOUT = 300
 
 
 def _blocks():
@@ -75,14 +85,52 @@ def test_readme_and_docs_have_blocks():
     firsts = [b.values[0].splitlines()[0] for b in blocks]
     assert any(_MPI.match(f.strip()) for f in firsts)
     assert any(_NEEDS.match(f.strip()) for f in firsts)
+    kinds = {k for b in blocks for k, _ in _launches(b.values[0])}
+    assert kinds == {"mpiexec", "torchrun", "paddle"}, kinds
+    # a '# launch:' line the runner would not understand is a typo, not a pass
+    for b in blocks:
+        for line in b.values[0].splitlines()[:3]:
+            if "launch:" in line:
+                assert _LAUNCH.match(line.strip()), line
 
 
 def _first_line(code: str) -> str:
     return code.splitlines()[0] if code.strip() else ""
 
 
+def _launches(code: str) -> list[tuple[str, int]]:
+    """The ``# launch:`` lines among the block's first three lines."""
+    out = []
+    for line in code.splitlines()[:3]:
+        m = _LAUNCH.match(line.strip())
+        if m:
+            kind = "paddle" if "paddle" in m.group(1) else m.group(1).split()[0]
+            out.append((kind, int(m.group(2))))
+    return out
+
+
+def _launch(kind: str, n: int, script, folder) -> str | None:
+    """Run ``script`` under a launcher; None when every process succeeded."""
+    env = mpi_env()
+    for var in [k for k in env if k.startswith(("PMI_", "OMPI_", "PMIX_", "PADDLE_"))]:
+        del env[var]  # a clean job of that launcher only
+    if kind == "mpiexec":
+        cmd = [require_mpiexec(), "-n", str(n), sys.executable, str(script)]
+    elif kind == "torchrun":
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc-per-node", str(n), str(script)]
+    else:
+        cmd = [sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", str(n),
+               "--log_dir", str(folder / "log"), str(script)]
+    res = run_job(cmd, LAUNCH_TIMEOUT, kind, env, folder, merge_stderr=True)
+    if res.returncode != 0:
+        logs = "".join(p.read_text() for p in sorted((folder / "log").glob("workerlog.*")))
+        return f"block failed under {kind} with {n} processes:\n{res.stdout}\n{logs}"
+    return None
+
+
 def _run_block(code: str, folder) -> str | None:
-    """Run one block; None when it passed, else why it failed."""
+    """Run one block (and under each launcher it names); None when it passed."""
     mpi = _MPI.match(_first_line(code).strip())
     if mpi:
         run_mpi(code, int(mpi.group(1)), timeout=TIMEOUT, tmp_path=folder)
@@ -98,6 +146,10 @@ def _run_block(code: str, folder) -> str | None:
         return f"block ran for more than {TIMEOUT}s:\n{code}"
     if res.returncode != 0:
         return f"block failed:\n{code}\n--- stderr:\n{res.stderr}"
+    for kind, n in _launches(code):
+        why = _launch(kind, n, script, folder)
+        if why is not None:
+            return why
     return None
 
 
