@@ -56,7 +56,8 @@ def running_stats_update(
     ValueError
         ``unbiased_running_var`` with a global ``count`` of 1.
     """
-    return get_backend(running_mean, "running_mean").running_update(
+    backend: Any = get_backend(running_mean, "running_mean")  # every backend has the channel math
+    return backend.running_update(
         running_mean, running_var, batch_mean, batch_var, count, momentum,
         unbiased_running_var, num_batches_tracked,
     )

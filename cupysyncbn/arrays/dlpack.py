@@ -158,7 +158,7 @@ def _convert_result(res: Any, like: Any) -> Any:
             for f in dataclasses.fields(res)
             if isinstance(getattr(res, f.name), np.ndarray) or _is_cupy(getattr(res, f.name))
         }
-        return dataclasses.replace(res, **changes)
+        return dataclasses.replace(res, **changes)  # type: ignore[type-var]
     return from_native(res, like)
 
 

@@ -283,13 +283,14 @@ def evaluate(case: dict, per_rank: list[dict]) -> CaseResult:
                 groups[q].append((float("nan"), False, float("inf")))
                 continue
             ref = case[key]
+            arrays: list[np.ndarray] = [p for p in pieces if p is not None]
             if q in ("y", "dx", "y_eval"):
-                groups[q].append(_compare_used(case, q, np.concatenate(pieces, axis=0), ref))
+                groups[q].append(_compare_used(case, q, np.concatenate(arrays, axis=0), ref))
             elif q in ("dweight", "dbias"):
-                groups[q].append(_compare_used(case, q, np.sum(pieces, axis=0), ref))
+                groups[q].append(_compare_used(case, q, np.sum(arrays, axis=0), ref))
             else:  # running statistics: every rank must hold them
-                for p in pieces:
-                    groups[q].append(_compare_used(case, q, p, ref))
+                for a in arrays:
+                    groups[q].append(_compare_used(case, q, a, ref))
     for q, vals in groups.items():
         if not vals:
             res.errors[q] = None

@@ -26,9 +26,11 @@ __all__ = ["cupysyncbn_layer", "local_batchnorm", "torch_adapter", "paddle_adapt
 
 
 def _run_layer(case: dict, comm: Any) -> dict:
-    xp = np
+    xp: Any = np
     if case.get("device", "cpu").startswith("cuda"):
-        import cupy as xp  # noqa: N813 - the array module
+        import cupy
+
+        xp = cupy
     affine = case["affine"]
     layer = NativeSyncBatchNorm(
         len(case["weight"]), epsilon=case["epsilon"], momentum=case["momentum"],
@@ -103,14 +105,16 @@ def torch_adapter(case: dict, rank: int, size: int) -> dict:
         x = to_t(case[f"x{s}"]).requires_grad_(True)
         y = bn(x)
         y.backward(to_t(case[f"dy{s}"]))
-        out[f"y{s}"], out[f"dx{s}"] = from_t(y), from_t(x.grad)
+        grads: Any = (x.grad, bn.weight.grad, bn.bias.grad)  # set by the backward
+        out[f"y{s}"], out[f"dx{s}"] = from_t(y), from_t(grads[0])
         if case["affine"]:
-            out[f"dweight{s}"] = bn.weight.grad.cpu().numpy().copy()
-            out[f"dbias{s}"] = bn.bias.grad.cpu().numpy().copy()
+            out[f"dweight{s}"] = grads[1].cpu().numpy().copy()
+            out[f"dbias{s}"] = grads[2].cpu().numpy().copy()
             bn.weight.grad = bn.bias.grad = None
-        out[f"mean{s}"] = bn.running_mean.cpu().numpy().copy()
+        stats: Any = (bn.running_mean, bn.running_var)
+        out[f"mean{s}"] = stats[0].cpu().numpy().copy()
         if case["unbiased_running_var"]:
-            out[f"variance{s}"] = bn.running_var.cpu().numpy().copy()
+            out[f"variance{s}"] = stats[1].cpu().numpy().copy()
     if "x_eval" in case and case["unbiased_running_var"]:  # else the running var differs
         bn.eval()
         with torch.no_grad():
@@ -138,9 +142,10 @@ def paddle_adapter(case: dict, rank: int, size: int) -> dict:
         )
     finally:
         paddle.set_default_dtype(previous)
+    params: Any = (bn.weight, bn.bias)
     if affine:
-        bn.weight.set_value(np.asarray(case["weight"], dtype=case["dtype"]))
-        bn.bias.set_value(np.asarray(case["bias"], dtype=case["dtype"]))
+        params[0].set_value(np.asarray(case["weight"], dtype=case["dtype"]))
+        params[1].set_value(np.asarray(case["bias"], dtype=case["dtype"]))
     biased = not case["unbiased_running_var"]
 
     def to_p(a: np.ndarray, grad: bool = False) -> Any:
@@ -153,8 +158,8 @@ def paddle_adapter(case: dict, rank: int, size: int) -> dict:
         y.backward(to_p(case[f"dy{s}"]))
         out[f"y{s}"], out[f"dx{s}"] = y.numpy(), x.grad.numpy()
         if affine:
-            out[f"dweight{s}"] = bn.weight.grad.numpy()
-            out[f"dbias{s}"] = bn.bias.grad.numpy()
+            out[f"dweight{s}"] = params[0].grad.numpy()
+            out[f"dbias{s}"] = params[1].grad.numpy()
         bn.clear_gradients()
         out[f"mean{s}"] = bn._mean.numpy()
         if biased:

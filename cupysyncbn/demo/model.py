@@ -50,7 +50,7 @@ class Conv1x1(Layer):
         super().__init__(dtype=dtype)
         self.weight = Parameter((rng.standard_normal((cout, cin)) / np.sqrt(cin)).astype(dtype))
         self.bias = Parameter(np.zeros(cout, dtype=dtype))
-        self._x = None
+        self._x: Any = None
 
     def forward(self, x: Any) -> Any:
         """``y[n, o, s] = sum_i w[o, i] x[n, i, s] + b[o]``."""
@@ -78,7 +78,7 @@ class Linear(Layer):
         super().__init__(dtype=dtype)
         self.weight = Parameter((rng.standard_normal((cin, cout)) / np.sqrt(cin)).astype(dtype))
         self.bias = Parameter(np.zeros(cout, dtype=dtype))
-        self._x = None
+        self._x: Any = None
 
     def forward(self, x: Any) -> Any:
         """Affine map."""

@@ -126,7 +126,8 @@ class _Run:
         out = []
         for layer in self.model.sublayers():
             if isinstance(layer, (BatchNorm1D, BatchNorm2D, SyncBatchNorm)):
-                out += [layer._mean, layer._variance]
+                state = layer.state_dict()
+                out += [state["_mean"], state["_variance"]]
         return out
 
 
@@ -231,7 +232,7 @@ def _train(args: argparse.Namespace, xp: Any, comm: Communicator, runs: dict) ->
     rank, size, b = comm.rank, comm.size, args.batch_per_rank
     data = dm.DataSource(args.seed, args.dtype)
     gbatch = b * size
-    curves: dict[str, list] = {f"loss_{k}": [] for k in RUNS}
+    curves: dict[str, Any] = {f"loss_{k}": [] for k in RUNS}
     curves.update(drift_sync=[], drift_local=[], mean_global=[], mean_sync=[], mean_local=[])
     step_diff = {"sync": 0.0, "local": 0.0}
     every = max(1, args.steps // 25)
@@ -250,7 +251,7 @@ def _train(args: argparse.Namespace, xp: Any, comm: Communicator, runs: dict) ->
             logits = run.model(x)
             losses[kind], dlogits, _ = dm.softmax_cross_entropy(logits, y)
             run.model.backward(dlogits)
-            if kind != "global":
+            if before is not None:
                 # Data parallelism: one packed all-reduce averages every gradient.
                 allreduce_gradients(run.model, comm)
                 step_diff[kind] = max(step_diff[kind], _step_check(

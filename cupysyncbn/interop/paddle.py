@@ -313,7 +313,7 @@ class SyncBatchNorm(paddle.nn.SyncBatchNorm):
             raise ValueError(f"num_features must be a positive int; got {num_features!r}")
         super().__init__(
             num_features, _check_momentum(momentum), _check_epsilon(epsilon), weight_attr,
-            bias_attr, _check_data_format(data_format), name,
+            bias_attr, _check_data_format(data_format), name,  # type: ignore[arg-type]
         )
         # None stays lazy (resolved at each training pass, so init('auto') or
         # init_parallel_env() may run after the model is built); anything else
