@@ -35,16 +35,12 @@ from support import cuda_emu
 class Recorder:
     """Counters of one measured region."""
 
-    _LISTS = ("kernels", "ops", "allocs", "d2h", "async_d2h", "h2d", "syncs", "queries",
-              "capture_invalidated")
+    _LISTS = ("kernels", "ops", "allocs", "d2h", "async_d2h", "h2d", "syncs", "queries")
 
     def __init__(self):
         for name in self._LISTS:
             setattr(self, name, [])
         self.capturing = False
-        # the thread that opened a global-mode capture (torch.cuda.graph's
-        # default), or None: other threads' event queries invalidate it
-        self.global_capture = None
 
     def clear(self):
         for name in self._LISTS:  # in place: launchers hold the kernels list
@@ -180,60 +176,42 @@ class Stream:
         return REC.capturing
 
 
-_RECORDED = []  # events recorded and not yet known complete to the host
+_RECORDED = set()  # events recorded and not yet known complete to the host
+_RECORDED_LOCK = threading.Lock()  # ranks as threads record and synchronize
 
 
 def _device_caught_up():
     """A host synchronization: every recorded event is complete from now on."""
-    for ev in _RECORDED:
-        ev._done = True
-    _RECORDED.clear()
+    with _RECORDED_LOCK:
+        for ev in _RECORDED:
+            ev._done = True
+        _RECORDED.clear()
 
 
 class Event:
     """Asynchronous completion, as on a GPU whose host runs ahead: a recorded
     event is not ``done`` until the host synchronizes (on it, its stream or
-    the device). Queries from another thread while a global-mode capture is
-    open raise, as CUDA invalidates the capture then."""
+    the device)."""
 
     def __init__(self, block=False, disable_timing=False, interprocess=False):
         self._done = True  # never recorded: complete (CUDA's cudaEventQuery)
 
     def record(self, stream=None):
-        self._done = False
-        _RECORDED.append(self)
+        with _RECORDED_LOCK:
+            self._done = False
+            _RECORDED.add(self)
 
     @property
     def done(self):
-        _check_query_thread("cudaEventQuery")
         REC.queries.append("event")
         return self._done
 
     def synchronize(self):
-        _check_query_thread("cudaEventSynchronize")
         if not self._done:
             REC.syncs.append("event")
         self._done = True
 
 
-def _check_query_thread(what):
-    capture = REC.global_capture
-    if capture is not None and capture is not threading.current_thread():
-        if not getattr(_THREAD_MODE, "relaxed", False):
-            REC.capture_invalidated.append(what)
-            raise RuntimeError(
-                f"{what} from another thread during a global-mode stream capture:"
-                " cudaErrorStreamCaptureUnsupported (the capture is invalidated)")
-
-
-_THREAD_MODE = threading.local()
-
-
-def _exchange_capture_mode(mode):
-    """``cudaThreadExchangeStreamCaptureMode``: per thread; 2 is relaxed."""
-    old = 2 if getattr(_THREAD_MODE, "relaxed", False) else 0
-    _THREAD_MODE.relaxed = mode == 2
-    return old
 
 
 def _memcpy_async(dst, src, size, kind, stream):
@@ -332,8 +310,6 @@ def _make_module():
     rt.memcpyDeviceToHost = 2
     rt.memcpyAsync = _memcpy_async
     rt.getDeviceCount = lambda: 1
-    rt.streamCaptureModeRelaxed = 2
-    rt.threadExchangeStreamCaptureMode = _exchange_capture_mode
     cuda.runtime = rt
     cp.cuda = cuda
 
