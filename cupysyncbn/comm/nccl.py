@@ -22,7 +22,10 @@
   (``CUPYSYNCBN_NCCL_TIMEOUT`` seconds, default ``CUPYSYNCBN_TIMEOUT`` or 600;
   0 disables) or on an NCCL error it aborts the NCCL communicator and then the
   MPI job (``CUPYSYNCBN_NCCL_ABORT=0`` keeps the process alive and raises on
-  the next call instead).
+  the next call instead). The thread runs in CUDA's relaxed stream-capture
+  mode: under a global-mode capture (``torch.cuda.graph``'s default) an event
+  query from any other thread would invalidate the capture (PyTorch's own
+  NCCL watchdog does the same).
 * NumPy buffers go through MPI on the same group, so one communicator serves
   both array kinds.
 * The NCCL communicator is destroyed at interpreter exit (after the device is
@@ -33,6 +36,7 @@ from __future__ import annotations
 
 import atexit
 import collections
+import ctypes
 import sys
 import threading
 import time
@@ -52,6 +56,31 @@ from .mpi import MPICommunicator
 __all__ = ["NCCLCommunicator", "nccl_version"]
 
 _POLL_S = 0.05
+_CAPTURE_MODE_RELAXED = 2  # cudaStreamCaptureModeRelaxed = CU_STREAM_CAPTURE_MODE_RELAXED
+
+
+def relax_capture_mode(cupy: Any) -> bool:
+    """Put the calling thread in relaxed stream-capture mode; whether that worked.
+
+    A thread in relaxed mode may query events while another thread captures
+    a CUDA graph in global mode. CuPy does not wrap
+    ``cudaThreadExchangeStreamCaptureMode``; the driver's equivalent
+    (``cuThreadExchangeStreamCaptureMode``, same per-thread setting) is in
+    every libcuda since CUDA 10.1.
+    """
+    exchange = getattr(cupy.cuda.runtime, "threadExchangeStreamCaptureMode", None)
+    if exchange is not None:
+        exchange(_CAPTURE_MODE_RELAXED)
+        return True
+    names = ("nvcuda.dll",) if sys.platform == "win32" else ("libcuda.so.1", "libcuda.so")
+    for name in names:
+        try:
+            fn = ctypes.CDLL(name).cuThreadExchangeStreamCaptureMode
+        except (OSError, AttributeError):
+            continue
+        mode = ctypes.c_int(_CAPTURE_MODE_RELAXED)
+        return fn(ctypes.byref(mode)) == 0
+    return False
 
 
 def nccl_version() -> str:
@@ -131,6 +160,7 @@ class _Watchdog:
         self.timeout = timeout
         self.pending: collections.deque = collections.deque()
         self._stop = threading.Event()
+        self.relaxed: bool | None = None  # set by the thread before its first query
         self._thread = threading.Thread(
             target=self._run, args=(owner.device_id,), name="cupysyncbn-nccl-watchdog",
             daemon=True,
@@ -153,6 +183,9 @@ class _Watchdog:
         import cupy
 
         cupy.cuda.runtime.setDevice(device_id)
+        # Before any query: a graph captured in global mode on another thread
+        # must not see this thread's event queries (nor be invalidated by them).
+        self.relaxed = relax_capture_mode(cupy)
         while not self._stop.wait(_POLL_S):
             owner = self._owner()
             if owner is None:

@@ -17,7 +17,7 @@ from .. import functional as F
 from .._sync import collective
 from .._sync.checks import check_epsilon, check_momentum
 from .._sync.state import SyncState
-from ..arrays.devices import device_of
+from ..arrays.devices import device_of, to_host
 from ..arrays.dtypes import parse_param_dtype
 from ..arrays.formats import DataFormat, parse_data_format
 from ..backends import get_backend
@@ -180,6 +180,13 @@ class _BatchNormBase(Layer):
 
     def _on_state_loaded(self) -> None:
         self.clear_pending()
+        # The batch counter is a host quantity: forward reads it into kernel
+        # arguments, and reading a device copy would be a host synchronization
+        # per pass (an illegal one inside a CUDA graph capture). ``.to`` and
+        # state loads move every buffer; bring this one back (once, here).
+        nbt = self._num_batches_tracked
+        if type(nbt) is not np.ndarray:  # CuPy (or a NumPy subclass standing in)
+            object.__setattr__(self, "_num_batches_tracked", np.array(to_host(nbt)))
         # A move (``.to``) invalidates the shift and buffers kept on the old
         # device: the next synchronized pass must not mix NumPy and CuPy.
         now = self._device_now()

@@ -8,6 +8,7 @@ copies and host synchronizations; and the results against the NumPy backend
 (float64 math on the host path) on the same or the whole global batch.
 """
 
+import contextlib
 import re
 import threading
 
@@ -16,7 +17,7 @@ import pytest
 from support import cuda_emu, recording_cupy
 
 import cupysyncbn as sbn
-from cupysyncbn._sync import protocol
+from cupysyncbn._sync import device_status, protocol
 from cupysyncbn.backends.cupy import kernels as ks
 from cupysyncbn.comm.base import Communicator, NoCommunicator
 from cupysyncbn.errors import RemoteInputError
@@ -47,15 +48,39 @@ def _host(a):
     return np.array(a.view(np.ndarray) if isinstance(a, recording_cupy.ndarray) else a)
 
 
-def _layer(cp, fmt, c, comm, pdt="float32", on_device=True, **kw):
-    layer = sbn.SyncBatchNorm(c, data_format=fmt, comm=comm, dtype=pdt, **kw)
+@contextlib.contextmanager
+def _gpu_by_default():
+    """``set_device('gpu')`` over the stand-in (placement caches are reset around it)."""
+    from cupysyncbn.runtime import placement
+
+    placement._reset_for_tests()
+    old = placement.set_device("gpu")
+    try:
+        yield
+    finally:
+        placement.set_device("cpu" if old == "cpu" else "auto")
+        placement._reset_for_tests()
+
+
+def _layer(cp, fmt, c, comm, pdt="float32", on_device=True, placed="to", **kw):
+    """A layer placed as users place it: ``.to('cuda')`` or made under ``set_device('gpu')``
+    (every buffer on the device, the batch counter included), or a NumPy reference."""
+    if on_device and placed == "set_device":
+        with _gpu_by_default():
+            layer = sbn.SyncBatchNorm(c, data_format=fmt, comm=comm, dtype=pdt, **kw)
+    else:
+        layer = sbn.SyncBatchNorm(c, data_format=fmt, comm=comm, dtype=pdt, **kw)
+        if on_device:
+            layer.to("cuda")
     rng = np.random.default_rng(c)
     w = rng.uniform(0.5, 2, c).astype(pdt)
     b = rng.uniform(-1, 1, c).astype(pdt)
-    conv = cp.asarray if on_device else np.array
-    layer.weight.data, layer.bias.data = conv(w), conv(b)
-    object.__setattr__(layer, "_mean", conv(np.zeros(c, pdt)))
-    object.__setattr__(layer, "_variance", conv(np.ones(c, pdt)))
+    if layer.weight is not None:
+        layer.weight.data[...] = w
+        layer.bias.data[...] = b
+    if on_device:
+        for a in (layer._mean, layer._variance, layer.weight and layer.weight.data):
+            assert a is None or isinstance(a, recording_cupy.ndarray)
     return layer
 
 
@@ -118,17 +143,47 @@ def test_steady_state_budget_and_values(cp, fmt, dt):
         summary, kernels, ops, copies = fwd
         assert kernels == [f"bn_stats_partial_{cl}", "bn_fwd_pack", f"bn_fwd_norm_{cl}"]
         assert summary["syncs"] == summary["d2h"] == 0 and ops == [], fwd
-        assert copies == 1  # the asynchronous status copy
+        # the status copy queued at the first pass is in flight (not done):
+        # no other copy, no event query before it is due
+        assert copies == summary["queries"] == 0
         # outputs only (y, saved statistics): workspaces are the layer's, reused
         assert summary["allocs"] == 3, REC.allocs
         summary, kernels, ops, copies = bwd
         assert kernels == [f"bn_bwd_partial_{cl}", "bn_bwd_pack", f"bn_bwd_elemt_{cl}"]
-        assert summary["syncs"] == summary["d2h"] == 0, bwd
+        assert summary["syncs"] == summary["d2h"] == summary["queries"] == 0, bwd
         # gradients are added to .grad by the pack kernel: no other op, and
         # only dx is allocated
         assert ops == [], ops
         assert summary["allocs"] == 1, REC.allocs
     assert dev._mean is mean_array  # running statistics updated in place
+    assert type(dev._num_batches_tracked) is np.ndarray  # the counter stays on the host
+
+
+@pytest.mark.parametrize("fmt", ["NCHW", "NHWC"])
+def test_layer_made_under_set_device_gpu_has_no_host_sync(cp, fmt):
+    """``set_device('gpu')`` puts every buffer on the device, the batch counter
+    included; momentum=None reads that count each pass: still no host sync."""
+    c = 3 if fmt == "NCHW" else 8
+    dev = _layer(cp, fmt, c, _forced(), placed="set_device", momentum=None)
+    ref = _layer(cp, fmt, c, _forced(), on_device=False, momentum=None)
+    for step in range(4):
+        x, dy = _batch(fmt, 2 + step, "float32", 110 + step)
+        y, dx, fwd, bwd = _step(cp, dev, x, dy)
+        _close(y, ref(x), 2e-5)
+        _close(dx, ref.backward(dy), 2e-5)
+        _close(dev._mean, ref._mean, 1e-6)
+        _close(dev._variance, ref._variance, 1e-6)
+        if step:
+            for summary, _kernels, ops, _copies in (fwd, bwd):
+                assert summary["kernels"] == 3 and ops == [], (summary, ops)
+                assert summary["syncs"] == summary["d2h"] == summary["queries"] == 0, summary
+    # the counter round-trips through a state dict and a checkpoint file
+    sd = dev.state_dict()
+    assert int(sd["_num_batches_tracked"]) == 4
+    fresh = _layer(cp, fmt, c, _forced(), placed="set_device", momentum=None)
+    fresh.set_state_dict({k: cp.asarray(np.asarray(_host(v))) for k, v in sd.items()})
+    assert int(fresh._num_batches_tracked) == 4
+    assert type(fresh._num_batches_tracked) is np.ndarray
 
 
 def test_functional_backward_and_float64_layer_have_no_other_ops(cp):
@@ -146,9 +201,9 @@ def test_functional_backward_and_float64_layer_have_no_other_ops(cp):
         REC.clear()
         dx, dw, db = sbn.functional.batch_norm_backward(dyd, res.ctx)
         bwd = REC.summary()
-    assert fwd["kernels"] == 3 and fwd["ops"] == fwd["syncs"] == 0
+    assert fwd["kernels"] == 3 and fwd["ops"] == fwd["syncs"] == fwd["queries"] == 0
     assert fwd["allocs"] == 3  # y and the two saved-statistics vectors
-    assert bwd["kernels"] == 3 and bwd["ops"] == bwd["syncs"] == 0
+    assert bwd["kernels"] == 3 and bwd["ops"] == bwd["syncs"] == bwd["queries"] == 0
     assert res.running_mean is rm  # updated in place
     ref = sbn.functional.batch_norm_forward(x, np.ones(3, "f8"), comm=_forced())
     _close(res.y, ref.y, 1e-12)
@@ -247,28 +302,73 @@ def _bad_x(fmt):
     return np.ones((2, 4, 3, 3), "float32")  # 4 channels instead of 3
 
 
-def test_deferred_error_surfaces_on_every_rank(cp):
+def _until_raised(fns, limit):
+    """Run passes on every rank until one raises; return (passes run, errors)."""
+    for i in range(1, limit + 1):
+        _, errs = _run_ranks(fns)
+        if any(e is not None for e in errs):
+            return i, errs
+    return None, None
+
+
+def test_deferred_error_surfaces_on_every_rank_at_the_same_bounded_pass(cp):
+    B = device_status.CHECK_EVERY
     g = _Group(2)
     layers = [_layer(cp, "NCHW", 3, ThreadComm(g, r)) for r in range(2)]
     good = [_batch("NCHW", 2, "float32", r) for r in range(2)]
 
     def fwd(r, x):
         return lambda: layers[r](cp.asarray(x))
-    _, errs = _run_ranks([fwd(0, good[0][0]), fwd(1, good[1][0])])
-    assert errs == [None, None]
+    good_fns = [fwd(0, good[0][0]), fwd(1, good[1][0])]
+    for _ in range(3):
+        _, errs = _run_ranks(good_fns)
+        assert errs == [None, None]
     # rank 1 passes 4 channels: it raises at once, rank 0 finishes its pass
-    REC.clear()
     _, errs = _run_ranks([fwd(0, good[0][0]), fwd(1, _bad_x("NCHW"))])
     assert errs[0] is None and isinstance(errs[1], ValueError)
     assert "channels" in str(errs[1])
-    # the next pass of the layer: rank 0 raises the agreed error, rank 1 its own again
-    _, errs = _run_ranks([fwd(0, good[0][0]), fwd(1, good[1][0])])
+    # later passes: rank 0 raises the agreed error, rank 1 its own again, at
+    # the same pass (neither waits alone in a collective), within the bound
+    REC.clear()
+    at, errs = _until_raised(good_fns, 2 * B - 1)
+    assert at is not None, "the verdict never surfaced"
     assert isinstance(errs[0], RemoteInputError), errs
     assert "channel count" in str(errs[0])
     assert isinstance(errs[1], ValueError) and "channels" in str(errs[1])
-    # and the group runs on
-    _, errs = _run_ranks([fwd(0, good[0][0]), fwd(1, good[1][0])])
-    assert errs == [None, None]
+    # the events were never done: the reading pass waited once per rank, no other did
+    assert REC.syncs == ["event", "event"], REC.syncs
+    # and the group runs on, without a stale copy raising it again
+    for _ in range(2 * B):
+        _, errs = _run_ranks(good_fns)
+        assert errs == [None, None]
+    sbn.check_errors()
+
+
+def test_status_is_read_every_check_every_passes_with_one_copy_in_flight(cp):
+    """Events never done: one copy in flight at a time, read (and waited for) only
+    CHECK_EVERY passes after it was queued; a done event is read without a wait."""
+    B = device_status.CHECK_EVERY
+    layer = _layer(cp, "NHWC", 8, _forced())
+    x, dy = _batch("NHWC", 3, "float32", 5)
+    log = []
+    for _ in range(2 * B):
+        _, _, fwd, bwd = _step(cp, layer, x, dy)
+        log += [fwd, bwd]
+    syncs = [i + 1 for i, p in enumerate(log) if p[0]["syncs"]]
+    copies = [i + 1 for i, p in enumerate(log) if p[3]]
+    assert copies == [1, 1 + B, 1 + 2 * B, 1 + 3 * B]  # passes whose end queued a copy
+    # the first pass: the handshake's host read; then a copy queued after pass
+    # q is read at the start of pass q + B, and waited for as it is not done
+    assert syncs == [1, 1 + B, 1 + 2 * B, 1 + 3 * B]
+    assert all(p[0]["syncs"] == 1 and p[0]["d2h"] == 0 for p in log[1:] if p[0]["syncs"])
+    assert sum(p[0]["queries"] for p in log) == len(syncs) - 1  # none before a copy is due
+    # the copy queued after pass 1 + 3B is due at pass 1 + 4B (the next one); when
+    # the GPU kept up (here: the host synchronized), reading it does not wait
+    cp.cuda.Device().synchronize()
+    _, _, fwd, bwd = _step(cp, layer, x, dy)
+    assert fwd[0]["queries"] + bwd[0]["queries"] == 1
+    assert fwd[0]["syncs"] == bwd[0]["syncs"] == 0
+    sbn.check_errors()
 
 
 def test_strict_sync_raises_at_once(cp):
@@ -296,8 +396,12 @@ def test_unbiased_count_one_is_deferred_and_check_errors(cp):
         sbn.check_errors()
     sbn.check_errors()  # consumed
     layer(cp.asarray(x))
-    with pytest.raises(ValueError, match="unbiased"):
+    with pytest.raises(ValueError, match="unbiased"):  # at a later pass, within the bound
+        for _ in range(2 * device_status.CHECK_EVERY - 1):
+            layer(cp.asarray(np.ones((2, 5), "float32")))
+    for _ in range(2 * device_status.CHECK_EVERY):  # consumed: not raised again
         layer(cp.asarray(np.ones((2, 5), "float32")))
+    sbn.check_errors()
 
 
 def test_capture_mode_has_no_host_interaction(cp):
@@ -498,11 +602,11 @@ def test_torch_adapter_steady_state_budget_and_values(cp, fmt, dt, momentum):
         # running statistics: written by bn_fwd_norm in place, no copy back;
         # momentum=None: PyTorch's count copied into the device count
         assert ops == ([] if momentum is not None else ["setitem"]), ops
-        assert copies == 1  # the asynchronous status copy
+        assert copies == summary["queries"] == 0  # the first pass's status copy in flight
         assert summary["allocs"] == 3, REC.allocs  # y and the saved statistics
         summary, kernels, ops, copies = bwd
         assert kernels == [f"bn_bwd_partial_{cl}", "bn_bwd_pack", f"bn_bwd_elemt_{cl}"]
-        assert summary["syncs"] == summary["d2h"] == 0 and ops == [], bwd
+        assert summary["syncs"] == summary["d2h"] == summary["queries"] == 0 and ops == [], bwd
         assert summary["allocs"] == 3, REC.allocs  # dx, dweight, dbias (autograd's)
     assert (layer.running_mean, layer.running_var) == arrays  # the same arrays
 

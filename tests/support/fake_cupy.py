@@ -16,6 +16,7 @@ with its own bus id, as under ``CUDA_VISIBLE_DEVICES``/``--gpus-per-task=1``).
 from __future__ import annotations
 
 import sys
+import threading
 import types
 
 import numpy as np
@@ -38,6 +39,37 @@ class State:
         self.current = 0
         self.uses: list[int] = []  # Device(i).use() calls, in order
         self.nccl_comms: list = []
+        # CUDA's stream-capture rule for event queries: while a thread holds a
+        # global-mode capture open (torch.cuda.graph's default), a query from
+        # another thread not in relaxed mode invalidates it (and raises)
+        self.global_capture: threading.Thread | None = None
+        self.capture_invalidated: list[str] = []
+        self.relaxed_threads: set[int] = set()
+        self.queries = 0
+
+    def query(self, what: str) -> None:
+        cap = self.global_capture
+        me = threading.current_thread()
+        if cap is not None and cap is not me and me.ident not in self.relaxed_threads:
+            self.capture_invalidated.append(f"{what} from {me.name}")
+            raise RuntimeError(f"{what}: cudaErrorStreamCaptureUnsupported (another thread's"
+                               " global-mode capture is invalidated)")
+        self.queries += 1
+
+
+class FakeLibcuda:
+    """``ctypes.CDLL('libcuda.so.1')`` for :func:`install`'s state: the capture mode call."""
+
+    def __init__(self, st: State):
+        self.st = st
+
+    def cuThreadExchangeStreamCaptureMode(self, mode_ref):  # noqa: N802 - the driver's name
+        mode = mode_ref._obj
+        me = threading.current_thread().ident
+        old = 2 if me in self.st.relaxed_threads else 0
+        (self.st.relaxed_threads.add if mode.value == 2 else self.st.relaxed_threads.discard)(me)
+        mode.value = old
+        return 0
 
 
 def install(ndev=2, *, bus_ids=None, nccl_available=True, nccl_version=21805,
@@ -137,7 +169,10 @@ def install(ndev=2, *, bus_ids=None, nccl_available=True, nccl_version=21805,
         def record(self, stream=None):
             pass
 
-        done = True
+        @property
+        def done(self):
+            st.query("cudaEventQuery")
+            return True
 
     runtime = types.ModuleType("cupy.cuda.runtime")
     runtime.getDeviceCount = get_device_count

@@ -12,7 +12,11 @@ without a GPU. ``RawModule`` kernels run in the C++ emulation of
 * ``allocs``: allocations (``empty``, ``zeros``...);
 * ``d2h``: device->host copies; ``async_d2h``: copies without a host wait;
 * ``syncs``: host synchronizations (stream/event/device synchronize and the
-  implicit ones of blocking copies).
+  implicit ones of blocking copies); ``queries``: event queries.
+
+Completion is asynchronous, as on a GPU whose host runs ahead: a recorded
+event is not ``done`` until the host synchronizes, so a path that waits for
+one shows a sync.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from support import cuda_emu
 class Recorder:
     """Counters of one measured region."""
 
-    _LISTS = ("kernels", "ops", "allocs", "d2h", "async_d2h", "h2d", "syncs")
+    _LISTS = ("kernels", "ops", "allocs", "d2h", "async_d2h", "h2d", "syncs", "queries")
 
     def __init__(self):
         for name in self._LISTS:
@@ -44,7 +48,8 @@ class Recorder:
 
     def summary(self):
         return {"kernels": len(self.kernels), "ops": len(self.ops), "d2h": len(self.d2h),
-                "syncs": len(self.syncs), "allocs": len(self.allocs)}
+                "syncs": len(self.syncs), "allocs": len(self.allocs),
+                "queries": len(self.queries)}
 
 
 REC = Recorder()
@@ -86,6 +91,10 @@ class Device:
 
     def synchronize(self):
         REC.syncs.append("device")
+        _device_caught_up()
+
+    def use(self):
+        pass
 
 
 class ndarray(np.ndarray):  # noqa: N801 - CuPy's name
@@ -130,6 +139,7 @@ class ndarray(np.ndarray):  # noqa: N801 - CuPy's name
     def get(self, stream=None, out=None, **kwargs):
         REC.d2h.append("get")
         REC.syncs.append("get")
+        _device_caught_up()
         return np.array(self.view(np.ndarray), copy=True)
 
     def set(self, arr, stream=None):
@@ -139,16 +149,19 @@ class ndarray(np.ndarray):  # noqa: N801 - CuPy's name
     def __bool__(self):
         REC.d2h.append("bool")
         REC.syncs.append("bool")
+        _device_caught_up()
         return bool(self.view(np.ndarray))
 
     def __int__(self):
         REC.d2h.append("int")
         REC.syncs.append("int")
+        _device_caught_up()
         return int(self.view(np.ndarray))
 
     def __float__(self):
         REC.d2h.append("float")
         REC.syncs.append("float")
+        _device_caught_up()
         return float(self.view(np.ndarray))
 
 
@@ -157,24 +170,48 @@ class Stream:
 
     def synchronize(self):
         REC.syncs.append("stream")
+        _device_caught_up()
 
     def is_capturing(self):
         return REC.capturing
 
 
+_RECORDED = set()  # events recorded and not yet known complete to the host
+_RECORDED_LOCK = threading.Lock()  # ranks as threads record and synchronize
+
+
+def _device_caught_up():
+    """A host synchronization: every recorded event is complete from now on."""
+    with _RECORDED_LOCK:
+        for ev in _RECORDED:
+            ev._done = True
+        _RECORDED.clear()
+
+
 class Event:
+    """Asynchronous completion, as on a GPU whose host runs ahead: a recorded
+    event is not ``done`` until the host synchronizes (on it, its stream or
+    the device)."""
+
     def __init__(self, block=False, disable_timing=False, interprocess=False):
-        pass
+        self._done = True  # never recorded: complete (CUDA's cudaEventQuery)
 
     def record(self, stream=None):
-        pass
+        with _RECORDED_LOCK:
+            self._done = False
+            _RECORDED.add(self)
 
     @property
     def done(self):
-        return True  # everything ran synchronously
+        REC.queries.append("event")
+        return self._done
 
     def synchronize(self):
-        REC.syncs.append("event")
+        if not self._done:
+            REC.syncs.append("event")
+        self._done = True
+
+
 
 
 def _memcpy_async(dst, src, size, kind, stream):
@@ -230,7 +267,10 @@ def _ascontiguousarray(a, dtype=None):
     return np.ascontiguousarray(_plain(a), dtype=dt).view(ndarray)
 
 
-def _asarray(a, dtype=None):
+def _asarray(a, dtype=None, copy=None):
+    if isinstance(a, ndarray) and copy:
+        REC.ops.append("copy")
+        return _wrap(np.array(_plain(a), dtype=dtype, copy=True))
     if isinstance(a, ndarray):
         return _ascontiguousarray(a, dtype) if dtype is not None else a
     REC.h2d.append("asarray")
@@ -242,6 +282,7 @@ def _asnumpy(a, stream=None):
     if isinstance(a, ndarray):
         REC.d2h.append("asnumpy")
         REC.syncs.append("asnumpy")
+        _device_caught_up()
         return np.array(a.view(np.ndarray), copy=True)
     return np.asarray(a)
 
