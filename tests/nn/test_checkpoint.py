@@ -277,6 +277,23 @@ except RemoteInputError as e:
 assert open(path, "rb").read() == before
 say(f"OK invalid {rank}")
 
+# rank 0's path is a FIFO: refused before anything is written, on every rank
+fifo = os.path.join(folder, "pipe.npz")
+if rank == 0:
+    os.mkfifo(fifo)
+try:
+    sbn.save(sd, fifo if rank == 0 else None, comm=comm)
+    raise AssertionError("no error")
+except RemoteInputError as e:
+    assert rank != 0 and "invalid state_dict or path" in str(e), e
+except ValueError as e:
+    assert rank == 0 and "is a FIFO" in str(e), e
+if rank == 0:
+    import stat
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    os.unlink(fifo)
+say(f"OK fifo {rank}")
+
 # rank 0 fails to write: every rank raises, the old file stays
 if rank == 0:
     sio.os.replace = lambda a, b: (_ for _ in ()).throw(OSError("simulated rename failure"))
@@ -304,7 +321,7 @@ def test_collective_save_and_crash_safety(tmp_path):
     res = run_mpi(COLLECTIVE, 3, timeout=60, tmp_path=tmp_path, check=False,
                   args=(str(folder),), env={"CUPYSYNCBN_TIMEOUT": "20"})
     out = res.stdout + res.stderr
-    for case in ("collective", "invalid", "write-failure"):
+    for case in ("collective", "invalid", "fifo", "write-failure"):
         for r in range(3):
             assert f"OK {case} {r}" in res.stdout, out
     assert res.returncode != 0 and "UNREACHABLE" not in out, out

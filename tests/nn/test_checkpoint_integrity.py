@@ -115,6 +115,7 @@ def test_previous_version_files_sweep_of_the_central_directory(tmp_path):
     cd_offset, _, _ = _central_directory(raw)
     counts, other, _ = _sweep(tmp_path, raw, range(cd_offset * 8, len(raw) * 8))
     assert other == []
+    print(f"\nprevious version, {(len(raw) - cd_offset) * 8} bit flips: {counts}")
     assert counts["identical"] > 0 and counts["CheckpointError"] > 0
 
 
