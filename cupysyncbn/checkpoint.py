@@ -8,17 +8,18 @@ r"""Checkpoints: ``save``/``load`` of state dicts as NumPy ``.npz`` (never pickl
   encode (a NUL character, a lone surrogate such as ``'\udc80'``; on Windows
   also a backslash) is refused at ``save`` with a ``ValueError`` naming it,
   before anything is written.
-* Integrity: besides one ``.npy`` member per key (the layout of
-  ``numpy.savez``, so ``numpy.load`` reads our files), the archive holds a
-  manifest, ``cupysyncbn-manifest.json``: the keys in order, each one's dtype,
-  shape, member size and SHA-256. :func:`load` hides it from the returned
-  dict and checks, before returning anything: the number of entries the
-  zip's end record declares against the entries actually found (a damaged
+* Integrity: the archive holds one ``.npy`` member per key and nothing else
+  (the layout of ``numpy.savez``: ``numpy.load`` reads our files and lists
+  exactly the keys), and carries a manifest in the zip's comment fields,
+  which ``numpy.load`` ignores: the archive comment names the format, its
+  version and the number of entries; each member's comment holds its dtype,
+  shape, size and SHA-256 (the key is the member's name). :func:`load`
+  checks, before returning anything: the number of entries the zip's end
+  record declares against the entries actually found (a damaged
   central-directory record can make ``zipfile`` stop early and silently drop
-  entries), the manifest against the members (names, order, dtypes, shapes,
-  sizes, checksums), every ``.npy`` header against the data actually stored
-  (a header declaring more data than the file holds is refused without
-  allocating it) and the zip CRC of every member. Any corruption that drops,
+  entries), the manifest against the members, every ``.npy`` header against
+  the data actually stored (a header declaring more data than the file holds
+  is refused without allocating it) and the zip CRC of every member. Any corruption that drops,
   adds or changes an entry raises :class:`CheckpointError`; so do a
   ``torch.save`` file, another zip or a forged header. Files written before
   the manifest existed still load (the entry count and CRCs are checked).
@@ -65,8 +66,6 @@ __all__ = ["save", "load", "CheckpointError"]
 
 _ZIP_MAGIC = b"PK\x03\x04"
 _NPY_MAGIC = b"\x93NUMPY"
-# Never a user key's member: those all end in ".npy".
-_MANIFEST = "cupysyncbn-manifest.json"
 _FORMAT = "cupysyncbn-checkpoint"
 _VERSION = 1
 # zip end records (APPNOTE 4.3.14-16)
@@ -135,9 +134,9 @@ def save(state_dict: dict, path: str | os.PathLike, comm: Any = None) -> None:
         NumPy or CuPy arrays (copied to the host), e.g. ``layer.state_dict()``.
     path : str or path-like
         Target file; written as given (no ``.npz`` suffix is appended). Its
-        folder must exist. A symlink is followed (also a dangling one: its
-        target is created) and its target replaced atomically; the link
-        itself is kept.
+        folder must exist and be writable (the temporary file is made
+        there). A symlink is followed (also a dangling one: its target is
+        created) and its target replaced atomically; the link itself is kept.
     comm : Communicator, mpi4py.MPI.Comm, optional
         Makes the call collective over the group: only rank 0 writes (its own
         ``state_dict``), and every rank returns after the file is in place.
@@ -310,19 +309,25 @@ class _HashingWriter:
 def _write_archive(f: Any, arrays: dict) -> None:
     # Our own writer, not np.savez(f, **arrays): keys such as "file" or
     # "allow_pickle" are savez's keyword arguments. The layout is savez's
-    # (one stored .npy member per key), so np.load reads it too; the manifest
-    # goes last, once every member's checksum is known.
-    entries = []
+    # (one stored .npy member per key), so np.load reads it too. The manifest
+    # lives in comments, not in a member of its own: np.load would list such
+    # a member, and dict(np.load(path)) would no longer be the state dict. A
+    # member's comment goes into the central directory, written at close, so
+    # it can be set once the member's checksum is known.
     with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as z:
         for key, arr in arrays.items():
             with z.open(_member(key), "w", force_zip64=True) as m:
                 h = _HashingWriter(m)
                 np.lib.format.write_array(h, arr, allow_pickle=False)
-            entries.append({"key": key, "dtype": arr.dtype.str, "shape": list(arr.shape),
-                            "size": h.size, "sha256": h.sha256.hexdigest()})
-        manifest = {"format": _FORMAT, "version": _VERSION, "entries": entries}
-        # ASCII JSON: any key (escaped), and no encoding question when read
-        z.writestr(_MANIFEST, json.dumps(manifest, separators=(",", ":")).encode("ascii"))
+            z.getinfo(_member(key)).comment = _json({
+                "dtype": arr.dtype.str, "shape": list(arr.shape), "size": h.size,
+                "sha256": h.sha256.hexdigest()})
+        z.comment = _json({"format": _FORMAT, "version": _VERSION, "entries": len(arrays)})
+
+
+def _json(obj: dict) -> bytes:
+    # compact ASCII: no encoding question when read back
+    return json.dumps(obj, separators=(",", ":")).encode("ascii")
 
 
 def _fsync_dir(folder: str) -> None:
@@ -423,7 +428,15 @@ def _end_record_counts(fh: BinaryIO) -> tuple[int, int]:
     rec = fh.read(_EOCD.size)
     if len(rec) != _EOCD.size:
         raise CheckpointError("truncated zip end record")
-    _, _, _, n_disk, n_total, _, _, _ = _EOCD.unpack(rec)
+    _, _, _, n_disk, n_total, _, _, comment_size = _EOCD.unpack(rec)
+    # zipfile accepts a shorter comment than declared: a truncation that
+    # removed the manifest would leave a valid-looking archive without one
+    follows = size - pos - _EOCD.size
+    if follows != comment_size:
+        raise CheckpointError(
+            f"the zip end record declares a {comment_size}-byte comment but {follows} bytes"
+            " follow it: truncated or corrupt checkpoint"
+        )
     # Zip64: the real counts live in the zip64 end record, just before the
     # locator that precedes the end record (where zipfile looks for it too)
     loc_pos = pos - _EOCD64_LOCATOR.size
@@ -439,42 +452,56 @@ def _end_record_counts(fh: BinaryIO) -> tuple[int, int]:
     return n_disk, n_total
 
 
-def _read_manifest(p: str, z: zipfile.ZipFile, info: zipfile.ZipInfo, limit: int) -> list:
-    """The manifest's entries, each checked for the fields and types it must have."""
-    if info.file_size > limit:
-        raise CheckpointError(f"{p}: the manifest declares {info.file_size} bytes, more than"
-                              " the whole file: corrupt checkpoint")
-    try:
-        manifest = json.loads(z.read(info).decode("ascii"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{p}: corrupt checkpoint manifest ({e})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != _FORMAT:
-        raise CheckpointError(f"{p}: corrupt checkpoint manifest (format)")
-    if manifest.get("version") != _VERSION:
+def _manifest_entries(p: str, z: zipfile.ZipFile, members: list) -> list | None:
+    """Each member's manifest entry, in order; ``None`` for an archive without manifest.
+
+    Written by an earlier cupysyncbn or by ``numpy.savez``: such archives
+    carry no comment.
+    """
+    if not z.comment:
+        return None
+    head = _parse_comment(p, z.comment, "the archive comment")
+    if set(head) != {"format", "version", "entries"} or head["format"] != _FORMAT:
+        raise CheckpointError(f"{p}: corrupt checkpoint manifest (archive comment)")
+    if head["version"] != _VERSION:
         raise CheckpointError(
-            f"{p}: checkpoint manifest version {manifest.get('version')!r}; this cupysyncbn"
-            f" reads version {_VERSION} (written by a newer cupysyncbn?)"
+            f"{p}: checkpoint manifest version {head['version']!r}; this cupysyncbn reads"
+            f" version {_VERSION} (written by a newer cupysyncbn?)"
         )
-    entries = manifest.get("entries")
-    fields = {"key": str, "dtype": str, "shape": list, "size": int, "sha256": str}
-    ok = isinstance(entries, list) and all(
-        isinstance(e, dict) and set(e) == set(fields)
-        and all(type(e[k]) is t for k, t in fields.items())
-        and all(type(n) is int and n >= 0 for n in e["shape"])
-        for e in entries
-    )
-    if not ok:
-        raise CheckpointError(f"{p}: corrupt checkpoint manifest (entries)")
+    if head["entries"] != len(members):
+        raise CheckpointError(
+            f"{p}: corrupt checkpoint: its manifest lists {head['entries']!r} entries, the"
+            f" archive holds {len(members)}"
+        )
+    fields = {"dtype": str, "shape": list, "size": int, "sha256": str}
+    entries = []
+    for info in members:
+        what = f"entry {info.filename[: -len('.npy')]!r}"
+        e = _parse_comment(p, info.comment, what)
+        if not (set(e) == set(fields) and all(type(e[k]) is t for k, t in fields.items())
+                and all(type(n) is int and n >= 0 for n in e["shape"])):
+            raise CheckpointError(f"{p}: corrupt checkpoint manifest ({what})")
+        entries.append(e)
     return entries
+
+
+def _parse_comment(p: str, comment: bytes, what: str) -> dict:
+    try:
+        obj = json.loads(comment.decode("ascii"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{p}: corrupt checkpoint manifest ({what}: {e})") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{p}: corrupt checkpoint manifest ({what})")
+    return obj
 
 
 def load(path: str | os.PathLike) -> OrderedDict:
     """Read a state dict written by :func:`save` (NumPy arrays, in saved order).
 
     Never unpickles. Nothing is returned unless every check passes: the entry
-    count against the zip's end record, the manifest (keys, dtypes, shapes,
-    sizes, SHA-256 of every member) against the members, every ``.npy``
-    header against its data, and every member's CRC. Pass the result to
+    count against the zip's end record, the manifest (entry count; dtype,
+    shape, size and SHA-256 of every member) against the members, every
+    ``.npy`` header against its data, and every member's CRC. Pass the result to
     ``layer.set_state_dict``, which validates names, shapes and dtypes before
     changing anything.
 
@@ -488,7 +515,6 @@ def load(path: str | os.PathLike) -> OrderedDict:
     Returns
     -------
     OrderedDict of str to numpy.ndarray
-        The manifest is not part of it.
 
     Raises
     ------
@@ -519,6 +545,8 @@ def load(path: str | os.PathLike) -> OrderedDict:
             if str(e).startswith(p):
                 raise
             raise CheckpointError(f"{p}: {e}") from None
+        except MemoryError:
+            raise  # a large valid checkpoint on a full machine is not corrupt
         except Exception as e:  # noqa: BLE001 - zipfile, zlib, numpy: all mean corrupt
             # zipfile alone raises BadZipFile, NotImplementedError (a damaged
             # method or flag), RuntimeError ("encrypted"), zlib.error, EOFError...
@@ -529,18 +557,14 @@ def load(path: str | os.PathLike) -> OrderedDict:
 
 def _load_archive(p: str, fh: BinaryIO) -> OrderedDict:
     n_disk, n_total = _end_record_counts(fh)
-    fh.seek(0, os.SEEK_END)
-    file_size = fh.tell()
     fh.seek(0)
     with zipfile.ZipFile(fh) as z:
-        infos = z.infolist()
-        if not len(infos) == n_disk == n_total:
+        members = z.infolist()
+        if not len(members) == n_disk == n_total:
             raise CheckpointError(
                 f"{p}: the zip end record declares {n_total} entries but the central"
-                f" directory yields {len(infos)}: truncated or corrupt checkpoint"
+                f" directory yields {len(members)}: truncated or corrupt checkpoint"
             )
-        manifests = [info for info in infos if info.filename == _MANIFEST]
-        members = [info for info in infos if info.filename != _MANIFEST]
         for info in members:  # refuse before reading anything
             if not info.filename.endswith(".npy") or info.is_dir():
                 raise CheckpointError(
@@ -549,19 +573,9 @@ def _load_archive(p: str, fh: BinaryIO) -> OrderedDict:
                     " or another zip?); write checkpoints with cupysyncbn.save"
                 )
         keys = [info.filename[: -len(".npy")] for info in members]
-        if len(set(keys)) != len(keys) or len(manifests) > 1:
+        if len(set(keys)) != len(keys):
             raise CheckpointError(f"{p}: corrupt checkpoint: an entry appears twice")
-        expected = None
-        if manifests:
-            expected = _read_manifest(p, z, manifests[0], file_size)
-            listed = [e["key"] for e in expected]
-            if listed != keys:
-                missing = [k for k in listed if k not in keys]
-                extra = [k for k in keys if k not in listed]
-                raise CheckpointError(
-                    f"{p}: corrupt checkpoint: the entries do not match its manifest"
-                    f" (missing {missing}, unexpected {extra}, or out of order)"
-                )
+        expected = _manifest_entries(p, z, members)
         out: OrderedDict = OrderedDict()
         for i, (info, key) in enumerate(zip(members, keys)):
             with z.open(info) as raw:

@@ -3,7 +3,7 @@
 A damaged central-directory record can make ``zipfile`` stop early and return
 some of the entries without error; ``load`` cross-checks the entry count with
 the zip's end record and every member with the archive's manifest (keys,
-dtypes, shapes, sizes, SHA-256).
+dtypes, shapes, sizes, SHA-256), which lives in the zip's comment fields.
 """
 
 from __future__ import annotations
@@ -19,8 +19,6 @@ import pytest
 import cupysyncbn as sbn
 from cupysyncbn import checkpoint as sio
 from cupysyncbn.errors import CheckpointError
-
-MANIFEST = "cupysyncbn-manifest.json"
 
 
 def _state():
@@ -143,12 +141,11 @@ def test_entries_dropped_by_a_damaged_directory_record_raise(tmp_path, writer):
         sbn.save(_state(), path)
     else:
         _write_previous_version(path, _state())
-    total = 5 if writer == "save" else 4
     path.write_bytes(_drop_entries_by_comment_length(path.read_bytes(), record=1))
     with zipfile.ZipFile(path) as z:  # what happened before: 2 entries, no error
         assert len(z.infolist()) == 2
     with pytest.raises(CheckpointError,
-                       match=f"c.npz: the zip end record declares {total} entries but the"
+                       match="c.npz: the zip end record declares 4 entries but the"
                              " central directory yields 2"):
         sbn.load(path)
 
@@ -164,25 +161,33 @@ def test_zip64_end_record_counts_are_used(tmp_path, monkeypatch):
     assert rec64 > 0
     assert _same(sbn.load(path), _state())
     # the total of the zip64 record is what counts
-    assert struct.unpack("<Q", raw[rec64 + 32: rec64 + 40]) == (5,)
+    assert struct.unpack("<Q", raw[rec64 + 32: rec64 + 40]) == (4,)
     bad = bytearray(raw)
     bad[rec64 + 32] ^= 0x02
     path.write_bytes(bytes(bad))
-    with pytest.raises(CheckpointError, match="declares 7 entries but the central directory"
-                                              " yields 5"):
+    with pytest.raises(CheckpointError, match="declares 6 entries but the central directory"
+                                              " yields 4"):
         sbn.load(path)
     path.write_bytes(_drop_entries_by_comment_length(raw, record=2))
-    with pytest.raises(CheckpointError, match="declares 5 entries.*yields 3"):
+    with pytest.raises(CheckpointError, match="declares 4 entries.*yields 3"):
         sbn.load(path)
 
 
-def _rewrite(src, dst, replace):
-    """Copy a zip member by member (fresh, valid CRCs), ``replace``-ing some members."""
+def _rewrite(src, dst, replace=None, comments=None, archive_comment=None):
+    """Copy a zip member by member (fresh, valid CRCs), changing some members or comments.
+
+    ``replace`` maps member names to new data (``None`` drops the member),
+    ``comments`` member names to new comments.
+    """
+    replace, comments = replace or {}, comments or {}
     with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
         for info in zin.infolist():
             data = replace.get(info.filename, zin.read(info.filename))
             if data is not None:
-                zout.writestr(info.filename, data)
+                zout.writestr(info, data)
+                zout.getinfo(info.filename).comment = comments.get(info.filename,
+                                                                   info.comment)
+        zout.comment = zin.comment if archive_comment is None else archive_comment
 
 
 def _npy(arr):
@@ -198,38 +203,48 @@ def test_manifest_catches_what_the_zip_crc_cannot(tmp_path):
     sbn.save(_state(), src)
     dst = tmp_path / "d.npz"
     with zipfile.ZipFile(src) as z:
-        manifest = json.loads(z.read(MANIFEST))
-    assert manifest["format"] == "cupysyncbn-checkpoint" and manifest["version"] == 1
-    assert [e["key"] for e in manifest["entries"]] == list(_state())
-    assert manifest["entries"][0]["dtype"] == "<f4" and manifest["entries"][0]["shape"] == [3]
+        head = json.loads(z.comment)
+        bias = json.loads(z.getinfo("bias.npy").comment)
+        size = z.getinfo("bias.npy").file_size
+    assert head == {"format": "cupysyncbn-checkpoint", "version": 1, "entries": 4}
+    assert bias["dtype"] == "<f4" and bias["shape"] == [3] and bias["size"] == size
+    assert len(bias["sha256"]) == 64
     # an untouched copy loads: the checks below fail for the damage, not the copy
-    _rewrite(src, dst, {})
+    _rewrite(src, dst)
     assert _same(sbn.load(dst), _state())
+
+    def comment(**changes):
+        return json.dumps({**head, **changes}).encode()
 
     cases = {
         # same dtype and shape, other values, valid CRC: only the SHA-256 differs
-        "values": ({"bias.npy": _npy(np.ones(3, np.float32))},
+        "values": ({"replace": {"bias.npy": _npy(np.ones(3, np.float32))}},
                    "entry 'bias' does not match the checkpoint's manifest"),
-        "shape": ({"bias.npy": _npy(np.zeros(4, np.float32))},
+        "shape": ({"replace": {"bias.npy": _npy(np.zeros(4, np.float32))}},
                   "entry 'bias' does not match"),
-        "dtype": ({"bias.npy": _npy(np.zeros(3, np.float64))}, "entry 'bias' does not match"),
-        "dropped": ({"bias.npy": None}, r"do not match its manifest \(missing \['bias'\]"),
-        "added": ({"extra.npy": _npy(np.ones(1))}, r"unexpected \['extra'\]"),
-        "version": ({MANIFEST: json.dumps({**manifest, "version": 2})},
+        "dtype": ({"replace": {"bias.npy": _npy(np.zeros(3, np.float64))}},
+                  "entry 'bias' does not match"),
+        "dropped": ({"replace": {"bias.npy": None}}, "manifest lists 4 entries, the archive"
+                                                     " holds 3"),
+        "version": ({"archive_comment": comment(version=2)},
                     "manifest version 2; .*newer cupysyncbn"),
-        "not-json": ({MANIFEST: b"{not json"}, "corrupt checkpoint manifest"),
-        "bad-entry": ({MANIFEST: json.dumps({**manifest, "entries": [{"key": 1}]})},
-                      r"corrupt checkpoint manifest \(entries\)"),
+        "foreign-comment": ({"archive_comment": b"made by zip 3.0"},
+                            r"corrupt checkpoint manifest \(the archive comment"),
+        "entry-comment": ({"comments": {"bias.npy": b'{"dtype":"<f4"}'}},
+                          r"corrupt checkpoint manifest \(entry 'bias'\)"),
+        "entry-sha": ({"comments": {"bias.npy": json.dumps({**bias, "sha256": "0" * 64})
+                                    .encode()}}, "entry 'bias' does not match"),
     }
-    for name, (replace, pattern) in cases.items():
-        if name == "added":
-            _rewrite(src, dst, {})
-            with zipfile.ZipFile(dst, "a") as z:
-                z.writestr("extra.npy", replace["extra.npy"])
-        else:
-            _rewrite(src, dst, replace)
+    for change, pattern in cases.values():
+        _rewrite(src, dst, **change)
         with pytest.raises(CheckpointError, match=pattern):
             sbn.load(dst)
+    # one entry more than the manifest lists
+    _rewrite(src, dst)
+    with zipfile.ZipFile(dst, "a") as z:
+        z.writestr("extra.npy", _npy(np.ones(1)))
+    with pytest.raises(CheckpointError, match="lists 4 entries, the archive holds 5"):
+        sbn.load(dst)
 
 
 def test_files_without_manifest_still_load(tmp_path):
@@ -239,14 +254,15 @@ def test_files_without_manifest_still_load(tmp_path):
     assert _same(sbn.load(tmp_path / "np.npz"), _state())
 
 
-def test_manifest_is_hidden_and_numpy_reads_the_arrays(tmp_path):
+def test_numpy_reads_exactly_the_state_dict(tmp_path):
+    # the manifest is in comments: np.load lists the keys only, so
+    # dict(np.load(path)) is the state dict
     sd = _state()
     sbn.save(sd, tmp_path / "s.npz")
-    back = sbn.load(tmp_path / "s.npz")
-    assert list(back) == list(sd) and MANIFEST not in back
+    assert _same(sbn.load(tmp_path / "s.npz"), sd)
     with np.load(tmp_path / "s.npz", allow_pickle=False) as z:
-        assert z.files == [*sd, MANIFEST]
-        assert _same({k: z[k] for k in sd}, sd)
+        assert z.files == list(sd)
+        assert _same(dict(z), sd)
 
 
 def test_duplicate_member_is_refused(tmp_path):
@@ -259,13 +275,16 @@ def test_duplicate_member_is_refused(tmp_path):
 
 
 def test_end_record_reader_matches_zipfile(tmp_path):
-    # the count check reads the end record zipfile reads: also when an archive
-    # comment follows it (not at the very end of the file)
+    # the count check reads the end record zipfile reads: at the very end of
+    # the file, or followed by the archive comment (which holds the manifest)
     path = tmp_path / "c.npz"
     _write_previous_version(path, _state())
-    with zipfile.ZipFile(path, "a") as z:
-        z.comment = b"a comment of more than 22 bytes, after the end record"
     with open(path, "rb") as fh:
+        assert path.read_bytes()[-22:-18] == b"PK\x05\x06"
+        assert sio._end_record_counts(fh) == (4, 4)
+    sbn.save(_state(), path)
+    with open(path, "rb") as fh:
+        assert path.read_bytes()[-22:-18] != b"PK\x05\x06"
         assert sio._end_record_counts(fh) == (4, 4)
     assert _same(sbn.load(path), _state())
     # a comment holding the end record's signature: zipfile finds no archive, nor do we
