@@ -19,10 +19,12 @@ r"""Checkpoints: ``save``/``load`` of state dicts as NumPy ``.npz`` (never pickl
   central-directory record can make ``zipfile`` stop early and silently drop
   entries), the manifest against the members, every ``.npy`` header against
   the data actually stored (a header declaring more data than the file holds
-  is refused without allocating it) and the zip CRC of every member. Any corruption that drops,
-  adds or changes an entry raises :class:`CheckpointError`; so do a
-  ``torch.save`` file, another zip or a forged header. Files written before
-  the manifest existed still load (the entry count and CRCs are checked).
+  is refused without allocating it) and the zip CRC of every member. Any
+  corruption that drops, adds or changes an entry raises
+  :class:`CheckpointError`; so do a ``torch.save`` file, another zip or a
+  forged header. Files without comments (written before the manifest
+  existed, or by ``numpy.savez``) still load (the entry count, headers and
+  CRCs are checked).
 * Writes are atomic and go through symlinks: ``path`` is resolved (every
   symlink followed, a dangling one included, whose target is created as
   ``numpy.save`` would) and the archive goes to a temporary file with a short
