@@ -54,8 +54,11 @@ def test_round_trip_bitwise(tmp_path, rng):
     model.eval(), fresh.eval()
     assert np.array_equal(model(x), fresh(x))
     # the file is a plain npz, readable without cupysyncbn and without pickle
+    # (the manifest lives in zip comments, which np.load ignores)
     with np.load(path, allow_pickle=False) as z:
         assert sorted(z.files) == sorted(model.state_dict())
+        for k, v in model.state_dict().items():
+            assert z[k].dtype == v.dtype and np.array_equal(z[k], v), k
 
 
 def test_momentum_none_saves_counter(tmp_path, rng):
@@ -272,6 +275,23 @@ except RemoteInputError as e:
 assert open(path, "rb").read() == before
 say(f"OK invalid {rank}")
 
+# rank 0's path is a FIFO: refused before anything is written, on every rank
+fifo = os.path.join(folder, "pipe.npz")
+if rank == 0:
+    os.mkfifo(fifo)
+try:
+    sbn.save(sd, fifo if rank == 0 else None, comm=comm)
+    raise AssertionError("no error")
+except RemoteInputError as e:
+    assert rank != 0 and "invalid state_dict or path" in str(e), e
+except ValueError as e:
+    assert rank == 0 and "is a FIFO" in str(e), e
+if rank == 0:
+    import stat
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    os.unlink(fifo)
+say(f"OK fifo {rank}")
+
 # rank 0 fails to write: every rank raises, the old file stays
 if rank == 0:
     sio.os.replace = lambda a, b: (_ for _ in ()).throw(OSError("simulated rename failure"))
@@ -299,7 +319,7 @@ def test_collective_save_and_crash_safety(tmp_path):
     res = run_mpi(COLLECTIVE, 3, timeout=60, tmp_path=tmp_path, check=False,
                   args=(str(folder),), env={"CUPYSYNCBN_TIMEOUT": "20"})
     out = res.stdout + res.stderr
-    for case in ("collective", "invalid", "write-failure"):
+    for case in ("collective", "invalid", "fifo", "write-failure"):
         for r in range(3):
             assert f"OK {case} {r}" in res.stdout, out
     assert res.returncode != 0 and "UNREACHABLE" not in out, out
@@ -434,3 +454,187 @@ def test_dotted_sublayer_names_are_refused():
     model = sbn.Sequential(("a", inner), ("ab", sbn.BatchNorm1D(2)))
     sd = model.state_dict()
     assert len(sd) == len(set(sd)) == 8
+
+
+# ---- issue 23: what save() replaces; issue 27: durability --------------------
+
+
+def _no_temp_files(*folders):
+    return all(not f.startswith(".sbn-") for d in folders for f in os.listdir(d))
+
+
+@pytest.fixture
+def renames(monkeypatch):
+    """Records (source folder, destination) of every os.replace in checkpoint."""
+    done = []
+    real = os.replace
+
+    def replace(src, dst):
+        done.append((os.path.dirname(src), os.fspath(dst)))
+        real(src, dst)
+
+    monkeypatch.setattr(sio.os, "replace", replace)
+    return done
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX symlinks")
+def test_save_writes_through_a_symlink_atomically(tmp_path, renames):
+    real_dir, link_dir = tmp_path / "real", tmp_path / "links"
+    real_dir.mkdir(), link_dir.mkdir()
+    target = real_dir / "t.npz"
+    sbn.save({"w": np.zeros(2)}, target)
+    renames.clear()
+    link = link_dir / "l.npz"
+    link.symlink_to(os.path.relpath(target, link_dir))  # relative: resolved from its folder
+    chain = link_dir / "chain.npz"
+    chain.symlink_to("l.npz")
+    sbn.save({"w": np.ones(2)}, chain)
+    # both links are still links to the same place; the target holds the new data
+    assert chain.is_symlink() and os.readlink(chain) == "l.npz"
+    assert link.is_symlink() and os.readlink(link) == os.path.join("..", "real", "t.npz")
+    assert not target.is_symlink()
+    np.testing.assert_array_equal(sbn.load(target)["w"], np.ones(2))
+    np.testing.assert_array_equal(sbn.load(chain)["w"], np.ones(2))
+    # the temporary was made in the target's folder and renamed onto the target
+    assert renames == [(os.path.realpath(real_dir), os.path.realpath(target))]
+    assert _no_temp_files(real_dir, link_dir)
+    assert sorted(os.listdir(link_dir)) == ["chain.npz", "l.npz"]
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX symlinks")
+def test_save_through_a_dangling_symlink_creates_its_target(tmp_path, renames):
+    (tmp_path / "real").mkdir()
+    link = tmp_path / "l.npz"
+    link.symlink_to(tmp_path / "real" / "new.npz")
+    sbn.save({"w": np.arange(3.0)}, link)
+    assert link.is_symlink()
+    np.testing.assert_array_equal(sbn.load(tmp_path / "real" / "new.npz")["w"], np.arange(3.0))
+    assert renames == [(os.path.realpath(tmp_path / "real"),
+                        os.path.realpath(tmp_path / "real" / "new.npz"))]
+    # ... as numpy.save does; a target folder that does not exist is an error
+    (tmp_path / "np.npy").symlink_to(tmp_path / "real" / "np-new.npy")
+    np.save(tmp_path / "np.npy", np.ones(1))
+    assert (tmp_path / "real" / "np-new.npy").is_file()
+    bad = tmp_path / "bad.npz"
+    bad.symlink_to(tmp_path / "missing" / "x.npz")
+    with pytest.raises(FileNotFoundError):
+        sbn.save({"w": np.ones(1)}, bad)
+    assert not (tmp_path / "missing").exists() and bad.is_symlink()
+
+
+def _refused(path, etype, pattern, monkeypatch):
+    made = []
+    monkeypatch.setattr(sio, "_create_temp", lambda *a: made.append(a))  # must not be reached
+    with pytest.raises(etype, match=pattern):
+        sbn.save({"w": np.ones(2)}, path)
+    monkeypatch.undo()
+    assert made == []
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="POSIX FIFOs")
+def test_save_refuses_fifo_device_and_directory_targets(tmp_path, monkeypatch):
+    import re
+    import stat
+
+    fifo = tmp_path / "pipe.npz"
+    os.mkfifo(fifo)
+    _refused(fifo, ValueError, "pipe.npz' is a FIFO.*only ever replace regular files",
+             monkeypatch)
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    to_fifo = tmp_path / "to_fifo.npz"
+    to_fifo.symlink_to(fifo)
+    _refused(to_fifo, ValueError, re.escape(f"(-> '{fifo}') is a FIFO"), monkeypatch)
+    # a device node: as root this used to replace the system's /dev/null
+    _refused("/dev/null", ValueError, "'/dev/null' is a character device", monkeypatch)
+    to_null = tmp_path / "null.npz"
+    to_null.symlink_to("/dev/null")
+    _refused(to_null, ValueError, "character device", monkeypatch)
+    assert stat.S_ISCHR(os.stat("/dev/null").st_mode)
+    # directories: given, through a link, or by a trailing separator
+    folder = tmp_path / "dir.npz"
+    folder.mkdir()
+    _refused(folder, IsADirectoryError, "dir.npz' is a directory", monkeypatch)
+    to_dir = tmp_path / "to_dir"
+    to_dir.symlink_to(folder)
+    _refused(to_dir, IsADirectoryError, "is a directory", monkeypatch)
+    _refused(str(tmp_path / "new") + os.sep, IsADirectoryError, "trailing separator",
+             monkeypatch)
+    assert not (tmp_path / "new").exists()
+    loop = tmp_path / "loop.npz"
+    loop.symlink_to("loop2.npz")
+    (tmp_path / "loop2.npz").symlink_to("loop.npz")
+    _refused(loop, OSError, "symlink loop", monkeypatch)
+    _refused("", ValueError, "path must not be empty", monkeypatch)
+    assert folder.is_dir() and os.listdir(folder) == []
+    assert _no_temp_files(tmp_path)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="POSIX FIFOs")
+def test_target_replaced_by_a_fifo_during_the_write_is_not_renamed_over(tmp_path,
+                                                                        monkeypatch):
+    import stat
+
+    path = tmp_path / "c.npz"
+    sbn.save({"w": np.zeros(2)}, path)
+    real_write = sio._write_archive
+
+    def write_then_swap(f, arrays):
+        real_write(f, arrays)
+        os.unlink(path)
+        os.mkfifo(path)
+
+    monkeypatch.setattr(sio, "_write_archive", write_then_swap)
+    with pytest.raises(ValueError, match="is a FIFO"):
+        sbn.save({"w": np.ones(2)}, path)
+    assert stat.S_ISFIFO(os.lstat(path).st_mode)
+    assert os.listdir(tmp_path) == ["c.npz"]  # temporary removed
+
+
+@pytest.mark.parametrize("key", ["\udc80", "ok\ud800tail"])
+def test_lone_surrogate_key_is_refused_by_name(tmp_path, key):
+    import re
+
+    sd = {"first": np.ones(2), key: np.ones(2)}
+    with pytest.raises(ValueError, match=re.escape(repr(key)) + ".*lone surrogate"):
+        sbn.save(sd, tmp_path / "k.npz")
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.skipif(os.name != "posix", reason="directory fsync is POSIX")
+@pytest.mark.parametrize("via_symlink", [False, True])
+def test_file_and_folder_are_fsynced_around_the_rename(tmp_path, monkeypatch, via_symlink):
+    import stat
+
+    real_dir = tmp_path / "real"
+    real_dir.mkdir()
+    target = real_dir / "c.npz"
+    path = target
+    if via_symlink:
+        path = tmp_path / "link.npz"
+        path.symlink_to(target)
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        st = os.fstat(fd)
+        kind = "dir" if stat.S_ISDIR(st.st_mode) else "file"
+        events.append(("fsync", kind, st.st_ino, st.st_size if kind == "file" else None))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", os.stat(src).st_ino))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(sio.os, "fsync", fsync)
+    monkeypatch.setattr(sio.os, "replace", replace)
+    sbn.save({"w": np.arange(5.0)}, path)
+    monkeypatch.undo()
+    st = os.stat(target)
+    # the complete file (flushed: its full size) is synced before the rename,
+    # the folder that holds the new name after it (the folder of the link's
+    # target, not of the link)
+    assert events == [
+        ("fsync", "file", st.st_ino, st.st_size),
+        ("replace", st.st_ino),
+        ("fsync", "dir", os.stat(real_dir).st_ino, None),
+    ]
