@@ -112,11 +112,15 @@ class MPICommunicator(Communicator):
         try:
             return self._allreduce_sum(buf)
         except MPI.Exception as e:
-            # The communicator may have been freed through another Python
-            # object of the same handle: say so instead of MPI's error stack.
+            # Freed through another Python object of the same handle (this
+            # one still holds the stale handle), or another MPI failure: a
+            # clear error instead of MPI's error stack.
+            if e.Get_error_class() == MPI.ERR_COMM:
+                raise self._freed_error() from e
+            text = e.Get_error_string().splitlines()[0].removesuffix(", error stack:")
             raise CommunicatorError(
                 f"the all-reduce over the MPI communicator {self.name} (rank {self.rank} of"
-                f" {self.size}) failed: {e.Get_error_string().splitlines()[0]}"
+                f" {self.size}) failed: {text}"
             ) from e
         finally:
             dog.end(token)
@@ -124,9 +128,9 @@ class MPICommunicator(Communicator):
     def _freed_error(self) -> CommunicatorError:
         return CommunicatorError(
             f"the MPI communicator {self.name} (rank {self.rank} of {self.size}) has been"
-            " freed (comm.Free() / MPI_Comm_free): nothing can synchronize over it any"
-            " more, a layer built with it included. Free a communicator only after the"
-            " last use of the layers built with it"
+            " freed (comm.Free() / MPI_Comm_free; MPI: invalid communicator): nothing can"
+            " synchronize over it any more, a layer built with it included. Free a"
+            " communicator only after the last use of the layers built with it"
         )
 
     def _allreduce_sum(self, buf: Any) -> Any:
