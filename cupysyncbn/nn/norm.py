@@ -152,6 +152,19 @@ class _BatchNormBase(Layer):
         new._new_identity()
         return new
 
+    def __copy__(self) -> _BatchNormBase:
+        """A shallow copy (same arrays and communicator) that is still a new layer.
+
+        Sharing the ``SyncState`` would give two layers one identity and one
+        shift; the copy gets its own, as a deep copy does.
+        """
+        new = type(self).__new__(type(self))
+        for name, value in self.__dict__.items():
+            if name not in _FRESH_ON_COPY:
+                object.__setattr__(new, name, value)
+        new._new_identity()
+        return new
+
     def __getstate__(self) -> dict:
         """What pickling stores: parameters, buffers and options, no communicator.
 

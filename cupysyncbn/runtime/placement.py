@@ -207,9 +207,12 @@ def node_local_rank() -> int:
         mpi = sys.modules.get("mpi4py.MPI")
         initialized = mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized()
         if initialized or launched_size() > 1:
-            # A first import runs MPI_Init, which waits for every process.
-            with deadline_holding_gil():
-                from mpi4py import MPI
+            if mpi is None:
+                # The first import runs MPI_Init, which waits for every process.
+                with deadline_holding_gil():
+                    from mpi4py import MPI
+            else:
+                MPI = mpi
 
             world = MPI.COMM_WORLD
             if world.Get_size() > 1:

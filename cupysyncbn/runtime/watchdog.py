@@ -369,7 +369,13 @@ def deadline_holding_gil(timeout: float | None = None) -> Iterator[None]:
     if limit <= 0:
         yield
         return
-    faulthandler.dump_traceback_later(limit, exit=True)
+    try:
+        # File descriptor 2, not sys.stderr: the program may have redirected
+        # sys.stderr to an object without a file descriptor.
+        faulthandler.dump_traceback_later(limit, exit=True, file=2)
+    except (OSError, ValueError):  # no usable stderr: run untimed rather than fail
+        yield
+        return
     try:
         yield
     finally:

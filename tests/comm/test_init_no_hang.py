@@ -172,6 +172,8 @@ def test_deadline_holding_gil_ends_a_process_stuck_holding_the_gil(tmp_path):
             time.sleep(0.01)
         time.sleep(0.5)  # cancelled when the block ended: no exit here
         print("after the first block", flush=True)
+        import io, sys
+        sys.stderr = io.StringIO()  # redirected (no file descriptor): fd 2 still gets it
         with deadline_holding_gil(1):
             sum(range(10**13))
         print("UNREACHABLE", flush=True)

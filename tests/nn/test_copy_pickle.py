@@ -82,6 +82,18 @@ def test_deep_copy_of_a_fresh_layer_is_a_new_layer():
     assert e._sync_state.ordinal == d._sync_state.ordinal + 1
 
 
+def test_shallow_copy_shares_arrays_but_is_a_new_layer():
+    a = sbn.SyncBatchNorm(3, comm=_forced_comm())
+    x, dy = _data(3)
+    a(x)
+    b = copy.copy(a)
+    assert b._mean is a._mean and b.weight is a.weight and b.comm is a.comm
+    assert b._sync_state is not a._sync_state
+    assert b._sync_state.ordinal == a._sync_state.ordinal + 1
+    assert b.num_pending == 0 and a.num_pending == 1
+    a.backward(dy)
+
+
 @pytest.mark.parametrize("how", ["deepcopy", "pickle"])
 def test_used_layer_with_pending_forwards_copies_and_trains_alike(how):
     comm = _forced_comm()
