@@ -66,7 +66,11 @@ def init(
 
     Collective over the group (every rank calls it): the ranks agree on the
     backend, so it is the same on every rank or the same error is raised on
-    every rank.
+    every rank. Its collectives (and ``MPI_Init`` when it initializes MPI)
+    are timed by the collective watchdog: a rank that never calls it (it
+    exited, or called ``init('none')``) ends the job after
+    ``CUPYSYNCBN_TIMEOUT`` seconds with a message naming what was waited
+    for, never a hang.
 
     Parameters
     ----------
