@@ -297,3 +297,20 @@ def test_copies_and_pickles_under_mpi(tmp_path, ranks):
     for case in cases:
         for r in range(ranks):
             assert f"OK {case} {r}" in res.stdout, (case, r, res.stdout, res.stderr)
+
+
+def test_sync_state_copies_are_fresh_states_with_their_own_ordinal():
+    from cupysyncbn._sync.state import SyncState
+
+    comm = _forced_comm()
+    state = SyncState.for_layer(comm)
+    state.handshake_done, state.shift, state.calls = True, np.zeros(3), 5
+    state.buffer(sbn.backends.get_backend(np.zeros(1)), 8)
+    twin = copy.deepcopy(state)
+    assert twin.ordinal == state.ordinal + 1  # counted on the same communicator
+    assert not twin.handshake_done and twin.shift is None and twin.calls == 0
+    assert not twin._buffers and state._buffers
+    loaded = pickle.loads(pickle.dumps(state))  # no buffers, the default's sequence
+    assert loaded.ordinal > 0 and not loaded._buffers and not loaded.handshake_done
+    bare = SyncState()  # the functional API's: no construction identity to renew
+    assert copy.deepcopy(bare).ordinal == 0 and pickle.loads(pickle.dumps(bare)).ordinal == 0
