@@ -122,6 +122,8 @@ def gather(
         ``"cupysyncbn.init(<backend>)"``).
     """
     info = probe(backend, device)
+    if group.Get_size() == 1:  # nobody to wait for (and no watchdog thread to start)
+        return group.allgather(info)
     who = caller or f"cupysyncbn.init({backend!r})"
     what = (
         f"the backend agreement of {who}, an allgather over the {group.Get_size()} ranks"
