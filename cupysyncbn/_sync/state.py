@@ -59,11 +59,34 @@ class SyncState:
     #: ``(key, verdict)`` of the last forward whose checks passed (see
     #: ``_sync.checks``): a steady-state pass skips them.
     _checked: Any = field(default=None, repr=False)
+    #: The communicator (None: the default) the ordinal was counted on.
+    _ordinal_comm: Any = field(default=None, repr=False, compare=False)
 
     @classmethod
     def for_layer(cls, comm: Any) -> SyncState:
         """A new layer's state: its construction ordinal on ``comm`` (None: the default)."""
-        return cls(ordinal=protocol.next_construction_ordinal(comm))
+        state = cls(ordinal=protocol.next_construction_ordinal(comm))
+        state._ordinal_comm = comm
+        return state
+
+    def __deepcopy__(self, memo: dict) -> SyncState:
+        """A fresh state: the copy of a layer is a new layer.
+
+        It gets the next construction ordinal on the same communicator
+        (counted on every rank in program order, like a construction), and
+        shares no buffers, shift or handshake with this one.
+        """
+        if not self.ordinal:
+            return type(self)()
+        return type(self).for_layer(self._ordinal_comm)
+
+    def __reduce__(self) -> tuple:
+        # Pickled layers store no communicator and no buffers (device
+        # workspaces cannot be pickled): loading counts a new ordinal on the
+        # default communicator's sequence, as the loaded layer uses it.
+        if not self.ordinal:
+            return (SyncState, ())
+        return (SyncState.for_layer, (None,))
 
     def buffer(self, backend: Backend, size: int) -> Any:
         """A reusable float64 buffer of ``size`` slots on ``backend``."""

@@ -23,6 +23,7 @@ from typing import Any
 
 from ..errors import CommunicatorError
 from ..runtime import placement
+from ..runtime.watchdog import shared_watchdog
 
 __all__ = [
     "probe", "gather", "decide", "placement_error", "summary", "verbose_line", "nccl_version_text",
@@ -98,9 +99,40 @@ def probe(backend: str, device: int | None = None) -> dict:
     return info
 
 
-def gather(group: Any, backend: str, device: int | None = None) -> list[dict]:
-    """Every rank's :func:`probe` (one ``allgather`` over ``group``, an mpi4py comm)."""
-    return group.allgather(probe(backend, device))
+def gather(
+    group: Any, backend: str, device: int | None = None, caller: str | None = None
+) -> list[dict]:
+    """Every rank's :func:`probe` (one ``allgather`` over ``group``, an mpi4py comm).
+
+    The all-gather is timed by the collective watchdog: a rank that never
+    joins (it exited, or chose ``init('none')``) ends the job after
+    ``CUPYSYNCBN_TIMEOUT`` seconds, with a message naming ``caller``,
+    instead of leaving the others blocked.
+
+    Parameters
+    ----------
+    group : mpi4py.MPI.Comm
+        The ranks that agree.
+    backend : {'auto', 'nccl', 'mpi'}
+        See :func:`probe`.
+    device : int, optional
+        See :func:`probe`.
+    caller : str, optional
+        What runs the agreement, for the watchdog's message (default
+        ``"cupysyncbn.init(<backend>)"``).
+    """
+    info = probe(backend, device)
+    if group.Get_size() == 1:  # nobody to wait for (and no watchdog thread to start)
+        return group.allgather(info)
+    who = caller or f"cupysyncbn.init({backend!r})"
+    what = (
+        f"the backend agreement of {who}, an allgather over the {group.Get_size()} ranks"
+        " of its group: every rank of the group must create its communicator together"
+        " (the same init() call, a backend other than 'none'; or the first synchronized"
+        " pass of a layer with comm=None)"
+    )
+    with shared_watchdog().watching(what):
+        return group.allgather(info)
 
 
 def placement_error(infos: list[dict]) -> str:

@@ -34,6 +34,22 @@ def _group_keyval(MPI: Any) -> Any:
     return _KEYVAL[0]
 
 
+def _comm_name(mpi_comm: Any, MPI: Any) -> str:
+    """``MPI.COMM_WORLD``, the name given with ``Set_name``, or the MPI handle."""
+    if mpi_comm == MPI.COMM_WORLD:
+        return "MPI.COMM_WORLD"
+    try:
+        name = mpi_comm.Get_name()
+    except Exception:  # pragma: no cover - best effort
+        name = ""
+    if name:
+        return repr(name)
+    try:
+        return f"<unnamed, MPI handle {mpi_comm.py2f() & 0xFFFFFFFF:#x}>"
+    except Exception:  # pragma: no cover - best effort
+        return "<unnamed>"
+
+
 class MPICommunicator(Communicator):
     """Sum all-reduce over an ``mpi4py.MPI.Comm``.
 
@@ -62,10 +78,17 @@ class MPICommunicator(Communicator):
             raise TypeError(
                 f"mpi_comm must be an mpi4py.MPI.Comm; got {type(mpi_comm).__name__}"
             )
+        if mpi_comm == MPI.COMM_NULL:
+            raise CommunicatorError(
+                "mpi_comm is MPI.COMM_NULL (a freed communicator, or a Split color this"
+                " rank is not part of): pass a live communicator"
+            )
         self._MPI = MPI
         self.mpi_comm = mpi_comm
         self.rank = mpi_comm.Get_rank()
         self.size = mpi_comm.Get_size()
+        # Kept for error messages: a freed communicator has no name any more.
+        self.name = _comm_name(mpi_comm, MPI)
         if cuda_aware is None:
             cuda_aware = env.flag(env.CUDA_AWARE_ENV)
         self.cuda_aware = bool(cuda_aware)
@@ -74,14 +97,41 @@ class MPICommunicator(Communicator):
         """Sum ``buf`` over the group in place (host-staged for CuPy).
 
         A call that does not complete within ``CUPYSYNCBN_TIMEOUT`` seconds
-        (default 600) aborts the job (:mod:`cupysyncbn.fault`).
+        (default 600) aborts the job (:mod:`cupysyncbn.runtime.watchdog`).
+
+        Raises
+        ------
+        CommunicatorError
+            When the MPI communicator was freed, or MPI reports an error.
         """
+        MPI = self._MPI
+        if self.mpi_comm == MPI.COMM_NULL:  # one handle comparison per pass
+            raise self._freed_error()
         dog = shared_watchdog()
         token = dog.begin(buf.size, self)
         try:
             return self._allreduce_sum(buf)
+        except MPI.Exception as e:
+            # Freed through another Python object of the same handle (this
+            # one still holds the stale handle), or another MPI failure: a
+            # clear error instead of MPI's error stack.
+            if e.Get_error_class() == MPI.ERR_COMM:
+                raise self._freed_error() from e
+            text = e.Get_error_string().splitlines()[0].removesuffix(", error stack:")
+            raise CommunicatorError(
+                f"the all-reduce over the MPI communicator {self.name} (rank {self.rank} of"
+                f" {self.size}) failed: {text}"
+            ) from e
         finally:
             dog.end(token)
+
+    def _freed_error(self) -> CommunicatorError:
+        return CommunicatorError(
+            f"the MPI communicator {self.name} (rank {self.rank} of {self.size}) has been"
+            " freed (comm.Free() / MPI_Comm_free; MPI: invalid communicator): nothing can"
+            " synchronize over it any more, a layer built with it included. Free a"
+            " communicator only after the last use of the layers built with it"
+        )
 
     def _allreduce_sum(self, buf: Any) -> Any:
         MPI = self._MPI
@@ -123,7 +173,12 @@ class MPICommunicator(Communicator):
 
     def split(self, color: int, key: int | None = None) -> MPICommunicator:
         """A communicator over the ranks that pass the same ``color``."""
-        sub = self.mpi_comm.Split(color, self.rank if key is None else key)
+        if self.mpi_comm == self._MPI.COMM_NULL:
+            raise self._freed_error()
+        with shared_watchdog().watching(
+            f"MPICommunicator.split over the {self.size} ranks of {self.name}"
+        ):
+            sub = self.mpi_comm.Split(color, self.rank if key is None else key)
         return MPICommunicator(sub, cuda_aware=self.cuda_aware)
 
     def abort(self, errorcode: int = 1) -> None:

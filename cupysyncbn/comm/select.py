@@ -35,6 +35,7 @@ from typing import Any
 from ..errors import CommunicatorError
 from ..runtime import env, placement
 from ..runtime.env import launched_size
+from ..runtime.watchdog import deadline_holding_gil, shared_watchdog
 from . import agreement
 from . import paddle as paddle_groups
 from . import torch as torch_groups
@@ -65,7 +66,11 @@ def init(
 
     Collective over the group (every rank calls it): the ranks agree on the
     backend, so it is the same on every rank or the same error is raised on
-    every rank.
+    every rank. Its collectives (and ``MPI_Init`` when it initializes MPI)
+    are timed by the collective watchdog: a rank that never calls it (it
+    exited, or called ``init('none')``) ends the job after
+    ``CUPYSYNCBN_TIMEOUT`` seconds with a message naming what was waited
+    for, never a hang.
 
     Parameters
     ----------
@@ -109,7 +114,7 @@ def init(
         raise ValueError(f"backend must be one of {_BACKENDS}; got {backend!r}")
     if force_collectives is not None and not isinstance(force_collectives, bool):
         raise TypeError(f"force_collectives must be a bool or None; got {force_collectives!r}")
-    comm = _create(backend, mpi_comm)
+    comm = _create(backend, mpi_comm, f"cupysyncbn.init({backend!r})")
     _set_forced(comm, force_collectives)
     if strict_sync is not None:
         comm.strict_sync = bool(strict_sync)
@@ -126,7 +131,9 @@ def _set_forced(comm: Communicator, force: bool | None) -> None:
         comm.force_collectives = True
 
 
-def _create(backend: str, mpi_comm: Any) -> Communicator:
+def _create(backend: str, mpi_comm: Any, caller: str | None = None) -> Communicator:
+    """The communicator ``init(backend, mpi_comm)`` makes; ``caller`` names it in timeouts."""
+    caller = caller or f"cupysyncbn.init({backend!r})"
     torch_comm = _create_torch(backend, mpi_comm)
     if torch_comm is not None:
         return torch_comm
@@ -144,14 +151,32 @@ def _create(backend: str, mpi_comm: Any) -> Communicator:
             _refuse_unsynchronized_launch()
             return _one_process()
     try:
-        from mpi4py import MPI
+        MPI = _import_mpi()
     except ImportError as e:
         raise CommunicatorError(
             f"backend {backend!r} needs mpi4py: pip install mpi4py (and mpich if the"
             " machine has no MPI library)"
         ) from e
     group = MPI.COMM_WORLD if mpi_comm is None else mpi_comm
-    return _agreed(backend, group)
+    return _agreed(backend, group, caller)
+
+
+def _import_mpi() -> Any:
+    """``mpi4py.MPI``, initializing MPI if needed, never blocked past the timeout."""
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is not None:
+        return mpi
+    # MPI_Init (run by the import, holding the GIL) waits for every process
+    # of the job: a rank that exited before it would leave this one blocked.
+    with deadline_holding_gil():
+        return _mpi_init_waits_for_every_process_of_the_job()
+
+
+def _mpi_init_waits_for_every_process_of_the_job() -> Any:
+    # The name is the message: on a timeout, faulthandler's traceback shows it.
+    from mpi4py import MPI
+
+    return MPI
 
 
 def _one_process() -> Communicator:
@@ -163,13 +188,23 @@ def _one_process() -> Communicator:
     return NoCommunicator()
 
 
-def _agreed(backend: str, group: Any) -> Communicator:
-    """The backend every rank of ``group`` agrees on (one all-gather decides)."""
-    infos = agreement.gather(group, backend)
+def _agreed(backend: str, group: Any, caller: str) -> Communicator:
+    """The backend every rank of ``group`` agrees on (one all-gather decides).
+
+    Every collective here is timed by the watchdog (a peer that never joins
+    ends the job after ``CUPYSYNCBN_TIMEOUT``), the NCCL bootstrap included.
+    """
+    infos = agreement.gather(group, backend, caller=caller)
     chosen, reason = agreement.decide(backend, infos)  # raises on every rank alike
     if chosen == "nccl":
         try:
-            comm: Communicator = NCCLCommunicator(group, _agreed_infos=infos)
+            # The bootstrap's own collectives (Dup, the unique id's broadcast,
+            # the agreement on failures) are timed here as one.
+            with shared_watchdog().watching(
+                f"the NCCL bootstrap of {caller} (unique id broadcast and"
+                f" initialization over the {group.Get_size()} ranks of the group)"
+            ):
+                comm: Communicator = NCCLCommunicator(group, _agreed_infos=infos)
         except CommunicatorError as e:
             if backend == "nccl":
                 raise
@@ -212,7 +247,11 @@ def get_default_comm() -> Communicator:
     """The default communicator, created with ``init('auto')`` on first use."""
     global _default
     if _default is None:
-        comm = _create("auto", None)
+        comm = _create(
+            "auto", None,
+            "the default communicator (init('auto') at the first synchronized pass of a"
+            " layer with comm=None)",
+        )
         _set_forced(comm, None)
         _report(comm)
         _default = comm

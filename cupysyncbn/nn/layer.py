@@ -342,7 +342,7 @@ class Layer:
     def set_state_dict(self, state_dict: dict, strict: bool = True) -> tuple[list, list]:
         """Copy arrays into the parameters and buffers, all or nothing.
 
-        Every entry is validated (name, shape, dtype, finite type) before
+        Every entry is validated (name, shape, dtype, values) before
         anything is assigned, so a rejected state dict leaves the layer exactly
         as it was. Values are copied into the existing arrays, so references
         to them (and earlier :meth:`state_dict` results) stay valid. PyTorch
@@ -363,8 +363,11 @@ class Layer:
         Raises
         ------
         ValueError, TypeError
-            Naming the entry, for a wrong shape or dtype or (strict) a missing
-            or unexpected key.
+            Naming the entry, for a wrong shape or dtype, a value the layer
+            refuses (a NaN, infinite or negative running variance, a NaN or
+            infinite running mean), one entry given under two names with
+            different values (``_mean`` and ``running_mean``), or (strict) a
+            missing or unexpected key.
         """
         if not hasattr(state_dict, "items"):
             raise TypeError(f"state_dict must be a mapping; got {type(state_dict).__name__}")
@@ -379,7 +382,7 @@ class Layer:
                 else:
                     aliases[full_alias] = f"{lname}.{own}" if lname else own
         plan = []
-        seen = set()
+        seen: dict[str, tuple[str, Any]] = {}  # entry -> (key it came from, value)
         unexpected = []
         for key, value in state_dict.items():
             target_key = aliases.get(key, key)
@@ -392,8 +395,20 @@ class Layer:
             current = getattr(layer, attr)
             cur = current.data if is_param else current
             new = _validated(key, value, cur)
+            layer._check_state_value(attr, key, new)
+            if target_key in seen:
+                # One entry under two names (``_mean`` and ``running_mean``):
+                # which one would win depends on the dict's order, so only
+                # identical values are accepted.
+                first, earlier = seen[target_key]
+                if not np.array_equal(to_host(earlier), to_host(new)):
+                    raise ValueError(
+                        f"state_dict has both {first!r} and {key!r}, two names of the same"
+                        " entry, with different values; keep only one of them"
+                    )
+                continue
             plan.append((layer, attr, is_param, new))
-            seen.add(target_key)
+            seen[target_key] = (key, new)
         missing = [k for k in targets if k not in seen]
         if strict and (missing or unexpected):
             raise ValueError(
@@ -413,6 +428,13 @@ class Layer:
 
     def _on_state_loaded(self) -> None:
         """Hook for layers that cache derived state."""
+
+    def _check_state_value(self, attr: str, key: str, value: Any) -> None:
+        """Refuse a state-dict value this layer cannot hold (raise ``ValueError`` naming ``key``).
+
+        Called for every entry before anything is assigned; ``value`` has
+        passed the shape and dtype checks and lives on the layer's device.
+        """
 
     # devices ----------------------------------------------------------------
     def to(self, device: str | None = None, dtype: Any = None) -> Layer:

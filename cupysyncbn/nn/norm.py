@@ -8,6 +8,7 @@ the one-process communicator, ``SyncBatchNorm`` the group given by ``comm``
 
 from __future__ import annotations
 
+import copy
 import numbers
 from typing import Any
 
@@ -113,13 +114,77 @@ class _BatchNormBase(Layer):
         # None stays lazy (the default communicator is created at first use);
         # anything else is resolved now so a bad ``comm`` fails at construction.
         self._comm: Communicator | None = None if comm is None else as_communicator(comm)
-        # The layer's identity on every rank: its order of construction among
-        # the layers of its communicator.
-        self._sync_state = SyncState.for_layer(self._comm)
+        self._new_identity()
+        self._place_new_layer()
+
+    def _new_identity(self) -> None:
+        """Make this a new layer: a fresh ``SyncState`` and no pending forwards.
+
+        The state's construction ordinal names the layer on every rank: its
+        order of construction (or copy, or unpickling) among the layers of
+        its communicator, counted without communication, so ranks that run
+        the same program agree on it.
+        """
+        self._sync_state = SyncState.for_layer(None if self._comm_arg is None else self._comm)
         # Forward contexts awaiting their backward, most recent last (LIFO).
         self._pending: list[F.ForwardContext] = []
         self._dropped = 0  # contexts dropped by the bound, not yet asked for
-        self._place_new_layer()
+
+    # copies --------------------------------------------------------------
+    def __deepcopy__(self, memo: dict) -> _BatchNormBase:
+        """A new layer with copies of the parameters and buffers.
+
+        It shares the communicator (an EMA copy syncs over the same group;
+        a communicator is a live connection, not state) and gets its own
+        identity: a new construction ordinal, counted on every rank in
+        program order like a construction, and a fresh ``SyncState`` (no
+        shared buffers, shift or handshake). Pending forward contexts are
+        not copied: a ``backward`` on the copy needs a forward of its own.
+        """
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        for name, value in self.__dict__.items():
+            if name in _FRESH_ON_COPY:
+                continue
+            if name not in _SHARED_ON_COPY:
+                value = copy.deepcopy(value, memo)
+            object.__setattr__(new, name, value)
+        new._new_identity()
+        return new
+
+    def __copy__(self) -> _BatchNormBase:
+        """A shallow copy (same arrays and communicator) that is still a new layer.
+
+        Sharing the ``SyncState`` would give two layers one identity and one
+        shift; the copy gets its own, as a deep copy does.
+        """
+        new = type(self).__new__(type(self))
+        for name, value in self.__dict__.items():
+            if name not in _FRESH_ON_COPY:
+                object.__setattr__(new, name, value)
+        new._new_identity()
+        return new
+
+    def __getstate__(self) -> dict:
+        """What pickling stores: parameters, buffers and options, no communicator.
+
+        No ``SyncState`` (buffers, device workspaces), no pending forward
+        contexts and no communicator: the unpickled layer is a new layer
+        that synchronizes over the default communicator (a local
+        ``BatchNorm*D`` stays local).
+        """
+        state = {k: v for k, v in self.__dict__.items()
+                 if k not in _FRESH_ON_COPY and k not in _SHARED_ON_COPY}
+        state["_comm_is_local"] = self._comm_arg is LOCAL
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        state = dict(state)
+        local = state.pop("_comm_is_local", False)
+        self.__dict__.update(state)
+        self._comm_arg = LOCAL if local else None
+        self._comm = LOCAL if local else None
+        self._new_identity()
 
     def _place_new_layer(self) -> None:
         """Under ``set_device('auto'|'gpu'...)`` with a GPU, hold CuPy arrays there."""
@@ -177,6 +242,24 @@ class _BatchNormBase(Layer):
             "running_var": "_variance",
             "num_batches_tracked": "_num_batches_tracked" if self._momentum is None else None,
         }
+
+    def _check_state_value(self, attr: str, key: str, value: Any) -> None:
+        # Running statistics feed every eval pass: a NaN, an infinity or a
+        # negative variance would make eval outputs non-finite much later.
+        if attr not in ("_mean", "_variance"):
+            return
+        host = np.asarray(to_host(value))
+        if not np.isfinite(host).all():
+            bad = host[~np.isfinite(host)][0]
+            raise ValueError(
+                f"state_dict[{key!r}] holds a non-finite value ({bad}); running"
+                f" {'variances' if attr == '_variance' else 'means'} must be finite"
+            )
+        if attr == "_variance" and (host < 0).any():
+            raise ValueError(
+                f"state_dict[{key!r}] holds a negative value ({host[host < 0][0]}); a running"
+                " variance is >= 0"
+            )
 
     def _on_state_loaded(self) -> None:
         self.clear_pending()
@@ -342,6 +425,12 @@ class _BatchNormBase(Layer):
             remember=False,
         )
         raise err  # pragma: no cover - check_header raised
+
+
+#: Attributes a deep copy shares with the original (pickling drops them).
+_SHARED_ON_COPY = frozenset({"_comm", "_comm_arg"})
+#: Attributes a copy (deep copy or unpickled) makes afresh: it is a new layer.
+_FRESH_ON_COPY = frozenset({"_sync_state", "_pending", "_dropped"})
 
 
 def _ranks(ndims: tuple[int, ...]) -> str:

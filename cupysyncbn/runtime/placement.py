@@ -40,6 +40,7 @@ from typing import Any
 
 from ..arrays.devices import parse_device
 from .env import DEVICE_ENV, env_local_rank, launched_size, text
+from .watchdog import deadline_holding_gil, shared_watchdog
 
 __all__ = [
     "set_device",
@@ -206,11 +207,22 @@ def node_local_rank() -> int:
         mpi = sys.modules.get("mpi4py.MPI")
         initialized = mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized()
         if initialized or launched_size() > 1:
-            from mpi4py import MPI
+            if mpi is None:
+                # The first import runs MPI_Init, which waits for every process.
+                with deadline_holding_gil():
+                    from mpi4py import MPI
+            else:
+                MPI = mpi
 
             world = MPI.COMM_WORLD
             if world.Get_size() > 1:
-                node = world.Split_type(MPI.COMM_TYPE_SHARED, key=world.Get_rank())
+                # Collective over the whole job: a rank that never joins ends
+                # the job after the timeout, not a hang.
+                with shared_watchdog().watching(
+                    "the node-local rank (MPI.COMM_WORLD.Split_type(COMM_TYPE_SHARED) over"
+                    f" all {world.Get_size()} ranks of the job, to choose this rank's GPU)"
+                ):
+                    node = world.Split_type(MPI.COMM_TYPE_SHARED, key=world.Get_rank())
                 try:
                     _local_rank = node.Get_rank()
                 finally:

@@ -25,11 +25,14 @@ within about a second; Open MPI's ``mpirun`` does the same.
 
 from __future__ import annotations
 
+import faulthandler
 import itertools
 import os
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from .env import (
@@ -49,6 +52,7 @@ __all__ = [
     "parse_timeout",
     "CollectiveWatchdog",
     "shared_watchdog",
+    "deadline_holding_gil",
     "TIMEOUT_ENV",
     "DEFAULT_TIMEOUT",
 ]
@@ -256,6 +260,27 @@ class CollectiveWatchdog:
         if token is not None:
             self._inflight.pop(token, None)
 
+    @contextmanager
+    def watching(self, what: str, comm: Any = None) -> Iterator[None]:
+        """Time the blocking collective run inside the ``with`` block.
+
+        For the collectives outside the batch-norm passes (``init()``'s
+        backend agreement, communicator splits): a peer that never joins
+        ends the job after the timeout instead of leaving this rank blocked.
+
+        Parameters
+        ----------
+        what : str
+            Names what is waited for, in the abort message.
+        comm : Communicator, optional
+            Aborted first on a timeout (default: ``MPI_Abort`` on the world).
+        """
+        token = self.begin(what, comm)
+        try:
+            yield
+        finally:
+            self.end(token)
+
     @property
     def in_flight(self) -> int:
         """Number of collectives being timed now."""
@@ -320,3 +345,38 @@ def shared_watchdog() -> CollectiveWatchdog:
     if _shared is None:
         _shared = CollectiveWatchdog()
     return _shared
+
+
+@contextmanager
+def deadline_holding_gil(timeout: float | None = None) -> Iterator[None]:
+    """End this process (exit status 1) if the block runs past ``timeout`` seconds.
+
+    For blocking calls that hold the GIL, where the watchdog's Python thread
+    cannot run: ``MPI_Init``, which ``import mpi4py.MPI`` runs under the
+    import lock, waits for every process of the job, so a rank that exited
+    before initializing MPI leaves it blocked. Uses :mod:`faulthandler`'s
+    C-level timer, which prints every thread's traceback (naming where the
+    process waited) and exits; the process manager then ends the other ranks.
+    The timer is process-wide: one set with ``faulthandler.dump_traceback_later``
+    by the program is cancelled when the block ends.
+
+    Parameters
+    ----------
+    timeout : float, optional
+        Seconds; default :func:`collective_timeout` (``0`` disables).
+    """
+    limit = collective_timeout() if timeout is None else parse_timeout(timeout, "timeout")
+    if limit <= 0:
+        yield
+        return
+    try:
+        # File descriptor 2, not sys.stderr: the program may have redirected
+        # sys.stderr to an object without a file descriptor.
+        faulthandler.dump_traceback_later(limit, exit=True, file=2)
+    except (OSError, ValueError):  # no usable stderr: run untimed rather than fail
+        yield
+        return
+    try:
+        yield
+    finally:
+        faulthandler.cancel_dump_traceback_later()
