@@ -36,12 +36,18 @@ import numpy as np
 
 from ..arrays.formats import DataFormat
 from ..backends import Backend
+from ..backends.channel_math import count_one_message
 from ..comm.base import Communicator
 from . import collective, protocol
 from .checks import Verdict
 from .state import ForwardContext, ForwardResult, SyncState
 
 __all__ = ["quiet_fp", "forward", "backward"]
+
+#: Most redone merges per forward (see ``_global_stats``): the first lands
+#: within rounding of the mean; the second covers a jump so large that the
+#: first redo's shift is still off.
+_MAX_REDO = 2
 
 
 def quiet_fp(fn: Any) -> Any:
@@ -100,6 +106,10 @@ def forward(
     else:
         mean_r = m2_r = None
     count, mean, var = _global_stats(comm, backend, state, nf, n_local, mean_r, m2_r)
+    if count == 1:
+        # The count is all-reduced, so every rank raises here, before any
+        # running statistic changes (PyTorch raises the same in training).
+        raise ValueError(count_one_message(tuple(x.shape), unbiased))
 
     new_rm, new_rv, updated = running_mean, running_var, False
     if running_mean is not None and training and count > 0:
@@ -133,11 +143,20 @@ def _global_stats(
             n_local, protocol.PHASE_MEAN, None, nf,
         )
         shift = s / max(total, 1)
-    payload = backend.shifted_sums(n_local, mean_r, m2_r, shift)
-    total, (s, q) = collective.allreduce(
-        comm, backend, state, payload, n_local, protocol.PHASE_STATS, None, nf
-    )
-    mean, var = backend.merge_sums(total, s, q, shift, nf)
+    for redo in range(_MAX_REDO + 1):
+        payload = backend.shifted_sums(n_local, mean_r, m2_r, shift)
+        total, (s, q) = collective.allreduce(
+            comm, backend, state, payload, n_local, protocol.PHASE_STATS, None, nf
+        )
+        mean, var = backend.merge_sums(total, s, q, shift, nf)
+        # The shift was far from this batch's mean (a new domain, a layer
+        # shared by inputs of different means): the merge's cancellation
+        # could cost more than one process loses, so the reduction is redone
+        # around the mean just found. Decided from all-reduced values, so
+        # every rank redoes it; one redo brings the shift within rounding.
+        if total == 0 or redo == _MAX_REDO or not backend.shift_too_far(mean, var, shift):
+            break
+        shift = backend.next_shift(mean)
     if total == 0:
         return 0, mean, var
     if state is not None:

@@ -16,9 +16,33 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["ChannelMath", "UNBIASED_COUNT_1", "momentum_weights", "unbiased_ratio"]
+__all__ = [
+    "ChannelMath", "UNBIASED_COUNT_1", "COUNT_1", "SHIFT_REDO", "count_one_message",
+    "momentum_weights", "unbiased_ratio",
+]
 
 _F64 = np.dtype(np.float64)
+_EPS64 = float(np.finfo(np.float64).eps)
+
+#: A merge is redone around its own mean when the shift was farther than
+#: ``sqrt(SHIFT_REDO)`` standard deviations from it: the merge's relative
+#: error in the variance is about ``2 eps64 (mean - K)^2 / var``, so beyond
+#: that it could be less accurate than one process's two-pass statistics.
+#: Batch means move by ``std/sqrt(n)`` between steps, so steady training
+#: almost never pays the extra all-reduce.
+SHIFT_REDO = 16.0
+
+COUNT_1 = (
+    "Expected more than 1 value per channel when training, got a global count"
+    " of 1 per channel: the batch variance of one value is 0, so y would be the"
+    " bias and dx 0"
+)
+
+
+def count_one_message(shape: tuple | None, unbiased: bool) -> str:
+    """The error for a global count of 1 in training (``shape``: this rank's input)."""
+    msg = COUNT_1 if shape is None else f"{COUNT_1} (input shape {shape} on this rank)"
+    return f"{msg}; {UNBIASED_COUNT_1}" if unbiased else msg
 
 UNBIASED_COUNT_1 = (
     "unbiased_running_var=True needs more than 1 value per channel in the"
@@ -78,6 +102,20 @@ class ChannelMath:
             return z, z.copy()
         mean = shift + s / total
         return mean, self.xp.maximum((q - s * s / total) / total, 0.0)
+
+    def shift_too_far(self, mean: Any, var: Any, shift: Any) -> bool:
+        """Whether a merge around ``shift`` may be less accurate than one process.
+
+        True when some channel's mean is more than ``sqrt(SHIFT_REDO)``
+        standard deviations from the shift (beyond the rounding of the mean
+        itself, ``eps64 |mean|``, which one process cannot avoid either), or
+        when the shifted sums overflowed (finite mean, variance not finite).
+        A function of all-reduced values only: every rank decides the same.
+        """
+        xp = self.xp
+        d = mean - shift
+        far = d * d > SHIFT_REDO * var + (SHIFT_REDO * _EPS64) * (mean * mean)
+        return bool(xp.any(far & xp.isfinite(mean)))
 
     def next_shift(self, mean: Any) -> Any:
         """The next pass's shift: the mean, 0 where it is not finite."""
