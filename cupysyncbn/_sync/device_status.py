@@ -4,7 +4,8 @@ On the fused (GPU) path the reduced header of each synchronized pass is
 checked by the kernel that consumes it (``kernels/fused.cu``). A bad verdict
 is latched into a small device ``status`` vector: ``[flag, phase, header]``
 with flag 1 for a header that :func:`cupysyncbn._sync.protocol.check_header` rejects
-and flag 2 for an unbiased running variance over a global count of 1. After
+flag 2 for an unbiased running variance over a global count of 1 and flag
+3 for batch statistics over a global count of 1. After
 the pass the status is copied into pinned host memory and an event is
 recorded, both asynchronously; the host looks at the copy at the start of the
 layer's next pass (:meth:`DeviceStatus.poll`) or in :func:`check_errors`, and
@@ -24,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from ..backends.channel_math import UNBIASED_COUNT_1
+from ..backends.channel_math import count_one_message
 from ..errors import CollectiveMismatchError
 from ..runtime import env
 from . import protocol
@@ -53,8 +54,8 @@ def _raise_verdict(host: np.ndarray, size: int) -> None:
         raise CollectiveMismatchError(  # pragma: no cover - check_header raised
             "SyncBatchNorm: the device rejected a header the host accepts"
         )
-    if flag == 2:
-        raise ValueError(UNBIASED_COUNT_1)
+    if flag in (2, 3):  # a global count of 1 with batch statistics
+        raise ValueError(count_one_message(None, unbiased=flag == 2))
 
 
 class DeviceStatus:
