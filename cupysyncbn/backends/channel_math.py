@@ -32,6 +32,25 @@ _EPS64 = float(np.finfo(np.float64).eps)
 #: almost never pays the extra all-reduce.
 SHIFT_REDO = 16.0
 
+#: Per compute dtype: ``(down, up, tiny_mean, tiny_var, range)``. A channel
+#: whose merged statistics are not finite (the shifted sums of huge values
+#: overflowed) has its statistics recomputed on ``x * down``; one whose mean
+#: and variance are both tiny (squares of its deviations underflow in the
+#: compute dtype; an all-zero channel excluded) on ``x * up``. Powers of two:
+#: the scaled data are exact. ``range``: the data passes run on ``x * u``
+#: (``u`` a power of two near ``1/std``) when ``std`` is outside
+#: ``[2^-range, 2^range / sqrt(count)]``, so ``x - mean``, ``invstd`` and the
+#: backward coefficients stay finite and normal in the compute dtype.
+_RESCALE = {
+    np.dtype(np.float32): (2.0**-80, 2.0**100, 2.0**-50, 2.0**-100, 60.0),
+    np.dtype(np.float64): (2.0**-560, 2.0**600, 2.0**-450, 2.0**-900, 500.0),
+}
+
+UNBIASED_COUNT_1 = (
+    "unbiased_running_var=True needs more than 1 value per channel in the"
+    " global batch (got 1): the unbiased variance m/(m-1) is undefined"
+)
+
 COUNT_1 = (
     "Expected more than 1 value per channel when training, got a global count"
     " of 1 per channel: the batch variance of one value is 0, so y would be the"
@@ -43,11 +62,6 @@ def count_one_message(shape: tuple | None, unbiased: bool) -> str:
     """The error for a global count of 1 in training (``shape``: this rank's input)."""
     msg = COUNT_1 if shape is None else f"{COUNT_1} (input shape {shape} on this rank)"
     return f"{msg}; {UNBIASED_COUNT_1}" if unbiased else msg
-
-UNBIASED_COUNT_1 = (
-    "unbiased_running_var=True needs more than 1 value per channel in the"
-    " global batch (got 1): the unbiased variance m/(m-1) is undefined"
-)
 
 
 def momentum_weights(momentum: float | None, num_batches_tracked: int) -> tuple[float, float]:
@@ -116,6 +130,49 @@ class ChannelMath:
         d = mean - shift
         far = d * d > SHIFT_REDO * var + (SHIFT_REDO * _EPS64) * (mean * mean)
         return bool(xp.any(far & xp.isfinite(mean)))
+
+    def stats_scale(self, mean: Any, var: Any, cdt: np.dtype) -> Any:
+        """Per-channel powers of two to recompute the statistics on, or None.
+
+        See :data:`_RESCALE`. A function of the merged (all-reduced) values
+        only, so every rank decides the same.
+        """
+        xp = self.xp
+        down, up, tiny_mean, tiny_var, _ = _RESCALE.get(np.dtype(cdt), _RESCALE[_F64])
+        bad = ~(xp.isfinite(mean) & xp.isfinite(var))
+        small = (xp.abs(mean) < tiny_mean) & (var < tiny_var) & ~((mean == 0) & (var == 0))
+        if not bool(xp.any(bad | small)):
+            return None
+        return xp.where(bad, down, xp.where(small, up, 1.0))
+
+    def data_unit(
+        self, mean_s: Any, var_s: Any, p: Any, count: int, epsilon: float, cdt: np.dtype,
+    ) -> Any:
+        """Per-channel powers of two ``u`` the data passes run on ``x * u``, or None.
+
+        ``mean_s``, ``var_s``: the statistics of ``x * p`` (``p`` None: of
+        ``x``). ``u`` is near ``1/sqrt(var + epsilon)`` for the channels
+        outside the compute dtype's safe range (:data:`_RESCALE`), 1 elsewhere.
+        """
+        xp = self.xp
+        rng = _RESCALE.get(np.dtype(cdt), _RESCALE[_F64])[4]
+        pp = xp.ones_like(var_s) if p is None else p
+        eps = float(epsilon)
+        # log2(std) without forming var + eps in unscaled units (it may
+        # overflow or underflow float64); eps * p^2 overflows only for
+        # scaled-up channels with eps > 0, where eps dominates the variance.
+        epp = eps * (pp * pp) if eps else xp.zeros_like(var_s)  # never 0 * inf
+        fin = xp.isfinite(epp)
+        s2 = xp.where(fin, var_s + epp, var_s / pp / pp + eps)
+        l2 = 0.5 * xp.log2(s2) - xp.where(fin, xp.log2(pp), 0.0)
+        hi = rng - 0.5 * float(np.log2(max(count, 1)))
+        out = ((l2 < -rng) | (l2 > hi)) & (s2 > 0) & xp.isfinite(l2)
+        if not bool(xp.any(out)):
+            return None
+        # 1/std itself may be beyond float64 (a subnormal spread with
+        # epsilon=0): the unit stops at 2^1000, still far from both ends.
+        e = xp.clip(-xp.rint(xp.where(out, l2, 0.0)), -1000.0, 1000.0)
+        return xp.where(out, xp.exp2(e), 1.0)
 
     def next_shift(self, mean: Any) -> Any:
         """The next pass's shift: the mean, 0 where it is not finite."""
