@@ -127,9 +127,10 @@ class ChannelMath:
         A function of all-reduced values only: every rank decides the same.
         """
         xp = self.xp
-        d = mean - shift
-        far = d * d > SHIFT_REDO * var + (SHIFT_REDO * _EPS64) * (mean * mean)
-        return bool(xp.any(far & xp.isfinite(mean)))
+        with np.errstate(all="ignore"):  # huge or non-finite channels: decided below
+            d = mean - shift
+            far = d * d > SHIFT_REDO * var + (SHIFT_REDO * _EPS64) * (mean * mean)
+            return bool(xp.any(far & xp.isfinite(mean)))
 
     def stats_scale(self, mean: Any, var: Any, cdt: np.dtype) -> Any:
         """Per-channel powers of two to recompute the statistics on, or None.
@@ -139,8 +140,13 @@ class ChannelMath:
         """
         xp = self.xp
         down, up, tiny_mean, tiny_var, _ = _RESCALE.get(np.dtype(cdt), _RESCALE[_F64])
-        bad = ~(xp.isfinite(mean) & xp.isfinite(var))
-        small = (xp.abs(mean) < tiny_mean) & (var < tiny_var) & ~((mean == 0) & (var == 0))
+        with np.errstate(all="ignore"):
+            # the common answer from three reductions (max propagates NaN)
+            if (bool(xp.isfinite(var.max() + xp.abs(mean).max()))
+                    and float(var.min()) >= tiny_var):
+                return None
+            bad = ~(xp.isfinite(mean) & xp.isfinite(var))
+            small = (xp.abs(mean) < tiny_mean) & (var < tiny_var) & ~((mean == 0) & (var == 0))
         if not bool(xp.any(bad | small)):
             return None
         return xp.where(bad, down, xp.where(small, up, 1.0))
@@ -156,8 +162,19 @@ class ChannelMath:
         """
         xp = self.xp
         rng = _RESCALE.get(np.dtype(cdt), _RESCALE[_F64])[4]
+        with np.errstate(all="ignore"):  # over/underflow is expected and handled here
+            return self._data_unit(xp, var_s, p, count, float(epsilon), rng)
+
+    @staticmethod
+    def _data_unit(xp: Any, var_s: Any, p: Any, count: int, eps: float, rng: float) -> Any:
+        hi = rng - 0.5 * float(np.log2(max(count, 1)))
+        if p is None:
+            # the common answer: every var + eps well inside the range
+            s2 = var_s + eps
+            lo_s2, hi_s2 = float(s2.min()), float(s2.max())
+            if lo_s2 >= 4.0 ** (1 - rng) and hi_s2 <= 4.0 ** (hi - 1):
+                return None
         pp = xp.ones_like(var_s) if p is None else p
-        eps = float(epsilon)
         # log2(std) without forming var + eps in unscaled units (it may
         # overflow or underflow float64); eps * p^2 overflows only for
         # scaled-up channels with eps > 0, where eps dominates the variance.
@@ -165,7 +182,6 @@ class ChannelMath:
         fin = xp.isfinite(epp)
         s2 = xp.where(fin, var_s + epp, var_s / pp / pp + eps)
         l2 = 0.5 * xp.log2(s2) - xp.where(fin, xp.log2(pp), 0.0)
-        hi = rng - 0.5 * float(np.log2(max(count, 1)))
         out = ((l2 < -rng) | (l2 > hi)) & (s2 > 0) & xp.isfinite(l2)
         if not bool(xp.any(out)):
             return None
