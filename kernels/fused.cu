@@ -41,7 +41,8 @@
 #define SBN_HEADER 24
 
 // status: [flag, phase, header (SBN_HEADER)]; flag 0 ok, 1 header verdict, 2
-// unbiased running variance with a global count of 1.
+// unbiased running variance with a global count of 1, 3 batch statistics over
+// a global count of 1 (SPEC §2: an error in training; the host raises it).
 #define SBN_STATUS_SIZE (2 + SBN_HEADER)
 
 // Flags of bn_fwd_norm_* / bn_bwd_elemt_*.
@@ -176,14 +177,18 @@ __device__ __forceinline__ void fwd_channel(i64 C, int flags, const double* buf,
     stats64[2 * C] = (flags & SBN_F_TRAIN) ? buf[SBN_H_COUNT] : 0.0;
   }
   const double n = (flags & SBN_F_TRAIN) ? buf[SBN_H_COUNT] : 0.0;
-  const bool unbiased_undefined = (flags & SBN_F_UNBIASED) && n == 1.0;
-  if (start == 0 && (flags & SBN_F_UPDATE) && unbiased_undefined) {
-    latch(status, 2.0, 2, (const double*)0);
+  // A global count of 1 with batch statistics is an error (every rank sees
+  // the same reduced count): nothing is updated, and the verdict is latched
+  // for the host to raise at the layer's next pass or check_errors().
+  const bool count_one = (flags & SBN_F_TRAIN) && n == 1.0;
+  if (start == 0 && count_one) {
+    latch(status, ((flags & SBN_F_UPDATE) && (flags & SBN_F_UNBIASED)) ? 2.0 : 3.0, 2,
+          (const double*)0);
   }
   if (nbt) {  // momentum=None: average over the batches the device counted
     factor = 1.0 / (nbt[0] + 1.0);
     keep = 1.0 - factor;
-    if (start == 0) nbt[1] = nbt[0] + ((flags & SBN_F_UPDATE) && n > 0 && !unbiased_undefined);
+    if (start == 0) nbt[1] = nbt[0] + ((flags & SBN_F_UPDATE) && n > 0 && !count_one);
   }
   for (i64 c = start; c < C; c += step) {
     FwdCoef<A, P> k = fwd_coef<A, P>(c, C, flags, buf, shift_used, weight, bias, rmean, rvar, eps);
@@ -197,7 +202,7 @@ __device__ __forceinline__ void fwd_channel(i64 C, int flags, const double* buf,
       shift_next[c] = finite(k.mean64) ? k.mean64 : 0.0;
     }
     if (!(flags & SBN_F_UPDATE)) continue;
-    if (n > 0 && !unbiased_undefined) {
+    if (n > 0 && !count_one) {
       double v = k.var64;
       if (flags & SBN_F_UNBIASED) v = v * (n / (n - 1.0));
       const P kp = static_cast<P>(keep), fp = static_cast<P>(factor);

@@ -3,9 +3,10 @@
 On the fused (GPU) path the reduced header of each synchronized pass is
 checked by the kernel that consumes it (``kernels/fused.cu``). A bad verdict
 is latched into a small device ``status`` vector: ``[flag, phase, header]``
-with flag 1 for a header that :func:`cupysyncbn._sync.protocol.check_header` rejects
-and flag 2 for an unbiased running variance over a global count of 1. The
-latch keeps the first bad verdict until the host consumes it.
+with flag 1 for a header that :func:`cupysyncbn._sync.protocol.check_header`
+rejects, flag 2 for an unbiased running variance over a global count of 1
+and flag 3 for batch statistics over a global count of 1. The latch keeps the first
+bad verdict until the host consumes it.
 
 The host reads it on a fixed cadence counted in synchronized passes of the
 layer, the same on every rank: after pass ``q`` the status is copied into
@@ -37,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from ..backends.channel_math import UNBIASED_COUNT_1
+from ..backends.channel_math import count_one_message
 from ..errors import CollectiveMismatchError
 from ..runtime import env
 from . import protocol
@@ -70,8 +71,8 @@ def _raise_verdict(host: np.ndarray, size: int) -> None:
         raise CollectiveMismatchError(  # pragma: no cover - check_header raised
             "SyncBatchNorm: the device rejected a header the host accepts"
         )
-    if flag == 2:
-        raise ValueError(UNBIASED_COUNT_1)
+    if flag in (2, 3):  # a global count of 1 with batch statistics
+        raise ValueError(count_one_message(None, unbiased=flag == 2))
 
 
 def _capturing(xp: Any) -> bool:

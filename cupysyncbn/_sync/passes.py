@@ -36,12 +36,22 @@ import numpy as np
 
 from ..arrays.formats import DataFormat
 from ..backends import Backend
+from ..backends.channel_math import count_one_message
 from ..comm.base import Communicator
 from . import collective, protocol
 from .checks import Verdict
 from .state import ForwardContext, ForwardResult, SyncState
 
 __all__ = ["quiet_fp", "forward", "backward"]
+
+#: Most redone merges per forward (see ``_global_stats``): one on rescaled
+#: data (overflow/underflow), then around the mean: the first lands within
+#: rounding of it; the second covers a jump so large that the first redo's
+#: shift is still off.
+_MAX_REDO = 3
+
+_F64 = np.dtype(np.float64)
+_F64_MAX = float(np.finfo(np.float64).max)
 
 
 def quiet_fp(fn: Any) -> Any:
@@ -95,11 +105,37 @@ def forward(
 
     if sync:
         collective.handshake(comm, backend, state, nf, pdt)
+    cl = fmt.channel_last
     if n_local:
-        mean_r, m2_r = backend.moments(v, fmt.channel_last, cdt)
+        mean_r, m2_r = backend.moments(v, cl, cdt)
     else:
         mean_r = m2_r = None
-    count, mean, var = _global_stats(comm, backend, state, nf, n_local, mean_r, m2_r)
+
+    def rescaled(p: Any) -> tuple[Any, Any]:
+        if not n_local:
+            return None, None
+        return backend.moments(_scaled(v, p, cl, cdt), cl, cdt)
+
+    count, mean_s, var_s, p = _global_stats(
+        comm, backend, state, nf, n_local, mean_r, m2_r, cdt, rescaled
+    )
+    if count == 1:
+        # The count is all-reduced, so every rank raises here, before any
+        # running statistic changes (PyTorch raises the same in training).
+        raise ValueError(count_one_message(tuple(x.shape), unbiased))
+    mean, var, unit = mean_s, var_s, None
+    if count > 0:
+        if p is not None:  # statistics of x * p (powers of two: exact)
+            mean = mean_s / p
+            # a variance beyond float64 (spreads over ~1e154) is clamped;
+            # non-finite inputs (a non-finite mean) still show as such
+            var = var_s / p / p
+            var = backend.xp.where(backend.xp.isfinite(mean), _clamp(backend, var), var)
+        # the safe range of the narrower of the compute and output dtypes
+        # (float32 data in a float64 layer: dx is cast to float32)
+        rdt = np.dtype(x.dtype) if np.dtype(x.dtype) == np.float32 else cdt
+        unit = backend.data_unit(mean_s, var_s, p, count, epsilon, rdt)
+    rare = p is not None or unit is not None
 
     new_rm, new_rv, updated = running_mean, running_var, False
     if running_mean is not None and training and count > 0:
@@ -107,7 +143,17 @@ def forward(
             running_mean, running_var, mean, var, count, momentum, unbiased,
             num_batches_tracked,
         )
+        if rare:  # finite in, finite out: clamp to the running stats' dtype
+            fin = backend.xp.isfinite(mean)
+            new_rm = backend.xp.where(fin, _clamp(backend, new_rm), new_rm)
+            new_rv = backend.xp.where(fin, _clamp(backend, new_rv), new_rv)
         updated = True
+    if unit is not None:
+        y, ctx = _forward_scaled(
+            backend, x, v, fmt, comm, state, mean_s, var_s, p, unit, count, epsilon,
+            weight, bias, pdt,
+        )
+        return ForwardResult(y.reshape(x.shape), ctx, new_rm, new_rv, mean, var, count, updated)
     mean_c, invstd = backend.forward_coefficients(mean, var, count, epsilon, cdt)
     y = _affine_normalize(backend, v, fmt, mean_c, invstd, weight, bias, cdt, x)
     ctx = ForwardContext(
@@ -117,13 +163,63 @@ def forward(
     return ForwardResult(y.reshape(x.shape), ctx, new_rm, new_rv, mean, var, count, updated)
 
 
+def _scaled(v: Any, p: Any, channel_last: bool, dt: np.dtype) -> Any:
+    """``v * p`` per channel (canonical layout), in ``dt``: a new array."""
+    shape = (1, -1) if channel_last else (1, -1, 1)
+    return v.astype(dt) * p.astype(dt).reshape(shape)
+
+
+def _clamp(backend: Backend, a: Any) -> Any:
+    """``a`` with +-inf clamped to its dtype's largest finite value (NaN kept)."""
+    big = float(np.finfo(a.dtype).max)
+    return backend.xp.clip(a, -big, big).astype(a.dtype, copy=False)
+
+
+def _forward_scaled(
+    backend: Backend, x: Any, v: Any, fmt: DataFormat, comm: Communicator,
+    state: SyncState | None, mean_s: Any, var_s: Any, p: Any, unit: Any, count: int,
+    epsilon: float, weight: Any, bias: Any, pdt: np.dtype,
+) -> tuple[Any, ForwardContext]:
+    """Normalize ``x * unit`` in float64 (a channel whose std is outside the safe range).
+
+    ``unit`` (powers of two, about ``1/std``) brings every such channel to
+    unit scale, so ``x - mean`` cannot overflow and ``invstd`` is a normal
+    float64; batch norm is scale-invariant, so ``y`` is that of ``x``. The
+    backward uses the scaled copy too, with the weight times ``unit`` (the
+    true ``invstd`` is ``invstd_u * unit``) and saturates ``dx`` to the
+    output dtype (``saturate``): a rare, slower path.
+    """
+    r = unit if p is None else unit / p
+    eps = float(epsilon)
+    var_eff = var_s * r * r + (eps * unit * unit if eps else 0.0)
+    mean_u, invstd = backend.forward_coefficients(mean_s * r, var_eff, count, 0.0, _F64)
+    vu = _scaled(v, unit, fmt.channel_last, _F64)
+    y = _affine_normalize(backend, vu, fmt, mean_u, invstd, weight, bias, _F64, x)
+    ctx = ForwardContext(
+        vu, tuple(x.shape), np.dtype(x.dtype), fmt, backend, comm, mean_u, invstd,
+        _vec(weight, _F64), count, True, pdt, state,
+    )
+    ctx.unit = unit  # type: ignore[attr-defined]  # read by backward()
+    return y, ctx
+
+
 def _global_stats(
     comm: Communicator, backend: Backend, state: SyncState | None, nf: int,
-    n_local: int, mean_r: Any, m2_r: Any,
-) -> tuple[int, Any, Any]:
-    """Merge per-rank (n, mean, M2) into global float64 mean and biased var."""
+    n_local: int, mean_r: Any, m2_r: Any, cdt: np.dtype, rescaled: Any,
+) -> tuple[int, Any, Any, Any]:
+    """Merge per-rank (n, mean, M2) into global float64 mean and biased var.
+
+    Returns ``(count, mean, var, p)``: the statistics of ``x * p`` per
+    channel, ``p`` None (1) unless some channel's statistics had to be
+    recomputed on scaled data (``backend.stats_scale``; ``rescaled(p)`` gives
+    this rank's moments of ``x * p``).
+    """
     if not comm.synchronizes:
-        return (n_local, *backend.local_stats(n_local, mean_r, m2_r, nf))
+        mean, var = backend.local_stats(n_local, mean_r, m2_r, nf)
+        p = backend.stats_scale(mean, var, cdt) if n_local else None
+        if p is not None:
+            mean, var = backend.local_stats(n_local, *rescaled(p), nf)
+        return n_local, mean, var, p
     shift = state.shift if state is not None else None
     if shift is None or shift.shape[0] != nf:
         # Two C-sized vectors like every other pass of the layer: equal
@@ -133,20 +229,42 @@ def _global_stats(
             n_local, protocol.PHASE_MEAN, None, nf,
         )
         shift = s / max(total, 1)
-    payload = backend.shifted_sums(n_local, mean_r, m2_r, shift)
-    total, (s, q) = collective.allreduce(
-        comm, backend, state, payload, n_local, protocol.PHASE_STATS, None, nf
-    )
-    mean, var = backend.merge_sums(total, s, q, shift, nf)
+    p = None
+    for redo in range(_MAX_REDO + 1):
+        payload = backend.shifted_sums(n_local, mean_r, m2_r, shift)
+        total, (s, q) = collective.allreduce(
+            comm, backend, state, payload, n_local, protocol.PHASE_STATS, None, nf
+        )
+        mean, var = backend.merge_sums(total, s, q, shift, nf)
+        # Every decision below is a function of all-reduced values, so every
+        # rank takes it and runs the same collectives.
+        if total == 0 or redo == _MAX_REDO:
+            break
+        if redo == 0:
+            # Shifted sums that overflowed (spreads near the dtype's largest
+            # value) or squares that underflowed (tiny spreads): once more
+            # on data scaled by powers of two.
+            p = backend.stats_scale(mean, var, cdt)
+            if p is not None:
+                mean_r, m2_r = rescaled(p)
+                shift = backend.next_shift(mean) * p
+                continue
+        # The shift was far from this batch's mean (a new domain, a layer
+        # shared by inputs of different means): the merge's cancellation
+        # could cost more than one process loses, so the reduction is redone
+        # around the mean just found; one redo brings the shift within rounding.
+        if not backend.shift_too_far(mean, var, shift):
+            break
+        shift = backend.next_shift(mean)
     if total == 0:
-        return 0, mean, var
+        return 0, mean, var, None
     if state is not None:
         # A NaN/Inf mean (non-finite input) must not become the next steps'
         # shift, or one bad batch would poison the channel forever. The merge
         # is exact for any shift, so such channels shift by 0 instead; done on
         # the device, without a host read. ``mean`` is identical on every rank.
-        state.shift = backend.next_shift(mean)
-    return total, mean, var
+        state.shift = backend.next_shift(mean if p is None else mean / p)
+    return total, mean, var, p
 
 
 def backward(
@@ -157,6 +275,9 @@ def backward(
     cl = ctx.fmt.channel_last
     n_local = ctx.x.size // nf if nf else 0
     xp = backend.xp
+    unit = getattr(ctx, "unit", None)  # see _forward_scaled
+    if unit is not None:
+        dyv = dyv.astype(_F64)
     if n_local:
         sum_dy, sum_dy_xhat = backend.backward_reduce(dyv, ctx.x, cl, ctx.mean, ctx.invstd)
     else:
@@ -170,7 +291,14 @@ def backward(
     a, mean_dy, b = backend.backward_coefficients(
         ctx.weight, ctx.invstd, g_dy, g_dy_xhat, ctx.count, ctx.batch_stats, ctx.mean.dtype
     )
-    if n_local:
+    if n_local and unit is not None:
+        # dx / unit at unit scale; times unit it may pass the output dtype's
+        # largest value (a tiny spread with epsilon=0): saturated there
+        dxu = backend.backward_elemt(dyv, ctx.x, cl, ctx.mean, a, mean_dy, b, _F64)
+        big = float(np.finfo(ctx.dtype).max)
+        dx = xp.clip(_scaled(dxu.reshape(ctx.x.shape), unit, cl, _F64), -big, big)
+        dx = dx.astype(ctx.dtype).reshape(ctx.shape)
+    elif n_local:
         dx = backend.backward_elemt(dyv, ctx.x, cl, ctx.mean, a, mean_dy, b, ctx.dtype)
         dx = dx.reshape(ctx.shape)
     else:

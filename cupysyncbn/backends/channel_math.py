@@ -16,14 +16,52 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["ChannelMath", "UNBIASED_COUNT_1", "momentum_weights", "unbiased_ratio"]
+__all__ = [
+    "ChannelMath", "UNBIASED_COUNT_1", "COUNT_1", "SHIFT_REDO", "count_one_message",
+    "momentum_weights", "unbiased_ratio",
+]
 
 _F64 = np.dtype(np.float64)
+_EPS64 = float(np.finfo(np.float64).eps)
+
+#: A merge is redone around its own mean when the shift was farther than
+#: ``sqrt(SHIFT_REDO)`` standard deviations from it: the merge's relative
+#: error in the variance is about ``2 eps64 (mean - K)^2 / var``, so beyond
+#: that it could be less accurate than one process's two-pass statistics.
+#: Batch means move by ``std/sqrt(n)`` between steps, so steady training
+#: almost never pays the extra all-reduce.
+SHIFT_REDO = 16.0
+
+#: Per compute dtype: ``(down, up, tiny_mean, tiny_var, range)``. A channel
+#: whose merged statistics are not finite (the shifted sums of huge values
+#: overflowed) has its statistics recomputed on ``x * down``; one whose mean
+#: and variance are both tiny (squares of its deviations underflow in the
+#: compute dtype; an all-zero channel excluded) on ``x * up``. Powers of two:
+#: the scaled data are exact. ``range``: the data passes run on ``x * u``
+#: (``u`` a power of two near ``1/std``) when ``std`` is outside
+#: ``[2^-range, 2^range / sqrt(count)]``, so ``x - mean``, ``invstd`` and the
+#: backward coefficients stay finite and normal in the compute dtype.
+_RESCALE = {
+    np.dtype(np.float32): (2.0**-80, 2.0**100, 2.0**-50, 2.0**-100, 60.0),
+    np.dtype(np.float64): (2.0**-560, 2.0**600, 2.0**-450, 2.0**-900, 500.0),
+}
 
 UNBIASED_COUNT_1 = (
     "unbiased_running_var=True needs more than 1 value per channel in the"
     " global batch (got 1): the unbiased variance m/(m-1) is undefined"
 )
+
+COUNT_1 = (
+    "Expected more than 1 value per channel when training, got a global count"
+    " of 1 per channel: the batch variance of one value is 0, so y would be the"
+    " bias and dx 0"
+)
+
+
+def count_one_message(shape: tuple | None, unbiased: bool) -> str:
+    """The error for a global count of 1 in training (``shape``: this rank's input)."""
+    msg = COUNT_1 if shape is None else f"{COUNT_1} (input shape {shape} on this rank)"
+    return f"{msg}; {UNBIASED_COUNT_1}" if unbiased else msg
 
 
 def momentum_weights(momentum: float | None, num_batches_tracked: int) -> tuple[float, float]:
@@ -78,6 +116,79 @@ class ChannelMath:
             return z, z.copy()
         mean = shift + s / total
         return mean, self.xp.maximum((q - s * s / total) / total, 0.0)
+
+    def shift_too_far(self, mean: Any, var: Any, shift: Any) -> bool:
+        """Whether a merge around ``shift`` may be less accurate than one process.
+
+        True when some channel's mean is more than ``sqrt(SHIFT_REDO)``
+        standard deviations from the shift (beyond the rounding of the mean
+        itself, ``eps64 |mean|``, which one process cannot avoid either), or
+        when the shifted sums overflowed (finite mean, variance not finite).
+        A function of all-reduced values only: every rank decides the same.
+        """
+        xp = self.xp
+        with np.errstate(all="ignore"):  # huge or non-finite channels: decided below
+            d = mean - shift
+            far = d * d > SHIFT_REDO * var + (SHIFT_REDO * _EPS64) * (mean * mean)
+            return bool(xp.any(far & xp.isfinite(mean)))
+
+    def stats_scale(self, mean: Any, var: Any, cdt: np.dtype) -> Any:
+        """Per-channel powers of two to recompute the statistics on, or None.
+
+        See :data:`_RESCALE`. A function of the merged (all-reduced) values
+        only, so every rank decides the same.
+        """
+        xp = self.xp
+        down, up, tiny_mean, tiny_var, _ = _RESCALE.get(np.dtype(cdt), _RESCALE[_F64])
+        with np.errstate(all="ignore"):
+            # the common answer from three reductions (max propagates NaN)
+            if (bool(xp.isfinite(var.max() + xp.abs(mean).max()))
+                    and float(var.min()) >= tiny_var):
+                return None
+            bad = ~(xp.isfinite(mean) & xp.isfinite(var))
+            small = (xp.abs(mean) < tiny_mean) & (var < tiny_var) & ~((mean == 0) & (var == 0))
+        if not bool(xp.any(bad | small)):
+            return None
+        return xp.where(bad, down, xp.where(small, up, 1.0))
+
+    def data_unit(
+        self, mean_s: Any, var_s: Any, p: Any, count: int, epsilon: float, cdt: np.dtype,
+    ) -> Any:
+        """Per-channel powers of two ``u`` the data passes run on ``x * u``, or None.
+
+        ``mean_s``, ``var_s``: the statistics of ``x * p`` (``p`` None: of
+        ``x``). ``u`` is near ``1/sqrt(var + epsilon)`` for the channels
+        outside the compute dtype's safe range (:data:`_RESCALE`), 1 elsewhere.
+        """
+        xp = self.xp
+        rng = _RESCALE.get(np.dtype(cdt), _RESCALE[_F64])[4]
+        with np.errstate(all="ignore"):  # over/underflow is expected and handled here
+            return self._data_unit(xp, var_s, p, count, float(epsilon), rng)
+
+    @staticmethod
+    def _data_unit(xp: Any, var_s: Any, p: Any, count: int, eps: float, rng: float) -> Any:
+        hi = rng - 0.5 * float(np.log2(max(count, 1)))
+        if p is None:
+            # the common answer: every var + eps well inside the range
+            s2 = var_s + eps
+            lo_s2, hi_s2 = float(s2.min()), float(s2.max())
+            if lo_s2 >= 4.0 ** (1 - rng) and hi_s2 <= 4.0 ** (hi - 1):
+                return None
+        pp = xp.ones_like(var_s) if p is None else p
+        # log2(std) without forming var + eps in unscaled units (it may
+        # overflow or underflow float64); eps * p^2 overflows only for
+        # scaled-up channels with eps > 0, where eps dominates the variance.
+        epp = eps * (pp * pp) if eps else xp.zeros_like(var_s)  # never 0 * inf
+        fin = xp.isfinite(epp)
+        s2 = xp.where(fin, var_s + epp, var_s / pp / pp + eps)
+        l2 = 0.5 * xp.log2(s2) - xp.where(fin, xp.log2(pp), 0.0)
+        out = ((l2 < -rng) | (l2 > hi)) & (s2 > 0) & xp.isfinite(l2)
+        if not bool(xp.any(out)):
+            return None
+        # 1/std itself may be beyond float64 (a subnormal spread with
+        # epsilon=0): the unit stops at 2^1000, still far from both ends.
+        e = xp.clip(-xp.rint(xp.where(out, l2, 0.0)), -1000.0, 1000.0)
+        return xp.where(out, xp.exp2(e), 1.0)
 
     def next_shift(self, mean: Any) -> Any:
         """The next pass's shift: the mean, 0 where it is not finite."""

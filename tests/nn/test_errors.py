@@ -161,11 +161,13 @@ def test_unbiased_running_var_count_one(shape, fmt):
     with pytest.raises(ValueError, match="unbiased"):
         layer(np.ones(shape, np.float32))
     assert _same(before, _snapshot(layer))
-    # Count 1 is fine for the biased (Paddle) convention: variance 0.
+    # SPEC §2: a global count of 1 raises in training for the biased
+    # convention too, before anything is updated (PyTorch's error).
     plain = _layer(data_format=fmt)
-    y = plain(np.ones(shape, np.float32))
-    assert np.isfinite(y).all()
-    assert np.allclose(plain._variance, 0.9)
+    before = _snapshot(plain)
+    with pytest.raises(ValueError, match="more than 1 value per channel.*count of 1"):
+        plain(np.ones(shape, np.float32))
+    assert _same(before, _snapshot(plain))
 
 
 def test_constructor_arguments():

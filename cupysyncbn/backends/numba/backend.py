@@ -958,6 +958,9 @@ def warm_up(dtypes: tuple[str, ...] = ("float16", "float32", "float64")) -> int:
         b.shifted_sums(2, v64, v64, v64)
         mean, var = b.merge_sums(2, v64, v64, v64, 3)
         b.next_shift(mean)
+        b.shift_too_far(mean, var, v64)
+        b.stats_scale(mean, var, cdt)
+        b.data_unit(mean, var, None, 2, 1e-5, cdt)
         b.forward_coefficients(mean, var, 2, 1e-5, cdt)
         b.running_update(vc, vc, mean, var, 2, 0.9, False, 0)
         for w in (None, vc):

@@ -25,11 +25,12 @@ from typing import Any
 import numpy as np
 from numba import njit
 
-from ..channel_math import ChannelMath, momentum_weights, unbiased_ratio
+from ..channel_math import _RESCALE, SHIFT_REDO, ChannelMath, momentum_weights, unbiased_ratio
 
 __all__ = ["NumbaChannelMath", "CHANNEL_KERNELS"]
 
 _F64 = np.dtype(np.float64)
+_EPS64 = float(np.finfo(np.float64).eps)
 _FLOATS = (np.dtype(np.float32), _F64)
 _JIT = {"cache": True, "fastmath": False, "nogil": True}
 
@@ -89,6 +90,40 @@ def _bwd_coef(weight, invstd, g_dy, g_dxh, count, live, a, mean_dy, b):  # noqa:
             b[c] = 0.0
 
 
+@njit(**_JIT)
+def _far(mean, var, shift, t, teps):  # noqa: ANN001, ANN202
+    # ChannelMath.shift_too_far, the same float operations
+    for c in range(mean.shape[0]):
+        m = mean[c]
+        d = m - shift[c]
+        if math.isfinite(m) and d * d > t * var[c] + teps * (m * m):
+            return True
+    return False
+
+
+@njit(**_JIT)
+def _needs_scale(mean, var, tiny_mean, tiny_var):  # noqa: ANN001, ANN202
+    # whether ChannelMath.stats_scale returns an array
+    for c in range(mean.shape[0]):
+        m, v = mean[c], var[c]
+        if not (math.isfinite(m) and math.isfinite(v)):
+            return True
+        if abs(m) < tiny_mean and v < tiny_var and not (m == 0.0 and v == 0.0):
+            return True
+    return False
+
+
+@njit(**_JIT)
+def _needs_unit(var, eps, lo, hi):  # noqa: ANN001, ANN202
+    # whether ChannelMath.data_unit returns an array, for unscaled statistics:
+    # log2(sqrt(var + eps)) outside [lo, hi], compared as var + eps vs 4^lo, 4^hi
+    for c in range(var.shape[0]):
+        s2 = var[c] + eps
+        if s2 > 0.0 and math.isfinite(s2) and (s2 < lo or s2 > hi):
+            return True
+    return False
+
+
 def _vectors(*arrays: Any) -> bool:
     """True if every array is a contiguous float32/float64 NumPy vector."""
     for a in arrays:
@@ -118,6 +153,33 @@ class NumbaChannelMath(ChannelMath):
         var = np.empty(nf, dtype=_F64)
         _merge(float(total), s, q, shift, mean, var)
         return mean, var
+
+    def shift_too_far(self, mean: Any, var: Any, shift: Any) -> bool:
+        """:meth:`ChannelMath.shift_too_far` in one compiled call (the same decision)."""
+        if not _vectors(mean, var, shift) or mean.dtype != _F64 or shift.dtype != _F64:
+            return super().shift_too_far(mean, var, shift)
+        return bool(_far(mean, var, shift, SHIFT_REDO, SHIFT_REDO * _EPS64))
+
+    def stats_scale(self, mean: Any, var: Any, cdt: np.dtype) -> Any:
+        """:meth:`ChannelMath.stats_scale`; the common answer (None) in one compiled call."""
+        if _vectors(mean, var) and mean.dtype == _F64 and var.dtype == _F64:
+            _, _, tiny_mean, tiny_var, _ = _RESCALE.get(np.dtype(cdt), _RESCALE[_F64])
+            if not _needs_scale(mean, var, tiny_mean, tiny_var):
+                return None
+        return super().stats_scale(mean, var, cdt)
+
+    def data_unit(
+        self, mean_s: Any, var_s: Any, p: Any, count: int, epsilon: float, cdt: np.dtype,
+    ) -> Any:
+        """:meth:`ChannelMath.data_unit`; the common answer (None) in one compiled call."""
+        if p is None and _vectors(var_s) and var_s.dtype == _F64:
+            rng = _RESCALE.get(np.dtype(cdt), _RESCALE[_F64])[4]
+            hi = rng - 0.5 * float(np.log2(max(count, 1)))
+            # a margin of a factor 4 on each side: near the edges the exact
+            # test decides (the same as the NumPy backend's)
+            if not _needs_unit(var_s, float(epsilon), 4.0 ** (1 - rng), 4.0 ** (hi - 1)):
+                return None
+        return super().data_unit(mean_s, var_s, p, count, epsilon, cdt)
 
     def next_shift(self, mean: Any) -> Any:
         """The next pass's shift: the mean, 0 where it is not finite."""
@@ -187,4 +249,5 @@ _NO_WEIGHT = {dt: np.empty(0, dtype=dt) for dt in _FLOATS}
 _NO_SUMS = np.empty(0, dtype=_F64)
 
 #: The compiled per-channel kernels (``backend.warm_up`` counts them).
-CHANNEL_KERNELS = (_shifted, _merge, _next_shift, _fwd_coef, _running, _bwd_coef)
+CHANNEL_KERNELS = (_shifted, _merge, _next_shift, _fwd_coef, _running, _bwd_coef, _far,
+                   _needs_scale, _needs_unit)
