@@ -199,7 +199,7 @@ def _forward_scaled(
         vu, tuple(x.shape), np.dtype(x.dtype), fmt, backend, comm, mean_u, invstd,
         _vec(weight, _F64), count, True, pdt, state,
     )
-    ctx.unit = unit  # type: ignore[attr-defined]  # read by backward()
+    ctx.unit = unit  # read by backward()
     return y, ctx
 
 
@@ -275,7 +275,7 @@ def backward(
     cl = ctx.fmt.channel_last
     n_local = ctx.x.size // nf if nf else 0
     xp = backend.xp
-    unit = getattr(ctx, "unit", None)  # see _forward_scaled
+    unit = ctx.unit  # see _forward_scaled
     if unit is not None:
         dyv = dyv.astype(_F64)
     if n_local:

@@ -162,6 +162,9 @@ class ForwardContext:
     #: Fused (GPU) path: ``(stats64, statc, weight)`` the backward kernels read
     #: (float64 mean/var/count, compute-dtype mean/invstd, the live weight).
     fused: Any = None
+    #: Per-channel powers of two that brought channels with an extreme spread
+    #: to unit scale (``_sync.passes``: such a pass runs in float64), or None.
+    unit: Any = None
 
 
 @dataclass
