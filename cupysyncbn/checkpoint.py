@@ -55,7 +55,7 @@ import stat
 import struct
 import zipfile
 from collections import OrderedDict
-from typing import Any, BinaryIO
+from typing import IO, Any, BinaryIO
 
 import numpy as np
 
@@ -297,7 +297,7 @@ def _atomic_write(arrays: dict, path: str) -> None:
 class _HashingWriter:
     """Passes writes through, recording their SHA-256 and size for the manifest."""
 
-    def __init__(self, f: BinaryIO) -> None:
+    def __init__(self, f: IO[bytes]) -> None:
         self._f = f
         self.sha256 = hashlib.sha256()
         self.size = 0
@@ -349,7 +349,7 @@ def _fsync_dir(folder: str) -> None:
 class _HashingReader:
     """Reads a zip member, recording SHA-256 and position (``tell``) of what was read."""
 
-    def __init__(self, f: BinaryIO) -> None:
+    def __init__(self, f: IO[bytes]) -> None:
         self._f = f
         self.sha256 = hashlib.sha256()
         self.pos = 0

@@ -144,7 +144,7 @@ def check_forward_arguments(
         fmt = parse_data_format(data_format)
     except (TypeError, ValueError) as e:
         return done("argument", e)
-    if x_error is not None:
+    if x_error is not None or backend is None:
         return done("type", x_error)
     for name, v in given.items():
         if not backend.owns(v):
@@ -305,8 +305,10 @@ def _check_call(
     if chk.error is not None:
         if not sync:
             raise chk.error[1]
-        backend = chk.backend or collective.fallback_backend(comm, state)
-        collective.forward_invalid(comm, backend, state, chk.num_features, chk.error)
+        collective.forward_invalid(
+            comm, chk.backend or collective.fallback_backend(comm, state), state,
+            chk.num_features, chk.error,
+        )
     fmt, backend, nf, param = chk.fmt, chk.backend, chk.num_features, chk.param
     assert fmt is not None and backend is not None  # no error: both resolved
     if param_dtype is None:
@@ -315,6 +317,7 @@ def _check_call(
     count_eval(state, batch_stats)
     kind, info = validate_input(x, fmt, nf, backend, param)
     if kind is not None:
+        assert isinstance(info, BaseException)
         if not sync:
             raise info
         collective.forward_invalid(comm, backend, state, nf, (kind, info))

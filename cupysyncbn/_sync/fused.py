@@ -151,10 +151,11 @@ def backward(
     xp = backend.xp
     ws = workspace(state, backend, nf) if (batch_stats or state is not None) else None
     if state is not None:
+        assert ws is not None  # made above whenever there is a state
         ws.status.poll()
     dweight = dbias = None
     accumulate = accumulate_into is not None
-    if accumulate:
+    if accumulate_into is not None:
         dweight, dbias = accumulate_into
     elif need_param_grads:
         dweight = xp.empty(nf, dtype=pdt)

@@ -218,7 +218,8 @@ def _global_stats(
         mean, var = backend.local_stats(n_local, mean_r, m2_r, nf)
         p = backend.stats_scale(mean, var, cdt) if n_local else None
         if p is not None:
-            mean, var = backend.local_stats(n_local, *rescaled(p), nf)
+            mean_p, m2_p = rescaled(p)
+            mean, var = backend.local_stats(n_local, mean_p, m2_p, nf)
         return n_local, mean, var, p
     shift = state.shift if state is not None else None
     if shift is None or shift.shape[0] != nf:

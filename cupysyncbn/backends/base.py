@@ -2,14 +2,14 @@
 
 A backend owns the five numeric primitives of batch normalization (the split
 PyTorch's ``Normalization.cuh`` uses), on the two canonical layouts of
-:mod:`cupysyncbn.formats`:
+:mod:`cupysyncbn.arrays.formats`:
 
 ``(N, C, S)`` channel-first (``channel_last=False``) and ``(M, C)``
 channel-last (``channel_last=True``).
 
 1. ``moments``          local per-channel mean and M2 (sum of squared
                         deviations from the local mean), float64, stable;
-2. (merge)              done by :mod:`cupysyncbn.functional` on C-sized arrays;
+2. (merge)              done by the engine (:mod:`cupysyncbn._sync.passes`) on C-sized arrays;
 3. ``normalize``        ``y = (x - mean) * scale + bias``;
 4. ``backward_reduce``  local ``sum(dy)`` and ``sum(dy * (x - mean)) * invstd``;
 5. ``backward_elemt``   ``dx = a * (dy - mean_dy) - b * (x - mean)``.
@@ -26,7 +26,7 @@ backend inherits (``shifted_sums``, ``merge_sums``, ``next_shift``,
 ``running_update``, ``backward_coefficients``).
 
 A backend with ``fused = True`` (CuPy) also offers the fused primitives
-:mod:`cupysyncbn.fused_passes` runs a pass with, so that a synchronized pass
+:mod:`cupysyncbn._sync.fused` runs a pass with, so that a synchronized pass
 is three launches around one all-reduce with no host synchronization:
 ``stats_partials`` / ``fwd_pack`` / ``fwd_norm`` and ``bwd_partials`` /
 ``bwd_pack`` / ``bwd_elemt`` (the same float64 math as ``ChannelMath``, done
@@ -35,13 +35,19 @@ by the kernels of ``kernels/fused.cu`` on the all-reduced buffer).
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any
+
+from .channel_math import ChannelMath
 
 __all__ = ["Backend"]
 
 
-class Backend(Protocol):
-    """Array backend protocol (see the module docstring)."""
+class Backend(ChannelMath):
+    """The array backend every implementation derives from (see the module docstring).
+
+    The array helpers and the four primitives are abstract here; the
+    per-channel steps come from :class:`~.channel_math.ChannelMath`.
+    """
 
     #: ``"numpy"`` or ``"cupy"``.
     name: str
@@ -52,31 +58,39 @@ class Backend(Protocol):
 
     def owns(self, a: Any) -> bool:
         """True if ``a`` is an array of this backend."""
+        raise NotImplementedError
 
     def device_of(self, a: Any) -> str:
         """``"cpu"`` or ``"cuda:N"``."""
+        raise NotImplementedError
 
     def ascontiguous(self, a: Any) -> Any:
         """``a`` itself if C-contiguous, else a C-contiguous copy."""
+        raise NotImplementedError
 
     def asarray(self, a: Any, dtype: Any = None) -> Any:
         """Convert host data to an array of this backend (current device)."""
+        raise NotImplementedError
 
     def to_host(self, a: Any) -> Any:
         """A NumPy copy (or the array itself for NumPy)."""
+        raise NotImplementedError
 
     def moments(self, x: Any, channel_last: bool, cdt: Any) -> tuple[Any, Any]:
         """Local per-channel ``(mean, m2)`` as float64 vectors."""
+        raise NotImplementedError
 
     def normalize(
         self, x: Any, channel_last: bool, mean: Any, scale: Any, bias: Any, out_dtype: Any
     ) -> Any:
         """``(x - mean) * scale + bias`` in the compute dtype, cast to ``out_dtype``."""
+        raise NotImplementedError
 
     def backward_reduce(
         self, dy: Any, x: Any, channel_last: bool, mean: Any, invstd: Any
     ) -> tuple[Any, Any]:
         """Local ``(sum(dy), sum(dy * xhat))`` as float64 vectors."""
+        raise NotImplementedError
 
     def backward_elemt(
         self,
@@ -90,3 +104,4 @@ class Backend(Protocol):
         out_dtype: Any,
     ) -> Any:
         """``a * (dy - mean_dy) - b * (x - mean)`` cast to ``out_dtype``."""
+        raise NotImplementedError

@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from .channel_math import ChannelMath
+from .base import Backend
 
 __all__ = ["NumpyBackend", "BACKEND", "CHUNK_BYTES", "ROW_BLOCK"]
 
@@ -214,7 +214,7 @@ def _moments_f64(
             m2[c] = max(float(np.dot(d.ravel(), d.ravel()) - d.sum() ** 2 / d.size), 0.0)
 
 
-class NumpyBackend(ChannelMath):
+class NumpyBackend(Backend):
     """Batch-norm primitives on NumPy arrays (see :mod:`.base`)."""
 
     name = "numpy"
@@ -266,7 +266,7 @@ class NumpyBackend(ChannelMath):
                 s1[i] = _sum_cols(t, ones)
                 np.multiply(t, t, out=t)
                 q[i] = _sum_cols(t, ones)
-            w = cnt
+            w: Any = cnt
         else:
             # one piece per (n, c) row of S values; per-row results written in place
             c0, s1, q = (np.empty(rows, dtype=cdt) for _ in range(3))
@@ -312,7 +312,7 @@ class NumpyBackend(ChannelMath):
         out_dtype = np.dtype(out_dtype)
         y = np.empty(x.shape, dtype=out_dtype)
         x2, y2 = _rows(x, channel_last), _rows(y, channel_last)
-        step = _step(*x2.shape, cdt.itemsize, channel_last)
+        step = _step(x2.shape[0], x2.shape[1], cdt.itemsize, channel_last)
         vec = _Vecs(x.shape[0], step, channel_last, cdt)
         if not channel_last:
             # (x - (mean - bias/scale)) * scale: two broadcast passes instead of three
@@ -401,7 +401,7 @@ class NumpyBackend(ChannelMath):
         out_dtype = np.dtype(out_dtype)
         dx = np.empty(x.shape, dtype=out_dtype)
         x2, d2, o2 = _rows(x, channel_last), _rows(dy, channel_last), _rows(dx, channel_last)
-        step = _step(*x2.shape, cdt.itemsize, channel_last)
+        step = _step(x2.shape[0], x2.shape[1], cdt.itemsize, channel_last)
         vec = _Vecs(x.shape[0], step, channel_last, cdt)
         if not channel_last:
             # a*dy - b*(x - (mean - a*mean_dy/b)): three broadcast passes instead of four

@@ -35,6 +35,10 @@ class Communicator:
     #: pass) even in a group of one, so one device exercises every line a
     #: multi-rank job runs (``init(..., force_collectives=True)``).
     force_collectives: bool = False
+    #: Why ``init('auto')`` chose MPI rather than NCCL ('' when no GPU was wanted).
+    fallback_reason: str = ""
+    #: Every rank's probe from the backend agreement (for the verbose line), or None.
+    _init_infos: Any = None
     #: GPU passes read the device's header verdict at once (a host sync per
     #: pass) instead of at the layer's next pass; None: ``CUPYSYNCBN_STRICT_SYNC``.
     strict_sync: bool | None = None

@@ -147,8 +147,8 @@ def _init_agreed(boot: Any, nccl: Any, cupy: Any, size: int, rank: int, device: 
                 comm.abort()
             except Exception:
                 pass
-        r, e = bad[0]
-        raise CommunicatorError(f"NCCL initialization failed on rank {r}: {e}")
+        r, why = bad[0]
+        raise CommunicatorError(f"NCCL initialization failed on rank {r}: {why}")
     return comm
 
 

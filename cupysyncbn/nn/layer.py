@@ -164,6 +164,16 @@ class Layer:
     attributes, and implement ``forward`` (and ``backward`` for training).
     """
 
+    # Set in __init__ with object.__setattr__ (this class's __setattr__ registers).
+    _parameters: OrderedDict
+    _sub_layers: OrderedDict
+    _buffers: OrderedDict
+    training: bool
+    _full_name: str
+    _dtype: np.dtype
+    _forward_pre_hooks: OrderedDict
+    _forward_post_hooks: OrderedDict
+
     def __init__(self, name_scope: str | None = None, dtype: Any = "float32") -> None:
         object.__setattr__(self, "_parameters", OrderedDict())
         object.__setattr__(self, "_sub_layers", OrderedDict())

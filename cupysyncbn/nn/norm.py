@@ -64,6 +64,10 @@ class _BatchNormBase(Layer):
     #: Most forward contexts kept for ``backward`` (oldest dropped first).
     #: Set it on a layer used more times than this before its backwards.
     max_pending_contexts: int = 8
+    # Buffers, registered in __init__ (register_buffer).
+    _mean: Any
+    _variance: Any
+    _num_batches_tracked: Any
 
     def __init__(
         self,

@@ -224,3 +224,13 @@ def test_no_monkeypatch_that_may_patch_nothing():
         if "setattr(" in line and "raising=" + "False" in line
     ]
     assert offenders == []
+
+
+def test_package_type_checks():
+    """``python -m mypy`` with the configuration in pyproject.toml finds no error."""
+    pytest.importorskip("mypy")
+    root = PKG.parent
+    res = subprocess.run([sys.executable, "-m", "mypy"], cwd=root, capture_output=True,
+                         text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-5000:] + res.stderr[-2000:]
+    assert "Success: no issues found" in res.stdout

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from ..channel_math import ChannelMath
+from ..base import Backend
 from . import kernels as ks
 
 __all__ = ["CupyBackend", "get_cupy_backend"]
@@ -64,7 +64,7 @@ def _on_input_device(fn: Any) -> Any:
     return wrapper
 
 
-class CupyBackend(ChannelMath):
+class CupyBackend(Backend):
     """Batch-norm primitives on CuPy arrays (see :mod:`.base`)."""
 
     name = "cupy"
@@ -328,7 +328,7 @@ class CupyBackend(ChannelMath):
         if channel_last:
             m = int(x.shape[0])
             bdx, bdy, gx, g = self._cl_grid(m, c)
-            grid, args = (gx, g), (x, np.int64(m), np.int64(c))
+            grid, args = (gx, g), (x, np.int64(m), np.int64(c))  # type: tuple, tuple
         else:
             n, s = int(x.shape[0]), int(x.shape[2])
             bdx, bdy, gsx, gsy = self._cf_grid(n, c, s)
@@ -422,7 +422,7 @@ class CupyBackend(ChannelMath):
         if channel_last:
             m = int(x.shape[0])
             bdx, bdy, gx, g = self._cl_grid(m, c)
-            grid, args = (gx, g), (dy, x, np.int64(m), np.int64(c))
+            grid, args = (gx, g), (dy, x, np.int64(m), np.int64(c))  # type: tuple, tuple
         else:
             n, s = int(x.shape[0]), int(x.shape[2])
             bdx, bdy, gsx, gsy = self._cf_grid(n, c, s)

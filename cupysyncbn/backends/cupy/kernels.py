@@ -16,6 +16,7 @@ import importlib.util
 import re
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -136,7 +137,7 @@ def read_source(name: str) -> str:
     return _inline(path, {path.resolve()})
 
 
-def storage_type(dtype: object) -> str:
+def storage_type(dtype: Any) -> str:
     """C++ storage type for an input dtype (float16, bfloat16, float32, float64).
 
     Raises
@@ -151,7 +152,7 @@ def storage_type(dtype: object) -> str:
         raise TypeError(f"no CUDA kernels for dtype {name}") from None
 
 
-def accum_type(dtype: object) -> str:
+def accum_type(dtype: Any) -> str:
     """C++ compute/accumulation type for a compute dtype (float32 or float64)."""
     return _ACCUM[np.dtype(dtype).name]
 

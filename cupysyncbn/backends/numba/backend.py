@@ -150,7 +150,7 @@ _F16_TABLE = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float
 )
 _NO_TABLE = np.zeros(1, dtype=np.float32)
 
-_JIT = {"cache": True, "fastmath": False, "nogil": True}
+_JIT: dict[str, Any] = {"cache": True, "fastmath": False, "nogil": True}
 
 
 # ------------------------------------------------------------ element load/store

@@ -32,7 +32,7 @@ __all__ = ["NumbaChannelMath", "CHANNEL_KERNELS"]
 _F64 = np.dtype(np.float64)
 _EPS64 = float(np.finfo(np.float64).eps)
 _FLOATS = (np.dtype(np.float32), _F64)
-_JIT = {"cache": True, "fastmath": False, "nogil": True}
+_JIT: dict[str, Any] = {"cache": True, "fastmath": False, "nogil": True}
 
 
 @njit(**_JIT)
