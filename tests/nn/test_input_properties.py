@@ -3,9 +3,11 @@
 Over shapes (including zero-size dimensions), every data format, float16/32/64,
 non-contiguous views and non-finite values:
 
-* valid input: output of the right shape and dtype, finite, close to a float64
-  NumPy reference on the same (already rounded) values; no NaN anywhere, also
-  for empty batches; backward finite too;
+* valid input: output, input gradient (for a random ``dy``), parameter
+  gradients and eval outputs of the right shape and dtype, finite, and close
+  to a float64 NumPy reference on the same (already rounded) values, with
+  tolerances from the dtype and the problem's conditioning; no NaN anywhere,
+  also for empty batches;
 * NaN/Inf in one channel: propagates to that channel only; every other
   channel's output and running statistics are bitwise what they are without it;
 * invalid input: a clear ValueError/TypeError naming the argument, with the
@@ -21,6 +23,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
+from support.bn_ref import ref_backward, ref_eval, ref_forward
 
 import cupysyncbn as sbn
 from cupysyncbn import functional as F
@@ -94,8 +97,8 @@ def _reference(x, fmt):
 
 
 @SETTINGS
-@given(batches())
-def test_valid_input_finite_and_close_to_reference(case):
+@given(batches(), st.integers(0, 2**32 - 1))
+def test_valid_input_finite_and_close_to_reference(case, seed):
     fmt, c, x, view = case
     layer = sbn.SyncBatchNorm(c, epsilon=EPS, data_format=fmt)
     assert layer.comm.size == 1
@@ -103,7 +106,8 @@ def test_valid_input_finite_and_close_to_reference(case):
     assert y.shape == x.shape and y.dtype == x.dtype
     assert np.isfinite(y).all()
     assert np.isfinite(layer._mean).all() and np.isfinite(layer._variance).all()
-    dx = layer.backward(np.ones_like(y) if y.size else np.ones(y.shape, y.dtype))
+    dy = _random_dy(x, seed)
+    dx = layer.backward(dy)
     assert dx.shape == x.shape and dx.dtype == x.dtype and np.isfinite(dx).all()
     assert np.isfinite(layer.weight.grad).all() and np.isfinite(layer.bias.grad).all()
     if x.size == 0:
@@ -121,6 +125,48 @@ def test_valid_input_finite_and_close_to_reference(case):
     tol = (2 * compute * cond + 2 * unit).reshape(shape) * (1 + np.abs(ref))
     err = np.abs(y.astype(np.float64) - ref)
     assert (err <= tol).all(), (float(err.max()), float(tol.min()))
+    _check_backward(x, dy, fmt, None, dx, layer.weight.grad, layer.bias.grad, mean, var)
+
+
+def _random_dy(x, seed):
+    """A random upstream gradient in [-1, 1] of ``x``'s shape and dtype."""
+    return np.random.default_rng(seed).uniform(-1, 1, x.shape).astype(x.dtype)
+
+
+def _units(dtype):
+    """(rounding unit of values of ``dtype``, of its compute dtype)."""
+    unit = {np.float16: 1e-3, np.float32: 1e-6, np.float64: 1e-15}[np.dtype(dtype).type]
+    return unit, (1e-15 if np.dtype(dtype) == np.float64 else 1e-6)
+
+
+def _check_backward(x, dy, fmt, w, dx, dw, db, mean, var):
+    """``dx`` and the parameter gradients against the float64 reference.
+
+    Budget: the statistics' rounding, amplified by the channel's conditioning
+    (mean over std, as in the forward) and by the sums over ``m`` values,
+    relative to the scale of each term (``|w| * invstd * max|dy|`` for dx,
+    ``sum|dy|`` for the parameter gradients), plus the output's rounding.
+    """
+    c = mean.shape[0]
+    ax = _caxis(fmt)
+    red = tuple(i for i in range(x.ndim) if i != ax)
+    rdx, rdw, rdb = ref_backward(x, dy, fmt, weight=w, eps=EPS)
+    unit, compute = _units(x.dtype)
+    m = x.size // c
+    cond = 1 + np.abs(mean) / np.sqrt(var + EPS)
+    wabs = np.ones(c) if w is None else np.abs(np.asarray(w, np.float64))
+    scale = wabs / np.sqrt(var + EPS) * np.abs(dy.astype(np.float64)).max(axis=red)
+    # (dx is stored in x's dtype: nothing below its smallest subnormal survives)
+    tiny = float(np.finfo(x.dtype).smallest_subnormal)
+    tol = (8 * compute * cond * np.sqrt(m) + 4 * unit) * scale + tiny
+    err = np.abs(dx.astype(np.float64) - rdx).max(axis=red)
+    assert (err <= tol).all(), ("dx", err.max(), tol.min())
+    gsum = np.abs(dy.astype(np.float64)).sum(axis=red) + 1e-300
+    # parameter gradients are stored in the layer's dtype (float32 here)
+    gtol = (8 * compute * cond * np.sqrt(m) + 4 * unit + 2e-7) * gsum
+    for name, got, ref in (("dweight", dw, rdw), ("dbias", db, rdb)):
+        g = np.abs(np.asarray(got, np.float64) - ref)
+        assert (g <= gtol).all(), (name, g.max(), gtol.min())
 
 
 @SETTINGS
@@ -129,18 +175,32 @@ def test_valid_input_functional_api(case, data):
     fmt, c, x, view = case
     w = data.draw(st.lists(st.floats(-3, 3, width=32), min_size=c, max_size=c))
     b = data.draw(st.lists(st.floats(-3, 3, width=32), min_size=c, max_size=c))
+    seed = data.draw(st.integers(0, 2**32 - 1))
     w, b = np.asarray(w, np.float32), np.asarray(b, np.float32)
     rm, rv = np.zeros(c, np.float32), np.ones(c, np.float32)
     res = F.batch_norm_forward(view, w, b, rm, rv, data_format=fmt, epsilon=EPS)
     assert np.isfinite(res.y).all() and res.y.dtype == x.dtype
     # nothing the caller passed was mutated
     assert (rm == 0).all() and (rv == 1).all()
-    dx, dw, db = F.batch_norm_backward(np.ones_like(res.y), res.ctx)
+    ref, mean, var, _ = ref_forward(x, fmt, w.astype(np.float64), b.astype(np.float64), EPS)
+    unit, compute = _units(x.dtype)
+    cond = (1 + np.abs(mean) / np.sqrt(var + EPS)) * (1 + np.abs(w))
+    shape = [c if i == _caxis(fmt) else 1 for i in range(x.ndim)]
+    tol = (2 * compute * cond + 2 * unit).reshape(shape) * (1 + np.abs(ref))
+    assert (np.abs(res.y.astype(np.float64) - ref) <= tol).all()
+    dy = _random_dy(x, seed)
+    dx, dw, db = F.batch_norm_backward(dy, res.ctx)
     assert np.isfinite(dx).all() and np.isfinite(dw).all() and np.isfinite(db).all()
-    # eval mode with the new running statistics: finite, no communication needed
+    _check_backward(x, dy, fmt, w, dx, dw, db, mean, var)
+    # eval mode with the new running statistics, against the float64 reference
     ev = F.batch_norm_forward(view, w, b, res.running_mean, res.running_var,
                               training=False, data_format=fmt, epsilon=EPS)
     assert np.isfinite(ev.y).all()
+    rm64, rv64 = (np.asarray(v, np.float64) for v in (res.running_mean, res.running_var))
+    eref = ref_eval(x, fmt, rm64, rv64, w.astype(np.float64), b.astype(np.float64), EPS)
+    econd = (1 + np.abs(rm64) / np.sqrt(rv64 + EPS)) * (1 + np.abs(w))
+    etol = (2 * compute * econd + 2 * unit).reshape(shape) * (1 + np.abs(eref))
+    assert (np.abs(ev.y.astype(np.float64) - eref) <= etol).all()
 
 
 @SETTINGS
