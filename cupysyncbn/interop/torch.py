@@ -34,7 +34,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.autograd.function import once_differentiable
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import functional as F
@@ -251,7 +250,14 @@ def _batches_before(count: Any, state: SyncState | None, *vectors: Any) -> int:
 
 
 class _SyncBatchNormFunction(torch.autograd.Function):
-    """Autograd bridge: tensors to arrays by DLPack, then :func:`forward_arrays`."""
+    """Autograd bridge: tensors to arrays by DLPack, then :func:`forward_arrays`.
+
+    The first-order backward is :func:`backward_arrays` (one all-reduce).
+    Under ``create_graph=True`` (a gradient penalty, Hessian-vector products)
+    it is :func:`_differentiable_backward` instead: the same formulas as
+    torch operations over the saved input and the forward's synchronized
+    statistics, so that autograd can differentiate them once more.
+    """
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: Any, bias: Any, cfg: dict) -> torch.Tensor:
@@ -268,34 +274,145 @@ class _SyncBatchNormFunction(torch.autograd.Function):
                 momentum=cfg["momentum"], eps=cfg["eps"], comm=cfg["comm"],
                 sync_state=cfg["sync_state"],
             )
-            y = from_native(y, x)
+            # The channels-last result is exported already transposed back to
+            # (N, C, *): a tensor of its own with channels-last strides, not a
+            # view of an NHWC tensor (autograd forbids in-place ops such as
+            # ReLU(inplace=True) on views created inside a Function). No copy.
+            y = from_native(y if inv is None else y.transpose(*inv), x)
         if count is not None:
             # PyTorch counts every training forward, an empty global batch too
             # (the statistics are then unchanged); every rank runs this forward.
             count.add_(1)
         ctx.fctx = fctx
         ctx.perm, ctx.inv = perm, inv
-        ctx.save_for_backward(x)  # only for autograd's in-place modification check
-        return y if inv is None else y.permute(*inv)
+        # x for autograd's check that it was not modified in place after the
+        # forward (the backward reads it), and with the weight for the
+        # differentiable backward.
+        ctx.save_for_backward(x, weight)
+        return y
 
     @staticmethod
-    @once_differentiable
     def backward(ctx: Any, dy: torch.Tensor) -> tuple:
-        _ = ctx.saved_tensors  # raises if x was modified in place after the forward
+        x, weight = ctx.saved_tensors  # raises if x was modified in place after the forward
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        if torch.is_grad_enabled():  # create_graph=True: the gradients get a graph
+            dx, dw, db = _differentiable_backward(ctx.fctx, x, weight, dy)
+            return (dx if need_x else None), (dw if need_w else None), (
+                db if need_b else None), None
         if ctx.perm is not None:
             dy = dy.permute(*ctx.perm)
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
         # Always run: in training mode the backward is a collective every rank joins.
         with _on_torch_stream(dy):
-            dx, dw, db = (
-                from_native(a, dy)
-                for a in backward_arrays(to_native(dy, "dy"), ctx.fctx, need_w or need_b)
-            )
-        if ctx.inv is not None:
-            dx = dx.permute(*ctx.inv)
+            dxn, dwn, dbn = backward_arrays(to_native(dy, "dy"), ctx.fctx, need_w or need_b)
+            if ctx.inv is not None:
+                dxn = dxn.transpose(*ctx.inv)
+            dx, dw, db = (from_native(a, dy) for a in (dxn, dwn, dbn))
         return (dx if need_x else None), (dw if need_w else None), (db if need_b else None), None
 
 
+def _allreduce_tensor(t: torch.Tensor, comm: Any) -> torch.Tensor:
+    """Sum ``t`` over ``comm``'s group (float64 on the wire); a new tensor of ``t``'s dtype."""
+    buf = t.detach().to(torch.float64).contiguous().reshape(-1)
+    with _on_torch_stream(buf):
+        out = comm.allreduce_sum(to_native(buf, "gradient sums"))
+        return from_native(out, buf).reshape(t.shape).to(t.dtype)
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Differentiable sum over the group: the backward is the same all-reduce.
+
+    Every rank's loss depends on the sum of every rank's local terms, and the
+    gradients of a data-parallel job are summed over the ranks, so the
+    gradient of a local term is the all-reduced sum of the output gradients.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, t: torch.Tensor, comm: Any) -> torch.Tensor:
+        ctx.comm = comm
+        return _allreduce_tensor(t, comm) if comm.synchronizes else t.clone()
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple:
+        return _AllReduceSum.apply(g, ctx.comm), None
+
+
+def _channel_view(v: torch.Tensor, ndim: int) -> torch.Tensor:
+    """A (C,) vector shaped to broadcast over an (N, C, *) tensor."""
+    return v.reshape((1, -1) + (1,) * (ndim - 2))
+
+
+class _BatchStats(torch.autograd.Function):
+    """The forward's synchronized ``(mean, invstd)`` as differentiable functions of ``x``.
+
+    The values are the forward's own (no communication); the backward is the
+    derivative of the global-batch mean and ``1/sqrt(var + eps)`` with respect
+    to this rank's ``x``, its per-channel gradients all-reduced first (one
+    collective). It is written with differentiable operations, so any order
+    of derivative works.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor,
+                count: float, comm: Any) -> tuple:
+        ctx.save_for_backward(x, mean, invstd)
+        ctx.count, ctx.comm = count, comm
+        return mean.clone(), invstd.clone()
+
+    @staticmethod
+    def backward(ctx: Any, dmean: torch.Tensor, dinvstd: torch.Tensor) -> tuple:
+        x, mean, invstd = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            mean, invstd = _BatchStats.apply(x, mean, invstd, ctx.count, ctx.comm)
+        c = mean.shape[0]
+        g = _AllReduceSum.apply(torch.cat([dmean, dinvstd]), ctx.comm)
+        m = max(ctx.count, 1.0)
+        dvar = g[c:] * (-0.5) * invstd**3  # d invstd / d var
+        nd = x.dim()
+        dx = _channel_view(g[:c] / m, nd) + _channel_view(2.0 * dvar / m, nd) * (
+            x - _channel_view(mean, nd))
+        return dx, None, None, None, None
+
+
+def _differentiable_backward(
+    fctx: F.ForwardContext, x: torch.Tensor, weight: torch.Tensor | None, dy: torch.Tensor
+) -> tuple:
+    """``(dx, dweight, dbias)`` as torch operations, for ``create_graph=True``.
+
+    Training mode: ``dx = w * invstd * (dy - S1/m - xhat * S2/m)`` with ``S1 =
+    sum(dy)``, ``S2 = sum(dy * xhat)`` all-reduced by :class:`_AllReduceSum`
+    and ``mean``/``invstd`` from :class:`_BatchStats`, so a second backward
+    differentiates through the global-batch statistics too, with their own
+    all-reduces. Eval mode: the affine map with running statistics.
+    """
+    like = x
+    cdt = torch.float64 if np.dtype(fctx.mean.dtype) == np.float64 else torch.float32
+    xc, dyc = x.to(cdt), dy.to(cdt)
+    mean = from_native(fctx.mean, like).to(device=x.device, dtype=cdt)
+    invstd = from_native(fctx.invstd, like).to(device=x.device, dtype=cdt)
+    if fctx.batch_stats:
+        mean, invstd = _BatchStats.apply(xc, mean, invstd, float(fctx.count), fctx.comm)
+    nd = x.dim()
+    dims = [d for d in range(nd) if d != 1]
+    xhat = (xc - _channel_view(mean, nd)) * _channel_view(invstd, nd)
+    db = dyc.sum(dims)
+    dw = (dyc * xhat).sum(dims)
+    w = invstd if weight is None else weight.to(cdt) * invstd
+    if fctx.batch_stats:
+        c = mean.shape[0]
+        s = _AllReduceSum.apply(torch.cat([db, dw]), fctx.comm)
+        m = max(float(fctx.count), 1.0)
+        dx = _channel_view(w, nd) * (
+            dyc - _channel_view(s[:c] / m, nd) - xhat * _channel_view(s[c:] / m, nd))
+    else:
+        dx = dyc * _channel_view(w, nd)
+    pdt = weight.dtype if weight is not None else cdt
+    return dx.to(x.dtype), dw.to(pdt), db.to(pdt)
+
+
+@torch.compiler.disable(
+    reason="cupysyncbn's synchronized batch norm runs eagerly (DLPack, a collective):"
+    " a graph break around it; torch.compile(fullgraph=True) is not supported",
+)
 def batch_norm(
     input: torch.Tensor,
     running_mean: torch.Tensor | None,
@@ -351,14 +468,13 @@ def batch_norm(
         raise ValueError(
             f"input must have 2 to 5 dimensions (N, C, *); got shape {tuple(input.shape)}"
         )
-    if input.dtype == torch.bfloat16:
-        # Neither NumPy nor CuPy has bfloat16: compute from a float32 copy
-        # (float32 statistics, as for float16) and cast back; autograd follows.
-        y = batch_norm(
-            input.float(), running_mean, running_var, weight, bias, training, momentum, eps,
+    _check_traceable(input, weight, bias)
+    if any(t is not None and t.dtype == torch.bfloat16
+           for t in (input, weight, bias, running_mean, running_var)):
+        return _batch_norm_bf16(
+            input, running_mean, running_var, weight, bias, training, momentum, eps,
             comm=comm, num_batches_tracked=num_batches_tracked, sync_state=sync_state,
         )
-        return y.to(torch.bfloat16)
     batch_stats = training or running_mean is None
     update = bool(training and running_mean is not None)
     cfg = {
@@ -375,6 +491,64 @@ def batch_norm(
         "sync_state": sync_state,
     }
     return _SyncBatchNormFunction.apply(input, weight, bias, cfg)
+
+
+def _batch_norm_bf16(
+    input: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    training: bool,
+    momentum: float | None,
+    eps: float,
+    **kw: Any,
+) -> torch.Tensor:
+    """:func:`batch_norm` with bfloat16 tensors (input, parameters or statistics).
+
+    Neither NumPy nor CuPy has bfloat16: the math runs on float32 copies
+    (float32 statistics, as for float16), autograd follows the casts (so
+    gradients come back in each tensor's own dtype), and updated running
+    statistics are stored back into the bfloat16 buffers, rounded.
+    """
+
+    def f32(t: torch.Tensor | None) -> torch.Tensor | None:
+        return t.float() if t is not None and t.dtype == torch.bfloat16 else t
+
+    rm, rv = f32(running_mean), f32(running_var)
+    y = batch_norm(f32(input), rm, rv, f32(weight), f32(bias), training, momentum, eps, **kw)
+    if training:
+        with torch.no_grad():
+            for dst, src in ((running_mean, rm), (running_var, rv)):
+                if dst is not None and src is not dst:
+                    dst.copy_(src)
+    return y.to(input.dtype)
+
+
+def _check_traceable(*tensors: torch.Tensor | None) -> None:
+    """Refuse, naming cupysyncbn, tensors our DLPack bridge cannot compute on.
+
+    ``torch.func`` transforms (vmap, grad, jacrev...) hand functorch wrappers,
+    and tracers (``torch.export``, ``make_fx``, fake-tensor modes) tensors
+    without data: the synchronized passes need real memory and a collective.
+    """
+    for t in tensors:
+        if t is None:
+            continue
+        if torch._C._functorch.is_functorch_wrapped_tensor(t):
+            raise NotImplementedError(
+                "cupysyncbn.interop.torch.SyncBatchNorm does not support torch.func"
+                " transforms (vmap, grad, jacrev, functional_call under them...): use"
+                " torch.autograd.grad or torch.autograd.functional (double backward is"
+                " supported), or torch.nn.BatchNorm for per-sample work"
+            )
+        if type(t) not in (torch.Tensor, torch.nn.Parameter) or t.device.type == "meta":
+            raise NotImplementedError(
+                f"cupysyncbn.interop.torch.SyncBatchNorm computes on real CPU or CUDA"
+                f" tensors; got a {type(t).__name__} on {t.device} (torch.export, make_fx,"
+                f" fake or meta tensors are not supported; torch.compile works with a"
+                f" graph break around the layer, see docs/torch.md)"
+            )
 
 
 class SyncBatchNorm(_BatchNorm):
@@ -473,8 +647,31 @@ class SyncBatchNorm(_BatchNorm):
         if input.dim() not in _FORMATS:
             raise ValueError(f"expected 2D to 5D input (got {input.dim()}D input)")
 
+    def __prepare_scriptable__(self) -> SyncBatchNorm:
+        # torch.jit.script calls this on every submodule before compiling.
+        raise NotImplementedError(
+            "cupysyncbn.interop.torch.SyncBatchNorm cannot be compiled by torch.jit.script"
+            " (its synchronized pass runs outside TorchScript): run the eager module or"
+            " torch.compile (a graph break around the layer); torch.fx.symbolic_trace keeps"
+            " it as a leaf module"
+        )
+
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        """Normalize ``input`` with global-batch statistics (training) or running ones (eval)."""
+        """Normalize ``input`` with global-batch statistics (training) or running ones (eval).
+
+        ``torch.fx.symbolic_trace`` records the layer as a leaf module
+        (``call_module``).
+        """
+        if isinstance(input, torch.fx.Proxy):
+            tracer = input.tracer
+            return tracer.create_proxy(  # type: ignore[return-value]
+                "call_module", tracer.path_of_module(self), (input,), {})
+        if torch.jit.is_tracing():
+            raise NotImplementedError(
+                "cupysyncbn.interop.torch.SyncBatchNorm cannot be recorded by torch.jit.trace"
+                " (its synchronized pass runs outside PyTorch's operators): run the eager"
+                " module, or torch.compile (a graph break around the layer)"
+            )
         bn_training = self.training or (self.running_mean is None and self.running_var is None)
         try:
             if not isinstance(input, torch.Tensor):
