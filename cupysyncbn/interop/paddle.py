@@ -16,6 +16,10 @@ backward are :func:`cupysyncbn.functional.batch_norm_forward` /
 (CPU tensors become NumPy arrays, GPU tensors CuPy arrays, computed on
 Paddle's current stream of the tensor's device).
 
+``paddle.grad`` works for any subset of the input and parameters (first
+order; ``create_graph=True`` raises); ``paddle.jit.to_static`` runs the layer
+eagerly in SOT mode and refuses ``full_graph=True`` (docs/paddle.md).
+
 Statistics are synchronized over a cupysyncbn communicator: MPI under
 ``mpiexec`` (CPU tensors; NCCL or MPI for GPU tensors), or
 ``paddle.distributed`` collectives under ``python -m paddle.distributed.launch``

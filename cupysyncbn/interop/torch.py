@@ -14,6 +14,12 @@ group (under ``torchrun``: gloo for CPU tensors, which
 ``torch.nn.SyncBatchNorm`` refuses, NCCL for CUDA tensors), MPI, or NCCL,
 exact with uneven and empty per-rank batches.
 
+Double backward (``create_graph=True``) is supported with the synchronized
+statistics; bfloat16 modules compute from float32 copies; ``torch.compile``
+runs the layer eagerly behind a graph break; ``torch.jit``, ``torch.export``
+and ``torch.func`` raise ``NotImplementedError`` naming what is supported
+(docs/torch.md).
+
 With :mod:`cupysyncbn.comm.torch`, the only modules of cupysyncbn that import
 ``torch``.
 
@@ -314,8 +320,12 @@ def _allreduce_tensor(t: torch.Tensor, comm: Any) -> torch.Tensor:
     """Sum ``t`` over ``comm``'s group (float64 on the wire); a new tensor of ``t``'s dtype."""
     buf = t.detach().to(torch.float64).contiguous().reshape(-1)
     with _on_torch_stream(buf):
-        out = comm.allreduce_sum(to_native(buf, "gradient sums"))
-        return from_native(out, buf).reshape(t.shape).to(t.dtype)
+        native = to_native(buf, "gradient sums")
+        if comm.supports(native):
+            out = from_native(comm.allreduce_sum(native), buf)
+        else:  # e.g. CUDA tensors over MPI without CUDA-aware MPI: O(C) through the host
+            out = torch.from_numpy(comm.allreduce_host(buf.cpu().numpy())).to(buf.device)
+        return out.reshape(t.shape).to(t.dtype)
 
 
 class _AllReduceSum(torch.autograd.Function):
