@@ -186,6 +186,22 @@ for counts, kind in (([3, 6], "linear"), ([5, 0], "linear"), ([1, 3], "conv")):
         assert pl.grad is not None
         worst = max(worst, rel(allsum(pl.grad), pr.grad))
     worst = max(worst, rel(ours[1].running_mean, ref[1].running_mean))
+# torch.compile(fullgraph=True) on the ranks: the custom operators synchronize
+for counts in ([2, 5], [4, 0]):
+    lo = sum(counts[:rank]); sl = slice(lo, lo + counts[rank]); n = sum(counts)
+    torch.manual_seed(1)
+    ref = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 1), torch.nn.BatchNorm2d(3)).double()
+    ours = convert_sync_batchnorm(copy.deepcopy(ref), comm=comm)
+    compiled = torch.compile(ours, backend="aot_eager", fullgraph=True)
+    for step in range(2):
+        x = torch.randn(n, 2, 3, 3, dtype=torch.float64) + step
+        dy = torch.randn(n, 3, 3, 3, dtype=torch.float64)
+        yr = ref(x); (yr * dy).sum().backward()
+        yl = compiled(x[sl]); (yl * dy[sl]).sum().backward()
+        worst = max(worst, rel(yl, yr[sl]) if counts[rank] else 0.0)
+    for pr, pl in zip(ref.parameters(), ours.parameters()):
+        worst = max(worst, rel(allsum(pl.grad), pr.grad))
+    worst = max(worst, rel(ours[1].running_var, ref[1].running_var))
 worst = comm.allreduce(worst, op=MPI.MAX)
 if rank == 0:
     print(f"MAXERR {worst:.3e}")
@@ -194,9 +210,10 @@ assert worst <= 1e-9, worst
 
 
 @pytest.mark.mpi
-def test_gradient_penalty_on_two_ranks_equals_torch_global_batch(tmp_path):
+def test_gradient_penalty_and_compile_on_two_ranks_equal_torch_global_batch(tmp_path):
     """Uneven (3/6, 5/0, 1/3) batches: the penalty's parameter gradients summed over the
-    ranks equal one process with torch's BatchNorm on the whole batch."""
+    ranks equal one process with torch's BatchNorm on the whole batch; so do a
+    torch.compile(fullgraph=True) model's outputs, gradients and statistics (2/5, 4/0)."""
     res = run_mpi(DOUBLE_BACKWARD_MPI, 2, timeout=300, tmp_path=tmp_path)
     assert "MAXERR" in res.stdout
 
@@ -204,29 +221,53 @@ def test_gradient_penalty_on_two_ranks_equals_torch_global_batch(tmp_path):
 # ------------------------------------------------------- compile, jit, fx, export
 
 
-def _model():
+def _model(dtype=torch.float32):
     torch.manual_seed(6)
     return torch.nn.Sequential(
-        torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4), torch.nn.ReLU(inplace=True))
+        torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4), torch.nn.ReLU(inplace=True)).to(dtype)
 
 
 @pytest.mark.parametrize("backend", ["eager", "aot_eager"])
-def test_torch_compile_runs_with_a_graph_break(backend):
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_torch_compile_fullgraph_equals_eager_torch(backend, momentum):
     torch._dynamo.reset()
-    ref, ours = _model(), ti.convert_sync_batchnorm(_model(), comm=LOCAL)
-    compiled = torch.compile(ours, backend=backend)
-    for step in range(2):
-        x = torch.randn(5, 3, 4, 4) + step
+    ref, ours = _model(torch.float64), ti.convert_sync_batchnorm(_model(torch.float64), comm=LOCAL)
+    ref[1].momentum = ours[1].momentum = momentum
+    compiled = torch.compile(ours, backend=backend, fullgraph=True)
+    for step in range(3):
+        x = torch.randn(5, 3, 4, 4, dtype=torch.float64) + step
+        if step == 1:
+            x = x.to(memory_format=torch.channels_last)
         yr, ys = ref(x), compiled(x)
         yr.square().sum().backward()
         ys.square().sum().backward()
-        assert _maxdiff(ys, yr) < 1e-5
-    assert _maxdiff(ours[0].weight.grad, ref[0].weight.grad) < 1e-4
-    assert _maxdiff(ours[1].running_var, ref[1].running_var) < 1e-6
-    assert int(ours[1].num_batches_tracked) == 2
+        assert _maxdiff(ys, yr) < 1e-9
+    for pr, ps in zip(ref.parameters(), ours.parameters()):
+        assert _maxdiff(ps.grad, pr.grad) < 1e-9
+    assert _maxdiff(ours[1].running_var, ref[1].running_var) < 1e-12
+    assert _maxdiff(ours[1].running_mean, ref[1].running_mean) < 1e-12
+    assert int(ours[1].num_batches_tracked) == 3
+    ref.eval()
+    ours.eval()
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    assert _maxdiff(compiled(x), ref(x)) < 1e-9
+
+
+def test_torch_compile_bfloat16_and_functional_take_a_graph_break():
+    torch._dynamo.reset()
+    ref, ours = _model().bfloat16(), ti.convert_sync_batchnorm(_model(), comm=LOCAL).bfloat16()
+    x = torch.randn(4, 3, 2, 2).bfloat16()
+    assert _maxdiff(torch.compile(ours, backend="aot_eager")(x), ref(x)) < 5e-2
+
+    def fn(x):
+        return ti.batch_norm(x, None, None, training=True, comm=LOCAL) * 2
+
+    x = torch.randn(4, 3)
+    assert _maxdiff(torch.compile(fn, backend="eager")(x),
+                    torch.nn.functional.batch_norm(x, None, None, training=True) * 2) < 1e-5
+    torch._dynamo.reset()  # else the graph-broken compilation of fn is reused
     with pytest.raises(Exception, match="cupysyncbn"):
-        torch.compile(ti.convert_sync_batchnorm(_model(), comm=LOCAL), backend=backend,
-                      fullgraph=True)(torch.randn(2, 3, 4, 4))
+        torch.compile(fn, backend="eager", fullgraph=True)(x)
 
 
 def test_torch_compile_inductor_small():
@@ -234,7 +275,8 @@ def test_torch_compile_inductor_small():
     torch._dynamo.reset()
     ref, ours = _model(), ti.convert_sync_batchnorm(_model(), comm=LOCAL)
     x = torch.randn(4, 3, 2, 2)
-    assert _maxdiff(torch.compile(ours)(x), ref(x)) < 1e-5
+    assert _maxdiff(torch.compile(ours, fullgraph=True)(x), ref(x)) < 1e-5
+    assert _maxdiff(ours[1].running_var, ref[1].running_var) < 1e-6
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit is deprecated
@@ -249,8 +291,9 @@ def test_jit_fx_export_func_work_or_name_cupysyncbn():
     assert [n.target for n in gm.graph.nodes if n.op == "call_module"] == ["0", "1", "2"]
     ref = _model()
     assert _maxdiff(gm(x), ref(x)) < 1e-5
-    with pytest.raises(NotImplementedError, match="cupysyncbn.*torch.export"):
-        torch.export.export(model, (x,))
+    ep = torch.export.export(model, (x,))  # our operator in the exported graph
+    assert "cupysyncbn.sync_batch_norm" in ep.graph_module.code
+    assert _maxdiff(ep.module()(x), ref(x)) < 1e-5
     from torch.func import functional_call, grad, vmap
 
     params = dict(model.named_parameters())
