@@ -216,6 +216,23 @@ for counts in ([3, 5], [4, 0]):
     xa = rng.normal(size=(n, 3, 2, 2)) * 3 - 1
     worst = max(worst, err(conv(t(xa[sl])).numpy(), old(t(xa)).numpy()[sl]))
     worst = max(worst, err(conv._mean.numpy(), old._mean.numpy()) / 10)  # float32 momentum
+# paddle.jit.to_static (SOT): the layer runs eagerly and synchronizes
+paddle.seed(3)
+ref = paddle.nn.Sequential(paddle.nn.Conv2D(2, 3, 1), paddle.nn.BatchNorm2D(3))
+ours = convert_sync_batchnorm(copy.deepcopy(ref), comm=comm)
+static = paddle.jit.to_static(ours, full_graph=False)
+counts = [3, 5]
+lo = sum(counts[:rank]); sl = slice(lo, lo + counts[rank]); n = sum(counts)
+for step in range(2):
+    xa = rng.normal(size=(n, 2, 3, 3)) + step
+    dya = rng.normal(size=(n, 3, 3, 3))
+    yr = ref(t(xa))
+    (yr * t(dya)).sum().backward()
+    ys = static(t(xa[sl]))
+    (ys * t(dya[sl])).sum().backward()
+    worst = max(worst, err(ys.numpy(), yr.numpy()[sl]))
+worst = max(worst, err(allsum(ours[0].weight.grad.numpy()), ref[0].weight.grad.numpy()))
+worst = max(worst, err(ours[1]._variance.numpy(), ref[1]._variance.numpy()) / 10)
 worst = comm.allreduce(worst, op=MPI.MAX)
 if rank == 0:
     print(f"MAXERR {worst:.3e}")
@@ -224,8 +241,9 @@ assert worst <= 1e-6, worst
 
 
 @pytest.mark.mpi
-def test_paddle_grad_and_trainable_statistics_on_two_ranks(tmp_path):
-    """Batches 3/5 and 4/0: paddle.grad (input only, weight only) and the converted
-    trainable_statistics layer equal Paddle on the whole batch."""
+def test_paddle_grad_trainable_statistics_to_static_on_two_ranks(tmp_path):
+    """Batches 3/5 and 4/0: paddle.grad (input only, weight only), the converted
+    trainable_statistics layer and a to_static (SOT) model equal Paddle on the
+    whole batch."""
     res = run_mpi(MPI_SCRIPT, 2, timeout=300, tmp_path=tmp_path)
     assert "MAXERR" in res.stdout
