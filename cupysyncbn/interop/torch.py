@@ -641,7 +641,8 @@ def _op_forward(x, weight, bias, running_mean, running_var, num_batches_tracked,
     invstd = from_native(fctx.invstd, x).to(device=x.device, dtype=cdt, copy=True)
     count = torch.tensor(float(fctx.count), dtype=torch.float64)
     none = x.new_empty((0,), dtype=cdt)
-    return (y, mean, invstd, count, none if rm is None else rm, none if rv is None else rv)
+    return (_strided_like(x, y), mean, invstd, count, none if rm is None else rm,
+            none if rv is None else rv)
 
 
 @_op_forward.register_fake
@@ -665,7 +666,7 @@ def _op_backward(dy, x, weight, mean, invstd, count, batch_stats, key):  # type:
     comm = as_communicator(_op_layer(key).comm) if batch_stats else None
     with torch.no_grad():
         dx, dw, db = _backward_ops(x, weight, dy, mean, invstd, float(count), batch_stats, comm)
-    return dx.contiguous(memory_format=_memory_format(x)), dw, db
+    return _strided_like(x, dx), dw, db
 
 
 @_op_backward.register_fake
@@ -675,11 +676,17 @@ def _(dy, x, weight, mean, invstd, count, batch_stats, key):  # type: ignore[no-
     return torch.empty_like(x), x.new_empty((c,), dtype=pdt), x.new_empty((c,), dtype=pdt)
 
 
-def _memory_format(x: torch.Tensor) -> torch.memory_format:
-    cl = _CL.get(x.dim())
-    if cl is not None and not x.is_contiguous() and x.is_contiguous(memory_format=cl[3]):
-        return cl[3]
-    return torch.contiguous_format
+def _strided_like(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``t`` with the strides of ``torch.empty_like(x)``, what the fake implementations promise.
+
+    The compiler plans its kernels with the fake strides; the passes return
+    contiguous or channels-last results, so other dense layouts (a
+    permuted input) get a copy instead of silently wrong indexing.
+    """
+    out = torch.empty_like(x)
+    if out.stride() == t.stride():
+        return t
+    return out.copy_(t)
 
 
 def _op_setup(ctx: Any, inputs: tuple, output: tuple) -> None:
