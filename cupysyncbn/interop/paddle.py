@@ -16,6 +16,10 @@ backward are :func:`cupysyncbn.functional.batch_norm_forward` /
 (CPU tensors become NumPy arrays, GPU tensors CuPy arrays, computed on
 Paddle's current stream of the tensor's device).
 
+``paddle.grad`` works for any subset of the input and parameters (first
+order; ``create_graph=True`` raises); ``paddle.jit.to_static`` runs the layer
+eagerly in SOT mode and refuses ``full_graph=True`` (docs/paddle.md).
+
 Statistics are synchronized over a cupysyncbn communicator: MPI under
 ``mpiexec`` (CPU tensors; NCCL or MPI for GPU tensors), or
 ``paddle.distributed`` collectives under ``python -m paddle.distributed.launch``
@@ -95,13 +99,19 @@ def _paddle_stream(t: Any) -> Any:
 
 
 class _SyncBatchNormFunction(PyLayer):
-    """Autograd bridge: forward/backward are cupysyncbn's functional passes."""
+    """Autograd bridge: forward/backward are cupysyncbn's functional passes.
+
+    The tensors that need gradients (``stop_gradient=False`` among x, weight,
+    bias) enter as ONE list argument, the others through ``cfg``. Paddle's
+    ``paddle.grad`` prunes the graph per call (the gradient of x only, of some
+    parameters only) and then refuses a gradient returned for a pruned input
+    slot, which a PyLayer cannot see; inside one list slot it routes each
+    gradient to its own tensor and drops the unrequested ones.
+    """
 
     @staticmethod
-    def forward(ctx: Any, x: paddle.Tensor, *args: Any) -> paddle.Tensor:
-        *params, cfg = args  # the weight and bias tensors that are not None
-        weight = params[0] if cfg["has_weight"] else None
-        bias = params[-1] if cfg["has_bias"] else None
+    def forward(ctx: Any, diff: list, cfg: dict) -> paddle.Tensor:
+        x, weight, bias = _unpack(diff, cfg)
         with _paddle_stream(x):
             rm = _native(cfg["running_mean"], "running_mean")
             rv = _native(cfg["running_var"], "running_var")
@@ -120,24 +130,48 @@ class _SyncBatchNormFunction(PyLayer):
                         dst[...] = src
             y = _export(res.y)
         ctx.fctx = res.ctx
-        ctx.need = [not x.stop_gradient] + [not p.stop_gradient for p in params]
-        ctx.n_params = (cfg["has_weight"], cfg["has_bias"])
+        ctx.which = cfg["diff"]  # names of the list's tensors, in order
+        # The backward reads x through the forward's view of its memory.
+        ctx.x, ctx.x_version = x, x._inplace_version()
         return y
 
     @staticmethod
     def backward(ctx: Any, dy: paddle.Tensor) -> Any:
-        has_w, has_b = ctx.n_params
-        need_x, *need_p = ctx.need
+        if paddle.is_grad_enabled():
+            raise NotImplementedError(
+                "cupysyncbn.interop.paddle.SyncBatchNorm has no double backward:"
+                " paddle.grad(..., create_graph=True) through it is not supported (first-order"
+                " paddle.grad and backward() are; the PyTorch adapter,"
+                " cupysyncbn.interop.torch, supports double backward)"
+            )
+        _check_not_modified(ctx.x, ctx.x_version)
+        which = ctx.which
+        need_p = "weight" in which or "bias" in which
         # Always run: in training mode the backward is a collective every rank joins.
         with _paddle_stream(dy):
             dx, dw, db = F.batch_norm_backward(
-                _native(dy, "dy"), ctx.fctx, need_param_grads=any(need_p)
+                _native(dy, "dy"), ctx.fctx, need_param_grads=need_p
             )
-            grads = [_export(dx) if need_x else None]
-            for present, g in ((has_w, dw), (has_b, db)):
-                if present:
-                    grads.append(_export(g) if need_p[len(grads) - 1] else None)
-        return tuple(grads)
+            grads = {"x": dx, "weight": dw, "bias": db}
+            return [_export(grads[n]) for n in which]
+
+
+def _unpack(diff: list, cfg: dict) -> tuple:
+    """``(x, weight, bias)`` from the list of differentiable tensors and ``cfg``."""
+    got = dict(zip(cfg["diff"], diff))
+    return tuple(got.get(n, cfg["fixed"].get(n)) for n in ("x", "weight", "bias"))
+
+
+def _check_not_modified(x: paddle.Tensor, version: int) -> None:
+    """Raise if ``x`` was modified in place between the forward and the backward."""
+    now = x._inplace_version()
+    if now != version:
+        raise RuntimeError(
+            f"cupysyncbn.interop.paddle.SyncBatchNorm: its input was modified by an inplace"
+            f" operation after the forward (inplace version {version} -> {now}); the"
+            f" backward needs the original values. Use the out-of-place operation, or clone"
+            f" the input before the layer"
+        )
 
 
 def batch_norm(
@@ -196,6 +230,7 @@ def batch_norm(
     -------
     paddle.Tensor
     """
+    _check_dynamic_mode()
     if not isinstance(x, paddle.Tensor):
         raise TypeError(f"x must be a paddle.Tensor; got {type(x).__name__}")
     if x.ndim not in (2, 3, 4, 5):
@@ -224,11 +259,33 @@ def batch_norm(
         # communicator need not exist in eval-only processes).
         "comm": LOCAL if use_running else comm,
         "sync_state": sync_state,
-        "has_weight": weight is not None,
-        "has_bias": bias is not None,
     }
-    params = [p for p in (weight, bias) if p is not None]
-    return _SyncBatchNormFunction.apply(x, *params, cfg)
+    named = (("x", x), ("weight", weight), ("bias", bias))
+    cfg["diff"] = [n for n, t in named if t is not None and not t.stop_gradient]
+    cfg["fixed"] = {n: t for n, t in named if n not in cfg["diff"]}
+    diff = [t for n, t in named if n in cfg["diff"]]
+    if not diff:  # nothing to differentiate: no graph (an empty list slot is refused)
+        ctx = _NoGrad()
+        y = _SyncBatchNormFunction.forward(ctx, diff, cfg)  # type: ignore[arg-type]
+        y.stop_gradient = True
+        return y
+    return _SyncBatchNormFunction.apply(diff, cfg)
+
+
+class _NoGrad:
+    """Stands for PyLayer's context when nothing needs a gradient."""
+
+
+def _check_dynamic_mode() -> None:
+    """Refuse static graphs (``to_static(full_graph=True)``, ``paddle.static``), clearly."""
+    if not paddle.in_dynamic_mode():
+        raise NotImplementedError(
+            "cupysyncbn.interop.paddle.SyncBatchNorm runs in dynamic mode only (its"
+            " synchronized pass computes on the tensors' memory through DLPack):"
+            " paddle.jit.to_static(full_graph=True) and paddle.static programs are not"
+            " supported; use paddle.jit.to_static(model) (SOT, full_graph=False: the layer"
+            " runs eagerly between the captured subgraphs) or the dynamic-mode model"
+        )
 
 
 def _check_data_format(data_format: Any) -> str:
@@ -321,7 +378,11 @@ class SyncBatchNorm(paddle.nn.SyncBatchNorm):
         self._comm_ref = SharedComm(None if comm is None else as_communicator(comm))
         # identity on every rank: order of construction (see cupysyncbn._sync.protocol)
         self._sync_state = SyncState.for_layer(self._comm_ref.comm)
-        self._act: str | None = None  # set when converted from paddle.nn.BatchNorm(act=...)
+        # Set when converted from paddle.nn.BatchNorm(act=..., trainable_statistics=True):
+        # the activation applied to the output, and batch statistics (with the
+        # running update, as Paddle does) in eval mode too.
+        self._act: str | None = None
+        self._trainable_statistics = False
 
     @property
     def comm(self) -> Any:
@@ -333,8 +394,14 @@ class SyncBatchNorm(paddle.nn.SyncBatchNorm):
         self._comm_ref = SharedComm(None if comm is None else as_communicator(comm))
         self._sync_state = SyncState()
 
+    @paddle.jit.not_to_static
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
-        """Normalize ``x`` with global-batch statistics (training) or running ones (eval)."""
+        """Normalize ``x`` with global-batch statistics (training) or running ones (eval).
+
+        Under ``paddle.jit.to_static`` (SOT, the default) the layer runs eagerly
+        between the captured subgraphs; ``full_graph=True`` is refused.
+        """
+        _check_dynamic_mode()
         err: BaseException | None = None
         if not isinstance(x, paddle.Tensor):
             err = TypeError(f"x must be a paddle.Tensor; got {type(x).__name__}")
@@ -342,7 +409,7 @@ class SyncBatchNorm(paddle.nn.SyncBatchNorm):
             err = ValueError(f"expected 2D to 5D input (got {x.ndim}D input)")
         if err is not None:
             ugs = self._use_global_stats
-            if (not self.training) if ugs is None else bool(ugs):
+            if (not self._batch_mode()) if ugs is None else bool(ugs):
                 raise err  # running statistics: no collective to join
             # The other ranks are already in the collective: join it, then raise
             # (they raise RemoteInputError instead of waiting for the watchdog).
@@ -352,13 +419,17 @@ class SyncBatchNorm(paddle.nn.SyncBatchNorm):
                 backend="cupy" if self._mean.place.is_gpu_place() else "numpy",
             )
         y = batch_norm(
-            x, self._mean, self._variance, self.weight, self.bias, self.training,
+            x, self._mean, self._variance, self.weight, self.bias, self._batch_mode(),
             self._momentum, self._epsilon, self._data_format, self._use_global_stats,
             comm=self.comm, sync_state=self._sync_state,
         )
         if self._act is not None:
             y = getattr(paddle.nn.functional, self._act)(y)
         return y
+
+    def _batch_mode(self) -> bool:
+        """Training statistics (and update): training mode, or trainable_statistics."""
+        return self.training or self._trainable_statistics
 
     def extra_repr(self) -> str:
         return (
@@ -372,6 +443,15 @@ class SyncBatchNorm(paddle.nn.SyncBatchNorm):
         return convert_sync_batchnorm(layer, comm)
 
 
+# paddle.jit.to_static's SOT mode (the default) runs the layer eagerly, with a
+# graph break around it, instead of simulating its Python (the synchronized
+# pass computes on the tensors' memory). Paddle versions without the marker
+# fall back to their own handling.
+_force_dynamic = getattr(getattr(paddle.jit, "marker", None), "force_dynamic", None)
+if _force_dynamic is not None:
+    _force_dynamic(SyncBatchNorm)
+
+
 def _local_bn_config(layer: Any) -> dict | None:
     """Constructor arguments of a Paddle batch norm to convert, or None if it is not one."""
     if isinstance(layer, SyncBatchNorm):
@@ -382,6 +462,7 @@ def _local_bn_config(layer: Any) -> dict | None:
             "epsilon": layer._epsilon, "weight_attr": layer._weight_attr,
             "bias_attr": layer._bias_attr, "data_format": layer._data_format,
             "name": layer._name, "use_global_stats": layer._use_global_stats, "act": None,
+            "trainable_statistics": False,
         }
     if isinstance(layer, paddle.nn.BatchNorm):  # the older 2.x-style class
         # It has no use_global_stats=None: False means "follow the mode".
@@ -390,7 +471,7 @@ def _local_bn_config(layer: Any) -> dict | None:
             "epsilon": layer._epsilon, "weight_attr": layer._param_attr,
             "bias_attr": layer._bias_attr, "data_format": layer._data_layout,
             "name": None, "use_global_stats": True if layer._use_global_stats else None,
-            "act": layer._act,
+            "act": layer._act, "trainable_statistics": bool(layer._trainable_statistics),
         }
     return None
 
@@ -419,7 +500,15 @@ def _convert_one(layer: Any, cfg: dict, comm: Any) -> SyncBatchNorm:
     out._weight_attr = cfg["weight_attr"]
     out._bias_attr = cfg["bias_attr"]
     out._use_global_stats = cfg["use_global_stats"]
-    out._act = cfg["act"]
+    act = cfg["act"]
+    if act is not None and not callable(getattr(paddle.nn.functional, str(act), None)):
+        raise ValueError(
+            f"cupysyncbn.interop.paddle.convert_sync_batchnorm: the activation act={act!r} of"
+            f" {type(layer).__name__} is not a paddle.nn.functional function; supported:"
+            f" act=None or a name such as 'relu', 'sigmoid', 'tanh'"
+        )
+    out._act = act
+    out._trainable_statistics = cfg["trainable_statistics"]
     out.training = layer.training
     return out
 

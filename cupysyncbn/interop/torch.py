@@ -14,6 +14,13 @@ group (under ``torchrun``: gloo for CPU tensors, which
 ``torch.nn.SyncBatchNorm`` refuses, NCCL for CUDA tensors), MPI, or NCCL,
 exact with uneven and empty per-rank batches.
 
+Double backward (``create_graph=True``) is supported with the synchronized
+statistics; bfloat16 modules compute from float32 copies; under
+``torch.compile`` (``fullgraph=True`` too) and ``torch.export`` the module's
+passes are the custom operators ``cupysyncbn::sync_batch_norm`` and
+``cupysyncbn::sync_batch_norm_backward``; ``torch.jit`` and ``torch.func``
+raise ``NotImplementedError`` naming what is supported (docs/torch.md).
+
 With :mod:`cupysyncbn.comm.torch`, the only modules of cupysyncbn that import
 ``torch``.
 
@@ -29,12 +36,13 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import itertools
 import warnings
+import weakref
 from typing import Any
 
 import numpy as np
 import torch
-from torch.autograd.function import once_differentiable
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import functional as F
@@ -42,6 +50,7 @@ from .._sync import fused
 from .._sync.state import SyncState, workspace
 from ..arrays.dlpack import from_native, to_native
 from ..backends import get_backend
+from ..comm.select import as_communicator
 from .shared_comm import SharedComm
 from .state_dict import momentum_torch_to_paddle, paddle_to_torch, torch_to_paddle
 
@@ -251,51 +260,188 @@ def _batches_before(count: Any, state: SyncState | None, *vectors: Any) -> int:
 
 
 class _SyncBatchNormFunction(torch.autograd.Function):
-    """Autograd bridge: tensors to arrays by DLPack, then :func:`forward_arrays`."""
+    """Autograd bridge: tensors to arrays by DLPack, then :func:`forward_arrays`.
+
+    The first-order backward is :func:`backward_arrays` (one all-reduce).
+    Under ``create_graph=True`` (a gradient penalty, Hessian-vector products)
+    it is :func:`_differentiable_backward` instead: the same formulas as
+    torch operations over the saved input and the forward's synchronized
+    statistics, so that autograd can differentiate them once more.
+    """
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: Any, bias: Any, cfg: dict) -> torch.Tensor:
-        fmt, perm, inv = _layout(x)
-        xv = x if perm is None else x.permute(*perm)
-        count = cfg["num_batches_tracked"]
-        with _on_torch_stream(x):
-            y, fctx = forward_arrays(
-                to_native(xv, "input"), to_native(weight, "weight"), to_native(bias, "bias"),
-                to_native(cfg["running_mean"], "running_mean"),
-                to_native(cfg["running_var"], "running_var"),
-                to_native(count, "num_batches_tracked") if cfg["nbt_read"] else None,
-                data_format=fmt, training=cfg["training"], update=cfg["update"],
-                momentum=cfg["momentum"], eps=cfg["eps"], comm=cfg["comm"],
-                sync_state=cfg["sync_state"],
-            )
-            y = from_native(y, x)
-        if count is not None:
-            # PyTorch counts every training forward, an empty global batch too
-            # (the statistics are then unchanged); every rank runs this forward.
-            count.add_(1)
+        y, fctx = _forward_tensors(x, weight, bias, cfg)
         ctx.fctx = fctx
-        ctx.perm, ctx.inv = perm, inv
-        ctx.save_for_backward(x)  # only for autograd's in-place modification check
-        return y if inv is None else y.permute(*inv)
+        ctx.perm, ctx.inv = _layout(x)[1:]
+        # x for autograd's check that it was not modified in place after the
+        # forward (the backward reads it), and with the weight for the
+        # differentiable backward.
+        ctx.save_for_backward(x, weight)
+        return y
 
     @staticmethod
-    @once_differentiable
     def backward(ctx: Any, dy: torch.Tensor) -> tuple:
-        _ = ctx.saved_tensors  # raises if x was modified in place after the forward
+        x, weight = ctx.saved_tensors  # raises if x was modified in place after the forward
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        if torch.is_grad_enabled():  # create_graph=True: the gradients get a graph
+            dx, dw, db = _differentiable_backward(ctx.fctx, x, weight, dy)
+            return (dx if need_x else None), (dw if need_w else None), (
+                db if need_b else None), None
         if ctx.perm is not None:
             dy = dy.permute(*ctx.perm)
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
         # Always run: in training mode the backward is a collective every rank joins.
         with _on_torch_stream(dy):
-            dx, dw, db = (
-                from_native(a, dy)
-                for a in backward_arrays(to_native(dy, "dy"), ctx.fctx, need_w or need_b)
-            )
-        if ctx.inv is not None:
-            dx = dx.permute(*ctx.inv)
+            dxn, dwn, dbn = backward_arrays(to_native(dy, "dy"), ctx.fctx, need_w or need_b)
+            if ctx.inv is not None:
+                dxn = dxn.transpose(*ctx.inv)
+            dx, dw, db = (from_native(a, dy) for a in (dxn, dwn, dbn))
         return (dx if need_x else None), (dw if need_w else None), (db if need_b else None), None
 
 
+def _forward_tensors(x: torch.Tensor, weight: Any, bias: Any, cfg: dict) -> tuple:
+    """:func:`forward_arrays` on tensors: ``(y, ForwardContext)``; counts the batch."""
+    fmt, perm, inv = _layout(x)
+    xv = x if perm is None else x.permute(*perm)
+    count = cfg["num_batches_tracked"]
+    with _on_torch_stream(x):
+        y, fctx = forward_arrays(
+            to_native(xv, "input"), to_native(weight, "weight"), to_native(bias, "bias"),
+            to_native(cfg["running_mean"], "running_mean"),
+            to_native(cfg["running_var"], "running_var"),
+            to_native(count, "num_batches_tracked") if cfg["nbt_read"] else None,
+            data_format=fmt, training=cfg["training"], update=cfg["update"],
+            momentum=cfg["momentum"], eps=cfg["eps"], comm=cfg["comm"],
+            sync_state=cfg["sync_state"],
+        )
+        # The channels-last result is exported already transposed back to
+        # (N, C, *): a tensor of its own with channels-last strides, not a
+        # view of an NHWC tensor (autograd forbids in-place ops such as
+        # ReLU(inplace=True) on views created inside a Function). No copy.
+        y = from_native(y if inv is None else y.transpose(*inv), x)
+    if count is not None:
+        # PyTorch counts every training forward, an empty global batch too
+        # (the statistics are then unchanged); every rank runs this forward.
+        count.add_(1)
+    return y, fctx
+
+
+def _allreduce_tensor(t: torch.Tensor, comm: Any) -> torch.Tensor:
+    """Sum ``t`` over ``comm``'s group (float64 on the wire); a new tensor of ``t``'s dtype."""
+    buf = t.detach().to(torch.float64).contiguous().reshape(-1)
+    with _on_torch_stream(buf):
+        native = to_native(buf, "gradient sums")
+        if comm.supports(native):
+            out = from_native(comm.allreduce_sum(native), buf)
+        else:  # e.g. CUDA tensors over MPI without CUDA-aware MPI: O(C) through the host
+            out = torch.from_numpy(comm.allreduce_host(buf.cpu().numpy())).to(buf.device)
+        return out.reshape(t.shape).to(t.dtype)
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Differentiable sum over the group: the backward is the same all-reduce.
+
+    Every rank's loss depends on the sum of every rank's local terms, and the
+    gradients of a data-parallel job are summed over the ranks, so the
+    gradient of a local term is the all-reduced sum of the output gradients.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, t: torch.Tensor, comm: Any) -> torch.Tensor:
+        ctx.comm = comm
+        return _allreduce_tensor(t, comm) if comm.synchronizes else t.clone()
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple:
+        return _AllReduceSum.apply(g, ctx.comm), None
+
+
+def _channel_view(v: torch.Tensor, ndim: int) -> torch.Tensor:
+    """A (C,) vector shaped to broadcast over an (N, C, *) tensor."""
+    return v.reshape((1, -1) + (1,) * (ndim - 2))
+
+
+class _BatchStats(torch.autograd.Function):
+    """The forward's synchronized ``(mean, invstd)`` as differentiable functions of ``x``.
+
+    The values are the forward's own (no communication); the backward is the
+    derivative of the global-batch mean and ``1/sqrt(var + eps)`` with respect
+    to this rank's ``x``, its per-channel gradients all-reduced first (one
+    collective). It is written with differentiable operations, so any order
+    of derivative works.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor,
+                count: float, comm: Any) -> tuple:
+        ctx.save_for_backward(x, mean, invstd)
+        ctx.count, ctx.comm = count, comm
+        return mean.clone(), invstd.clone()
+
+    @staticmethod
+    def backward(ctx: Any, dmean: torch.Tensor, dinvstd: torch.Tensor) -> tuple:
+        x, mean, invstd = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            mean, invstd = _BatchStats.apply(x, mean, invstd, ctx.count, ctx.comm)
+        c = mean.shape[0]
+        g = _AllReduceSum.apply(torch.cat([dmean, dinvstd]), ctx.comm)
+        m = max(ctx.count, 1.0)
+        dvar = g[c:] * (-0.5) * invstd**3  # d invstd / d var
+        nd = x.dim()
+        dx = _channel_view(g[:c] / m, nd) + _channel_view(2.0 * dvar / m, nd) * (
+            x - _channel_view(mean, nd))
+        return dx, None, None, None, None
+
+
+def _differentiable_backward(
+    fctx: F.ForwardContext, x: torch.Tensor, weight: torch.Tensor | None, dy: torch.Tensor
+) -> tuple:
+    """``(dx, dweight, dbias)`` as torch operations, for ``create_graph=True``.
+
+    Training mode: ``dx = w * invstd * (dy - S1/m - xhat * S2/m)`` with ``S1 =
+    sum(dy)``, ``S2 = sum(dy * xhat)`` all-reduced by :class:`_AllReduceSum`
+    and ``mean``/``invstd`` from :class:`_BatchStats`, so a second backward
+    differentiates through the global-batch statistics too, with their own
+    all-reduces. Eval mode: the affine map with running statistics.
+    """
+    cdt = torch.float64 if np.dtype(fctx.mean.dtype) == np.float64 else torch.float32
+    mean = from_native(fctx.mean, x).to(device=x.device, dtype=cdt)
+    invstd = from_native(fctx.invstd, x).to(device=x.device, dtype=cdt)
+    return _backward_ops(x, weight, dy, mean, invstd, float(fctx.count), fctx.batch_stats,
+                         fctx.comm)
+
+
+def _backward_ops(
+    x: torch.Tensor, weight: torch.Tensor | None, dy: torch.Tensor, mean: torch.Tensor,
+    invstd: torch.Tensor, count: float, batch_stats: bool, comm: Any,
+) -> tuple:
+    """The backward's formulas as torch operations (see :func:`_differentiable_backward`)."""
+    cdt = mean.dtype
+    xc, dyc = x.to(cdt), dy.to(cdt)
+    if batch_stats:
+        mean, invstd = _BatchStats.apply(xc, mean, invstd, count, comm)
+    nd = x.dim()
+    dims = [d for d in range(nd) if d != 1]
+    xhat = (xc - _channel_view(mean, nd)) * _channel_view(invstd, nd)
+    db = dyc.sum(dims)
+    dw = (dyc * xhat).sum(dims)
+    w = invstd if weight is None else weight.to(cdt) * invstd
+    if batch_stats:
+        c = mean.shape[0]
+        s = _AllReduceSum.apply(torch.cat([db, dw]), comm)
+        m = max(count, 1.0)
+        dx = _channel_view(w, nd) * (
+            dyc - _channel_view(s[:c] / m, nd) - xhat * _channel_view(s[c:] / m, nd))
+    else:
+        dx = dyc * _channel_view(w, nd)
+    pdt = weight.dtype if weight is not None else cdt
+    return dx.to(x.dtype), dw.to(pdt), db.to(pdt)
+
+
+@torch.compiler.disable(
+    reason="cupysyncbn's functional batch_norm runs eagerly (DLPack, a collective): a graph"
+    " break around it; the SyncBatchNorm module compiles with fullgraph=True",
+)
 def batch_norm(
     input: torch.Tensor,
     running_mean: torch.Tensor | None,
@@ -351,14 +497,13 @@ def batch_norm(
         raise ValueError(
             f"input must have 2 to 5 dimensions (N, C, *); got shape {tuple(input.shape)}"
         )
-    if input.dtype == torch.bfloat16:
-        # Neither NumPy nor CuPy has bfloat16: compute from a float32 copy
-        # (float32 statistics, as for float16) and cast back; autograd follows.
-        y = batch_norm(
-            input.float(), running_mean, running_var, weight, bias, training, momentum, eps,
+    _check_traceable(input, weight, bias)
+    if any(t is not None and t.dtype == torch.bfloat16
+           for t in (input, weight, bias, running_mean, running_var)):
+        return _batch_norm_bf16(
+            input, running_mean, running_var, weight, bias, training, momentum, eps,
             comm=comm, num_batches_tracked=num_batches_tracked, sync_state=sync_state,
         )
-        return y.to(torch.bfloat16)
     batch_stats = training or running_mean is None
     update = bool(training and running_mean is not None)
     cfg = {
@@ -375,6 +520,190 @@ def batch_norm(
         "sync_state": sync_state,
     }
     return _SyncBatchNormFunction.apply(input, weight, bias, cfg)
+
+
+def _batch_norm_bf16(
+    input: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    training: bool,
+    momentum: float | None,
+    eps: float,
+    **kw: Any,
+) -> torch.Tensor:
+    """:func:`batch_norm` with bfloat16 tensors (input, parameters or statistics).
+
+    Neither NumPy nor CuPy has bfloat16: the math runs on float32 copies
+    (float32 statistics, as for float16), autograd follows the casts (so
+    gradients come back in each tensor's own dtype), and updated running
+    statistics are stored back into the bfloat16 buffers, rounded.
+    """
+
+    def f32(t: torch.Tensor | None) -> torch.Tensor | None:
+        return t.float() if t is not None and t.dtype == torch.bfloat16 else t
+
+    rm, rv = f32(running_mean), f32(running_var)
+    y = batch_norm(f32(input), rm, rv, f32(weight), f32(bias), training, momentum, eps, **kw)
+    if training:
+        with torch.no_grad():
+            for dst, src in ((running_mean, rm), (running_var, rv)):
+                if dst is not None and src is not dst:
+                    dst.copy_(src)
+    return y.to(input.dtype)
+
+
+def _check_traceable(*tensors: torch.Tensor | None) -> None:
+    """Refuse, naming cupysyncbn, tensors our DLPack bridge cannot compute on.
+
+    ``torch.func`` transforms (vmap, grad, jacrev...) hand functorch wrappers,
+    and tracers (``torch.export``, ``make_fx``, fake-tensor modes) tensors
+    without data: the synchronized passes need real memory and a collective.
+    """
+    for t in tensors:
+        if t is None:
+            continue
+        if torch._C._functorch.is_functorch_wrapped_tensor(t):
+            raise NotImplementedError(
+                "cupysyncbn.interop.torch.SyncBatchNorm does not support torch.func"
+                " transforms (vmap, grad, jacrev, functional_call under them...): use"
+                " torch.autograd.grad or torch.autograd.functional (double backward is"
+                " supported), or torch.nn.BatchNorm for per-sample work"
+            )
+        if type(t) not in (torch.Tensor, torch.nn.Parameter) or t.device.type == "meta":
+            raise NotImplementedError(
+                f"cupysyncbn.interop.torch.SyncBatchNorm computes on real CPU or CUDA"
+                f" tensors; got a {type(t).__name__} on {t.device}. The module traces under"
+                f" torch.compile and torch.export (as the operator"
+                f" cupysyncbn::sync_batch_norm); the functional batch_norm, make_fx, fake or"
+                f" meta tensors outside them are not supported (docs/torch.md)"
+            )
+
+
+# ----------------------------------------------------------------------------
+# torch.compile: the layer's passes as custom operators. Dynamo and AOTAutograd
+# trace them through their fake implementations (shapes only), so a compiled
+# model keeps the layer in its graph (fullgraph=True works); at run time the
+# forward operator runs forward_arrays (one collective) and the backward
+# operator the backward's formulas with one all-reduce. A layer is named by
+# an integer key, since operators take tensors and numbers only.
+# ----------------------------------------------------------------------------
+
+_OP_LAYERS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+_OP_KEYS = itertools.count(1)
+
+
+def _op_register(layer: SyncBatchNorm) -> int:
+    key = next(_OP_KEYS)
+    _OP_LAYERS[key] = layer
+    return key
+
+
+def _op_layer(key: int) -> SyncBatchNorm:
+    layer = _OP_LAYERS.get(key)
+    if layer is None:
+        raise RuntimeError(f"cupysyncbn: the SyncBatchNorm of compiled key {key} no longer exists")
+    return layer
+
+
+def _compute_dtype(x: torch.Tensor, weight: torch.Tensor | None,
+                   running_mean: torch.Tensor | None) -> torch.dtype:
+    like = weight if weight is not None else running_mean
+    f64 = x.dtype == torch.float64 or (like is not None and like.dtype == torch.float64)
+    return torch.float64 if f64 else torch.float32
+
+
+@torch.library.custom_op(
+    "cupysyncbn::sync_batch_norm", mutates_args=(),
+    schema="(Tensor x, Tensor? weight, Tensor? bias, Tensor? running_mean,"
+    " Tensor? running_var, Tensor? num_batches_tracked, bool batch_stats, bool update,"
+    " float? momentum, float eps, int key) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+)
+def _op_forward(x, weight, bias, running_mean, running_var, num_batches_tracked,  # type: ignore[no-untyped-def]
+                batch_stats, update, momentum, eps, key):
+    # Functional (autograd formulas need it): the updated running statistics
+    # are returned, and the caller copies them into the buffers.
+    layer = _op_layer(key)
+    rm = None if running_mean is None else running_mean.clone()
+    rv = None if running_var is None else running_var.clone()
+    cfg = {
+        "running_mean": rm, "running_var": rv, "training": batch_stats, "update": update,
+        "momentum": momentum_torch_to_paddle(momentum), "eps": eps, "comm": layer.comm,
+        "nbt_read": update and momentum is None and num_batches_tracked is not None,
+        "num_batches_tracked": None if num_batches_tracked is None or not update
+        else num_batches_tracked.clone(),
+        "sync_state": layer._sync_state,
+    }
+    y, fctx = _forward_tensors(x, weight, bias, cfg)
+    cdt = _compute_dtype(x, weight, running_mean)
+    mean = from_native(fctx.mean, x).to(device=x.device, dtype=cdt, copy=True)
+    invstd = from_native(fctx.invstd, x).to(device=x.device, dtype=cdt, copy=True)
+    count = torch.tensor(float(fctx.count), dtype=torch.float64)
+    none = x.new_empty((0,), dtype=cdt)
+    return (_strided_like(x, y), mean, invstd, count, none if rm is None else rm,
+            none if rv is None else rv)
+
+
+@_op_forward.register_fake
+def _(x, weight, bias, running_mean, running_var, num_batches_tracked,  # type: ignore[no-untyped-def]
+      batch_stats, update, momentum, eps, key):
+    cdt = _compute_dtype(x, weight, running_mean)
+    c = x.shape[1]
+    none = x.new_empty((0,), dtype=cdt)
+    return (torch.empty_like(x), x.new_empty((c,), dtype=cdt), x.new_empty((c,), dtype=cdt),
+            x.new_empty((), dtype=torch.float64, device="cpu"),
+            none if running_mean is None else torch.empty_like(running_mean),
+            none if running_var is None else torch.empty_like(running_var))
+
+
+@torch.library.custom_op(
+    "cupysyncbn::sync_batch_norm_backward", mutates_args=(),
+    schema="(Tensor dy, Tensor x, Tensor? weight, Tensor mean, Tensor invstd, Tensor count,"
+    " bool batch_stats, int key) -> (Tensor, Tensor, Tensor)",
+)
+def _op_backward(dy, x, weight, mean, invstd, count, batch_stats, key):  # type: ignore[no-untyped-def]
+    comm = as_communicator(_op_layer(key).comm) if batch_stats else None
+    with torch.no_grad():
+        dx, dw, db = _backward_ops(x, weight, dy, mean, invstd, float(count), batch_stats, comm)
+    return _strided_like(x, dx), dw, db
+
+
+@_op_backward.register_fake
+def _(dy, x, weight, mean, invstd, count, batch_stats, key):  # type: ignore[no-untyped-def]
+    pdt = weight.dtype if weight is not None else mean.dtype
+    c = x.shape[1]
+    return torch.empty_like(x), x.new_empty((c,), dtype=pdt), x.new_empty((c,), dtype=pdt)
+
+
+def _strided_like(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``t`` with the strides of ``torch.empty_like(x)``, what the fake implementations promise.
+
+    The compiler plans its kernels with the fake strides; the passes return
+    contiguous or channels-last results, so other dense layouts (a
+    permuted input) get a copy instead of silently wrong indexing.
+    """
+    out = torch.empty_like(x)
+    if out.stride() == t.stride():
+        return t
+    return out.copy_(t)
+
+
+def _op_setup(ctx: Any, inputs: tuple, output: tuple) -> None:
+    x, weight, bias, *_, batch_stats, _update, _momentum, _eps, key = inputs
+    _y, mean, invstd, count, _rm, _rv = output
+    ctx.save_for_backward(x, weight, mean, invstd, count)
+    ctx.batch_stats, ctx.key, ctx.has_bias = batch_stats, key, bias is not None
+
+
+def _op_autograd(ctx: Any, dy: torch.Tensor, *_: Any) -> tuple:
+    x, weight, mean, invstd, count = ctx.saved_tensors
+    dx, dw, db = _op_backward(dy, x, weight, mean, invstd, count, ctx.batch_stats, ctx.key)
+    return (dx, dw if weight is not None else None, db if ctx.has_bias else None,
+            None, None, None, None, None, None, None, None)
+
+
+_op_forward.register_autograd(_op_autograd, setup_context=_op_setup)
 
 
 class SyncBatchNorm(_BatchNorm):
@@ -452,6 +781,7 @@ class SyncBatchNorm(_BatchNorm):
         self.comm = comm
         # identity on every rank: order of construction (see cupysyncbn._sync.protocol)
         self._sync_state = SyncState.for_layer(comm)
+        self._op_key = _op_register(self)  # names this layer to the compiled operators
 
     def __getstate__(self) -> dict:
         # A copy (pickle, deepcopy) is a new layer: it agrees on its own layer
@@ -459,6 +789,10 @@ class SyncBatchNorm(_BatchNorm):
         state = dict(super().__getstate__())
         state["_sync_state"] = SyncState()
         return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._op_key = _op_register(self)  # a copy is another layer
 
     @property
     def comm(self) -> Any:
@@ -473,8 +807,31 @@ class SyncBatchNorm(_BatchNorm):
         if input.dim() not in _FORMATS:
             raise ValueError(f"expected 2D to 5D input (got {input.dim()}D input)")
 
+    def __prepare_scriptable__(self) -> SyncBatchNorm:
+        # torch.jit.script calls this on every submodule before compiling.
+        raise NotImplementedError(
+            "cupysyncbn.interop.torch.SyncBatchNorm cannot be compiled by torch.jit.script"
+            " (its synchronized pass runs outside TorchScript): run the eager module,"
+            " torch.compile or torch.export; torch.fx.symbolic_trace keeps it as a leaf"
+            " module"
+        )
+
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        """Normalize ``input`` with global-batch statistics (training) or running ones (eval)."""
+        """Normalize ``input`` with global-batch statistics (training) or running ones (eval).
+
+        ``torch.fx.symbolic_trace`` records the layer as a leaf module
+        (``call_module``).
+        """
+        if isinstance(input, torch.fx.Proxy):
+            tracer = input.tracer
+            return tracer.create_proxy(  # type: ignore[return-value]
+                "call_module", tracer.path_of_module(self), (input,), {})
+        if torch.jit.is_tracing():
+            raise NotImplementedError(
+                "cupysyncbn.interop.torch.SyncBatchNorm cannot be recorded by torch.jit.trace"
+                " (its synchronized pass runs outside PyTorch's operators): run the eager"
+                " module, torch.compile or torch.export"
+            )
         bn_training = self.training or (self.running_mean is None and self.running_var is None)
         try:
             if not isinstance(input, torch.Tensor):
@@ -494,6 +851,11 @@ class SyncBatchNorm(_BatchNorm):
         # As in torch: running stats are passed when they are updated or used.
         use_running = not self.training or self.track_running_stats
         track = self.training and self.track_running_stats
+        if torch.compiler.is_compiling() and not any(
+            t is not None and t.dtype == torch.bfloat16
+            for t in (input, self.weight, self.running_mean)
+        ):
+            return self._compiled_forward(input, bn_training, use_running, track)
         return batch_norm(
             input,
             self.running_mean if use_running else None,
@@ -507,6 +869,26 @@ class SyncBatchNorm(_BatchNorm):
             num_batches_tracked=self.num_batches_tracked if track else None,
             sync_state=self._sync_state,
         )
+
+    def _compiled_forward(
+        self, input: torch.Tensor, bn_training: bool, use_running: bool, track: bool
+    ) -> torch.Tensor:
+        """The forward as Dynamo traces it: one custom operator, then the buffer updates."""
+        rm = self.running_mean if use_running else None
+        rv = self.running_var if use_running else None
+        update = bool(bn_training and rm is not None)
+        y, _, _, _, new_rm, new_rv = _op_forward(
+            input, self.weight, self.bias, rm, rv,
+            self.num_batches_tracked if track else None, bn_training or rm is None, update,
+            self.momentum, float(self.eps), self._op_key,
+        )
+        if update:
+            with torch.no_grad():
+                self.running_mean.copy_(new_rm)  # type: ignore[union-attr]
+                self.running_var.copy_(new_rv)  # type: ignore[union-attr]
+                if track:
+                    self.num_batches_tracked.add_(1)  # type: ignore[union-attr,operator]
+        return y
 
     @classmethod
     def convert_sync_batchnorm(
