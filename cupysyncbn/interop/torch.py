@@ -783,14 +783,11 @@ class SyncBatchNorm(_BatchNorm):
         self._sync_state = SyncState.for_layer(comm)
         self._op_key = _op_register(self)  # names this layer to the compiled operators
 
-    def __getstate__(self) -> dict:
-        # A copy (pickle, deepcopy) is a new layer: it agrees on its own layer
-        # id and shift with its group at its first pass.
-        state = dict(super().__getstate__())
-        state["_sync_state"] = SyncState()
-        return state
-
     def __setstate__(self, state: dict) -> None:
+        # A copy (pickle, deepcopy) is a new layer: its SyncState copied or
+        # unpickled itself into a fresh state with the next construction
+        # ordinal (cupysyncbn._sync.state), so copies made in the same order
+        # on every rank keep telling layers apart.
         super().__setstate__(state)
         self._op_key = _op_register(self)  # a copy is another layer
 
