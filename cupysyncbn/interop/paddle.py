@@ -247,7 +247,7 @@ def batch_norm(
         return y.astype("bfloat16")
     use_running = (not training) if use_global_stats is None else bool(use_global_stats)
     use_running = use_running and running_mean is not None
-    cfg = {
+    cfg: dict[str, Any] = {
         "running_mean": running_mean,
         "running_var": running_var,
         "training": not use_running,

@@ -549,7 +549,7 @@ def _batch_norm_bf16(
     if training:
         with torch.no_grad():
             for dst, src in ((running_mean, rm), (running_var, rv)):
-                if dst is not None and src is not dst:
+                if dst is not None and src is not None and src is not dst:
                     dst.copy_(src)
     return y.to(input.dtype)
 
