@@ -1,4 +1,3 @@
-import ctypes
 import os
 import sys
 from pathlib import Path
@@ -19,21 +18,12 @@ FORCE_ENV = "CUPYSYNCBN_FORCE_COLLECTIVES"
 # GPU). Tests of placement set their own; GPU tests move layers with .to().
 os.environ.setdefault("CUPYSYNCBN_DEVICE", "cpu")
 
-
-def _nvidia_driver_present() -> bool:
-    for name in ("libcuda.so.1", "libcuda.so"):
-        try:
-            ctypes.CDLL(name)
-            return True
-        except OSError:
-            continue
-    return False
-
+from cupysyncbn.runtime import placement  # noqa: E402 - after the environment is set
 
 #: One reason for every GPU test on a machine without an NVIDIA driver (not
 #: "CUDA driver version is insufficient", which reads like a broken install).
 NO_GPU = "no NVIDIA GPU on this machine (GPU tests run where one is: scripts/gpu_check.sh)"
-_HAS_DRIVER = _nvidia_driver_present()
+_HAS_DRIVER = placement._driver_present()  # loads libcuda, imports no CuPy
 
 
 @pytest.hookimpl(tryfirst=True)
