@@ -21,7 +21,8 @@ import numpy as np
 
 from ..arrays.formats import DataFormat
 from ..backends import Backend
-from ..comm.base import Communicator
+from ..comm.base import LOCAL, Communicator
+from ..modes import eval_is_counted
 from . import protocol
 from .device_status import DeviceStatus
 
@@ -116,6 +117,21 @@ class SyncState:
     def remember(self, key: Any, verdict: Any) -> None:
         """Remember the verdict of a forward's checks (one entry: the last call)."""
         self._checked = (key, verdict)
+
+    def eval_batch_pass(self, comm: Any) -> Any:
+        """The communicator of an eval-mode pass that uses batch statistics.
+
+        Such a pass (``track_running_stats=False``, ``use_global_stats=False``,
+        ``trainable_statistics``) is counted like every eval forward (the
+        header's ``evals`` slot), so a rank in eval mode while its peers train
+        is caught in that very pass on every rank. Inside
+        :class:`cupysyncbn.local_eval` it is not counted and runs on this
+        rank's own batch: ``LOCAL``, no communication.
+        """
+        if eval_is_counted():
+            self.evals += 1
+            return comm
+        return LOCAL
 
     def next_ids(self) -> tuple[int, int, int, int]:
         """``(layer, call, ident, evals)`` header values of the next pass; counts the pass."""

@@ -418,10 +418,16 @@ class SyncBatchNorm(paddle.nn.SyncBatchNorm):
                 sync_state=self._sync_state, num_features=self._num_features,
                 backend="cupy" if self._mean.place.is_gpu_place() else "numpy",
             )
+        comm = self.comm
+        ugs = self._use_global_stats
+        if not self.training and (self._trainable_statistics or ugs is False):
+            # eval with batch statistics: agreed with the peers, or local
+            # inside cupysyncbn.local_eval()
+            comm = self._sync_state.eval_batch_pass(comm)
         y = batch_norm(
             x, self._mean, self._variance, self.weight, self.bias, self._batch_mode(),
             self._momentum, self._epsilon, self._data_format, self._use_global_stats,
-            comm=self.comm, sync_state=self._sync_state,
+            comm=comm, sync_state=self._sync_state,
         )
         if self._act is not None:
             y = getattr(paddle.nn.functional, self._act)(y)

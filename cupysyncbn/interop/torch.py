@@ -853,6 +853,11 @@ class SyncBatchNorm(_BatchNorm):
             for t in (input, self.weight, self.running_mean)
         ):
             return self._compiled_forward(input, bn_training, use_running, track)
+        comm = self.comm
+        if bn_training and not self.training:
+            # eval with batch statistics (track_running_stats=False): agreed
+            # with the peers, or local inside cupysyncbn.local_eval()
+            comm = self._sync_state.eval_batch_pass(comm)
         return batch_norm(
             input,
             self.running_mean if use_running else None,
@@ -862,7 +867,7 @@ class SyncBatchNorm(_BatchNorm):
             bn_training,
             self.momentum,
             self.eps,
-            comm=self.comm,
+            comm=comm,
             num_batches_tracked=self.num_batches_tracked if track else None,
             sync_state=self._sync_state,
         )

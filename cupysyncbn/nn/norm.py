@@ -318,6 +318,9 @@ class _BatchNormBase(Layer):
             batch_stats = not self._use_global_stats
         update = self.training and batch_stats and self._track_running_stats
         use_running = self._track_running_stats
+        comm = self.comm if batch_stats else LOCAL
+        if batch_stats and not self.training:
+            comm = self._sync_state.eval_batch_pass(comm)
         res = F.batch_norm_forward(
             x,
             self.weight.data,
@@ -328,7 +331,7 @@ class _BatchNormBase(Layer):
             momentum=self._momentum,
             epsilon=self._epsilon,
             data_format=self._fmt,
-            comm=self.comm if batch_stats else LOCAL,
+            comm=comm,
             unbiased_running_var=self._unbiased_running_var and update,
             num_batches_tracked=int(self._num_batches_tracked),
             sync_state=self._sync_state,
