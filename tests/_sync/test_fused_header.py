@@ -69,6 +69,12 @@ def test_fused_path_is_finite_for_epsilon_zero_and_huge_constants(cp):
     assert np.isfinite(y).all()
     layer.train()
     for value in (4e35, -3e38):
+        rm0 = tlb._host(layer._mean).astype(np.float64)
+        rv0 = tlb._host(layer._variance).astype(np.float64)
         y = tlb._host(layer(cp.asarray(np.full((4096, 3), value, "float32"))))
-        assert np.isfinite(y).all()
-        assert np.isfinite(tlb._host(layer._variance)).all()
+        # a constant channel: x - mean is 0, so y is the bias exactly; the batch
+        # variance is 0 and the mean is the value (momentum 0.9, Paddle's rule)
+        np.testing.assert_array_equal(y, np.broadcast_to(bias, y.shape))
+        np.testing.assert_allclose(tlb._host(layer._variance), 0.9 * rv0, rtol=1e-6)
+        np.testing.assert_allclose(tlb._host(layer._mean), 0.9 * rm0 + 0.1 * value,
+                                   rtol=1e-6)

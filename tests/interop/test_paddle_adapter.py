@@ -10,6 +10,7 @@ import sys
 
 import numpy as np
 import pytest
+from support.bn_ref import ref_backward
 
 paddle = pytest.importorskip("paddle")
 
@@ -203,14 +204,19 @@ def test_any_rank_of_input_and_float16_bfloat16():
     x = rng.normal(size=(4, 2, 3)).astype("float32")
     expect = (x - x.mean((0, 1))) / np.sqrt(x.var((0, 1)) + 1e-5)
     assert _max(last(_t(x)).numpy(), expect) < 1e-5
-    for dt in ("float16", "bfloat16"):
+    for dt, tol in (("float16", 0.01), ("bfloat16", 0.06)):
         xt = _t(x.transpose(0, 2, 1)).astype(dt)
         xt.stop_gradient = False
         y = bn(xt)
         assert y.dtype == xt.dtype
-        y.sum().backward()
+        dy = _t(rng.uniform(-1, 1, size=xt.shape).astype("float32")).astype(dt)
+        y.backward(dy)
         assert xt.grad is not None and xt.grad.dtype == xt.dtype
         assert _max(y.astype("float32").numpy(), expect.transpose(0, 2, 1)) < 0.05
+        # the gradient's values, against float64 on the rounded x and dy
+        x64, dy64 = (np.asarray(t.astype("float32").numpy(), np.float64) for t in (xt, dy))
+        ref_dx, _, _ = ref_backward(x64, dy64, "NCL")
+        assert _max(xt.grad.astype("float32").numpy(), ref_dx) < tol, dt
 
 
 def test_empty_batch_and_errors():
