@@ -63,7 +63,6 @@ import datetime
 import json
 import os
 import platform
-import shutil
 import statistics
 import subprocess
 import sys
@@ -621,10 +620,9 @@ def launch(spec: dict, k: int, timeout: float, cpu_backend: str = "auto") -> lis
         if k == 1 and not spec["gpu"]:
             cmd = [sys.executable, __file__, "--worker", str(path)]
         else:
-            here = Path(sys.executable).parent  # a venv whose bin/ is not on PATH
-            mpiexec = next((str(here / n) for n in ("mpiexec", "mpirun")
-                            if (here / n).is_file()), None)
-            mpiexec = mpiexec or shutil.which("mpiexec") or shutil.which("mpirun")
+            from cupysyncbn.runtime.env import find_mpiexec  # imported where used
+
+            mpiexec = find_mpiexec()
             if mpiexec is None:
                 raise SystemExit("mpiexec not found (pip install mpich)")
             cmd = [mpiexec, "-n", str(k), sys.executable, __file__, "--worker", str(path)]

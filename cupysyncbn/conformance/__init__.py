@@ -244,12 +244,7 @@ class CaseResult:
         return self.error is None and checked and not self.failed
 
 
-def _compare(case: dict, quantity: str, got: np.ndarray, ref: np.ndarray) -> tuple[float, bool]:
-    err, ok, _ = _compare_used(case, quantity, got, ref)
-    return err, ok
-
-
-def _compare_used(
+def _compare(
     case: dict, quantity: str, got: np.ndarray, ref: np.ndarray
 ) -> tuple[float, bool, float]:
     """``(max abs error, within tolerance, largest fraction of the bound used)``."""
@@ -285,12 +280,12 @@ def evaluate(case: dict, per_rank: list[dict]) -> CaseResult:
             ref = case[key]
             arrays: list[np.ndarray] = [p for p in pieces if p is not None]
             if q in ("y", "dx", "y_eval"):
-                groups[q].append(_compare_used(case, q, np.concatenate(arrays, axis=0), ref))
+                groups[q].append(_compare(case, q, np.concatenate(arrays, axis=0), ref))
             elif q in ("dweight", "dbias"):
-                groups[q].append(_compare_used(case, q, np.sum(arrays, axis=0), ref))
+                groups[q].append(_compare(case, q, np.sum(arrays, axis=0), ref))
             else:  # running statistics: every rank must hold them
                 for a in arrays:
-                    groups[q].append(_compare_used(case, q, a, ref))
+                    groups[q].append(_compare(case, q, a, ref))
     for q, vals in groups.items():
         if not vals:
             res.errors[q] = None

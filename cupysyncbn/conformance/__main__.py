@@ -23,14 +23,12 @@ leaving the peers waiting for the collective timeout.
 from __future__ import annotations
 
 import argparse
-import shutil
 import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Any, Callable
 
-from ..runtime.env import collective_timeout, launched_size
+from ..runtime.env import collective_timeout, find_mpiexec, launched_size
 from ..runtime.watchdog import abort_job
 from . import case_files, format_table, load_case, load_impl, run_suite
 
@@ -106,9 +104,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _relaunch(argv: list[str], ranks: int) -> int:
-    here = Path(sys.executable).parent  # a venv whose bin/ is not on PATH
-    found = [str(here / n) for n in ("mpiexec", "mpirun") if (here / n).is_file()]
-    mpiexec = found[0] if found else shutil.which("mpiexec") or shutil.which("mpirun")
+    mpiexec = find_mpiexec()
     if mpiexec is None:
         print("--ranks needs mpiexec on PATH (pip install mpich)", file=sys.stderr)
         return 2

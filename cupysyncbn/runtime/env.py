@@ -11,6 +11,9 @@ naming the variable.
 from __future__ import annotations
 
 import os
+import shutil
+import sys
+from pathlib import Path
 from typing import Any
 
 __all__ = [
@@ -18,7 +21,7 @@ __all__ = [
     "STRICT_SYNC_ENV", "FORCE_ENV", "VERBOSE_ENV", "CUDA_AWARE_ENV", "NCCL_ABORT_ENV",
     "RANK_VARS", "SIZE_VARS", "LOCAL_RANK_VARS", "LAUNCHER_SIZE_VARS", "LAUNCHER_RANK_VARS",
     "flag", "text", "parse_timeout", "collective_timeout", "launched_size", "launcher_env",
-    "env_rank", "env_local_rank",
+    "env_rank", "env_local_rank", "find_mpiexec",
 ]
 
 #: Seconds a collective may take before the job aborts (``0`` disables).
@@ -178,3 +181,17 @@ def env_local_rank() -> int | None:
         if raw.isdigit():
             return int(raw)
     return None
+
+
+def find_mpiexec() -> str | None:
+    """The MPI launcher: beside this Python first, then on ``PATH``; None if neither.
+
+    A virtual environment's ``bin/`` (where ``pip install mpich`` puts
+    ``mpiexec``) is often not on ``PATH`` when its Python is run by full path.
+    """
+    here = Path(sys.executable).parent
+    for name in ("mpiexec", "mpirun"):
+        cand = here / name
+        if cand.is_file() and os.access(cand, os.X_OK):
+            return str(cand)
+    return shutil.which("mpiexec") or shutil.which("mpirun")

@@ -7,7 +7,6 @@ Multi-rank tests call :func:`run_mpi`; a hang becomes a test failure after
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -16,18 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from cupysyncbn.runtime.env import find_mpiexec
 from support import ROOT, TESTS
-
-
-def find_mpiexec() -> str | None:
-    """``mpiexec`` beside this Python (a venv or env whose bin/ is not on PATH), else on PATH."""
-    here = Path(sys.executable).parent
-    for name in ("mpiexec", "mpirun"):
-        cand = here / name
-        if cand.is_file() and os.access(cand, os.X_OK):
-            return str(cand)
-    return shutil.which("mpiexec") or shutil.which("mpirun")
-
 
 MPIEXEC = find_mpiexec()
 
