@@ -68,7 +68,7 @@ print(json.dumps({"kernels": n, "load_s": t2 - t1, "import_s": t1 - t0}))
 
 # No GPU needed: what RawModule hands to NVRTC, for the H100/H200 architecture.
 KERNEL_COMPILE = r"""
-import json, time
+import json, sys, time
 from cupy.cuda import nvrtc
 from cupysyncbn.backends.cupy import kernels as ks
 archs = nvrtc.getSupportedArchs()
@@ -90,8 +90,36 @@ for f in ks.KERNEL_FILES:
         n += len(names)
     finally:
         nvrtc.destroyProgram(prog)
+# CuPy's own kernels (astype, fill, the unfused path's arithmetic) include
+# cuda_fp16.h / cuda_bf16.h from the CUDA runtime headers, which NVRTC does not
+# ship: CuPy finds them with cuda.pathfinder, as here.
+import os, cupy
+try:
+    from cuda.pathfinder import find_nvidia_header_directory
+    cudart = find_nvidia_header_directory("cudart")
+except Exception as e:  # an older CuPy without cuda.pathfinder
+    cudart = None
+    print(f"cuda.pathfinder: {type(e).__name__}: {e}")
+headers = {"cudart": cudart, "in_environment": bool(cudart) and os.path.realpath(
+    cudart).startswith(os.path.realpath(sys.prefix))}
+if cudart:
+    src = ("#include <cupy/carray.cuh>\n#include <cuda_fp16.h>\n#include <cuda_bf16.h>\n"
+           'extern "C" __global__ void k(__half* a, __nv_bfloat16* b) {'
+           " a[0] = __float2half(1.0f); b[0] = __float2bfloat16(1.0f); }\n")
+    prog = nvrtc.createProgram(src, "cupy_headers.cu", [], [])
+    try:
+        nvrtc.compileProgram(prog, [
+            "-I" + os.path.join(os.path.dirname(cupy.__file__), "_core", "include"),
+            "-I" + cudart, "--std=c++17", "--device-as-default-execution-space",
+            f"--gpu-architecture=sm_{arch}"])
+        headers["compiles"] = True
+    except nvrtc.NVRTCError:
+        headers["compiles"] = False
+        headers["log"] = nvrtc.getProgramLog(prog)[-600:]
+    finally:
+        nvrtc.destroyProgram(prog)
 print(json.dumps({"kernels": n, "arch": arch, "nvrtc": list(nvrtc.getVersion()),
-                  "compile_s": time.perf_counter() - t0}))
+                  "compile_s": time.perf_counter() - t0, "headers": headers}))
 """
 
 ENV_PROBE = r"""
@@ -350,6 +378,16 @@ def kernels(rep: Report, tmp: Path, env: dict, dry_run: bool) -> None:
                   (f"{r['kernels']} kernels for sm_{r['arch']} in {r['compile_s']:.1f} s"
                    f" (NVRTC {r['nvrtc']})") if r else ("timed out" if rc is None
                                                         else _tail(out)))
+        h = r["headers"] if r else None
+        if h is not None:
+            rep.check("CuPy's kernels find the CUDA runtime headers (cuda_fp16.h, cuda_bf16.h)",
+                      bool(h["cudart"]) and h.get("compiles") is True,
+                      f"{h['cudart']} ({'in' if h['in_environment'] else 'outside'} this"
+                      " environment)" if h.get("compiles") else
+                      (h.get("log") or "not found: install nvidia-cuda-runtime-cu12 (CUDA 12)"
+                       " or nvidia-cuda-runtime 13.x (CUDA 13), as the [cuda]/[cuda13]"
+                       " extras do"))
+            rep.data["cuda_headers"] = h
         return
     runs = []
     t_end = time.monotonic() + BUDGETS["kernels"]

@@ -43,7 +43,10 @@ from ..errors import CollectiveMismatchError
 from ..runtime import env
 from . import protocol
 
-__all__ = ["CHECK_EVERY", "DeviceStatus", "check_errors", "strict_sync", "strict_sync_default"]
+__all__ = [
+    "CHECK_EVERY", "DeviceStatus", "capturing_stream", "check_errors", "strict_sync",
+    "strict_sync_default",
+]
 
 STATUS_SIZE = 2 + protocol.HEADER
 #: Synchronized passes between the queuing of a status copy and its reading.
@@ -75,8 +78,13 @@ def _raise_verdict(host: np.ndarray, size: int) -> None:
         raise ValueError(count_one_message(None, unbiased=flag == 2))
 
 
+def capturing_stream(stream: Any) -> bool:
+    """Whether ``stream`` is capturing a CUDA graph (a host query, no sync)."""
+    return bool(getattr(stream, "is_capturing", lambda: False)())
+
+
 def _capturing(xp: Any) -> bool:
-    return bool(getattr(xp.cuda.get_current_stream(), "is_capturing", lambda: False)())
+    return capturing_stream(xp.cuda.get_current_stream())
 
 
 class DeviceStatus:

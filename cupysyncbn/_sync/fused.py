@@ -14,7 +14,9 @@ training forward is::
 and an eval forward one ``fwd_norm``. Per-layer workspaces (partials, the
 wire buffers, the shift, the status) live in the layer's :class:`SyncState`
 and are reused, so a steady-state pass allocates only its outputs and can be
-captured in a CUDA graph. The header verdict is read asynchronously
+captured in a CUDA graph; what a captured pass used stays allocated for the
+layer's lifetime (``DeviceWorkspace.keep``), so no replay writes to memory the
+pool has handed out again. The header verdict is read asynchronously
 (:mod:`.device_status`).
 """
 
@@ -27,7 +29,7 @@ import numpy as np
 from ..backends.channel_math import momentum_weights
 from . import collective, protocol
 from .checks import Verdict
-from .device_status import strict_sync
+from .device_status import capturing_stream, strict_sync
 from .state import (
     DeviceWorkspace,
     ForwardContext,
@@ -84,6 +86,8 @@ def forward(
         poll(state, backend, nf)
         backend.fwd_norm(v, y, channel_last, nf, None, None, None, vectors, (None, None),
                          stats64, statc, None, epsilon, 0.0, 0.0, 0, comm.size, pdt)
+        if capturing_stream(xp.cuda.get_current_stream()):
+            workspace(state, backend, nf).keep(stats64, statc)
         return y, stats64, statc, rm, rv, False
     ws = workspace(state, backend, nf)
     if state is not None:
@@ -134,6 +138,8 @@ def forward(
     backend.fwd_norm(v, y, channel_last, nf, buf, ws.shift_used, ws.shift_next, vectors, outs,
                      stats64, statc, st, epsilon, keep, factor, flags, size, pdt, nbt)
     _finish(ws, state, comm)
+    if ws.capturing:  # the backward's graph reads them; a replay writes them
+        ws.keep(stats64, statc, *([] if inplace else outs))
     new_rm, new_rv = outs if update else (rm, rv)
     return y, stats64, statc, new_rm, new_rv, update
 
@@ -179,6 +185,8 @@ def backward(
                           ws.status.device if ws is not None else None, flags, comm.size, pdt)
     if ws is not None and (sync or state is None):
         _finish(ws, state, comm)
+    if ws is not None and ws.capturing and not accumulate:
+        ws.keep(dweight, dbias)
     return dx, dweight, dbias
 
 

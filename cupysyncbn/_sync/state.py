@@ -24,7 +24,7 @@ from ..backends import Backend
 from ..comm.base import LOCAL, Communicator
 from ..modes import eval_is_counted
 from . import protocol
-from .device_status import DeviceStatus
+from .device_status import DeviceStatus, capturing_stream
 
 __all__ = [
     "SyncState", "ForwardContext", "ForwardResult", "DeviceWorkspace", "workspace",
@@ -218,12 +218,29 @@ class ForwardResult:
 
 
 class DeviceWorkspace:
-    """One layer's reusable device arrays on one device."""
+    """One layer's reusable device arrays on one device.
+
+    Scratch arrays (``ws(key, size, dtype)``) are kept per CUDA stream: a pass
+    on a side stream (PyTorch's, a capture stream) never shares scratch with
+    passes on another stream, and a stream-ordered pool (CuPy's, PyTorch's
+    caching allocator) frees each array on the stream that used it.
+
+    CUDA graphs: a replay writes to the addresses captured, so nothing a
+    captured pass used may go back to the pool while the graph can replay.
+    :meth:`begin_pass` notes a capture; from then on an array replaced by a
+    larger one is kept (``kept``) instead of freed, and :meth:`keep` holds the
+    per-pass arrays of captured passes (saved statistics, gradients): for
+    the layer's lifetime, since the graph's is not known here.
+    """
 
     def __init__(self, xp: Any, nf: int) -> None:
         self.xp = xp
         self.nf = nf
         self._arrays: dict = {}
+        self._stream = 0  # the current stream's handle, set by begin_pass()
+        self.capturing = False  # the current pass runs inside a CUDA-graph capture
+        self.captured = False  # some pass did
+        self.kept: list = []
         self.status = DeviceStatus(xp)
         self.shift_next = xp.zeros(nf, dtype=_F64)
         self.shift_used = xp.zeros(nf, dtype=_F64)
@@ -234,13 +251,29 @@ class DeviceWorkspace:
         self.nbt = xp.zeros(2, dtype=_F64)
         self.nbt_host: int | None = None
 
+    def begin_pass(self) -> bool:
+        """Note the current stream and whether it is capturing; return the latter."""
+        stream = self.xp.cuda.get_current_stream()
+        self._stream = stream.ptr
+        self.capturing = capturing = capturing_stream(stream)
+        if capturing:
+            self.captured = True
+        return capturing
+
+    def keep(self, *arrays: Any) -> None:
+        """Hold ``arrays`` (a captured pass's) for the layer's lifetime."""
+        self.kept.extend(a for a in arrays if a is not None)
+
     def __call__(self, key: str, size: int, dtype: Any) -> Any:
         """A reusable 1-D array of at least ``size`` elements (a view of ``size``)."""
         dtype = np.dtype(dtype)
-        a = self._arrays.get((key, dtype))
+        k = (key, dtype, self._stream)
+        a = self._arrays.get(k)
         if a is None or a.size < size:
+            if a is not None and self.captured:
+                self.kept.append(a)  # a captured graph may still write to it
             a = self.xp.empty(max(size, 1), dtype=dtype)
-            self._arrays[(key, dtype)] = a
+            self._arrays[k] = a
         return a[:size]
 
 
@@ -249,8 +282,21 @@ def workspace_key(backend: Any, nf: int) -> tuple:
     return ("fused", backend.xp.cuda.Device().id, nf)
 
 
+#: Workspaces of stateless (functional) passes that ran inside a CUDA-graph
+#: capture: without a layer to hold them, they live as long as the process.
+_CAPTURED_EPHEMERAL: list[DeviceWorkspace] = []
+
+
 def workspace(state: SyncState | None, backend: Any, nf: int) -> DeviceWorkspace:
-    """The layer's workspace for this device (an ephemeral one without a state)."""
+    """The layer's workspace for this device, its pass begun (see ``begin_pass``).
+
+    Without a state the workspace is ephemeral, unless the pass is captured.
+    """
     if state is None:
-        return DeviceWorkspace(backend.xp, nf)
-    return state.workspace(workspace_key(backend, nf), lambda: DeviceWorkspace(backend.xp, nf))
+        ws = DeviceWorkspace(backend.xp, nf)
+        if ws.begin_pass():
+            _CAPTURED_EPHEMERAL.append(ws)
+        return ws
+    ws = state.workspace(workspace_key(backend, nf), lambda: DeviceWorkspace(backend.xp, nf))
+    ws.begin_pass()
+    return ws

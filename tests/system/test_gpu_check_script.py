@@ -215,6 +215,10 @@ def test_dry_run_prepares_everything_in_a_fresh_cuda_environment(tmp_path):
     assert data["status"] == "prepared", data
     names = {c["name"]: c for c in data["checks"]}
     assert names["every kernel instantiation compiles with NVRTC"]["ok"] is True
+    # CuPy's own kernels include cuda_fp16.h/cuda_bf16.h: the [cuda] extra brings them
+    headers = names["CuPy's kernels find the CUDA runtime headers (cuda_fp16.h, cuda_bf16.h)"]
+    assert headers["ok"] is True, headers
+    assert data["cuda_headers"]["in_environment"] is True, data["cuda_headers"]
     collected = names["GPU tests collected"]
     assert collected["ok"] is True and int(collected["detail"].split()[0]) >= 40
     # what the bare environment lacks is named as not run, never passed over
