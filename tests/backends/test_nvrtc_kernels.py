@@ -55,6 +55,9 @@ def _expected_names(file):
                  "bn_bwd_pack<double, float>", "bn_bwd_pack<double, double>"}
         return names | {f"bn_{k}_{lay}<{t}, {a}, {p}>" for k in ("fwd_norm", "bwd_elemt")
                         for lay in ("cf", "cl") for t, a, p in trip}
+    if file == "exact.cu":
+        return {f"bn_exact_{k}_{lay}<{t}>" for k in ("absmax", "folds", "bwd_absmax", "bwd_folds")
+                for lay in ("cf", "cl") for t in STORAGE.values()}
     return {f"{k}<{t}, {a}, {i}>" for k in ("bn_normalize", "bn_backward_elemt")
             for t, a in pairs for i in ("int", "long long")}
 
@@ -90,9 +93,10 @@ def test_nvrtc_instantiation_list_is_complete():
     assert {p.name for p in (ROOT / "kernels").glob("*.cu")} == set(ks.KERNEL_FILES)
 
 
-# fused.cu is the largest module: its lowest and highest architecture
+# fused.cu is the largest module, exact.cu the newest: their lowest and highest
+# architecture (the suite's time)
 CASES = [(f, a) for f in ks.KERNEL_FILES for a in ARCHS
-         if f != "fused.cu" or a in (ARCHS[0], ARCHS[-1])]
+         if f not in ("fused.cu", "exact.cu") or a in (ARCHS[0], ARCHS[-1])]
 
 
 @pytest.fixture(scope="module")

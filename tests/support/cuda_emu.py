@@ -58,6 +58,11 @@ inline V __shfl_xor_sync(unsigned, V v, int offset) {
   std::memcpy(&r, &o, sizeof(V));
   return r;
 }
+// Explicitly rounded float64 operations (never contracted on a GPU; plain here:
+// the emulation is compiled without FMA contraction).
+inline double __dadd_rn(double a, double b) { return a + b; }
+inline double __dsub_rn(double a, double b) { return a - b; }
+inline double __dmul_rn(double a, double b) { return a * b; }
 inline float __uint_as_float(unsigned u) { float f; std::memcpy(&f, &u, 4); return f; }
 inline unsigned __float_as_uint(float f) { unsigned u; std::memcpy(&u, &f, 4); return u; }
 // Kernels without barriers or shuffles: every thread of every block in turn.
@@ -147,6 +152,22 @@ PARAMS = {
     "bn_bwd_elemt_cl": "const T* dy, const T* x, T* dx, long long M, long long C, int vec,"
                        " const double* buf, const double* s64, const A* sc, const P* w,"
                        " double* st, int flags, double size",
+    "bn_exact_absmax_cf": "const T* x, long long N, long long C, long long S, double* out",
+    "bn_exact_absmax_cl": "const T* x, long long M, long long C, double* out",
+    "bn_exact_folds_cf": "const T* x, long long N, long long C, long long S, const double* m1,"
+                         " const double* m2, const double* sig, int K, int split, double* out",
+    "bn_exact_folds_cl": "const T* x, long long M, long long C, const double* m1,"
+                         " const double* m2, const double* sig, int K, int split, double* out",
+    "bn_exact_bwd_absmax_cf": "const T* dy, const T* x, long long N, long long C, long long S,"
+                              " const double* mean, double* out",
+    "bn_exact_bwd_absmax_cl": "const T* dy, const T* x, long long M, long long C,"
+                              " const double* mean, double* out",
+    "bn_exact_bwd_folds_cf": "const T* dy, const T* x, long long N, long long C, long long S,"
+                             " const double* mean, const double* mg, const double* mh,"
+                             " const double* sig, int K, double* out",
+    "bn_exact_bwd_folds_cl": "const T* dy, const T* x, long long M, long long C,"
+                             " const double* mean, const double* mg, const double* mh,"
+                             " const double* sig, int K, double* out",
 }
 # Kernels with no __syncthreads/shuffle: emulated on one thread (fast).
 SERIAL = {"bn_normalize", "bn_backward_elemt", "bn_fwd_pack", "bn_fwd_norm_cf",
@@ -178,6 +199,8 @@ def source():
                 keys = "TAI"
             elif kind.startswith(("bn_stats_partial", "bn_bwd_partial")):
                 keys = "TA"
+            elif kind.startswith("bn_exact_"):
+                keys = "T"
             params = PARAMS[kind]
             for key, val in zip(keys, targs):
                 params = re.sub(rf"\b{key}\b", val, params)

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import exact_sums
 from ..base import Backend
 from . import kernels as ks
 
@@ -39,6 +40,11 @@ _MIN_PER_THREAD = 16
 _BLOCKS_PER_SM = 8
 _MAX_GRID_YZ = 65535
 _INT32_LIMIT = 2**31
+#: Threads of a channel-first reproducible-mode block (a power of two <= 256:
+#: the blocks' tree reductions and SBN_EXACT_THREADS in kernels/exact.cu).
+_EXACT_THREADS = 256
+#: SBN_MAX_FOLDS in kernels/exact.cu (per-thread accumulators).
+_MAX_FOLDS = 5
 
 
 def _last_pow2(n: int) -> int:
@@ -293,6 +299,100 @@ class CupyBackend(Backend):
                  self._vec(a, adt), self._vec(mean_dy, adt), self._vec(b, adt)),
             )
         return dx if dx.dtype == np.dtype(out_dtype) else dx.astype(out_dtype)
+
+    # -- the reproducible mode's data passes (kernels/exact.cu) ---------------
+    # CUDA ports of cupysyncbn.backends.exact_sums (absmax, moment_folds,
+    # backward_bounds, backward_folds), bit for bit: per-block partials
+    # merged here by a max or an exact sum (any order gives the same bits).
+
+    def _exact_launch(self, kind: str, x: Any, channel_last: bool, q: int,
+                      args: tuple) -> Any:
+        """Launch ``kind`` over ``x``; the ``[q, C]`` partials merged over blocks."""
+        cp = self.xp
+        t = ks.storage_type(x.dtype)
+        c = int(x.shape[-1] if channel_last else x.shape[1])
+        threads = min(_THREADS, _EXACT_THREADS)
+        if channel_last:
+            m = int(x.shape[0])
+            gx = _cdiv(c, 32)
+            g = max(1, min(_cdiv(self._sm_count() * _BLOCKS_PER_SM, gx), _cdiv(m, 8 * 16),
+                           _MAX_GRID_YZ))
+            out = cp.empty(q * c * g, dtype=_F64)
+            self._kernel("exact.cu", ks.exact(kind, t, True))(
+                (gx, g), (32, 8), (*args[:-1], np.int64(m), np.int64(c), *args[-1], out))
+        else:
+            n, s = int(x.shape[0]), int(x.shape[2])
+            per_channel = _cdiv(self._sm_count() * _BLOCKS_PER_SM, c)
+            g = max(1, min(per_channel, _cdiv(n * s, threads * _MIN_PER_THREAD), _MAX_GRID_YZ))
+            out = cp.empty(q * c * g, dtype=_F64)
+            self._kernel("exact.cu", ks.exact(kind, t, False))(
+                (g, min(c, _MAX_GRID_YZ)), (threads,),
+                (*args[:-1], np.int64(n), np.int64(c), np.int64(s), *args[-1], out))
+        return out.reshape(q, c, g)
+
+    def _exact_scales(self, e: Any) -> Any:
+        """``[2, C]``: the two power-of-two factors of ``exact_sums.scaled`` per channel."""
+        cp = self.xp
+        neg = -cp.asarray(e, dtype=_F64)
+        big = neg > 1023
+        first = cp.where(big, neg - 600.0, neg)
+        return cp.ascontiguousarray(cp.stack([
+            cp.ldexp(cp.ones_like(first), first.astype(np.int32)),
+            cp.where(big, 2.0**600, 1.0)]))
+
+    def _sigmas(self, k_folds: int) -> Any:
+        return self.xp.asarray(np.array(exact_sums.sigmas(k_folds), dtype=_F64))
+
+    @_on_input_device
+    def exact_absmax(self, v: Any, channel_last: bool) -> Any:
+        """Local ``max|v|`` per channel (float64, NaN-propagating); ``exact_sums.absmax``."""
+        v = self.xp.ascontiguousarray(v)
+        return self._exact_launch("bn_exact_absmax", v, channel_last, 1, (v, ())).max(
+            axis=2)[0]
+
+    @_on_input_device
+    def exact_moment_folds(
+        self, v: Any, channel_last: bool, e: Any, k_folds: int
+    ) -> tuple[Any, Any]:
+        """Local folds ``(P1, P2)`` (K x C each); ``exact_sums.moment_folds``."""
+        if not 1 <= k_folds <= _MAX_FOLDS:
+            raise ValueError(f"k_folds must be in [1, {_MAX_FOLDS}]; got {k_folds}")
+        v = self.xp.ascontiguousarray(v)
+        sc = self._exact_scales(e)
+        split = np.int32(np.dtype(v.dtype).itemsize >= 8)
+        p = self._exact_launch("bn_exact_folds", v, channel_last, 2 * k_folds, (
+            v, (sc[0], sc[1], self._sigmas(k_folds), np.int32(k_folds), split))).sum(axis=2)
+        return p[:k_folds], p[k_folds:]
+
+    @_on_input_device
+    def exact_backward_bounds(
+        self, dy: Any, x: Any, channel_last: bool, mean: Any
+    ) -> tuple[Any, Any]:
+        """Local ``max|g|``, ``max|h|`` per channel; ``exact_sums.backward_bounds``."""
+        cp = self.xp
+        x = cp.ascontiguousarray(x)
+        dy = cp.ascontiguousarray(dy, dtype=x.dtype)
+        mu = cp.ascontiguousarray(mean, dtype=_F64)
+        m = self._exact_launch("bn_exact_bwd_absmax", x, channel_last, 2,
+                               (dy, x, (mu,))).max(axis=2)
+        return m[0], m[1]
+
+    @_on_input_device
+    def exact_backward_folds(
+        self, dy: Any, x: Any, channel_last: bool, mean: Any, e_g: Any, e_h: Any,
+        k_folds: int,
+    ) -> tuple[Any, Any]:
+        """Local folds ``(Pg, Ph)`` (K x C each); ``exact_sums.backward_folds``."""
+        if not 1 <= k_folds <= _MAX_FOLDS:
+            raise ValueError(f"k_folds must be in [1, {_MAX_FOLDS}]; got {k_folds}")
+        cp = self.xp
+        x = cp.ascontiguousarray(x)
+        dy = cp.ascontiguousarray(dy, dtype=x.dtype)
+        mu = cp.ascontiguousarray(mean, dtype=_F64)
+        p = self._exact_launch("bn_exact_bwd_folds", x, channel_last, 2 * k_folds, (
+            dy, x, (mu, self._exact_scales(e_g), self._exact_scales(e_h),
+                    self._sigmas(k_folds), np.int32(k_folds)))).sum(axis=2)
+        return p[:k_folds], p[k_folds:]
 
     # -- fused synchronized passes (see kernels/fused.cu) ---------------------
     #: Has the fused primitives below: functional runs a training pass as

@@ -46,7 +46,7 @@ __all__ = [
 COMPILE_OPTIONS: tuple = ("--std=c++14",)
 
 #: The kernel files, each compiled as one module.
-KERNEL_FILES = ("stats.cu", "backward.cu", "elementwise.cu", "fused.cu")
+KERNEL_FILES = ("stats.cu", "backward.cu", "elementwise.cu", "fused.cu", "exact.cu")
 
 #: C++ storage type of each supported input dtype name.
 STORAGE_TYPES = {
@@ -221,6 +221,16 @@ def bwd_elemt(t: str, a: str, p: str, channel_last: bool) -> str:
     return f"bn_bwd_elemt_{'cl' if channel_last else 'cf'}<{t}, {a}, {p}>"
 
 
+#: The reproducible mode's kernels (``kernels/exact.cu``), one per input storage type.
+EXACT_KERNELS = ("bn_exact_absmax", "bn_exact_folds", "bn_exact_bwd_absmax",
+                 "bn_exact_bwd_folds")
+
+
+def exact(kind: str, t: str, channel_last: bool) -> str:
+    """Name expression of a reproducible-mode kernel (one of :data:`EXACT_KERNELS`)."""
+    return f"{kind}_{'cl' if channel_last else 'cf'}<{t}>"
+
+
 def name_expressions(name: str) -> tuple[str, ...]:
     """Every template instantiation of kernel file ``name`` (dtype x layout x index).
 
@@ -247,4 +257,7 @@ def name_expressions(name: str) -> tuple[str, ...]:
         out += [f(t, a, p, cl) for f in (fwd_norm, bwd_elemt) for t, a, p in types
                 for cl in (False, True)]
         return tuple(out)
+    if name == "exact.cu":
+        return tuple(exact(k, t, cl) for k in EXACT_KERNELS for t in STORAGE_TYPES.values()
+                     for cl in (False, True))
     raise ValueError(f"name must be one of {KERNEL_FILES}; got {name!r}")

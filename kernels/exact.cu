@@ -1,0 +1,300 @@
+// The reproducible mode's data passes (reproducible=True): the CUDA port of
+// cupysyncbn/backends/exact_sums.py, bit for bit.
+//
+// Every cross-element sum of this mode is exact (fixed-grid "folds", see that
+// module's docstring), so the order of the additions (threads, blocks, the
+// partials' merge on the host, ranks) cannot change a bit; the per-element
+// operations are the module's, in its order, as explicitly rounded float64
+// intrinsics (__dadd_rn, __dsub_rn, __dmul_rn are never contracted into a
+// fused multiply-add, whatever --fmad says).
+//
+// Each kernel writes one partial per (quantity, channel, block) to a
+// [Q, C, G] float64 array (index (q * C + c) * G + g); the host merges the G
+// partials (a max, or an exact sum) and finalizes in NumPy.
+//
+//   bn_exact_absmax_{cf,cl}<T>: max|x| (NaN-propagating), Q = 1
+//   bn_exact_folds_{cf,cl}<T>: folds of z = x * m1 * m2 (Q = K) and of the
+//       exact parts of z*z (Q = K), K <= SBN_MAX_FOLDS
+//   bn_exact_bwd_absmax_{cf,cl}<T>: max|g|, max|h| with g = dy and
+//       h = g * (x - mean), Q = 2
+//   bn_exact_bwd_folds_{cf,cl}<T>: folds of g * mg1 * mg2 and h * mh1 * mh2
+//
+// m1, m2 (mg1, ...) are the per-channel powers of two 2**-E of the module's
+// `scaled` (the second is 1 unless 2**-E is not a float64); multiplying by
+// 1.0 is exact, so always multiplying twice gives the module's bits.
+//
+// Layouts: channel-first (N, C, S): grid = (G, min(C, 65535)), block =
+// (SBN_EXACT_THREADS); block g of channel c covers the flat index
+// j = n * S + s from g * blockDim.x + tx in steps of G * blockDim.x.
+// Channel-last (M, C): grid = (ceil(C / 32), G), block = (32, 8); thread
+// (tx, ty) of block (bx, g) covers channel bx * 32 + tx, rows g * 8 + ty in
+// steps of G * 8.
+#include "common.cuh"
+
+#define SBN_MAX_FOLDS 5
+#define SBN_EXACT_THREADS 256
+#define SBN_SPLITTER 134217729.0
+
+namespace sbn_exact {
+
+__device__ __forceinline__ double amax(double m, double v) {
+  // NaN wins (as NumPy's max): once m is NaN, v > m is false and m stays
+  const double a = v < 0.0 ? -v : v;
+  return (a > m || a != a) ? a : m;
+}
+
+// Deposit r into the folds: t = (r + s_k) - s_k; r = r - t; acc[k] += t.
+__device__ __forceinline__ void fold(double r, const double* sig, int K, double* acc) {
+  for (int k = 0; k < K; ++k) {
+    const double t = __dsub_rn(__dadd_rn(r, sig[k]), sig[k]);
+    r = __dsub_rn(r, t);
+    acc[k] = __dadd_rn(acc[k], t);
+  }
+}
+
+// The exact parts of z*z, deposited (exact_sums.square_parts).
+__device__ __forceinline__ void fold_square(double z, bool split, const double* sig, int K,
+                                            double* acc) {
+  if (!split) {
+    fold(__dmul_rn(z, z), sig, K, acc);
+    return;
+  }
+  const double p = __dmul_rn(z, SBN_SPLITTER);
+  const double hi = __dsub_rn(p, __dsub_rn(p, z));
+  const double lo = __dsub_rn(z, hi);
+  const double m = __dmul_rn(hi, lo);
+  fold(__dmul_rn(hi, hi), sig, K, acc);
+  fold(__dadd_rn(m, m), sig, K, acc);
+  fold(__dmul_rn(lo, lo), sig, K, acc);
+}
+
+// Sum (or max) Q values per thread over the block; thread 0 (or row 0 of a
+// channel-last block) ends with the result. Exact sums and maxima: any order.
+template <bool MAX>
+__device__ __forceinline__ void block_combine(double* v, int Q, double* smem, int lanes) {
+  // lanes: threads that combine together (the whole block, or one column)
+  const int tid = threadIdx.x + threadIdx.y * blockDim.x;
+  const int n = blockDim.x * blockDim.y;
+  for (int q = 0; q < Q; ++q) {
+    smem[tid] = v[q];
+    __syncthreads();
+    for (int off = lanes / 2; off > 0; off /= 2) {
+      const int step = (lanes == n) ? off : off * (int)blockDim.x;
+      const bool active = (lanes == n) ? (tid < off) : ((int)threadIdx.y < off);
+      if (active) {
+        smem[tid] = MAX ? amax(smem[tid], smem[tid + step]) : __dadd_rn(smem[tid], smem[tid + step]);
+      }
+      __syncthreads();
+    }
+    v[q] = smem[tid];
+    __syncthreads();
+  }
+}
+
+}  // namespace sbn_exact
+
+// ---------------------------------------------------------------------------
+// Forward bound and folds
+// ---------------------------------------------------------------------------
+
+template <typename T>
+__global__ void bn_exact_absmax_cf(const T* __restrict__ x, sbn::i64 N, sbn::i64 C, sbn::i64 S,
+                                   double* __restrict__ out) {
+  __shared__ double smem[SBN_EXACT_THREADS];
+  const int G = gridDim.x;
+  const sbn::i64 total = N * S;
+  const sbn::i64 step = (sbn::i64)G * blockDim.x;
+  for (sbn::i64 c = blockIdx.y; c < C; c += gridDim.y) {
+    double m = 0.0;
+    for (sbn::i64 j = (sbn::i64)blockIdx.x * blockDim.x + threadIdx.x; j < total; j += step) {
+      const sbn::i64 n = j / S;
+      const sbn::i64 s = j - n * S;
+      m = sbn_exact::amax(m, sbn::io<T>::template load<double>(x, (n * C + c) * S + s));
+    }
+    sbn_exact::block_combine<true>(&m, 1, smem, blockDim.x);
+    if (threadIdx.x == 0) out[c * G + blockIdx.x] = m;
+  }
+}
+
+template <typename T>
+__global__ void bn_exact_absmax_cl(const T* __restrict__ x, sbn::i64 M, sbn::i64 C,
+                                   double* __restrict__ out) {
+  __shared__ double smem[SBN_EXACT_THREADS];
+  const int G = gridDim.y;
+  const sbn::i64 c = (sbn::i64)blockIdx.x * blockDim.x + threadIdx.x;
+  const sbn::i64 step = (sbn::i64)G * blockDim.y;
+  double m = 0.0;
+  if (c < C) {
+    for (sbn::i64 r = (sbn::i64)blockIdx.y * blockDim.y + threadIdx.y; r < M; r += step) {
+      m = sbn_exact::amax(m, sbn::io<T>::template load<double>(x, r * C + c));
+    }
+  }
+  sbn_exact::block_combine<true>(&m, 1, smem, blockDim.y);
+  if (threadIdx.y == 0 && c < C) out[c * G + blockIdx.y] = m;
+}
+
+template <typename T>
+__global__ void bn_exact_folds_cf(const T* __restrict__ x, sbn::i64 N, sbn::i64 C, sbn::i64 S,
+                                  const double* __restrict__ m1, const double* __restrict__ m2,
+                                  const double* __restrict__ sig, int K, int split,
+                                  double* __restrict__ out) {
+  __shared__ double smem[SBN_EXACT_THREADS];
+  const int G = gridDim.x;
+  const sbn::i64 total = N * S;
+  const sbn::i64 step = (sbn::i64)G * blockDim.x;
+  for (sbn::i64 c = blockIdx.y; c < C; c += gridDim.y) {
+    double acc[2 * SBN_MAX_FOLDS] = {0.0};
+    const double a = m1[c], b = m2[c];
+    for (sbn::i64 j = (sbn::i64)blockIdx.x * blockDim.x + threadIdx.x; j < total; j += step) {
+      const sbn::i64 n = j / S;
+      const sbn::i64 s = j - n * S;
+      const double z =
+          __dmul_rn(__dmul_rn(sbn::io<T>::template load<double>(x, (n * C + c) * S + s), a), b);
+      sbn_exact::fold(z, sig, K, acc);
+      sbn_exact::fold_square(z, split != 0, sig, K, acc + K);
+    }
+    sbn_exact::block_combine<false>(acc, 2 * K, smem, blockDim.x);
+    if (threadIdx.x == 0) {
+      for (int q = 0; q < 2 * K; ++q) out[(q * C + c) * G + blockIdx.x] = acc[q];
+    }
+  }
+}
+
+template <typename T>
+__global__ void bn_exact_folds_cl(const T* __restrict__ x, sbn::i64 M, sbn::i64 C,
+                                  const double* __restrict__ m1, const double* __restrict__ m2,
+                                  const double* __restrict__ sig, int K, int split,
+                                  double* __restrict__ out) {
+  __shared__ double smem[SBN_EXACT_THREADS];
+  const int G = gridDim.y;
+  const sbn::i64 c = (sbn::i64)blockIdx.x * blockDim.x + threadIdx.x;
+  const sbn::i64 step = (sbn::i64)G * blockDim.y;
+  double acc[2 * SBN_MAX_FOLDS] = {0.0};
+  if (c < C) {
+    const double a = m1[c], b = m2[c];
+    for (sbn::i64 r = (sbn::i64)blockIdx.y * blockDim.y + threadIdx.y; r < M; r += step) {
+      const double z = __dmul_rn(__dmul_rn(sbn::io<T>::template load<double>(x, r * C + c), a), b);
+      sbn_exact::fold(z, sig, K, acc);
+      sbn_exact::fold_square(z, split != 0, sig, K, acc + K);
+    }
+  }
+  sbn_exact::block_combine<false>(acc, 2 * K, smem, blockDim.y);
+  if (threadIdx.y == 0 && c < C) {
+    for (int q = 0; q < 2 * K; ++q) out[(q * C + c) * G + blockIdx.y] = acc[q];
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Backward bounds and folds: g = dy, h = g * (x - mean) (float64, rounded)
+// ---------------------------------------------------------------------------
+
+template <typename T>
+__global__ void bn_exact_bwd_absmax_cf(const T* __restrict__ dy, const T* __restrict__ x,
+                                       sbn::i64 N, sbn::i64 C, sbn::i64 S,
+                                       const double* __restrict__ mean,
+                                       double* __restrict__ out) {
+  __shared__ double smem[SBN_EXACT_THREADS];
+  const int G = gridDim.x;
+  const sbn::i64 total = N * S;
+  const sbn::i64 step = (sbn::i64)G * blockDim.x;
+  for (sbn::i64 c = blockIdx.y; c < C; c += gridDim.y) {
+    double m[2] = {0.0, 0.0};
+    const double mu = mean[c];
+    for (sbn::i64 j = (sbn::i64)blockIdx.x * blockDim.x + threadIdx.x; j < total; j += step) {
+      const sbn::i64 n = j / S;
+      const sbn::i64 i = (n * C + c) * S + (j - n * S);
+      const double g = sbn::io<T>::template load<double>(dy, i);
+      const double h = __dmul_rn(__dsub_rn(sbn::io<T>::template load<double>(x, i), mu), g);
+      m[0] = sbn_exact::amax(m[0], g);
+      m[1] = sbn_exact::amax(m[1], h);
+    }
+    sbn_exact::block_combine<true>(m, 2, smem, blockDim.x);
+    if (threadIdx.x == 0) {
+      out[c * G + blockIdx.x] = m[0];
+      out[(C + c) * G + blockIdx.x] = m[1];
+    }
+  }
+}
+
+template <typename T>
+__global__ void bn_exact_bwd_absmax_cl(const T* __restrict__ dy, const T* __restrict__ x,
+                                       sbn::i64 M, sbn::i64 C, const double* __restrict__ mean,
+                                       double* __restrict__ out) {
+  __shared__ double smem[SBN_EXACT_THREADS];
+  const int G = gridDim.y;
+  const sbn::i64 c = (sbn::i64)blockIdx.x * blockDim.x + threadIdx.x;
+  const sbn::i64 step = (sbn::i64)G * blockDim.y;
+  double m[2] = {0.0, 0.0};
+  if (c < C) {
+    const double mu = mean[c];
+    for (sbn::i64 r = (sbn::i64)blockIdx.y * blockDim.y + threadIdx.y; r < M; r += step) {
+      const double g = sbn::io<T>::template load<double>(dy, r * C + c);
+      const double h =
+          __dmul_rn(__dsub_rn(sbn::io<T>::template load<double>(x, r * C + c), mu), g);
+      m[0] = sbn_exact::amax(m[0], g);
+      m[1] = sbn_exact::amax(m[1], h);
+    }
+  }
+  sbn_exact::block_combine<true>(m, 2, smem, blockDim.y);
+  if (threadIdx.y == 0 && c < C) {
+    out[c * G + blockIdx.y] = m[0];
+    out[(C + c) * G + blockIdx.y] = m[1];
+  }
+}
+
+template <typename T>
+__global__ void bn_exact_bwd_folds_cf(const T* __restrict__ dy, const T* __restrict__ x,
+                                      sbn::i64 N, sbn::i64 C, sbn::i64 S,
+                                      const double* __restrict__ mean,
+                                      const double* __restrict__ mg, const double* __restrict__ mh,
+                                      const double* __restrict__ sig, int K,
+                                      double* __restrict__ out) {
+  // mg, mh: [2, C] (the two multipliers of g's and of h's scaling)
+  __shared__ double smem[SBN_EXACT_THREADS];
+  const int G = gridDim.x;
+  const sbn::i64 total = N * S;
+  const sbn::i64 step = (sbn::i64)G * blockDim.x;
+  for (sbn::i64 c = blockIdx.y; c < C; c += gridDim.y) {
+    double acc[2 * SBN_MAX_FOLDS] = {0.0};
+    const double mu = mean[c], ga = mg[c], gb = mg[C + c], ha = mh[c], hb = mh[C + c];
+    for (sbn::i64 j = (sbn::i64)blockIdx.x * blockDim.x + threadIdx.x; j < total; j += step) {
+      const sbn::i64 n = j / S;
+      const sbn::i64 i = (n * C + c) * S + (j - n * S);
+      const double g = sbn::io<T>::template load<double>(dy, i);
+      const double h = __dmul_rn(__dsub_rn(sbn::io<T>::template load<double>(x, i), mu), g);
+      sbn_exact::fold(__dmul_rn(__dmul_rn(g, ga), gb), sig, K, acc);
+      sbn_exact::fold(__dmul_rn(__dmul_rn(h, ha), hb), sig, K, acc + K);
+    }
+    sbn_exact::block_combine<false>(acc, 2 * K, smem, blockDim.x);
+    if (threadIdx.x == 0) {
+      for (int q = 0; q < 2 * K; ++q) out[(q * C + c) * G + blockIdx.x] = acc[q];
+    }
+  }
+}
+
+template <typename T>
+__global__ void bn_exact_bwd_folds_cl(const T* __restrict__ dy, const T* __restrict__ x,
+                                      sbn::i64 M, sbn::i64 C, const double* __restrict__ mean,
+                                      const double* __restrict__ mg, const double* __restrict__ mh,
+                                      const double* __restrict__ sig, int K,
+                                      double* __restrict__ out) {
+  __shared__ double smem[SBN_EXACT_THREADS];
+  const int G = gridDim.y;
+  const sbn::i64 c = (sbn::i64)blockIdx.x * blockDim.x + threadIdx.x;
+  const sbn::i64 step = (sbn::i64)G * blockDim.y;
+  double acc[2 * SBN_MAX_FOLDS] = {0.0};
+  if (c < C) {
+    const double mu = mean[c], ga = mg[c], gb = mg[C + c], ha = mh[c], hb = mh[C + c];
+    for (sbn::i64 r = (sbn::i64)blockIdx.y * blockDim.y + threadIdx.y; r < M; r += step) {
+      const double g = sbn::io<T>::template load<double>(dy, r * C + c);
+      const double h =
+          __dmul_rn(__dsub_rn(sbn::io<T>::template load<double>(x, r * C + c), mu), g);
+      sbn_exact::fold(__dmul_rn(__dmul_rn(g, ga), gb), sig, K, acc);
+      sbn_exact::fold(__dmul_rn(__dmul_rn(h, ha), hb), sig, K, acc + K);
+    }
+  }
+  sbn_exact::block_combine<false>(acc, 2 * K, smem, blockDim.y);
+  if (threadIdx.y == 0 && c < C) {
+    for (int q = 0; q < 2 * K; ++q) out[(q * C + c) * G + blockIdx.y] = acc[q];
+  }
+}
