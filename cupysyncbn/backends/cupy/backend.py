@@ -30,6 +30,7 @@ import numpy as np
 from .. import exact_sums
 from ..base import Backend
 from . import kernels as ks
+from .exact_ops import CupyExactOps
 
 __all__ = ["CupyBackend", "get_cupy_backend"]
 
@@ -83,6 +84,8 @@ class CupyBackend(Backend):
         self._modules: dict = {}
         self._funcs: dict = {}
         self._sms: dict = {}
+        #: the reproducible mode's primitives (``reproducible=True``)
+        self.exact = CupyExactOps(self)
 
     # -- array plumbing ----------------------------------------------------
     def owns(self, a: Any) -> bool:
@@ -106,23 +109,28 @@ class CupyBackend(Backend):
         return self.xp.asnumpy(a)
 
     # -- kernels -----------------------------------------------------------
-    def _kernel(self, file: str, name: str) -> Any:
-        """The compiled kernel ``name`` of ``file`` on the current device."""
+    def _kernel(self, file: str, name: str, exact: bool = False) -> Any:
+        """The compiled kernel ``name`` of ``file`` on the current device.
+
+        ``exact``: from the module compiled with ``--fmad=false`` (no
+        multiply-add contraction), whose elementwise kernels give the
+        reproducible mode's canonical bits (``exact_sums.normalize``).
+        """
         dev = self.xp.cuda.Device().id
-        f = self._funcs.get((name, dev))
+        f = self._funcs.get((name, dev, exact))
         if f is not None:
             return f
         with self._lock:
-            mod = self._modules.get((file, dev))
+            mod = self._modules.get((file, dev, exact))
             if mod is None:
                 mod = self.xp.RawModule(
                     code=ks.read_source(file),
-                    options=ks.COMPILE_OPTIONS,
+                    options=ks.COMPILE_OPTIONS + (ks.NO_FMAD if exact else ()),
                     name_expressions=ks.name_expressions(file),
                 )
-                self._modules[(file, dev)] = mod
+                self._modules[(file, dev, exact)] = mod
             f = mod.get_function(name)
-            self._funcs[(name, dev)] = f
+            self._funcs[(name, dev, exact)] = f
         return f
 
     def _sm_count(self) -> int:
@@ -212,9 +220,13 @@ class CupyBackend(Backend):
 
     @_on_input_device
     def normalize(
-        self, x: Any, channel_last: bool, mean: Any, scale: Any, bias: Any, out_dtype: Any
+        self, x: Any, channel_last: bool, mean: Any, scale: Any, bias: Any, out_dtype: Any,
+        exact: bool = False,
     ) -> Any:
-        """``(x - mean) * scale + bias`` (subtract first), cast to ``out_dtype``."""
+        """``(x - mean) * scale + bias`` (subtract first), cast to ``out_dtype``.
+
+        ``exact``: without multiply-add contraction (the reproducible mode's bits).
+        """
         cp = self.xp
         x = cp.ascontiguousarray(x)
         adt = self._cdt(mean.dtype, x.dtype)
@@ -223,7 +235,7 @@ class CupyBackend(Backend):
         if x.size:
             c, s = self._cs(x, channel_last)
             blocks, it, ity = self._elemt_launch(x.size)
-            self._kernel("elementwise.cu", ks.normalize(t, a, it))(
+            self._kernel("elementwise.cu", ks.normalize(t, a, it), exact)(
                 (blocks,), (_THREADS,),
                 (x, y, ity(x.size), ity(c), ity(s),
                  self._vec(mean, adt), self._vec(scale, adt), self._vec(bias, adt)),
@@ -282,8 +294,12 @@ class CupyBackend(Backend):
         mean_dy: Any,
         b: Any,
         out_dtype: Any,
+        exact: bool = False,
     ) -> Any:
-        """``a * (dy - mean_dy) - b * (x - mean)``, cast to ``out_dtype``."""
+        """``a * (dy - mean_dy) - b * (x - mean)``, cast to ``out_dtype``.
+
+        ``exact``: without multiply-add contraction (the reproducible mode's bits).
+        """
         cp = self.xp
         x = cp.ascontiguousarray(x)
         dy = cp.ascontiguousarray(dy, dtype=x.dtype)
@@ -293,7 +309,7 @@ class CupyBackend(Backend):
         if x.size:
             c, s = self._cs(x, channel_last)
             blocks, it, ity = self._elemt_launch(x.size)
-            self._kernel("elementwise.cu", ks.backward_elemt(t, acc, it))(
+            self._kernel("elementwise.cu", ks.backward_elemt(t, acc, it), exact)(
                 (blocks,), (_THREADS,),
                 (dy, x, dx, ity(x.size), ity(c), ity(s), self._vec(mean, adt),
                  self._vec(a, adt), self._vec(mean_dy, adt), self._vec(b, adt)),

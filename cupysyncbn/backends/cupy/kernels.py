@@ -22,6 +22,9 @@ import numpy as np
 
 __all__ = [
     "COMPILE_OPTIONS",
+    "NO_FMAD",
+    "EXACT_KERNELS",
+    "exact",
     "KERNEL_FILES",
     "STORAGE_TYPES",
     "kernel_dir",
@@ -44,6 +47,10 @@ __all__ = [
 
 #: Extra NVRTC options (CuPy adds the architecture and its own defaults).
 COMPILE_OPTIONS: tuple = ("--std=c++14",)
+
+#: Added for the reproducible mode's elementwise kernels: no multiply-add
+#: contraction, so ``(x - mean) * scale + bias`` rounds twice as in NumPy.
+NO_FMAD: tuple = ("--fmad=false",)
 
 #: The kernel files, each compiled as one module.
 KERNEL_FILES = ("stats.cu", "backward.cu", "elementwise.cu", "fused.cu", "exact.cu")
