@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._sync import checks, collective, fused, passes
+from ._sync import checks, collective, exact, fused, passes
 from ._sync.state import ForwardContext, ForwardResult, SyncState
 from .arrays.dlpack import accepts_dlpack
 from .arrays.dtypes import native_byteorder
@@ -82,6 +82,7 @@ def batch_norm_forward(
     sync_state: SyncState | None = None,
     param_dtype: Any = None,
     inplace_running_stats: bool = False,
+    reproducible: bool | None = None,
 ) -> ForwardResult:
     """Synchronized batch-norm forward.
 
@@ -125,6 +126,13 @@ def batch_norm_forward(
         On the fused GPU path, update ``running_mean``/``running_var`` in place
         (what a layer wants: no allocation, CUDA-graph safe) instead of
         returning new arrays.
+    reproducible : bool or None
+        Bitwise-reproducible mode (docs/reproducibility.md): the outputs, the
+        statistics and the input gradients of the backward are the same bits
+        for every number of ranks and every split of the global batch. None:
+        ``CUPYSYNCBN_REPRODUCIBLE`` (default False). CPU arrays only for now
+        (NotImplementedError on CuPy). A ``sync_state`` keeps the mode of its
+        first synchronized pass.
 
     Returns
     -------
@@ -144,11 +152,20 @@ def batch_norm_forward(
     vectors = (weight, bias, running_mean, running_var)
     batch_stats = training or running_mean is None
     sync = batch_stats and comm_.synchronizes
+    repro, sync_state = _reproducible_state(reproducible, comm_, sync_state, sync)
     vd = checks.check_forward(
         comm_, sync_state, x, data_format, momentum, epsilon, vectors, param_dtype,
         batch_stats, sync,
     )
     v = canonical_view(vd.backend.ascontiguous(x), vd.fmt)
+    if repro:
+        # Before any collective of the pass, on every rank alike (the backend
+        # is the layer's): no silent fall-back to the default mode's math.
+        exact.ops_of(vd.backend)
+        return passes.forward(
+            comm_, sync_state, x, v, vd, vectors, training, batch_stats, momentum, epsilon,
+            unbiased_running_var, num_batches_tracked, sync, reproducible=True,
+        )
     if fused.applies(vd.backend, vd.param_dtype, *vectors):
         return fused.run_forward(
             comm_, sync_state, x, v, vd, vectors, training, batch_stats, momentum, epsilon,
@@ -158,6 +175,33 @@ def batch_norm_forward(
         comm_, sync_state, x, v, vd, vectors, training, batch_stats, momentum, epsilon,
         unbiased_running_var, num_batches_tracked, sync,
     )
+
+
+def _reproducible_state(
+    reproducible: Any, comm: Any, state: SyncState | None, sync: bool,
+) -> tuple[bool, SyncState | None]:
+    """The pass's mode, and the state that carries it to the error paths.
+
+    A synchronized reproducible pass without a state gets a fresh one, so a
+    rank whose input fails the checks joins the peers' bound pass (a MAX
+    all-reduce) rather than a SUM. A state keeps the mode of its first
+    synchronized pass (its identity in the handshake).
+    """
+    try:
+        repro = checks.check_reproducible(reproducible)
+    except (TypeError, ValueError) as e:
+        collective.fail_collectively(e, "argument", comm, state, None, None)
+        raise  # pragma: no cover - fail_collectively raised
+    if state is None:
+        return repro, SyncState(reproducible=True) if (repro and sync) else None
+    if state.handshake_done and state.reproducible != repro:
+        err = ValueError(
+            f"reproducible={repro} but this layer's synchronized passes ran with"
+            f" reproducible={state.reproducible}; the mode is fixed at the first pass"
+        )
+        collective.fail_collectively(err, "argument", comm, state, None, None)
+    state.reproducible = repro
+    return repro, state
 
 
 @accepts_dlpack("dy")

@@ -28,12 +28,13 @@ from ..arrays.formats import DataFormat, format_for_ndim, parse_data_format
 from ..backends import Backend, get_backend
 from ..comm.base import Communicator
 from ..modes import eval_is_counted
+from ..runtime import env
 from . import collective
 from .state import ForwardContext, SyncState
 
 __all__ = [
     "ArgumentCheck", "Verdict", "check_epsilon", "check_forward", "check_forward_arguments",
-    "check_momentum", "check_backward", "call_key",
+    "check_momentum", "check_backward", "call_key", "check_reproducible",
 ]
 
 _VECTORS = ("weight", "bias", "running_mean", "running_var")
@@ -93,6 +94,23 @@ def check_momentum(momentum: Any) -> float | None:
     if not 0.0 <= float(momentum) <= 1.0:
         raise ValueError(f"momentum must be in [0, 1] or None; got {momentum}")
     return float(momentum)
+
+
+def check_reproducible(reproducible: Any) -> bool:
+    """``reproducible`` as a bool; None: ``CUPYSYNCBN_REPRODUCIBLE`` (default False).
+
+    Raises
+    ------
+    TypeError
+        Naming ``reproducible``, for anything but None, a bool or a NumPy bool.
+    ValueError
+        For a ``CUPYSYNCBN_REPRODUCIBLE`` that is neither true nor false.
+    """
+    if reproducible is None:
+        return env.flag(env.REPRODUCIBLE_ENV)
+    if not isinstance(reproducible, (bool, np.bool_)):
+        raise TypeError(f"reproducible must be a bool or None; got {reproducible!r}")
+    return bool(reproducible)
 
 
 def check_epsilon(epsilon: Any) -> float:

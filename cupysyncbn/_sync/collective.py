@@ -20,13 +20,14 @@ import numpy as np
 
 from ..backends import NUMPY_BACKEND, Backend
 from ..comm.base import Communicator
+from ..errors import CollectiveMismatchError
 from . import protocol
 from .device_status import strict_sync
 from .state import SyncState, workspace
 
 __all__ = [
     "allreduce", "handshake", "forward_invalid", "backward_invalid", "fail_collectively",
-    "fallback_backend", "remember_own_error",
+    "fallback_backend", "remember_own_error", "allreduce_max",
 ]
 
 _F64 = np.dtype(np.float64)
@@ -65,6 +66,54 @@ def allreduce(
     return total, out
 
 
+def allreduce_max(
+    comm: Communicator,
+    backend: Backend,
+    state: SyncState | None,
+    payload: list,
+    tag: int,
+    phase: int,
+    error: tuple | None,
+    num_features: int,
+) -> list:
+    """The reproducible mode's bound pass: header and two C-sized vectors, one MAX all-reduce.
+
+    The buffer is ``[h | -h | v1 | v2 | tag | -tag]`` (``2 * HEADER + 2 * C + 2``
+    slots for every such pass of a layer): after the MAX, ``max(h)`` and
+    ``-max(-h)`` differ in a slot exactly when the ranks sent different
+    values there, so ranks in different passes, layers or modes are told
+    apart as by the SUM passes (:func:`protocol.max_header_as_sum`).
+    ``tag`` (the number of folds, from the compute dtype) must agree too: it
+    fixes the size of the SUM pass that follows. ``None`` payload vectors
+    lose every MAX. Returns the reduced vectors (views).
+    """
+    c, h = num_features, protocol.HEADER
+    size = 2 * h + 2 * c + 2
+    buf = state.buffer(backend, size) if state is not None else backend.xp.empty(size, _F64)
+    kind, exc = error if error is not None else (None, None)
+    layer, call, ident, evals = (0, 0, 0, 0) if state is None else state.next_ids()
+    protocol.fill_header(buf, 0, phase, kind, c, layer, call, ident, evals)
+    buf[h : 2 * h] = -buf[:h]
+    for i, vec in enumerate(payload):
+        seg = buf[2 * h + i * c : 2 * h + (i + 1) * c]
+        seg[...] = -np.inf if vec is None else vec
+    buf[-2] = tag
+    buf[-1] = -tag
+    buf = comm.allreduce_max(buf)
+    head = backend.to_host(buf[: 2 * h])
+    protocol.check_header(
+        protocol.max_header_as_sum(head[:h], -head[h:], comm.size), phase, comm.size, exc
+    )
+    tags = backend.to_host(buf[-2:])
+    if tags[0] != -tags[1]:
+        raise CollectiveMismatchError(
+            "SyncBatchNorm(reproducible=True): the ranks computed in different precisions"
+            " (a float64 input or layer on some ranks, float32 on others); every rank"
+            " must pass inputs of the same dtype to a reproducible layer"
+        )
+    return [buf[2 * h + i * c : 2 * h + (i + 1) * c] for i in range(len(payload))]
+
+
 def handshake(
     comm: Communicator, backend: Backend, state: SyncState | None, nf: int | None,
     param_dtype: Any = None, error: tuple | None = None,
@@ -75,7 +124,7 @@ def handshake(
     layer = protocol.next_layer_id(comm) if state is not None else 0
     ident = evals = 0
     if state is not None:
-        ident = protocol.layer_identity(state.ordinal, param_dtype)
+        ident = protocol.layer_identity(state.ordinal, param_dtype, state.reproducible)
         evals = state.evals
     protocol.handshake(
         comm, nf or 0, lambda h: backend.asarray(h), backend.to_host, layer,
@@ -136,6 +185,8 @@ def forward_invalid(
         nf = state.num_features
         assert nf is not None  # fixed by the handshake
         remember_own_error(state, backend, comm, nf, error[1])
+        if state.reproducible:  # the peers' first collective: the bound pass
+            allreduce_max(comm, backend, state, [None, None], 0, protocol.PHASE_STATS, error, nf)
         if state.shift is None or state.shift.shape[0] != nf:
             # the peers run the two-pass path: a mean pass first
             allreduce(comm, backend, state, [None, None], 0, protocol.PHASE_MEAN, error, nf)
@@ -156,6 +207,9 @@ def backward_invalid(
     if remember:
         remember_own_error(state, backend, comm, nf, error[1])
     with device if hasattr(device, "__enter__") else contextlib.nullcontext():
+        if state is not None and state.reproducible:  # the peers' bound pass
+            allreduce_max(comm, backend, state, [None, None], 0, protocol.PHASE_BACKWARD,
+                          error, nf)
         allreduce(comm, backend, state, [None, None], 0, protocol.PHASE_BACKWARD, error, nf)
     raise error[1]  # pragma: no cover - the collective raised already
 

@@ -38,7 +38,7 @@ from ..arrays.formats import DataFormat
 from ..backends import Backend
 from ..backends.channel_math import count_one_message
 from ..comm.base import Communicator
-from . import collective, protocol
+from . import collective, exact, protocol
 from .checks import Verdict
 from .state import ForwardContext, ForwardResult, SyncState
 
@@ -76,49 +76,50 @@ def _vec(v: Any, cdt: np.dtype) -> Any:
 
 def _affine_normalize(
     backend: Backend, v: Any, fmt: DataFormat, mean: Any, invstd: Any,
-    weight: Any, bias: Any, cdt: np.dtype, x: Any,
+    weight: Any, bias: Any, cdt: np.dtype, x: Any, repro: bool = False,
 ) -> Any:
     scale, b = backend.affine(invstd, weight, bias, cdt)
     if v.size == 0:
         return backend.xp.empty(v.shape, dtype=x.dtype)
-    return backend.normalize(v, fmt.channel_last, mean, scale, b, np.dtype(x.dtype))
+    fn = exact.ops_of(backend).normalize if repro else backend.normalize
+    return fn(v, fmt.channel_last, mean, scale, b, np.dtype(x.dtype))
 
 
 def forward(
     comm: Communicator, state: SyncState | None, x: Any, v: Any, vd: Verdict,
     vectors: tuple, training: bool, batch_stats: bool, momentum: float | None,
     epsilon: float, unbiased: bool, num_batches_tracked: int, sync: bool,
+    reproducible: bool = False,
 ) -> ForwardResult:
-    """A forward on the four primitives; ``v`` is ``x``'s canonical view."""
+    """A forward on the four primitives; ``v`` is ``x``'s canonical view.
+
+    ``reproducible``: the statistics by :mod:`.exact` and the canonical
+    elementwise formula (identical bits for every split).
+    """
+    repro = reproducible
     backend, fmt, nf, cdt, pdt = vd.backend, vd.fmt, vd.nf, vd.cdt, vd.param_dtype
     weight, bias, running_mean, running_var = vectors
     n_local = v.size // nf if nf else 0
     if not batch_stats:
         mean = _vec(running_mean, cdt)
         invstd = backend.running_invstd(running_var, epsilon, cdt)
-        y = _affine_normalize(backend, v, fmt, mean, invstd, weight, bias, cdt, x)
+        y = _affine_normalize(backend, v, fmt, mean, invstd, weight, bias, cdt, x, repro)
         ctx = ForwardContext(
             v, tuple(x.shape), np.dtype(x.dtype), fmt, backend, comm, mean, invstd,
-            _vec(weight, cdt), 0, False, pdt, state,
+            _vec(weight, cdt), 0, False, pdt, state, reproducible=repro,
         )
         return ForwardResult(y.reshape(x.shape), ctx, running_mean, running_var)
 
     if sync:
         collective.handshake(comm, backend, state, nf, pdt)
     cl = fmt.channel_last
-    if n_local:
-        mean_r, m2_r = backend.moments(v, cl, cdt)
+    if repro:
+        count, mean_s, var_s = exact.forward_stats(
+            comm, backend, state, v, cl, nf, n_local, cdt, sync
+        )
+        p = None
     else:
-        mean_r = m2_r = None
-
-    def rescaled(p: Any) -> tuple[Any, Any]:
-        if not n_local:
-            return None, None
-        return backend.moments(_scaled(v, p, cl, cdt), cl, cdt)
-
-    count, mean_s, var_s, p = _global_stats(
-        comm, backend, state, nf, n_local, mean_r, m2_r, cdt, rescaled
-    )
+        count, mean_s, var_s, p = _default_stats(comm, backend, state, v, cl, nf, n_local, cdt)
     if count == 1:
         # The count is all-reduced, so every rank raises here, before any
         # running statistic changes (PyTorch raises the same in training).
@@ -151,16 +152,34 @@ def forward(
     if unit is not None:
         y, ctx = _forward_scaled(
             backend, x, v, fmt, comm, state, mean_s, var_s, p, unit, count, epsilon,
-            weight, bias, pdt,
+            weight, bias, pdt, repro,
         )
         return ForwardResult(y.reshape(x.shape), ctx, new_rm, new_rv, mean, var, count, updated)
     mean_c, invstd = backend.forward_coefficients(mean, var, count, epsilon, cdt)
-    y = _affine_normalize(backend, v, fmt, mean_c, invstd, weight, bias, cdt, x)
+    y = _affine_normalize(backend, v, fmt, mean_c, invstd, weight, bias, cdt, x, repro)
     ctx = ForwardContext(
         v, tuple(x.shape), np.dtype(x.dtype), fmt, backend, comm, mean_c, invstd,
-        _vec(weight, cdt), count, True, pdt, state,
+        _vec(weight, cdt), count, True, pdt, state, reproducible=repro,
     )
     return ForwardResult(y.reshape(x.shape), ctx, new_rm, new_rv, mean, var, count, updated)
+
+
+def _default_stats(
+    comm: Communicator, backend: Backend, state: SyncState | None, v: Any, cl: bool, nf: int,
+    n_local: int, cdt: np.dtype,
+) -> tuple[int, Any, Any, Any]:
+    """The default mode's statistics: local moments, then :func:`_global_stats`."""
+    if n_local:
+        mean_r, m2_r = backend.moments(v, cl, cdt)
+    else:
+        mean_r = m2_r = None
+
+    def rescaled(p: Any) -> tuple[Any, Any]:
+        if not n_local:
+            return None, None
+        return backend.moments(_scaled(v, p, cl, cdt), cl, cdt)
+
+    return _global_stats(comm, backend, state, nf, n_local, mean_r, m2_r, cdt, rescaled)
 
 
 def _scaled(v: Any, p: Any, channel_last: bool, dt: np.dtype) -> Any:
@@ -178,7 +197,7 @@ def _clamp(backend: Backend, a: Any) -> Any:
 def _forward_scaled(
     backend: Backend, x: Any, v: Any, fmt: DataFormat, comm: Communicator,
     state: SyncState | None, mean_s: Any, var_s: Any, p: Any, unit: Any, count: int,
-    epsilon: float, weight: Any, bias: Any, pdt: np.dtype,
+    epsilon: float, weight: Any, bias: Any, pdt: np.dtype, repro: bool = False,
 ) -> tuple[Any, ForwardContext]:
     """Normalize ``x * unit`` in float64 (a channel whose std is outside the safe range).
 
@@ -194,10 +213,10 @@ def _forward_scaled(
     var_eff = var_s * r * r + (eps * unit * unit if eps else 0.0)
     mean_u, invstd = backend.forward_coefficients(mean_s * r, var_eff, count, 0.0, _F64)
     vu = _scaled(v, unit, fmt.channel_last, _F64)
-    y = _affine_normalize(backend, vu, fmt, mean_u, invstd, weight, bias, _F64, x)
+    y = _affine_normalize(backend, vu, fmt, mean_u, invstd, weight, bias, _F64, x, repro)
     ctx = ForwardContext(
         vu, tuple(x.shape), np.dtype(x.dtype), fmt, backend, comm, mean_u, invstd,
-        _vec(weight, _F64), count, True, pdt, state,
+        _vec(weight, _F64), count, True, pdt, state, reproducible=repro,
     )
     ctx.unit = unit  # read by backward()
     return y, ctx
@@ -279,12 +298,16 @@ def backward(
     unit = ctx.unit  # see _forward_scaled
     if unit is not None:
         dyv = dyv.astype(_F64)
-    if n_local:
+    repro = ctx.reproducible
+    if repro:
+        sum_dy, sum_dy_xhat, g_dy, g_dy_xhat = exact.backward_sums(dyv, ctx, nf, sync)
+    elif n_local:
         sum_dy, sum_dy_xhat = backend.backward_reduce(dyv, ctx.x, cl, ctx.mean, ctx.invstd)
     else:
         sum_dy = sum_dy_xhat = None
-    g_dy, g_dy_xhat = sum_dy, sum_dy_xhat
-    if sync:
+    if not repro:
+        g_dy, g_dy_xhat = sum_dy, sum_dy_xhat
+    if sync and not repro:
         _, (g_dy, g_dy_xhat) = collective.allreduce(
             ctx.comm, backend, ctx.sync_state, [sum_dy, sum_dy_xhat], n_local,
             protocol.PHASE_BACKWARD, None, nf,
@@ -292,21 +315,26 @@ def backward(
     a, mean_dy, b = backend.backward_coefficients(
         ctx.weight, ctx.invstd, g_dy, g_dy_xhat, ctx.count, ctx.batch_stats, ctx.mean.dtype
     )
+    elemt = exact.ops_of(backend).backward_elemt if repro else backend.backward_elemt
     if n_local and unit is not None:
         # dx / unit at unit scale; times unit it may pass the output dtype's
         # largest value (a tiny spread with epsilon=0): saturated there
-        dxu = backend.backward_elemt(dyv, ctx.x, cl, ctx.mean, a, mean_dy, b, _F64)
+        dxu = elemt(dyv, ctx.x, cl, ctx.mean, a, mean_dy, b, _F64)
         big = float(np.finfo(ctx.dtype).max)
         dx = xp.clip(_scaled(dxu.reshape(ctx.x.shape), unit, cl, _F64), -big, big)
         dx = dx.astype(ctx.dtype).reshape(ctx.shape)
     elif n_local:
-        dx = backend.backward_elemt(dyv, ctx.x, cl, ctx.mean, a, mean_dy, b, ctx.dtype)
+        dx = elemt(dyv, ctx.x, cl, ctx.mean, a, mean_dy, b, ctx.dtype)
         dx = dx.reshape(ctx.shape)
     else:
         dx = xp.empty(ctx.shape, dtype=ctx.dtype)
     if not need_param_grads:
         return dx, None, None
     pdt = ctx.param_dtype
+    if repro and sync:
+        # the global parameter gradients, identical for every split: what
+        # allreduce_gradients(average=False) hands out for this layer
+        ctx.global_grads = (g_dy_xhat.astype(pdt), g_dy.astype(pdt))
     if sum_dy is None:
         dweight = xp.zeros(nf, dtype=pdt)
         dbias = xp.zeros(nf, dtype=pdt)

@@ -67,6 +67,7 @@ __all__ = [
     "layer_identity",
     "fill_header",
     "check_header",
+    "max_header_as_sum",
 ]
 
 ERROR_KINDS = ("channels", "ndim", "dtype", "device", "shape", "type", "argument", "other")
@@ -124,6 +125,8 @@ def next_layer_id(comm: Any) -> int:
 
 
 _LAYER_COUNTS: dict = {}
+#: ``ident`` values of default layers stay below this; reproducible ones above.
+_IDENT_MODULUS = CALL_MODULUS * 4
 _CONSTRUCTED: dict = {}
 _DTYPE_CODES = {"float32": 1, "float64": 2}
 
@@ -152,10 +155,15 @@ def next_construction_ordinal(comm: Any = None) -> int:
     return n
 
 
-def layer_identity(ordinal: int, dtype: Any) -> int:
-    """The ``ident`` header value of a layer: construction ordinal and dtype."""
+def layer_identity(ordinal: int, dtype: Any, reproducible: bool = False) -> int:
+    """The ``ident`` header value of a layer: construction ordinal, dtype and mode.
+
+    A reproducible layer (``docs/reproducibility.md``) runs other collectives
+    than a default one, so the mode is part of its identity: ranks that
+    disagree on it raise at the handshake instead of mixing collectives.
+    """
     code = _DTYPE_CODES.get(getattr(dtype, "name", str(dtype)), 3)
-    return (int(ordinal) % CALL_MODULUS) * 4 + code
+    return (int(ordinal) % CALL_MODULUS) * 4 + code + (_IDENT_MODULUS if reproducible else 0)
 
 
 def _header(
@@ -164,7 +172,7 @@ def _header(
 ) -> np.ndarray:
     """The rank's header, written into ``out`` (a NumPy view) or a new array."""
     tmpl = _template(phase, error_kind, num_features, layer % CALL_MODULUS,
-                     ident % (CALL_MODULUS * 4), evals % CALL_MODULUS)
+                     ident % (_IDENT_MODULUS * 2), evals % CALL_MODULUS)
     if out is None:
         head = tmpl.copy()
     else:
@@ -338,6 +346,26 @@ def check_header(
             " raised on the faulty rank(s)."
         )
     return int(head[_I["count"]])
+
+
+def max_header_as_sum(hi: np.ndarray, lo: np.ndarray, size: int) -> np.ndarray:
+    """The header a SUM would have given, from a MAX all-reduce of ``[h, -h]``.
+
+    ``hi = max(h)`` and ``lo = -max(-h) = min(h)`` over the ranks, per slot.
+    A slot every rank sent alike has ``hi == lo`` and becomes ``size * hi``
+    (its square slot ``size * hi**2``); one that differs gets the sums of a
+    group with half the ranks at ``hi`` and half at ``lo``, which fails the
+    ``size * sum(v^2) == sum(v)^2`` test exactly when ``hi != lo``. Error
+    slots keep ``hi`` (some rank failed; how many is not known). The result
+    goes to :func:`check_header`, so a MAX pass raises the same errors.
+    """
+    head = (hi + lo) * (size / 2.0)
+    for i, j in _SAME_PAIRS:
+        head[j] = (hi[i] * hi[i] + lo[i] * lo[i]) * (size / 2.0)
+    for i in _ERR_SLOTS:
+        head[i] = hi[i]
+    head[_COUNT] = hi[_COUNT]
+    return head
 
 
 def handshake(

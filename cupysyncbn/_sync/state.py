@@ -56,6 +56,9 @@ class SyncState:
     ordinal: int = 0
     ident: int = 0  # protocol.layer_identity, fixed at the handshake
     num_features: int | None = None  # fixed at the handshake
+    #: The layer runs the reproducible passes (``_sync.exact``): set by the
+    #: functional API from its ``reproducible`` argument before any collective.
+    reproducible: bool = False
     _buffers: dict = field(default_factory=dict, repr=False)
     #: ``(key, verdict)`` of the last forward whose checks passed (see
     #: ``_sync.checks``): a steady-state pass skips them.
@@ -77,9 +80,9 @@ class SyncState:
         (counted on every rank in program order, like a construction), and
         shares no buffers, shift or handshake with this one.
         """
-        if not self.ordinal:
-            return type(self)()
-        return type(self).for_layer(self._ordinal_comm)
+        new = type(self)() if not self.ordinal else type(self).for_layer(self._ordinal_comm)
+        new.reproducible = self.reproducible
+        return new
 
     def __reduce__(self) -> tuple:
         # Pickled layers store no communicator and no buffers (device
@@ -181,6 +184,11 @@ class ForwardContext:
     #: Per-channel powers of two that brought channels with an extreme spread
     #: to unit scale (``_sync.passes``: such a pass runs in float64), or None.
     unit: Any = None
+    #: The pass ran in reproducible mode (``_sync.exact``): so does its backward.
+    reproducible: bool = False
+    #: Reproducible backward: the global parameter gradients ``(dweight, dbias)``
+    #: (float64, identical on every rank), set by the backward for the layer.
+    global_grads: Any = None
 
 
 @dataclass

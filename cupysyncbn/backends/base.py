@@ -55,6 +55,9 @@ class Backend(ChannelMath):
     xp: Any
     #: Whether the fused pass primitives exist (see the module docstring).
     fused: bool = False
+    #: The reproducible mode's primitives (a namespace with the functions of
+    #: :mod:`.exact_sums`), or None where the backend has none yet.
+    exact: Any = None
 
     def owns(self, a: Any) -> bool:
         """True if ``a`` is an array of this backend."""

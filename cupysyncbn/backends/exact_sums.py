@@ -67,7 +67,7 @@ __all__ = [
     "sigmas", "absmax", "bound_exponent", "scale_exponent", "pow2", "scaled",
     "fold_into", "square_parts", "moment_folds", "backward_bounds", "backward_folds",
     "two_sum", "fast_two_sum", "two_prod", "dd_from_folds", "dd_div", "finalize_sum",
-    "finalize_moments", "check_count",
+    "finalize_moments", "check_count", "normalize", "backward_elemt",
 ]
 
 _F64 = np.dtype(np.float64)
@@ -466,3 +466,57 @@ def finalize_moments(
     mean = np.where(bad, np.nan, np.where(empty, 0.0, mean))
     var = np.where(bad, np.nan, np.where(empty, 0.0, var))
     return mean, var
+
+
+# ---------------------------------------------------------------------------
+# 5. Elementwise passes in the reproducible mode (one canonical formula)
+# ---------------------------------------------------------------------------
+
+
+def normalize(
+    v: np.ndarray, channel_last: bool, mean: np.ndarray, scale: np.ndarray, bias: np.ndarray,
+    out_dtype: Any,
+) -> np.ndarray:
+    """``y = ((x - mean) * scale) + bias`` in the compute dtype ``mean.dtype``, then cast.
+
+    Per element, in the compute dtype ``cdt`` (float32 or float64; float16
+    and bfloat16 inputs widened exactly): ``t = cdt(x) - mean``;
+    ``t = t * scale``; ``t = t + bias``; ``y = out_dtype(t)`` (one rounding,
+    to nearest even). The default mode's NumPy channel-first pass folds the
+    bias into the center (fewer passes, other bits); this formula is the
+    one every backend uses in the reproducible mode.
+    """
+    cdt = mean.dtype
+    y = np.empty(v.shape, dtype=np.dtype(out_dtype))
+    for (block, rows), (out, _) in zip(_chunks(v, channel_last), _chunks(y, channel_last)):
+        t = block.astype(cdt)
+        t -= _per_row(mean, rows)
+        t *= _per_row(scale.astype(cdt, copy=False), rows)
+        t += _per_row(bias.astype(cdt, copy=False), rows)
+        out[...] = t
+    return y
+
+
+def backward_elemt(
+    dy: np.ndarray, x: np.ndarray, channel_last: bool, mean: np.ndarray, a: np.ndarray,
+    mean_dy: np.ndarray, b: np.ndarray, out_dtype: Any,
+) -> np.ndarray:
+    """``dx = ((dy - mean_dy) * a) - ((x - mean) * b)`` in the compute dtype, then cast.
+
+    Per element, in ``cdt = mean.dtype``: ``t = cdt(dy) - mean_dy``;
+    ``t = t * a``; ``u = cdt(x) - mean``; ``u = u * b``; ``t = t - u``;
+    ``dx = out_dtype(t)``.
+    """
+    cdt = mean.dtype
+    dx = np.empty(x.shape, dtype=np.dtype(out_dtype))
+    it = zip(_chunks(dy, channel_last), _chunks(x, channel_last), _chunks(dx, channel_last))
+    for (db, rows), (xb, _), (out, _) in it:
+        t = db.astype(cdt)
+        t -= _per_row(mean_dy.astype(cdt, copy=False), rows)
+        t *= _per_row(a.astype(cdt, copy=False), rows)
+        u = xb.astype(cdt)
+        u -= _per_row(mean, rows)
+        u *= _per_row(b.astype(cdt, copy=False), rows)
+        t -= u
+        out[...] = t
+    return dx

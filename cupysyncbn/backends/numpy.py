@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from . import exact_sums
 from .base import Backend
 
 __all__ = ["NumpyBackend", "BACKEND", "CHUNK_BYTES", "ROW_BLOCK"]
@@ -219,6 +220,8 @@ class NumpyBackend(Backend):
 
     name = "numpy"
     xp = np
+    #: reproducible=True: the NumPy reference primitives (inherited by numba)
+    exact = exact_sums
 
     def owns(self, a: Any) -> bool:
         """True for NumPy arrays."""

@@ -52,6 +52,16 @@ class Communicator:
         """Sum ``buf`` (1-D float64) over the group, in place; return it."""
         raise NotImplementedError
 
+    def allreduce_max(self, buf: Any) -> Any:
+        """Element-wise maximum of ``buf`` (1-D float64) over the group, in place; return it.
+
+        Used by the reproducible mode's bound pass (``docs/reproducibility.md``).
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} has no allreduce_max: it cannot run layers built with"
+            " reproducible=True"
+        )
+
     def allreduce_host(self, host: Any) -> np.ndarray:
         """Sum a small host vector over the group; return a new float64 NumPy array.
 
@@ -102,6 +112,10 @@ class NoCommunicator(Communicator):
 
     def allreduce_sum(self, buf: Any) -> Any:
         """Return ``buf`` unchanged (the sum over one process)."""
+        return buf
+
+    def allreduce_max(self, buf: Any) -> Any:
+        """Return ``buf`` unchanged (the maximum over one process)."""
         return buf
 
 

@@ -104,13 +104,20 @@ class MPICommunicator(Communicator):
         CommunicatorError
             When the MPI communicator was freed, or MPI reports an error.
         """
+        return self._reduce(buf, self._MPI.SUM)
+
+    def allreduce_max(self, buf: Any) -> Any:
+        """Element-wise maximum of ``buf`` over the group in place (as :meth:`allreduce_sum`)."""
+        return self._reduce(buf, self._MPI.MAX)
+
+    def _reduce(self, buf: Any, op: Any) -> Any:
         MPI = self._MPI
         if self.mpi_comm == MPI.COMM_NULL:  # one handle comparison per pass
             raise self._freed_error()
         dog = shared_watchdog()
         token = dog.begin(buf.size, self)
         try:
-            return self._allreduce_sum(buf)
+            return self._allreduce_sum(buf, op)
         except MPI.Exception as e:
             # Freed through another Python object of the same handle (this
             # one still holds the stale handle), or another MPI failure: a
@@ -133,20 +140,21 @@ class MPICommunicator(Communicator):
             " communicator only after the last use of the layers built with it"
         )
 
-    def _allreduce_sum(self, buf: Any) -> Any:
+    def _allreduce_sum(self, buf: Any, op: Any = None) -> Any:
         MPI = self._MPI
+        op = MPI.SUM if op is None else op
         if isinstance(buf, np.ndarray):
-            self.mpi_comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
+            self.mpi_comm.Allreduce(MPI.IN_PLACE, buf, op=op)
             return buf
         import cupy
 
         if self.cuda_aware:
             # MPI does not know CuPy's stream: finish pending kernels first.
             cupy.cuda.get_current_stream().synchronize()
-            self.mpi_comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
+            self.mpi_comm.Allreduce(MPI.IN_PLACE, buf, op=op)
             return buf
         host = cupy.asnumpy(buf)
-        self.mpi_comm.Allreduce(MPI.IN_PLACE, host, op=MPI.SUM)
+        self.mpi_comm.Allreduce(MPI.IN_PLACE, host, op=op)
         buf.set(host)
         return buf
 

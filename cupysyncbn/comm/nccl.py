@@ -306,8 +306,16 @@ class NCCLCommunicator(Communicator):
         TypeError, ValueError
             For a buffer that is not a contiguous float64 array on this GPU.
         """
+        return self._reduce(buf, False)
+
+    def allreduce_max(self, buf: Any) -> Any:
+        """Element-wise maximum of ``buf`` over the group in place (as :meth:`allreduce_sum`)."""
+        return self._reduce(buf, True)
+
+    def _reduce(self, buf: Any, maximum: bool) -> Any:
         if isinstance(buf, np.ndarray):
-            return self._host.allreduce_sum(buf)
+            host = self._host
+            return host.allreduce_max(buf) if maximum else host.allreduce_sum(buf)
         if self._error is not None:
             raise CommunicatorError(self._error)
         if self._closed:
@@ -325,7 +333,8 @@ class NCCLCommunicator(Communicator):
         nccl = self._nccl_mod
         stream = cp.cuda.get_current_stream()
         self._nccl.allReduce(
-            buf.data.ptr, buf.data.ptr, buf.size, nccl.NCCL_FLOAT64, nccl.NCCL_SUM, stream.ptr
+            buf.data.ptr, buf.data.ptr, buf.size, nccl.NCCL_FLOAT64,
+            nccl.NCCL_MAX if maximum else nccl.NCCL_SUM, stream.ptr
         )
         # Not inside a CUDA-graph capture: an event recorded there cannot be
         # queried by the watchdog thread (the graph's replays are not watched).

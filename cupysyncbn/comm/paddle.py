@@ -127,17 +127,25 @@ class PaddleCommunicator(Communicator):
         A call that does not complete within ``CUPYSYNCBN_TIMEOUT`` seconds
         (default 600) aborts the job (:mod:`cupysyncbn.fault`).
         """
+        return self._reduce(buf, self._dist.ReduceOp.SUM)
+
+    def allreduce_max(self, buf: Any) -> Any:
+        """Element-wise maximum of ``buf`` over the group, in place (as :meth:`allreduce_sum`)."""
+        return self._reduce(buf, self._dist.ReduceOp.MAX)
+
+    def _reduce(self, buf: Any, op: Any) -> Any:
         dog = shared_watchdog()
         started = dog.begin(buf.size)
         try:
-            return self._allreduce_sum(buf)
+            return self._allreduce_sum(buf, op)
         finally:
             dog.end(started)
 
-    def _reduce_tensor(self, t: Any) -> None:
-        self._dist.all_reduce(t, op=self._dist.ReduceOp.SUM, group=self.group, sync_op=True)
+    def _reduce_tensor(self, t: Any, op: Any = None) -> None:
+        op = self._dist.ReduceOp.SUM if op is None else op
+        self._dist.all_reduce(t, op=op, group=self.group, sync_op=True)
 
-    def _allreduce_sum(self, buf: Any) -> Any:
+    def _allreduce_sum(self, buf: Any, op: Any = None) -> Any:
         import paddle
 
         if self.size == 1:
@@ -146,22 +154,22 @@ class PaddleCommunicator(Communicator):
             if self.group_backend == "NCCL":
                 # NCCL reduces device memory only: stage through the GPU.
                 t = paddle.to_tensor(buf, place=paddle.CUDAPlace(_device_id()))
-                self._reduce_tensor(t)
+                self._reduce_tensor(t, op)
                 buf[...] = t.numpy()
                 return buf
-            self._reduce_tensor(paddle.from_dlpack(buf))  # shares buf's memory
+            self._reduce_tensor(paddle.from_dlpack(buf), op)  # shares buf's memory
             return buf
         import cupy
 
         if self.group_backend != "NCCL":
             host = cupy.asnumpy(buf)
-            self._reduce_tensor(paddle.from_dlpack(host))
+            self._reduce_tensor(paddle.from_dlpack(host), op)
             buf.set(host)
             return buf
         # paddle.from_dlpack orders Paddle's stream after CuPy's current one
         # (DLPack stream protocol); the in-place NCCL sum then lands in buf.
         t = paddle.from_dlpack(buf)
-        self._reduce_tensor(t)
+        self._reduce_tensor(t, op)
         _order_cupy_after_paddle(buf)
         return buf
 

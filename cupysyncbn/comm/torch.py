@@ -149,16 +149,23 @@ class TorchCommunicator(Communicator):
         TypeError
             For a buffer that is neither a NumPy nor a CuPy array.
         """
+        return self._reduce(buf, self._dist.ReduceOp.SUM)
+
+    def allreduce_max(self, buf: Any) -> Any:
+        """Element-wise maximum of ``buf`` over the group, in place (as :meth:`allreduce_sum`)."""
+        return self._reduce(buf, self._dist.ReduceOp.MAX)
+
+    def _reduce(self, buf: Any, op: Any) -> Any:
         torch = self._torch
         if isinstance(buf, np.ndarray):
             t = torch.from_numpy(buf)  # shares buf's memory
             if self.cpu_direct:
-                self._dist.all_reduce(t, group=self.group)
+                self._dist.all_reduce(t, op=op, group=self.group)
             else:
                 # NCCL-only group: through this process's current GPU.
                 dev = torch.device("cuda", torch.cuda.current_device())
                 staged = t.to(dev)
-                self._dist.all_reduce(staged, group=self.group)
+                self._dist.all_reduce(staged, op=op, group=self.group)
                 t.copy_(staged.cpu())
             return buf
         cp = sys.modules.get("cupy")
@@ -174,10 +181,10 @@ class TorchCommunicator(Communicator):
         with torch.cuda.device(buf.device.id), torch.cuda.stream(stream):
             t = torch.from_dlpack(buf)  # shares buf's memory
             if self.cuda_direct:
-                self._dist.all_reduce(t, group=self.group)
+                self._dist.all_reduce(t, op=op, group=self.group)
             else:
                 staged = t.cpu()  # waits for the stream: the host needs the values
-                self._dist.all_reduce(staged, group=self.group)
+                self._dist.all_reduce(staged, op=op, group=self.group)
                 t.copy_(staged)
         return buf
 

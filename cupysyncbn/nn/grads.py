@@ -77,6 +77,11 @@ def allreduce_gradients(
     -----
     A parameter whose ``grad`` is None contributes zeros and receives the
     group's result, so ranks with and without gradients stay in step.
+
+    Parameters of layers built with ``reproducible=True`` receive the global
+    gradient those layers summed exactly in their backward (the same bits
+    for every number of ranks and split of the batch) when every rank still
+    holds it (:meth:`Parameter.global_grad`); otherwise the plain sum.
     """
     plist = params.parameters() if isinstance(params, Layer) else list(params)
     plist = [p for p in plist if p.trainable]
@@ -86,13 +91,25 @@ def allreduce_gradients(
     backend = get_backend(plist[0].data, "parameter")
     xp = backend.xp
     sizes = [int(np.prod(p.data.shape)) for p in plist]
-    buf = xp.zeros(sum(sizes), dtype=np.float64)
+    total = sum(sizes)
+    # one slot per parameter after the gradients: 1 where this rank holds
+    # the layer's exact global gradient (used only where every rank does)
+    buf = xp.zeros(total + len(plist), dtype=np.float64)
+    held = [p.global_grad() for p in plist]
     off = 0
-    for p, n in zip(plist, sizes):
+    for i, (p, n) in enumerate(zip(plist, sizes)):
         if p.grad is not None:
             buf[off : off + n] = p.grad.reshape(-1)
+        buf[total + i] = held[i] is not None
         off += n
     comm_.allreduce_sum(buf)
+    flags = backend.to_host(buf[total:])
+    off = 0
+    for g, n, f in zip(held, sizes, flags):
+        if f == comm_.size and g is not None:
+            buf[off : off + n] = g.reshape(-1)
+        off += n
+    buf = buf[:total]
     if average:
         buf /= comm_.size
     off = 0

@@ -63,13 +63,17 @@ class Parameter:
     trainable : bool
     """
 
-    __slots__ = ("data", "grad", "trainable", "name")
+    __slots__ = ("data", "grad", "trainable", "name", "_global")
 
     def __init__(self, data: Any, trainable: bool = True, name: str | None = None) -> None:
         self.data = data
         self.grad = None
         self.trainable = bool(trainable)
         self.name = name
+        #: ``(grad, total)``: the global gradient a reproducible layer summed
+        #: exactly, valid while ``grad`` is still that array (see
+        #: :meth:`global_grad`); None otherwise.
+        self._global: Any = None
 
     @property
     def shape(self) -> tuple:
@@ -90,9 +94,42 @@ class Parameter:
         else:
             self.grad += g
 
+    def accumulate_global_grad(self, g: Any, before: Any) -> None:
+        """Add a reproducible layer's global gradient ``g`` (identical on every rank).
+
+        Called right after :meth:`accumulate_grad` added this rank's share;
+        ``before`` is :attr:`grad` as it was before that. The global total is
+        accumulated like :attr:`grad` (same dtype, same operations) as long as
+        :attr:`grad` is the array it started with; anything else (a
+        replaced or cleared ``grad``, a gradient from elsewhere) drops it.
+        """
+        if not self.trainable:
+            return
+        held = getattr(self, "_global", None)
+        if before is None:
+            self._global = (self.grad, g.astype(self.data.dtype, copy=True))
+        elif held is not None and held[0] is before and self.grad is before:
+            held[1][...] += g
+        else:
+            self._global = None
+
+    def global_grad(self) -> Any:
+        """The global gradient kept by a reproducible layer, or None.
+
+        None unless every contribution to :attr:`grad` since it was last
+        None came from reproducible synchronized backwards and ``grad`` is
+        still the array they wrote (an in-place change of ``grad`` by the
+        user cannot be seen).
+        """
+        held = getattr(self, "_global", None)
+        if held is None or held[0] is not self.grad or self.grad is None:
+            return None
+        return held[1]
+
     def clear_gradient(self) -> None:
         """Reset :attr:`grad` to None."""
         self.grad = None
+        self._global = None
 
     def numpy(self) -> np.ndarray:
         """A host (NumPy) copy of :attr:`data`."""

@@ -16,7 +16,7 @@ import numpy as np
 
 from .. import functional as F
 from .._sync import collective
-from .._sync.checks import check_epsilon, check_momentum
+from .._sync.checks import check_epsilon, check_momentum, check_reproducible
 from .._sync.state import SyncState
 from ..arrays.devices import device_of, to_host
 from ..arrays.dtypes import parse_param_dtype
@@ -84,6 +84,7 @@ class _BatchNormBase(Layer):
         unbiased_running_var: bool = False,
         dtype: Any = "float32",
         comm: Any = LOCAL,
+        reproducible: bool | None = None,
     ) -> None:
         dt = parse_param_dtype(dtype)
         super().__init__(name, dtype=dt)
@@ -103,6 +104,7 @@ class _BatchNormBase(Layer):
         self._use_global_stats = use_global_stats
         self._track_running_stats = bool(track_running_stats)
         self._unbiased_running_var = bool(unbiased_running_var)
+        self._reproducible = check_reproducible(reproducible)
         self._weight_attr = weight_attr
         self._bias_attr = bias_attr
         self._name = name
@@ -130,6 +132,7 @@ class _BatchNormBase(Layer):
         the same program agree on it.
         """
         self._sync_state = SyncState.for_layer(None if self._comm_arg is None else self._comm)
+        self._sync_state.reproducible = self.reproducible
         # Forward contexts awaiting their backward, most recent last (LIFO).
         self._pending: list[F.ForwardContext] = []
         self._dropped = 0  # contexts dropped by the bound, not yet asked for
@@ -233,12 +236,17 @@ class _BatchNormBase(Layer):
         """Whether running statistics are kept and used in eval mode."""
         return self._track_running_stats
 
+    @property
+    def reproducible(self) -> bool:
+        """Bitwise-reproducible mode (docs/reproducibility.md); fixed at construction."""
+        return getattr(self, "_reproducible", False)
+
     def extra_repr(self) -> str:
         return (
             f"num_features={self._num_features}, momentum={self._momentum},"
             f" epsilon={self._epsilon}, data_format={self._data_format},"
             f" dtype={self._dtype.name}"
-        )
+        ) + (", reproducible=True" if self.reproducible else "")
 
     def _state_aliases(self) -> dict[str, str | None]:
         return {
@@ -337,6 +345,7 @@ class _BatchNormBase(Layer):
             sync_state=self._sync_state,
             param_dtype=self._dtype,
             inplace_running_stats=True,  # GPU: the live arrays, no allocation
+            reproducible=self.reproducible,
         )
         if update and res.updated:
             # In place (as Paddle and PyTorch): references to the running
@@ -407,6 +416,10 @@ class _BatchNormBase(Layer):
                 self.weight.accumulate_grad(dweight)
             if dbias is not gb:
                 self.bias.accumulate_grad(dbias)
+            glob = ctx.global_grads  # reproducible mode: identical on every rank
+            if glob is not None:
+                self.weight.accumulate_global_grad(glob[0], gw)
+                self.bias.accumulate_global_grad(glob[1], gb)
         return dx
 
     def _raise_no_pending(self, err: NoPendingForwardError) -> None:
@@ -471,12 +484,14 @@ class _LocalBatchNorm(_BatchNormBase):
         track_running_stats: bool = True,
         unbiased_running_var: bool = False,
         dtype: Any = "float32",
+        reproducible: bool | None = None,
     ) -> None:
         super().__init__(
             num_features, momentum, epsilon, weight_attr, bias_attr,
             self._default_format if data_format is None else data_format,
             use_global_stats, name, track_running_stats=track_running_stats,
             unbiased_running_var=unbiased_running_var, dtype=dtype,
+            reproducible=reproducible,
         )
 
 
@@ -503,6 +518,9 @@ class BatchNorm1D(_LocalBatchNorm):
         Store the unbiased batch variance in ``_variance`` (PyTorch).
     dtype : {'float32', 'float64'}, keyword-only
         Dtype of parameters and running statistics.
+    reproducible : bool, keyword-only, optional
+        Bitwise-reproducible statistics and gradients (docs/reproducibility.md);
+        None: ``CUPYSYNCBN_REPRODUCIBLE`` (default False).
 
     Notes
     -----
@@ -574,6 +592,12 @@ class SyncBatchNorm(_BatchNormBase):
     dtype : {'float32', 'float64'}, keyword-only, default 'float32'
         Dtype of parameters and running statistics; float64 layers compute
         in float64.
+    reproducible : bool, keyword-only, optional
+        Bitwise-reproducible mode (docs/reproducibility.md): outputs, input
+        gradients, running statistics and the parameter gradients summed by
+        ``allreduce_gradients(layer, average=False)`` are the same bits for
+        every number of ranks and every split of the global batch (CPU arrays
+        for now). None: ``CUPYSYNCBN_REPRODUCIBLE`` (default False).
 
     Examples
     --------
@@ -597,11 +621,13 @@ class SyncBatchNorm(_BatchNormBase):
         track_running_stats: bool = True,
         unbiased_running_var: bool = False,
         dtype: Any = "float32",
+        reproducible: bool | None = None,
     ) -> None:
         super().__init__(
             num_features, momentum, epsilon, weight_attr, bias_attr, data_format,
             None, name, track_running_stats=track_running_stats,
             unbiased_running_var=unbiased_running_var, dtype=dtype, comm=comm,
+            reproducible=reproducible,
         )
 
     @classmethod
@@ -648,6 +674,7 @@ class SyncBatchNorm(_BatchNormBase):
             track_running_stats=bn._track_running_stats,
             unbiased_running_var=bn._unbiased_running_var,
             dtype=bn._dtype,
+            reproducible=bn.reproducible,
         )
         new._use_global_stats = bn._use_global_stats
         # Copy values (not the attrs): Paddle re-initializes a trained weight

@@ -19,6 +19,7 @@ from typing import Any
 __all__ = [
     "TIMEOUT_ENV", "NCCL_TIMEOUT_ENV", "DEFAULT_TIMEOUT", "DEVICE_ENV", "CPU_BACKEND_ENV",
     "STRICT_SYNC_ENV", "FORCE_ENV", "VERBOSE_ENV", "CUDA_AWARE_ENV", "NCCL_ABORT_ENV",
+    "REPRODUCIBLE_ENV",
     "RANK_VARS", "SIZE_VARS", "LOCAL_RANK_VARS", "LAUNCHER_SIZE_VARS", "LAUNCHER_RANK_VARS",
     "flag", "text", "parse_timeout", "collective_timeout", "launched_size", "launcher_env",
     "env_rank", "env_local_rank", "find_mpiexec",
@@ -44,6 +45,9 @@ VERBOSE_ENV = "CUPYSYNCBN_VERBOSE"
 CUDA_AWARE_ENV = "CUPYSYNCBN_CUDA_AWARE_MPI"
 #: An NCCL error or timeout aborts the whole job (default on).
 NCCL_ABORT_ENV = "CUPYSYNCBN_NCCL_ABORT"
+#: ``reproducible`` of layers and functional calls that do not set it
+#: (docs/reproducibility.md); a true/false :func:`flag`, default false.
+REPRODUCIBLE_ENV = "CUPYSYNCBN_REPRODUCIBLE"
 
 #: Variables that process managers set, in the order they are trusted:
 #: MPICH/Hydra, Open MPI, PMIx, Slurm (the one list the package reads).

@@ -315,12 +315,18 @@ class ThreadGroup:
             backend = "threads"
 
             def allreduce_sum(self, buf):
+                return self._reduce(buf, np.add)
+
+            def allreduce_max(self, buf):
+                return self._reduce(buf, np.maximum)
+
+            def _reduce(self, buf, op):
                 group.calls[rank] += 1
                 group.slots[rank] = np.array(buf, copy=True)
                 group.barrier.wait()
                 total = group.slots[0].copy()
                 for other in group.slots[1:]:
-                    total = total + other
+                    total = op(total, other)
                 group.barrier.wait()
                 buf[...] = total
                 return buf

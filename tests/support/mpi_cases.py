@@ -89,6 +89,10 @@ class Counting(Communicator):
         self.calls.append(int(buf.size))
         return self.inner.allreduce_sum(buf)
 
+    def allreduce_max(self, buf):
+        self.calls.append(int(buf.size))
+        return self.inner.allreduce_max(buf)
+
 
 def _allsum(world, a):
     a = np.ascontiguousarray(a, dtype=F64)
