@@ -47,8 +47,9 @@ def ops_of(backend: Backend) -> Any:
     return ops
 
 
-def _stack(ops: Any, vecs: list, k: int) -> tuple[np.ndarray, np.ndarray]:
-    host = [np.asarray(v, dtype=np.float64) for v in vecs]
+def _stack(backend: Backend, vecs: list, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The all-reduced folds as two K x C host arrays (the finalize runs on the host)."""
+    host = [np.asarray(backend.to_host(v), dtype=np.float64) for v in vecs]
     return np.stack(host[:k]), np.stack(host[k:])
 
 
@@ -59,6 +60,8 @@ def _bounds(
     """Global bound exponents: the MAX over ranks of each rank's (or the local ones)."""
     if not sync:
         return local
+    # on the backend's device (a CuPy buffer does not take NumPy vectors)
+    local = [backend.asarray(v) for v in local]
     red = collective.allreduce_max(comm, backend, state, local, k, phase, None, nf)
     return [np.array(backend.to_host(r), dtype=np.float64) for r in red]
 
@@ -76,16 +79,16 @@ def forward_stats(
     if n_local:
         p1, p2 = ops.moment_folds(v, channel_last, ops.scale_exponent(e), k)
     else:
-        p1 = p2 = np.zeros((k, nf))
+        p1 = p2 = backend.xp.zeros((k, nf))
     total = n_local
     if sync:
         total, red = collective.allreduce(
             comm, backend, state, [*p1, *p2], n_local, protocol.PHASE_STATS, None, nf
         )
-        p1, p2 = _stack(ops, red, k)
+        p1, p2 = _stack(backend, red, k)
     ops.check_count(total)  # a global value: every rank raises alike
     if total == 0:
-        return 0, np.zeros(nf), np.zeros(nf)
+        return 0, backend.xp.zeros(nf), backend.xp.zeros(nf)
     mean, var = ops.finalize_moments(p1, p2, total, e)
     return total, mean, var
 
@@ -116,15 +119,15 @@ def backward_sums(
             dyv, ctx.x, cl, ctx.mean, ops.scale_exponent(eg), ops.scale_exponent(eh), k
         )
     else:
-        pg = ph = np.zeros((k, nf))
-    invstd = np.asarray(ctx.invstd, dtype=np.float64)
+        pg = ph = backend.xp.zeros((k, nf))
+    invstd = ctx.invstd.astype(np.float64)
     local_dy, local_dxm = ops.finalize_sum(pg, eg), ops.finalize_sum(ph, eh)
     if sync:
         _, red = collective.allreduce(
             ctx.comm, backend, ctx.sync_state, [*pg, *ph], n_local, protocol.PHASE_BACKWARD,
             None, nf,
         )
-        pg, ph = _stack(ops, red, k)
+        pg, ph = _stack(backend, red, k)
         g_dy, g_dxm = ops.finalize_sum(pg, eg), ops.finalize_sum(ph, eh)
     else:
         g_dy, g_dxm = local_dy, local_dxm

@@ -43,14 +43,9 @@ class CupyExactOps:
         """``exact_sums.absmax`` (a device vector)."""
         return self._backend.exact_absmax(v, channel_last)
 
-    def bound_exponent(self, a: Any, nf: int) -> Any:
-        """``exact_sums.bound_exponent`` (a device vector, computed on the host)."""
-        host = None if a is None else self.to_host(a)
-        return self.xp.asarray(exact_sums.bound_exponent(host, nf))
-
-    def zeros(self, k: int, nf: int) -> Any:
-        """The folds of a rank without elements (device)."""
-        return self.xp.zeros((k, nf), dtype=np.float64)
+    def bound_exponent(self, a: Any, nf: int) -> np.ndarray:
+        """``exact_sums.bound_exponent`` (a host vector: the exponents are decided there)."""
+        return exact_sums.bound_exponent(None if a is None else self.to_host(a), nf)
 
     def moment_folds(self, v: Any, channel_last: bool, e: Any, k: int) -> tuple[Any, Any]:
         """``exact_sums.moment_folds`` (device folds)."""
