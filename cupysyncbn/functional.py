@@ -82,6 +82,7 @@ def batch_norm_forward(
     sync_state: SyncState | None = None,
     param_dtype: Any = None,
     inplace_running_stats: bool = False,
+    act: str | None = None,
 ) -> ForwardResult:
     """Synchronized batch-norm forward.
 
@@ -125,6 +126,11 @@ def batch_norm_forward(
         On the fused GPU path, update ``running_mean``/``running_var`` in place
         (what a layer wants: no allocation, CUDA-graph safe) instead of
         returning new arrays.
+    act : {None, 'relu'}
+        ``'relu'``: ``y = max(bn(x), 0)`` written by the normalize pass itself
+        (no pass over ``y`` of its own); :func:`batch_norm_backward` then
+        applies the ReLU's mask inside its own passes (recomputed from ``x``:
+        nothing more is saved). Eval passes apply it too.
 
     Returns
     -------
@@ -146,17 +152,18 @@ def batch_norm_forward(
     sync = batch_stats and comm_.synchronizes
     vd = checks.check_forward(
         comm_, sync_state, x, data_format, momentum, epsilon, vectors, param_dtype,
-        batch_stats, sync,
+        batch_stats, sync, act,
     )
     v = canonical_view(vd.backend.ascontiguous(x), vd.fmt)
+    relu = act == "relu"
     if fused.applies(vd.backend, vd.param_dtype, *vectors):
         return fused.run_forward(
             comm_, sync_state, x, v, vd, vectors, training, batch_stats, momentum, epsilon,
-            unbiased_running_var, num_batches_tracked, sync, inplace_running_stats,
+            unbiased_running_var, num_batches_tracked, sync, inplace_running_stats, relu,
         )
     return passes.forward(
         comm_, sync_state, x, v, vd, vectors, training, batch_stats, momentum, epsilon,
-        unbiased_running_var, num_batches_tracked, sync,
+        unbiased_running_var, num_batches_tracked, sync, relu,
     )
 
 
@@ -200,7 +207,10 @@ def batch_norm_backward(
         dx = w * invstd * (dy - sum(dy)/m - xhat * sum(dy * xhat)/m)
 
     with both sums all-reduced over the group in one collective. Eval mode
-    (running statistics): ``dx = dy * w * invstd``, no communication.
+    (running statistics): ``dx = dy * w * invstd``, no communication. After a
+    forward with ``act='relu'``, ``dy`` is zeroed where the forward's output
+    is 0 before both (the sums and ``dweight``/``dbias`` included), inside
+    the same passes.
     """
     nf = ctx.mean.shape[0]
     dy = native_byteorder(dy)

@@ -76,30 +76,36 @@ def _vec(v: Any, cdt: np.dtype) -> Any:
 
 def _affine_normalize(
     backend: Backend, v: Any, fmt: DataFormat, mean: Any, invstd: Any,
-    weight: Any, bias: Any, cdt: np.dtype, x: Any,
-) -> Any:
+    weight: Any, bias: Any, cdt: np.dtype, x: Any, relu: bool = False,
+) -> tuple[Any, Any]:
+    """``y`` and what the backward's ReLU mask needs (``(scale, bias)``, or None)."""
     scale, b = backend.affine(invstd, weight, bias, cdt)
+    act = (scale, b) if relu else None
     if v.size == 0:
-        return backend.xp.empty(v.shape, dtype=x.dtype)
-    return backend.normalize(v, fmt.channel_last, mean, scale, b, np.dtype(x.dtype))
+        return backend.xp.empty(v.shape, dtype=x.dtype), act
+    return backend.normalize(v, fmt.channel_last, mean, scale, b, np.dtype(x.dtype), relu), act
 
 
 def forward(
     comm: Communicator, state: SyncState | None, x: Any, v: Any, vd: Verdict,
     vectors: tuple, training: bool, batch_stats: bool, momentum: float | None,
     epsilon: float, unbiased: bool, num_batches_tracked: int, sync: bool,
+    relu: bool = False,
 ) -> ForwardResult:
-    """A forward on the four primitives; ``v`` is ``x``'s canonical view."""
+    """A forward on the four primitives; ``v`` is ``x``'s canonical view.
+
+    ``relu``: ``act="relu"``, applied by ``backend.normalize`` in its pass.
+    """
     backend, fmt, nf, cdt, pdt = vd.backend, vd.fmt, vd.nf, vd.cdt, vd.param_dtype
     weight, bias, running_mean, running_var = vectors
     n_local = v.size // nf if nf else 0
     if not batch_stats:
         mean = _vec(running_mean, cdt)
         invstd = backend.running_invstd(running_var, epsilon, cdt)
-        y = _affine_normalize(backend, v, fmt, mean, invstd, weight, bias, cdt, x)
+        y, act = _affine_normalize(backend, v, fmt, mean, invstd, weight, bias, cdt, x, relu)
         ctx = ForwardContext(
             v, tuple(x.shape), np.dtype(x.dtype), fmt, backend, comm, mean, invstd,
-            _vec(weight, cdt), 0, False, pdt, state,
+            _vec(weight, cdt), 0, False, pdt, state, act=act,
         )
         return ForwardResult(y.reshape(x.shape), ctx, running_mean, running_var)
 
@@ -151,14 +157,14 @@ def forward(
     if unit is not None:
         y, ctx = _forward_scaled(
             backend, x, v, fmt, comm, state, mean_s, var_s, p, unit, count, epsilon,
-            weight, bias, pdt,
+            weight, bias, pdt, relu,
         )
         return ForwardResult(y.reshape(x.shape), ctx, new_rm, new_rv, mean, var, count, updated)
     mean_c, invstd = backend.forward_coefficients(mean, var, count, epsilon, cdt)
-    y = _affine_normalize(backend, v, fmt, mean_c, invstd, weight, bias, cdt, x)
+    y, act = _affine_normalize(backend, v, fmt, mean_c, invstd, weight, bias, cdt, x, relu)
     ctx = ForwardContext(
         v, tuple(x.shape), np.dtype(x.dtype), fmt, backend, comm, mean_c, invstd,
-        _vec(weight, cdt), count, True, pdt, state,
+        _vec(weight, cdt), count, True, pdt, state, act=act,
     )
     return ForwardResult(y.reshape(x.shape), ctx, new_rm, new_rv, mean, var, count, updated)
 
@@ -178,7 +184,7 @@ def _clamp(backend: Backend, a: Any) -> Any:
 def _forward_scaled(
     backend: Backend, x: Any, v: Any, fmt: DataFormat, comm: Communicator,
     state: SyncState | None, mean_s: Any, var_s: Any, p: Any, unit: Any, count: int,
-    epsilon: float, weight: Any, bias: Any, pdt: np.dtype,
+    epsilon: float, weight: Any, bias: Any, pdt: np.dtype, relu: bool = False,
 ) -> tuple[Any, ForwardContext]:
     """Normalize ``x * unit`` in float64 (a channel whose std is outside the safe range).
 
@@ -194,10 +200,10 @@ def _forward_scaled(
     var_eff = var_s * r * r + (eps * unit * unit if eps else 0.0)
     mean_u, invstd = backend.forward_coefficients(mean_s * r, var_eff, count, 0.0, _F64)
     vu = _scaled(v, unit, fmt.channel_last, _F64)
-    y = _affine_normalize(backend, vu, fmt, mean_u, invstd, weight, bias, _F64, x)
+    y, act = _affine_normalize(backend, vu, fmt, mean_u, invstd, weight, bias, _F64, x, relu)
     ctx = ForwardContext(
         vu, tuple(x.shape), np.dtype(x.dtype), fmt, backend, comm, mean_u, invstd,
-        _vec(weight, _F64), count, True, pdt, state,
+        _vec(weight, _F64), count, True, pdt, state, act=act,
     )
     ctx.unit = unit  # read by backward()
     return y, ctx
@@ -280,7 +286,9 @@ def backward(
     if unit is not None:
         dyv = dyv.astype(_F64)
     if n_local:
-        sum_dy, sum_dy_xhat = backend.backward_reduce(dyv, ctx.x, cl, ctx.mean, ctx.invstd)
+        sum_dy, sum_dy_xhat = backend.backward_reduce(
+            dyv, ctx.x, cl, ctx.mean, ctx.invstd, ctx.act
+        )
     else:
         sum_dy = sum_dy_xhat = None
     g_dy, g_dy_xhat = sum_dy, sum_dy_xhat
@@ -295,12 +303,14 @@ def backward(
     if n_local and unit is not None:
         # dx / unit at unit scale; times unit it may pass the output dtype's
         # largest value (a tiny spread with epsilon=0): saturated there
-        dxu = backend.backward_elemt(dyv, ctx.x, cl, ctx.mean, a, mean_dy, b, _F64)
+        dxu = backend.backward_elemt(dyv, ctx.x, cl, ctx.mean, a, mean_dy, b, _F64, ctx.act)
         big = float(np.finfo(ctx.dtype).max)
         dx = xp.clip(_scaled(dxu.reshape(ctx.x.shape), unit, cl, _F64), -big, big)
         dx = dx.astype(ctx.dtype).reshape(ctx.shape)
     elif n_local:
-        dx = backend.backward_elemt(dyv, ctx.x, cl, ctx.mean, a, mean_dy, b, ctx.dtype)
+        dx = backend.backward_elemt(
+            dyv, ctx.x, cl, ctx.mean, a, mean_dy, b, ctx.dtype, ctx.act
+        )
         dx = dx.reshape(ctx.shape)
     else:
         dx = xp.empty(ctx.shape, dtype=ctx.dtype)

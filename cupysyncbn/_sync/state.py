@@ -181,6 +181,11 @@ class ForwardContext:
     #: Per-channel powers of two that brought channels with an extreme spread
     #: to unit scale (``_sync.passes``: such a pass runs in float64), or None.
     unit: Any = None
+    #: ``act="relu"``: what the backward recomputes the forward's
+    #: pre-activation sign from (its mask): ``(scale, bias)`` of the normalize
+    #: (compute dtype) on the host path, ``(weight, bias)`` on the fused path
+    #: (the kernels recompute ``scale = invstd * weight``). None: no activation.
+    act: Any = None
 
 
 @dataclass
