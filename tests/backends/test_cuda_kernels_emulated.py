@@ -178,12 +178,14 @@ def test_emulated_bfloat16_rounding(emu):
     # y = (x - 0) * 1 + 0 round-trips exactly representable values
     fn(*(ctypes.c_uint(v) for v in (1, 1, 32, 1)), ctypes.c_void_p(bits.ctypes.data),
        ctypes.c_void_p(out.ctypes.data), ctypes.c_int(bits.size), ctypes.c_int(1),
-       ctypes.c_int(1), *(ctypes.c_void_p(a.ctypes.data) for a in (zero, one, zero)))
+       ctypes.c_int(1), *(ctypes.c_void_p(a.ctypes.data) for a in (zero, one, zero)),
+       ctypes.c_int(0))
     assert np.array_equal(out[:6], bits[:6]) and out[7] == bits[7]
     assert (out[6] & 0x7F80) == 0x7F80 and (out[6] & 0x7F) != 0  # NaN stays NaN
     # and a scale of 1 + 2^-9 exercises rounding: 1 * (1 + 2^-9) ties to even -> 1.0
     sc = np.array([1.0 + 2.0**-9], np.float32)
     fn(*(ctypes.c_uint(v) for v in (1, 1, 32, 1)), ctypes.c_void_p(bits.ctypes.data),
        ctypes.c_void_p(out.ctypes.data), ctypes.c_int(1), ctypes.c_int(1),
-       ctypes.c_int(1), *(ctypes.c_void_p(a.ctypes.data) for a in (zero, sc, zero)))
+       ctypes.c_int(1), *(ctypes.c_void_p(a.ctypes.data) for a in (zero, sc, zero)),
+       ctypes.c_int(0))
     assert out[0] == 0x3F80
