@@ -209,7 +209,10 @@ class CupyBackend(Backend):
         self, x: Any, channel_last: bool, mean: Any, scale: Any, bias: Any, out_dtype: Any,
         relu: bool = False,
     ) -> Any:
-        """``(x - mean) * scale + bias`` (subtract first), cast to ``out_dtype``; ``relu``: ``max(., 0)``."""
+        """``(x - mean) * scale + bias`` (subtract first), cast to ``out_dtype``.
+
+        ``relu``: values ``<= 0`` written as 0 (NaN kept), in the same kernel.
+        """
         cp = self.xp
         x = cp.ascontiguousarray(x)
         adt = self._cdt(mean.dtype, x.dtype)

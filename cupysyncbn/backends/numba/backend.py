@@ -902,7 +902,7 @@ class NumbaBackend(NumbaChannelMath, NumpyBackend):
         out_dtype: Any,
         relu: bool = False,
     ) -> np.ndarray:
-        """``(x - mean) * scale + bias`` in the compute dtype, one pass (``relu``: ``max(., 0)``)."""
+        """``(x - mean) * scale + bias`` in the compute dtype, one pass (``relu``: max with 0)."""
         out_dtype = np.dtype(out_dtype)
         cdt = mean.dtype
         if not _native(x) or out_dtype != x.dtype or cdt not in _NATIVE[1:]:

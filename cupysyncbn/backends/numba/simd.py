@@ -39,7 +39,6 @@ True) and write ``max(y, 0)`` (NaN kept) the same way.
 from __future__ import annotations
 
 import platform
-from typing import Any
 
 import llvmlite.binding as llb
 from llvmlite import ir
@@ -292,7 +291,7 @@ def _col_codegen(dot: bool):
         halves = [builder.add(j, j.type(h * WIDTH)) for h in range(2)]
         cvec = [builder.load(vptr(cty_, vecs[0], [jh], cty), align=context.get_abi_sizeof(cty))
                 for jh in halves]
-        acts: list = [None, None]  # dot: the ReLU's (scale, bias) vectors of each half
+        acts = [None, None]  # dot: the ReLU's (scale, bias) vectors of each half
         if dot and _is_on(tys[nargs + 6]):
             aty = tys[nargs + 6]
             pair = [context.make_array(aty[k])(context, builder,
@@ -409,7 +408,7 @@ def _line_codegen(bwd: bool):
 
         params = [per_lane(p0, p1)
                   for p0, p1 in zip(args[na + 2:na + 2 + np_], args[na + 2 + np_:na + 2 + 2 * np_])]
-        act: Any = on
+        act = on
         if bwd and on:  # (scale0, bias0, scale1, bias1)
             sb = [builder.extract_value(args[-1], q) for q in range(4)]
             act = [per_lane(sb[0], sb[2]), per_lane(sb[1], sb[3])]
@@ -483,7 +482,7 @@ def _vline_codegen(bwd: bool):
                                 align=context.get_abi_sizeof(cty))
 
         params = [line_of(ty, a) for ty, a in zip(tys[na:na + np_], pars)]
-        act: Any = on
+        act = on
         if bwd and on:  # the ReLU's (scale, bias) vectors, laid out as the parameters
             aty = tys[-1]
             act = [line_of(aty[q], context.make_array(aty[q])(
