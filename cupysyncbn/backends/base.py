@@ -20,7 +20,10 @@ take ``relu=(scale, bias)``, the forward's coefficients: they recompute the
 pre-activation ``(x - mean) * scale + bias`` with the forward's operations
 (the same rounding, so the same sign) from the ``x`` they read anyway, and
 use ``dy`` zeroed where it is ``<= 0``, in their sums and in ``dx``: the mask
-costs no memory traffic and nothing is saved beyond two C-sized vectors.
+costs no memory traffic and nothing is saved beyond two C-sized vectors. (One
+rounding case differs from ``dy * (y > 0)``: a pre-activation above 0 that
+rounds to 0 in a narrower output dtype, below 2**-25 for float16 outputs,
+keeps its ``dy``.)
 
 Per-channel vectors (``mean``, ``scale``...) passed to the primitives are 1-D
 arrays of the compute dtype on the backend's device. Inputs are C-contiguous
