@@ -78,8 +78,8 @@ def _torch(x, dy, w, b, stats, fmt, mode):
     y = torch.relu(torch.nn.functional.batch_norm(
         xt, rm, rv, wt, bt, training=mode != "eval", eps=1e-5))
     y.backward(dyt)
-    back = (lambda t: np.moveaxis(t.detach().numpy(), 1, ca))
-    return back(y), back(xt.grad), wt.grad.numpy(), bt.grad.numpy()
+    y, gx = (np.moveaxis(t.detach().numpy(), 1, ca) for t in (y, xt.grad))
+    return y, gx, wt.grad.numpy(), bt.grad.numpy()
 
 
 @pytest.fixture(params=["numpy", "numba"])
@@ -157,7 +157,8 @@ for backend in ("numpy", "numba"):
             for mode in MODES:
                 x, dy, w, b, stats = _case(fmt, dt, mode, seed=7)
                 # uneven, and an empty rank for two formats
-                cut = bn_ref.split_counts(x.shape[0], k, empty=1 if fmt in ("NCHW", "NHWC") else None)
+                empty = 1 if fmt in ("NCHW", "NHWC") else None
+                cut = bn_ref.split_counts(x.shape[0], k, empty=empty)
                 sl = bn_ref.local_slice(cut, r)
                 y, dx, dw, db = _run(x[sl], dy[sl], w, b, stats, fmt, dt, mode, "relu", comm)
                 y, dx = (np.concatenate(comm.allgather(a)) for a in (y, dx))
