@@ -83,6 +83,7 @@ def batch_norm_forward(
     param_dtype: Any = None,
     inplace_running_stats: bool = False,
     reproducible: bool | None = None,
+    act: str | None = None,
 ) -> ForwardResult:
     """Synchronized batch-norm forward.
 
@@ -130,9 +131,13 @@ def batch_norm_forward(
         Bitwise-reproducible mode (docs/reproducibility.md): the outputs, the
         statistics and the input gradients of the backward are the same bits
         for every number of ranks and every split of the global batch. None:
-        ``CUPYSYNCBN_REPRODUCIBLE`` (default False). CPU arrays only for now
-        (NotImplementedError on CuPy). A ``sync_state`` keeps the mode of its
-        first synchronized pass.
+        ``CUPYSYNCBN_REPRODUCIBLE`` (default False). A ``sync_state`` keeps the
+        mode of its first synchronized pass. Not with ``act``.
+    act : {None, 'relu'}
+        ``'relu'``: ``y = max(bn(x), 0)`` written by the normalize pass itself
+        (no pass over ``y`` of its own); :func:`batch_norm_backward` then
+        applies the ReLU's mask inside its own passes (recomputed from ``x``:
+        nothing more is saved). Eval passes apply it too.
 
     Returns
     -------
@@ -155,10 +160,13 @@ def batch_norm_forward(
     repro, sync_state = _reproducible_state(reproducible, comm_, sync_state, sync)
     vd = checks.check_forward(
         comm_, sync_state, x, data_format, momentum, epsilon, vectors, param_dtype,
-        batch_stats, sync,
+        batch_stats, sync, act,
     )
     v = canonical_view(vd.backend.ascontiguous(x), vd.fmt)
+    relu = act == "relu"
     if repro:
+        if relu:
+            raise ValueError(checks.REPRO_ACT)
         # Before any collective of the pass, on every rank alike (the backend
         # is the layer's): no silent fall-back to the default mode's math.
         exact.ops_of(vd.backend)
@@ -169,11 +177,11 @@ def batch_norm_forward(
     if fused.applies(vd.backend, vd.param_dtype, *vectors):
         return fused.run_forward(
             comm_, sync_state, x, v, vd, vectors, training, batch_stats, momentum, epsilon,
-            unbiased_running_var, num_batches_tracked, sync, inplace_running_stats,
+            unbiased_running_var, num_batches_tracked, sync, inplace_running_stats, relu,
         )
     return passes.forward(
         comm_, sync_state, x, v, vd, vectors, training, batch_stats, momentum, epsilon,
-        unbiased_running_var, num_batches_tracked, sync,
+        unbiased_running_var, num_batches_tracked, sync, relu,
     )
 
 
@@ -244,7 +252,10 @@ def batch_norm_backward(
         dx = w * invstd * (dy - sum(dy)/m - xhat * sum(dy * xhat)/m)
 
     with both sums all-reduced over the group in one collective. Eval mode
-    (running statistics): ``dx = dy * w * invstd``, no communication.
+    (running statistics): ``dx = dy * w * invstd``, no communication. After a
+    forward with ``act='relu'``, ``dy`` is zeroed where the forward's output
+    is 0 before both (the sums and ``dweight``/``dbias`` included), inside
+    the same passes.
     """
     nf = ctx.mean.shape[0]
     dy = native_byteorder(dy)

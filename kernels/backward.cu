@@ -11,13 +11,16 @@
 //    and applies invstd (float64 outputs).
 //
 // Templates: T = storage type, A = compute/accumulation type (float or
-// double); mean and invstd are A vectors.
+// double); mean and invstd are A vectors. act="relu": act_scale / act_bias
+// (the forward's scale and bias, A vectors; NULL: no ReLU) mask dy in both
+// sums (common.cuh relu_keep).
 #include "common.cuh"
 
 template <typename T, typename A>
 __global__ void bn_bwd_partial_cf(const T* __restrict__ dy, const T* __restrict__ x,
                                   sbn::i64 N, sbn::i64 C, sbn::i64 S, int gsx, int gsy,
-                                  const A* __restrict__ mean, A* __restrict__ psum_dy,
+                                  const A* __restrict__ mean, const A* __restrict__ act_scale,
+                                  const A* __restrict__ act_bias, A* __restrict__ psum_dy,
                                   A* __restrict__ psum_dy_xmu) {
   __shared__ double smem_raw[2 * 32];
   sbn::Pair<A>* smem = reinterpret_cast<sbn::Pair<A>*>(smem_raw);
@@ -28,12 +31,14 @@ __global__ void bn_bwd_partial_cf(const T* __restrict__ dy, const T* __restrict_
   const sbn::i64 col_step = (sbn::i64)gsx * blockDim.x;
   for (sbn::i64 c = blockIdx.y; c < C; c += gridDim.y) {
     const A mu = mean[c];
+    const A rs = act_scale ? act_scale[c] : A(0), rb = act_scale ? act_bias[c] : A(0);
     sbn::Sum2<A> acc;
     for (sbn::i64 n = (sbn::i64)by * blockDim.y + threadIdx.y; n < N; n += row_step) {
       const sbn::i64 base = (n * C + c) * S;
       for (sbn::i64 s = (sbn::i64)bx * blockDim.x + threadIdx.x; s < S; s += col_step) {
-        const A g = sbn::io<T>::template load<A>(dy, base + s);
+        A g = sbn::io<T>::template load<A>(dy, base + s);
         const A v = sbn::io<T>::template load<A>(x, base + s);
+        if (act_scale) g = sbn::relu_keep<A>(g, v, mu, rs, rb);
         acc.push(g, g * (v - mu));
       }
     }
@@ -52,7 +57,9 @@ __global__ void bn_bwd_partial_cf(const T* __restrict__ dy, const T* __restrict_
 template <typename T, typename A>
 __global__ void bn_bwd_partial_cl(const T* __restrict__ dy, const T* __restrict__ x,
                                   sbn::i64 M, sbn::i64 C, const A* __restrict__ mean,
-                                  A* __restrict__ psum_dy, A* __restrict__ psum_dy_xmu) {
+                                  const A* __restrict__ act_scale,
+                                  const A* __restrict__ act_bias, A* __restrict__ psum_dy,
+                                  A* __restrict__ psum_dy_xmu) {
   __shared__ double smem_raw[2 * 512];
   sbn::Pair<A>* smem = reinterpret_cast<sbn::Pair<A>*>(smem_raw);
   const int G = gridDim.y;
@@ -61,9 +68,11 @@ __global__ void bn_bwd_partial_cl(const T* __restrict__ dy, const T* __restrict_
   sbn::Sum2<A> acc;
   if (c < C) {
     const A mu = mean[c];
+    const A rs = act_scale ? act_scale[c] : A(0), rb = act_scale ? act_bias[c] : A(0);
     for (sbn::i64 m = (sbn::i64)blockIdx.y * blockDim.y + threadIdx.y; m < M; m += row_step) {
-      const A g = sbn::io<T>::template load<A>(dy, m * C + c);
+      A g = sbn::io<T>::template load<A>(dy, m * C + c);
       const A v = sbn::io<T>::template load<A>(x, m * C + c);
+      if (act_scale) g = sbn::relu_keep<A>(g, v, mu, rs, rb);
       acc.push(g, g * (v - mu));
     }
   }

@@ -9,7 +9,8 @@
 //   * storage types and load/store with conversion to the compute type;
 //   * Welford accumulators with Chan's merge (statistics);
 //   * Kahan-compensated pair sums (backward reduction);
-//   * warp (shuffle) and block (shared memory) reductions of both.
+//   * warp (shuffle) and block (shared memory) reductions of both;
+//   * the fused ReLU (act="relu"): the pre-activation, the ReLU and its mask.
 // All element offsets are 64-bit (`sbn::i64`): tensors over 2^31 elements
 // are indexed correctly.
 #pragma once
@@ -261,6 +262,27 @@ __device__ __forceinline__ R block_reduce_y(R v, R* shared) {
   R r = shared[tx];
   __syncthreads();
   return r;
+}
+
+// The fused ReLU (act="relu"). The forward writes relu(affine(x)); the
+// backward recomputes affine(x) from the x it reads anyway, with the same
+// vectors and this same function (the same rounding, so the same sign), and
+// counts dy as 0 where it is <= 0: the mask costs no memory traffic.
+template <typename A>
+__device__ __forceinline__ A affine(A v, A mean, A scale, A bias) {
+  return (v - mean) * scale + bias;
+}
+
+// 0 where y <= 0 when `relu` (NaN kept, as PyTorch's relu), else y.
+template <typename A>
+__device__ __forceinline__ A act_out(A y, bool relu) {
+  return (relu && y <= A(0)) ? A(0) : y;
+}
+
+// dy masked by the forward's ReLU: 0 where affine(x) <= 0.
+template <typename A>
+__device__ __forceinline__ A relu_keep(A g, A v, A mean, A scale, A bias) {
+  return affine(v, mean, scale, bias) <= A(0) ? A(0) : g;
 }
 
 }  // namespace sbn

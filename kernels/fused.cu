@@ -52,6 +52,10 @@
 #define SBN_F_CHECK 8        // check buf's header (a synchronized pass)
 #define SBN_F_SHIFT 16       // store the next pass's shift
 #define SBN_F_ACCUMULATE 32  // bn_bwd_pack: add the local sums to dweight/dbias
+// act="relu": bn_fwd_norm_* writes max(y, 0) and saves the ReLU's scale and
+// bias in statc[2C:4C]; bn_bwd_elemt_* masks dy with them (common.cuh
+// relu_keep), as bn_bwd_partial_* does given the same two vectors.
+#define SBN_F_RELU 64
 
 namespace sbn {
 
@@ -196,6 +200,10 @@ __device__ __forceinline__ void fwd_channel(i64 C, int flags, const double* buf,
     stats64[C + c] = k.var64;
     statc[c] = k.mean;
     statc[C + c] = k.invstd;
+    if (flags & SBN_F_RELU) {
+      statc[2 * C + c] = k.scale;
+      statc[3 * C + c] = k.bias;
+    }
     if (!(flags & SBN_F_TRAIN)) continue;
     if ((flags & SBN_F_SHIFT) && n > 0) {
       // A NaN/Inf mean must not become every later pass's shift.
@@ -308,6 +316,7 @@ __global__ void bn_fwd_norm_cf(const T* __restrict__ x, T* __restrict__ y, sbn::
                          size);
   const int V = sbn::VecWidth<T>::value;
   typedef sbn::Vec<T, V> VT;
+  const bool relu = (flags & SBN_F_RELU) != 0;
   const sbn::i64 first = (sbn::i64)blockIdx.y * blockDim.x + threadIdx.x;
   const sbn::i64 step = (sbn::i64)gridDim.y * blockDim.x;
   const sbn::i64 row_step = (sbn::i64)gridDim.x * blockDim.y;
@@ -327,7 +336,8 @@ __global__ void bn_fwd_norm_cf(const T* __restrict__ x, T* __restrict__ y, sbn::
 #pragma unroll
         for (int e = 0; e < V; ++e) {
           const A v = sbn::io<T>::template load<A>(in.v, e);
-          sbn::io<T>::template store<A>(out.v, e, (v - k.mean) * k.scale + k.bias);
+          sbn::io<T>::template store<A>(
+              out.v, e, sbn::act_out<A>(sbn::affine<A>(v, k.mean, k.scale, k.bias), relu));
         }
         reinterpret_cast<VT*>(yr)[j] = out;
       }
@@ -335,7 +345,8 @@ __global__ void bn_fwd_norm_cf(const T* __restrict__ x, T* __restrict__ y, sbn::
     }
     for (sbn::i64 s = done + first; s < S; s += step) {
       const A v = sbn::io<T>::template load<A>(xr, s);
-      sbn::io<T>::template store<A>(yr, s, (v - k.mean) * k.scale + k.bias);
+      sbn::io<T>::template store<A>(
+          yr, s, sbn::act_out<A>(sbn::affine<A>(v, k.mean, k.scale, k.bias), relu));
     }
   }
 }
@@ -356,6 +367,7 @@ __global__ void bn_fwd_norm_cl(const T* __restrict__ x, T* __restrict__ y, sbn::
                          size);
   const int V = sbn::VecWidth<T>::value;
   typedef sbn::Vec<T, V> VT;
+  const bool relu = (flags & SBN_F_RELU) != 0;
   const sbn::i64 c0 = ((sbn::i64)blockIdx.x * blockDim.x + threadIdx.x) * V;
   if (c0 >= C) return;
   A mean[V], scale[V], bias_[V];
@@ -377,13 +389,15 @@ __global__ void bn_fwd_norm_cl(const T* __restrict__ x, T* __restrict__ y, sbn::
 #pragma unroll
       for (int e = 0; e < V; ++e) {
         const A v = sbn::io<T>::template load<A>(in.v, e);
-        sbn::io<T>::template store<A>(out.v, e, (v - mean[e]) * scale[e] + bias_[e]);
+        sbn::io<T>::template store<A>(
+            out.v, e, sbn::act_out<A>(sbn::affine<A>(v, mean[e], scale[e], bias_[e]), relu));
       }
       *reinterpret_cast<VT*>(y + base) = out;
     } else {
       for (int e = 0; e < V && c0 + e < C; ++e) {
         const A v = sbn::io<T>::template load<A>(x, base + e);
-        sbn::io<T>::template store<A>(y, base + e, (v - mean[e]) * scale[e] + bias_[e]);
+        sbn::io<T>::template store<A>(
+            y, base + e, sbn::act_out<A>(sbn::affine<A>(v, mean[e], scale[e], bias_[e]), relu));
       }
     }
   }
@@ -425,10 +439,11 @@ __global__ void bn_bwd_pack(const A* __restrict__ p1, const A* __restrict__ p2, 
 
 namespace sbn {
 
-// dx = a * (dy - mean_dy) - b * (x - mean)
+// dx = a * (dy' - mean_dy) - b * (x - mean), dy' = dy masked by the fused
+// ReLU (its forward scale rs and bias rb, SBN_F_RELU) or dy.
 template <typename A>
 struct BwdCoef {
-  A mean, a, mdy, b;
+  A mean, a, mdy, b, rs, rb;
 };
 
 template <typename A, typename P>
@@ -447,7 +462,15 @@ __device__ __forceinline__ BwdCoef<A> bwd_coef(i64 c, i64 C, int flags, const do
     k.mdy = A(0);
     k.b = A(0);
   }
+  k.rs = (flags & SBN_F_RELU) ? statc[2 * C + c] : A(0);
+  k.rb = (flags & SBN_F_RELU) ? statc[3 * C + c] : A(0);
   return k;
+}
+
+// dy, masked by the fused ReLU when `relu`.
+template <typename A>
+__device__ __forceinline__ A bwd_dy(A g, A v, const BwdCoef<A>& k, bool relu) {
+  return relu ? relu_keep<A>(g, v, k.mean, k.rs, k.rb) : g;
 }
 
 }  // namespace sbn
@@ -461,6 +484,7 @@ __global__ void bn_bwd_elemt_cf(const T* __restrict__ dy, const T* __restrict__ 
   if ((flags & SBN_F_CHECK) && sbn::global_thread() == 0) sbn::check(buf, 3, size, status);
   const int V = sbn::VecWidth<T>::value;
   typedef sbn::Vec<T, V> VT;
+  const bool relu = (flags & SBN_F_RELU) != 0;
   const sbn::i64 first = (sbn::i64)blockIdx.y * blockDim.x + threadIdx.x;
   const sbn::i64 step = (sbn::i64)gridDim.y * blockDim.x;
   const sbn::i64 row_step = (sbn::i64)gridDim.x * blockDim.y;
@@ -480,8 +504,8 @@ __global__ void bn_bwd_elemt_cf(const T* __restrict__ dy, const T* __restrict__ 
         VT out;
 #pragma unroll
         for (int e = 0; e < V; ++e) {
-          const A g = sbn::io<T>::template load<A>(gi.v, e);
           const A v = sbn::io<T>::template load<A>(xi.v, e);
+          const A g = sbn::bwd_dy<A>(sbn::io<T>::template load<A>(gi.v, e), v, k, relu);
           sbn::io<T>::template store<A>(out.v, e, k.a * (g - k.mdy) - k.b * (v - k.mean));
         }
         reinterpret_cast<VT*>(dr)[j] = out;
@@ -489,8 +513,8 @@ __global__ void bn_bwd_elemt_cf(const T* __restrict__ dy, const T* __restrict__ 
       done = nv * V;
     }
     for (sbn::i64 s = done + first; s < S; s += step) {
-      const A g = sbn::io<T>::template load<A>(gr, s);
       const A v = sbn::io<T>::template load<A>(xr, s);
+      const A g = sbn::bwd_dy<A>(sbn::io<T>::template load<A>(gr, s), v, k, relu);
       sbn::io<T>::template store<A>(dr, s, k.a * (g - k.mdy) - k.b * (v - k.mean));
     }
   }
@@ -505,6 +529,7 @@ __global__ void bn_bwd_elemt_cl(const T* __restrict__ dy, const T* __restrict__ 
   if ((flags & SBN_F_CHECK) && sbn::global_thread() == 0) sbn::check(buf, 3, size, status);
   const int V = sbn::VecWidth<T>::value;
   typedef sbn::Vec<T, V> VT;
+  const bool relu = (flags & SBN_F_RELU) != 0;
   const sbn::i64 c0 = ((sbn::i64)blockIdx.x * blockDim.x + threadIdx.x) * V;
   if (c0 >= C) return;
   sbn::BwdCoef<A> k[V];
@@ -522,16 +547,16 @@ __global__ void bn_bwd_elemt_cl(const T* __restrict__ dy, const T* __restrict__ 
       VT out;
 #pragma unroll
       for (int e = 0; e < V; ++e) {
-        const A g = sbn::io<T>::template load<A>(gi.v, e);
         const A v = sbn::io<T>::template load<A>(xi.v, e);
+        const A g = sbn::bwd_dy<A>(sbn::io<T>::template load<A>(gi.v, e), v, k[e], relu);
         sbn::io<T>::template store<A>(out.v, e,
                                       k[e].a * (g - k[e].mdy) - k[e].b * (v - k[e].mean));
       }
       *reinterpret_cast<VT*>(dx + base) = out;
     } else {
       for (int e = 0; e < V && c0 + e < C; ++e) {
-        const A g = sbn::io<T>::template load<A>(dy, base + e);
         const A v = sbn::io<T>::template load<A>(x, base + e);
+        const A g = sbn::bwd_dy<A>(sbn::io<T>::template load<A>(dy, base + e), v, k[e], relu);
         sbn::io<T>::template store<A>(dx, base + e,
                                       k[e].a * (g - k[e].mdy) - k[e].b * (v - k[e].mean));
       }

@@ -34,8 +34,19 @@ from .state import ForwardContext, SyncState
 
 __all__ = [
     "ArgumentCheck", "Verdict", "check_epsilon", "check_forward", "check_forward_arguments",
-    "check_momentum", "check_backward", "call_key", "check_reproducible",
+    "check_momentum", "check_act", "check_backward", "call_key", "check_reproducible",
+    "ACTIVATIONS", "REPRO_ACT",
 ]
+
+#: Values of ``act`` (the activation fused into the normalize pass).
+ACTIVATIONS = (None, "relu")
+
+#: ``act`` with ``reproducible=True``: the reproducible mode's canonical
+#: elementwise formulas have no activation (yet).
+REPRO_ACT = (
+    "act='relu' cannot be combined with reproducible=True (the reproducible mode's"
+    " canonical passes have no fused activation yet): apply the ReLU after the layer"
+)
 
 _VECTORS = ("weight", "bias", "running_mean", "running_var")
 
@@ -128,11 +139,25 @@ def check_epsilon(epsilon: Any) -> float:
     return float(epsilon)
 
 
+def check_act(act: Any) -> str | None:
+    """``act`` as given: None or ``"relu"``.
+
+    Raises
+    ------
+    ValueError
+        Naming ``act`` and the accepted values.
+    """
+    if act is None or (type(act) is str and act == "relu"):
+        return act
+    raise ValueError(f"act must be None or 'relu' (fused ReLU); got {act!r}")
+
+
 def check_forward_arguments(
     x: Any,
     data_format: Any,
     momentum: Any,
     epsilon: Any,
+    act: Any = None,
     **vectors: Any,
 ) -> ArgumentCheck:
     """Check everything of a forward call that can differ between ranks.
@@ -186,6 +211,7 @@ def check_forward_arguments(
     try:
         check_momentum(momentum)
         check_epsilon(epsilon)
+        check_act(act)
     except (TypeError, ValueError) as e:
         return done("argument", e)
     return done(None, None)
@@ -249,7 +275,7 @@ def validate_input(
 
 def call_key(
     state: SyncState | None, x: Any, data_format: Any, momentum: Any, epsilon: Any,
-    vectors: tuple, param_dtype: Any,
+    vectors: tuple, param_dtype: Any, act: Any = None,
 ) -> tuple | None:
     """What the checks of a forward depend on, or None where no memo applies.
 
@@ -263,8 +289,10 @@ def call_key(
         return None
     if type(momentum) not in _SCALARS or type(epsilon) not in _SCALARS:
         return None
+    if act is not None and type(act) is not str:
+        return None
     key = [x.dtype, x.shape, data_format, type(momentum), momentum, type(epsilon), epsilon,
-           param_dtype, get_backend(x)]
+           param_dtype, get_backend(x), act]
     for v in vectors:
         if v is None:
             key += (None, None)
@@ -290,13 +318,14 @@ def count_eval(state: SyncState | None, batch_stats: bool) -> None:
 def check_forward(
     comm: Communicator, state: SyncState | None, x: Any, data_format: Any, momentum: Any,
     epsilon: Any, vectors: tuple, param_dtype: Any, batch_stats: bool, sync: bool,
+    act: Any = None,
 ) -> Verdict:
     """Check a forward's arguments (or reuse the state's memo); the :class:`Verdict`.
 
     A rank whose arguments fail joins the peers' collective with an error
     slot set, then raises; without a collective it raises at once.
     """
-    key = call_key(state, x, data_format, momentum, epsilon, vectors, param_dtype)
+    key = call_key(state, x, data_format, momentum, epsilon, vectors, param_dtype, act)
     if key is not None:
         assert state is not None
         verdict = state.memo(key)
@@ -304,7 +333,7 @@ def check_forward(
             count_eval(state, batch_stats)
             return verdict
     verdict = _check_call(comm, state, x, data_format, momentum, epsilon, vectors,
-                          param_dtype, batch_stats, sync)
+                          param_dtype, batch_stats, sync, act)
     if key is not None:
         assert state is not None
         state.remember(key, verdict)
@@ -314,10 +343,11 @@ def check_forward(
 def _check_call(
     comm: Communicator, state: SyncState | None, x: Any, data_format: Any, momentum: Any,
     epsilon: Any, vectors: tuple, param_dtype: Any, batch_stats: bool, sync: bool,
+    act: Any = None,
 ) -> Verdict:
     weight, bias, running_mean, running_var = vectors
     chk = check_forward_arguments(
-        x, data_format, momentum, epsilon,
+        x, data_format, momentum, epsilon, act,
         weight=weight, bias=bias, running_mean=running_mean, running_var=running_var,
     )
     if chk.error is not None:

@@ -44,6 +44,10 @@ __all__ = ["applies", "run_forward", "run_backward", "forward", "backward", "pol
 _F64 = np.dtype(np.float64)
 _F32 = np.dtype(np.float32)
 _F_TRAIN, _F_UPDATE, _F_UNBIASED, _F_CHECK, _F_SHIFT = 1, 2, 4, 8, 16
+#: act="relu" (kernels/fused.cu SBN_F_RELU): the forward writes max(y, 0) and
+#: saves the ReLU's scale and bias after mean and invstd in ``statc``; the
+#: backward's three kernels mask dy with them (no launch of its own).
+_F_RELU = 64
 
 
 def _ids(state: Any, sync: bool) -> tuple[int, int, int, int]:
@@ -74,18 +78,22 @@ def forward(
     *, backend: Any, comm: Any, state: Any, v: Any, channel_last: bool, nf: int,
     n_local: int, cdt: np.dtype, pdt: np.dtype, vectors: tuple, training: bool,
     batch_stats: bool, momentum: float | None, epsilon: float, unbiased: bool,
-    num_batches_tracked: int, sync: bool, inplace: bool,
+    num_batches_tracked: int, sync: bool, inplace: bool, relu: bool = False,
 ) -> tuple:
-    """Run a forward; return ``(y_canonical, stats64, statc, new_rm, new_rv, updated)``."""
+    """Run a forward; return ``(y_canonical, stats64, statc, new_rm, new_rv, updated)``.
+
+    ``relu``: ``statc`` is ``(mean, invstd, scale, bias)`` (else the first two).
+    """
     xp = backend.xp
     weight, bias, rm, rv = vectors
     y = xp.empty(v.shape, dtype=v.dtype)
     stats64 = xp.empty(2 * nf + 1, dtype=_F64)
-    statc = xp.empty(2 * nf, dtype=cdt)
+    statc = xp.empty((4 if relu else 2) * nf, dtype=cdt)
+    act = _F_RELU if relu else 0
     if not batch_stats:  # eval: one launch, nothing else
         poll(state, backend, nf)
         backend.fwd_norm(v, y, channel_last, nf, None, None, None, vectors, (None, None),
-                         stats64, statc, None, epsilon, 0.0, 0.0, 0, comm.size, pdt)
+                         stats64, statc, None, epsilon, 0.0, 0.0, act, comm.size, pdt)
         if capturing_stream(xp.cuda.get_current_stream()):
             workspace(state, backend, nf).keep(stats64, statc)
         return y, stats64, statc, rm, rv, False
@@ -132,7 +140,7 @@ def forward(
     if update:
         outs = (rm, rv) if inplace else (xp.empty_like(rm), xp.empty_like(rv))
     keep, factor = momentum_weights(momentum, num_batches_tracked)
-    flags = _F_TRAIN
+    flags = _F_TRAIN | act
     flags |= (_F_CHECK | (_F_SHIFT if state is not None else 0)) if sync else 0
     flags |= (_F_UPDATE | (_F_UNBIASED if unbiased else 0)) if update else 0
     backend.fwd_norm(v, y, channel_last, nf, buf, ws.shift_used, ws.shift_next, vectors, outs,
@@ -148,11 +156,13 @@ def backward(
     *, backend: Any, comm: Any, state: Any, dyv: Any, x: Any, channel_last: bool, nf: int,
     n_local: int, stats64: Any, statc: Any, weight: Any, pdt: np.dtype, batch_stats: bool,
     need_param_grads: bool, sync: bool, accumulate_into: tuple | None = None,
+    relu: bool = False,
 ) -> tuple:
     """Run a backward; return ``(dx_canonical, dweight, dbias)``.
 
     With ``accumulate_into=(grad_w, grad_b)`` the local gradients are added
     to those arrays in place by the pack kernel and they are returned.
+    ``relu``: the forward had ``act="relu"`` (its ``statc`` holds the mask's vectors).
     """
     xp = backend.xp
     ws = workspace(state, backend, nf) if (batch_stats or state is not None) else None
@@ -170,7 +180,8 @@ def backward(
     if batch_stats or need_param_grads or accumulate:
         if ws is None:
             ws = workspace(None, backend, nf)
-        parts, g = (backend.bwd_partials(dyv, x, channel_last, statc[:nf], ws)
+        act = (statc[2 * nf:3 * nf], statc[3 * nf:]) if relu else None
+        parts, g = (backend.bwd_partials(dyv, x, channel_last, statc[:nf], ws, act)
                     if n_local else (None, 0))
         buf = ws("bufb", protocol.HEADER + 2 * nf, _F64)
         ids = _ids(state, sync)
@@ -181,6 +192,7 @@ def backward(
     dx = xp.empty(x.shape, dtype=x.dtype)
     if n_local or sync:
         flags = (_F_TRAIN if batch_stats else 0) | (_F_CHECK if sync else 0)
+        flags |= _F_RELU if relu else 0
         backend.bwd_elemt(dyv, x, dx, channel_last, buf, stats64, statc, weight,
                           ws.status.device if ws is not None else None, flags, comm.size, pdt)
     if ws is not None and (sync or state is None):
@@ -201,6 +213,7 @@ def run_forward(
     comm: Any, state: SyncState | None, x: Any, v: Any, vd: Verdict, vectors: tuple,
     training: bool, batch_stats: bool, momentum: float | None, epsilon: float,
     unbiased: bool, num_batches_tracked: int, sync: bool, inplace: bool,
+    relu: bool = False,
 ) -> ForwardResult:
     """A forward on the fused kernels, as the functional API returns it."""
     nf, pdt = vd.nf, vd.param_dtype
@@ -211,13 +224,15 @@ def run_forward(
             cdt=vd.cdt, pdt=pdt, vectors=vectors, training=training,
             batch_stats=batch_stats, momentum=momentum, epsilon=float(epsilon),
             unbiased=unbiased, num_batches_tracked=num_batches_tracked, sync=sync,
-            inplace=inplace,
+            inplace=inplace, relu=relu,
         )
     weight = vectors[0]
     count = stats64[2 * nf] if batch_stats else 0
     ctx = ForwardContext(
         v, tuple(x.shape), np.dtype(x.dtype), vd.fmt, vd.backend, comm, statc[:nf],
-        statc[nf:], weight, count, batch_stats, pdt, state, fused=(stats64, statc, weight),
+        statc[nf:2 * nf], weight, count, batch_stats, pdt, state,
+        fused=(stats64, statc, weight),
+        act=(statc[2 * nf:3 * nf], statc[3 * nf:]) if relu else None,
     )
     if not batch_stats:
         return ForwardResult(y.reshape(x.shape), ctx, new_rm, new_rv)
@@ -248,6 +263,6 @@ def run_backward(
             channel_last=ctx.fmt.channel_last, nf=nf, n_local=ctx.x.size // nf if nf else 0,
             stats64=stats64, statc=statc, weight=weight, pdt=ctx.param_dtype,
             batch_stats=ctx.batch_stats, need_param_grads=need_param_grads, sync=sync,
-            accumulate_into=acc,
+            accumulate_into=acc, relu=ctx.act is not None,
         )
     return dx.reshape(ctx.shape), dweight, dbias

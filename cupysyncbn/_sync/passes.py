@@ -76,25 +76,33 @@ def _vec(v: Any, cdt: np.dtype) -> Any:
 
 def _affine_normalize(
     backend: Backend, v: Any, fmt: DataFormat, mean: Any, invstd: Any,
-    weight: Any, bias: Any, cdt: np.dtype, x: Any, repro: bool = False,
-) -> Any:
+    weight: Any, bias: Any, cdt: np.dtype, x: Any, relu: bool = False, repro: bool = False,
+) -> tuple[Any, Any]:
+    """``y`` and what the backward's ReLU mask needs (``(scale, bias)``, or None).
+
+    ``repro``: the reproducible mode's canonical formula (``exact.normalize``).
+    """
     scale, b = backend.affine(invstd, weight, bias, cdt)
+    act = (scale, b) if relu else None
     if v.size == 0:
-        return backend.xp.empty(v.shape, dtype=x.dtype)
-    fn = exact.ops_of(backend).normalize if repro else backend.normalize
-    return fn(v, fmt.channel_last, mean, scale, b, np.dtype(x.dtype))
+        return backend.xp.empty(v.shape, dtype=x.dtype), act
+    if repro:
+        return exact.ops_of(backend).normalize(
+            v, fmt.channel_last, mean, scale, b, np.dtype(x.dtype)), act
+    return backend.normalize(v, fmt.channel_last, mean, scale, b, np.dtype(x.dtype), relu), act
 
 
 def forward(
     comm: Communicator, state: SyncState | None, x: Any, v: Any, vd: Verdict,
     vectors: tuple, training: bool, batch_stats: bool, momentum: float | None,
     epsilon: float, unbiased: bool, num_batches_tracked: int, sync: bool,
-    reproducible: bool = False,
+    relu: bool = False, reproducible: bool = False,
 ) -> ForwardResult:
     """A forward on the four primitives; ``v`` is ``x``'s canonical view.
 
+    ``relu``: ``act="relu"``, applied by ``backend.normalize`` in its pass.
     ``reproducible``: the statistics by :mod:`.exact` and the canonical
-    elementwise formula (identical bits for every split).
+    elementwise formula (identical bits for every split; not with ``relu``).
     """
     repro = reproducible
     backend, fmt, nf, cdt, pdt = vd.backend, vd.fmt, vd.nf, vd.cdt, vd.param_dtype
@@ -103,10 +111,11 @@ def forward(
     if not batch_stats:
         mean = _vec(running_mean, cdt)
         invstd = backend.running_invstd(running_var, epsilon, cdt)
-        y = _affine_normalize(backend, v, fmt, mean, invstd, weight, bias, cdt, x, repro)
+        y, act = _affine_normalize(backend, v, fmt, mean, invstd, weight, bias, cdt, x, relu,
+                                   repro)
         ctx = ForwardContext(
             v, tuple(x.shape), np.dtype(x.dtype), fmt, backend, comm, mean, invstd,
-            _vec(weight, cdt), 0, False, pdt, state, reproducible=repro,
+            _vec(weight, cdt), 0, False, pdt, state, act=act, reproducible=repro,
         )
         return ForwardResult(y.reshape(x.shape), ctx, running_mean, running_var)
 
@@ -152,14 +161,15 @@ def forward(
     if unit is not None:
         y, ctx = _forward_scaled(
             backend, x, v, fmt, comm, state, mean_s, var_s, p, unit, count, epsilon,
-            weight, bias, pdt, repro,
+            weight, bias, pdt, relu, repro,
         )
         return ForwardResult(y.reshape(x.shape), ctx, new_rm, new_rv, mean, var, count, updated)
     mean_c, invstd = backend.forward_coefficients(mean, var, count, epsilon, cdt)
-    y = _affine_normalize(backend, v, fmt, mean_c, invstd, weight, bias, cdt, x, repro)
+    y, act = _affine_normalize(backend, v, fmt, mean_c, invstd, weight, bias, cdt, x, relu,
+                               repro)
     ctx = ForwardContext(
         v, tuple(x.shape), np.dtype(x.dtype), fmt, backend, comm, mean_c, invstd,
-        _vec(weight, cdt), count, True, pdt, state, reproducible=repro,
+        _vec(weight, cdt), count, True, pdt, state, act=act, reproducible=repro,
     )
     return ForwardResult(y.reshape(x.shape), ctx, new_rm, new_rv, mean, var, count, updated)
 
@@ -197,7 +207,8 @@ def _clamp(backend: Backend, a: Any) -> Any:
 def _forward_scaled(
     backend: Backend, x: Any, v: Any, fmt: DataFormat, comm: Communicator,
     state: SyncState | None, mean_s: Any, var_s: Any, p: Any, unit: Any, count: int,
-    epsilon: float, weight: Any, bias: Any, pdt: np.dtype, repro: bool = False,
+    epsilon: float, weight: Any, bias: Any, pdt: np.dtype, relu: bool = False,
+    repro: bool = False,
 ) -> tuple[Any, ForwardContext]:
     """Normalize ``x * unit`` in float64 (a channel whose std is outside the safe range).
 
@@ -213,10 +224,11 @@ def _forward_scaled(
     var_eff = var_s * r * r + (eps * unit * unit if eps else 0.0)
     mean_u, invstd = backend.forward_coefficients(mean_s * r, var_eff, count, 0.0, _F64)
     vu = _scaled(v, unit, fmt.channel_last, _F64)
-    y = _affine_normalize(backend, vu, fmt, mean_u, invstd, weight, bias, _F64, x, repro)
+    y, act = _affine_normalize(backend, vu, fmt, mean_u, invstd, weight, bias, _F64, x, relu,
+                               repro)
     ctx = ForwardContext(
         vu, tuple(x.shape), np.dtype(x.dtype), fmt, backend, comm, mean_u, invstd,
-        _vec(weight, _F64), count, True, pdt, state, reproducible=repro,
+        _vec(weight, _F64), count, True, pdt, state, act=act, reproducible=repro,
     )
     ctx.unit = unit  # read by backward()
     return y, ctx
@@ -302,7 +314,9 @@ def backward(
     if repro:
         sum_dy, sum_dy_xhat, g_dy, g_dy_xhat = exact.backward_sums(dyv, ctx, nf, sync)
     elif n_local:
-        sum_dy, sum_dy_xhat = backend.backward_reduce(dyv, ctx.x, cl, ctx.mean, ctx.invstd)
+        sum_dy, sum_dy_xhat = backend.backward_reduce(
+            dyv, ctx.x, cl, ctx.mean, ctx.invstd, ctx.act
+        )
     else:
         sum_dy = sum_dy_xhat = None
     if not repro:
@@ -315,7 +329,8 @@ def backward(
     a, mean_dy, b = backend.backward_coefficients(
         ctx.weight, ctx.invstd, g_dy, g_dy_xhat, ctx.count, ctx.batch_stats, ctx.mean.dtype
     )
-    elemt = exact.ops_of(backend).backward_elemt if repro else backend.backward_elemt
+    elemt = (exact.ops_of(backend).backward_elemt if repro
+             else functools.partial(backend.backward_elemt, relu=ctx.act))
     if n_local and unit is not None:
         # dx / unit at unit scale; times unit it may pass the output dtype's
         # largest value (a tiny spread with epsilon=0): saturated there

@@ -189,6 +189,11 @@ class ForwardContext:
     #: Reproducible backward: the global parameter gradients ``(dweight, dbias)``
     #: (float64, identical on every rank), set by the backward for the layer.
     global_grads: Any = None
+    #: ``act="relu"``: what the backward recomputes the forward's
+    #: pre-activation sign from (its mask): ``(scale, bias)`` of the normalize
+    #: (compute dtype) on the host path, ``(weight, bias)`` on the fused path
+    #: (the kernels recompute ``scale = invstd * weight``). None: no activation.
+    act: Any = None
 
 
 @dataclass

@@ -14,6 +14,17 @@ channel-last (``channel_last=True``).
 4. ``backward_reduce``  local ``sum(dy)`` and ``sum(dy * (x - mean)) * invstd``;
 5. ``backward_elemt``   ``dx = a * (dy - mean_dy) - b * (x - mean)``.
 
+The fused ReLU (``act="relu"``): ``normalize(..., relu=True)`` writes
+``max(y, 0)`` (NaN kept) in the same pass, and the two backward primitives
+take ``relu=(scale, bias)``, the forward's coefficients: they recompute the
+pre-activation ``(x - mean) * scale + bias`` with the forward's operations
+(the same rounding, so the same sign) from the ``x`` they read anyway, and
+use ``dy`` zeroed where it is ``<= 0``, in their sums and in ``dx``: the mask
+costs no memory traffic and nothing is saved beyond two C-sized vectors. (One
+rounding case differs from ``dy * (y > 0)``: a pre-activation above 0 that
+rounds to 0 in a narrower output dtype, below 2**-25 for float16 outputs,
+keeps its ``dy``.)
+
 Per-channel vectors (``mean``, ``scale``...) passed to the primitives are 1-D
 arrays of the compute dtype on the backend's device. Inputs are C-contiguous
 and non-empty; the functional layer handles empty batches.
@@ -84,15 +95,24 @@ class Backend(ChannelMath):
         raise NotImplementedError
 
     def normalize(
-        self, x: Any, channel_last: bool, mean: Any, scale: Any, bias: Any, out_dtype: Any
+        self, x: Any, channel_last: bool, mean: Any, scale: Any, bias: Any, out_dtype: Any,
+        relu: bool = False,
     ) -> Any:
-        """``(x - mean) * scale + bias`` in the compute dtype, cast to ``out_dtype``."""
+        """``(x - mean) * scale + bias`` in the compute dtype, cast to ``out_dtype``.
+
+        ``relu``: values ``<= 0`` written as 0 (NaN kept), in the same pass.
+        """
         raise NotImplementedError
 
     def backward_reduce(
-        self, dy: Any, x: Any, channel_last: bool, mean: Any, invstd: Any
+        self, dy: Any, x: Any, channel_last: bool, mean: Any, invstd: Any,
+        relu: tuple | None = None,
     ) -> tuple[Any, Any]:
-        """Local ``(sum(dy), sum(dy * xhat))`` as float64 vectors."""
+        """Local ``(sum(dy), sum(dy * xhat))`` as float64 vectors.
+
+        ``relu=(scale, bias)``: ``dy`` counts as 0 where the forward's
+        ``(x - mean) * scale + bias`` is ``<= 0`` (see the module docstring).
+        """
         raise NotImplementedError
 
     def backward_elemt(
@@ -105,6 +125,10 @@ class Backend(ChannelMath):
         mean_dy: Any,
         b: Any,
         out_dtype: Any,
+        relu: tuple | None = None,
     ) -> Any:
-        """``a * (dy - mean_dy) - b * (x - mean)`` cast to ``out_dtype``."""
+        """``a * (dy - mean_dy) - b * (x - mean)`` cast to ``out_dtype``.
+
+        ``relu=(scale, bias)``: ``dy`` masked as in :meth:`backward_reduce`.
+        """
         raise NotImplementedError

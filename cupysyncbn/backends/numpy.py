@@ -188,6 +188,30 @@ def _fold(center: np.ndarray, num: np.ndarray, den: np.ndarray) -> tuple[np.ndar
     return out, np.flatnonzero(bad)
 
 
+def _masked(
+    dc: np.ndarray, xc: np.ndarray, vec: _Vecs, act: tuple, r0: int, r1: int, cdt: np.dtype
+) -> np.ndarray:
+    """A chunk of ``dy`` in the compute dtype, 0 where the forward's ReLU cut.
+
+    ``act`` holds the laid-out ``(mean, scale, bias)`` of the forward: the
+    pre-activation ``(x - mean) * scale + bias`` is recomputed with the
+    operations of :meth:`NumpyBackend.normalize` (``relu=True``), so the mask
+    is exactly where that forward wrote 0. Scratch slots 2-4.
+    """
+    m, s, b = (vec.at(v, r0, r1) for v in act)
+    pre = _SCRATCH.get(3, cdt, xc.size).reshape(xc.shape)
+    np.subtract(xc, m, out=pre, dtype=cdt)
+    np.multiply(pre, s, out=pre)
+    np.add(pre, b, out=pre)
+    cut = _SCRATCH.get(4, np.dtype(np.bool_), xc.size).reshape(xc.shape)
+    np.less_equal(pre, 0, out=cut)
+    d = _SCRATCH.get(2, cdt, dc.size).reshape(dc.shape)
+    if d is not dc:
+        np.copyto(d, dc)
+    np.copyto(d, 0, where=cut)
+    return d
+
+
 def chan_merge(
     means: np.ndarray, m2s: np.ndarray, counts: Any, total: float
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -309,15 +333,21 @@ class NumpyBackend(Backend):
         scale: np.ndarray,
         bias: np.ndarray,
         out_dtype: Any,
+        relu: bool = False,
     ) -> np.ndarray:
-        """``(x - mean) * scale + bias``; subtracting first avoids cancellation."""
+        """``(x - mean) * scale + bias``; subtracting first avoids cancellation.
+
+        ``relu``: ``max(y, 0)`` on each chunk while it is in cache; the
+        channel-first fold is skipped so that the backward's mask
+        (:func:`_masked`) recomputes exactly these values.
+        """
         cdt = mean.dtype
         out_dtype = np.dtype(out_dtype)
         y = np.empty(x.shape, dtype=out_dtype)
         x2, y2 = _rows(x, channel_last), _rows(y, channel_last)
         step = _step(x2.shape[0], x2.shape[1], cdt.itemsize, channel_last)
         vec = _Vecs(x.shape[0], step, channel_last, cdt)
-        if not channel_last:
+        if not channel_last and not relu:
             # (x - (mean - bias/scale)) * scale: two broadcast passes instead of three
             folded, redo = _fold(mean, bias, scale)
             m, s = vec(folded), vec(scale)
@@ -340,6 +370,8 @@ class NumpyBackend(Backend):
             np.subtract(xc, vec.at(m, r0, r1), out=t, dtype=cdt)
             np.multiply(t, vec.at(s, r0, r1), out=t)
             np.add(t, vec.at(b, r0, r1), out=yc)
+            if relu:
+                np.maximum(yc, 0, out=yc)  # NaN kept, as the mask's ``pre <= 0``
         return y
 
     def backward_reduce(
@@ -349,6 +381,7 @@ class NumpyBackend(Backend):
         channel_last: bool,
         mean: np.ndarray,
         invstd: np.ndarray,
+        relu: tuple | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Local ``sum(dy)`` and ``sum(dy * (x - mean)) * invstd`` (float64)."""
         cdt = mean.dtype
@@ -357,6 +390,7 @@ class NumpyBackend(Backend):
         step = _step(rows, width, cdt.itemsize, channel_last)
         vec = _Vecs(x.shape[0], step, channel_last, cdt)
         m = vec(mean)
+        act = None if relu is None else (m, vec(relu[0]), vec(relu[1]))
         same = dy.dtype == cdt
         ones = _SCRATCH.ones(cdt, max(step, width))
         if channel_last:
@@ -372,6 +406,8 @@ class NumpyBackend(Backend):
                 dcf = _SCRATCH.get(2, cdt, dc.size).reshape(dc.shape)
                 np.copyto(dcf, dc)
                 dc = dcf
+            if act is not None:
+                dc = _masked(dc, xc, vec, act, r0, r1, cdt)
             np.subtract(xc, vec.at(m, r0, r1), out=t, dtype=cdt)
             if channel_last:
                 s_dy[i] = _sum_cols(dc, ones)
@@ -398,6 +434,7 @@ class NumpyBackend(Backend):
         mean_dy: np.ndarray,
         b: np.ndarray,
         out_dtype: Any,
+        relu: tuple | None = None,
     ) -> np.ndarray:
         """``a * (dy - mean_dy) - b * (x - mean)``."""
         cdt = mean.dtype
@@ -406,12 +443,15 @@ class NumpyBackend(Backend):
         x2, d2, o2 = _rows(x, channel_last), _rows(dy, channel_last), _rows(dx, channel_last)
         step = _step(x2.shape[0], x2.shape[1], cdt.itemsize, channel_last)
         vec = _Vecs(x.shape[0], step, channel_last, cdt)
+        act = None if relu is None else (vec(mean), vec(relu[0]), vec(relu[1]))
         if not channel_last:
             # a*dy - b*(x - (mean - a*mean_dy/b)): three broadcast passes instead of four
             folded, redo = _fold(mean, a.astype(_F64) * mean_dy, b)
             m, av, bv = vec(folded), vec(a), vec(b)
             for r0, r1 in _chunks(x2.shape[0], step):
                 xc, dc, oc = x2[r0:r1], d2[r0:r1], o2[r0:r1]
+                if act is not None:
+                    dc = _masked(dc, xc, vec, act, r0, r1, cdt)
                 t = oc if oc.dtype == cdt else _SCRATCH.get(1, cdt, xc.size).reshape(xc.shape)
                 u = _SCRATCH.get(0, cdt, xc.size).reshape(xc.shape)
                 np.multiply(dc, av[r0:r1], out=t, dtype=cdt)
@@ -419,7 +459,13 @@ class NumpyBackend(Backend):
                 np.multiply(u, bv[r0:r1], out=u)
                 np.subtract(t, u, out=oc)
             for c in redo:
-                t = np.subtract(dy[:, c], mean_dy[c], dtype=cdt)
+                dyc = dy[:, c]
+                if relu is not None:
+                    pre = np.subtract(x[:, c], mean[c], dtype=cdt)
+                    pre *= relu[0].astype(cdt)[c]
+                    pre += relu[1].astype(cdt)[c]
+                    dyc = np.where(pre <= 0, dyc.dtype.type(0), dyc)
+                t = np.subtract(dyc, mean_dy[c], dtype=cdt)
                 t *= a[c]
                 t -= np.subtract(x[:, c], mean[c], dtype=cdt) * b[c]
                 dx[:, c] = t
@@ -428,6 +474,8 @@ class NumpyBackend(Backend):
         direct = out_dtype == cdt
         for r0, r1 in _chunks(x2.shape[0], step):
             xc, dc, oc = x2[r0:r1], d2[r0:r1], o2[r0:r1]
+            if act is not None:
+                dc = _masked(dc, xc, vec, act, r0, r1, cdt)
             t = oc if direct else _SCRATCH.get(1, cdt, xc.size).reshape(xc.shape)
             u = _SCRATCH.get(0, cdt, xc.size).reshape(xc.shape)
             np.subtract(dc, vec.at(mdy, r0, r1), out=t, dtype=cdt)

@@ -47,6 +47,7 @@ from paddle.autograd import PyLayer
 from paddle.nn.layer.norm import _BatchNormBase
 
 from .. import functional as F
+from .._sync.checks import check_act
 from .._sync.state import SyncState
 from ..arrays.dlpack import to_native
 from ..comm.base import LOCAL
@@ -121,6 +122,7 @@ class _SyncBatchNormFunction(PyLayer):
                 data_format=cfg["data_format"], comm=cfg["comm"],
                 sync_state=cfg["sync_state"],
                 inplace_running_stats=True,  # GPU: the kernel writes them, no copy
+                act=cfg.get("act"),
             )
             if cfg["update"] and res.updated:
                 # In place: the layer's _mean/_variance stay the same tensors
@@ -189,6 +191,7 @@ def batch_norm(
     *,
     comm: Any = None,
     sync_state: SyncState | None = None,
+    act: str | None = None,
 ) -> paddle.Tensor:
     """Synchronized ``paddle.nn.functional.batch_norm``.
 
@@ -225,12 +228,16 @@ def batch_norm(
         Group to synchronize over (None: :func:`cupysyncbn.get_default_comm`).
     sync_state : cupysyncbn.functional.SyncState, optional
         Keep one per layer: one all-reduce per pass.
+    act : {None, 'relu'}, keyword-only
+        ``'relu'``: ``relu(batch_norm(...))``, the ReLU fused into the
+        normalize pass and its mask into the backward's passes.
 
     Returns
     -------
     paddle.Tensor
     """
     _check_dynamic_mode()
+    check_act(act)
     if not isinstance(x, paddle.Tensor):
         raise TypeError(f"x must be a paddle.Tensor; got {type(x).__name__}")
     if x.ndim not in (2, 3, 4, 5):
@@ -242,7 +249,7 @@ def batch_norm(
         y = batch_norm(
             x.astype("float32"), running_mean, running_var, weight, bias, training,
             momentum, epsilon, data_format, use_global_stats, name, comm=comm,
-            sync_state=sync_state,
+            sync_state=sync_state, act=act,
         )
         return y.astype("bfloat16")
     use_running = (not training) if use_global_stats is None else bool(use_global_stats)
@@ -259,6 +266,7 @@ def batch_norm(
         # communicator need not exist in eval-only processes).
         "comm": LOCAL if use_running else comm,
         "sync_state": sync_state,
+        "act": act,
     }
     named = (("x", x), ("weight", weight), ("bias", bias))
     cfg["diff"] = [n for n, t in named if t is not None and not t.stop_gradient]
@@ -341,6 +349,10 @@ class SyncBatchNorm(paddle.nn.SyncBatchNorm):
         group once ``paddle.distributed.init_parallel_env()`` has run, else
         one process. ``comm=paddle.distributed.new_group(ranks)`` syncs a
         sub-group.
+    act : {None, 'relu'}, keyword-only
+        ``'relu'``: output ``relu(bn(x))`` (the ``act`` of Paddle's
+        ``paddle.nn.BatchNorm``), the ReLU fused into the normalize pass and
+        its mask into the backward's passes (no pass of its own).
 
     Notes
     -----
@@ -363,7 +375,9 @@ class SyncBatchNorm(paddle.nn.SyncBatchNorm):
         name: str | None = None,
         *,
         comm: Any = None,
+        act: str | None = None,
     ) -> None:
+        check_act(act)
         if isinstance(num_features, bool) or not isinstance(num_features, int) or (
             num_features < 1
         ):
@@ -378,10 +392,11 @@ class SyncBatchNorm(paddle.nn.SyncBatchNorm):
         self._comm_ref = SharedComm(None if comm is None else as_communicator(comm))
         # identity on every rank: order of construction (see cupysyncbn._sync.protocol)
         self._sync_state = SyncState.for_layer(self._comm_ref.comm)
-        # Set when converted from paddle.nn.BatchNorm(act=..., trainable_statistics=True):
-        # the activation applied to the output, and batch statistics (with the
-        # running update, as Paddle does) in eval mode too.
-        self._act: str | None = None
+        # ``act``, or that of a converted paddle.nn.BatchNorm(act=...): 'relu'
+        # is fused into the pass, another activation applied to the output.
+        # trainable_statistics=True (converted too): batch statistics (with
+        # the running update, as Paddle does) in eval mode too.
+        self._act: str | None = act
         self._trainable_statistics = False
 
     @property
@@ -428,8 +443,9 @@ class SyncBatchNorm(paddle.nn.SyncBatchNorm):
             x, self._mean, self._variance, self.weight, self.bias, self._batch_mode(),
             self._momentum, self._epsilon, self._data_format, self._use_global_stats,
             comm=comm, sync_state=self._sync_state,
+            act="relu" if self._act == "relu" else None,
         )
-        if self._act is not None:
+        if self._act not in (None, "relu"):
             y = getattr(paddle.nn.functional, self._act)(y)
         return y
 
@@ -441,6 +457,7 @@ class SyncBatchNorm(paddle.nn.SyncBatchNorm):
         return (
             f"num_features={self._num_features}, momentum={self._momentum},"
             f" epsilon={self._epsilon}, data_format={self._data_format}"
+            + (f", act={self._act!r}" if self._act else "")
         )
 
     @classmethod

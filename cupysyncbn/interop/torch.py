@@ -47,6 +47,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import functional as F
 from .._sync import fused
+from .._sync.checks import check_act
 from .._sync.state import SyncState, workspace
 from ..arrays.dlpack import from_native, to_native
 from ..backends import get_backend
@@ -171,6 +172,7 @@ def forward_arrays(
     eps: float,
     comm: Any = None,
     sync_state: SyncState | None = None,
+    act: str | None = None,
 ) -> tuple[Any, F.ForwardContext]:
     """The adapter's forward on NumPy or CuPy arrays (PyTorch conventions).
 
@@ -197,7 +199,7 @@ def forward_arrays(
         is PyTorch's cumulative average over ``num_batches_tracked + 1`` batches.
     eps : float
         Added to the variance.
-    comm, sync_state
+    comm, sync_state, act
         As for :func:`cupysyncbn.functional.batch_norm_forward`.
 
     Returns
@@ -217,6 +219,7 @@ def forward_arrays(
         comm=comm, unbiased_running_var=update, num_batches_tracked=nbt,
         sync_state=sync_state,
         inplace_running_stats=True,  # GPU: the kernel writes the buffers, no copy
+        act=act,
     )
     if update and res.updated:
         # The CPU path returns new arrays: store them, so the module's buffers
@@ -275,17 +278,17 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         ctx.fctx = fctx
         ctx.perm, ctx.inv = _layout(x)[1:]
         # x for autograd's check that it was not modified in place after the
-        # forward (the backward reads it), and with the weight for the
-        # differentiable backward.
-        ctx.save_for_backward(x, weight)
+        # forward (the backward reads it), and with the weight (and the bias:
+        # the fused ReLU's mask) for the differentiable backward.
+        ctx.save_for_backward(x, weight, bias)
         return y
 
     @staticmethod
     def backward(ctx: Any, dy: torch.Tensor) -> tuple:
-        x, weight = ctx.saved_tensors  # raises if x was modified in place after the forward
+        x, weight, bias = ctx.saved_tensors  # raises if x was modified after the forward
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         if torch.is_grad_enabled():  # create_graph=True: the gradients get a graph
-            dx, dw, db = _differentiable_backward(ctx.fctx, x, weight, dy)
+            dx, dw, db = _differentiable_backward(ctx.fctx, x, weight, dy, bias)
             return (dx if need_x else None), (dw if need_w else None), (
                 db if need_b else None), None
         if ctx.perm is not None:
@@ -312,7 +315,7 @@ def _forward_tensors(x: torch.Tensor, weight: Any, bias: Any, cfg: dict) -> tupl
             to_native(count, "num_batches_tracked") if cfg["nbt_read"] else None,
             data_format=fmt, training=cfg["training"], update=cfg["update"],
             momentum=cfg["momentum"], eps=cfg["eps"], comm=cfg["comm"],
-            sync_state=cfg["sync_state"],
+            sync_state=cfg["sync_state"], act=cfg.get("act"),
         )
         # The channels-last result is exported already transposed back to
         # (N, C, *): a tensor of its own with channels-last strides, not a
@@ -394,7 +397,8 @@ class _BatchStats(torch.autograd.Function):
 
 
 def _differentiable_backward(
-    fctx: F.ForwardContext, x: torch.Tensor, weight: torch.Tensor | None, dy: torch.Tensor
+    fctx: F.ForwardContext, x: torch.Tensor, weight: torch.Tensor | None, dy: torch.Tensor,
+    bias: torch.Tensor | None = None,
 ) -> tuple:
     """``(dx, dweight, dbias)`` as torch operations, for ``create_graph=True``.
 
@@ -402,22 +406,38 @@ def _differentiable_backward(
     sum(dy)``, ``S2 = sum(dy * xhat)`` all-reduced by :class:`_AllReduceSum`
     and ``mean``/``invstd`` from :class:`_BatchStats`, so a second backward
     differentiates through the global-batch statistics too, with their own
-    all-reduces. Eval mode: the affine map with running statistics.
+    all-reduces. Eval mode: the affine map with running statistics. After
+    ``act="relu"`` ``dy`` is masked first (a constant mask: the ReLU's second
+    derivative is 0 almost everywhere).
     """
     cdt = torch.float64 if np.dtype(fctx.mean.dtype) == np.float64 else torch.float32
     mean = from_native(fctx.mean, x).to(device=x.device, dtype=cdt)
     invstd = from_native(fctx.invstd, x).to(device=x.device, dtype=cdt)
     return _backward_ops(x, weight, dy, mean, invstd, float(fctx.count), fctx.batch_stats,
-                         fctx.comm)
+                         fctx.comm, bias, fctx.act is not None)
 
 
 def _backward_ops(
     x: torch.Tensor, weight: torch.Tensor | None, dy: torch.Tensor, mean: torch.Tensor,
     invstd: torch.Tensor, count: float, batch_stats: bool, comm: Any,
+    bias: torch.Tensor | None = None, relu: bool = False,
 ) -> tuple:
-    """The backward's formulas as torch operations (see :func:`_differentiable_backward`)."""
+    """The backward's formulas as torch operations (see :func:`_differentiable_backward`).
+
+    ``relu``: ``dy`` is 0 where the forward's ``(x - mean) * scale + bias <= 0``
+    (recomputed from the forward's statistics, not differentiated).
+    """
     cdt = mean.dtype
     xc, dyc = x.to(cdt), dy.to(cdt)
+    if relu:
+        nd = x.dim()
+        with torch.no_grad():
+            scale = invstd if weight is None else invstd * weight.to(cdt)
+            pre = (xc - _channel_view(mean, nd)) * _channel_view(scale, nd)
+            if bias is not None:
+                pre = pre + _channel_view(bias.to(cdt), nd)
+            cut = pre <= 0
+        dyc = dyc.masked_fill(cut, 0.0)
     if batch_stats:
         mean, invstd = _BatchStats.apply(xc, mean, invstd, count, comm)
     nd = x.dim()
@@ -455,6 +475,7 @@ def batch_norm(
     comm: Any = None,
     num_batches_tracked: torch.Tensor | None = None,
     sync_state: SyncState | None = None,
+    act: str | None = None,
 ) -> torch.Tensor:
     """Synchronized ``torch.nn.functional.batch_norm``.
 
@@ -486,11 +507,15 @@ def batch_norm(
         Counter read for ``momentum=None`` and incremented in place on update.
     sync_state : cupysyncbn.functional.SyncState, optional
         Keep one per layer: one all-reduce per pass.
+    act : {None, 'relu'}, keyword-only
+        ``'relu'``: ``relu(batch_norm(...))`` in the same pass (the ReLU
+        fused into the normalize, its mask into the backward).
 
     Returns
     -------
     torch.Tensor
     """
+    check_act(act)
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"input must be a torch.Tensor; got {type(input).__name__}")
     if input.dim() not in _FORMATS:
@@ -502,7 +527,7 @@ def batch_norm(
            for t in (input, weight, bias, running_mean, running_var)):
         return _batch_norm_bf16(
             input, running_mean, running_var, weight, bias, training, momentum, eps,
-            comm=comm, num_batches_tracked=num_batches_tracked, sync_state=sync_state,
+            comm=comm, num_batches_tracked=num_batches_tracked, sync_state=sync_state, act=act,
         )
     batch_stats = training or running_mean is None
     update = bool(training and running_mean is not None)
@@ -518,6 +543,7 @@ def batch_norm(
         "nbt_read": update and momentum is None and num_batches_tracked is not None,
         "num_batches_tracked": num_batches_tracked if update else None,
         "sync_state": sync_state,
+        "act": act,
     }
     return _SyncBatchNormFunction.apply(input, weight, bias, cfg)
 
@@ -618,10 +644,11 @@ def _compute_dtype(x: torch.Tensor, weight: torch.Tensor | None,
     "cupysyncbn::sync_batch_norm", mutates_args=(),
     schema="(Tensor x, Tensor? weight, Tensor? bias, Tensor? running_mean,"
     " Tensor? running_var, Tensor? num_batches_tracked, bool batch_stats, bool update,"
-    " float? momentum, float eps, int key) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+    " float? momentum, float eps, int key, bool relu=False)"
+    " -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
 )
 def _op_forward(x, weight, bias, running_mean, running_var, num_batches_tracked,  # type: ignore[no-untyped-def]
-                batch_stats, update, momentum, eps, key):
+                batch_stats, update, momentum, eps, key, relu=False):
     # Functional (autograd formulas need it): the updated running statistics
     # are returned, and the caller copies them into the buffers.
     layer = _op_layer(key)
@@ -634,6 +661,7 @@ def _op_forward(x, weight, bias, running_mean, running_var, num_batches_tracked,
         "num_batches_tracked": None if num_batches_tracked is None or not update
         else num_batches_tracked.clone(),
         "sync_state": layer._sync_state,
+        "act": "relu" if relu else None,
     }
     y, fctx = _forward_tensors(x, weight, bias, cfg)
     cdt = _compute_dtype(x, weight, running_mean)
@@ -647,7 +675,7 @@ def _op_forward(x, weight, bias, running_mean, running_var, num_batches_tracked,
 
 @_op_forward.register_fake
 def _(x, weight, bias, running_mean, running_var, num_batches_tracked,  # type: ignore[no-untyped-def]
-      batch_stats, update, momentum, eps, key):
+      batch_stats, update, momentum, eps, key, relu=False):
     cdt = _compute_dtype(x, weight, running_mean)
     c = x.shape[1]
     none = x.new_empty((0,), dtype=cdt)
@@ -660,17 +688,21 @@ def _(x, weight, bias, running_mean, running_var, num_batches_tracked,  # type: 
 @torch.library.custom_op(
     "cupysyncbn::sync_batch_norm_backward", mutates_args=(),
     schema="(Tensor dy, Tensor x, Tensor? weight, Tensor mean, Tensor invstd, Tensor count,"
-    " bool batch_stats, int key) -> (Tensor, Tensor, Tensor)",
+    " bool batch_stats, int key, Tensor? bias=None, bool relu=False)"
+    " -> (Tensor, Tensor, Tensor)",
 )
-def _op_backward(dy, x, weight, mean, invstd, count, batch_stats, key):  # type: ignore[no-untyped-def]
+def _op_backward(dy, x, weight, mean, invstd, count, batch_stats, key, bias=None,  # type: ignore[no-untyped-def]
+                 relu=False):
     comm = as_communicator(_op_layer(key).comm) if batch_stats else None
     with torch.no_grad():
-        dx, dw, db = _backward_ops(x, weight, dy, mean, invstd, float(count), batch_stats, comm)
+        dx, dw, db = _backward_ops(x, weight, dy, mean, invstd, float(count), batch_stats, comm,
+                                   bias, relu)
     return _strided_like(x, dx), dw, db
 
 
 @_op_backward.register_fake
-def _(dy, x, weight, mean, invstd, count, batch_stats, key):  # type: ignore[no-untyped-def]
+def _(dy, x, weight, mean, invstd, count, batch_stats, key, bias=None,  # type: ignore[no-untyped-def]
+      relu=False):
     pdt = weight.dtype if weight is not None else mean.dtype
     c = x.shape[1]
     return torch.empty_like(x), x.new_empty((c,), dtype=pdt), x.new_empty((c,), dtype=pdt)
@@ -690,17 +722,18 @@ def _strided_like(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 
 
 def _op_setup(ctx: Any, inputs: tuple, output: tuple) -> None:
-    x, weight, bias, *_, batch_stats, _update, _momentum, _eps, key = inputs
+    x, weight, bias, *_, batch_stats, _update, _momentum, _eps, key, relu = inputs
     _y, mean, invstd, count, _rm, _rv = output
-    ctx.save_for_backward(x, weight, mean, invstd, count)
-    ctx.batch_stats, ctx.key, ctx.has_bias = batch_stats, key, bias is not None
+    ctx.save_for_backward(x, weight, mean, invstd, count, bias if relu else None)
+    ctx.batch_stats, ctx.key, ctx.has_bias, ctx.relu = batch_stats, key, bias is not None, relu
 
 
 def _op_autograd(ctx: Any, dy: torch.Tensor, *_: Any) -> tuple:
-    x, weight, mean, invstd, count = ctx.saved_tensors
-    dx, dw, db = _op_backward(dy, x, weight, mean, invstd, count, ctx.batch_stats, ctx.key)
+    x, weight, mean, invstd, count, bias = ctx.saved_tensors
+    dx, dw, db = _op_backward(dy, x, weight, mean, invstd, count, ctx.batch_stats, ctx.key,
+                              bias, ctx.relu)
     return (dx, dw if weight is not None else None, db if ctx.has_bias else None,
-            None, None, None, None, None, None, None, None)
+            None, None, None, None, None, None, None, None, None)
 
 
 _op_forward.register_autograd(_op_autograd, setup_context=_op_setup)
@@ -738,6 +771,11 @@ class SyncBatchNorm(_BatchNorm):
         ``torch.nn.BatchNorm2d(bias=False)``).
     process_group : torch.distributed.ProcessGroup, optional, keyword-only
         ``torch.nn.SyncBatchNorm``'s name for ``comm`` (give one of them).
+    act : {None, 'relu'}, keyword-only
+        ``'relu'``: output ``relu(bn(x))``, the ReLU fused into the normalize
+        pass and its mask into the backward's passes (no pass of its own).
+    fuse_relu : bool, keyword-only, default False
+        Apex's spelling of ``act='relu'`` (``apex.parallel.SyncBatchNorm``).
 
     Notes
     -----
@@ -761,7 +799,16 @@ class SyncBatchNorm(_BatchNorm):
         *,
         bias: bool = True,
         process_group: Any = None,
+        act: str | None = None,
+        fuse_relu: bool = False,
     ) -> None:
+        act = check_act(act)
+        if fuse_relu not in (True, False):
+            raise TypeError(f"fuse_relu must be a bool; got {fuse_relu!r}")
+        if fuse_relu:
+            if act not in (None, "relu"):  # pragma: no cover - check_act allows only these
+                raise ValueError(f"fuse_relu=True contradicts act={act!r}")
+            act = "relu"
         if process_group is not None:
             if comm is not None:
                 raise TypeError("give comm or process_group, not both")
@@ -779,15 +826,20 @@ class SyncBatchNorm(_BatchNorm):
             dtype=dtype, **extra,
         )
         self.comm = comm
+        self.act = act
         # identity on every rank: order of construction (see cupysyncbn._sync.protocol)
         self._sync_state = SyncState.for_layer(comm)
         self._op_key = _op_register(self)  # names this layer to the compiled operators
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (f", act={self.act!r}" if self.act else "")
 
     def __setstate__(self, state: dict) -> None:
         # A copy (pickle, deepcopy) is a new layer: its SyncState copied or
         # unpickled itself into a fresh state with the next construction
         # ordinal (cupysyncbn._sync.state), so copies made in the same order
         # on every rank keep telling layers apart.
+        state.setdefault("act", None)  # pickled before ``act`` existed
         super().__setstate__(state)
         self._op_key = _op_register(self)  # a copy is another layer
 
@@ -870,6 +922,7 @@ class SyncBatchNorm(_BatchNorm):
             comm=comm,
             num_batches_tracked=self.num_batches_tracked if track else None,
             sync_state=self._sync_state,
+            act=self.act,
         )
 
     def _compiled_forward(
@@ -882,7 +935,7 @@ class SyncBatchNorm(_BatchNorm):
         y, _, _, _, new_rm, new_rv = _op_forward(
             input, self.weight, self.bias, rm, rv,
             self.num_batches_tracked if track else None, bn_training or rm is None, update,
-            self.momentum, float(self.eps), self._op_key,
+            self.momentum, float(self.eps), self._op_key, self.act == "relu",
         )
         if update:
             with torch.no_grad():

@@ -16,7 +16,13 @@ import numpy as np
 
 from .. import functional as F
 from .._sync import collective
-from .._sync.checks import check_epsilon, check_momentum, check_reproducible
+from .._sync.checks import (
+    REPRO_ACT,
+    check_act,
+    check_epsilon,
+    check_momentum,
+    check_reproducible,
+)
 from .._sync.state import SyncState
 from ..arrays.devices import device_of, to_host
 from ..arrays.dtypes import parse_param_dtype
@@ -85,12 +91,14 @@ class _BatchNormBase(Layer):
         dtype: Any = "float32",
         comm: Any = LOCAL,
         reproducible: bool | None = None,
+        act: str | None = None,
     ) -> None:
         dt = parse_param_dtype(dtype)
         super().__init__(name, dtype=dt)
         self._num_features = _check_num_features(num_features)
         self._momentum = check_momentum(momentum)
         self._epsilon = check_epsilon(epsilon)
+        self._act = check_act(act)
         fmt = parse_data_format(data_format)
         if fmt.name not in self._formats:
             raise ValueError(
@@ -105,6 +113,8 @@ class _BatchNormBase(Layer):
         self._track_running_stats = bool(track_running_stats)
         self._unbiased_running_var = bool(unbiased_running_var)
         self._reproducible = check_reproducible(reproducible)
+        if self._reproducible and self._act is not None:
+            raise ValueError(REPRO_ACT)
         self._weight_attr = weight_attr
         self._bias_attr = bias_attr
         self._name = name
@@ -225,6 +235,11 @@ class _BatchNormBase(Layer):
         return self._data_format
 
     @property
+    def act(self) -> str | None:
+        """The activation fused into the pass (``'relu'``), or None."""
+        return getattr(self, "_act", None)  # layers pickled before ``act`` existed
+
+    @property
     def comm(self) -> Communicator:
         """The communicator this layer synchronizes over."""
         if self._comm is None:
@@ -245,7 +260,7 @@ class _BatchNormBase(Layer):
         return (
             f"num_features={self._num_features}, momentum={self._momentum},"
             f" epsilon={self._epsilon}, data_format={self._data_format},"
-            f" dtype={self._dtype.name}"
+            f" dtype={self._dtype.name}" + (f", act={self.act!r}" if self.act else "")
         ) + (", reproducible=True" if self.reproducible else "")
 
     def _state_aliases(self) -> dict[str, str | None]:
@@ -346,6 +361,7 @@ class _BatchNormBase(Layer):
             param_dtype=self._dtype,
             inplace_running_stats=True,  # GPU: the live arrays, no allocation
             reproducible=self.reproducible,
+            act=self.act,
         )
         if update and res.updated:
             # In place (as Paddle and PyTorch): references to the running
@@ -485,13 +501,14 @@ class _LocalBatchNorm(_BatchNormBase):
         unbiased_running_var: bool = False,
         dtype: Any = "float32",
         reproducible: bool | None = None,
+        act: str | None = None,
     ) -> None:
         super().__init__(
             num_features, momentum, epsilon, weight_attr, bias_attr,
             self._default_format if data_format is None else data_format,
             use_global_stats, name, track_running_stats=track_running_stats,
             unbiased_running_var=unbiased_running_var, dtype=dtype,
-            reproducible=reproducible,
+            reproducible=reproducible, act=act,
         )
 
 
@@ -521,6 +538,10 @@ class BatchNorm1D(_LocalBatchNorm):
     reproducible : bool, keyword-only, optional
         Bitwise-reproducible statistics and gradients (docs/reproducibility.md);
         None: ``CUPYSYNCBN_REPRODUCIBLE`` (default False).
+    act : {None, 'relu'}, keyword-only, default None
+        ``'relu'``: output ``max(bn(x), 0)``, the ReLU fused into the
+        normalize pass and its mask into the backward's passes (as Paddle's
+        ``BatchNorm(act='relu')``); in eval mode too.
 
     Notes
     -----
@@ -598,6 +619,11 @@ class SyncBatchNorm(_BatchNormBase):
         ``allreduce_gradients(layer, average=False)`` are the same bits for
         every number of ranks and every split of the global batch (CPU arrays
         for now). None: ``CUPYSYNCBN_REPRODUCIBLE`` (default False).
+    act : {None, 'relu'}, keyword-only, default None
+        ``'relu'``: output ``max(bn(x), 0)`` (Paddle's ``BatchNorm(act=...)``,
+        Apex's ``fuse_relu``): the ReLU is applied inside the normalize pass
+        and its mask inside the backward's passes, so it costs no pass over
+        the data of its own; in eval mode too.
 
     Examples
     --------
@@ -622,20 +648,21 @@ class SyncBatchNorm(_BatchNormBase):
         unbiased_running_var: bool = False,
         dtype: Any = "float32",
         reproducible: bool | None = None,
+        act: str | None = None,
     ) -> None:
         super().__init__(
             num_features, momentum, epsilon, weight_attr, bias_attr, data_format,
             None, name, track_running_stats=track_running_stats,
             unbiased_running_var=unbiased_running_var, dtype=dtype, comm=comm,
-            reproducible=reproducible,
+            reproducible=reproducible, act=act,
         )
 
     @classmethod
     def convert_sync_batchnorm(cls, layer: Layer, comm: Any = None) -> Layer:
         """Replace every local ``BatchNorm1D/2D/3D`` in ``layer`` by a ``SyncBatchNorm``.
 
-        Keeps ``data_format``, ``epsilon``, ``momentum``, the running-stats
-        options, the dtype and the training flag, and copies the weight, bias
+        Keeps ``data_format``, ``epsilon``, ``momentum``, ``act``, the
+        running-stats options, the dtype and the training flag, and copies the weight, bias
         and running statistics (each independently: a trained weight is kept
         even when only ``bias_attr`` is False).
 
@@ -675,6 +702,7 @@ class SyncBatchNorm(_BatchNormBase):
             unbiased_running_var=bn._unbiased_running_var,
             dtype=bn._dtype,
             reproducible=bn.reproducible,
+            act=bn.act,
         )
         new._use_global_stats = bn._use_global_stats
         # Copy values (not the attrs): Paddle re-initializes a trained weight

@@ -701,3 +701,68 @@ def test_torch_adapter_eval_forward_is_one_kernel(cp):
     assert REC.ops == [] and REC.syncs == [] and REC.d2h == []
     yr = ref(torch.from_numpy(x.astype("f8")).movedim(-1, 1)).detach().numpy()
     _close(np.moveaxis(_host(y), -1, 1), yr, 2e-5)
+
+
+def _set_params(layer, w, b):
+    layer.weight.data[...] = w.astype(layer.weight.data.dtype)
+    layer.bias.data[...] = b.astype(layer.bias.data.dtype)
+
+
+@pytest.mark.parametrize("dt", ["float16", "float32", "float64"])
+@pytest.mark.parametrize("fmt", list(SHAPES))
+def test_relu_keeps_the_three_kernel_budget_and_the_values(cp, fmt, dt):
+    """act='relu' on the fused path: still 3 kernels + 1 all-reduce per pass, no other op.
+
+    Values against the NumPy layer with act='relu' (itself checked against
+    float64 truth and PyTorch in tests/functional/test_relu.py) and, for the
+    ReLU itself, against its definition: y >= 0, dx of the masked dy.
+    """
+    from support import bn_ref
+
+    comm = _forced()
+    c = SHAPES[fmt](1)[-1 if fmt.startswith("NL") or fmt[-1] == "C" else 1]
+    dev = _layer(cp, fmt, c, comm, act="relu")
+    ref = _layer(cp, fmt, c, _forced(), on_device=False, act="relu")
+    plain = _layer(cp, fmt, c, _forced(), on_device=False)
+    cl = "cl" if fmt[-1] == "C" else "cf"
+    for step, n in enumerate((4, 3, 5)):
+        x, dy, w, b = bn_ref.relu_batch(SHAPES[fmt](n), fmt, dt, step)
+        for layer in (dev, ref, plain):
+            _set_params(layer, w, b)
+        y, dx, fwd, bwd = _step(cp, dev, x, dy)
+        tol = TOL[dt]
+        _close(y, ref(x), tol)
+        _close(dx, ref.backward(dy), tol)
+        y0 = plain(x)  # the unfused composition
+        _close(y, np.maximum(y0, 0), tol)
+        _close(dx, plain.backward(np.where(y0 > 0, dy, 0).astype(dt)), tol)
+        assert (_host(y) >= 0).all() and (_host(y) == 0).any()
+        if step == 0:
+            continue
+        summary, kernels, ops, _ = fwd
+        assert kernels == [f"bn_stats_partial_{cl}", "bn_fwd_pack", f"bn_fwd_norm_{cl}"]
+        assert summary["syncs"] == summary["d2h"] == 0 and ops == [] and summary["allocs"] == 3
+        summary, kernels, ops, _ = bwd
+        assert kernels == [f"bn_bwd_partial_{cl}", "bn_bwd_pack", f"bn_bwd_elemt_{cl}"]
+        assert summary["syncs"] == summary["d2h"] == 0 and ops == [] and summary["allocs"] == 1
+    _close(dev.weight.grad, ref.weight.grad, 50 * TOL[dt])
+    _close(dev.bias.grad, ref.bias.grad, 50 * TOL[dt])
+    # eval (running statistics): one forward kernel; the backward masks too
+    dev.eval()
+    ref.eval()
+    # the same running statistics (training left them equal to rounding only)
+    dev._mean[...] = cp.asarray(_host(ref._mean))
+    dev._variance[...] = cp.asarray(_host(ref._variance))
+    stats = (_host(ref._mean).astype("f8"), _host(ref._variance).astype("f8"))
+    x, dy, w, b = bn_ref.relu_batch(SHAPES[fmt](3), fmt, dt, 9, eval_stats=stats)
+    for layer in (dev, ref):
+        _set_params(layer, w, b)
+    y, dx, fwd, bwd = _step(cp, dev, x, dy)
+    assert fwd[1] == [f"bn_fwd_norm_{cl}"] and fwd[0]["ops"] == fwd[0]["syncs"] == 0
+    assert bwd[1][-1] == f"bn_bwd_elemt_{cl}" and bwd[0]["ops"] == bwd[0]["syncs"] == 0
+    _close(y, ref(x), TOL[dt])
+    _close(dx, ref.backward(dy), TOL[dt])
+    p32 = [v.astype("float32").astype("f8") for v in (w, b)]  # the layer's float32 values
+    want = bn_ref.ref_relu(x, dy, fmt, *p32, stats)
+    _close(y, want[0], 10 * TOL[dt])
+    _close(dx, want[1], 10 * TOL[dt])

@@ -178,12 +178,49 @@ def test_emulated_bfloat16_rounding(emu):
     # y = (x - 0) * 1 + 0 round-trips exactly representable values
     fn(*(ctypes.c_uint(v) for v in (1, 1, 32, 1)), ctypes.c_void_p(bits.ctypes.data),
        ctypes.c_void_p(out.ctypes.data), ctypes.c_int(bits.size), ctypes.c_int(1),
-       ctypes.c_int(1), *(ctypes.c_void_p(a.ctypes.data) for a in (zero, one, zero)))
+       ctypes.c_int(1), *(ctypes.c_void_p(a.ctypes.data) for a in (zero, one, zero)),
+       ctypes.c_int(0))
     assert np.array_equal(out[:6], bits[:6]) and out[7] == bits[7]
     assert (out[6] & 0x7F80) == 0x7F80 and (out[6] & 0x7F) != 0  # NaN stays NaN
     # and a scale of 1 + 2^-9 exercises rounding: 1 * (1 + 2^-9) ties to even -> 1.0
     sc = np.array([1.0 + 2.0**-9], np.float32)
     fn(*(ctypes.c_uint(v) for v in (1, 1, 32, 1)), ctypes.c_void_p(bits.ctypes.data),
        ctypes.c_void_p(out.ctypes.data), ctypes.c_int(1), ctypes.c_int(1),
-       ctypes.c_int(1), *(ctypes.c_void_p(a.ctypes.data) for a in (zero, sc, zero)))
+       ctypes.c_int(1), *(ctypes.c_void_p(a.ctypes.data) for a in (zero, sc, zero)),
+       ctypes.c_int(0))
     assert out[0] == 0x3F80
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("idt,cdt", [("float32", "float32"), ("float64", "float64"),
+                                     ("float16", "float32"), ("float32", "float64")])
+def test_emulated_relu_primitives_equal_numpy_backend(backend, shape, idt, cdt):
+    # act="relu" on the unfused CuPy primitives: bn_normalize's relu, the mask
+    # (act_scale/act_bias) in bn_bwd_partial_* and bn_backward_elemt.
+    cl = len(shape) == 2
+    rng = np.random.default_rng(sum(shape) + 1)
+    cdt = np.dtype(cdt)
+    c = shape[1]
+    mc, sc, b, a, mdy, bb = (rng.uniform(-2, 2, c).astype(cdt) for _ in range(6))
+    inv = np.abs(sc) + 0.5
+    bs = (1, -1) if cl else (1, -1, 1)
+    x = rng.standard_normal(shape)
+    # keep every pre-activation off the kink (rounding may not decide its side)
+    pre = (x - mc.reshape(bs)) * sc.reshape(bs) + b.reshape(bs)
+    x = np.where(np.abs(pre) < 0.05, x + 0.2 / sc.reshape(bs).astype("f8"), x).astype(idt)
+    dy = rng.standard_normal(shape).astype(idt)
+    relu = (sc, b)
+    y = backend.normalize(x, cl, mc, sc, b, np.dtype(idt), True)
+    yr = NUMPY_BACKEND.normalize(x, cl, mc, sc, b, np.dtype(idt), True)
+    otol = {"float16": 4e-3, "float32": 2e-5, "float64": 1e-12}[idt]
+    np.testing.assert_allclose(y.astype("f8"), yr.astype("f8"), rtol=otol, atol=otol)
+    assert (y >= 0).all() and (x.size == 1 or ((y == 0).any() and (y > 0).any()))
+    keep = (y > 0).astype(idt)
+    s1, s2 = backend.backward_reduce(dy, x, cl, mc, inv, relu)
+    r1, r2 = NUMPY_BACKEND.backward_reduce(dy * keep, x, cl, mc, inv)
+    tol = 1e-4 if cdt == np.float32 else 1e-11
+    np.testing.assert_allclose(s1, r1, rtol=tol, atol=tol * np.sqrt(x.size))
+    np.testing.assert_allclose(s2, r2, rtol=tol, atol=tol * np.sqrt(x.size))
+    dx = backend.backward_elemt(dy, x, cl, mc, a, mdy, bb, np.dtype(idt), relu)
+    dxr = NUMPY_BACKEND.backward_elemt(dy * keep, x, cl, mc, a, mdy, bb, np.dtype(idt))
+    np.testing.assert_allclose(dx.astype("f8"), dxr.astype("f8"), rtol=otol, atol=otol)

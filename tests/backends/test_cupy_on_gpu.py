@@ -355,3 +355,28 @@ def test_gpu_misaligned_rows_take_the_scalar_path():
     x = base[2:].reshape(2, 3, 7, 5)
     cpu, gpu = _layer_pair("NCHW", 3, LOCAL, LOCAL)
     _close(gpu(x), cpu(cp.asnumpy(x)), 2e-5, "misaligned y")
+
+
+@pytest.mark.parametrize("fmt,shape", CASES, ids=str)
+@pytest.mark.parametrize("idt,pdt", [("float32", "float32"), ("float64", "float64"),
+                                     ("float16", "float32")])
+@pytest.mark.parametrize("training", [True, False])
+def test_relu_on_gpu_equals_numpy(fmt, shape, idt, pdt, training):
+    # act="relu" on the fused kernels (train, eval) against the NumPy path.
+    from support import bn_ref
+
+    c = shape[bn_ref.channel_axis(fmt, len(shape))]
+    rng = np.random.default_rng(c)
+    stats = None if training else (rng.uniform(-0.5, 0.5, c), rng.uniform(0.5, 2, c))
+    x, dy, w, b = bn_ref.relu_batch(shape, fmt, idt, 0, eval_stats=stats)
+    rm, rv = (np.zeros(c, pdt), np.ones(c, pdt)) if stats is None else (
+        stats[0].astype(pdt), stats[1].astype(pdt))
+    outs = []
+    for xp in (np, cp):
+        args = [xp.asarray(a) for a in (x, w.astype(pdt), b.astype(pdt), rm, rv)]
+        res = F.batch_norm_forward(*args, training=training, data_format=fmt, comm=LOCAL,
+                                   act="relu")
+        outs.append((res.y, *F.batch_norm_backward(xp.asarray(dy), res.ctx)))
+    tol = OUT_TOL[idt]
+    for got, ref, what in zip(outs[1], outs[0], ("y", "dx", "dweight", "dbias")):
+        _close(got, ref, tol if what in ("y", "dx") else 50 * VEC_TOL[pdt], what)

@@ -222,7 +222,7 @@ def test_float16_rounding_matches_numpy():
     from cupysyncbn.backends.numba import backend as nbm
 
     got = np.empty(x.shape, np.float16)
-    nbm._normalize_cl(x, nbm._NO_TABLE, zero, one, zero, got.view(np.uint16))
+    nbm._normalize_cl(x, nbm._NO_TABLE, zero, one, zero, got.view(np.uint16), None)
     assert np.array_equal(got, want, equal_nan=True)
 
     # the portable integer rounding (used on CPUs without F16C) on the same probes
@@ -422,7 +422,7 @@ def test_vector_row_sums_match_fsum(dt, rng):
 
     @njit
     def dot(x, dy, i0, i1, j, t0, t1, m):
-        return dot_sums(x, dy, i0, i1, j, t0, t1, m)
+        return dot_sums(x, dy, i0, i1, j, t0, t1, m, None)
 
     def bits(a):
         return a.view(np.uint16) if a.dtype == np.float16 else a
@@ -515,7 +515,7 @@ def test_tiled_channel_last_lines_are_bitwise_the_plain_ones(dt, monkeypatch, rn
                                          (True, (m, a, md, b), want[1])):
                     out[...] = np.nan
                     nbm._elemt_cl_stream(nbm._bits(dy), nbm._bits(x), nbm._table(x), *params,
-                                         nbm._bits(out), bwd, True)
+                                         nbm._bits(out), bwd, True, None)
                     assert out.tobytes() == ref.tobytes(), (cdt, rows, head, bwd)
                     assert (buf[:o] == 0xAB).all() and (buf[o + x.nbytes :] == 0xAB).all()
         # vectors of less than TILE_MIN_BYTES, or rows that are not whole lines: one row at a time

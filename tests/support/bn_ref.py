@@ -360,3 +360,59 @@ class ThreadGroup:
             if e is not None:
                 raise e
         return results
+
+
+def relu_batch(shape, fmt, dtype, seed, eval_stats=None, delta=0.05):
+    """``(x, dy, weight, bias)`` for ``act="relu"`` tests: no pre-activation near 0.
+
+    A pre-activation within rounding of 0 could fall on either side of the
+    ReLU in two correct implementations; inputs are moved (iteratively, the
+    batch statistics move with them) until every ``|bn(x)| >= delta``.
+    ``eval_stats=(mean, var)``: the running statistics the pass uses
+    instead of the batch's. Weights have both signs.
+    """
+    rng = np.random.default_rng(seed)
+    ca = channel_axis(fmt, len(shape))
+    c = shape[ca]
+    w = rng.uniform(0.5, 2.0, c) * rng.choice([-1.0, 1.0], c)
+    b = rng.uniform(-0.8, 0.8, c)
+    x = rng.standard_normal(shape) * 2.0 + 0.5
+    for _ in range(20):
+        if eval_stats is None:
+            pre, mean, var, _ = ref_forward(x, fmt, w, b)
+        else:
+            mean, var = eval_stats
+            pre = ref_eval(x, fmt, mean, var, w, b)
+        near = np.abs(pre) < delta
+        if not near.any():
+            break
+        step = 3 * delta * np.sqrt(_b(var, x.ndim, ca) + 1e-5) / _b(w, x.ndim, ca)
+        push = np.where(pre >= 0, 1.0, -1.0) * np.broadcast_to(step, x.shape)
+        x = np.where(near, x + push, x)
+    else:  # pragma: no cover - the loop converges in a few steps
+        raise AssertionError("relu_batch: could not move the inputs off the kink")
+    dy = rng.standard_normal(shape)
+    return x.astype(dtype), dy.astype(dtype), w, b
+
+
+def ref_relu(x, dy, fmt, weight, bias, eval_stats=None, eps=1e-5):
+    """Float64 ``relu(bn(x))`` and its gradient: ``(y, dx, dweight, dbias)``.
+
+    Training statistics of the global batch, or ``eval_stats=(mean, var)``.
+    """
+    x = np.asarray(x, F64)
+    dy = np.asarray(dy, F64)
+    ca = channel_axis(fmt, x.ndim)
+    axes = tuple(i for i in range(x.ndim) if i != ca)
+    if eval_stats is None:
+        pre = ref_forward(x, fmt, weight, bias, eps)[0]
+        g = np.where(pre > 0, dy, 0.0)
+        dx, dw, db = ref_backward(x, g, fmt, weight, eps)
+        return np.maximum(pre, 0.0), dx, dw, db
+    mean, var = (np.asarray(v, F64) for v in eval_stats)
+    pre = ref_eval(x, fmt, mean, var, weight, bias, eps)
+    g = np.where(pre > 0, dy, 0.0)
+    invstd = 1.0 / np.sqrt(var + eps)
+    xhat = (x - _b(mean, x.ndim, ca)) * _b(invstd, x.ndim, ca)
+    dx = g * _b(np.asarray(weight, F64) * invstd, x.ndim, ca)
+    return np.maximum(pre, 0.0), dx, (g * xhat).sum(axis=axes), g.sum(axis=axes)

@@ -117,15 +117,17 @@ PARAMS = {
     "bn_stats_finalize": "const long long* pc, const A* pm, const A* pq, long long C, int G,"
                          " double* mean, double* m2",
     "bn_bwd_partial_cf": "const T* dy, const T* x, long long N, long long C, long long S,"
-                         " int gsx, int gsy, const A* mean, A* p1, A* p2",
-    "bn_bwd_partial_cl": "const T* dy, const T* x, long long M, long long C, const A* mean,"
+                         " int gsx, int gsy, const A* mean, const A* ras, const A* rab,"
                          " A* p1, A* p2",
+    "bn_bwd_partial_cl": "const T* dy, const T* x, long long M, long long C, const A* mean,"
+                         " const A* ras, const A* rab, A* p1, A* p2",
     "bn_bwd_finalize": "const A* p1, const A* p2, long long C, int G, const A* invstd,"
                        " double* s1, double* s2",
     "bn_normalize": "const T* x, T* y, I total, I C, I S, const A* mean, const A* scale,"
-                    " const A* bias",
+                    " const A* bias, int relu",
     "bn_backward_elemt": "const T* dy, const T* x, T* dx, I total, I C, I S, const A* mean,"
-                         " const A* a, const A* mean_dy, const A* b",
+                         " const A* a, const A* mean_dy, const A* b, const A* ras,"
+                         " const A* rab",
     "bn_fwd_pack": "const long long* pc, const A* pm, const A* pq, long long C, int G, int mode,"
                    " const double* sn, double* su, const double* mb, double* buf, double* st,"
                    " double* nbt, double size, long long count, int phase, int err, long long nf,"

@@ -221,10 +221,12 @@ class CupyBackend(Backend):
     @_on_input_device
     def normalize(
         self, x: Any, channel_last: bool, mean: Any, scale: Any, bias: Any, out_dtype: Any,
+        relu: bool = False,
         exact: bool = False,
     ) -> Any:
         """``(x - mean) * scale + bias`` (subtract first), cast to ``out_dtype``.
 
+        ``relu``: values ``<= 0`` written as 0 (NaN kept), in the same kernel.
         ``exact``: without multiply-add contraction (the reproducible mode's bits).
         """
         cp = self.xp
@@ -238,13 +240,15 @@ class CupyBackend(Backend):
             self._kernel("elementwise.cu", ks.normalize(t, a, it), exact)(
                 (blocks,), (_THREADS,),
                 (x, y, ity(x.size), ity(c), ity(s),
-                 self._vec(mean, adt), self._vec(scale, adt), self._vec(bias, adt)),
+                 self._vec(mean, adt), self._vec(scale, adt), self._vec(bias, adt),
+                 np.int32(bool(relu))),
             )
         return y if y.dtype == np.dtype(out_dtype) else y.astype(out_dtype)
 
     @_on_input_device
     def backward_reduce(
-        self, dy: Any, x: Any, channel_last: bool, mean: Any, invstd: Any
+        self, dy: Any, x: Any, channel_last: bool, mean: Any, invstd: Any,
+        relu: tuple | None = None,
     ) -> tuple[Any, Any]:
         """Local ``sum(dy)`` and ``sum(dy * (x - mean)) * invstd`` (float64)."""
         cp = self.xp
@@ -260,12 +264,13 @@ class CupyBackend(Backend):
             sum_dy_xhat.fill(0)
             return sum_dy, sum_dy_xhat
         mean_v = self._vec(mean, adt)
+        act = self._act(relu, adt)
         if channel_last:
             m = int(x.shape[0])
             bdx, bdy, gx, g = self._cl_grid(m, c)
             p1, p2 = cp.empty(c * g, adt), cp.empty(c * g, adt)
             self._kernel("backward.cu", ks.bwd_partial(t, a, True))(
-                (gx, g), (bdx, bdy), (dy, x, np.int64(m), np.int64(c), mean_v, p1, p2)
+                (gx, g), (bdx, bdy), (dy, x, np.int64(m), np.int64(c), mean_v, *act, p1, p2)
             )
         else:
             n, s = int(x.shape[0]), int(x.shape[2])
@@ -275,7 +280,7 @@ class CupyBackend(Backend):
             self._kernel("backward.cu", ks.bwd_partial(t, a, False))(
                 (g, min(c, _MAX_GRID_YZ)), (bdx, bdy),
                 (dy, x, np.int64(n), np.int64(c), np.int64(s), np.int32(gsx), np.int32(gsy),
-                 mean_v, p1, p2),
+                 mean_v, *act, p1, p2),
             )
         self._kernel("backward.cu", ks.bwd_finalize(a))(
             (min(c, _MAX_GRID_YZ),), (self._finalize_threads(g),),
@@ -294,11 +299,14 @@ class CupyBackend(Backend):
         mean_dy: Any,
         b: Any,
         out_dtype: Any,
+        relu: tuple | None = None,
         exact: bool = False,
     ) -> Any:
         """``a * (dy - mean_dy) - b * (x - mean)``, cast to ``out_dtype``.
 
-        ``exact``: without multiply-add contraction (the reproducible mode's bits).
+        ``relu=(scale, bias)``: ``dy`` masked where the forward's output was
+        ``<= 0``. ``exact``: without multiply-add contraction (the
+        reproducible mode's bits).
         """
         cp = self.xp
         x = cp.ascontiguousarray(x)
@@ -312,7 +320,8 @@ class CupyBackend(Backend):
             self._kernel("elementwise.cu", ks.backward_elemt(t, acc, it), exact)(
                 (blocks,), (_THREADS,),
                 (dy, x, dx, ity(x.size), ity(c), ity(s), self._vec(mean, adt),
-                 self._vec(a, adt), self._vec(mean_dy, adt), self._vec(b, adt)),
+                 self._vec(a, adt), self._vec(mean_dy, adt), self._vec(b, adt),
+                 *self._act(relu, adt)),
             )
         return dx if dx.dtype == np.dtype(out_dtype) else dx.astype(out_dtype)
 
@@ -414,6 +423,12 @@ class CupyBackend(Backend):
     #: Has the fused primitives below: functional runs a training pass as
     #: 3 launches + 1 all-reduce with no host synchronization.
     fused = True
+
+    def _act(self, relu: tuple | None, adt: np.dtype) -> tuple:
+        """The kernels' ``act_scale, act_bias``: the ReLU's vectors, or two NULLs."""
+        if relu is None:
+            return self._ptr(None), self._ptr(None)
+        return self._vec(relu[0], adt), self._vec(relu[1], adt)
 
     @staticmethod
     def _ptr(a: Any) -> Any:
@@ -529,9 +544,14 @@ class CupyBackend(Backend):
         )
 
     def bwd_partials(
-        self, dy: Any, x: Any, channel_last: bool, mean: Any, workspace: Any
+        self, dy: Any, x: Any, channel_last: bool, mean: Any, workspace: Any,
+        act: tuple | None = None,
     ) -> tuple[tuple, int]:
-        """Launch the backward partial kernel into ``workspace``; ``(partials, G)``."""
+        """Launch the backward partial kernel into ``workspace``; ``(partials, G)``.
+
+        ``act``: the fused ReLU's ``(scale, bias)`` (compute dtype, as the
+        forward saved them) to mask ``dy`` with, or None.
+        """
         adt = self._cdt(mean.dtype, x.dtype)
         t, a = ks.storage_type(x.dtype), ks.accum_type(adt)
         c = int(x.shape[-1] if channel_last else x.shape[1])
@@ -547,8 +567,9 @@ class CupyBackend(Backend):
             args = (dy, x, np.int64(n), np.int64(c), np.int64(s), np.int32(gsx),
                     np.int32(gsy))
         parts = (workspace("p1", c * g, adt), workspace("p2", c * g, adt))
+        acts = (self._ptr(None),) * 2 if act is None else act
         self._kernel("backward.cu", ks.bwd_partial(t, a, channel_last))(
-            grid, (bdx, bdy), (*args, mean, *parts)
+            grid, (bdx, bdy), (*args, mean, *acts, *parts)
         )
         return parts, g
 

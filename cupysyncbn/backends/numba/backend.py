@@ -298,6 +298,92 @@ def _st_impl(o, i, v):  # noqa: ANN001, ANN202 - numba typing hook
     return st
 
 
+# ------------------------------------------------------------- fused ReLU
+# ``act`` arguments of the kernels: None (no activation: these compile to
+# nothing) or the forward's ``(scale, bias)`` vectors (compute dtype). The
+# choice is the argument's type, so each kernel is specialized for it.
+def _relu_out(v: Any, act: Any) -> Any:  # pragma: no cover - replaced by the overload
+    """``v``, or ``0 if v <= 0 else v`` (NaN kept) when ``act`` is given."""
+    raise NotImplementedError
+
+
+def _zero_of(t: Any) -> Any:
+    return np.float32(0.0) if t == types.float32 else np.float64(0.0)
+
+
+@overload(_relu_out, inline="always")
+def _relu_out_impl(v, act):  # noqa: ANN001, ANN202 - numba typing hook
+    if isinstance(act, types.NoneType):
+        return lambda v, act: v
+    z = _zero_of(v)
+
+    def relu(v, act):  # noqa: ANN001, ANN202
+        if v <= 0:
+            return z
+        return v
+
+    return relu
+
+
+def _keep(g: Any, xm: Any, act: Any, j: Any) -> Any:  # pragma: no cover - overloaded
+    """``g`` (a ``dy`` value), or 0 where the forward's ``xm * scale[j] + bias[j] <= 0``.
+
+    ``xm`` is ``x - mean`` as the forward computed it, so the pre-activation
+    is the forward's, bitwise.
+    """
+    raise NotImplementedError
+
+
+@overload(_keep, inline="always")
+def _keep_impl(g, xm, act, j):  # noqa: ANN001, ANN202 - numba typing hook
+    if isinstance(act, types.NoneType):
+        return lambda g, xm, act, j: g
+    z = _zero_of(g)
+
+    def keep(g, xm, act, j):  # noqa: ANN001, ANN202
+        if xm * act[0][j] + act[1][j] <= 0:
+            return z
+        return g
+
+    return keep
+
+
+def _act_at(act: Any, j: Any) -> Any:  # pragma: no cover - replaced by the overload
+    """None, or ``(scale[j], bias[j])`` of ``act`` (a reduction intrinsic's argument)."""
+    raise NotImplementedError
+
+
+@overload(_act_at, inline="always")
+def _act_at_impl(act, j):  # noqa: ANN001, ANN202 - numba typing hook
+    if isinstance(act, types.NoneType):
+        return lambda act, j: None
+    return lambda act, j: (act[0][j], act[1][j])
+
+
+def _act_pair(act: Any, j: Any, j1: Any) -> Any:  # pragma: no cover - overloaded
+    """None, or ``(scale[j], bias[j], scale[j1], bias[j1])`` (a line's two channels)."""
+    raise NotImplementedError
+
+
+@overload(_act_pair, inline="always")
+def _act_pair_impl(act, j, j1):  # noqa: ANN001, ANN202 - numba typing hook
+    if isinstance(act, types.NoneType):
+        return lambda act, j, j1: None
+    return lambda act, j, j1: (act[0][j], act[1][j], act[0][j1], act[1][j1])
+
+
+def _act_flag(act: Any) -> Any:  # pragma: no cover - replaced by the overload
+    """None, or True: the forward writers' ``relu``."""
+    raise NotImplementedError
+
+
+@overload(_act_flag, inline="always")
+def _act_flag_impl(act):  # noqa: ANN001, ANN202 - numba typing hook
+    if isinstance(act, types.NoneType):
+        return lambda act: None
+    return lambda act: True
+
+
 # ----------------------------------------------------------------- reductions
 @njit(inline="always", **_JIT)
 def _chan(cnt, mean, m2, c, k, cp, sd, q):  # noqa: ANN001, ANN202
@@ -461,29 +547,31 @@ def _moments_cl(x, tab, mean, m2):  # noqa: ANN001, ANN202
 
 
 @njit(**_JIT)
-def _normalize_cf(x, tab, mean, scale, bias, y):  # noqa: ANN001, ANN202
+def _normalize_cf(x, tab, mean, scale, bias, y, act):  # noqa: ANN001, ANN202
     n, c, s = x.shape
     for i in range(n):
         for j in range(c):
             m, sc, b = mean[j], scale[j], bias[j]
             xr, yr = x[i, j], y[i, j]
             for t in range(s):
-                _st(yr, t, (_ld(xr, t, tab) - m) * sc + b)
+                _st(yr, t, _relu_out((_ld(xr, t, tab) - m) * sc + b, act))
 
 
 @njit(inline="always", **_JIT)
-def _elemt_value(bwd, dr, xr, t, tab, j, mean, a, mean_dy, b):  # noqa: ANN001, ANN202
+def _elemt_value(bwd, dr, xr, t, tab, j, mean, a, mean_dy, b, act):  # noqa: ANN001, ANN202
     """``dx`` (``bwd``) or ``y`` (``a`` = scale, ``b`` = bias) at ``t``, channel ``j``."""
     if bwd:
-        return (_ld(dr, t, tab) - mean_dy[j]) * a[j] - (_ld(xr, t, tab) - mean[j]) * b[j]
-    return (_ld(xr, t, tab) - mean[j]) * a[j] + b[j]
+        xm = _ld(xr, t, tab) - mean[j]
+        return (_keep(_ld(dr, t, tab), xm, act, j) - mean_dy[j]) * a[j] - xm * b[j]
+    return _relu_out((_ld(xr, t, tab) - mean[j]) * a[j] + b[j], act)
 
 
 @njit(**_JIT)
-def _elemt_cf_stream(dy, x, tab, mean, a, mean_dy, b, out, bwd):  # noqa: ANN001, ANN202
+def _elemt_cf_stream(dy, x, tab, mean, a, mean_dy, b, out, bwd, act):  # noqa: ANN001, ANN202
     """``dx`` (``bwd``) or ``y`` with streamed whole-line stores (STREAM_MIN_BYTES).
 
     For ``y``: ``a``, ``b`` are scale and bias (``dy``, ``mean_dy`` unused).
+    ``act``: None or the fused ReLU's ``(scale, bias)`` (see :func:`_keep`).
     Each sample's ``C*S`` values are one run: plain stores up to a line
     boundary, then one streamed line at a time (a line may end one channel's
     row and start the next: rows of at least a line), plain stores after.
@@ -496,7 +584,7 @@ def _elemt_cf_stream(dy, x, tab, mean, a, mean_dy, b, out, bwd):  # noqa: ANN001
         dr, xr, orow = d2[i], x2[i], o2[i]
         head = min(size, (-orow.ctypes.data) % LINE // out.itemsize)
         for t in range(head):
-            _st(orow, t, _elemt_value(bwd, dr, xr, t, tab, t // s, mean, a, mean_dy, b))
+            _st(orow, t, _elemt_value(bwd, dr, xr, t, tab, t // s, mean, a, mean_dy, b, act))
         t = head
         j = t // s
         end = (j + 1) * s
@@ -505,20 +593,21 @@ def _elemt_cf_stream(dy, x, tab, mean, a, mean_dy, b, out, bwd):  # noqa: ANN001
             j1 = j + 1 if k < vw else j
             if bwd:
                 elemt_line_nt(d2, x2, o2, i, t, mean[j], a[j], mean_dy[j], b[j],
-                              mean[j1], a[j1], mean_dy[j1], b[j1], k)
+                              mean[j1], a[j1], mean_dy[j1], b[j1], k, _act_pair(act, j, j1))
             else:
-                norm_line_nt(x2, o2, i, t, mean[j], a[j], b[j], mean[j1], a[j1], b[j1], k)
+                norm_line_nt(x2, o2, i, t, mean[j], a[j], b[j], mean[j1], a[j1], b[j1], k,
+                             _act_flag(act))
             t += vw
             if t >= end:
                 j += 1
                 end += s
         for u in range(t, size):
-            _st(orow, u, _elemt_value(bwd, dr, xr, u, tab, u // s, mean, a, mean_dy, b))
+            _st(orow, u, _elemt_value(bwd, dr, xr, u, tab, u // s, mean, a, mean_dy, b, act))
     store_fence()
 
 
 @njit(**_JIT)
-def _elemt_cl_stream(dy, x, tab, mean, a, mean_dy, b, out, bwd, tiled):  # noqa: ANN001, ANN202
+def _elemt_cl_stream(dy, x, tab, mean, a, mean_dy, b, out, bwd, tiled, act):  # noqa: ANN001, ANN202
     """Channel-last ``dx`` (``bwd``) or ``y`` with streamed whole-line stores.
 
     The ``(M, C)`` arrays as one run of values: plain stores up to a line
@@ -536,7 +625,7 @@ def _elemt_cl_stream(dy, x, tab, mean, a, mean_dy, b, out, bwd, tiled):  # noqa:
     vw = LINE // out.itemsize
     head = min(size, (-o1.ctypes.data) % LINE // out.itemsize)
     for t in range(head):
-        _st(o1, t, _elemt_value(bwd, d1, x1, t, tab, t % c, mean, a, mean_dy, b))
+        _st(o1, t, _elemt_value(bwd, d1, x1, t, tab, t % c, mean, a, mean_dy, b, act))
     t = head
     j = t % c
     if tiled:
@@ -548,90 +637,93 @@ def _elemt_cl_stream(dy, x, tab, mean, a, mean_dy, b, out, bwd, tiled):  # noqa:
             for k in range(head, c + head, vw):
                 for r in range(r0, r1):
                     if bwd:
-                        elemt_vline_nt(d1, x1, o1, mean, a, mean_dy, b, r * c + k, k)
+                        elemt_vline_nt(d1, x1, o1, mean, a, mean_dy, b, r * c + k, k, act)
                     else:
-                        norm_vline_nt(x1, o1, mean, a, b, r * c + k, k)
+                        norm_vline_nt(x1, o1, mean, a, b, r * c + k, k, _act_flag(act))
         t = full * c + head
     while t + vw <= size:
         if bwd:
-            elemt_vline_nt(d1, x1, o1, mean, a, mean_dy, b, t, j)
+            elemt_vline_nt(d1, x1, o1, mean, a, mean_dy, b, t, j, act)
         else:
-            norm_vline_nt(x1, o1, mean, a, b, t, j)
+            norm_vline_nt(x1, o1, mean, a, b, t, j, _act_flag(act))
         t += vw
         j += vw
         while j >= c:
             j -= c
     for u in range(t, size):
-        _st(o1, u, _elemt_value(bwd, d1, x1, u, tab, u % c, mean, a, mean_dy, b))
+        _st(o1, u, _elemt_value(bwd, d1, x1, u, tab, u % c, mean, a, mean_dy, b, act))
     store_fence()
 
 
 @njit(**_JIT)
-def _normalize_cl(x, tab, mean, scale, bias, y):  # noqa: ANN001, ANN202
+def _normalize_cl(x, tab, mean, scale, bias, y, act):  # noqa: ANN001, ANN202
     rows, c = x.shape
     for r in range(rows):
         xr, yr = x[r], y[r]
         for j in range(c):
-            _st(yr, j, (_ld(xr, j, tab) - mean[j]) * scale[j] + bias[j])
+            _st(yr, j, _relu_out((_ld(xr, j, tab) - mean[j]) * scale[j] + bias[j], act))
 
 
 @njit(**_JIT)
-def _bwd_reduce_cf(dy, x, tab, mean, sum_dy, sum_dxm):  # noqa: ANN001, ANN202
+def _bwd_reduce_cf(dy, x, tab, mean, sum_dy, sum_dxm, act):  # noqa: ANN001, ANN202
     """One vector loop per row (GROUP rows for short rows) of a channel."""
     n, c, s = x.shape
     g = GROUP if s < SHORT else 1
     for i0 in range(0, n, g):
         i1 = min(n, i0 + g)
         for j in range(c):
-            a, b = dot_sums(x, dy, i0, i1, j, 0, s, mean[j])
+            a, b = dot_sums(x, dy, i0, i1, j, 0, s, mean[j], _act_at(act, j))
             sum_dy[j] += a
             sum_dxm[j] += b
 
 
 @njit(inline="always", **_JIT)
-def _dot_cols(dy, x, tab, mean, sum_dy, sum_dxm, j0):  # noqa: ANN001, ANN202
+def _dot_cols(dy, x, tab, mean, sum_dy, sum_dxm, j0, act):  # noqa: ANN001, ANN202
     """Add ``sum(dy)``, ``sum(dy * (x - mean))`` of columns ``j0:`` (one by one)."""
     rows, c = x.shape
     for r in range(rows):
         xr, dr = x[r], dy[r]
         for j in range(j0, c):
-            g = np.float64(_ld(dr, j, tab))
+            xm = _ld(xr, j, tab) - mean[j]
+            g = np.float64(_keep(_ld(dr, j, tab), xm, act, j))
             sum_dy[j] += g
-            sum_dxm[j] += g * np.float64(_ld(xr, j, tab) - mean[j])
+            sum_dxm[j] += g * np.float64(xm)
 
 
 @njit(**_JIT)
-def _bwd_reduce_cl(dy, x, tab, mean, sum_dy, sum_dxm):  # noqa: ANN001, ANN202
+def _bwd_reduce_cl(dy, x, tab, mean, sum_dy, sum_dxm, act):  # noqa: ANN001, ANN202
     rows, c = x.shape
     if c < LONG_COLS:
-        _dot_cols(dy, x, tab, mean, sum_dy, sum_dxm, 0)
+        _dot_cols(dy, x, tab, mean, sum_dy, sum_dxm, 0, act)
         return
     cv = c - c % COLS  # long rows: register blocks, then the last columns
     for t0 in range(0, rows, TILE_ROWS):
         t1 = min(rows, t0 + TILE_ROWS)
         for j in range(0, cv, COLS):
-            col_dot_sums(x, dy, t0, t1, j, mean, sum_dy, sum_dxm)
-    _dot_cols(dy, x, tab, mean, sum_dy, sum_dxm, cv)
+            col_dot_sums(x, dy, t0, t1, j, mean, sum_dy, sum_dxm, act)
+    _dot_cols(dy, x, tab, mean, sum_dy, sum_dxm, cv, act)
 
 
 @njit(**_JIT)
-def _bwd_elemt_cf(dy, x, tab, mean, a, mean_dy, b, dx):  # noqa: ANN001, ANN202
+def _bwd_elemt_cf(dy, x, tab, mean, a, mean_dy, b, dx, act):  # noqa: ANN001, ANN202
     n, c, s = x.shape
     for i in range(n):
         for j in range(c):
             m, av, md, bv = mean[j], a[j], mean_dy[j], b[j]
             xr, dr, orow = x[i, j], dy[i, j], dx[i, j]
             for t in range(s):
-                _st(orow, t, (_ld(dr, t, tab) - md) * av - (_ld(xr, t, tab) - m) * bv)
+                xm = _ld(xr, t, tab) - m
+                _st(orow, t, (_keep(_ld(dr, t, tab), xm, act, j) - md) * av - xm * bv)
 
 
 @njit(**_JIT)
-def _bwd_elemt_cl(dy, x, tab, mean, a, mean_dy, b, dx):  # noqa: ANN001, ANN202
+def _bwd_elemt_cl(dy, x, tab, mean, a, mean_dy, b, dx, act):  # noqa: ANN001, ANN202
     rows, c = x.shape
     for r in range(rows):
         xr, dr, orow = x[r], dy[r], dx[r]
         for j in range(c):
-            _st(orow, j, (_ld(dr, j, tab) - mean_dy[j]) * a[j] - (_ld(xr, j, tab) - mean[j]) * b[j])
+            xm = _ld(xr, j, tab) - mean[j]
+            _st(orow, j, (_keep(_ld(dr, j, tab), xm, act, j) - mean_dy[j]) * a[j] - xm * b[j])
 
 
 # ---------------------------------------------------------------- output pool
@@ -808,34 +900,37 @@ class NumbaBackend(NumbaChannelMath, NumpyBackend):
         scale: np.ndarray,
         bias: np.ndarray,
         out_dtype: Any,
+        relu: bool = False,
     ) -> np.ndarray:
-        """``(x - mean) * scale + bias`` in the compute dtype, one pass."""
+        """``(x - mean) * scale + bias`` in the compute dtype, one pass (``relu``: max with 0)."""
         out_dtype = np.dtype(out_dtype)
         cdt = mean.dtype
         if not _native(x) or out_dtype != x.dtype or cdt not in _NATIVE[1:]:
-            return super().normalize(x, channel_last, mean, scale, bias, out_dtype)
+            return super().normalize(x, channel_last, mean, scale, bias, out_dtype, relu)
         y = POOL.empty(x.shape, out_dtype)
         vecs = (mean, scale.astype(cdt, copy=False), bias.astype(cdt, copy=False))
+        act = vecs[1:] if relu else None
         tab = _table(x)
         if not channel_last:
             if _stream(x, y):
                 m, sc, b = vecs
-                _elemt_cf_stream(_bits(x), _bits(x), tab, m, sc, m, b, _bits(y), False)
+                _elemt_cf_stream(_bits(x), _bits(x), tab, m, sc, m, b, _bits(y), False, act)
             else:
-                _normalize_cf(_bits(x), tab, *vecs, _bits(y))
+                _normalize_cf(_bits(x), tab, *vecs, _bits(y), act)
             return y
         if _stream_cl(x, y):
             m, sc, b = (_lines_ext(v, y) for v in vecs)
             _elemt_cl_stream(_bits(x), _bits(x), tab, m, sc, m, b, _bits(y), False,
-                             _tiled(y, cdt))
+                             _tiled(y, cdt), (sc, b) if relu else None)
             return y
         r = _rows_per_wide(x)
         if r == 1:
-            _normalize_cl(_bits(x), tab, *vecs, _bits(y))
+            _normalize_cl(_bits(x), tab, *vecs, _bits(y), act)
             return y
         for xp_, yp, k in zip(_regroup(_bits(x), r), _regroup(_bits(y), r), (r, 1)):
             if xp_.shape[0]:
-                _normalize_cl(xp_, tab, *(np.tile(v, k) for v in vecs), yp)
+                m, sc, b = (np.tile(v, k) for v in vecs)
+                _normalize_cl(xp_, tab, m, sc, b, yp, (sc, b) if relu else None)
         return y
 
     def backward_reduce(
@@ -845,27 +940,29 @@ class NumbaBackend(NumbaChannelMath, NumpyBackend):
         channel_last: bool,
         mean: np.ndarray,
         invstd: np.ndarray,
+        relu: tuple | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Local ``sum(dy)`` and ``sum(dy * (x - mean)) * invstd`` (float64), one pass."""
         if (not _native(dy, x) or mean.dtype not in _NATIVE[1:]
                 or not _vector_rows(x)):
-            return super().backward_reduce(dy, x, channel_last, mean, invstd)
+            return super().backward_reduce(dy, x, channel_last, mean, invstd, relu)
         c = mean.shape[0]
+        act = _act_vectors(relu, mean.dtype)
         sum_dy = np.zeros(c, dtype=_F64)
         sum_dxm = np.zeros(c, dtype=_F64)
         tab = _table(x)
         if not channel_last:
-            _bwd_reduce_cf(_bits(dy), _bits(x), tab, mean, sum_dy, sum_dxm)
+            _bwd_reduce_cf(_bits(dy), _bits(x), tab, mean, sum_dy, sum_dxm, act)
             return sum_dy, sum_dxm * invstd.astype(_F64)
         r = _rows_per_wide(x)
         if r == 1:
-            _bwd_reduce_cl(_bits(dy), _bits(x), tab, mean, sum_dy, sum_dxm)
+            _bwd_reduce_cl(_bits(dy), _bits(x), tab, mean, sum_dy, sum_dxm, act)
             return sum_dy, sum_dxm * invstd.astype(_F64)
         for dp, xp_, k in zip(_regroup(_bits(dy), r), _regroup(_bits(x), r), (r, 1)):
             if xp_.shape[0]:
                 s1 = np.zeros(k * c, dtype=_F64)
                 s2 = np.zeros(k * c, dtype=_F64)
-                _bwd_reduce_cl(dp, xp_, tab, np.tile(mean, k), s1, s2)
+                _bwd_reduce_cl(dp, xp_, tab, np.tile(mean, k), s1, s2, _tiles(act, k))
                 _add_groups(s1, s2, sum_dy, sum_dxm)
         return sum_dy, sum_dxm * invstd.astype(_F64)
 
@@ -879,35 +976,52 @@ class NumbaBackend(NumbaChannelMath, NumpyBackend):
         mean_dy: np.ndarray,
         b: np.ndarray,
         out_dtype: Any,
+        relu: tuple | None = None,
     ) -> np.ndarray:
         """``a * (dy - mean_dy) - b * (x - mean)`` in the compute dtype, one pass."""
         out_dtype = np.dtype(out_dtype)
         cdt = mean.dtype
         if not _native(dy, x) or out_dtype != x.dtype or cdt not in _NATIVE[1:]:
-            return super().backward_elemt(dy, x, channel_last, mean, a, mean_dy, b, out_dtype)
+            return super().backward_elemt(dy, x, channel_last, mean, a, mean_dy, b, out_dtype,
+                                          relu)
         dx = POOL.empty(x.shape, out_dtype)
         vecs = (mean, a.astype(cdt, copy=False), mean_dy.astype(cdt, copy=False),
                 b.astype(cdt, copy=False))
+        act = _act_vectors(relu, cdt)
         tab = _table(x)
         if not channel_last:
             if _stream(x, dx):
-                _elemt_cf_stream(_bits(dy), _bits(x), tab, *vecs, _bits(dx), True)
+                _elemt_cf_stream(_bits(dy), _bits(x), tab, *vecs, _bits(dx), True, act)
             else:
-                _bwd_elemt_cf(_bits(dy), _bits(x), tab, *vecs, _bits(dx))
+                _bwd_elemt_cf(_bits(dy), _bits(x), tab, *vecs, _bits(dx), act)
             return dx
         if _stream_cl(x, dx):
             ext = [_lines_ext(v, dx) for v in vecs]
-            _elemt_cl_stream(_bits(dy), _bits(x), tab, *ext, _bits(dx), True, _tiled(dx, cdt))
+            act_ext = None if act is None else tuple(_lines_ext(v, dx) for v in act)
+            _elemt_cl_stream(_bits(dy), _bits(x), tab, *ext, _bits(dx), True, _tiled(dx, cdt),
+                             act_ext)
             return dx
         r = _rows_per_wide(x)
         if r == 1:
-            _bwd_elemt_cl(_bits(dy), _bits(x), tab, *vecs, _bits(dx))
+            _bwd_elemt_cl(_bits(dy), _bits(x), tab, *vecs, _bits(dx), act)
             return dx
         parts = zip(_regroup(_bits(dy), r), _regroup(_bits(x), r), _regroup(_bits(dx), r), (r, 1))
         for dp, xp_, op, k in parts:
             if xp_.shape[0]:
-                _bwd_elemt_cl(dp, xp_, tab, *(np.tile(v, k) for v in vecs), op)
+                _bwd_elemt_cl(dp, xp_, tab, *(np.tile(v, k) for v in vecs), op, _tiles(act, k))
         return dx
+
+
+def _act_vectors(relu: tuple | None, cdt: np.dtype) -> tuple | None:
+    """The kernels' ``act``: None, or the ReLU's ``(scale, bias)`` in the compute dtype."""
+    if relu is None:
+        return None
+    return (relu[0].astype(cdt, copy=False), relu[1].astype(cdt, copy=False))
+
+
+def _tiles(act: tuple | None, k: int) -> tuple | None:
+    """``act`` for regrouped wide rows (each vector tiled ``k`` times)."""
+    return None if act is None else (np.tile(act[0], k), np.tile(act[1], k))
 
 
 BACKEND = NumbaBackend()
@@ -941,18 +1055,21 @@ def warm_up(dtypes: tuple[str, ...] = ("float16", "float32", "float64")) -> int:
                 c = shape[-1] if cl else shape[1]
                 v = np.ones(c, dtype=cdt)
                 b.moments(x, cl, cdt)
-                b.normalize(x, cl, v, v, v, dt)
-                b.backward_reduce(x, x, cl, v, v)
-                b.backward_elemt(x, x, cl, v, v, v, v, dt)
-                if _vector_rows(x):  # the streamed writers (large outputs)
-                    xb = _bits(x)
+                for relu in (None, (v, v)):  # without and with the fused ReLU
+                    b.normalize(x, cl, v, v, v, dt, relu is not None)
+                    b.backward_reduce(x, x, cl, v, v, relu)
+                    b.backward_elemt(x, x, cl, v, v, v, v, dt, relu)
+                    if not _vector_rows(x):
+                        continue
+                    xb = _bits(x)  # the streamed writers (large outputs)
                     for bwd in (False, True):
                         out = np.empty_like(xb)
                         if cl:
                             p = _lines_ext(v, x)
-                            _elemt_cl_stream(xb, xb, _table(x), p, p, p, p, out, bwd, False)
+                            act = None if relu is None else (p, p)
+                            _elemt_cl_stream(xb, xb, _table(x), p, p, p, p, out, bwd, False, act)
                         else:
-                            _elemt_cf_stream(xb, xb, _table(x), v, v, v, v, out, bwd)
+                            _elemt_cf_stream(xb, xb, _table(x), v, v, v, v, out, bwd, relu)
     for cdt in (np.dtype(np.float32), _F64):  # the per-channel steps (channel)
         v64, vc = np.ones(3), np.ones(3, dtype=cdt)
         b.shifted_sums(2, v64, v64, v64)

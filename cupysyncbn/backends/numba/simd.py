@@ -27,6 +27,13 @@ no read of the line before it is written, no eviction of the inputs;
 of one channel's row and the start of the next (short rows such as 7x7
 maps), so each lane picks its channel's parameters. The fused backend uses
 them for large outputs (``STREAM_MIN_BYTES``).
+
+The fused ReLU (``act="relu"``): the backward intrinsics take an ``act``
+argument, ``None`` (no activation: no code emitted for it) or the forward's
+``(scale, bias)``; they recompute the pre-activation ``(x - m) * scale + bias``
+with the forward's operations and rounding (no fused multiply-add) and count
+``dy`` as 0 where it is ``<= 0``. The forward writers take ``relu`` (None or
+True) and write ``max(y, 0)`` (NaN kept) the same way.
 """
 
 from __future__ import annotations
@@ -105,21 +112,46 @@ def _fma(builder: ir.IRBuilder, a: ir.Value, b: ir.Value, c: ir.Value) -> ir.Val
 
 
 def _terms(builder: ir.IRBuilder, dot: bool, loads: list, c: ir.Value, cty: ir.Type,
-           f: ir.Type) -> tuple:
+           f: ir.Type, act: tuple | None = None) -> tuple:
     """``(a, p, q)`` of one step: ``a`` is summed, and ``p * q``, in float type ``f``.
 
     dev: ``d = f(x) - c``. dot (``loads = [x, dy]``): ``g = f(dy)`` and
     ``x - m`` in ``m``'s (compute) dtype ``cty``, then widened, as the NumPy
-    backend. Scalars or vectors alike.
+    backend; with ``act`` (the ReLU's scale and bias, compute dtype) ``g`` is
+    masked (:func:`_mask_dy`). Scalars or vectors alike.
     """
     if dot:
         x, g = loads
         vec = isinstance(f, ir.VectorType)
         xm = builder.fsub(_convert(builder, x, ir.VectorType(cty, f.count) if vec else cty), c)
-        g = _convert(builder, g, f)
+        g = _convert(builder, _mask_dy(builder, _convert(builder, g, xm.type), xm, act), f)
         return g, g, _convert(builder, xm, f)
     d = builder.fsub(_convert(builder, loads[0], f), c)
     return d, d, d
+
+
+def _is_on(t: types.Type) -> bool:
+    """Whether an ``act``/``relu`` argument type turns the activation on (None: off)."""
+    return not isinstance(t, (types.NoneType, types.Omitted))
+
+
+def _cut(builder: ir.IRBuilder, pre: ir.Value) -> ir.Value:
+    """``pre <= 0`` (False for NaN: the ReLU keeps NaN), scalar or per lane."""
+    return builder.fcmp_ordered("<=", pre, ir.Constant(pre.type, None))
+
+
+def _relu(builder: ir.IRBuilder, v: ir.Value) -> ir.Value:
+    """``0 if v <= 0 else v``, scalar or per lane."""
+    return builder.select(_cut(builder, v), ir.Constant(v.type, None), v)
+
+
+def _mask_dy(builder: ir.IRBuilder, g: ir.Value, xm: ir.Value, act: tuple | None) -> ir.Value:
+    """``g`` zeroed where the forward's ``xm * scale + bias <= 0`` (``act``: their values)."""
+    if act is None:
+        return g
+    sc, b = act
+    pre = builder.fadd(builder.fmul(xm, sc), b)
+    return builder.select(_cut(builder, pre), ir.Constant(g.type, None), g)
 
 
 def _accumulate(builder: ir.IRBuilder, acc_a: ir.Value, acc_pq: ir.Value, terms: tuple) -> None:
@@ -155,8 +187,14 @@ def _codegen(dot: bool):
                              for v, t in zip(args[nargs:nargs + 5], sig.args[nargs:nargs + 5]))
         ety = context.get_data_type(aty.dtype)
         # dev: d = f64(x) - c.  dot: x - m in m's (compute) dtype, as the NumPy backend.
-        cty = context.get_data_type(sig.args[-1]) if dot else _F64
-        cval = args[-1] if dot else context.cast(builder, args[-1], sig.args[-1], types.float64)
+        last = nargs + 5  # the shift c (dev) or the mean m (dot)
+        cty = context.get_data_type(sig.args[last]) if dot else _F64
+        cval = args[last] if dot else context.cast(builder, args[last], sig.args[last],
+                                                   types.float64)
+        act = None  # dot: the ReLU's (scale, bias), as scalars and as vectors
+        if dot and _is_on(sig.args[last + 1]):
+            act = [builder.extract_value(args[last + 1], k) for k in (0, 1)]
+        vact = None if act is None else [_splat(builder, v) for v in act]
         v64 = ir.VectorType(_F64, WIDTH)
         zero = ir.Constant(v64, [0.0] * WIDTH)
         acc = [cgutils.alloca_once_value(builder, zero) for _ in range(4)]
@@ -169,7 +207,7 @@ def _codegen(dot: bool):
             loads = [builder.load(builder.bitcast(builder.gep(r, [t]), vt), align=align)
                      for r in rows]
             _accumulate(builder, acc[2 * k], acc[2 * k + 1],
-                        _terms(builder, dot, loads, cvec, cty, v64))
+                        _terms(builder, dot, loads, cvec, cty, v64, vact))
 
         width = t1.type(WIDTH)
         n = builder.sub(t1, t0)
@@ -190,7 +228,7 @@ def _codegen(dot: bool):
             with cgutils.for_range_slice(builder, rest, n, _I64(1), inc=True) as (t, _):
                 loads = [builder.load(builder.gep(r, [t])) for r in rows]
                 _accumulate(builder, tail[0], tail[1],
-                            _terms(builder, dot, loads, cval, cty, _F64))
+                            _terms(builder, dot, loads, cval, cty, _F64, act))
         out = [builder.fadd(_hsum(builder, builder.fadd(builder.load(acc[k]),
                                                         builder.load(acc[k + 2]))),
                             builder.load(tail[k])) for k in (0, 1)]
@@ -211,14 +249,17 @@ def dev_sums(typingctx, x, i0, i1, j, t0, t1, c):  # noqa: ANN001, ANN202 - numb
 
 
 @intrinsic
-def dot_sums(typingctx, x, dy, i0, i1, j, t0, t1, m):  # noqa: ANN001, ANN202 - numba typing hook
+def dot_sums(typingctx, x, dy, i0, i1, j, t0, t1, m, act):  # noqa: ANN001, ANN202
     """``(sum(g), sum(g * (x - m)))`` in float64, ``g = dy[i0:i1, j, t0:t1]``.
 
     ``x - m`` is computed in ``m``'s dtype (the compute dtype) and then
     widened, as the NumPy backend does; ``x`` and ``dy`` share their dtype.
+    ``act``: None, or the fused ReLU's ``(scale, bias)`` of channel ``j`` in
+    ``m``'s dtype: ``g`` is 0 where ``(x - m) * scale + bias <= 0``.
     """
     _require_c((x, dy), 3)
-    return types.UniTuple(types.float64, 2)(x, dy, i0, i1, j, t0, t1, m), _codegen(True)
+    return (types.UniTuple(types.float64, 2)(x, dy, i0, i1, j, t0, t1, m, act),
+            _codegen(True))
 
 
 # ------------------------------------------------------------ channel-last blocks
@@ -237,7 +278,7 @@ def _col_codegen(dot: bool):
         r0, r1, j = (context.cast(builder, v, t, types.intp)
                      for v, t in zip(vals[nargs:nargs + 3], tys[nargs:nargs + 3]))
         vecs = [context.make_array(t)(context, builder, a)
-                for t, a in zip(tys[nargs + 3:], vals[nargs + 3:])]  # c, out_a, out_b
+                for t, a in zip(tys[nargs + 3:nargs + 6], vals[nargs + 3:nargs + 6])]  # c, s1, s2
         ety = context.get_data_type(tys[0].dtype)
         cty = context.get_data_type(tys[nargs + 3].dtype)  # f64 shift, or the compute dtype
         v64 = ir.VectorType(_F64, WIDTH)
@@ -250,6 +291,15 @@ def _col_codegen(dot: bool):
         halves = [builder.add(j, j.type(h * WIDTH)) for h in range(2)]
         cvec = [builder.load(vptr(cty_, vecs[0], [jh], cty), align=context.get_abi_sizeof(cty))
                 for jh in halves]
+        acts = [None, None]  # dot: the ReLU's (scale, bias) vectors of each half
+        if dot and _is_on(tys[nargs + 6]):
+            aty = tys[nargs + 6]
+            pair = [context.make_array(aty[k])(context, builder,
+                                               builder.extract_value(vals[nargs + 6], k))
+                    for k in (0, 1)]
+            acts = [[builder.load(vptr(aty[k], pair[k], [jh], cty),
+                                  align=context.get_abi_sizeof(cty)) for k in (0, 1)]
+                    for jh in halves]
         acc = [cgutils.alloca_once_value(builder, ir.Constant(v64, [0.0] * WIDTH))
                for _ in range(4)]
         with cgutils.for_range_slice(builder, r0, r1, _I64(1), inc=True) as (r, _):
@@ -257,7 +307,7 @@ def _col_codegen(dot: bool):
                 loads = [builder.load(vptr(t, a, [r, jh], ety), align=align)
                          for t, a in zip(tys[:nargs], arrays)]
                 _accumulate(builder, acc[2 * h], acc[2 * h + 1],
-                            _terms(builder, dot, loads, cvec[h], cty, v64))
+                            _terms(builder, dot, loads, cvec[h], cty, v64, acts[h]))
         for h, jh in enumerate(halves):  # out[j:j+16] += block sums
             for k, out in ((0, 1), (1, 2)):
                 ptr = vptr(tys[nargs + 3 + out], vecs[out], [jh], _F64)
@@ -283,15 +333,18 @@ def col_dev_sums(typingctx, x, r0, r1, j, c, sd, q):  # noqa: ANN001, ANN202 - n
 
 
 @intrinsic
-def col_dot_sums(typingctx, x, dy, r0, r1, j, m, s1, s2):  # noqa: ANN001, ANN202
+def col_dot_sums(typingctx, x, dy, r0, r1, j, m, s1, s2, act):  # noqa: ANN001, ANN202
     """Add ``sum(g)`` to ``s1[j:j+16]`` and ``sum(g * (x - m))`` to ``s2[j:j+16]``.
 
     ``g = dy[r0:r1, j:j+16]``; ``x - m`` in ``m``'s dtype (the compute dtype),
-    then widened, as :func:`dot_sums`.
+    then widened, as :func:`dot_sums`. ``act``: None or a pair of vectors
+    ``(scale, bias)`` like ``m`` (the fused ReLU's mask, as :func:`dot_sums`).
     """
     _require_c((x, dy), 2)
     _require_c((m, s1, s2), 1)
-    return types.void(x, dy, r0, r1, j, m, s1, s2), _col_codegen(True)
+    if _is_on(act):
+        _require_c(tuple(act), 1)
+    return types.void(x, dy, r0, r1, j, m, s1, s2, act), _col_codegen(True)
 
 
 # ------------------------------------------------------------- streamed writes
@@ -307,22 +360,26 @@ def _to_out(builder: ir.IRBuilder, v: ir.Value, ety: ir.Type) -> ir.Value:
     return builder.bitcast(h, ir.VectorType(ety, v.type.count) if vec else ety)
 
 
-def _emit_line(context, builder, bwd, ptrs, params, ety, cty, vw):  # noqa: ANN001, ANN202
+def _emit_line(context, builder, bwd, ptrs, params, ety, cty, vw, act):  # noqa: ANN001, ANN202
     """One line: load the inputs, apply the formula, stream the result.
 
     Inputs at ``ptrs[:-1]``, per-lane ``params`` in the compute dtype, the
-    output line at ``ptrs[-1]``.
+    output line at ``ptrs[-1]``. ``act``: forward, whether to apply the
+    ReLU; backward, None or the per-lane ReLU ``(scale, bias)`` (the mask).
     """
     ct = ir.VectorType(cty, vw)
     ld = [_convert(builder, builder.load(p, align=context.get_abi_sizeof(ety)), ct)
           for p in ptrs[:-1]]
     if bwd:  # (dy - mean_dy) * a - (x - mean) * b
         m, a, md, b = params
-        r = builder.fsub(builder.fmul(builder.fsub(ld[0], md), a),
-                         builder.fmul(builder.fsub(ld[1], m), b))
+        xm = builder.fsub(ld[1], m)
+        g = _mask_dy(builder, ld[0], xm, act)
+        r = builder.fsub(builder.fmul(builder.fsub(g, md), a), builder.fmul(xm, b))
     else:  # (x - mean) * scale + bias
         m, sc, b = params
         r = builder.fadd(builder.fmul(builder.fsub(ld[0], m), sc), b)
+        if act:
+            r = _relu(builder, r)
     st = builder.store(_to_out(builder, r, ety), ptrs[-1], align=LINE)
     st.set_metadata("nontemporal", builder.module.add_metadata([_I32(1)]))
 
@@ -336,7 +393,8 @@ def _line_codegen(bwd: bool):
         arrays = [context.make_array(t)(context, builder, a)
                   for t, a in zip(sig.args[:na], args[:na])]
         i, t, k = (context.cast(builder, args[q], sig.args[q], types.intp)
-                   for q in (na, na + 1, len(args) - 1))
+                   for q in (na, na + 1, len(args) - 2))
+        on = _is_on(sig.args[-1])
         ety = context.get_data_type(sig.args[0].dtype)
         cty = context.get_data_type(sig.args[na + 2])
         vw = LINE // context.get_abi_sizeof(ety)
@@ -345,9 +403,18 @@ def _line_codegen(bwd: bool):
         # lanes below k take the first channel's parameters, the rest the next's
         lanes = ir.Constant(ir.VectorType(k.type, vw), list(range(vw)))
         first = builder.icmp_signed("<", lanes, _splat(builder, k, vw))
-        params = [builder.select(first, _splat(builder, p0, vw), _splat(builder, p1, vw))
+        def per_lane(p0, p1):
+            return builder.select(first, _splat(builder, p0, vw), _splat(builder, p1, vw))
+
+        params = [per_lane(p0, p1)
                   for p0, p1 in zip(args[na + 2:na + 2 + np_], args[na + 2 + np_:na + 2 + 2 * np_])]
-        _emit_line(context, builder, bwd, ptrs, params, ety, cty, vw)
+        act = on
+        if bwd and on:  # (scale0, bias0, scale1, bias1)
+            sb = [builder.extract_value(args[-1], q) for q in range(4)]
+            act = [per_lane(sb[0], sb[2]), per_lane(sb[1], sb[3])]
+        elif bwd:
+            act = None
+        _emit_line(context, builder, bwd, ptrs, params, ety, cty, vw, act)
         return context.get_dummy_value()
 
     return codegen
@@ -362,7 +429,7 @@ def _check_line(arrays: tuple, params: tuple) -> None:
 
 
 @intrinsic
-def norm_line_nt(typingctx, x, y, i, t, m0, sc0, b0, m1, sc1, b1, k):  # noqa: ANN001, ANN202
+def norm_line_nt(typingctx, x, y, i, t, m0, sc0, b0, m1, sc1, b1, k, relu):  # noqa: ANN001, ANN202
     """One cache line of ``y[i, t:]``: ``(x - m) * sc + b``, a streamed store.
 
     ``x``, ``y``: 2-D ``(N, C*S)`` views of channel-first arrays; ``y[i, t]``
@@ -372,20 +439,23 @@ def norm_line_nt(typingctx, x, y, i, t, m0, sc0, b0, m1, sc1, b1, k):  # noqa: A
     most one channel boundary per line). The same operations in the same
     order as the plain loop (no fused multiply-add), in the parameters'
     dtype: bitwise the same values. Call :func:`store_fence` when done.
+    ``relu`` (None or True): ``max(y, 0)``, NaN kept.
     """
     _check_line((x, y), (m0, sc0, b0, m1, sc1, b1))
-    return types.void(x, y, i, t, m0, sc0, b0, m1, sc1, b1, k), _line_codegen(False)
+    return types.void(x, y, i, t, m0, sc0, b0, m1, sc1, b1, k, relu), _line_codegen(False)
 
 
 @intrinsic
 def elemt_line_nt(typingctx, dy, x, dx, i, t, m0, a0, md0, b0,  # noqa: ANN001, ANN202
-                  m1, a1, md1, b1, k):
+                  m1, a1, md1, b1, k, act):
     """One line of ``dx[i, t:]``: ``(dy - md) * a - (x - m) * b``, a streamed store.
 
-    Parameters per channel as in :func:`norm_line_nt`.
+    Parameters per channel as in :func:`norm_line_nt`. ``act``: None, or the
+    fused ReLU's ``(scale0, bias0, scale1, bias1)``: ``dy`` is 0 where
+    ``(x - m) * scale + bias <= 0``.
     """
     _check_line((dy, x, dx), (m0, a0, md0, b0, m1, a1, md1, b1))
-    return (types.void(dy, x, dx, i, t, m0, a0, md0, b0, m1, a1, md1, b1, k),
+    return (types.void(dy, x, dx, i, t, m0, a0, md0, b0, m1, a1, md1, b1, k, act),
             _line_codegen(True))
 
 
@@ -401,15 +471,25 @@ def _vline_codegen(bwd: bool):
                 for t, a in zip(tys[na:na + np_], args[na:na + np_])]
         t, j = (context.cast(builder, args[q], tys[q], types.intp)
                 for q in (na + np_, na + np_ + 1))
+        on = _is_on(tys[-1])
         ety = context.get_data_type(tys[0].dtype)
         cty = context.get_data_type(tys[na].dtype)
         vw = LINE // context.get_abi_sizeof(ety)
         ptrs = [_vec_ptr(context, builder, ty, a, [t], ety, vw)
                 for ty, a in zip(tys[:na], arrays)]
-        params = [builder.load(_vec_ptr(context, builder, ty, a, [j], cty, vw),
-                               align=context.get_abi_sizeof(cty))
-                  for ty, a in zip(tys[na:na + np_], pars)]
-        _emit_line(context, builder, bwd, ptrs, params, ety, cty, vw)
+        def line_of(ty, a):
+            return builder.load(_vec_ptr(context, builder, ty, a, [j], cty, vw),
+                                align=context.get_abi_sizeof(cty))
+
+        params = [line_of(ty, a) for ty, a in zip(tys[na:na + np_], pars)]
+        act = on
+        if bwd and on:  # the ReLU's (scale, bias) vectors, laid out as the parameters
+            aty = tys[-1]
+            act = [line_of(aty[q], context.make_array(aty[q])(
+                context, builder, builder.extract_value(args[-1], q))) for q in (0, 1)]
+        elif bwd:
+            act = None
+        _emit_line(context, builder, bwd, ptrs, params, ety, cty, vw, act)
         return context.get_dummy_value()
 
     return codegen
@@ -423,7 +503,7 @@ def _check_vline(arrays: tuple, params: tuple) -> None:
 
 
 @intrinsic
-def norm_vline_nt(typingctx, x, y, m, sc, b, t, j):  # noqa: ANN001, ANN202
+def norm_vline_nt(typingctx, x, y, m, sc, b, t, j, relu):  # noqa: ANN001, ANN202
     """One cache line of a flat channel-last ``y[t:]``: ``(x - m) * sc + b``, streamed.
 
     ``y[t]`` starts a 64-byte line; lane ``l`` takes the parameters at
@@ -431,19 +511,21 @@ def norm_vline_nt(typingctx, x, y, m, sc, b, t, j):  # noqa: ANN001, ANN202
     by the caller: per-channel vectors repeated so that a line that crosses a
     row boundary reads on into the next row's first channels). The same
     operations as the plain loop; call :func:`store_fence` when done.
+    ``relu`` (None or True): ``max(y, 0)``, NaN kept.
     """
     _check_vline((x, y), (m, sc, b))
-    return types.void(x, y, m, sc, b, t, j), _vline_codegen(False)
+    return types.void(x, y, m, sc, b, t, j, relu), _vline_codegen(False)
 
 
 @intrinsic
-def elemt_vline_nt(typingctx, dy, x, dx, m, a, md, b, t, j):  # noqa: ANN001, ANN202
+def elemt_vline_nt(typingctx, dy, x, dx, m, a, md, b, t, j, act):  # noqa: ANN001, ANN202
     """One line of a flat channel-last ``dx[t:]``: ``(dy - md) * a - (x - m) * b``, streamed.
 
-    Parameters laid out as in :func:`norm_vline_nt`.
+    Parameters laid out as in :func:`norm_vline_nt`; ``act``: None, or the
+    fused ReLU's ``(scale, bias)`` vectors laid out the same way (the mask).
     """
-    _check_vline((dy, x, dx), (m, a, md, b))
-    return types.void(dy, x, dx, m, a, md, b, t, j), _vline_codegen(True)
+    _check_vline((dy, x, dx), (m, a, md, b) + (tuple(act) if _is_on(act) else ()))
+    return types.void(dy, x, dx, m, a, md, b, t, j, act), _vline_codegen(True)
 
 
 @intrinsic
