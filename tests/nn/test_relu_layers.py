@@ -78,3 +78,16 @@ def test_convert_sync_batchnorm_keeps_act():
 def test_bad_act_is_refused_at_construction(cls, act):
     with pytest.raises(ValueError, match=r"act must be None or 'relu'"):
         cls(3, act=act)
+
+
+def test_relu_with_reproducible_is_refused_by_the_layer_and_the_functional_api(monkeypatch):
+    with pytest.raises(ValueError, match="act='relu' cannot be combined with reproducible"):
+        sbn.SyncBatchNorm(3, act="relu", reproducible=True)
+    monkeypatch.setenv("CUPYSYNCBN_REPRODUCIBLE", "1")  # the default turned on
+    with pytest.raises(ValueError, match="act='relu' cannot be combined with reproducible"):
+        sbn.BatchNorm2D(3, act="relu")
+    monkeypatch.delenv("CUPYSYNCBN_REPRODUCIBLE")
+    x = np.ones((2, 3, 2, 2), "float32")
+    with pytest.raises(ValueError, match="act='relu' cannot be combined with reproducible"):
+        sbn.functional.batch_norm_forward(x, None, None, None, None, training=True,
+                                          act="relu", reproducible=True)
