@@ -357,6 +357,13 @@ def oracle():
     comm = sbn.init("mpi")
     ck = Checks(world)
     ck.true("oracle: the communicator synchronizes (one rank: forced)", comm.synchronizes)
+    # the CPU backend asked for (CUPYSYNCBN_CPU_BACKEND) is the one that runs
+    from cupysyncbn.backends import cpu_backend
+    from cupysyncbn.runtime import env
+
+    asked = env.text(env.CPU_BACKEND_ENV, "auto").lower()
+    ck.true(f"oracle: the CPU backend is {cpu_backend().name} (asked: {asked})",
+            asked in ("auto", cpu_backend().name))
     rng = np.random.default_rng(100)  # same stream on every rank: same global batch
     for fmt in SHAPES:
         _oracle_case(ck, world, comm, rng, fmt, np.float32, np.float32)
