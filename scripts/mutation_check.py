@@ -78,6 +78,12 @@ MUTATIONS = (
         ("tests/nn/test_checkpoint.py",),
     ),
     Mutation(
+        "fsync_dir_removed", "checkpoint: the folder is not fsync-ed after the rename",
+        "cupysyncbn/checkpoint.py",
+        "    _fsync_dir(folder)\n", "",
+        ("tests/nn/test_checkpoint.py",),
+    ),
+    Mutation(
         "numpy_merge_broken",
         "NumPy backend only: the cross-rank merge drops the shift correction of the variance",
         "cupysyncbn/backends/channel_math.py",
@@ -109,6 +115,13 @@ MUTATIONS = (
         "cupysyncbn/interop/torch.py",
         "return _CupyStream(cupy, t.device.index, stream.cuda_stream)",
         "return _CupyStream(cupy, t.device.index, 0)",
+        ("tests/comm/test_stream_order.py",),
+    ),
+    Mutation(
+        "torch_comm_stream_ignored",
+        "comm/torch.py: CuPy buffers all-reduced on PyTorch's default stream, not CuPy's",
+        "cupysyncbn/comm/torch.py",
+        "torch.cuda.default_stream(dev) if ptr == 0", "torch.cuda.default_stream(dev) if True",
         ("tests/comm/test_stream_order.py",),
     ),
     Mutation(

@@ -7,8 +7,9 @@ a device buffer only for a CUDA-aware MPI and only with no stream work
 pending. These tests fail for the bugs a GPU run would show only by chance:
 the host-staged MPI result never copied back to the device, no stream
 synchronization before a CUDA-aware MPI call, NCCL on the null stream
-instead of the current one, and PyTorch's current stream (and caching
-allocator) ignored by the PyTorch adapter.
+instead of the current one, PyTorch's current stream (and caching
+allocator) ignored by the PyTorch adapter, and ``comm/torch.py`` putting a
+CuPy buffer's all-reduce on PyTorch's default stream instead of CuPy's.
 """
 
 import types
@@ -184,3 +185,92 @@ def test_torch_adapter_cpu_tensor_leaves_cupy_alone(torch_cuda):
     with _on_torch_stream(torch.zeros(2)):
         assert cupy.cuda.get_current_stream().ptr == 0
     assert not now["allocs"]
+
+
+# -- comm/torch.py: CuPy buffers over torch.distributed ---------------------------
+
+class _TorchStream:
+    def __init__(self, ptr, device=None):
+        self.cuda_stream = ptr
+
+
+class _DlpackTensor:
+    """``torch.from_dlpack`` of a stand-in CuPy array: shares its memory."""
+
+    def __init__(self, buf, now):
+        self.buf, self.now = buf, now
+
+    def cpu(self):
+        import torch
+
+        # a device->host copy: waits for the stream it is issued on
+        self.now["calls"].append(("d2h", self.now["stream"].cuda_stream))
+        return torch.from_numpy(self.buf.a.copy())
+
+    def copy_(self, src):
+        self.now["calls"].append(("h2d", self.now["stream"].cuda_stream))
+        self.buf.a[...] = src.numpy()
+        return self
+
+
+@pytest.fixture
+def torch_comm(monkeypatch, cupy_standin):
+    """A ``TorchCommunicator`` of 2 ranks holding the same values, torch.cuda faked."""
+    import contextlib
+
+    import torch
+
+    from cupysyncbn.comm.torch import TorchCommunicator
+
+    cupy, st = cupy_standin
+    now = {"stream": _TorchStream(0), "calls": []}
+
+    @contextlib.contextmanager
+    def stream(s):
+        old, now["stream"] = now["stream"], s
+        try:
+            yield
+        finally:
+            now["stream"] = old
+
+    monkeypatch.setattr(torch.cuda, "default_stream", lambda dev=None: _TorchStream(0))
+    monkeypatch.setattr(torch.cuda, "ExternalStream", _TorchStream)
+    monkeypatch.setattr(torch.cuda, "stream", stream)
+    monkeypatch.setattr(torch.cuda, "device", lambda i: contextlib.nullcontext())
+    monkeypatch.setattr(torch, "from_dlpack", lambda buf: _DlpackTensor(buf, now))
+
+    class Dist:
+        @staticmethod
+        def all_reduce(t, group=None):
+            on_device = isinstance(t, _DlpackTensor)
+            now["calls"].append(("all_reduce " + ("cuda" if on_device else "cpu"),
+                                 now["stream"].cuda_stream))
+            if on_device:
+                t.buf.a *= 2
+            else:
+                t.mul_(2)
+
+    comm = object.__new__(TorchCommunicator)  # the group itself is not needed here
+    comm.group, comm.rank, comm.size = object(), 0, 2
+    comm._dist, comm._torch = Dist, torch
+    comm.cpu_direct = True
+    yield cupy, st, comm, now
+
+
+@pytest.mark.parametrize("cuda_direct", [True, False], ids=["nccl-group", "gloo-group"])
+def test_torch_communicator_runs_on_cupys_current_stream(torch_comm, cuda_direct):
+    cupy, st, comm, now = torch_comm
+    comm.cuda_direct = cuda_direct
+    values = np.arange(4.0) - 1.0
+    side = cupy.cuda.Stream()
+    for s in (side, cupy.cuda.Stream.null):
+        now["calls"].clear()
+        with s:
+            buf = cupy.array(values)
+            assert comm.allreduce_sum(buf) is buf
+        np.testing.assert_array_equal(buf.a, 2 * values)
+        if cuda_direct:  # on the device, ordered on CuPy's stream
+            assert now["calls"] == [("all_reduce cuda", s.ptr)]
+        else:  # staged: both copies on CuPy's stream (the first one waits for it)
+            assert now["calls"] == [("d2h", s.ptr), ("all_reduce cpu", s.ptr),
+                                    ("h2d", s.ptr)]
