@@ -108,7 +108,8 @@ MUTATIONS = (
         "nccl_null_stream", "NCCL all-reduce enqueued on the null stream, not the current one",
         "cupysyncbn/comm/nccl.py",
         "nccl.NCCL_FLOAT64, nccl.NCCL_SUM, stream.ptr", "nccl.NCCL_FLOAT64, nccl.NCCL_SUM, 0",
-        ("tests/comm/test_stream_order.py",),
+        ("tests/comm/test_stream_order.py",
+         "tests/comm/test_nccl_communicator.py::test_nccl_communicator_logic_with_fake_cupy"),
     ),
     Mutation(
         "torch_stream_ignored", "PyTorch adapter: CuPy runs on its own stream, not PyTorch's",
