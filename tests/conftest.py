@@ -70,27 +70,30 @@ def _one_thread(monkeypatch):
 
 @pytest.fixture(scope="session")
 def mpi_job(tmp_path_factory):
-    """``get(job, k)``: run ``tests/support/mpi_cases.py`` job on ``k`` ranks once per session.
+    """``get(job, k, backend)``: run ``tests/support/mpi_cases.py`` job on ``k`` ranks once.
 
     Returns the merged check dict (see :func:`support.bn_ref.parse_result`); several test
-    modules share one launch per (job, k) so the suite stays fast. ``k == 1``
+    modules share one launch per (job, k, backend) so the suite stays fast. ``k == 1``
     runs with ``CUPYSYNCBN_FORCE_COLLECTIVES=1``: one rank then runs the whole
     synchronized path (handshake, header, shift, one all-reduce per pass), as a
-    one-GPU machine does over NCCL.
+    one-GPU machine does over NCCL. ``backend``: the CPU backend
+    (``CUPYSYNCBN_CPU_BACKEND``: ``numba`` or ``numpy``; default the package's choice).
     """
     from support import bn_ref
     from support.mpi_runner import run_mpi
 
     cache = {}
 
-    def get(job, k):
-        if (job, k) not in cache:
+    def get(job, k, backend=None):
+        if (job, k, backend) not in cache:
             code = "from support import mpi_cases\nmpi_cases.main()\n"
-            tmp = tmp_path_factory.mktemp(f"{job}{k}")
-            env = {FORCE_ENV: "1"} if k == 1 else None
-            res = run_mpi(code, k, timeout=180, tmp_path=tmp, args=(job,), env=env)
-            cache[job, k] = bn_ref.parse_result(res.stdout)
-        return cache[job, k]
+            tmp = tmp_path_factory.mktemp(f"{job}{k}{backend or ''}")
+            env = {FORCE_ENV: "1"} if k == 1 else {}
+            if backend is not None:
+                env["CUPYSYNCBN_CPU_BACKEND"] = backend
+            res = run_mpi(code, k, timeout=180, tmp_path=tmp, args=(job,), env=env or None)
+            cache[job, k, backend] = bn_ref.parse_result(res.stdout)
+        return cache[job, k, backend]
 
     return get
 

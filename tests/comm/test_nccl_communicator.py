@@ -159,7 +159,8 @@ class NcclCommunicator:
         self.size, self.rank, self.uid = size, rank, uid
         self.destroyed = self.aborted = False
     def allReduce(self, send, recv, count, dtype, op, stream):
-        assert send == recv and dtype == 8 and op == 0 and stream == 0
+        # on CuPy's current stream (a side stream here), not the null stream 0
+        assert send == recv and dtype == 8 and op == 0 and stream == CURRENT.ptr != 0
         arr = REG[send].a
         assert arr.size == count
         self.group.Allreduce(MPI.IN_PLACE, arr, op=MPI.SUM)
@@ -173,7 +174,8 @@ nccl.get_unique_id = lambda: bytes(range(128))
 runtime = types.SimpleNamespace(getDeviceCount=lambda: DEV["count"], setDevice=lambda i: None)
 cuda = types.ModuleType("cupy.cuda")
 cuda.nccl, cuda.runtime, cuda.Device, cuda.Event = nccl, runtime, Device, Event
-cuda.get_current_stream = lambda: types.SimpleNamespace(ptr=0)
+CURRENT = types.SimpleNamespace(ptr=0x5E00)
+cuda.get_current_stream = lambda: CURRENT
 cupy = types.ModuleType("cupy")
 cupy.cuda, cupy.ndarray = cuda, ndarray
 sys.modules.update({"cupy": cupy, "cupy.cuda": cuda, "cupy.cuda.nccl": nccl})

@@ -22,6 +22,33 @@ DATA = ROOT / "cupysyncbn" / "conformance" / "data"
 F64 = np.float64
 
 
+def eps(dtype) -> float:
+    """Machine epsilon of ``dtype`` (the spacing of its numbers at 1)."""
+    return float(np.finfo(dtype).eps)
+
+
+def compute_dtype(in_dt, layer_dt) -> np.dtype:
+    """The documented statistics precision: float64 if input or layer is float64, else float32.
+
+    Written out here, not imported, so that a test using it checks the package's rule.
+    """
+    wide = np.float64 in (np.dtype(in_dt), np.dtype(layer_dt))
+    return np.dtype(np.float64 if wide else np.float32)
+
+
+def rounding_tol(out_dt, cdt, cond: float = 1.0, k: float = 2.0) -> float:
+    """Error bound relative to a result's scale: output rounding plus compute rounding.
+
+    Half an ulp of the output dtype (the final cast; relative to the largest
+    value it is at most ``eps(out) / 2``) plus ``k`` roundings in the
+    compute dtype amplified by the problem's condition number ``cond``
+    (e.g. ``max |x| / std``: centering ``x`` loses ``eps * |x|`` against a
+    spread of ``std``). ``k`` is a small constant, not a fudge factor: a bug
+    that computes in a narrower dtype exceeds it by orders of magnitude.
+    """
+    return 0.5 * eps(out_dt) + k * eps(cdt) * cond
+
+
 def channel_axis(fmt: str, ndim: int) -> int:
     """Channel axis of an input of ``ndim`` dims in ``fmt``.
 

@@ -255,14 +255,14 @@ def build():
     return ctypes.CDLL(str(lib_path)), symbols
 
 
-def launcher(lib, symbols, name, launches=None):
+def launcher(lib, symbols, name, launches=None, execute=True):
     """A ``kernel(grid, block, args)`` callable running ``name`` in the emulation.
 
     Checks the argument count and types the way the CUDA ABI needs them:
     pointers are C-contiguous NumPy arrays (or ``numpy.uint64(0)`` for
     NULL), ``long long`` exactly ``numpy.int64``, ``int`` ``numpy.int32``,
     ``double`` ``numpy.float64``. Appends ``(name, grid, block)`` to
-    ``launches`` when given.
+    ``launches`` when given. ``execute=False``: checked and recorded, not run.
     """
     sym, params = symbols[name]
     fn = getattr(lib, sym)
@@ -294,6 +294,7 @@ def launcher(lib, symbols, name, launches=None):
                 conv.append(ctypes.c_int(int(a)))
         if launches is not None:
             launches.append((name, grid, block))
-        fn(*(ctypes.c_uint(v) for v in (*grid, *block)), *conv)
+        if execute:
+            fn(*(ctypes.c_uint(v) for v in (*grid, *block)), *conv)
 
     return call

@@ -8,6 +8,18 @@ to fail the way ``ncclCommInitRank`` does). "Device arrays" wrap NumPy arrays
 and know their device, so layers can be placed on a fake GPU. Everything the
 code under test does with them is recorded in the returned :class:`State`.
 
+Streams are first-class: ``cupy.cuda.Stream`` objects with distinct handles
+(``Stream.null`` is handle 0), ``with stream:`` / ``stream.use()`` make one
+current (per thread), ``ExternalStream(ptr)`` wraps a handle made elsewhere
+(PyTorch's). Work is ordered on the current stream: creating a device array
+(a host->device copy), ``State.launch`` (a stand-in kernel) and the NCCL
+all-reduce record ``(kind, what, stream handle)`` in ``State.calls`` and leave
+that stream busy until a synchronization (stream, event or device). The
+stand-in MPI communicator (:func:`mpi_comm`) checks the residency of every
+buffer it is handed: a device array only with ``cuda_aware=True``, and then
+only when no stream still has work queued (CUDA-aware MPI does not know
+CuPy's streams).
+
 Scenarios: ``ndev`` GPUs on the node (PCI bus ids ``0000:NN:00.0``), or
 ``bus_ids`` given explicitly (e.g. one GPU per rank: each rank sees one GPU
 with its own bus id, as under ``CUDA_VISIBLE_DEVICES``/``--gpus-per-task=1``).
@@ -46,6 +58,38 @@ class State:
         self.capture_invalidated: list[str] = []
         self.relaxed_threads: set[int] = set()
         self.queries = 0
+        # (kind, what, stream handle) of each piece of stream-ordered work and
+        # of each collective, in order; streams with work not yet waited for
+        self.calls: list[tuple] = []
+        self.busy: set[int] = set()
+        self.arrays: dict = {}  # data.ptr -> device array (for NCCL's pointers)
+        self.allocs: list[tuple] = []  # (size, device) through the current allocator
+        self._tls = threading.local()
+
+    # -- streams ---------------------------------------------------------------
+    def current_stream(self):
+        stack = getattr(self._tls, "streams", None)
+        return stack[-1] if stack else self.null_stream
+
+    def push_stream(self, stream) -> None:
+        self._tls.__dict__.setdefault("streams", []).append(stream)
+
+    def pop_stream(self) -> None:
+        self._tls.streams.pop()
+
+    def launch(self, what: str, kind: str = "kernel") -> int:
+        """Stream-ordered work on the current stream; its stream handle."""
+        ptr = self.current_stream().ptr
+        self.calls.append((kind, what, ptr))
+        self.busy.add(ptr)
+        return ptr
+
+    def synchronized(self, ptr: int | None = None) -> None:
+        """The host waited for stream ``ptr`` (None: the whole device)."""
+        if ptr is None:
+            self.busy.clear()
+        else:
+            self.busy.discard(ptr)
 
     def query(self, what: str) -> None:
         cap = self.global_capture
@@ -102,7 +146,7 @@ def install(ndev=2, *, bus_ids=None, nccl_available=True, nccl_version=21805,
             st.current = self._prev
 
         def synchronize(self):
-            pass
+            st.synchronized()
 
         attributes = {"MultiProcessorCount": 132}
 
@@ -111,6 +155,8 @@ def install(ndev=2, *, bus_ids=None, nccl_available=True, nccl_version=21805,
             self.a = np.array(a)
             self.device = Device(st.current if device is None else device)
             self.data = types.SimpleNamespace(ptr=id(self))
+            st.arrays[id(self)] = self
+            st.launch(f"h2d {self.a.size}", "copy")  # filled on the current stream
 
         dtype = property(lambda s: s.a.dtype)
         shape = property(lambda s: s.a.shape)
@@ -118,8 +164,15 @@ def install(ndev=2, *, bus_ids=None, nccl_available=True, nccl_version=21805,
         size = property(lambda s: s.a.size)
         flags = property(lambda s: s.a.flags)
 
-        def get(self):
+        def get(self, stream=None):
+            # a blocking copy: waits for the current stream first
+            st.calls.append(("copy", f"d2h {self.a.size}", st.current_stream().ptr))
+            st.synchronized(st.current_stream().ptr)
             return self.a.copy()
+
+        def set(self, arr, stream=None):
+            st.launch(f"h2d {self.a.size}", "copy")
+            self.a[...] = arr
 
         def __int__(self):  # a 0-d array, as in CuPy (a device->host copy)
             return int(self.a)
@@ -156,11 +209,58 @@ def install(ndev=2, *, bus_ids=None, nccl_available=True, nccl_version=21805,
         def check_async_error(self):
             pass
 
+        def allReduce(self, send, recv, count, dtype, op, stream):  # noqa: N802 - NCCL's name
+            # ordered on the stream handle given; a sum over this one
+            # process's group leaves the values as they are
+            st.calls.append(("nccl", f"allReduce {count}", int(stream)))
+            st.busy.add(int(stream))
+            buf = st.arrays[send]
+            assert send == recv and count == buf.a.size, (send, recv, count)
+
         def destroy(self):
             self.destroyed = True
 
         def abort(self):
             self.aborted = True
+
+    class Stream:
+        _next = [0x5000]
+
+        def __init__(self, null=False, non_blocking=False, ptr=None):
+            if ptr is None:
+                ptr = 0 if null else Stream._next[0]
+                Stream._next[0] += 0x10
+            self.ptr = int(ptr)
+
+        def __enter__(self):
+            st.push_stream(self)
+            return self
+
+        def __exit__(self, *exc):
+            st.pop_stream()
+
+        def use(self):
+            st._tls.streams = [self]
+            return self
+
+        def synchronize(self):
+            st.synchronized(self.ptr)
+
+        def is_capturing(self):
+            return False
+
+        def __eq__(self, other):
+            return isinstance(other, Stream) and other.ptr == self.ptr
+
+        def __hash__(self):
+            return hash(self.ptr)
+
+    class ExternalStream(Stream):
+        def __init__(self, ptr, device_id=-1):
+            super().__init__(ptr=ptr)
+            self.device_id = device_id
+
+    st.null_stream = Stream.null = Stream(null=True)
 
     class Event:
         def __init__(self, *a, **k):
@@ -168,6 +268,9 @@ def install(ndev=2, *, bus_ids=None, nccl_available=True, nccl_version=21805,
 
         def record(self, stream=None):
             pass
+
+        def synchronize(self):
+            st.synchronized()
 
         @property
         def done(self):
@@ -187,14 +290,81 @@ def install(ndev=2, *, bus_ids=None, nccl_available=True, nccl_version=21805,
     nccl.get_unique_id = lambda: bytes(range(128))
     cuda = types.ModuleType("cupy.cuda")
     cuda.nccl, cuda.runtime, cuda.Device, cuda.Event = nccl, runtime, Device, Event
-    cuda.get_current_stream = lambda: types.SimpleNamespace(ptr=0, synchronize=lambda: None)
+    cuda.Stream, cuda.ExternalStream = Stream, ExternalStream
+    cuda.get_current_stream = st.current_stream
+
+    class _Allocator:
+        """``using_allocator``: the current allocator, for the ``with`` block."""
+
+        def __init__(self, malloc):
+            self.malloc = malloc
+
+        def __enter__(self):
+            st._tls.__dict__.setdefault("allocators", []).append(self.malloc)
+
+        def __exit__(self, *exc):
+            st._tls.allocators.pop()
+
+    def alloc(size):
+        """An allocation through the current allocator (as CuPy makes one)."""
+        stack = getattr(st._tls, "allocators", None)
+        if stack:
+            return stack[-1](size)
+        st.allocs.append((size, st.current))
+        return None
+
+    class PythonFunctionAllocator:
+        def __init__(self, malloc, free):
+            self._malloc, self._free = malloc, free
+
+        def malloc(self, size):
+            st.allocs.append((size, st.current))
+            return self._malloc(size, st.current)
+
+    cuda.using_allocator = _Allocator
+    cuda.memory = types.SimpleNamespace(PythonFunctionAllocator=PythonFunctionAllocator)
+    st.alloc = alloc
     cupy = types.ModuleType("cupy")
     cupy.cuda, cupy.ndarray, cupy.array = cuda, ndarray, array
-    cupy.asnumpy = lambda a: a.get() if isinstance(a, ndarray) else np.asarray(a)
+    cupy.asnumpy = lambda a, stream=None: a.get() if isinstance(a, ndarray) else np.asarray(a)
     cupy.fake_state = st
     sys.modules.update({"cupy": cupy, "cupy.cuda": cuda, "cupy.cuda.nccl": nccl,
                         "cupy.cuda.runtime": runtime})
     return st
+
+
+def mpi_comm(st: State, size: int = 2, cuda_aware: bool = False):
+    """An ``mpi4py`` communicator (over ``COMM_SELF``) whose ``Allreduce`` checks residency.
+
+    The group has ``size`` ranks that all hold the same values, so a sum
+    multiplies the buffer by ``size``. A device array (the stand-in's
+    ``cupy.ndarray``) is accepted only from a CUDA-aware MPI (``cuda_aware``)
+    and only when no stream has work queued that MPI would race with (it does
+    not know CuPy's streams). Each call is recorded in ``st.calls`` as
+    ``("mpi", "device"|"host", current stream handle)``.
+    """
+    from mpi4py import MPI
+
+    class RecordingComm(MPI.Intracomm):
+        def Get_size(self):  # noqa: N802 - MPI's name
+            return size
+
+        def Allreduce(self, sendbuf, recvbuf, op=None):  # noqa: N802 - MPI's name
+            assert sendbuf is MPI.IN_PLACE and op == MPI.SUM
+            cp = sys.modules["cupy"]
+            device = isinstance(recvbuf, cp.ndarray)
+            st.calls.append(("mpi", "device" if device else "host", st.current_stream().ptr))
+            if device:
+                assert cuda_aware, "a device buffer handed to an MPI that is not CUDA-aware"
+                assert not st.busy, (
+                    f"CUDA-aware MPI reads a device buffer while streams {sorted(st.busy)} still"
+                    " have work queued (no stream synchronization before the MPI call)")
+                recvbuf.a *= size
+            else:
+                assert isinstance(recvbuf, np.ndarray) and not isinstance(recvbuf, cp.ndarray)
+                recvbuf *= size
+
+    return RecordingComm(MPI.COMM_SELF)
 
 
 def uninstall(saved: dict) -> None:

@@ -15,10 +15,14 @@ from pathlib import Path
 
 import pytest
 
+import cupysyncbn
 from cupysyncbn.runtime.env import find_mpiexec
-from support import ROOT, TESTS
+from support import ROOT, TESTS  # noqa: F401 - ROOT is re-exported to the tests
 
 MPIEXEC = find_mpiexec()
+#: The folder holding the ``cupysyncbn`` this process runs: launched
+#: processes import the same one (the checkout, unless PYTHONPATH names a copy).
+PACKAGE_ROOT = Path(cupysyncbn.__file__).resolve().parents[1]
 
 
 def require_mpiexec() -> str:
@@ -49,8 +53,11 @@ def mpi_env(extra: dict | None = None) -> dict:
     # One thread per rank: ranks share 2 cores in CI.
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         env[var] = "1"
-    # the package, and tests/ for the helpers (support.bn_ref, support.rank_outcomes, ...)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(TESTS), env.get("PYTHONPATH", "")])
+    # the package this process imported (a copy under test, e.g. by
+    # scripts/mutation_check.py, not necessarily the checkout), and tests/ for
+    # the helpers (support.bn_ref, support.rank_outcomes, ...)
+    env["PYTHONPATH"] = os.pathsep.join([str(PACKAGE_ROOT), str(TESTS),
+                                         env.get("PYTHONPATH", "")])
     env.setdefault("PYTHONUNBUFFERED", "1")
     if extra:
         env.update(extra)

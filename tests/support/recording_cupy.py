@@ -12,7 +12,18 @@ without a GPU. ``RawModule`` kernels run in the C++ emulation of
 * ``allocs``: allocations (``empty``, ``zeros``...);
 * ``d2h``: device->host copies; ``async_d2h``: copies without a host wait;
 * ``syncs``: host synchronizations (stream/event/device synchronize and the
-  implicit ones of blocking copies); ``queries``: event queries.
+  implicit ones of blocking copies); ``queries``: event queries;
+* ``on_stream``: ``(kind, what, stream handle)`` of every launch, operation
+  and copy, in order: streams are first-class (``cupy.cuda.Stream`` objects
+  with distinct handles, ``Stream.null`` is 0, ``with stream:``/``use()``
+  make one current per thread, ``ExternalStream`` wraps a foreign handle).
+
+Launch configuration is checked: a kernel instantiated with a 32-bit index
+(``..., int>``) must not see an index past ``2**31 - 1`` (its grid-stride
+loop reaches ``size + grid * block``). :func:`logical` makes an array of a
+huge logical shape backed by one element: a launch that gets one is
+recorded and checked but not run, so the index-type switch is tested
+without allocating 2**31 elements.
 
 Completion is asynchronous, as on a GPU whose host runs ahead: a recorded
 event is not ``done`` until the host synchronizes, so a path that waits for
@@ -35,7 +46,8 @@ from support import cuda_emu
 class Recorder:
     """Counters of one measured region."""
 
-    _LISTS = ("kernels", "ops", "allocs", "d2h", "async_d2h", "h2d", "syncs", "queries")
+    _LISTS = ("kernels", "ops", "allocs", "d2h", "async_d2h", "h2d", "syncs", "queries",
+              "on_stream")
 
     def __init__(self):
         for name in self._LISTS:
@@ -53,6 +65,22 @@ class Recorder:
 
 
 REC = Recorder()
+_TLS = threading.local()  # each thread's stack of current streams
+
+
+def _current():
+    stack = getattr(_TLS, "streams", None)
+    return stack[-1] if stack else Stream.null
+
+
+def _on_stream(kind, what):
+    """Device work on the current stream: recorded with the stream's handle."""
+    REC.on_stream.append((kind, what, _current().ptr))
+
+
+def _op(name):
+    REC.ops.append(name)
+    _on_stream("op", name)
 
 
 def _plain(a):
@@ -101,13 +129,13 @@ class ndarray(np.ndarray):  # noqa: N801 - CuPy's name
     """A device array (host memory); operations on it are recorded."""
 
     def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
-        REC.ops.append(f"ufunc:{ufunc.__name__}")
+        _op(f"ufunc:{ufunc.__name__}")
         if "out" in kwargs:
             kwargs["out"] = _plain(kwargs["out"])
         return _wrap(getattr(ufunc, method)(*_plain(inputs), **kwargs))
 
     def __array_function__(self, func, types_, args, kwargs):
-        REC.ops.append(f"func:{func.__name__}")
+        _op(f"func:{func.__name__}")
         return _wrap(func(*_plain(args), **{k: _plain(v) for k, v in kwargs.items()}))
 
     @property
@@ -121,29 +149,31 @@ class ndarray(np.ndarray):  # noqa: N801 - CuPy's name
     def astype(self, dtype, *args, copy=True, **kwargs):
         if not copy and np.dtype(dtype) == self.dtype:
             return self
-        REC.ops.append("astype")
+        _op("astype")
         return _wrap(self.view(np.ndarray).astype(dtype, *args, copy=True, **kwargs))
 
     def copy(self, *args, **kwargs):
-        REC.ops.append("copy")
+        _op("copy")
         return _wrap(self.view(np.ndarray).copy(*args, **kwargs))
 
     def fill(self, value):
-        REC.ops.append("fill")
+        _op("fill")
         self.view(np.ndarray).fill(value)
 
     def __setitem__(self, key, value):
-        REC.ops.append("setitem")
+        _op("setitem")
         self.view(np.ndarray)[key] = _plain(value)
 
     def get(self, stream=None, out=None, **kwargs):
         REC.d2h.append("get")
+        _on_stream("copy", "d2h")
         REC.syncs.append("get")
         _device_caught_up()
         return np.array(self.view(np.ndarray), copy=True)
 
     def set(self, arr, stream=None):
         REC.h2d.append("set")
+        _on_stream("copy", "h2d")
         self.view(np.ndarray)[...] = arr
 
     def __bool__(self):
@@ -166,7 +196,26 @@ class ndarray(np.ndarray):  # noqa: N801 - CuPy's name
 
 
 class Stream:
-    ptr = 0
+    """A CUDA stream with its own handle (``Stream.null``: handle 0)."""
+
+    _next = [0x1000]
+
+    def __init__(self, null=False, non_blocking=False, ptr=None):
+        if ptr is None:
+            ptr = 0 if null else Stream._next[0]
+            Stream._next[0] += 0x10
+        self.ptr = int(ptr)
+
+    def __enter__(self):
+        _TLS.__dict__.setdefault("streams", []).append(self)
+        return self
+
+    def __exit__(self, *exc):
+        _TLS.streams.pop()
+
+    def use(self):
+        _TLS.streams = [self]
+        return self
 
     def synchronize(self):
         REC.syncs.append("stream")
@@ -174,6 +223,22 @@ class Stream:
 
     def is_capturing(self):
         return REC.capturing
+
+    def __eq__(self, other):
+        return isinstance(other, Stream) and other.ptr == self.ptr
+
+    def __hash__(self):
+        return hash(self.ptr)
+
+
+Stream.null = Stream(null=True)
+
+
+class ExternalStream(Stream):
+    """A stream made elsewhere (PyTorch's), known by its handle."""
+
+    def __init__(self, ptr, device_id=-1):
+        super().__init__(ptr=ptr)
 
 
 _RECORDED = set()  # events recorded and not yet known complete to the host
@@ -217,6 +282,7 @@ class Event:
 def _memcpy_async(dst, src, size, kind, stream):
     assert kind == 2, "only device->host copies are expected"
     REC.async_d2h.append(size)
+    REC.on_stream.append(("copy", "d2h async", int(stream)))
     ctypes.memmove(dst, src, size)
 
 
@@ -231,18 +297,82 @@ class RawModule:
         assert name in self.names, name
         lib, symbols = _LIB
         run = cuda_emu.launcher(lib, symbols, name, REC.kernels)
+        dry = cuda_emu.launcher(lib, symbols, name, REC.kernels, execute=False)
 
         def call(grid, block, args):
+            _check_index_type(name, grid, block, args)
+            _on_stream("kernel", name)
+            if any(isinstance(a, _Logical) for a in args):
+                dry(grid, block, args)  # checked and recorded, not run
+                return
             with _LAUNCH_LOCK:  # the emulation's grid state is global
                 run(grid, block, args)
         return call
 
 
 _LAUNCH_LOCK = threading.Lock()
+_INT32_MAX = 2**31 - 1
+
+
+def _check_index_type(name, grid, block, args):
+    """A kernel with a 32-bit index (``<..., int>``) must not overflow it.
+
+    Its grid-stride loop visits ``i = tid, tid + stride, ...`` while
+    ``i < size``: the last increment reaches ``size + stride - 1`` with
+    ``stride = grid * block`` threads, for every array it indexes.
+    """
+    if not name.replace(" ", "").endswith(",int>"):
+        return
+    threads = 1
+    for v in (*grid, *block):
+        threads *= int(v)
+    for a in args:
+        if isinstance(a, np.ndarray):
+            assert a.size + threads - 1 <= _INT32_MAX, (
+                f"{name}: a 32-bit index over {a.size} elements with {threads} threads"
+                " overflows (int32 index past 2**31: needs the long long instantiation)")
+
+
+class _Logical(ndarray):
+    """A device array of a huge logical shape, backed by one element."""
+
+    _lshape = ()
+
+    @property
+    def shape(self):
+        return self._lshape
+
+    @property
+    def size(self):
+        n = 1
+        for d in self._lshape:
+            n *= int(d)
+        return n
+
+    @property
+    def ndim(self):
+        return len(self._lshape)
+
+
+def logical(shape, dtype):
+    """A device array of shape ``shape`` whose elements are never allocated.
+
+    Kernel launches that receive one are recorded and checked (launch
+    configuration, argument types, index type) but not run; outputs the
+    backend allocates for it with ``empty`` are logical too.
+    """
+    a = np.zeros(1, dtype=dtype).view(_Logical)
+    a._lshape = tuple(int(d) for d in shape)
+    return a
 
 
 def _empty(shape, dtype=float, order="C"):
     REC.allocs.append("empty")
+    n = 1
+    for d in (shape if isinstance(shape, tuple) else (shape,)):
+        n *= int(d)
+    if n > _INT32_MAX // 4:  # only logical arrays get this large here
+        return logical(shape if isinstance(shape, tuple) else (shape,), dtype)
     return np.empty(shape, dtype=dtype).view(ndarray)
 
 
@@ -254,7 +384,7 @@ def _empty_like(a, dtype=None):
 def _filled(name, fill):
     def make(shape, dtype=float):
         REC.allocs.append(name)
-        REC.ops.append(name)
+        _op(name)
         return np.full(shape, fill, dtype=dtype).view(ndarray)
     return make
 
@@ -263,13 +393,13 @@ def _ascontiguousarray(a, dtype=None):
     dt = a.dtype if dtype is None else np.dtype(dtype)
     if isinstance(a, ndarray) and a.flags.c_contiguous and a.dtype == dt:
         return a
-    REC.ops.append("ascontiguousarray")
+    _op("ascontiguousarray")
     return np.ascontiguousarray(_plain(a), dtype=dt).view(ndarray)
 
 
 def _asarray(a, dtype=None, copy=None):
     if isinstance(a, ndarray) and copy:
-        REC.ops.append("copy")
+        _op("copy")
         return _wrap(np.array(_plain(a), dtype=dtype, copy=True))
     if isinstance(a, ndarray):
         return _ascontiguousarray(a, dtype) if dtype is not None else a
@@ -304,7 +434,8 @@ def _make_module():
     cuda.Device = Device
     cuda.Event = Event
     cuda.Stream = Stream
-    cuda.get_current_stream = lambda: Stream()
+    cuda.ExternalStream = ExternalStream
+    cuda.get_current_stream = _current
     cuda.alloc_pinned_memory = lambda n: bytearray(n)
     rt = types.ModuleType("cupy.cuda.runtime")
     rt.memcpyDeviceToHost = 2
@@ -319,7 +450,7 @@ def _make_module():
             return fn
 
         def op(*args, **kwargs):
-            REC.ops.append(f"np:{name}")
+            _op(f"np:{name}")
             return _wrap(fn(*_plain(args), **{k: _plain(v) for k, v in kwargs.items()}))
         return op
 

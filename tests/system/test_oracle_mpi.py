@@ -9,6 +9,10 @@ NumPy reference, for every data format and float16/32/64 inputs; local BN on
 the same split must differ. The same launch checks bitwise-identical running
 statistics, sub-groups, the number and size of collectives, empty batches and
 ``allreduce_gradients``. The checks themselves live in ``mpi_cases.py``.
+
+Every test runs for both CPU backends (``CUPYSYNCBN_CPU_BACKEND=numba`` and
+``numpy``, the documented fallback): each has its own cross-rank merge,
+checked here against the float64 reference on the global batch.
 """
 
 import pytest
@@ -19,14 +23,24 @@ KS = [1, 2, 3, 4]  # 1: one rank with forced collectives (conftest.mpi_job)
 FORMATS = ["NC", "NCL", "NCHW", "NCDHW", "NLC", "NHWC", "NDHWC"]
 
 
+@pytest.fixture(params=["numba", "numpy"])
+def oracle(request, mpi_job):
+    """``oracle(k)``: the oracle job's checks on ``k`` ranks with this CPU backend."""
+    def get(k):
+        res = mpi_job("oracle", k, request.param)
+        check_group(res, f"oracle: the CPU backend is {request.param} ", min_count=1)
+        return res
+    return get
+
+
 @pytest.mark.parametrize("k", KS)
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("dt", ["float32/float32", "float64/float64"])
-def test_sync_equals_local_on_whole_batch(mpi_job, k, fmt, dt):
+def test_sync_equals_local_on_whole_batch(oracle, k, fmt, dt):
     # y, dx, summed grads, running stats, eval y vs local BN and float64 ref,
     # dtype kept, local-on-split differs, bitwise-identical running stats.
     # (one rank has no "local BN on the split differs" check)
-    check_group(mpi_job("oracle", k), f"oracle {fmt}/{dt} ", min_count=13 if k > 1 else 12)
+    check_group(oracle(k), f"oracle {fmt}/{dt} ", min_count=13 if k > 1 else 12)
 
 
 @pytest.mark.parametrize("k", KS)
@@ -37,34 +51,34 @@ def test_sync_equals_local_on_whole_batch(mpi_job, k, fmt, dt):
     "NCHW/float64/float64 momentum=None unbiased",
     "NCDHW/float64/float64 track_running_stats=False",
 ])
-def test_mixed_dtypes_and_options(mpi_job, k, case):
-    check_group(mpi_job("oracle", k), f"oracle {case} ", min_count=8)
+def test_mixed_dtypes_and_options(oracle, k, case):
+    check_group(oracle(k), f"oracle {case} ", min_count=8)
 
 
 @pytest.mark.parametrize("k", KS)
-def test_bitwise_identical_running_stats(mpi_job, k):
-    check_group(mpi_job("oracle", k), "oracle", min_count=200)
-    res = mpi_job("oracle", k)
+def test_bitwise_identical_running_stats(oracle, k):
+    check_group(oracle(k), "oracle", min_count=200)
+    res = oracle(k)
     assert sum("bitwise identical" in name for name in res) >= 18
 
 
 @pytest.mark.parametrize("k", KS)
-def test_one_collective_per_pass(mpi_job, k):
-    check_group(mpi_job("oracle", k), "collectives:", min_count=8)
+def test_one_collective_per_pass(oracle, k):
+    check_group(oracle(k), "collectives:", min_count=8)
 
 
 @pytest.mark.parametrize("k", KS)
-def test_empty_batches(mpi_job, k):
-    check_group(mpi_job("oracle", k), "empty global batch", min_count=8)
-    check_group(mpi_job("oracle", k), "one non-empty rank", min_count=2)
+def test_empty_batches(oracle, k):
+    check_group(oracle(k), "empty global batch", min_count=8)
+    check_group(oracle(k), "one non-empty rank", min_count=2)
 
 
 @pytest.mark.parametrize("k", KS)
-def test_allreduce_gradients(mpi_job, k):
-    check_group(mpi_job("oracle", k), "allreduce_gradients", min_count=3)
+def test_allreduce_gradients(oracle, k):
+    check_group(oracle(k), "allreduce_gradients", min_count=3)
 
 
-def test_subgroups_independent(mpi_job):
+def test_subgroups_independent(oracle):
     # 4 ranks, two groups of 2 (MPICommunicator.split and a raw mpi4py Split).
-    check_group(mpi_job("oracle", 4), "subgroup (split)", min_count=6)
-    check_group(mpi_job("oracle", 4), "subgroup (mpi4py)", min_count=6)
+    check_group(oracle(4), "subgroup (split)", min_count=6)
+    check_group(oracle(4), "subgroup (mpi4py)", min_count=6)
