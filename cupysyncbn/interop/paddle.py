@@ -47,6 +47,7 @@ from paddle.autograd import PyLayer
 from paddle.nn.layer.norm import _BatchNormBase
 
 from .. import functional as F
+from .._sync.checks import check_reproducible
 from .._sync.state import SyncState
 from ..arrays.dlpack import to_native
 from ..comm.base import LOCAL
@@ -341,6 +342,12 @@ class SyncBatchNorm(paddle.nn.SyncBatchNorm):
         group once ``paddle.distributed.init_parallel_env()`` has run, else
         one process. ``comm=paddle.distributed.new_group(ranks)`` syncs a
         sub-group.
+    reproducible : bool, optional, keyword-only
+        Bitwise-reproducible outputs, input gradients and running statistics
+        for every world size and split (docs/reproducibility.md; CPU tensors
+        for now). None: ``CUPYSYNCBN_REPRODUCIBLE`` (default False). The
+        parameter gradients stay local; ``paddle.DataParallel``'s sum of them
+        is not covered.
 
     Notes
     -----
@@ -363,7 +370,9 @@ class SyncBatchNorm(paddle.nn.SyncBatchNorm):
         name: str | None = None,
         *,
         comm: Any = None,
+        reproducible: bool | None = None,
     ) -> None:
+        repro = check_reproducible(reproducible)
         if isinstance(num_features, bool) or not isinstance(num_features, int) or (
             num_features < 1
         ):
@@ -378,6 +387,7 @@ class SyncBatchNorm(paddle.nn.SyncBatchNorm):
         self._comm_ref = SharedComm(None if comm is None else as_communicator(comm))
         # identity on every rank: order of construction (see cupysyncbn._sync.protocol)
         self._sync_state = SyncState.for_layer(self._comm_ref.comm)
+        self._sync_state.reproducible = repro  # the functional passes read it
         # Set when converted from paddle.nn.BatchNorm(act=..., trainable_statistics=True):
         # the activation applied to the output, and batch statistics (with the
         # running update, as Paddle does) in eval mode too.
@@ -392,7 +402,9 @@ class SyncBatchNorm(paddle.nn.SyncBatchNorm):
     @comm.setter
     def comm(self, comm: Any) -> None:
         self._comm_ref = SharedComm(None if comm is None else as_communicator(comm))
+        repro = self._sync_state.reproducible
         self._sync_state = SyncState()
+        self._sync_state.reproducible = repro
 
     @paddle.jit.not_to_static
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
@@ -437,11 +449,16 @@ class SyncBatchNorm(paddle.nn.SyncBatchNorm):
         """Training statistics (and update): training mode, or trainable_statistics."""
         return self.training or self._trainable_statistics
 
+    @property
+    def reproducible(self) -> bool:
+        """Bitwise-reproducible mode (docs/reproducibility.md); fixed at construction."""
+        return bool(self._sync_state.reproducible)
+
     def extra_repr(self) -> str:
         return (
             f"num_features={self._num_features}, momentum={self._momentum},"
             f" epsilon={self._epsilon}, data_format={self._data_format}"
-        )
+        ) + (", reproducible=True" if self.reproducible else "")
 
     @classmethod
     def convert_sync_batchnorm(cls, layer: paddle.nn.Layer, comm: Any = None) -> paddle.nn.Layer:

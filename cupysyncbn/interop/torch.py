@@ -47,6 +47,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import functional as F
 from .._sync import fused
+from .._sync.checks import check_reproducible
 from .._sync.state import SyncState, workspace
 from ..arrays.dlpack import from_native, to_native
 from ..backends import get_backend
@@ -738,6 +739,11 @@ class SyncBatchNorm(_BatchNorm):
         ``torch.nn.BatchNorm2d(bias=False)``).
     process_group : torch.distributed.ProcessGroup, optional, keyword-only
         ``torch.nn.SyncBatchNorm``'s name for ``comm`` (give one of them).
+    reproducible : bool, optional, keyword-only
+        Bitwise-reproducible outputs, input gradients and running statistics
+        for every world size and split (docs/reproducibility.md; CPU tensors
+        for now). None: ``CUPYSYNCBN_REPRODUCIBLE`` (default False). The
+        parameter gradients stay local; DDP's average of them is not covered.
 
     Notes
     -----
@@ -761,7 +767,9 @@ class SyncBatchNorm(_BatchNorm):
         *,
         bias: bool = True,
         process_group: Any = None,
+        reproducible: bool | None = None,
     ) -> None:
+        repro = check_reproducible(reproducible)
         if process_group is not None:
             if comm is not None:
                 raise TypeError("give comm or process_group, not both")
@@ -781,7 +789,16 @@ class SyncBatchNorm(_BatchNorm):
         self.comm = comm
         # identity on every rank: order of construction (see cupysyncbn._sync.protocol)
         self._sync_state = SyncState.for_layer(comm)
+        self._sync_state.reproducible = repro  # the functional passes read it
         self._op_key = _op_register(self)  # names this layer to the compiled operators
+
+    @property
+    def reproducible(self) -> bool:
+        """Bitwise-reproducible mode (docs/reproducibility.md); fixed at construction."""
+        return bool(self._sync_state.reproducible)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (", reproducible=True" if self.reproducible else "")
 
     def __setstate__(self, state: dict) -> None:
         # A copy (pickle, deepcopy) is a new layer: its SyncState copied or
