@@ -219,3 +219,43 @@ def test_allreduce_gradients_uses_the_exact_sum_only_while_every_rank_holds_it(r
     assert len({gw.tobytes() for gw, _ in plain}) == 1
     np.testing.assert_allclose(plain[0][0], one.weight.grad, rtol=1e-12)
     assert all(gb.tobytes() == one.bias.grad.tobytes() for _, gb in plain)
+
+
+def test_collective_budget_two_all_reduces_per_pass_of_c_sized_buffers(rng):
+    from cupysyncbn._sync import protocol
+
+    class Counting(NoCommunicator):
+        force_collectives = True
+
+        def __init__(self):
+            self.calls = []
+
+        def allreduce_sum(self, buf):
+            self.calls.append(("sum", int(buf.size)))
+            return buf
+
+        def allreduce_max(self, buf):
+            self.calls.append(("max", int(buf.size)))
+            return buf
+
+    c, h = 5, protocol.HEADER
+    comm = Counting()
+    x = rng.standard_normal((4, c, 3)).astype(np.float32)
+    bound, folds = ("max", 2 * h + 2 * c + 2), ("sum", h + 2 * 3 * c)
+    bn = sbn.SyncBatchNorm(c, data_format="NCL", comm=comm, reproducible=True)
+    bn(x)
+    assert comm.calls == [("sum", h), bound, folds]  # handshake, bound pass, fold sums
+    for _ in range(2):
+        comm.calls.clear()
+        bn(x)
+        bn.backward(x)
+        assert comm.calls == [bound, folds, bound, folds]
+    comm.calls.clear()
+    bn.eval()
+    bn(x)
+    bn.backward(x)
+    assert comm.calls == []
+    b64 = sbn.SyncBatchNorm(c, data_format="NCL", comm=comm, reproducible=True, dtype="float64")
+    comm.calls.clear()
+    b64(x)
+    assert comm.calls[-1] == ("sum", h + 2 * 5 * c)  # 5 folds in float64
