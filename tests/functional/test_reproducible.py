@@ -259,3 +259,30 @@ def test_collective_budget_two_all_reduces_per_pass_of_c_sized_buffers(rng):
     comm.calls.clear()
     b64(x)
     assert comm.calls[-1] == ("sum", h + 2 * 5 * c)  # 5 folds in float64
+
+
+def test_cupy_arrays_raise_before_any_collective_instead_of_the_default_math():
+    from support import cuda_emu, recording_cupy
+
+    class Counting(NoCommunicator):
+        force_collectives = True
+        calls = 0
+
+        def allreduce_sum(self, buf):
+            Counting.calls += 1
+            return buf
+
+        allreduce_max = allreduce_sum
+
+    try:
+        with recording_cupy.installed() as cp:
+            layer = sbn.SyncBatchNorm(3, data_format="NCL", comm=Counting(), reproducible=True)
+            layer.to("cuda")
+            x = cp.asarray(np.ones((4, 3, 2), np.float32))
+            with pytest.raises(NotImplementedError, match="not available on the cupy backend"):
+                layer(x)
+            with pytest.raises(NotImplementedError, match="not available on the cupy backend"):
+                F.batch_norm_forward(x, data_format="NCL", comm=LOCAL, reproducible=True)
+    except cuda_emu.Unavailable as e:  # pragma: no cover - no g++ for the stand-in
+        pytest.skip(str(e))
+    assert Counting.calls == 0  # raised before any collective (on every rank alike)
