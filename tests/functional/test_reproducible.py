@@ -286,3 +286,25 @@ def test_cupy_arrays_raise_before_any_collective_instead_of_the_default_math():
     except cuda_emu.Unavailable as e:  # pragma: no cover - no g++ for the stand-in
         pytest.skip(str(e))
     assert Counting.calls == 0  # raised before any collective (on every rank alike)
+
+
+@pytest.mark.parametrize("scale", [1e200, 1e-200, 1e-310])
+def test_data_near_float64_limits_finite_normalized_and_split_independent(rng, scale):
+    x = (rng.standard_normal((6, 2, 3)) + 3) * scale
+    dy = rng.standard_normal(x.shape)
+
+    def run(cuts):
+        def fn(r, comm):
+            res = F.batch_norm_forward(x[cuts[r]:cuts[r + 1]], data_format="NCL", comm=comm,
+                                       epsilon=0.0, reproducible=True)
+            dx, _, _ = F.batch_norm_backward(dy[cuts[r]:cuts[r + 1]], res.ctx)
+            return res.y, dx
+        out = bn_ref.ThreadGroup(len(cuts) - 1, timeout=10).run(fn)
+        return np.concatenate([o[0] for o in out]), np.concatenate([o[1] for o in out])
+
+    y1, dx1 = run([0, 6])
+    y3, dx3 = run([0, 1, 1, 6])
+    assert y1.tobytes() == y3.tobytes() and dx1.tobytes() == dx3.tobytes()
+    assert np.isfinite(y1).all() and np.isfinite(dx1).all()
+    ref_y = bn_ref.ref_forward(x / scale, "NCL", eps=0.0)[0]
+    np.testing.assert_allclose(y1, ref_y, rtol=0, atol=1e-9)

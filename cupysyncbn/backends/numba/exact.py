@@ -30,13 +30,15 @@ from ..exact_sums import (  # noqa: F401 - the namespace the engine calls (backe
     finalize_moments,
     finalize_sum,
     folds_for,
+    moments_z,
     scale_exponent,
+    scaled_stats,
 )
 
 __all__ = [
     "moment_folds", "backward_bounds", "backward_folds", "normalize", "backward_elemt",
     "absmax", "bound_exponent", "check_count", "finalize_moments", "finalize_sum",
-    "folds_for", "scale_exponent",
+    "folds_for", "scale_exponent", "moments_z", "scaled_stats",
 ]
 
 _JIT: dict[str, Any] = {"cache": True, "fastmath": False, "nogil": True}
