@@ -54,6 +54,25 @@ bits: a port may always split).
 
 Precision: ``K * B`` bits below ``2**E`` (:func:`folds_for`): 78 for float32
 compute, 130 for float64. The finalize works in double-double (~106 bits).
+
+Porting checklist (CUDA; the engine is ``cupysyncbn/_sync/exact.py``)
+--------------------------------------------------------------------
+* Constants: ``B = 26``, ``K = 3`` (float32 compute) or ``5`` (float64),
+  ``sigma_k = 1.5 * 2**(52 - 26 k)``, ``SPLITTER = 2**27 + 1``, sentinels
+  ``-4096`` / ``+4096``, at most ``2**26`` values per channel globally.
+* Per element, no FMA contraction anywhere (``__dadd_rn``, ``__dsub_rn``,
+  ``__dmul_rn`` or ``-fmad=false``): the scaling ``(v * f1) * f2`` with the
+  two factors of :func:`scaled` (``f2 = 1`` unless ``E < -1023``), the fold
+  ``t = (r + s) - s; r = r - t``, the square split, ``h = (x - mean) * g``
+  (``mean`` widened from the compute dtype), and the elementwise formulas of
+  :func:`normalize` / :func:`backward_elemt` in the compute dtype with one
+  final rounding to the output dtype.
+* The fold sums (``P``) and the maxima (:func:`absmax`, :func:`backward_bounds`)
+  are exact: any order, any atomics, any tree.
+* The C-sized steps (:func:`bound_exponent`, :func:`scale_exponent`,
+  :func:`finalize_moments`, :func:`finalize_sum`, :func:`scaled_stats`) may
+  stay on the host or be ported operation for operation; NaN for a NaN/Inf
+  channel, 0 for an empty one.
 """
 
 from __future__ import annotations
