@@ -132,7 +132,8 @@ def batch_norm_forward(
         statistics and the input gradients of the backward are the same bits
         for every number of ranks and every split of the global batch. None:
         ``CUPYSYNCBN_REPRODUCIBLE`` (default False). A ``sync_state`` keeps the
-        mode of its first synchronized pass. Not with ``act``.
+        mode of its first synchronized pass; with None, a ``sync_state`` whose
+        ``reproducible`` a layer set gives the mode. Not with ``act``.
     act : {None, 'relu'}
         ``'relu'``: ``y = max(bn(x), 0)`` written by the normalize pass itself
         (no pass over ``y`` of its own); :func:`batch_norm_backward` then
@@ -195,14 +196,17 @@ def _reproducible_state(
     all-reduce) rather than a SUM. A state keeps the mode of its first
     synchronized pass (its identity in the handshake).
     """
-    try:
-        repro = checks.check_reproducible(reproducible)
-    except (TypeError, ValueError) as e:
-        collective.fail_collectively(e, "argument", comm, state, None, None)
-        raise  # pragma: no cover - fail_collectively raised
+    if reproducible is None and state is not None and state.reproducible is not None:
+        repro = bool(state.reproducible)  # the layer's setting (the adapters set it)
+    else:
+        try:
+            repro = checks.check_reproducible(reproducible)
+        except (TypeError, ValueError) as e:
+            collective.fail_collectively(e, "argument", comm, state, None, None)
+            raise  # pragma: no cover - fail_collectively raised
     if state is None:
         return repro, SyncState(reproducible=True) if (repro and sync) else None
-    if state.handshake_done and state.reproducible != repro:
+    if state.handshake_done and bool(state.reproducible) != repro:
         err = ValueError(
             f"reproducible={repro} but this layer's synchronized passes ran with"
             f" reproducible={state.reproducible}; the mode is fixed at the first pass"

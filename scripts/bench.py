@@ -112,6 +112,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--recorder", default=None, metavar="MODULE:NAME",
                    help="object with clear()/summary() counting launches and host syncs"
                    " (e.g. support.recording_cupy:REC); adds a launches/syncs per pass column")
+    p.add_argument("--reproducible", action="store_true",
+                   help="time layers built with reproducible=True (docs/reproducibility.md)")
     p.add_argument("--out", type=Path, default=Path("bench_out"))
     # internal: one worker job under mpiexec
     p.add_argument("--worker", type=Path, default=None, help=argparse.SUPPRESS)
@@ -212,6 +214,11 @@ class CountingComm:
                 self.calls += 1
                 self.bytes += int(buf.nbytes)
                 return self.inner.allreduce_sum(buf)
+
+            def allreduce_max(self, buf):  # the reproducible mode's bound pass
+                self.calls += 1
+                self.bytes += int(buf.nbytes)
+                return self.inner.allreduce_max(buf)
 
             def supports(self, array):
                 return self.inner.supports(array)
@@ -386,12 +393,12 @@ def standin_counts(sbn, installed, recorder, shape, fmt, dt) -> dict:
 
 
 def measure_row(sbn, xp, gpu, timer, counting, rng, shape, fmt, dt, recorder=None,
-                torch_cpu=False, copy_mib=256) -> dict:
+                torch_cpu=False, copy_mib=256, reproducible=False) -> dict:
     """Time one row on this rank's part of the batch; count its collectives."""
     ls = local_shape(tuple(shape), fmt, counting.size, counting.rank)
     x = xp.asarray(rng.standard_normal(ls, dtype=np.float32) + 1.0).astype(dt)
     dy = xp.asarray(rng.standard_normal(ls, dtype=np.float32)).astype(dt)
-    bn = sbn.SyncBatchNorm(shape[1], data_format=fmt, comm=counting)
+    bn = sbn.SyncBatchNorm(shape[1], data_format=fmt, comm=counting, reproducible=reproducible)
     from cupysyncbn.backends import get_backend
 
     impl = type(get_backend(x)).__name__  # what actually runs (numba may be missing)
@@ -424,6 +431,7 @@ def measure_row(sbn, xp, gpu, timer, counting, rng, shape, fmt, dt, recorder=Non
         "shape": list(shape), "format": fmt, "dtype": dt, "ranks": counting.size,
         "local_shape": list(local_shape(tuple(shape), fmt, counting.size)),
         "rank_batches": rank_batches(shape[0], counting.size), "backend": impl, **counts,
+        "reproducible": reproducible,
         **beside,
         "fwd_s": t_f, "bwd_s": t_b, "fwdbwd_s": t_fb,
         "fwd_bytes": 3 * xbytes, "bwd_bytes": 5 * xbytes,
@@ -463,7 +471,8 @@ def run_worker(spec: dict) -> list[dict] | None:
                 # the bound of this row, measured just before it
                 copy_bw = copy_bandwidth(timer, xp, spec["copy_mib"])
                 rows.append(measure_row(sbn, xp, gpu, timer, counting, rng, shape, fmt, dt,
-                                        recorder, spec.get("torch", False), spec["copy_mib"]))
+                                        recorder, spec.get("torch", False), spec["copy_mib"],
+                                        spec.get("reproducible", False)))
                 rows[-1]["copy_bw"] = copy_bw
     return rows if comm.rank == 0 else None
 
@@ -737,7 +746,7 @@ def main(argv: list[str] | None = None) -> int:
         "formats": [f.strip().upper() for f in a.formats.split(",")],
         "dtypes": dtypes,
         "reps": a.reps, "warmup": a.warmup, "copy_mib": a.copy_mib, "gpu": gpu,
-        "recorder": a.recorder,
+        "recorder": a.recorder, "reproducible": a.reproducible,
         # CPU: PyTorch timed inside the job (rank 0, others asleep), right after each row
         "torch": not a.no_torch and not gpu,
     }

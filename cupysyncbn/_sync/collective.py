@@ -124,7 +124,7 @@ def handshake(
     layer = protocol.next_layer_id(comm) if state is not None else 0
     ident = evals = 0
     if state is not None:
-        ident = protocol.layer_identity(state.ordinal, param_dtype, state.reproducible)
+        ident = protocol.layer_identity(state.ordinal, param_dtype, bool(state.reproducible))
         evals = state.evals
     protocol.handshake(
         comm, nf or 0, lambda h: backend.asarray(h), backend.to_host, layer,

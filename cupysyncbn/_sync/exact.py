@@ -69,8 +69,12 @@ def _bounds(
 def forward_stats(
     comm: Communicator, backend: Backend, state: SyncState | None, v: Any,
     channel_last: bool, nf: int, n_local: int, cdt: np.dtype, sync: bool,
-) -> tuple[int, Any, Any]:
-    """Global ``(count, mean, biased var)`` (float64), identical for every split."""
+) -> tuple[int, Any, Any, Any]:
+    """Global ``(count, mean, biased var, p)`` (float64), identical for every split.
+
+    The statistics of ``x * p`` per channel; ``p`` is None (1) unless some
+    channel's would leave float64 (:func:`..backends.exact_sums.scaled_stats`).
+    """
     ops = ops_of(backend)
     k = ops.folds_for(cdt)
     a = ops.absmax(v, channel_last) if n_local else None
@@ -88,9 +92,12 @@ def forward_stats(
         p1, p2 = _stack(backend, red, k)
     ops.check_count(total)  # a global value: every rank raises alike
     if total == 0:
-        return 0, backend.xp.zeros(nf), backend.xp.zeros(nf)
+        return 0, backend.xp.zeros(nf), backend.xp.zeros(nf), None
     mean, var = ops.finalize_moments(p1, p2, total, e)
-    return total, mean, var
+    rescaled = ops.scaled_stats(p1, p2, total, e, mean, var)
+    if rescaled is None:
+        return total, mean, var, None
+    return total, *rescaled  # statistics of x * p (data near float64's limits)
 
 
 def backward_sums(

@@ -123,10 +123,9 @@ def forward(
         collective.handshake(comm, backend, state, nf, pdt)
     cl = fmt.channel_last
     if repro:
-        count, mean_s, var_s = exact.forward_stats(
+        count, mean_s, var_s, p = exact.forward_stats(
             comm, backend, state, v, cl, nf, n_local, cdt, sync
         )
-        p = None
     else:
         count, mean_s, var_s, p = _default_stats(comm, backend, state, v, cl, nf, n_local, cdt)
     if count == 1:

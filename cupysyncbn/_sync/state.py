@@ -56,9 +56,11 @@ class SyncState:
     ordinal: int = 0
     ident: int = 0  # protocol.layer_identity, fixed at the handshake
     num_features: int | None = None  # fixed at the handshake
-    #: The layer runs the reproducible passes (``_sync.exact``): set by the
-    #: functional API from its ``reproducible`` argument before any collective.
-    reproducible: bool = False
+    #: The layer runs the reproducible passes (``_sync.exact``): set by a
+    #: layer's constructor, or by the functional API from its ``reproducible``
+    #: argument before any collective; None: not set (a call's None then
+    #: means ``CUPYSYNCBN_REPRODUCIBLE``).
+    reproducible: bool | None = None
     _buffers: dict = field(default_factory=dict, repr=False)
     #: ``(key, verdict)`` of the last forward whose checks passed (see
     #: ``_sync.checks``): a steady-state pass skips them.
@@ -90,7 +92,7 @@ class SyncState:
         # default communicator's sequence, as the loaded layer uses it.
         if not self.ordinal:
             return (SyncState, ())
-        return (SyncState.for_layer, (None,))
+        return (_unpickled, (self.reproducible,))
 
     def buffer(self, backend: Backend, size: int) -> Any:
         """A reusable float64 buffer of ``size`` slots on ``backend``."""
@@ -153,6 +155,13 @@ class SyncState:
         self.num_features = None
         self._buffers.clear()
         self._checked = None
+
+
+def _unpickled(reproducible: bool | None) -> SyncState:
+    """An unpickled layer's state: a new ordinal on the default sequence, the same mode."""
+    state = SyncState.for_layer(None)
+    state.reproducible = reproducible
+    return state
 
 
 def _device_key(backend: Backend) -> Any:

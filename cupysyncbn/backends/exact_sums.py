@@ -54,6 +54,25 @@ bits: a port may always split).
 
 Precision: ``K * B`` bits below ``2**E`` (:func:`folds_for`): 78 for float32
 compute, 130 for float64. The finalize works in double-double (~106 bits).
+
+Porting checklist (CUDA; the engine is ``cupysyncbn/_sync/exact.py``)
+--------------------------------------------------------------------
+* Constants: ``B = 26``, ``K = 3`` (float32 compute) or ``5`` (float64),
+  ``sigma_k = 1.5 * 2**(52 - 26 k)``, ``SPLITTER = 2**27 + 1``, sentinels
+  ``-4096`` / ``+4096``, at most ``2**26`` values per channel globally.
+* Per element, no FMA contraction anywhere (``__dadd_rn``, ``__dsub_rn``,
+  ``__dmul_rn`` or ``-fmad=false``): the scaling ``(v * f1) * f2`` with the
+  two factors of :func:`scaled` (``f2 = 1`` unless ``E < -1023``), the fold
+  ``t = (r + s) - s; r = r - t``, the square split, ``h = (x - mean) * g``
+  (``mean`` widened from the compute dtype), and the elementwise formulas of
+  :func:`normalize` / :func:`backward_elemt` in the compute dtype with one
+  final rounding to the output dtype.
+* The fold sums (``P``) and the maxima (:func:`absmax`, :func:`backward_bounds`)
+  are exact: any order, any atomics, any tree.
+* The C-sized steps (:func:`bound_exponent`, :func:`scale_exponent`,
+  :func:`finalize_moments`, :func:`finalize_sum`, :func:`scaled_stats`) may
+  stay on the host or be ported operation for operation; NaN for a NaN/Inf
+  channel, 0 for an empty one.
 """
 
 from __future__ import annotations
@@ -67,7 +86,8 @@ __all__ = [
     "sigmas", "absmax", "bound_exponent", "scale_exponent", "pow2", "scaled",
     "fold_into", "square_parts", "moment_folds", "backward_bounds", "backward_folds",
     "two_sum", "fast_two_sum", "two_prod", "dd_from_folds", "dd_div", "finalize_sum",
-    "finalize_moments", "check_count", "normalize", "backward_elemt",
+    "finalize_moments", "check_count", "normalize", "backward_elemt", "moments_z",
+    "scaled_stats",
 ]
 
 _F64 = np.dtype(np.float64)
@@ -438,6 +458,25 @@ def finalize_sum(p: np.ndarray, e_global: np.ndarray) -> np.ndarray:
     return np.where(e_global == NONFINITE_EXP, np.nan, out)
 
 
+def moments_z(p1: np.ndarray, p2: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(mean, biased var)`` of the scaled values ``z`` (float64, before ``2**E``).
+
+    The first steps of :func:`finalize_moments`: ``n = float64(count)``;
+    ``(s1h, s1l) = dd_from_folds(P1)``, ``(s2h, s2l) = dd_from_folds(P2)``;
+    ``(mh, ml) = dd_div(s1h, s1l, n)``; ``(qh, ql) = dd_div(s2h, s2l, n)``;
+    ``(sh, sl) = _dd_sq(mh, ml)``; returns ``mh`` and
+    ``max(_dd_sub(qh, ql, sh, sl), 0)``.
+    """
+    n = float(count)
+    with np.errstate(all="ignore"):
+        s1h, s1l = dd_from_folds(p1)
+        s2h, s2l = dd_from_folds(p2)
+        mh, ml = dd_div(s1h, s1l, n)
+        qh, ql = dd_div(s2h, s2l, n)
+        sh, sl = _dd_sq(mh, ml)
+        return mh, np.maximum(_dd_sub(qh, ql, sh, sl), 0.0)
+
+
 def finalize_moments(
     p1: np.ndarray, p2: np.ndarray, count: int, e_global: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -450,15 +489,9 @@ def finalize_moments(
     ``mean = ldexp(mh, E)``, ``var = ldexp(var, 2E)``. Zeros at
     :data:`EMPTY_EXP`, NaN at :data:`NONFINITE_EXP`; ``count`` > 0.
     """
-    n = float(count)
     e = scale_exponent(e_global)
+    mh, var = moments_z(p1, p2, count)
     with np.errstate(all="ignore"):
-        s1h, s1l = dd_from_folds(p1)
-        s2h, s2l = dd_from_folds(p2)
-        mh, ml = dd_div(s1h, s1l, n)
-        qh, ql = dd_div(s2h, s2l, n)
-        sh, sl = _dd_sq(mh, ml)
-        var = np.maximum(_dd_sub(qh, ql, sh, sl), 0.0)
         mean = _unscale(mh, e)
         var = _unscale(var, e + e)
     empty = e_global == EMPTY_EXP
@@ -466,6 +499,35 @@ def finalize_moments(
     mean = np.where(bad, np.nan, np.where(empty, 0.0, mean))
     var = np.where(bad, np.nan, np.where(empty, 0.0, var))
     return mean, var
+
+
+def scaled_stats(
+    p1: np.ndarray, p2: np.ndarray, count: int, e_global: np.ndarray,
+    mean: np.ndarray, var: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """Statistics of ``x * p`` where those of ``x`` leave float64, or None.
+
+    ``mean``/``var``: :func:`finalize_moments`. A channel with finite data
+    whose mean or variance overflowed, or whose variance fell below
+    ``2**-1000`` while the scaled one is not 0 (data near float64's limits),
+    gets ``p = 2**q``, ``q = clip(-E, -1000, 1000)``, and the statistics of
+    ``x * p``: ``ldexp(mean_z, E + q)``, ``ldexp(var_z, 2 (E + q))``
+    (:func:`moments_z`); ``p = 1`` and the given values elsewhere. The
+    engine then treats them as the default mode treats its rescaled
+    statistics. Returns ``(mean_s, var_s, p)``.
+    """
+    e = scale_exponent(e_global)
+    mz, vz = moments_z(p1, p2, count)
+    with np.errstate(all="ignore"):
+        bad = (e_global != NONFINITE_EXP) & (e_global != EMPTY_EXP) & (
+            ~np.isfinite(mean) | ~np.isfinite(var) | ((var < 2.0**-1000) & (vz > 0)))
+    if not bad.any():
+        return None
+    q = np.where(bad, np.clip(-e, -1000.0, 1000.0), 0.0)
+    with np.errstate(all="ignore"):
+        mean_s = np.where(bad, _unscale(mz, e + q), mean)
+        var_s = np.where(bad, _unscale(vz, 2.0 * (e + q)), var)
+    return mean_s, var_s, pow2(q)
 
 
 # ---------------------------------------------------------------------------

@@ -46,6 +46,10 @@ def array_module(a: Any) -> Any:
 class Conv1x1(Layer):
     """1x1 convolution on NCHW as a matmul over the channel axis."""
 
+    #: Keep each sample's parameter gradients in ``samples`` instead of adding
+    #: them up (``--reproducible``: summed exactly by :mod:`.reproducible`).
+    per_sample = False
+
     def __init__(self, cin: int, cout: int, rng: np.random.Generator, dtype: Any) -> None:
         super().__init__(dtype=dtype)
         self.weight = Parameter((rng.standard_normal((cout, cin)) / np.sqrt(cin)).astype(dtype))
@@ -66,13 +70,22 @@ class Conv1x1(Layer):
         n, c, h, w = x.shape
         d = dy.reshape(n, dy.shape[1], h * w)
         xs = x.reshape(n, c, h * w)
-        self.weight.accumulate_grad((d @ xs.transpose(0, 2, 1)).sum(axis=0))
-        self.bias.accumulate_grad(d.sum(axis=(0, 2)))
+        gw, gb = d @ xs.transpose(0, 2, 1), d.sum(axis=2)  # per sample
+        if self.per_sample:
+            self.samples = [(self.weight, gw), (self.bias, gb)]
+        else:
+            self.weight.accumulate_grad(gw.sum(axis=0))
+            self.bias.accumulate_grad(gb.sum(axis=0))
         return (self.weight.data.T @ d).reshape(x.shape)
 
 
 class Linear(Layer):
     """``y = x @ W + b`` on ``(N, in)`` inputs."""
+
+    #: As :attr:`Conv1x1.per_sample`; the products then run one sample at a
+    #: time (a stack of 1-row matmuls), so a sample's bits never depend on
+    #: how many others share its batch.
+    per_sample = False
 
     def __init__(self, cin: int, cout: int, rng: np.random.Generator, dtype: Any) -> None:
         super().__init__(dtype=dtype)
@@ -83,10 +96,16 @@ class Linear(Layer):
     def forward(self, x: Any) -> Any:
         """Affine map."""
         self._x = x
+        if self.per_sample:
+            return (x[:, None, :] @ self.weight.data)[:, 0, :] + self.bias.data
         return x @ self.weight.data + self.bias.data
 
     def backward(self, dy: Any) -> Any:
         """Input gradient; accumulates weight and bias gradients."""
+        if self.per_sample:
+            self.samples = [(self.weight, self._x[:, :, None] * dy[:, None, :]),
+                            (self.bias, dy)]
+            return (dy[:, None, :] @ self.weight.data.T)[:, 0, :]
         self.weight.accumulate_grad(self._x.T @ dy)
         self.bias.accumulate_grad(dy.sum(axis=0))
         return dy @ self.weight.data.T
@@ -145,7 +164,9 @@ def build_model(
     )
 
 
-def softmax_cross_entropy(logits: Any, labels: Any) -> tuple[float, Any, Any]:
+def softmax_cross_entropy(
+    logits: Any, labels: Any, denom: int | None = None
+) -> tuple[float, Any, Any]:
     """Mean cross-entropy over the batch, its gradient, and the number correct.
 
     Returns ``(sum_of_losses, dlogits_of_the_mean_loss, n_correct)``; the sum
@@ -160,7 +181,7 @@ def softmax_cross_entropy(logits: Any, labels: Any) -> tuple[float, Any, Any]:
     loss_sum = float((xp.log(s[:, 0]) - z[rows, labels]).sum())
     grad = ez / s
     grad[rows, labels] -= 1.0
-    grad /= max(n, 1)
+    grad /= max(n, 1) if denom is None else denom  # denom: the global batch size
     correct = int((logits.argmax(axis=1) == labels).sum())
     return loss_sum, grad, correct
 

@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from ..comm.base import Communicator
+from ..comm.base import LOCAL, Communicator
 from ..comm.select import init
 from ..nn.grads import allreduce_gradients
 from ..nn.norm import BatchNorm1D, BatchNorm2D, SyncBatchNorm
@@ -48,6 +48,7 @@ from ..runtime.env import launched_size
 from ..runtime.placement import get_device, set_device
 from ..runtime.watchdog import install_abort_hook
 from . import model as dm
+from . import reproducible as rep
 from .model import LABELS
 from .plot import plot
 
@@ -74,7 +75,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto",
                    help="auto: GPU (CuPy + NCCL) when CuPy sees one, else CPU (NumPy + MPI)")
     p.add_argument("--no-plot", action="store_true", help="skip demo.png")
+    p.add_argument("--reproducible", action="store_true",
+                   help="batch norm with reproducible=True (CPU): SyncBN must train bit for"
+                   " bit like one process (docs/reproducibility.md)")
     args = p.parse_args(argv)
+    if args.reproducible and args.device == "gpu":
+        p.error("--reproducible runs on the CPU (the GPU kernels of that mode do not exist yet)")
     if args.steps < 1:
         p.error("--steps must be >= 1")
     if args.batch_per_rank < 1:
@@ -132,20 +138,25 @@ class _Run:
 
 
 def _build_runs(args: argparse.Namespace, comm: Communicator, on_gpu: bool) -> dict:
-    dt = args.dtype
+    dt, repro = args.dtype, args.reproducible
 
-    def local_model() -> Any:
-        return dm.build_model(
-            lambda c: BatchNorm2D(c, data_format="NCHW", dtype=dt),
-            lambda c: BatchNorm1D(c, data_format="NC", dtype=dt),
+    def local_model(per_sample: bool = False) -> Any:
+        model = dm.build_model(
+            lambda c: BatchNorm2D(c, data_format="NCHW", dtype=dt, reproducible=repro),
+            lambda c: BatchNorm1D(c, data_format="NC", dtype=dt, reproducible=repro),
             args.seed, dt,
         )
+        for layer in model.sublayers():
+            if hasattr(layer, "per_sample"):
+                layer.per_sample = per_sample  # --reproducible: see demo.reproducible
+        return model
 
     runs = {
-        "global": _Run("global", local_model(), args.lr),
+        "global": _Run("global", local_model(repro), args.lr),
         "local": _Run("local", local_model(), args.lr),
         # The point of the package in one line: convert a local-BN model.
-        "sync": _Run("sync", SyncBatchNorm.convert_sync_batchnorm(local_model(), comm), args.lr),
+        "sync": _Run("sync", SyncBatchNorm.convert_sync_batchnorm(local_model(repro), comm),
+                     args.lr),
     }
     # Teacher-forced check: loaded with a run's state before each step, run on
     # the global batch (see _step_check).
@@ -235,6 +246,7 @@ def _train(args: argparse.Namespace, xp: Any, comm: Communicator, runs: dict) ->
     curves: dict[str, Any] = {f"loss_{k}": [] for k in RUNS}
     curves.update(drift_sync=[], drift_local=[], mean_global=[], mean_sync=[], mean_local=[])
     step_diff = {"sync": 0.0, "local": 0.0}
+    first_diff = 0  # --reproducible: first step (1-based) whose bits differ here, 0: none
     every = max(1, args.steps // 25)
     t0 = time.perf_counter()
     for step in range(args.steps):
@@ -249,8 +261,21 @@ def _train(args: argparse.Namespace, xp: Any, comm: Communicator, runs: dict) ->
             if kind != "global":
                 before = {k: v.copy() for k, v in run.model.state_dict().items()}
             logits = run.model(x)
-            losses[kind], dlogits, _ = dm.softmax_cross_entropy(logits, y)
+            exact = args.reproducible and kind != "local"
+            losses[kind], dlogits, _ = dm.softmax_cross_entropy(
+                logits, y, gbatch if exact else None)
             run.model.backward(dlogits)
+            if exact:
+                rep.step_grads(run.model, comm if kind == "sync" else LOCAL)
+                run.opt.step()
+                run.model.clear_gradients()
+                if kind == "global":
+                    ref_logits = logits[rank * b:(rank + 1) * b]
+                elif not first_diff and not (
+                        rep.same_bits(logits, ref_logits) and rep.same_bits(
+                            run.model.state_dict(), runs["global"].model.state_dict())):
+                    first_diff = step + 1
+                continue
             if before is not None:
                 # Data parallelism: one packed all-reduce averages every gradient.
                 allreduce_gradients(run.model, comm)
@@ -278,11 +303,14 @@ def _train(args: argparse.Namespace, xp: Any, comm: Communicator, runs: dict) ->
                    f" local {curves['loss_local'][-1]:.3f}")
             _progress(step + 1, args.steps, t0, msg)
     # The largest per-step difference of any rank, known to every rank.
-    buf = xp.zeros(2 * size, dtype=np.float64)
+    buf = xp.zeros(3 * size, dtype=np.float64)
     buf[rank], buf[size + rank] = step_diff["sync"], step_diff["local"]
+    buf[2 * size + rank] = first_diff
     host = [float(v) for v in comm.allreduce_sum(buf)]
     curves["step_diff_sync"] = max(host[:size])
-    curves["step_diff_local"] = max(host[size:])
+    curves["step_diff_local"] = max(host[size:2 * size])
+    firsts = [int(v) for v in host[2 * size:] if v]
+    curves["first_differing_step"] = min(firsts) if firsts else None
     return curves
 
 
@@ -341,14 +369,18 @@ def _summary(args: argparse.Namespace, comm: Communicator, where: str, curves: d
     size = comm.size
     tol = step_tolerance(args.dtype)
     step_sync, step_local = curves.pop("step_diff_sync"), curves.pop("step_diff_local")
+    first = curves.pop("first_differing_step")
     loss_diff = max(abs(a - b) for a, b in zip(curves["loss_sync"], curves["loss_global"]))
     loss_diff_local = max(abs(a - b) for a, b in zip(curves["loss_local"], curves["loss_global"]))
     d_sync = max(cmp["sync"]["parameters_and_running_stats"], cmp["sync"]["eval_outputs"])
     d_local = max(cmp["local"]["parameters_and_running_stats"], cmp["local"]["eval_outputs"])
     tail = max(1, args.steps // 10)
     return {
-        # The claim: each step, from the same parameters, equals one process.
-        "sync_equals_global": step_sync <= tol,
+        # The claim: each step, from the same parameters, equals one process
+        # (--reproducible: every step of the training, bit for bit).
+        "sync_equals_global": first is None if args.reproducible else step_sync <= tol,
+        "reproducible": args.reproducible,
+        "first_differing_step": first,
         "max_step_rel_diff_sync_vs_global": step_sync,
         "max_step_rel_diff_local_vs_global": step_local,
         "step_tolerance": tol,
@@ -407,16 +439,26 @@ def _report(s: dict, files: list[str]) -> str:
         "",
     ]
     verdict = "yes" if s["sync_equals_global"] else "NO"
-    lines.append(
-        f"SyncBN == one process on the global batch: {verdict} (every step from the same"
-        f" parameters: max relative diff {s['max_step_rel_diff_sync_vs_global']:.2e},"
-        f" tolerance {s['step_tolerance']:.1e} for {s['dtype']})"
-    )
-    lines.append(
-        f"after {s['steps']} steps the trajectories differ by"
-        f" {s['max_abs_diff_sync_vs_global']:.2e} (training amplifies rounding; not a"
-        " synchronization error)"
-    )
+    if s.get("reproducible"):
+        lines.append(
+            "SyncBN == one process on the global batch: bitwise identical to one process"
+            f" (reproducible=True: outputs, parameters and running statistics after each of"
+            f" the {s['steps']} steps)" if s["sync_equals_global"] else
+            "SyncBN == one process on the global batch: NO (reproducible=True: the bits"
+            f" first differ at step {s['first_differing_step']})"
+        )
+    else:
+        lines.append(
+            f"SyncBN == one process on the global batch: {verdict} (every step from the same"
+            f" parameters: max relative diff {s['max_step_rel_diff_sync_vs_global']:.2e},"
+            f" tolerance {s['step_tolerance']:.1e} for {s['dtype']})"
+        )
+    if not s.get("reproducible"):
+        lines.append(
+            f"after {s['steps']} steps the trajectories differ by"
+            f" {s['max_abs_diff_sync_vs_global']:.2e} (training amplifies rounding; not a"
+            " synchronization error)"
+        )
     if k > 1:
         lines.append(
             f"local BN drifts: running stats off by {100 * s['curves']['drift_local'][-1]:.0f}%"
@@ -433,7 +475,7 @@ def _report(s: dict, files: list[str]) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Run the demo (see the module docstring); returns the exit status."""
     args = _parse_args(argv)
-    xp, comm, where = _setup(args.device)
+    xp, comm, where = _setup("cpu" if args.reproducible else args.device)
     install_abort_hook(comm)  # uncaught errors in any thread end the whole job
     try:
         t0 = time.perf_counter()

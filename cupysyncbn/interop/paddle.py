@@ -47,7 +47,7 @@ from paddle.autograd import PyLayer
 from paddle.nn.layer.norm import _BatchNormBase
 
 from .. import functional as F
-from .._sync.checks import check_act
+from .._sync.checks import REPRO_ACT, check_act, check_reproducible
 from .._sync.state import SyncState
 from ..arrays.dlpack import to_native
 from ..comm.base import LOCAL
@@ -353,6 +353,12 @@ class SyncBatchNorm(paddle.nn.SyncBatchNorm):
         ``'relu'``: output ``relu(bn(x))`` (the ``act`` of Paddle's
         ``paddle.nn.BatchNorm``), the ReLU fused into the normalize pass and
         its mask into the backward's passes (no pass of its own).
+    reproducible : bool, optional, keyword-only
+        Bitwise-reproducible outputs, input gradients and running statistics
+        for every world size and split (docs/reproducibility.md). None:
+        ``CUPYSYNCBN_REPRODUCIBLE`` (default False). The parameter gradients
+        stay local; ``paddle.DataParallel``'s sum of them is not covered. Not
+        with ``act``.
 
     Notes
     -----
@@ -376,8 +382,12 @@ class SyncBatchNorm(paddle.nn.SyncBatchNorm):
         *,
         comm: Any = None,
         act: str | None = None,
+        reproducible: bool | None = None,
     ) -> None:
         check_act(act)
+        repro = check_reproducible(reproducible)
+        if repro and act is not None:
+            raise ValueError(REPRO_ACT)
         if isinstance(num_features, bool) or not isinstance(num_features, int) or (
             num_features < 1
         ):
@@ -392,6 +402,7 @@ class SyncBatchNorm(paddle.nn.SyncBatchNorm):
         self._comm_ref = SharedComm(None if comm is None else as_communicator(comm))
         # identity on every rank: order of construction (see cupysyncbn._sync.protocol)
         self._sync_state = SyncState.for_layer(self._comm_ref.comm)
+        self._sync_state.reproducible = repro  # the functional passes read it
         # ``act``, or that of a converted paddle.nn.BatchNorm(act=...): 'relu'
         # is fused into the pass, another activation applied to the output.
         # trainable_statistics=True (converted too): batch statistics (with
@@ -407,7 +418,9 @@ class SyncBatchNorm(paddle.nn.SyncBatchNorm):
     @comm.setter
     def comm(self, comm: Any) -> None:
         self._comm_ref = SharedComm(None if comm is None else as_communicator(comm))
+        repro = self._sync_state.reproducible
         self._sync_state = SyncState()
+        self._sync_state.reproducible = repro
 
     @paddle.jit.not_to_static
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
@@ -453,12 +466,17 @@ class SyncBatchNorm(paddle.nn.SyncBatchNorm):
         """Training statistics (and update): training mode, or trainable_statistics."""
         return self.training or self._trainable_statistics
 
+    @property
+    def reproducible(self) -> bool:
+        """Bitwise-reproducible mode (docs/reproducibility.md); fixed at construction."""
+        return bool(self._sync_state.reproducible)
+
     def extra_repr(self) -> str:
         return (
             f"num_features={self._num_features}, momentum={self._momentum},"
             f" epsilon={self._epsilon}, data_format={self._data_format}"
             + (f", act={self._act!r}" if self._act else "")
-        )
+        ) + (", reproducible=True" if self.reproducible else "")
 
     @classmethod
     def convert_sync_batchnorm(cls, layer: paddle.nn.Layer, comm: Any = None) -> paddle.nn.Layer:

@@ -47,7 +47,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import functional as F
 from .._sync import fused
-from .._sync.checks import check_act
+from .._sync.checks import REPRO_ACT, check_act, check_reproducible
 from .._sync.state import SyncState, workspace
 from ..arrays.dlpack import from_native, to_native
 from ..backends import get_backend
@@ -776,6 +776,11 @@ class SyncBatchNorm(_BatchNorm):
         pass and its mask into the backward's passes (no pass of its own).
     fuse_relu : bool, keyword-only, default False
         Apex's spelling of ``act='relu'`` (``apex.parallel.SyncBatchNorm``).
+    reproducible : bool, optional, keyword-only
+        Bitwise-reproducible outputs, input gradients and running statistics
+        for every world size and split (docs/reproducibility.md). None:
+        ``CUPYSYNCBN_REPRODUCIBLE`` (default False). The parameter gradients
+        stay local; DDP's average of them is not covered. Not with ``act``.
 
     Notes
     -----
@@ -801,6 +806,7 @@ class SyncBatchNorm(_BatchNorm):
         process_group: Any = None,
         act: str | None = None,
         fuse_relu: bool = False,
+        reproducible: bool | None = None,
     ) -> None:
         act = check_act(act)
         if fuse_relu not in (True, False):
@@ -809,6 +815,9 @@ class SyncBatchNorm(_BatchNorm):
             if act not in (None, "relu"):  # pragma: no cover - check_act allows only these
                 raise ValueError(f"fuse_relu=True contradicts act={act!r}")
             act = "relu"
+        repro = check_reproducible(reproducible)
+        if repro and act is not None:
+            raise ValueError(REPRO_ACT)
         if process_group is not None:
             if comm is not None:
                 raise TypeError("give comm or process_group, not both")
@@ -829,10 +838,17 @@ class SyncBatchNorm(_BatchNorm):
         self.act = act
         # identity on every rank: order of construction (see cupysyncbn._sync.protocol)
         self._sync_state = SyncState.for_layer(comm)
+        self._sync_state.reproducible = repro  # the functional passes read it
         self._op_key = _op_register(self)  # names this layer to the compiled operators
 
+    @property
+    def reproducible(self) -> bool:
+        """Bitwise-reproducible mode (docs/reproducibility.md); fixed at construction."""
+        return bool(self._sync_state.reproducible)
+
     def extra_repr(self) -> str:
-        return super().extra_repr() + (f", act={self.act!r}" if self.act else "")
+        return super().extra_repr() + (f", act={self.act!r}" if self.act else "") + (
+            ", reproducible=True" if self.reproducible else "")
 
     def __setstate__(self, state: dict) -> None:
         # A copy (pickle, deepcopy) is a new layer: its SyncState copied or

@@ -177,3 +177,49 @@ def test_count_limit_is_a_clear_error():
 def test_sigmas_and_folds_for_are_the_documented_constants():
     assert xs.sigmas(2) == [1.5 * 2.0 ** (52 - B), 1.5 * 2.0 ** (52 - 2 * B)]
     assert xs.folds_for(np.float32) * B == 78 and xs.folds_for(np.float64) * B == 130
+
+
+@pytest.mark.parametrize("dt", [np.float32, np.float64, np.float16])
+@pytest.mark.parametrize("channel_last", [False, True])
+def test_numba_loops_give_the_reference_bits(rng, dt, channel_last):
+    from cupysyncbn.backends.numba import exact as nx
+
+    shape = (5, 7) if channel_last else (4, 3, 6)
+    c = shape[1]
+    x = (rng.standard_normal(shape) * 10.0 ** rng.integers(-3, 4, shape) + 7).astype(dt)
+    dy = rng.standard_normal(shape).astype(dt)
+    x.flat[3] = 0.0
+    if dt == np.float64:
+        x.flat[5] = 2.0**-1070  # a subnormal: the two-step scaling path
+    cdt = np.dtype(np.float64 if dt == np.float64 else np.float32)
+    k = xs.folds_for(cdt)
+    mean = (rng.standard_normal(c) * 3).astype(cdt)
+    e = xs.scale_exponent(xs.bound_exponent(xs.absmax(x, channel_last), c))
+    e[0] = -1070.0 if dt == np.float64 else e[0]
+    for a, b in zip(xs.moment_folds(x, channel_last, e, k), nx.moment_folds(x, channel_last, e, k)):
+        assert a.tobytes() == b.tobytes()
+    for a, b in zip(xs.backward_bounds(dy, x, channel_last, mean),
+                    nx.backward_bounds(dy, x, channel_last, mean)):
+        assert a.tobytes() == b.tobytes()
+    eg = e + 1
+    for a, b in zip(xs.backward_folds(dy, x, channel_last, mean, eg, e, k),
+                    nx.backward_folds(dy, x, channel_last, mean, eg, e, k)):
+        assert a.tobytes() == b.tobytes()
+    sc, bi = (rng.standard_normal(c).astype(cdt) for _ in range(2))
+    for out in (dt, cdt):
+        assert (xs.normalize(x, channel_last, mean, sc, bi, out).tobytes()
+                == nx.normalize(x, channel_last, mean, sc, bi, out).tobytes())
+        assert (xs.backward_elemt(dy, x, channel_last, mean, sc, bi, sc, out).tobytes()
+                == nx.backward_elemt(dy, x, channel_last, mean, sc, bi, sc, out).tobytes())
+
+
+def test_numba_bounds_see_nan_and_inf(rng):
+    from cupysyncbn.backends.numba import exact as nx
+
+    for channel_last in (False, True):
+        x = np.ones((3, 2, 4) if not channel_last else (6, 2))
+        dy = np.ones_like(x)
+        dy.flat[0] = np.nan
+        dy.flat[-1] = np.inf
+        got = nx.backward_bounds(dy, x, channel_last, np.zeros(2))
+        assert np.isnan(got[0][0]) and got[0][1] == np.inf

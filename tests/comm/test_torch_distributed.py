@@ -175,6 +175,25 @@ def allsum(t):
 comm = sbn.get_default_comm()  # 'auto': the torch.distributed group
 le("auto_is_torch", 0.0 if (comm.backend, comm.size, comm.rank) == ("torch", size, rank) else 1)
 le("pg_same_comm", 0.0 if sbn.comm.as_communicator(dist.group.WORLD) is comm else 1.0)
+mx = comm.allreduce_max(torch.tensor([float(rank), -float(rank)], dtype=torch.float64).numpy())
+le("allreduce_max", 0.0 if mx.tolist() == [size - 1.0, 0.0] else 1.0)
+
+# reproducible=True over gloo: the one-process bits (issue 21)
+from cupysyncbn.comm.base import LOCAL
+gr = torch.Generator().manual_seed(11)
+xr = torch.randn(7, 3, 4, generator=gr) * 3 + 100
+dyr = torch.randn(7, 3, 4, generator=gr)
+c7 = mdb.split_counts(7, size)
+s7 = slice(sum(c7[:rank]), sum(c7[:rank + 1]))
+xs_ = xr[s7].clone().requires_grad_(True)
+ys_ = ti.SyncBatchNorm(3, reproducible=True)(xs_)
+ys_.backward(dyr[s7])
+xo = xr.clone().requires_grad_(True)
+yo = ti.SyncBatchNorm(3, comm=LOCAL, reproducible=True)(xo)
+yo.backward(dyr)
+same = (ys_.detach().numpy().tobytes() == yo.detach()[s7].numpy().tobytes()
+        and xs_.grad.numpy().tobytes() == xo.grad[s7].numpy().tobytes())
+le("reproducible_bits", 0.0 if same else 1.0)
 
 # every module_db sample, comm=None (the default communicator)
 walked = mdb.walk(mdb.load_samples(sys.argv[1]), None, rank, size, allsum)
@@ -279,7 +298,8 @@ def test_torchrun_three_gloo_ranks_equal_torch_on_the_global_batch(tmp_path):
     (line,) = [ln for ln in out.splitlines() if ln.startswith("CHECKS ")]
     checks = json.loads(line[7:])
     print("torchrun checks:", checks)
-    assert set(checks) >= {"auto_is_torch", "pg_same_comm", "convert_y", "convert_params",
+    assert set(checks) >= {"auto_is_torch", "pg_same_comm", "allreduce_max", "reproducible_bits",
+                           "convert_y", "convert_params",
                            "subgroup_y", "error_agreed", "consistent", "inconsistency_named"}
     bad = {k: v for k, v in checks.items() if not v <= mdb.TOL}
     assert not bad, bad

@@ -38,6 +38,7 @@ res["auto_backend"], res["auto_size"] = auto.backend, auto.size
 res["cached"] = as_communicator(group) is gcomm and sbn.init("paddle") is auto
 res["keys_differ"] = gcomm.group_key() != auto.group_key()
 res["host_sum"] = auto.allreduce_host(np.array([rank + 1.0, 10.0])).tolist()
+res["max"] = auto.allreduce_max(np.array([rank + 1.0, -rank - 1.0])).tolist()
 
 calls = []
 for c in (auto, gcomm):
@@ -125,6 +126,7 @@ def test_adapter_under_paddle_launch_two_cpu_processes(tmp_path):
         assert res["auto_backend"] == "paddle" and res["auto_size"] == 2
         assert res["cached"] and res["keys_differ"]
         assert res["host_sum"] == [3.0, 20.0]
+        assert res["max"] == [2.0, -1.0]  # the reproducible mode's bound pass
         # steady state: one all-reduce per forward, one per backward; none in eval
         assert res["passes"] and all(p == [1, 1] for p in res["passes"]), res["passes"]
         assert res["float64_NCHW_eval_calls"] == 0 and res["float32_NHWC_eval_calls"] == 0

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from support.mpi_runner import ROOT, mpi_env, run_mpi
 
@@ -92,3 +93,43 @@ def test_demo_check_passes_for_every_documented_option(tmp_path, k, dtype, backe
     )
     assert res.returncode == 0, res.stdout + res.stderr
     assert "SyncBN == one process on the global batch: yes" in res.stdout
+
+
+@pytest.mark.parametrize("ranks", [1, 2, 3])
+def test_demo_reproducible_is_bitwise_one_process_for_every_dtype(tmp_path, ranks):
+    for dtype in ("float64", "float32"):
+        out = tmp_path / f"out_{dtype}"
+        res = run_mpi(
+            DEMO, ranks, timeout=180, tmp_path=tmp_path,
+            args=("--out", out, "--steps", "6", "--reproducible", "--dtype", dtype,
+                  "--no-plot"),
+        )
+        assert ("SyncBN == one process on the global batch: bitwise identical to one"
+                " process") in res.stdout, res.stdout
+        s = json.loads((out / "summary.json").read_text())
+        assert s["reproducible"] is True and s["first_differing_step"] is None
+        assert s["world_size"] == ranks and s["dtype"] == dtype
+        assert s["max_abs_diff_sync_vs_global"] == 0.0
+        assert s["sync_vs_global"]["train_loss_curve"] < 1e-6  # summed losses: not bitwise
+        if ranks > 1:  # local BN still differs: the comparison can see a difference
+            assert s["max_abs_diff_local_vs_global"] > 1e-3
+
+
+def test_demo_reproducible_reports_the_first_differing_step():
+    from cupysyncbn.demo import reproducible as rep
+    from cupysyncbn.demo import run
+
+    s = {"world_size": 2, "batch_per_rank": 2, "steps": 5, "global_batch": 4,
+         "dtype": "float32", "device": "CPU", "communicator": "mpi", "elapsed_s": 1.0,
+         "final_train_loss": dict.fromkeys(run.RUNS, 1.0),
+         "eval_accuracy": dict.fromkeys(run.RUNS, 0.5),
+         "max_step_rel_diff_sync_vs_global": 0.0, "max_step_rel_diff_local_vs_global": 1.0,
+         "max_abs_diff_sync_vs_global": 1e-7, "max_abs_diff_local_vs_global": 1.0,
+         "sync_equals_global": False, "reproducible": True, "first_differing_step": 3,
+         "curves": {"drift_local": [0.5]}, "local_vs_global": {"eval_outputs": 0.1}}
+    text = run._report(s, [])
+    assert "NO (reproducible=True: the bits first differ at step 3)" in text
+    a = np.arange(4.0)
+    assert rep.same_bits({"w": a}, {"w": a.copy()})
+    assert not rep.same_bits({"w": a}, {"w": a + np.array([5e-324, 0, 0, 0])})
+    assert not rep.same_bits(a, a.astype(np.float32))

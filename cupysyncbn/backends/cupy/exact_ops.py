@@ -69,6 +69,13 @@ class CupyExactOps:
         mean, var = exact_sums.finalize_moments(h(p1), h(p2), count, h(e))
         return self.xp.asarray(mean), self.xp.asarray(var)
 
+    def scaled_stats(self, p1: Any, p2: Any, count: int, e: Any, mean: Any,
+                     var: Any) -> tuple[Any, Any, Any] | None:
+        """``exact_sums.scaled_stats`` on the host; device results (or None)."""
+        h = self.to_host
+        out = exact_sums.scaled_stats(h(p1), h(p2), count, h(e), h(mean), h(var))
+        return None if out is None else tuple(self.xp.asarray(a) for a in out)
+
     def finalize_sum(self, p: Any, e: Any) -> Any:
         """``exact_sums.finalize_sum`` on the host; a device result."""
         return self.xp.asarray(exact_sums.finalize_sum(self.to_host(p), self.to_host(e)))

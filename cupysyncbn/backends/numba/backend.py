@@ -78,6 +78,7 @@ from numba import njit, types
 from numba.extending import intrinsic, overload
 
 from ..numpy import NumpyBackend
+from . import exact as _exact
 from .channel import CHANNEL_KERNELS, NumbaChannelMath
 from .simd import (
     COLS,
@@ -864,6 +865,9 @@ class NumbaBackend(NumbaChannelMath, NumpyBackend):
     data-sized primitives differ, and the per-channel steps are compiled
     (:mod:`.channel`, bitwise the NumPy results).
     """
+
+    #: reproducible=True: numba loops, bitwise the NumPy reference's results
+    exact = _exact
 
     def moments(self, x: np.ndarray, channel_last: bool, cdt: Any) -> tuple[np.ndarray, np.ndarray]:
         """Local per-channel mean and M2, float64 (two-pass per cached piece, Chan merge)."""
