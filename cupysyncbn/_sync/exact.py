@@ -35,14 +35,13 @@ def ops_of(backend: Backend) -> Any:
     Raises
     ------
     NotImplementedError
-        For a backend without them (CuPy, until its CUDA kernels exist).
+        For a backend without them (NumPy, numba and CuPy have them).
     """
     ops = getattr(backend, "exact", None)
     if ops is None:
         raise NotImplementedError(
-            f"reproducible=True is not available on the {backend.name} backend yet (the"
-            " CPU backends, NumPy and numba, have it; the CUDA kernels are not written):"
-            " pass NumPy arrays, or use reproducible=False on the GPU"
+            f"reproducible=True is not available on the {backend.name} backend (NumPy,"
+            " numba and CuPy arrays have it): use reproducible=False with these arrays"
         )
     return ops
 

@@ -617,8 +617,9 @@ class SyncBatchNorm(_BatchNormBase):
         Bitwise-reproducible mode (docs/reproducibility.md): outputs, input
         gradients, running statistics and the parameter gradients summed by
         ``allreduce_gradients(layer, average=False)`` are the same bits for
-        every number of ranks and every split of the global batch (CPU arrays
-        for now). None: ``CUPYSYNCBN_REPRODUCIBLE`` (default False).
+        every number of ranks and every split of the global batch, on NumPy and
+        CuPy arrays. None: ``CUPYSYNCBN_REPRODUCIBLE`` (default False). Not
+        with ``act``.
     act : {None, 'relu'}, keyword-only, default None
         ``'relu'``: output ``max(bn(x), 0)`` (Paddle's ``BatchNorm(act=...)``,
         Apex's ``fuse_relu``): the ReLU is applied inside the normalize pass

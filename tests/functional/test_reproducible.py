@@ -149,7 +149,7 @@ def test_a_backend_without_the_primitives_raises_not_implemented():
         name = "cupy"
 
     with pytest.raises(NotImplementedError, match="reproducible=True is not available on the"):
-        exact.ops_of(NoExact())
+        exact.ops_of(NoExact())  # CuPy has them: tests/backends/test_exact_cupy_layer.py
 
 
 def test_ranks_that_disagree_on_the_mode_or_precision_raise_together():
@@ -261,7 +261,9 @@ def test_collective_budget_two_all_reduces_per_pass_of_c_sized_buffers(rng):
     assert comm.calls[-1] == ("sum", h + 2 * 5 * c)  # 5 folds in float64
 
 
-def test_cupy_arrays_raise_before_any_collective_instead_of_the_default_math():
+def test_cupy_arrays_run_the_reproducible_passes_not_the_fused_default_math():
+    """On CuPy arrays the exact kernels run (kernels/exact.cu), never the fused
+    default path (its bits: tests/backends/test_exact_cupy_layer.py)."""
     from support import cuda_emu, recording_cupy
 
     class Counting(NoCommunicator):
@@ -278,14 +280,18 @@ def test_cupy_arrays_raise_before_any_collective_instead_of_the_default_math():
         with recording_cupy.installed() as cp:
             layer = sbn.SyncBatchNorm(3, data_format="NCL", comm=Counting(), reproducible=True)
             layer.to("cuda")
-            x = cp.asarray(np.ones((4, 3, 2), np.float32))
-            with pytest.raises(NotImplementedError, match="not available on the cupy backend"):
-                layer(x)
-            with pytest.raises(NotImplementedError, match="not available on the cupy backend"):
-                F.batch_norm_forward(x, data_format="NCL", comm=LOCAL, reproducible=True)
+            x = cp.asarray(np.ones((4, 3, 2), np.float32) + np.arange(3)[:, None])
+            layer(x)
+            Counting.calls = 0
+            recording_cupy.REC.clear()
+            layer(x)
+            names = {k[0].split("<")[0] for k in recording_cupy.REC.kernels}
+            F.batch_norm_forward(x, data_format="NCL", comm=LOCAL, reproducible=True)
     except cuda_emu.Unavailable as e:  # pragma: no cover - no g++ for the stand-in
         pytest.skip(str(e))
-    assert Counting.calls == 0  # raised before any collective (on every rank alike)
+    assert {"bn_exact_absmax_cf", "bn_exact_folds_cf", "bn_normalize"} <= names, names
+    assert not any(n.startswith(("bn_fwd_", "bn_stats_")) for n in names), names
+    assert Counting.calls == 2  # the MAX pass and the SUM pass
 
 
 @pytest.mark.parametrize("scale", [1e200, 1e-200, 1e-310])
