@@ -53,8 +53,8 @@ MUTATIONS = (
     Mutation(
         "mean_term_zeroed", "backward: the mean(dy) term set to zero (every CPU backend)",
         "cupysyncbn/_sync/passes.py",
-        "dx = backend.backward_elemt(dyv, ctx.x, cl, ctx.mean, a, mean_dy, b, ctx.dtype)",
-        "dx = backend.backward_elemt(dyv, ctx.x, cl, ctx.mean, a, mean_dy * 0, b, ctx.dtype)",
+        "dx = elemt(dyv, ctx.x, cl, ctx.mean, a, mean_dy, b, ctx.dtype)",
+        "dx = elemt(dyv, ctx.x, cl, ctx.mean, a, mean_dy * 0, b, ctx.dtype)",
         ("tests/nn/test_input_properties.py", "tests/nn/test_layers.py"),
     ),
     Mutation(
@@ -107,7 +107,8 @@ MUTATIONS = (
     Mutation(
         "nccl_null_stream", "NCCL all-reduce enqueued on the null stream, not the current one",
         "cupysyncbn/comm/nccl.py",
-        "nccl.NCCL_FLOAT64, nccl.NCCL_SUM, stream.ptr", "nccl.NCCL_FLOAT64, nccl.NCCL_SUM, 0",
+        "nccl.NCCL_MAX if maximum else nccl.NCCL_SUM, stream.ptr",
+        "nccl.NCCL_MAX if maximum else nccl.NCCL_SUM, 0",
         ("tests/comm/test_stream_order.py",
          "tests/comm/test_nccl_communicator.py::test_nccl_communicator_logic_with_fake_cupy"),
     ),

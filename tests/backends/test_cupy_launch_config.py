@@ -65,8 +65,8 @@ def test_standin_refuses_a_32_bit_index_past_2_31(cp):
     kern = be._kernel("elementwise.cu", ks.normalize("float", "float", "int"))
     n = np.int32(x.size)
     with pytest.raises(AssertionError, match="int32 index past 2"):
-        kern((512,), (256,), (x, x, n, np.int32(1), n, vec, vec, vec))
-    kern((1,), (64,), (x, x, n, np.int32(1), n, vec, vec, vec))  # reach < 2**31: fine
+        kern((512,), (256,), (x, x, n, np.int32(1), n, vec, vec, vec, np.int32(0)))
+    kern((1,), (64,), (x, x, n, np.int32(1), n, vec, vec, vec, np.int32(0)))  # reach < 2**31: fine
 
 
 def test_every_launch_is_on_the_current_stream(cp):

@@ -240,8 +240,12 @@ def torch_comm(monkeypatch, cupy_standin):
     monkeypatch.setattr(torch, "from_dlpack", lambda buf: _DlpackTensor(buf, now))
 
     class Dist:
+        class ReduceOp:
+            SUM, MAX = "sum", "max"
+
         @staticmethod
-        def all_reduce(t, group=None):
+        def all_reduce(t, op="sum", group=None):
+            assert op == "sum"
             on_device = isinstance(t, _DlpackTensor)
             now["calls"].append(("all_reduce " + ("cuda" if on_device else "cpu"),
                                  now["stream"].cuda_stream))
