@@ -687,32 +687,25 @@ def torch_baselines(shape, fmt, dt, threads, gpu, timer_args) -> dict:
         if gpu:
             torch.cuda.synchronize()
 
-    def timeit(fn):
-        for _ in range(warmup):
-            fn()
-        ts = []
-        for _ in range(reps):
-            sync()
-            t0 = time.perf_counter()
-            fn()
-            sync()
-            ts.append(time.perf_counter() - t0)
-        return statistics.median(ts)
-
     def measure(bn, key):
         bn = bn.to(dev)
         try:
-            y = bn(x)
+            bn(x)
         except RuntimeError:
             bn = bn.to(tdt)  # a torch build without mixed-dtype batch norm
+        rows = []
+        for i in range(warmup + reps):  # forward and backward in the same repetitions
+            sync()
+            t0 = time.perf_counter()
             y = bn(x)
-        res[key + "_fwd_s"] = timeit(lambda: bn(x))
-        res[key + "_bwd_s"] = timeit(lambda: y.backward(dy, retain_graph=True))
-
-        def fb():
-            bn(x).backward(dy)
-
-        res[key + "_fwdbwd_s"] = timeit(fb)
+            sync()
+            t1 = time.perf_counter()
+            y.backward(dy)
+            sync()
+            t2 = time.perf_counter()
+            if i >= warmup:
+                rows.append([t1 - t0, t2 - t1, t2 - t0])
+        res.update(summarize(rows, tuple(f"{key}_{p}_s" for p in ("fwd", "bwd", "fwdbwd"))))
 
     if gpu:
         measure(torch.nn.BatchNorm2d(c), "torch")  # cuDNN
@@ -1008,7 +1001,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     md = markdown(rows, meta, fixed)
     a.out.mkdir(parents=True, exist_ok=True)
-    (a.out / "bench.json").write_text(json.dumps({"meta": meta, "rows": rows, "fixed_cost": fixed}, indent=1) + "\n")
+    data = {"meta": meta, "rows": rows, "fixed_cost": fixed}
+    (a.out / "bench.json").write_text(json.dumps(data, indent=1) + "\n")
     (a.out / "bench.md").write_text(md)
     print(md)
     print(f"[bench] wrote {a.out / 'bench.json'} and {a.out / 'bench.md'}", file=sys.stderr)
