@@ -140,6 +140,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="add the fixed-cost rows: forward+backward of a tiny batch"
                    f" {'x'.join(map(str, FIXED_SHAPE))} per rank, NCHW float32, on each rank"
                    " count, in microseconds per pass (default: off; on with --suite)")
+    p.add_argument("--gpu-host", action="store_true",
+                   help="add the GPU host-path row: Python time per synchronized pass on the"
+                   " CuPy path, on the tests' recording stand-in with launches not executed"
+                   " (needs g++ >= 12; default: off; on with --suite)")
     p.add_argument("--copy-mib", type=int, default=None,
                    help="array size for the copy-bandwidth probe (default 256, --suite 64,"
                    " --smoke 8)")
@@ -170,7 +174,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if a.dtypes == "float32,float16":
             a.dtypes = "float32"
         a.copy_mib = a.copy_mib or 64
-        a.fixed_cost = True
+        a.fixed_cost = a.gpu_host = True
     if a.smoke:
         a.shapes = a.shapes or ",".join("x".join(map(str, s)) for s in SMOKE_SHAPES)
         a.ranks = a.ranks or "1,2"
@@ -571,6 +575,77 @@ def fixed_cost(sbn, comm, mpi, reps: int, inner: int = 100) -> dict:
     return out
 
 
+def gpu_host_cost(reps: int, inner: int = 50) -> dict:
+    """Python time per synchronized pass on the CuPy path, without a GPU (issue 26 item 3).
+
+    The layer runs on the recording CuPy stand-in of the tests
+    (``tests/support/recording_cupy.py``) in its null mode: launches are
+    recorded, not executed. A (4,16,4,4) float32 NCHW batch, a
+    ``NoCommunicator`` with forced collectives (the all-reduce path). The time
+    per pass (half a forward+backward; this thread's CPU time, median of
+    blocks of ``inner`` forward+backward) includes the stand-in's own NumPy
+    work for allocations and copies (a real CuPy call costs about as much);
+    ``py_calls`` counts the Python function calls per pass made from the
+    package's own modules (``sys.setprofile``).
+    """
+    tests = str(ROOT / "tests")
+    if tests not in sys.path:
+        sys.path.append(tests)
+    from support import recording_cupy
+
+    import cupysyncbn as sbn
+    from cupysyncbn.comm.base import NoCommunicator
+
+    rec = recording_cupy.REC
+    comm = NoCommunicator()
+    comm.force_collectives = True
+    n, c, h, w = FIXED_SHAPE
+    rng = np.random.default_rng(0)
+    with recording_cupy.installed() as cp:
+        bn = sbn.SyncBatchNorm(c, comm=comm)
+        bn.weight.data, bn.bias.data = cp.ones(c, "float32"), cp.zeros(c, "float32")
+        object.__setattr__(bn, "_mean", cp.zeros(c, "float32"))
+        object.__setattr__(bn, "_variance", cp.ones(c, "float32"))
+        x = cp.asarray(rng.standard_normal(FIXED_SHAPE, dtype=np.float32))
+        dy = cp.asarray(rng.standard_normal(FIXED_SHAPE, dtype=np.float32))
+        for _ in range(3):  # executed: the handshake, the mean pass, the shift
+            bn(x)
+            bn.backward(dy)
+        rec.execute = False
+        try:
+            for _ in range(inner):
+                bn(x)
+                bn.backward(dy)
+            blocks = []
+            for _ in range(max(reps, 5) * 3):
+                rec.clear()
+                t0 = time.thread_time_ns()
+                for _ in range(inner):
+                    bn(x)
+                    bn.backward(dy)
+                blocks.append([(time.thread_time_ns() - t0) / inner / 2 / 1e3])
+            launches = len(rec.kernels) / inner / 2
+            calls = [0]
+            pkg = str(ROOT / "cupysyncbn")
+
+            def count(frame, event, arg):
+                if event == "call" and frame.f_code.co_filename.startswith(pkg):
+                    calls[0] += 1
+
+            sys.setprofile(count)
+            try:
+                bn(x)
+                bn.backward(dy)
+            finally:
+                sys.setprofile(None)
+        finally:
+            rec.execute = True
+    out = summarize(blocks, ("host_us",))
+    out.update({"py_calls": calls[0] / 2, "launches": launches,
+                "shape": list(FIXED_SHAPE), "clock": "thread CPU time"})
+    return out
+
+
 def progress(text: str) -> None:
     """A progress line for the driver (which echoes it on stderr): rank 0 only."""
     print(f"[bench] {text}", flush=True)
@@ -845,10 +920,21 @@ def fixed_table(fixed: list[dict]) -> list[str]:
     """The fixed-cost rows: microseconds per forward+backward of a tiny batch."""
     if not fixed:
         return []
-    lines = ["", "| fixed cost (per rank) | K | backend | f+b us (median) | IQR us | clock |",
+    lines = ["", "| fixed cost | K | backend | us (median) | IQR us | clock |",
              "|---|---|---|---|---|---|"]
     for r in fixed:
-        lines.append(f"| {'x'.join(map(str, r['shape']))} NCHW float32 | {r['ranks']} |"
+        if r["kind"] == "gpu_host":
+            if "error" in r:
+                lines.append(f"| GPU host path, per pass | 1 | CuPy stand-in | n/a | n/a |"
+                             f" {r['error']} |")
+            else:
+                lines.append(f"| GPU host path, per pass ({r['launches']:g} launches,"
+                             f" {r['py_calls']:g} Python calls) | 1 | null CuPy stand-in |"
+                             f" {r['host_us']:.1f} | {_iqr(r, 'host_us', 1.0, '.1f')} |"
+                             f" {r['clock']} |")
+            continue
+        lines.append(f"| f+b of {'x'.join(map(str, r['shape']))} NCHW float32 per rank |"
+                     f" {r['ranks']} |"
                      f" {r['backend']} | {r['fixed_us']:.1f} |"
                      f" {_iqr(r, 'fixed_us', 1.0, '.1f')} | {r['clock']} |")
     return lines
@@ -964,6 +1050,14 @@ def main(argv: list[str] | None = None) -> int:
             rows += got
     fixed = [r for r in rows if r.get("kind") == "fixed_cost"]
     rows = [r for r in rows if r.get("kind") != "fixed_cost"]
+    if a.gpu_host:
+        try:
+            host = gpu_host_cost(a.reps)
+        except Exception as e:  # no g++ 12 for the stand-in's emulation: say so
+            host = {"error": f"{type(e).__name__}: {e}"}
+        print(f"[bench] GPU host path: {host.get('host_us', float('nan')):.1f} us per pass",
+              file=sys.stderr, flush=True)
+        fixed.append({"kind": "gpu_host", **host})
     if not a.no_torch:
         cache = {}
         for r in rows:

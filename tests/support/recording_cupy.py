@@ -41,6 +41,9 @@ class Recorder:
         for name in self._LISTS:
             setattr(self, name, [])
         self.capturing = False
+        # False: the null stand-in, launches recorded but not executed (the
+        # host path's own time, without the emulation's; results are garbage)
+        self.execute = True
 
     def clear(self):
         for name in self._LISTS:  # in place: launchers hold the kernels list
@@ -233,6 +236,9 @@ class RawModule:
         run = cuda_emu.launcher(lib, symbols, name, REC.kernels)
 
         def call(grid, block, args):
+            if not REC.execute:
+                REC.kernels.append((name, grid, block))
+                return
             with _LAUNCH_LOCK:  # the emulation's grid state is global
                 run(grid, block, args)
         return call
