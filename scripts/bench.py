@@ -7,10 +7,17 @@ Usage::
     python scripts/bench.py --smoke         # CI-sized: one tiny shape, 1 and 2 ranks
     python scripts/bench.py --shapes 32x64x56x56 --formats NCHW --dtypes float32 --ranks 2
     python scripts/bench.py ... --cpu-backend numpy,numba   # both CPU backends, same run
+    python scripts/bench.py --suite resnet50 --per-rank 2,4   # ResNet-50's BN shapes, 2 ranks
+    python scripts/bench.py --smoke --fixed-cost --gpu-host --no-torch   # per-pass costs (us)
 
 For every row (global batch shape, data format, dtype, ranks K) it reports
 the median over repeated runs (after warm-up) of forward, backward and
-forward+backward, the slowest rank of each run counting. The batch need not
+forward+backward, the slowest rank of each run counting, and the quartiles
+of forward+backward. Forward and backward are timed in the same repetitions
+(one forward, then its backward), f+b being their sum, so the columns add up;
+PyTorch likewise, each of its calls followed by ``--torch-idle`` seconds of
+sleep so that its OpenMP workers stop spinning before ours run. A progress
+line per row goes to stderr. The batch need not
 split evenly: rank r holds ceil(N/K) samples if r < N mod K, else floor(N/K)
 (so with N < K some ranks hold none, the case synchronized batch norm exists
 for); the time is then the slowest rank's, the bandwidth that of the global
