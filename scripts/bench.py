@@ -7,10 +7,17 @@ Usage::
     python scripts/bench.py --smoke         # CI-sized: one tiny shape, 1 and 2 ranks
     python scripts/bench.py --shapes 32x64x56x56 --formats NCHW --dtypes float32 --ranks 2
     python scripts/bench.py ... --cpu-backend numpy,numba   # both CPU backends, same run
+    python scripts/bench.py --suite resnet50 --per-rank 2,4   # ResNet-50's BN shapes, 2 ranks
+    python scripts/bench.py --smoke --fixed-cost --gpu-host --no-torch   # per-pass costs (us)
 
 For every row (global batch shape, data format, dtype, ranks K) it reports
 the median over repeated runs (after warm-up) of forward, backward and
-forward+backward, the slowest rank of each run counting. The batch need not
+forward+backward, the slowest rank of each run counting, and the quartiles
+of forward+backward. Forward and backward are timed in the same repetitions
+(one forward, then its backward), f+b being their sum, so the columns add up;
+PyTorch likewise, each of its calls followed by ``--torch-idle`` seconds of
+sleep so that its OpenMP workers stop spinning before ours run. A progress
+line per row goes to stderr. The batch need not
 split evenly: rank r holds ceil(N/K) samples if r < N mod K, else floor(N/K)
 (so with N < K some ranks hold none, the case synchronized batch norm exists
 for); the time is then the slowest rank's, the bandwidth that of the global
@@ -88,36 +95,96 @@ FULL_SHAPES = [
     (32, 2048, 7, 7),
 ]
 SMOKE_SHAPES = [(4, 8, 6, 6)]
+#: Every BatchNorm2d of torchvision's ResNet-50 (v1.5: stride in the 3x3 conv) as
+#: (channels, spatial size, how many layers of the network have that shape): 53 layers.
+RESNET50_BN = [
+    (64, 112, 1),  # stem
+    (64, 56, 6), (256, 56, 4),  # layer1: 3 blocks x (64, 64, 256) + downsample 256
+    (128, 56, 1), (128, 28, 7), (512, 28, 5),  # layer2: 4 blocks, first 1x1 at 56
+    (256, 28, 1), (256, 14, 11), (1024, 14, 7),  # layer3: 6 blocks
+    (512, 14, 1), (512, 7, 5), (2048, 7, 4),  # layer4: 3 blocks
+]
+#: The fixed-cost row: a tiny per-rank batch where the time is all per-pass overhead.
+FIXED_SHAPE = (4, 16, 4, 4)
 THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 
 # --------------------------------------------------------------------------- args
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--smoke", action="store_true", help="CI-sized run (tiny shape, 1-2 ranks)")
+    p.add_argument("--smoke", action="store_true",
+                   help="CI-sized run: one tiny shape, 1 and 2 ranks, 3 reps, float32")
+    p.add_argument("--suite", choices=("resnet50",), default=None,
+                   help="resnet50: every BatchNorm shape of ResNet-50 (12 distinct shapes of its"
+                   " 53 layers) at --per-rank images per rank on 2 ranks, float32, plus the"
+                   " fixed-cost row (default: off, the --shapes table)")
+    p.add_argument("--per-rank", default="4",
+                   help="with --suite: comma-separated images per rank, e.g. 2,4 (default 4)")
     p.add_argument("--shapes", default=None,
-                   help="comma-separated NxCxHxW global shapes (default: the ResNet table)")
-    p.add_argument("--formats", default="NCHW,NHWC")
-    p.add_argument("--dtypes", default="float32,float16")
-    p.add_argument("--ranks", default=None, help="comma-separated rank counts (default 1,2,4)")
-    p.add_argument("--reps", type=int, default=None, help="timed repetitions (default 10)")
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto")
-    p.add_argument("--no-torch", action="store_true", help="skip the PyTorch baselines")
+                   help="comma-separated NxCxHxW global shapes (default: the ResNet table of"
+                   " 32-image batches)")
+    p.add_argument("--formats", default="NCHW,NHWC",
+                   help="comma-separated data formats, NCHW and/or NHWC (default NCHW,NHWC)")
+    p.add_argument("--dtypes", default="float32,float16",
+                   help="comma-separated dtypes of x: float16, float32, float64"
+                   " (default float32,float16; --smoke and --suite: float32)")
+    p.add_argument("--ranks", default=None,
+                   help="comma-separated rank counts (default 1,2,4; --smoke 1,2; --suite 2)")
+    p.add_argument("--reps", type=int, default=None,
+                   help="timed repetitions per row; medians and quartiles are over them"
+                   " (default 10, --smoke 3)")
+    p.add_argument("--warmup", type=int, default=2,
+                   help="untimed forward+backward passes before each timing (default 2,"
+                   " --smoke at most 1)")
+    p.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto",
+                   help="auto: a GPU when CuPy sees one, else the CPU (default auto)")
+    p.add_argument("--no-torch", action="store_true",
+                   help="skip the PyTorch baselines (default: time them)")
+    p.add_argument("--torch-idle", type=float, default=0.25,
+                   help="seconds to sleep after each PyTorch CPU call before timing ours, so"
+                   " that its OpenMP workers have stopped spinning (default 0.25)")
+    p.add_argument("--fixed-cost", action="store_true",
+                   help="add the fixed-cost rows: forward+backward of a tiny batch"
+                   f" {'x'.join(map(str, FIXED_SHAPE))} per rank, NCHW float32, on each rank"
+                   " count, in microseconds per pass (default: off; on with --suite)")
+    p.add_argument("--gpu-host", action="store_true",
+                   help="add the GPU host-path row: Python time per synchronized pass on the"
+                   " CuPy path, on the tests' recording stand-in with launches not executed"
+                   " (needs g++ >= 12; default: off; on with --suite)")
     p.add_argument("--copy-mib", type=int, default=None,
-                   help="array size for the copy-bandwidth probe (default 256, smoke 8)")
+                   help="array size for the copy-bandwidth probe (default 256, --suite 64,"
+                   " --smoke 8)")
     p.add_argument("--cpu-backend", default="auto",
                    help="comma-separated CPU backends to time: auto (numba when importable),"
-                   " numba, numpy (sets CUPYSYNCBN_CPU_BACKEND for the ranks)")
+                   " numba, numpy (sets CUPYSYNCBN_CPU_BACKEND for the ranks; default auto)")
     p.add_argument("--recorder", default=None, metavar="MODULE:NAME",
                    help="object with clear()/summary() counting launches and host syncs"
-                   " (e.g. support.recording_cupy:REC); adds a launches/syncs per pass column")
+                   " (e.g. support.recording_cupy:REC); adds a launches/syncs per pass column"
+                   " (default: none)")
     p.add_argument("--reproducible", action="store_true",
-                   help="time layers built with reproducible=True (docs/reproducibility.md)")
-    p.add_argument("--out", type=Path, default=Path("bench_out"))
+                   help="time layers built with reproducible=True (docs/reproducibility.md;"
+                   " default: off)")
+    p.add_argument("--out", type=Path, default=Path("bench_out"),
+                   help="folder for bench.json and bench.md (default bench_out, relative to"
+                   " the current directory)")
     # internal: one worker job under mpiexec
     p.add_argument("--worker", type=Path, default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    if a.suite == "resnet50":
+        try:
+            per = [int(v) for v in a.per_rank.split(",")]
+        except ValueError:
+            per = []
+        if not per or min(per) < 1:
+            raise SystemExit(f"--per-rank: expected positive integers, got {a.per_rank!r}")
+        a.ranks = a.ranks or "2"
+        k = max(parse_ranks(a.ranks))
+        a.shapes = a.shapes or ",".join(
+            f"{n * k}x{c}x{s}x{s}" for n in per for c, s, _ in RESNET50_BN)
+        if a.dtypes == "float32,float16":
+            a.dtypes = "float32"
+        a.copy_mib = a.copy_mib or 64
+        a.fixed_cost = a.gpu_host = True
     if a.smoke:
         a.shapes = a.shapes or ",".join("x".join(map(str, s)) for s in SMOKE_SHAPES)
         a.ranks = a.ranks or "1,2"
@@ -275,6 +342,50 @@ class Timer:
             times.append(self.slowest(time.perf_counter() - t0))
         return statistics.median(times)
 
+    def fwd_bwd(self, fwd, bwd) -> dict:
+        """Forward and backward timed in the same repetitions: consistent columns.
+
+        Each repetition times one forward and the backward right after it
+        (no barrier in between, as in training); f+b is that repetition's
+        sum. Each of the three is the slowest rank's, so the median f+b is
+        within the spread of median fwd + median bwd. Returns the medians
+        (``fwd_s``, ``bwd_s``, ``fwdbwd_s``) and their quartiles
+        (``*_q1``/``*_q3``).
+        """
+        for _ in range(self.warmup):
+            fwd()
+            bwd()
+        rows = []
+        for _ in range(self.reps):
+            self.barrier()
+            t0 = time.perf_counter()
+            fwd()
+            self.sync()
+            t1 = time.perf_counter()
+            bwd()
+            self.sync()
+            t2 = time.perf_counter()
+            rows.append([self.slowest(v) for v in (t1 - t0, t2 - t1, t2 - t0)])
+        return summarize(rows, ("fwd_s", "bwd_s", "fwdbwd_s"))
+
+
+def quartiles(values: list[float]) -> tuple[float, float, float]:
+    """(q1, median, q3) of ``values`` (the median itself for fewer than 4)."""
+    med = statistics.median(values)
+    if len(values) < 4:
+        return med, med, med
+    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return q1, med, q3
+
+
+def summarize(rows: list[list[float]], keys: tuple[str, ...]) -> dict:
+    """Median and quartiles of each column of ``rows``, keyed ``KEY``, ``KEY_q1``, ``KEY_q3``."""
+    out = {}
+    for i, key in enumerate(keys):
+        q1, med, q3 = quartiles([r[i] for r in rows])
+        out[key], out[key + "_q1"], out[key + "_q3"] = med, q1, q3
+    return out
+
 
 def copy_bandwidth(timer: Timer, xp, mib: int) -> float:
     """Aggregate copy bandwidth (bytes/s read + written) with every rank copying at once."""
@@ -325,14 +436,17 @@ def idle_wait(mpi) -> None:
 
 
 def beside_rounds(timer, mpi, rank, k, shape, fmt, dt, ours_fb, xbytes, copy_mib,
-                  with_torch) -> dict:
+                  with_torch, torch_idle=0.25) -> dict:
     """Ratios measured side by side, right after our row (CPU).
 
     Rank 0 first times ``torch.nn.BatchNorm2d`` on the whole global batch with
-    k threads while the other ranks sleep (:func:`idle_wait`). Then ``reps``
+    k threads while the other ranks sleep (:func:`idle_wait`), forward and
+    backward in the same repetitions as ours (:meth:`Timer.fwd_bwd`), then
+    sleeps ``torch_idle`` seconds: PyTorch's OpenMP workers spin for a while
+    after each call and would take a core from our next timing. Then ``reps``
     rounds of: one forward+backward of ours (all ranks), one copy of
     ``copy_mib`` MiB on every rank at once, one PyTorch forward+backward
-    (rank 0, the others asleep). ``paired_x_bound`` and
+    (rank 0, the others asleep) and ``torch_idle`` of sleep. ``paired_x_bound`` and
     ``paired_fwdbwd_vs_torch`` are the medians of the per-round ratios: load
     that drifts during a run on a shared machine affects both sides of each
     ratio alike. Returns the keys for rank 0's row ({} elsewhere).
@@ -341,9 +455,10 @@ def beside_rounds(timer, mpi, rank, k, shape, fmt, dt, ours_fb, xbytes, copy_mib
     res = {}
     if fns is not None:
         alone = Timer(None, np, False, timer.reps, timer.warmup)
-        res = {"torch_fwd_s": alone(fns[0]), "torch_bwd_s": alone(fns[1]),
-               "torch_fwdbwd_s": alone(fns[2]), "torch_threads": k,
-               "torch_version": fns[3], "torch_timed": "in the job, other ranks asleep"}
+        res = {f"torch_{key}": v for key, v in alone.fwd_bwd(fns[0], fns[1]).items()}
+        res.update({"torch_threads": k, "torch_version": fns[3],
+                    "torch_timed": "in the job, other ranks asleep"})
+        time.sleep(torch_idle)  # its OpenMP workers stop spinning before ours run
     idle_wait(mpi)
     src = np.ones(copy_mib * 2**20 // 4, dtype=np.float32)
     dst = np.empty_like(src)
@@ -357,6 +472,7 @@ def beside_rounds(timer, mpi, rank, k, shape, fmt, dt, ours_fb, xbytes, copy_mib
             t0 = time.perf_counter()
             fns[2]()
             ratios.append(ours / (time.perf_counter() - t0))
+            time.sleep(torch_idle)  # as above: no spinning PyTorch worker during ours
         idle_wait(mpi)
     res["paired_x_bound"] = statistics.median(bounds)
     if ratios:
@@ -393,7 +509,7 @@ def standin_counts(sbn, installed, recorder, shape, fmt, dt) -> dict:
 
 
 def measure_row(sbn, xp, gpu, timer, counting, rng, shape, fmt, dt, recorder=None,
-                torch_cpu=False, copy_mib=256, reproducible=False) -> dict:
+                torch_cpu=False, copy_mib=256, torch_idle=0.25, reproducible=False) -> dict:
     """Time one row on this rank's part of the batch; count its collectives."""
     ls = local_shape(tuple(shape), fmt, counting.size, counting.rank)
     x = xp.asarray(rng.standard_normal(ls, dtype=np.float32) + 1.0).astype(dt)
@@ -403,15 +519,13 @@ def measure_row(sbn, xp, gpu, timer, counting, rng, shape, fmt, dt, recorder=Non
 
     impl = type(get_backend(x)).__name__  # what actually runs (numba may be missing)
     bn.to("cuda" if gpu else "cpu")  # set_device('auto') may have put it on a GPU
-    t_f = timer(lambda: bn(x))
-    # each backward consumes one pending forward (LIFO): run it, untimed, first
-    t_b = timer(lambda: bn.backward(dy), before=lambda: bn(x))
-    t_fb = timer(lambda: (bn(x), bn.backward(dy)))
+    times = timer.fwd_bwd(lambda: bn(x), lambda: bn.backward(dy))
     beside = {}
     if not gpu:
         beside = beside_rounds(timer, timer.mpi, counting.rank, counting.size, shape, fmt, dt,
                                lambda: (bn(x), bn.backward(dy)),
-                               int(np.prod(shape)) * np.dtype(dt).itemsize, copy_mib, torch_cpu)
+                               int(np.prod(shape)) * np.dtype(dt).itemsize, copy_mib, torch_cpu,
+                               torch_idle)
     counts = {}
     standin = getattr(sys.modules.get(type(recorder).__module__), "installed", None)
     if standin is not None:  # the CuPy path, counted on the recording stand-in
@@ -433,10 +547,124 @@ def measure_row(sbn, xp, gpu, timer, counting, rng, shape, fmt, dt, recorder=Non
         "rank_batches": rank_batches(shape[0], counting.size), "backend": impl, **counts,
         "reproducible": reproducible,
         **beside,
-        "fwd_s": t_f, "bwd_s": t_b, "fwdbwd_s": t_fb,
+        **times,
         "fwd_bytes": 3 * xbytes, "bwd_bytes": 5 * xbytes,
         "collectives_per_step": counting.calls, "comm_bytes_per_step": counting.bytes,
     }
+
+
+def fixed_cost(sbn, comm, mpi, reps: int, inner: int = 100) -> dict:
+    """Per-pass fixed cost: forward+backward of a tiny batch, in microseconds.
+
+    ``FIXED_SHAPE`` per rank, NCHW float32, NumPy arrays. ``reps`` blocks of
+    ``inner`` consecutive forward+backward passes each (after 200 warm-up
+    passes); each block's time per pass is the slowest rank's wall time on
+    several ranks and this thread's CPU time (``time.thread_time_ns``, robust
+    to other load on the machine) on one. Median and quartiles over blocks.
+    """
+    rng = np.random.default_rng(comm.rank)
+    x = rng.standard_normal(FIXED_SHAPE, dtype=np.float32)
+    dy = rng.standard_normal(FIXED_SHAPE, dtype=np.float32)
+    bn = sbn.SyncBatchNorm(FIXED_SHAPE[1], comm=comm)
+    for _ in range(200):
+        bn(x)
+        bn.backward(dy)
+    clock = time.perf_counter_ns if mpi is not None else time.thread_time_ns
+    blocks = []
+    for _ in range(max(reps, 5) * 3):
+        if mpi is not None:
+            mpi.Barrier()
+        t0 = clock()
+        for _ in range(inner):
+            bn(x)
+            bn.backward(dy)
+        t = (clock() - t0) / inner / 1e3
+        if mpi is not None:
+            from mpi4py import MPI
+
+            t = mpi.allreduce(t, op=MPI.MAX)
+        blocks.append([t])
+    out = summarize(blocks, ("fixed_us",))
+    out.update({"kind": "fixed_cost", "shape": list(FIXED_SHAPE), "ranks": comm.size,
+                "clock": "wall, slowest rank" if mpi is not None else "thread CPU time",
+                "backend": type(sbn.backends.get_backend(x)).__name__})
+    return out
+
+
+def gpu_host_cost(reps: int, inner: int = 50) -> dict:
+    """Python time per synchronized pass on the CuPy path, without a GPU (issue 26 item 3).
+
+    The layer runs on the recording CuPy stand-in of the tests
+    (``tests/support/recording_cupy.py``) in its null mode: launches are
+    recorded, not executed. A (4,16,4,4) float32 NCHW batch, a
+    ``NoCommunicator`` with forced collectives (the all-reduce path). The time
+    per pass (half a forward+backward; this thread's CPU time, median of
+    blocks of ``inner`` forward+backward) includes the stand-in's own NumPy
+    work for allocations and copies (a real CuPy call costs about as much);
+    ``py_calls`` counts the Python function calls per pass made from the
+    package's own modules (``sys.setprofile``).
+    """
+    tests = str(ROOT / "tests")
+    if tests not in sys.path:
+        sys.path.append(tests)
+    from support import recording_cupy
+
+    import cupysyncbn as sbn
+    from cupysyncbn.comm.base import NoCommunicator
+
+    rec = recording_cupy.REC
+    comm = NoCommunicator()
+    comm.force_collectives = True
+    n, c, h, w = FIXED_SHAPE
+    rng = np.random.default_rng(0)
+    with recording_cupy.installed() as cp:
+        bn = sbn.SyncBatchNorm(c, comm=comm)
+        bn.weight.data, bn.bias.data = cp.ones(c, "float32"), cp.zeros(c, "float32")
+        object.__setattr__(bn, "_mean", cp.zeros(c, "float32"))
+        object.__setattr__(bn, "_variance", cp.ones(c, "float32"))
+        x = cp.asarray(rng.standard_normal(FIXED_SHAPE, dtype=np.float32))
+        dy = cp.asarray(rng.standard_normal(FIXED_SHAPE, dtype=np.float32))
+        for _ in range(3):  # executed: the handshake, the mean pass, the shift
+            bn(x)
+            bn.backward(dy)
+        rec.execute = False
+        try:
+            for _ in range(inner):
+                bn(x)
+                bn.backward(dy)
+            blocks = []
+            for _ in range(max(reps, 5) * 3):
+                rec.clear()
+                t0 = time.thread_time_ns()
+                for _ in range(inner):
+                    bn(x)
+                    bn.backward(dy)
+                blocks.append([(time.thread_time_ns() - t0) / inner / 2 / 1e3])
+            launches = len(rec.kernels) / inner / 2
+            calls = [0]
+            pkg = str(ROOT / "cupysyncbn")
+
+            def count(frame, event, arg):
+                if event == "call" and frame.f_code.co_filename.startswith(pkg):
+                    calls[0] += 1
+
+            sys.setprofile(count)
+            try:
+                bn(x)
+                bn.backward(dy)
+            finally:
+                sys.setprofile(None)
+        finally:
+            rec.execute = True
+    out = summarize(blocks, ("host_us",))
+    out.update({"py_calls": calls[0] / 2, "launches": launches,
+                "shape": list(FIXED_SHAPE), "clock": "thread CPU time"})
+    return out
+
+
+def progress(text: str) -> None:
+    """A progress line for the driver (which echoes it on stderr): rank 0 only."""
+    print(f"[bench] {text}", flush=True)
 
 
 def run_worker(spec: dict) -> list[dict] | None:
@@ -465,15 +693,28 @@ def run_worker(spec: dict) -> list[dict] | None:
     recorder = load_recorder(spec.get("recorder"))
     rows = []
     rng = np.random.default_rng(comm.rank)
-    for shape in spec["shapes"]:
-        for fmt in spec["formats"]:
-            for dt in spec["dtypes"]:
-                # the bound of this row, measured just before it
-                copy_bw = copy_bandwidth(timer, xp, spec["copy_mib"])
-                rows.append(measure_row(sbn, xp, gpu, timer, counting, rng, shape, fmt, dt,
-                                        recorder, spec.get("torch", False), spec["copy_mib"],
-                                        spec.get("reproducible", False)))
-                rows[-1]["copy_bw"] = copy_bw
+    todo = [(tuple(s), f, d) for s in spec["shapes"] for f in spec["formats"]
+            for d in spec["dtypes"]]
+    k = comm.size
+    for i, (shape, fmt, dt) in enumerate(todo):
+        t0 = time.perf_counter()
+        # the bound of this row, measured just before it
+        copy_bw = copy_bandwidth(timer, xp, spec["copy_mib"])
+        rows.append(measure_row(sbn, xp, gpu, timer, counting, rng, shape, fmt, dt,
+                                recorder, spec.get("torch", False), spec["copy_mib"],
+                                spec.get("torch_idle", 0.25), spec.get("reproducible", False)))
+        rows[-1]["copy_bw"] = copy_bw
+        if comm.rank == 0:
+            r = rows[-1]
+            vs = r.get("torch_fwdbwd_s")
+            progress(f"{k} rank(s) row {i + 1}/{len(todo)}: {'x'.join(map(str, shape))} {fmt}"
+                     f" {dt}: f+b {r['fwdbwd_s'] * 1e3:.3f} ms"
+                     + (f", {r['fwdbwd_s'] / vs:.2f}x PyTorch" if vs else "")
+                     + f" ({time.perf_counter() - t0:.1f}s)")
+    if spec.get("fixed_cost") and not gpu:
+        rows.append(fixed_cost(sbn, comm, mpi, spec["reps"]))
+        if comm.rank == 0:
+            progress(f"{k} rank(s) fixed cost: {rows[-1]['fixed_us']:.1f} us per f+b")
     return rows if comm.rank == 0 else None
 
 
@@ -503,7 +744,15 @@ def torch_cpu_fns(shape, fmt, dt, threads):
     def fb():
         bn(x).backward(dy)
 
-    return (lambda: bn(x)), (lambda: y.backward(dy, retain_graph=True)), fb, torch.__version__
+    last = [y]
+
+    def fwd():
+        last[0] = bn(x)
+
+    def bwd():  # the graph of the forward just before it, as in training
+        last[0].backward(dy)
+
+    return fwd, bwd, fb, torch.__version__
 
 
 def torch_baselines(shape, fmt, dt, threads, gpu, timer_args) -> dict:
@@ -529,32 +778,25 @@ def torch_baselines(shape, fmt, dt, threads, gpu, timer_args) -> dict:
         if gpu:
             torch.cuda.synchronize()
 
-    def timeit(fn):
-        for _ in range(warmup):
-            fn()
-        ts = []
-        for _ in range(reps):
-            sync()
-            t0 = time.perf_counter()
-            fn()
-            sync()
-            ts.append(time.perf_counter() - t0)
-        return statistics.median(ts)
-
     def measure(bn, key):
         bn = bn.to(dev)
         try:
-            y = bn(x)
+            bn(x)
         except RuntimeError:
             bn = bn.to(tdt)  # a torch build without mixed-dtype batch norm
+        rows = []
+        for i in range(warmup + reps):  # forward and backward in the same repetitions
+            sync()
+            t0 = time.perf_counter()
             y = bn(x)
-        res[key + "_fwd_s"] = timeit(lambda: bn(x))
-        res[key + "_bwd_s"] = timeit(lambda: y.backward(dy, retain_graph=True))
-
-        def fb():
-            bn(x).backward(dy)
-
-        res[key + "_fwdbwd_s"] = timeit(fb)
+            sync()
+            t1 = time.perf_counter()
+            y.backward(dy)
+            sync()
+            t2 = time.perf_counter()
+            if i >= warmup:
+                rows.append([t1 - t0, t2 - t1, t2 - t0])
+        res.update(summarize(rows, tuple(f"{key}_{p}_s" for p in ("fwd", "bwd", "fwdbwd"))))
 
     if gpu:
         measure(torch.nn.BatchNorm2d(c), "torch")  # cuDNN
@@ -635,12 +877,30 @@ def launch(spec: dict, k: int, timeout: float, cpu_backend: str = "auto") -> lis
             if mpiexec is None:
                 raise SystemExit("mpiexec not found (pip install mpich)")
             cmd = [mpiexec, "-n", str(k), sys.executable, __file__, "--worker", str(path)]
-        proc = subprocess.run(cmd, env=env, timeout=timeout, capture_output=True, text=True)
-        if proc.returncode != 0:
+        # stdout and stderr merged, read line by line: the ranks' progress
+        # lines go to our stderr as they come, the rest is kept for errors
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+        import threading
+
+        killer = threading.Timer(timeout, proc.kill)
+        killer.start()
+        raw = []
+        try:
+            for line in proc.stdout:
+                if line.startswith("[bench] "):
+                    sys.stderr.write(line)
+                    sys.stderr.flush()
+                else:
+                    raw.append(line)
+            rc = proc.wait()
+        finally:
+            killer.cancel()
+        if rc != 0:
             errors = worker_errors(Path(tmp), k)
             # the ranks' own messages, once each; the raw output only if they left none
-            sys.stderr.write((errors or proc.stdout + proc.stderr).rstrip() + "\n")
-            raise SystemExit(f"benchmark worker on {k} rank(s) failed ({proc.returncode})")
+            sys.stderr.write((errors or "".join(raw)).rstrip() + "\n")
+            raise SystemExit(f"benchmark worker on {k} rank(s) failed ({rc})")
         return json.loads((Path(tmp) / "spec.json.out").read_text())
 
 
@@ -665,14 +925,45 @@ def _span(values: list[float]) -> str:
     return f"{lo:.1f}" if f"{lo:.1f}" == f"{hi:.1f}" else f"{lo:.1f}-{hi:.1f}"
 
 
-def markdown(rows: list[dict], meta: dict) -> str:
+def _iqr(r: dict, key: str, scale: float = 1e3, fmt: str = ".2f") -> str:
+    """``q1-q3`` of ``key`` (scaled), or n/a for rows without quartiles."""
+    if key + "_q1" not in r:
+        return "n/a"
+    return f"{r[key + '_q1'] * scale:{fmt}}-{r[key + '_q3'] * scale:{fmt}}"
+
+
+def fixed_table(fixed: list[dict]) -> list[str]:
+    """The fixed-cost rows: microseconds per forward+backward of a tiny batch."""
+    if not fixed:
+        return []
+    lines = ["", "| fixed cost | K | backend | us (median) | IQR us | clock |",
+             "|---|---|---|---|---|---|"]
+    for r in fixed:
+        if r["kind"] == "gpu_host":
+            if "error" in r:
+                lines.append(f"| GPU host path, per pass | 1 | CuPy stand-in | n/a | n/a |"
+                             f" {r['error']} |")
+            else:
+                lines.append(f"| GPU host path, per pass ({r['launches']:g} launches,"
+                             f" {r['py_calls']:g} Python calls) | 1 | null CuPy stand-in |"
+                             f" {r['host_us']:.1f} | {_iqr(r, 'host_us', 1.0, '.1f')} |"
+                             f" {r['clock']} |")
+            continue
+        lines.append(f"| f+b of {'x'.join(map(str, r['shape']))} NCHW float32 per rank |"
+                     f" {r['ranks']} |"
+                     f" {r['backend']} | {r['fixed_us']:.1f} |"
+                     f" {_iqr(r, 'fixed_us', 1.0, '.1f')} | {r['clock']} |")
+    return lines
+
+
+def markdown(rows: list[dict], meta: dict, fixed: list[dict] | None = None) -> str:
     gpu = meta["gpu"]
     show_backend = not gpu
     show_counts = any("launches_fwd" in r for r in rows)
     head = ["shape (global)", "fmt", "dtype", "K"] + (["backend"] if show_backend else [])
-    head += ["fwd ms", "bwd ms", "f+b ms", "f+b GB/s", "vs copy", "x bound"]
+    head += ["fwd ms", "bwd ms", "f+b ms", "f+b IQR ms", "f+b GB/s", "vs copy", "x bound"]
     show_paired = any("paired_x_bound" in r for r in rows)
-    head += ["vs torch f/b/f+b"] + (["vs torch Sync f+b"] if gpu else [])
+    head += ["torch f+b ms", "vs torch f/b/f+b"] + (["vs torch Sync f+b"] if gpu else [])
     head += ["paired x bound", "paired vs torch"] if show_paired else []
     head += ["coll/step", "bytes/step"] + (["launch/sync f;b"] if show_counts else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -682,9 +973,11 @@ def markdown(rows: list[dict], meta: dict) -> str:
         cells = [
             "x".join(map(str, r["shape"])), r["format"], r["dtype"], str(r["ranks"]),
         ] + ([r.get("backend", "?")] if show_backend else []) + [
-            f"{r['fwd_s'] * 1e3:.2f}", f"{r['bwd_s'] * 1e3:.2f}", f"{r['fwdbwd_s'] * 1e3:.2f}",
+            f"{r['fwd_s'] * 1e3:.3f}", f"{r['bwd_s'] * 1e3:.3f}", f"{r['fwdbwd_s'] * 1e3:.3f}",
+            _iqr(r, "fwdbwd_s", 1e3, ".3f"),
             f"{r['fwdbwd_bw'] / 1e9:.1f}", f"{r['fwdbwd_vs_copy']:.2f}",
-            f"{r['fwdbwd_x_bound']:.2f}", vt,
+            f"{r['fwdbwd_x_bound']:.2f}",
+            f"{r['torch_fwdbwd_s'] * 1e3:.3f}" if "torch_fwdbwd_s" in r else "n/a", vt,
         ]
         if gpu:
             vs = r.get("fwdbwd_vs_torch_sync")
@@ -708,6 +1001,9 @@ def markdown(rows: list[dict], meta: dict) -> str:
         + ", ".join(f"K={k}: {_span(bws)} GB/s" for k, bws in sorted(copy.items())),
         "vs copy = effective f+b bandwidth / copy bandwidth; x bound = f+b time / 8-pass bound;"
         " vs torch = our time / PyTorch's (< 1: faster).",
+        f"times: medians over {meta['reps']} repetitions after {meta['warmup']} warm-up passes;"
+        " each repetition times one forward and the backward right after it (ours: the"
+        " slowest rank's), f+b is their sum in that repetition; IQR = quartiles of f+b.",
     ]
     if show_paired:
         notes.append("CPU: PyTorch timed inside the job on rank 0 while the other ranks sleep,"
@@ -725,7 +1021,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
     if show_counts:
         notes.append("launch/sync f;b = device launches / host synchronizations per forward;"
                      " per backward pass (from --recorder).")
-    return "\n".join(lines + notes) + "\n"
+    return "\n".join(lines + notes + fixed_table(fixed or [])) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -748,7 +1044,8 @@ def main(argv: list[str] | None = None) -> int:
         "reps": a.reps, "warmup": a.warmup, "copy_mib": a.copy_mib, "gpu": gpu,
         "recorder": a.recorder, "reproducible": a.reproducible,
         # CPU: PyTorch timed inside the job (rank 0, others asleep), right after each row
-        "torch": not a.no_torch and not gpu,
+        "torch": not a.no_torch and not gpu, "torch_idle": a.torch_idle,
+        "fixed_cost": a.fixed_cost,
     }
     for f in spec["formats"]:
         if f not in ("NCHW", "NHWC"):
@@ -767,6 +1064,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[bench] {b}, {k} rank(s): {len(got)} rows in"
                   f" {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
             rows += got
+    fixed = [r for r in rows if r.get("kind") == "fixed_cost"]
+    rows = [r for r in rows if r.get("kind") != "fixed_cost"]
+    if a.gpu_host:
+        try:
+            host = gpu_host_cost(a.reps)
+        except Exception as e:  # no g++ 12 for the stand-in's emulation: say so
+            host = {"error": f"{type(e).__name__}: {e}"}
+        print(f"[bench] GPU host path: {host.get('host_us', float('nan')):.1f} us per pass",
+              file=sys.stderr, flush=True)
+        fixed.append({"kind": "gpu_host", **host})
     if not a.no_torch:
         cache = {}
         for r in rows:
@@ -802,11 +1109,13 @@ def main(argv: list[str] | None = None) -> int:
         + " ".join(argv if argv is not None else sys.argv[1:]),
         "reps": a.reps, "warmup": a.warmup, "smoke": a.smoke, "cpu_backends": backends,
     }
-    md = markdown(rows, meta)
+    md = markdown(rows, meta, fixed)
     a.out.mkdir(parents=True, exist_ok=True)
-    (a.out / "bench.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    data = {"meta": meta, "rows": rows, "fixed_cost": fixed}
+    (a.out / "bench.json").write_text(json.dumps(data, indent=1) + "\n")
     (a.out / "bench.md").write_text(md)
     print(md)
+    print(f"[bench] wrote {a.out / 'bench.json'} and {a.out / 'bench.md'}", file=sys.stderr)
     return 0
 
 
