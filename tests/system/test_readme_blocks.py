@@ -12,7 +12,10 @@ on a block's first line changes how it runs:
 A ``# launch: LAUNCHER`` line among a block's first three lines runs it once
 more under that launcher, as its text says (``mpiexec -n K``, ``torchrun
 --nproc-per-node K``, ``python -m paddle.distributed.launch --nproc_per_node
-K``): every documented way to start a job is exercised.
+K``, ``srun -n K``): every documented way to start a job is exercised. There
+is no Slurm here: ``srun -n K`` runs as ``mpiexec`` (its process manager
+stands in for Slurm's PMI) with the variables srun sets for each task
+(``SLURM_PROCID``, ``SLURM_LOCALID``, ``SLURM_NTASKS``, ``SLURM_NODEID``...).
 
 Illustrations that must not run use ```text or ```bash fences. Also checks the
 all-reduce counts docs/design.md states, with a counting communicator.
@@ -35,7 +38,7 @@ _FENCE = re.compile(r"^```python[ \t]*\n(.*?)^```[ \t]*$", re.S | re.M)
 _MPI = re.compile(r"#\s*mpiexec\s+-n\s+(\d+)")
 _NEEDS = re.compile(r"#\s*needs:\s*([\w, ]+)")
 _LAUNCH = re.compile(
-    r"#\s*launch:\s*(mpiexec -n|torchrun --nproc-per-node|"
+    r"#\s*launch:\s*(mpiexec -n|torchrun --nproc-per-node|srun -n|"
     r"python -m paddle\.distributed\.launch --nproc_per_node) (\d+)"
 )
 TIMEOUT = 120
@@ -86,7 +89,7 @@ def test_readme_and_docs_have_blocks():
     assert any(_MPI.match(f.strip()) for f in firsts)
     assert any(_NEEDS.match(f.strip()) for f in firsts)
     kinds = {k for b in blocks for k, _ in _launches(b.values[0])}
-    assert kinds == {"mpiexec", "torchrun", "paddle"}, kinds
+    assert kinds == {"mpiexec", "torchrun", "paddle", "srun"}, kinds
     # a '# launch:' line the runner would not understand is a typo, not a pass
     for b in blocks:
         for line in b.values[0].splitlines()[:3]:
@@ -116,6 +119,17 @@ def _launch(kind: str, n: int, script, folder) -> str | None:
         del env[var]  # a clean job of that launcher only
     if kind == "mpiexec":
         cmd = [require_mpiexec(), "-n", str(n), sys.executable, str(script)]
+    elif kind == "srun":
+        cmd = [require_mpiexec()]
+        for task in range(n):  # one MPMD section per task: its own SLURM_* values
+            slurm = {"SLURM_PROCID": task, "SLURM_LOCALID": task, "SLURM_NTASKS": n,
+                     "SLURM_NPROCS": n, "SLURM_NODEID": 0, "SLURM_NNODES": 1,
+                     "SLURM_JOB_ID": 4242, "SLURM_STEP_ID": 0}
+            cmd += [":"] if task else []
+            cmd += ["-n", "1"]
+            for var, val in slurm.items():
+                cmd += ["-env", var, str(val)]
+            cmd += [sys.executable, str(script)]
     elif kind == "torchrun":
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                "--nproc-per-node", str(n), str(script)]
