@@ -83,7 +83,7 @@ import numpy as np
 
 __all__ = [
     "FOLD_BITS", "MAX_COUNT", "EMPTY_EXP", "NONFINITE_EXP", "SPLITTER", "folds_for",
-    "sigmas", "absmax", "bound_exponent", "scale_exponent", "pow2", "scaled",
+    "sigmas", "absmax", "bound_exponent", "scale_exponent", "pow2", "scaled", "scale_factors",
     "fold_into", "square_parts", "moment_folds", "backward_bounds", "backward_folds",
     "two_sum", "fast_two_sum", "two_prod", "dd_from_folds", "dd_div", "finalize_sum",
     "finalize_moments", "check_count", "normalize", "backward_elemt", "moments_z",
@@ -226,15 +226,23 @@ def scaled(block: np.ndarray, e: np.ndarray, rows: Any) -> np.ndarray:
     two exact steps, ``2**(-E-600) * 2**600``, on an already exact value.
     """
     z = block.astype(_F64)
+    f1, f2 = scale_factors(e)
+    z *= _per_row(f1, rows)
+    if (f2 != 1.0).any():  # times 1.0 is exact: skipping it changes no bit
+        z *= _per_row(f2, rows)
+    return z
+
+
+def scale_factors(e: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``2**-E`` per channel as two exact factors ``(f1, f2)`` (``f2`` is 1 unless ``E < -1023``).
+
+    ``f1 = 2**(-E-600)``, ``f2 = 2**600`` where ``2**-E`` is not a float64,
+    else ``f1 = 2**-E``, ``f2 = 1``: :func:`scaled` multiplies by ``f1``,
+    then by ``f2`` (the numba loops and the CUDA kernels by both, always).
+    """
     neg = -e
     big = neg > 1023
-    if not big.any():
-        z *= _per_row(pow2(neg), rows)
-        return z
-    first = np.where(big, neg - 600.0, neg)
-    z *= _per_row(pow2(first), rows)
-    z *= _per_row(np.where(big, 2.0**600, 1.0), rows)
-    return z
+    return pow2(np.where(big, neg - 600.0, neg)), np.where(big, 2.0**600, 1.0)
 
 
 # ---------------------------------------------------------------------------

@@ -356,14 +356,9 @@ class CupyBackend(Backend):
         return out.reshape(q, c, g)
 
     def _exact_scales(self, e: Any) -> Any:
-        """``[2, C]``: the two power-of-two factors of ``exact_sums.scaled`` per channel."""
-        cp = self.xp
-        neg = -cp.asarray(e, dtype=_F64)
-        big = neg > 1023
-        first = cp.where(big, neg - 600.0, neg)
-        return cp.ascontiguousarray(cp.stack([
-            cp.ldexp(cp.ones_like(first), first.astype(np.int32)),
-            cp.where(big, 2.0**600, 1.0)]))
+        """``[2, C]``: ``exact_sums.scale_factors`` per channel (computed on the host)."""
+        host = self.xp.asnumpy(e) if isinstance(e, self.xp.ndarray) else np.asarray(e)
+        return self.xp.asarray(np.stack(exact_sums.scale_factors(host.astype(_F64))))
 
     def _sigmas(self, k_folds: int) -> Any:
         return self.xp.asarray(np.array(exact_sums.sigmas(k_folds), dtype=_F64))

@@ -128,20 +128,13 @@ def _moments_cl(x, f1, f2, sig, split, out):  # noqa: ANN001, ANN202 - numba
         _square_buf(z, r, c, split, sig, out, k)
 
 
-def _factors(e: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``2**-E`` as the reference's two exact factors (the second is 1 unless ``E < -1023``)."""
-    neg = -e
-    big = neg > 1023
-    return _ref.pow2(np.where(big, neg - 600.0, neg)), np.where(big, 2.0**600, 1.0)
-
-
 def moment_folds(
     v: np.ndarray, channel_last: bool, e: np.ndarray, k_folds: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """:func:`..exact_sums.moment_folds`, the same bits."""
     if np.dtype(v.dtype) not in _LOADS:
         return _ref.moment_folds(v, channel_last, e, k_folds)
-    f1, f2 = _factors(e)
+    f1, f2 = _ref.scale_factors(e)
     sig = np.array(_ref.sigmas(k_folds))
     out = np.zeros((2 * k_folds, v.shape[1]), _F64)
     split = np.dtype(v.dtype).itemsize >= 8
@@ -224,8 +217,8 @@ def _backward(dy: np.ndarray, x: np.ndarray, channel_last: bool, mean: np.ndarra
               fold: bool, eg: Any = None, eh: Any = None, k: int = 1) -> tuple:
     c = x.shape[1]
     mean = mean.astype(_F64)
-    fg1, fg2 = _factors(eg) if fold else (mean, mean)
-    fh1, fh2 = _factors(eh) if fold else (mean, mean)
+    fg1, fg2 = _ref.scale_factors(eg) if fold else (mean, mean)
+    fh1, fh2 = _ref.scale_factors(eh) if fold else (mean, mean)
     sig = np.array(_ref.sigmas(k))
     out = np.zeros((2 * k, c), _F64)
     bounds = np.zeros((3, c), _F64)
