@@ -27,6 +27,7 @@ import importlib.util
 import re
 import subprocess
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -43,6 +44,10 @@ _LAUNCH = re.compile(
 )
 TIMEOUT = 120
 LAUNCH_TIMEOUT = 300
+#: One multi-process job at a time (blocks of one process still run two at
+#: once): two jobs of 2-3 processes each on two cores starved one another, and
+#: a torchrun rank then aborted now and then (std::terminate inside a rank).
+_JOBS = threading.Lock()
 
 
 def _blocks():
@@ -136,7 +141,8 @@ def _launch(kind: str, n: int, script, folder) -> str | None:
     else:
         cmd = [sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", str(n),
                "--log_dir", str(folder / "log"), str(script)]
-    res = run_job(cmd, LAUNCH_TIMEOUT, kind, env, folder, merge_stderr=True)
+    with _JOBS:
+        res = run_job(cmd, LAUNCH_TIMEOUT, kind, env, folder, merge_stderr=True)
     if res.returncode != 0:
         logs = "".join(p.read_text() for p in sorted((folder / "log").glob("workerlog.*")))
         return f"block failed under {kind} with {n} processes:\n{res.stdout}\n{logs}"
@@ -147,7 +153,8 @@ def _run_block(code: str, folder) -> str | None:
     """Run one block (and under each launcher it names); None when it passed."""
     mpi = _MPI.match(_first_line(code).strip())
     if mpi:
-        run_mpi(code, int(mpi.group(1)), timeout=TIMEOUT, tmp_path=folder)
+        with _JOBS:
+            run_mpi(code, int(mpi.group(1)), timeout=TIMEOUT, tmp_path=folder)
         return None
     script = folder / "block.py"
     script.write_text(code)
