@@ -68,6 +68,32 @@ __device__ __forceinline__ void fold_square(double z, bool split, const double* 
   fold(__dmul_rn(lo, lo), sig, K, acc);
 }
 
+// z = v * 2**-E as two exact factors (exact_sums.scale_factors), in that order.
+__device__ __forceinline__ double scaled(double v, double a, double b) {
+  return __dmul_rn(__dmul_rn(v, a), b);
+}
+
+// One element of the forward: z into acc[0..K), the parts of z*z into acc[K..2K).
+__device__ __forceinline__ void moment_element(double v, double a, double b, bool split,
+                                               const double* sig, int K, double* acc) {
+  const double z = scaled(v, a, b);
+  fold(z, sig, K, acc);
+  fold_square(z, split, sig, K, acc + K);
+}
+
+// h = g * (x - mean) of the backward (float64, rounded twice).
+__device__ __forceinline__ double product(double g, double xv, double mu) {
+  return __dmul_rn(__dsub_rn(xv, mu), g);
+}
+
+// One element of the backward: g into acc[0..K), h into acc[K..2K).
+__device__ __forceinline__ void bwd_element(double g, double xv, double mu, double ga,
+                                            double gb, double ha, double hb,
+                                            const double* sig, int K, double* acc) {
+  fold(scaled(g, ga, gb), sig, K, acc);
+  fold(scaled(product(g, xv, mu), ha, hb), sig, K, acc + K);
+}
+
 // Sum (or max) Q values per thread over the block; thread 0 (or row 0 of a
 // channel-last block) ends with the result. Exact sums and maxima: any order.
 template <bool MAX>
@@ -148,10 +174,8 @@ __global__ void bn_exact_folds_cf(const T* __restrict__ x, sbn::i64 N, sbn::i64 
     for (sbn::i64 j = (sbn::i64)blockIdx.x * blockDim.x + threadIdx.x; j < total; j += step) {
       const sbn::i64 n = j / S;
       const sbn::i64 s = j - n * S;
-      const double z =
-          __dmul_rn(__dmul_rn(sbn::io<T>::template load<double>(x, (n * C + c) * S + s), a), b);
-      sbn_exact::fold(z, sig, K, acc);
-      sbn_exact::fold_square(z, split != 0, sig, K, acc + K);
+      sbn_exact::moment_element(sbn::io<T>::template load<double>(x, (n * C + c) * S + s), a, b,
+                                split != 0, sig, K, acc);
     }
     sbn_exact::block_combine<false>(acc, 2 * K, smem, blockDim.x);
     if (threadIdx.x == 0) {
@@ -173,9 +197,8 @@ __global__ void bn_exact_folds_cl(const T* __restrict__ x, sbn::i64 M, sbn::i64 
   if (c < C) {
     const double a = m1[c], b = m2[c];
     for (sbn::i64 r = (sbn::i64)blockIdx.y * blockDim.y + threadIdx.y; r < M; r += step) {
-      const double z = __dmul_rn(__dmul_rn(sbn::io<T>::template load<double>(x, r * C + c), a), b);
-      sbn_exact::fold(z, sig, K, acc);
-      sbn_exact::fold_square(z, split != 0, sig, K, acc + K);
+      sbn_exact::moment_element(sbn::io<T>::template load<double>(x, r * C + c), a, b,
+                                split != 0, sig, K, acc);
     }
   }
   sbn_exact::block_combine<false>(acc, 2 * K, smem, blockDim.y);
@@ -204,7 +227,7 @@ __global__ void bn_exact_bwd_absmax_cf(const T* __restrict__ dy, const T* __rest
       const sbn::i64 n = j / S;
       const sbn::i64 i = (n * C + c) * S + (j - n * S);
       const double g = sbn::io<T>::template load<double>(dy, i);
-      const double h = __dmul_rn(__dsub_rn(sbn::io<T>::template load<double>(x, i), mu), g);
+      const double h = sbn_exact::product(g, sbn::io<T>::template load<double>(x, i), mu);
       m[0] = sbn_exact::amax(m[0], g);
       m[1] = sbn_exact::amax(m[1], h);
     }
@@ -229,8 +252,7 @@ __global__ void bn_exact_bwd_absmax_cl(const T* __restrict__ dy, const T* __rest
     const double mu = mean[c];
     for (sbn::i64 r = (sbn::i64)blockIdx.y * blockDim.y + threadIdx.y; r < M; r += step) {
       const double g = sbn::io<T>::template load<double>(dy, r * C + c);
-      const double h =
-          __dmul_rn(__dsub_rn(sbn::io<T>::template load<double>(x, r * C + c), mu), g);
+      const double h = sbn_exact::product(g, sbn::io<T>::template load<double>(x, r * C + c), mu);
       m[0] = sbn_exact::amax(m[0], g);
       m[1] = sbn_exact::amax(m[1], h);
     }
@@ -261,9 +283,8 @@ __global__ void bn_exact_bwd_folds_cf(const T* __restrict__ dy, const T* __restr
       const sbn::i64 n = j / S;
       const sbn::i64 i = (n * C + c) * S + (j - n * S);
       const double g = sbn::io<T>::template load<double>(dy, i);
-      const double h = __dmul_rn(__dsub_rn(sbn::io<T>::template load<double>(x, i), mu), g);
-      sbn_exact::fold(__dmul_rn(__dmul_rn(g, ga), gb), sig, K, acc);
-      sbn_exact::fold(__dmul_rn(__dmul_rn(h, ha), hb), sig, K, acc + K);
+      sbn_exact::bwd_element(g, sbn::io<T>::template load<double>(x, i), mu, ga, gb, ha, hb, sig,
+                             K, acc);
     }
     sbn_exact::block_combine<false>(acc, 2 * K, smem, blockDim.x);
     if (threadIdx.x == 0) {
@@ -287,10 +308,8 @@ __global__ void bn_exact_bwd_folds_cl(const T* __restrict__ dy, const T* __restr
     const double mu = mean[c], ga = mg[c], gb = mg[C + c], ha = mh[c], hb = mh[C + c];
     for (sbn::i64 r = (sbn::i64)blockIdx.y * blockDim.y + threadIdx.y; r < M; r += step) {
       const double g = sbn::io<T>::template load<double>(dy, r * C + c);
-      const double h =
-          __dmul_rn(__dsub_rn(sbn::io<T>::template load<double>(x, r * C + c), mu), g);
-      sbn_exact::fold(__dmul_rn(__dmul_rn(g, ga), gb), sig, K, acc);
-      sbn_exact::fold(__dmul_rn(__dmul_rn(h, ha), hb), sig, K, acc + K);
+      sbn_exact::bwd_element(g, sbn::io<T>::template load<double>(x, r * C + c), mu, ga, gb, ha,
+                             hb, sig, K, acc);
     }
   }
   sbn_exact::block_combine<false>(acc, 2 * K, smem, blockDim.y);
