@@ -317,3 +317,178 @@ __global__ void bn_exact_bwd_folds_cl(const T* __restrict__ dy, const T* __restr
     for (int q = 0; q < 2 * K; ++q) out[(q * C + c) * G + blockIdx.y] = acc[q];
   }
 }
+
+// ---------------------------------------------------------------------------
+// The per-sample path (cupysyncbn/backends/exact_samples.py): within-sample
+// sums in that module's canonical order, one thread per (sample, channel);
+// the host deposits the [Q, N, C] partials into the folds. Every operation
+// is an explicitly rounded intrinsic (no fused multiply-add).
+//
+//   bn_exact_sample_{cf,cl}<T>: shift s (the sample's first value), a =
+//       sum(d), b = sum(d * d), d = double(x) - s; Q = 3
+//   bn_exact_sample_bwd_{cf,cl}<T, CT>: g = sum(double(dy)), h = sum(g *
+//       double(CT(x) - mean)) (the difference in the compute type CT); Q = 2
+//
+// Channel-first (N, C, S): thread n * C + c of a 1-D grid. Channel-last
+// (N * S, C): grid = (ceil(C / 128), min(N, 65535)), block = 128 threads
+// over the channels; samples in steps of gridDim.y.
+// ---------------------------------------------------------------------------
+
+#define SBN_SAMPLE_LANES 16
+#define SBN_SAMPLE_TILE 64
+
+namespace sbn_exact {
+
+__device__ __forceinline__ float sub_rn(float a, float b) { return __fsub_rn(a, b); }
+__device__ __forceinline__ double sub_rn(double a, double b) { return __dsub_rn(a, b); }
+
+// The lanes and the tail of a channel-first row, added in the fixed tree:
+// v[l] = lane[l] + lane[l + 8], w[l] = v[l] + v[l + 4], u[l] = w[l] + w[l + 2],
+// (u[0] + u[1]) + tail.
+__device__ __forceinline__ double lane_tree(double* l, double tail) {
+#pragma unroll
+  for (int i = 0; i < 8; ++i) l[i] = __dadd_rn(l[i], l[i + 8]);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) l[i] = __dadd_rn(l[i], l[i + 4]);
+#pragma unroll
+  for (int i = 0; i < 2; ++i) l[i] = __dadd_rn(l[i], l[i + 2]);
+  return __dadd_rn(__dadd_rn(l[0], l[1]), tail);
+}
+
+// One step of a sum pair: a += p; b += p * q (rounded, then added).
+__device__ __forceinline__ void pair_step(double& a, double& b, double p, double q) {
+  a = __dadd_rn(a, p);
+  b = __dadd_rn(b, __dmul_rn(p, q));
+}
+
+// The two terms of element i: (d, d) forward, (g, double(CT(x) - m)) backward.
+template <typename T, typename CT, bool BWD>
+__device__ __forceinline__ void terms(const T* x, const T* dy, sbn::i64 i, double sh, CT m,
+                                      double& p, double& q) {
+  if (BWD) {
+    p = sbn::io<T>::template load<double>(dy, i);
+    q = (double)sub_rn(sbn::io<T>::template load<CT>(x, i), m);
+  } else {
+    p = __dsub_rn(sbn::io<T>::template load<double>(x, i), sh);
+    q = p;
+  }
+}
+
+// A channel-first row of S values at x + base: 16 lanes over t < R, an
+// 8-wide step included, then the tail, then the tree.
+template <typename T, typename CT, bool BWD>
+__device__ void row_sums(const T* x, const T* dy, sbn::i64 base, sbn::i64 S, double sh, CT m,
+                         double& a_out, double& b_out) {
+  double la[SBN_SAMPLE_LANES], lb[SBN_SAMPLE_LANES];
+#pragma unroll
+  for (int l = 0; l < SBN_SAMPLE_LANES; ++l) la[l] = lb[l] = 0.0;
+  const sbn::i64 full = S - S % SBN_SAMPLE_LANES;
+  for (sbn::i64 t0 = 0; t0 < full; t0 += SBN_SAMPLE_LANES) {
+#pragma unroll
+    for (int l = 0; l < SBN_SAMPLE_LANES; ++l) {
+      double p, q;
+      terms<T, CT, BWD>(x, dy, base + t0 + l, sh, m, p, q);
+      pair_step(la[l], lb[l], p, q);
+    }
+  }
+  sbn::i64 rest = full;
+  if (S - full >= 8) {
+#pragma unroll
+    for (int l = 0; l < 8; ++l) {
+      double p, q;
+      terms<T, CT, BWD>(x, dy, base + full + l, sh, m, p, q);
+      pair_step(la[l], lb[l], p, q);
+    }
+    rest = full + 8;
+  }
+  double ta = 0.0, tb = 0.0;
+  for (sbn::i64 t = rest; t < S; ++t) {
+    double p, q;
+    terms<T, CT, BWD>(x, dy, base + t, sh, m, p, q);
+    pair_step(ta, tb, p, q);
+  }
+  a_out = lane_tree(la, ta);
+  b_out = lane_tree(lb, tb);
+}
+
+// The S rows of sample n, channel c (channel-last): tiles of rows in order.
+template <typename T, typename CT, bool BWD>
+__device__ void column_sums(const T* x, const T* dy, sbn::i64 n, sbn::i64 S, sbn::i64 C,
+                            sbn::i64 c, double sh, CT m, double& a_out, double& b_out) {
+  double a = 0.0, b = 0.0;
+  for (sbn::i64 t0 = 0; t0 < S; t0 += SBN_SAMPLE_TILE) {
+    const sbn::i64 t1 = t0 + SBN_SAMPLE_TILE < S ? t0 + SBN_SAMPLE_TILE : S;
+    double ta = 0.0, tb = 0.0;
+    for (sbn::i64 t = t0; t < t1; ++t) {
+      double p, q;
+      terms<T, CT, BWD>(x, dy, (n * S + t) * C + c, sh, m, p, q);
+      pair_step(ta, tb, p, q);
+    }
+    a = __dadd_rn(a, ta);
+    b = __dadd_rn(b, tb);
+  }
+  a_out = a;
+  b_out = b;
+}
+
+}  // namespace sbn_exact
+
+template <typename T>
+__global__ void bn_exact_sample_cf(const T* __restrict__ x, sbn::i64 N, sbn::i64 C, sbn::i64 S,
+                                   double* __restrict__ out) {
+  const sbn::i64 NC = N * C;
+  for (sbn::i64 r = (sbn::i64)blockIdx.x * blockDim.x + threadIdx.x; r < NC;
+       r += (sbn::i64)gridDim.x * blockDim.x) {
+    const double sh = sbn::io<T>::template load<double>(x, r * S);
+    double a, b;
+    sbn_exact::row_sums<T, double, false>(x, x, r * S, S, sh, 0.0, a, b);
+    out[r] = sh;
+    out[NC + r] = a;
+    out[2 * NC + r] = b;
+  }
+}
+
+template <typename T>
+__global__ void bn_exact_sample_cl(const T* __restrict__ x, sbn::i64 N, sbn::i64 S, sbn::i64 C,
+                                   double* __restrict__ out) {
+  const sbn::i64 c = (sbn::i64)blockIdx.x * blockDim.x + threadIdx.x;
+  if (c >= C) return;
+  const sbn::i64 NC = N * C;
+  for (sbn::i64 n = blockIdx.y; n < N; n += gridDim.y) {
+    const double sh = sbn::io<T>::template load<double>(x, n * S * C + c);
+    double a, b;
+    sbn_exact::column_sums<T, double, false>(x, x, n, S, C, c, sh, 0.0, a, b);
+    out[n * C + c] = sh;
+    out[NC + n * C + c] = a;
+    out[2 * NC + n * C + c] = b;
+  }
+}
+
+template <typename T, typename CT>
+__global__ void bn_exact_sample_bwd_cf(const T* __restrict__ dy, const T* __restrict__ x,
+                                       const CT* __restrict__ mean, sbn::i64 N, sbn::i64 C,
+                                       sbn::i64 S, double* __restrict__ out) {
+  const sbn::i64 NC = N * C;
+  for (sbn::i64 r = (sbn::i64)blockIdx.x * blockDim.x + threadIdx.x; r < NC;
+       r += (sbn::i64)gridDim.x * blockDim.x) {
+    double g, h;
+    sbn_exact::row_sums<T, CT, true>(x, dy, r * S, S, 0.0, mean[r % C], g, h);
+    out[r] = g;
+    out[NC + r] = h;
+  }
+}
+
+template <typename T, typename CT>
+__global__ void bn_exact_sample_bwd_cl(const T* __restrict__ dy, const T* __restrict__ x,
+                                       const CT* __restrict__ mean, sbn::i64 N, sbn::i64 S,
+                                       sbn::i64 C, double* __restrict__ out) {
+  const sbn::i64 c = (sbn::i64)blockIdx.x * blockDim.x + threadIdx.x;
+  if (c >= C) return;
+  const sbn::i64 NC = N * C;
+  for (sbn::i64 n = blockIdx.y; n < N; n += gridDim.y) {
+    double g, h;
+    sbn_exact::column_sums<T, CT, true>(x, dy, n, S, C, c, 0.0, mean[c], g, h);
+    out[n * C + c] = g;
+    out[NC + n * C + c] = h;
+  }
+}

@@ -66,6 +66,10 @@ def allreduce(
     return total, out
 
 
+#: C-sized vectors of every bound pass (the forward's per-sample path sends three).
+MAX_VECTORS = 3
+
+
 def allreduce_max(
     comm: Communicator,
     backend: Backend,
@@ -75,43 +79,51 @@ def allreduce_max(
     phase: int,
     error: tuple | None,
     num_features: int,
-) -> list:
-    """The reproducible mode's bound pass: header and two C-sized vectors, one MAX all-reduce.
+    spatial: int = 0,
+) -> tuple[list, bool]:
+    """The reproducible mode's bound pass: header and C-sized vectors, one MAX all-reduce.
 
-    The buffer is ``[h | -h | v1 | v2 | tag | -tag]`` (``2 * HEADER + 2 * C + 2``
-    slots for every such pass of a layer): after the MAX, ``max(h)`` and
-    ``-max(-h)`` differ in a slot exactly when the ranks sent different
-    values there, so ranks in different passes, layers or modes are told
-    apart as by the SUM passes (:func:`protocol.max_header_as_sum`).
+    The buffer is ``[h | -h | v1 | v2 | v3 | tag | -tag | S | -S]``
+    (``2 * HEADER + 3 * C + 4`` slots for every such pass, whatever the
+    payload: a failing rank joins with the same size): after the MAX,
+    ``max(h)`` and ``-max(-h)`` differ in a slot exactly when the ranks sent
+    different values there, so ranks in different passes, layers or modes
+    are told apart as by the SUM passes (:func:`protocol.max_header_as_sum`).
     ``tag`` (the number of folds, from the compute dtype) must agree too: it
-    fixes the size of the SUM pass that follows. ``None`` payload vectors
-    lose every MAX. Returns the reduced vectors (views).
+    fixes the size of the SUM pass that follows. ``spatial`` (the sample
+    size ``S``) may differ: the second value returned says whether it
+    agreed. Missing or ``None`` payload vectors lose every MAX. Returns the
+    reduced vectors (views) and that flag.
     """
     c, h = num_features, protocol.HEADER
-    size = 2 * h + 2 * c + 2
+    size = 2 * h + MAX_VECTORS * c + 4
     buf = state.buffer(backend, size) if state is not None else backend.xp.empty(size, _F64)
     kind, exc = error if error is not None else (None, None)
     layer, call, ident, evals = (0, 0, 0, 0) if state is None else state.next_ids()
     protocol.fill_header(buf, 0, phase, kind, c, layer, call, ident, evals)
     buf[h : 2 * h] = -buf[:h]
-    for i, vec in enumerate(payload):
+    for i in range(MAX_VECTORS):
+        vec = payload[i] if i < len(payload) else None
         seg = buf[2 * h + i * c : 2 * h + (i + 1) * c]
         seg[...] = -np.inf if vec is None else vec
-    buf[-2] = tag
-    buf[-1] = -tag
+    buf[-4] = tag
+    buf[-3] = -tag
+    buf[-2] = spatial
+    buf[-1] = -spatial
     buf = comm.allreduce_max(buf)
     head = backend.to_host(buf[: 2 * h])
     protocol.check_header(
         protocol.max_header_as_sum(head[:h], -head[h:], comm.size), phase, comm.size, exc
     )
-    tags = backend.to_host(buf[-2:])
+    tags = backend.to_host(buf[-4:])
     if tags[0] != -tags[1]:
         raise CollectiveMismatchError(
             "SyncBatchNorm(reproducible=True): the ranks computed in different precisions"
             " (a float64 input or layer on some ranks, float32 on others); every rank"
             " must pass inputs of the same dtype to a reproducible layer"
         )
-    return [buf[2 * h + i * c : 2 * h + (i + 1) * c] for i in range(len(payload))]
+    vecs = [buf[2 * h + i * c : 2 * h + (i + 1) * c] for i in range(len(payload))]
+    return vecs, bool(tags[2] == -tags[3])
 
 
 def handshake(
@@ -186,7 +198,7 @@ def forward_invalid(
         assert nf is not None  # fixed by the handshake
         remember_own_error(state, backend, comm, nf, error[1])
         if state.reproducible:  # the peers' first collective: the bound pass
-            allreduce_max(comm, backend, state, [None, None], 0, protocol.PHASE_STATS, error, nf)
+            allreduce_max(comm, backend, state, [], 0, protocol.PHASE_STATS, error, nf)
         if state.shift is None or state.shift.shape[0] != nf:
             # the peers run the two-pass path: a mean pass first
             allreduce(comm, backend, state, [None, None], 0, protocol.PHASE_MEAN, error, nf)
@@ -208,8 +220,7 @@ def backward_invalid(
         remember_own_error(state, backend, comm, nf, error[1])
     with device if hasattr(device, "__enter__") else contextlib.nullcontext():
         if state is not None and state.reproducible:  # the peers' bound pass
-            allreduce_max(comm, backend, state, [None, None], 0, protocol.PHASE_BACKWARD,
-                          error, nf)
+            allreduce_max(comm, backend, state, [], 0, protocol.PHASE_BACKWARD, error, nf)
         allreduce(comm, backend, state, [None, None], 0, protocol.PHASE_BACKWARD, error, nf)
     raise error[1]  # pragma: no cover - the collective raised already
 

@@ -124,7 +124,7 @@ def forward(
     cl = fmt.channel_last
     if repro:
         count, mean_s, var_s, p = exact.forward_stats(
-            comm, backend, state, v, cl, nf, n_local, cdt, sync
+            comm, backend, state, v, cl, nf, n_local, cdt, sync, tuple(x.shape)
         )
     else:
         count, mean_s, var_s, p = _default_stats(comm, backend, state, v, cl, nf, n_local, cdt)

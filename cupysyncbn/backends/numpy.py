@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from . import exact_sums
+from . import exact_samples
 from .base import Backend
 
 __all__ = ["NumpyBackend", "BACKEND", "CHUNK_BYTES", "ROW_BLOCK"]
@@ -245,7 +245,7 @@ class NumpyBackend(Backend):
     name = "numpy"
     xp = np
     #: reproducible=True: the NumPy reference primitives (inherited by numba)
-    exact = exact_sums
+    exact = exact_samples
 
     def owns(self, a: Any) -> bool:
         """True for NumPy arrays."""

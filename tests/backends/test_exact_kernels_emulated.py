@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from support import cuda_emu, recording_cupy
 
+from cupysyncbn.backends import exact_samples as xp
 from cupysyncbn.backends import exact_sums as xs
 
 DTYPES = ["float16", "bfloat16", "float32", "float64"]
@@ -150,3 +151,26 @@ def test_the_folds_do_not_depend_on_the_block_split(cp, backend, rng, monkeypatc
     for p1, p2 in results[1:]:
         _same(p1, _host(results[0][0]), "P1")
         _same(p2, _host(results[0][1]), "P2")
+
+
+@pytest.mark.parametrize("dt", ["float16", "bfloat16", "float32", "float64"])
+@pytest.mark.parametrize("channel_last", [False, True], ids=["cf", "cl"])
+def test_per_sample_kernels_give_the_reference_bits(cp, backend, rng, dt, channel_last):
+    npdt = _np_dtype(dt)
+    for n, c, s in ((3, 5, 25), (2, 3, 70), (4, 2, 8)):  # lanes + 8-step + tail; tiles
+        x = rng.standard_normal((n, c, s)) * np.exp(rng.uniform(-5, 5, (n, c, s))) + 3
+        x[:, 0] = 0.0
+        x = x.astype(npdt)
+        dy = rng.standard_normal((n, c, s)).astype(npdt)
+        if channel_last:
+            x = np.ascontiguousarray(x.transpose(0, 2, 1)).reshape(n * s, c)
+            dy = np.ascontiguousarray(dy.transpose(0, 2, 1)).reshape(n * s, c)
+        for cdt in ((np.float64,) if dt == "float64" else (np.float32, np.float64)):
+            mean = (rng.standard_normal(c) + 3).astype(cdt)
+            got = backend.exact_sample_backward(cp.asarray(dy), cp.asarray(x), channel_last,
+                                                cp.asarray(mean), n)
+            for a, b in zip(_host(got), xp.sample_backward(dy, x, channel_last, mean, n)):
+                _same(a, b, "sample partials")
+        got = backend.exact_sample_moments(cp.asarray(x), channel_last, n)
+        for a, b in zip(_host(got), xp.sample_moments(x, channel_last, n)):
+            _same(a, b, "sample partials")

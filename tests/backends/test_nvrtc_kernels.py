@@ -56,8 +56,12 @@ def _expected_names(file):
         return names | {f"bn_{k}_{lay}<{t}, {a}, {p}>" for k in ("fwd_norm", "bwd_elemt")
                         for lay in ("cf", "cl") for t, a, p in trip}
     if file == "exact.cu":
-        return {f"bn_exact_{k}_{lay}<{t}>" for k in ("absmax", "folds", "bwd_absmax", "bwd_folds")
-                for lay in ("cf", "cl") for t in STORAGE.values()}
+        names = {f"bn_exact_{k}_{lay}<{t}>"
+                 for k in ("absmax", "folds", "bwd_absmax", "bwd_folds", "sample")
+                 for lay in ("cf", "cl") for t in STORAGE.values()}
+        # the per-sample backward: x - mean in the compute type
+        return names | {f"bn_exact_sample_bwd_{lay}<{t}, {a}>" for t, a in pairs
+                        for lay in ("cf", "cl")}
     return {f"{k}<{t}, {a}, {i}>" for k in ("bn_normalize", "bn_backward_elemt")
             for t, a in pairs for i in ("int", "long long")}
 

@@ -241,15 +241,18 @@ def test_collective_budget_two_all_reduces_per_pass_of_c_sized_buffers(rng):
     c, h = 5, protocol.HEADER
     comm = Counting()
     x = rng.standard_normal((4, c, 3)).astype(np.float32)
-    bound, folds = ("max", 2 * h + 2 * c + 2), ("sum", h + 2 * 3 * c)
+    # the bound pass: header, 3 vectors of exponents, 2 tags; the forward's
+    # folds: 5 per-sample quantities x 3 folds; the backward's: 2 x 3
+    bound = ("max", 2 * h + 3 * c + 4)
+    fwd, bwd = ("sum", h + 5 * 3 * c), ("sum", h + 2 * 3 * c)
     bn = sbn.SyncBatchNorm(c, data_format="NCL", comm=comm, reproducible=True)
     bn(x)
-    assert comm.calls == [("sum", h), bound, folds]  # handshake, bound pass, fold sums
+    assert comm.calls == [("sum", h), bound, fwd]  # handshake, bound pass, fold sums
     for _ in range(2):
         comm.calls.clear()
         bn(x)
         bn.backward(x)
-        assert comm.calls == [bound, folds, bound, folds]
+        assert comm.calls == [bound, fwd, bound, bwd]
     comm.calls.clear()
     bn.eval()
     bn(x)
@@ -258,7 +261,11 @@ def test_collective_budget_two_all_reduces_per_pass_of_c_sized_buffers(rng):
     b64 = sbn.SyncBatchNorm(c, data_format="NCL", comm=comm, reproducible=True, dtype="float64")
     comm.calls.clear()
     b64(x)
-    assert comm.calls[-1] == ("sum", h + 2 * 5 * c)  # 5 folds in float64
+    assert comm.calls[-1] == ("sum", h + 5 * 5 * c)  # 5 folds in float64
+    # data a square could overflow: the per-element path, one more bound pass
+    comm.calls.clear()
+    b64(x.astype(np.float64) * 1e200)
+    assert comm.calls == [bound, bound, ("sum", h + 2 * 5 * c)]
 
 
 def test_cupy_arrays_run_the_reproducible_passes_not_the_fused_default_math():
@@ -289,7 +296,7 @@ def test_cupy_arrays_run_the_reproducible_passes_not_the_fused_default_math():
             F.batch_norm_forward(x, data_format="NCL", comm=LOCAL, reproducible=True)
     except cuda_emu.Unavailable as e:  # pragma: no cover - no g++ for the stand-in
         pytest.skip(str(e))
-    assert {"bn_exact_absmax_cf", "bn_exact_folds_cf", "bn_normalize"} <= names, names
+    assert {"bn_exact_sample_cf", "bn_normalize"} <= names, names
     assert not any(n.startswith(("bn_fwd_", "bn_stats_")) for n in names), names
     assert Counting.calls == 2  # the MAX pass and the SUM pass
 

@@ -63,6 +63,7 @@ inline V __shfl_xor_sync(unsigned, V v, int offset) {
 inline double __dadd_rn(double a, double b) { return a + b; }
 inline double __dsub_rn(double a, double b) { return a - b; }
 inline double __dmul_rn(double a, double b) { return a * b; }
+inline float __fsub_rn(float a, float b) { return a - b; }
 inline float __uint_as_float(unsigned u) { float f; std::memcpy(&f, &u, 4); return f; }
 inline unsigned __float_as_uint(float f) { unsigned u; std::memcpy(&u, &f, 4); return u; }
 // Kernels without barriers or shuffles: every thread of every block in turn.
@@ -170,10 +171,18 @@ PARAMS = {
     "bn_exact_bwd_folds_cl": "const T* dy, const T* x, long long M, long long C,"
                              " const double* mean, const double* mg, const double* mh,"
                              " const double* sig, int K, double* out",
+    "bn_exact_sample_cf": "const T* x, long long N, long long C, long long S, double* out",
+    "bn_exact_sample_cl": "const T* x, long long N, long long S, long long C, double* out",
+    "bn_exact_sample_bwd_cf": "const T* dy, const T* x, const A* mean, long long N,"
+                              " long long C, long long S, double* out",
+    "bn_exact_sample_bwd_cl": "const T* dy, const T* x, const A* mean, long long N,"
+                              " long long S, long long C, double* out",
 }
 # Kernels with no __syncthreads/shuffle: emulated on one thread (fast).
 SERIAL = {"bn_normalize", "bn_backward_elemt", "bn_fwd_pack", "bn_fwd_norm_cf",
-          "bn_fwd_norm_cl", "bn_bwd_pack", "bn_bwd_elemt_cf", "bn_bwd_elemt_cl"}
+          "bn_fwd_norm_cl", "bn_bwd_pack", "bn_bwd_elemt_cf", "bn_bwd_elemt_cl",
+          "bn_exact_sample_cf", "bn_exact_sample_cl", "bn_exact_sample_bwd_cf",
+          "bn_exact_sample_bwd_cl"}
 # Template parameters of each kernel, in order.
 TEMPLATE_KEYS = {"bn_stats_finalize": "A", "bn_bwd_finalize": "A", "bn_fwd_pack": "A",
                  "bn_bwd_pack": "AP"}
@@ -200,6 +209,8 @@ def source():
             if kind in ("bn_normalize", "bn_backward_elemt"):
                 keys = "TAI"
             elif kind.startswith(("bn_stats_partial", "bn_bwd_partial")):
+                keys = "TA"
+            elif kind.startswith("bn_exact_sample_bwd"):
                 keys = "TA"
             elif kind.startswith("bn_exact_"):
                 keys = "T"

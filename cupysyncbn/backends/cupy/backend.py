@@ -414,6 +414,51 @@ class CupyBackend(Backend):
                     self._sigmas(k_folds), np.int32(k_folds)))).sum(axis=2)
         return p[:k_folds], p[k_folds:]
 
+    @_on_input_device
+    def exact_sample_moments(self, v: Any, channel_last: bool, samples: int) -> Any:
+        """Per-sample ``[3, N, C]`` (shift, a, b); ``exact_samples.sample_moments``."""
+        cp = self.xp
+        v = cp.ascontiguousarray(v)
+        t = ks.storage_type(v.dtype)
+        c = int(v.shape[1])
+        out = cp.empty(3 * samples * c, dtype=_F64)
+        if channel_last:
+            s = int(v.shape[0]) // samples
+            self._kernel("exact.cu", ks.exact_sample(t, True))(
+                (_cdiv(c, 128), min(samples, _MAX_GRID_YZ)), (128,),
+                (v, np.int64(samples), np.int64(s), np.int64(c), out))
+        else:
+            s = int(v.shape[2])
+            self._kernel("exact.cu", ks.exact_sample(t, False))(
+                (max(1, _cdiv(samples * c, 128)),), (128,),
+                (v, np.int64(samples), np.int64(c), np.int64(s), out))
+        return out.reshape(3, samples, c)
+
+    @_on_input_device
+    def exact_sample_backward(
+        self, dy: Any, x: Any, channel_last: bool, mean: Any, samples: int
+    ) -> Any:
+        """Per-sample ``[2, N, C]`` (g, h); ``exact_samples.sample_backward``."""
+        cp = self.xp
+        x = cp.ascontiguousarray(x)
+        dy = cp.ascontiguousarray(dy, dtype=x.dtype)
+        mu = cp.ascontiguousarray(mean)
+        t = ks.storage_type(x.dtype)
+        a = "double" if np.dtype(mu.dtype) == np.float64 else "float"
+        c = int(x.shape[1])
+        out = cp.empty(2 * samples * c, dtype=_F64)
+        if channel_last:
+            s = int(x.shape[0]) // samples
+            self._kernel("exact.cu", ks.exact_sample(t, True, a))(
+                (_cdiv(c, 128), min(samples, _MAX_GRID_YZ)), (128,),
+                (dy, x, mu, np.int64(samples), np.int64(s), np.int64(c), out))
+        else:
+            s = int(x.shape[2])
+            self._kernel("exact.cu", ks.exact_sample(t, False, a))(
+                (max(1, _cdiv(samples * c, 128)),), (128,),
+                (dy, x, mu, np.int64(samples), np.int64(c), np.int64(s), out))
+        return out.reshape(2, samples, c)
+
     # -- fused synchronized passes (see kernels/fused.cu) ---------------------
     #: Has the fused primitives below: functional runs a training pass as
     #: 3 launches + 1 all-reduce with no host synchronization.

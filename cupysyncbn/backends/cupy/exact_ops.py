@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from .. import exact_sums
+from .. import exact_samples, exact_sums
 
 __all__ = ["CupyExactOps"]
 
@@ -30,6 +30,14 @@ class CupyExactOps:
     folds_for = staticmethod(exact_sums.folds_for)
     check_count = staticmethod(exact_sums.check_count)
     scale_exponent = staticmethod(exact_sums.scale_exponent)
+    QUANTITIES = exact_samples.QUANTITIES
+    local_bounds = staticmethod(exact_samples.local_bounds)
+    grids = staticmethod(exact_samples.grids)
+    safe = staticmethod(exact_samples.safe)
+    backward_safe = staticmethod(exact_samples.backward_safe)
+    fold_moments = staticmethod(exact_samples.fold_moments)
+    fold_sums = staticmethod(exact_samples.fold_sums)
+    finalize_sample_moments = staticmethod(exact_samples.finalize_sample_moments)
 
     def __init__(self, backend: Any) -> None:
         self._backend = backend
@@ -38,6 +46,21 @@ class CupyExactOps:
     def to_host(self, a: Any) -> Any:
         """``a`` as a NumPy array (a copy from the device when it is a CuPy array)."""
         return self.xp.asnumpy(a) if isinstance(a, self.xp.ndarray) else np.asarray(a)
+
+    def sample_moments(self, v: Any, channel_last: bool, samples: int) -> tuple:
+        """``exact_samples.sample_moments``: the kernel's partials, copied to the host.
+
+        The per-sample path's C-sized steps (bounds, folds, finalize) run on
+        the host with the reference functions themselves.
+        """
+        return tuple(self.to_host(self._backend.exact_sample_moments(v, channel_last,
+                                                                     samples)))
+
+    def sample_backward(self, dy: Any, x: Any, channel_last: bool, mean: Any,
+                        samples: int) -> tuple:
+        """``exact_samples.sample_backward``: the kernel's partials, copied to the host."""
+        return tuple(self.to_host(self._backend.exact_sample_backward(
+            dy, x, channel_last, mean, samples)))
 
     def absmax(self, v: Any, channel_last: bool) -> Any:
         """``exact_sums.absmax`` (a device vector)."""

@@ -25,6 +25,7 @@ __all__ = [
     "NO_FMAD",
     "EXACT_KERNELS",
     "exact",
+    "exact_sample",
     "KERNEL_FILES",
     "STORAGE_TYPES",
     "kernel_dir",
@@ -238,6 +239,14 @@ def exact(kind: str, t: str, channel_last: bool) -> str:
     return f"{kind}_{'cl' if channel_last else 'cf'}<{t}>"
 
 
+def exact_sample(t: str, channel_last: bool, compute: str | None = None) -> str:
+    """Name expression of a per-sample kernel: forward, or backward with ``compute`` (CT)."""
+    lay = "cl" if channel_last else "cf"
+    if compute is None:
+        return f"bn_exact_sample_{lay}<{t}>"
+    return f"bn_exact_sample_bwd_{lay}<{t}, {compute}>"
+
+
 def name_expressions(name: str) -> tuple[str, ...]:
     """Every template instantiation of kernel file ``name`` (dtype x layout x index).
 
@@ -265,6 +274,9 @@ def name_expressions(name: str) -> tuple[str, ...]:
                 for cl in (False, True)]
         return tuple(out)
     if name == "exact.cu":
-        return tuple(exact(k, t, cl) for k in EXACT_KERNELS for t in STORAGE_TYPES.values()
-                     for cl in (False, True))
+        out = [exact(k, t, cl) for k in EXACT_KERNELS for t in STORAGE_TYPES.values()
+               for cl in (False, True)]
+        out += [exact_sample(t, cl) for t in STORAGE_TYPES.values() for cl in (False, True)]
+        out += [exact_sample(t, cl, a) for t, a in _PAIRS for cl in (False, True)]
+        return tuple(out)
     raise ValueError(f"name must be one of {KERNEL_FILES}; got {name!r}")

@@ -67,6 +67,7 @@ and so do the reductions of float16 on CPUs without F16C.
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 import threading
@@ -866,8 +867,10 @@ class NumbaBackend(NumbaChannelMath, NumpyBackend):
     (:mod:`.channel`, bitwise the NumPy results).
     """
 
-    #: reproducible=True: numba loops, bitwise the NumPy reference's results
-    exact = _exact
+    @functools.cached_property
+    def exact(self) -> Any:  # type: ignore[override] # the module's namespace, per backend
+        """reproducible=True: numba loops, bitwise the NumPy reference's results."""
+        return _exact.NumbaExactOps(self)
 
     def moments(self, x: np.ndarray, channel_last: bool, cdt: Any) -> tuple[np.ndarray, np.ndarray]:
         """Local per-channel mean and M2, float64 (two-pass per cached piece, Chan merge)."""

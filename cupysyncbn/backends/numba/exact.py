@@ -13,12 +13,21 @@ numba backend (one MPI rank is one process).
 
 from __future__ import annotations
 
+import math
+import sys
 from typing import Any
 
 import numpy as np
 from numba import njit
 
+from .. import exact_samples as _smp
 from .. import exact_sums as _ref
+from ..exact_samples import (  # noqa: F401 - the per-sample path's C-sized steps
+    QUANTITIES,
+    backward_safe,
+    grids,
+    safe,
+)
 from ..exact_sums import (  # noqa: F401 - the namespace the engine calls (backend.exact)
     EMPTY_EXP,
     FOLD_BITS,
@@ -28,17 +37,19 @@ from ..exact_sums import (  # noqa: F401 - the namespace the engine calls (backe
     bound_exponent,
     check_count,
     finalize_moments,
-    finalize_sum,
     folds_for,
     moments_z,
     scale_exponent,
     scaled_stats,
 )
+from .simd import col_dev_sums_rn, col_dot_sums_rn, dev_sums_rn, dot_sums_rn
 
 __all__ = [
+    "NumbaExactOps", "sample_moments", "sample_backward", "fold_moments", "fold_sums",
+    "local_bounds", "grids", "safe", "backward_safe", "finalize_sample_moments",
     "moment_folds", "backward_bounds", "backward_folds", "normalize", "backward_elemt",
-    "absmax", "bound_exponent", "check_count", "finalize_moments", "finalize_sum",
-    "folds_for", "scale_exponent", "moments_z", "scaled_stats",
+    "absmax", "bound_exponent", "check_count", "finalize_moments", "finalize_sum", "folds_for",
+    "scale_exponent", "moments_z", "scaled_stats",
 ]
 
 _JIT: dict[str, Any] = {"cache": True, "fastmath": False, "nogil": True}
@@ -318,3 +329,379 @@ def backward_elemt(
     fn(dy, x, mean, a.astype(cdt, copy=False), mean_dy.astype(cdt, copy=False),
        b.astype(cdt, copy=False), dx)
     return dx
+
+
+# ------------------------------------------------------ the per-sample path
+# exact_samples' partials: the within-sample sums in its canonical order
+# (the rn loops of simd.py: 16 lanes per channel-first row; tiles of
+# TILE_ROWS channel-last rows, in order), then the C-sized folds.
+_TILE = _smp.TILE_ROWS
+_COLS = 16
+
+
+@njit(**_JIT)
+def _samples_cf(x, dy, mean, p, q, r):  # noqa: ANN001, ANN202 - numba
+    n, c, s = x.shape
+    for i in range(n):
+        for j in range(c):
+            if dy is None:
+                sh = np.float64(x[i, j, 0])
+                p[i, j] = sh
+                q[i, j], r[i, j] = dev_sums_rn(x, i, i + 1, j, 0, s, sh)
+            else:
+                q[i, j], r[i, j] = dot_sums_rn(x, dy, i, i + 1, j, 0, s, mean[j], None)
+
+
+@njit(**_JIT)
+def _samples_cl(x, dy, mean, s, p, q, r):  # noqa: ANN001, ANN202 - numba
+    m, c = x.shape
+    cv = c - c % _COLS
+    for i in range(m // s):
+        r0 = i * s
+        sh, a, b = p[i], q[i], r[i]
+        if dy is None:
+            for j in range(c):
+                sh[j] = np.float64(x[r0, j])
+        a[:] = 0.0
+        b[:] = 0.0
+        for t0 in range(r0, r0 + s, _TILE):
+            t1 = min(r0 + s, t0 + _TILE)
+            for j in range(0, cv, _COLS):
+                if dy is None:
+                    col_dev_sums_rn(x, t0, t1, j, sh, a, b)
+                else:
+                    col_dot_sums_rn(x, dy, t0, t1, j, mean, a, b, None)
+            for j in range(cv, c):  # the last columns one by one, the same order
+                ta = 0.0
+                tb = 0.0
+                for t in range(t0, t1):
+                    if dy is None:
+                        d = np.float64(x[t, j]) - sh[j]
+                        ta += d
+                        tb += d * d
+                    else:
+                        g = np.float64(dy[t, j])
+                        ta += g
+                        tb += g * np.float64(x[t, j] - mean[j])
+                a[j] += ta
+                b[j] += tb
+
+
+def _contiguous(*arrays: np.ndarray) -> bool:
+    return all(np.dtype(a.dtype) in _LOADS and a.flags.c_contiguous for a in arrays)
+
+
+def sample_moments(
+    v: np.ndarray, channel_last: bool, samples: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`..exact_samples.sample_moments`, the same bits."""
+    if not _contiguous(v):
+        return _smp.sample_moments(v, channel_last, samples)
+    c = v.shape[1]
+    out = [np.empty((samples, c), _F64) for _ in range(3)]
+    with np.errstate(all="ignore"):
+        if channel_last:
+            _samples_cl(v, None, None, v.shape[0] // samples, *out)
+        else:
+            _samples_cf(v, None, None, *out)
+    return out[0], out[1], out[2]
+
+
+def sample_backward(
+    dy: np.ndarray, x: np.ndarray, channel_last: bool, mean: np.ndarray, samples: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`..exact_samples.sample_backward`, the same bits."""
+    if not _contiguous(dy, x) or dy.dtype != x.dtype or np.dtype(mean.dtype) not in _LOADS:
+        return _smp.sample_backward(dy, x, channel_last, mean, samples)
+    c = x.shape[1]
+    g, h = np.empty((samples, c), _F64), np.empty((samples, c), _F64)
+    m = np.ascontiguousarray(mean)
+    with np.errstate(all="ignore"):
+        if channel_last:
+            _samples_cl(x, dy, m, x.shape[0] // samples, g, g, h)
+        else:
+            _samples_cf(x, dy, m, g, g, h)
+    return g, h
+
+
+@njit(inline="always", **_JIT)
+def _two_prod(a, b):  # noqa: ANN001, ANN202 - numba: exact_sums.two_prod, operation for operation
+    p = a * b
+    t = a * _SPLITTER
+    ah = t - (t - a)
+    al = a - ah
+    t = b * _SPLITTER
+    bh = t - (t - b)
+    bl = b - bh
+    return p, (((ah * bh - p) + ah * bl) + al * bh) + al * bl
+
+
+@njit(inline="always", **_JIT)
+def _scale_row(src, f1, f2, r):  # noqa: ANN001, ANN202 - numba: r = (src * f1) * f2, per channel
+    for j in range(r.shape[0]):
+        r[j] = (src[j] * f1[j]) * f2[j]
+
+
+@njit(**_JIT)
+def _fold_moments(s, a, b, f1, f2, sig, out):  # noqa: ANN001, ANN202 - numba
+    # the channels are the lanes of _fold_buf (vector loops); out is (5K, C)
+    n, c = s.shape
+    k = sig.shape[0]
+    r = np.empty(c)
+    hi = np.empty(c)
+    lo = np.empty(c)
+    for i in range(n):
+        for q, src in enumerate((b[i], a[i], s[i])):
+            _scale_row(src, f1[q], f2[q], r)
+            _fold_buf(r, c, sig, out, q * k)
+        for q in range(3, 5):
+            other = s[i] if q == 3 else a[i]
+            si = s[i]
+            for j in range(c):
+                hi[j], lo[j] = _two_prod(si[j], other[j])
+            _scale_row(hi, f1[q], f2[q], r)
+            _fold_buf(r, c, sig, out, q * k)
+            _scale_row(lo, f1[q], f2[q], r)
+            _fold_buf(r, c, sig, out, q * k)
+
+
+@njit(**_JIT)
+def _fold_parts(parts, f1, f2, sig, out):  # noqa: ANN001, ANN202 - numba
+    c = parts.shape[2]
+    k = sig.shape[0]
+    r = np.empty(c)
+    for q in range(parts.shape[0]):
+        for i in range(parts.shape[1]):
+            _scale_row(parts[q, i], f1[q], f2[q], r)
+            _fold_buf(r, c, sig, out, q * k)
+
+
+_EMPTY, _NONFINITE = _ref.EMPTY_EXP, _ref.NONFINITE_EXP
+#: ``2**n`` for n = -1074..1023: a multiplication by an exact power of two is
+#: one correctly rounded operation, as ``ldexp`` (libm's call is the slow part).
+_POW2 = np.array([math.ldexp(1.0, n) for n in range(-1074, 1024)])
+
+
+@njit(inline="always", **_JIT)
+def _ldexp(x, n):  # noqa: ANN001, ANN202 - numba: ldexp(x, n), the same bits
+    if -1074 <= n <= 1023:
+        return x * _POW2[n + 1074]
+    return math.ldexp(x, n)
+
+
+@njit(**_JIT)
+def _factors_of(e, f1, f2):  # noqa: ANN001, ANN202 - numba: exact_sums.scale_factors of the grids
+    for q in range(e.shape[0]):
+        for j in range(e.shape[1]):
+            g = e[q, j]
+            neg = 0.0 if (g == _EMPTY or g == _NONFINITE) else -g
+            if neg > 1023:
+                f1[q, j] = _ldexp(1.0, int(neg - 600.0))
+                f2[q, j] = 2.0 ** 600
+            else:
+                f1[q, j] = _ldexp(1.0, int(neg))
+                f2[q, j] = 1.0
+
+
+def _factors(e: Any) -> tuple[np.ndarray, np.ndarray]:
+    g = np.ascontiguousarray(np.stack([np.asarray(v, _F64) for v in e]))
+    f1, f2 = np.empty_like(g), np.empty_like(g)
+    _factors_of(g, f1, f2)
+    return f1, f2
+
+
+@njit(**_JIT)
+def _exponents(q, out, row):  # noqa: ANN001, ANN202 - numba: exact_samples._exponent
+    n, c = q.shape
+    m = np.zeros(c)
+    bad = np.zeros(c, np.bool_)
+    for i in range(n):
+        for j in range(c):
+            v = abs(q[i, j])
+            if v > m[j]:
+                m[j] = v
+            elif v != v:
+                bad[j] = True
+    for j in range(c):
+        if bad[j] or m[j] == np.inf:
+            out[row, j] = _NONFINITE
+        elif m[j] == 0.0:
+            out[row, j] = _EMPTY
+        else:
+            out[row, j] = math.frexp(m[j])[1]
+
+
+def local_bounds(parts: tuple | None, nf: int) -> list[np.ndarray]:
+    """:func:`..exact_samples.local_bounds`, the same values."""
+    if parts is None or parts[0].shape[0] == 0:
+        return _smp.local_bounds(None, nf)
+    order = (parts[2], parts[1], parts[0]) if len(parts) == 3 else parts
+    out = np.empty((len(order), nf), _F64)
+    for row, q in enumerate(order):
+        _exponents(np.ascontiguousarray(q), out, row)
+    return list(out)
+
+
+@njit(inline="always", **_JIT)
+def _two_sum(a, b):  # noqa: ANN001, ANN202 - numba: exact_sums.two_sum
+    s = a + b
+    bb = s - a
+    return s, (a - (s - bb)) + (b - bb)
+
+
+@njit(inline="always", **_JIT)
+def _fast_two_sum(a, b):  # noqa: ANN001, ANN202 - numba: exact_sums.fast_two_sum
+    s = a + b
+    return s, b - (s - a)
+
+
+@njit(inline="always", **_JIT)
+def _dd_div(hi, lo, d):  # noqa: ANN001, ANN202 - numba: exact_sums.dd_div
+    q = hi / d
+    p, e = _two_prod(q, d)
+    r = (((hi - p) - e) + lo) / d
+    return _fast_two_sum(q, r)
+
+
+@njit(inline="always", **_JIT)
+def _dd_add(ah, al, bh, bl):  # noqa: ANN001, ANN202 - numba: exact_samples._dd_add
+    s, t = _two_sum(ah, bh)
+    return _fast_two_sum(s, t + (al + bl))
+
+
+@njit(inline="always", **_JIT)
+def _dd_mul(ah, al, bh, bl):  # noqa: ANN001, ANN202 - numba: exact_samples._dd_mul
+    p, t = _two_prod(ah, bh)
+    return _fast_two_sum(p, t + (ah * bl + al * bh))
+
+
+@njit(inline="always", **_JIT)
+def _dd_of(p, q, j, g):  # noqa: ANN001, ANN202 - numba: exact_samples._dd (dd_from_folds, ldexp)
+    k = p.shape[1]
+    hi = p[q, k - 1, j]
+    lo = 0.0
+    for f in range(k - 2, -1, -1):
+        s, e = _two_sum(hi, p[q, f, j])
+        hi, lo = _fast_two_sum(s, e + lo)
+    e = g[q, j]
+    n = 0 if (e == _EMPTY or e == _NONFINITE) else int(e)
+    return _ldexp(hi, n), _ldexp(lo, n)
+
+
+@njit(**_JIT)
+def _finalize(p, g, sz, n, mean, var):  # noqa: ANN001, ANN202 - numba
+    for j in range(p.shape[2]):
+        bh, bl = _dd_of(p, 0, j, g)
+        ah, al = _dd_of(p, 1, j, g)
+        sh, sl = _dd_of(p, 2, j, g)
+        qh, ql = _dd_of(p, 3, j, g)
+        rh, rl = _dd_of(p, 4, j, g)
+        uh, ul = _dd_mul(sh, sl, sz, 0.0)
+        th, tl = _dd_add(uh, ul, ah, al)
+        mh, ml = _dd_div(th, tl, n)
+        m2h, m2l = _dd_add(bh, bl, rh + rh, rl + rl)
+        uh, ul = _dd_mul(qh, ql, sz, 0.0)
+        m2h, m2l = _dd_add(m2h, m2l, uh, ul)
+        uh, ul = _dd_mul(th, tl, mh, ml)
+        m2h, m2l = _dd_add(m2h, m2l, -uh, -ul)
+        vh, _ = _dd_div(m2h, m2l, n)
+        mean[j] = mh + 0.0
+        var[j] = max(vh, 0.0) if vh == vh else vh
+
+
+@njit(**_JIT)
+def _finalize_sums(p, e, out):  # noqa: ANN001, ANN202 - numba: exact_sums.finalize_sum
+    k = p.shape[0]
+    for j in range(p.shape[1]):
+        g = e[j]
+        if g == _EMPTY:
+            out[j] = 0.0
+            continue
+        if g == _NONFINITE:
+            out[j] = np.nan
+            continue
+        hi = p[k - 1, j]
+        lo = 0.0
+        for f in range(k - 2, -1, -1):
+            t, err = _two_sum(hi, p[f, j])
+            hi, lo = _fast_two_sum(t, err + lo)
+        out[j] = _ldexp(hi, int(g))
+
+
+def finalize_sum(p: np.ndarray, e_global: np.ndarray) -> np.ndarray:
+    """:func:`..exact_sums.finalize_sum`, the same bits."""
+    out = np.empty(p.shape[1], _F64)
+    with np.errstate(all="ignore"):
+        _finalize_sums(np.ascontiguousarray(p, _F64), np.ascontiguousarray(e_global, _F64), out)
+    return out
+
+
+def finalize_sample_moments(
+    p: np.ndarray, g: np.ndarray, spatial: int, count: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`..exact_samples.finalize_sample_moments`, the same bits."""
+    c = p.shape[2]
+    mean, var = np.empty(c, _F64), np.empty(c, _F64)
+    with np.errstate(all="ignore"):
+        _finalize(np.ascontiguousarray(p, _F64), np.ascontiguousarray(g, _F64),
+                  float(spatial), float(count), mean, var)
+    return mean, var
+
+
+def fold_moments(
+    s: np.ndarray, a: np.ndarray, b: np.ndarray, g: np.ndarray, k: int
+) -> np.ndarray:
+    """:func:`..exact_samples.fold_moments`, the same bits."""
+    f1, f2 = _factors(g)
+    out = np.zeros((QUANTITIES * k, s.shape[1]), _F64)
+    with np.errstate(all="ignore"):
+        _fold_moments(s, a, b, f1, f2, np.array(_ref.sigmas(k)), out)
+    return out.reshape(QUANTITIES, k, -1)
+
+
+def fold_sums(parts: tuple, e: list, k: int) -> np.ndarray:
+    """:func:`..exact_samples.fold_sums`, the same bits."""
+    f1, f2 = _factors(e)
+    out = np.zeros((len(parts) * k, parts[0].shape[1]), _F64)
+    with np.errstate(all="ignore"):
+        _fold_parts(np.stack(parts), f1, f2, np.array(_ref.sigmas(k)), out)
+    return out.reshape(len(parts), k, -1)
+
+
+class NumbaExactOps:
+    """``NumbaBackend.exact``: this module's functions, with the backend's elementwise passes.
+
+    The numba backend's own normalize and backward elementwise kernels
+    compute the canonical formulas of :func:`..exact_sums.normalize` and
+    :func:`..exact_sums.backward_elemt` operation for operation (no fused
+    multiply-add) and stream their stores; where the input, compute and
+    output dtypes agree they give the same bits faster than the loops above.
+    """
+
+    def __init__(self, backend: Any) -> None:
+        self._backend = backend
+
+    def __getattr__(self, name: str) -> Any:  # the module's functions and constants
+        return getattr(_this, name)
+
+    def normalize(self, v: np.ndarray, channel_last: bool, mean: np.ndarray, scale: np.ndarray,
+                  bias: np.ndarray, out_dtype: Any) -> np.ndarray:
+        """:func:`..exact_sums.normalize`, the same bits."""
+        cdt = mean.dtype
+        if v.dtype == cdt and np.dtype(out_dtype) == cdt and cdt in _LOADS:
+            return self._backend.normalize(v, channel_last, mean, scale, bias, out_dtype)
+        return normalize(v, channel_last, mean, scale, bias, out_dtype)
+
+    def backward_elemt(self, dy: np.ndarray, x: np.ndarray, channel_last: bool,
+                       mean: np.ndarray, a: np.ndarray, mean_dy: np.ndarray, b: np.ndarray,
+                       out_dtype: Any) -> np.ndarray:
+        """:func:`..exact_sums.backward_elemt`, the same bits."""
+        cdt = mean.dtype
+        if (x.dtype == cdt and dy.dtype == cdt and np.dtype(out_dtype) == cdt
+                and cdt in _LOADS):
+            return self._backend.backward_elemt(dy, x, channel_last, mean, a, mean_dy, b,
+                                                out_dtype)
+        return backward_elemt(dy, x, channel_last, mean, a, mean_dy, b, out_dtype)
+
+
+_this = sys.modules[__name__]

@@ -48,8 +48,8 @@ from numba.extending import intrinsic
 
 __all__ = [
     "HW_F16", "WIDTH", "COLS", "STREAMS", "LINE", "dev_sums", "dot_sums", "col_dev_sums",
-    "col_dot_sums", "norm_line_nt", "elemt_line_nt", "norm_vline_nt", "elemt_vline_nt",
-    "store_fence",
+    "col_dot_sums", "dev_sums_rn", "dot_sums_rn", "col_dev_sums_rn", "col_dot_sums_rn",
+    "norm_line_nt", "elemt_line_nt", "norm_vline_nt", "elemt_vline_nt", "store_fence",
 ]
 
 #: float16 <-> float32 as LLVM ``fpext``/``fptrunc`` (F16C instructions).
@@ -154,11 +154,15 @@ def _mask_dy(builder: ir.IRBuilder, g: ir.Value, xm: ir.Value, act: tuple | None
     return builder.select(_cut(builder, pre), ir.Constant(g.type, None), g)
 
 
-def _accumulate(builder: ir.IRBuilder, acc_a: ir.Value, acc_pq: ir.Value, terms: tuple) -> None:
-    """``acc_a += a``, ``acc_pq += p * q`` (one rounding): accumulators in allocas."""
+def _accumulate(builder: ir.IRBuilder, acc_a: ir.Value, acc_pq: ir.Value, terms: tuple,
+                fused: bool = True) -> None:
+    """``acc_a += a``, ``acc_pq += p * q`` (one rounding, or two unless ``fused``): allocas."""
     a, p, q = terms
     builder.store(builder.fadd(builder.load(acc_a), a), acc_a)
-    builder.store(_fma(builder, p, q, builder.load(acc_pq)), acc_pq)
+    if fused:
+        builder.store(_fma(builder, p, q, builder.load(acc_pq)), acc_pq)
+    else:  # the reproducible mode's order: the product rounded, then added
+        builder.store(builder.fadd(builder.load(acc_pq), builder.fmul(p, q)), acc_pq)
 
 
 def _vec_ptr(context, builder, aty, arr, idx, elem, width):  # noqa: ANN001, ANN202
@@ -175,8 +179,8 @@ def _require_c(arrays: tuple, ndim: int) -> None:
             raise TypeError(f"expected a C-contiguous {ndim}-D array, got {a}")
 
 
-def _codegen(dot: bool):
-    """Code generator of :func:`dev_sums` (``dot=False``) or :func:`dot_sums`."""
+def _codegen(dot: bool, fused: bool = True):
+    """Code generator of :func:`dev_sums` (``dot=False``) or :func:`dot_sums` (``_rn``: unfused)."""
 
     def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202 - numba lowering hook
         nargs = 2 if dot else 1
@@ -207,7 +211,7 @@ def _codegen(dot: bool):
             loads = [builder.load(builder.bitcast(builder.gep(r, [t]), vt), align=align)
                      for r in rows]
             _accumulate(builder, acc[2 * k], acc[2 * k + 1],
-                        _terms(builder, dot, loads, cvec, cty, v64, vact))
+                        _terms(builder, dot, loads, cvec, cty, v64, vact), fused)
 
         width = t1.type(WIDTH)
         n = builder.sub(t1, t0)
@@ -228,7 +232,7 @@ def _codegen(dot: bool):
             with cgutils.for_range_slice(builder, rest, n, _I64(1), inc=True) as (t, _):
                 loads = [builder.load(builder.gep(r, [t])) for r in rows]
                 _accumulate(builder, tail[0], tail[1],
-                            _terms(builder, dot, loads, cval, cty, _F64, act))
+                            _terms(builder, dot, loads, cval, cty, _F64, act), fused)
         out = [builder.fadd(_hsum(builder, builder.fadd(builder.load(acc[k]),
                                                         builder.load(acc[k + 2]))),
                             builder.load(tail[k])) for k in (0, 1)]
@@ -267,8 +271,8 @@ def dot_sums(typingctx, x, dy, i0, i1, j, t0, t1, m, act):  # noqa: ANN001, ANN2
 COLS = 2 * WIDTH
 
 
-def _col_codegen(dot: bool):
-    """Code generator of :func:`col_dev_sums` (``dot=False``) or :func:`col_dot_sums`."""
+def _col_codegen(dot: bool, fused: bool = True):
+    """Code generator of :func:`col_dev_sums` (``dot=False``) or :func:`col_dot_sums` (``_rn``)."""
 
     def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202 - numba lowering hook
         nargs = 2 if dot else 1
@@ -307,7 +311,7 @@ def _col_codegen(dot: bool):
                 loads = [builder.load(vptr(t, a, [r, jh], ety), align=align)
                          for t, a in zip(tys[:nargs], arrays)]
                 _accumulate(builder, acc[2 * h], acc[2 * h + 1],
-                            _terms(builder, dot, loads, cvec[h], cty, v64, acts[h]))
+                            _terms(builder, dot, loads, cvec[h], cty, v64, acts[h]), fused)
         for h, jh in enumerate(halves):  # out[j:j+16] += block sums
             for k, out in ((0, 1), (1, 2)):
                 ptr = vptr(tys[nargs + 3 + out], vecs[out], [jh], _F64)
@@ -345,6 +349,41 @@ def col_dot_sums(typingctx, x, dy, r0, r1, j, m, s1, s2, act):  # noqa: ANN001, 
     if _is_on(act):
         _require_c(tuple(act), 1)
     return types.void(x, dy, r0, r1, j, m, s1, s2, act), _col_codegen(True)
+
+
+# ------------------------------------------- the reproducible mode's variants
+# The same loops with ``p * q`` rounded before it is added (no fused
+# multiply-add), so that NumPy (``exact_samples``) and the CUDA kernels can
+# give the same bits: the per-sample sums of the reproducible mode.
+@intrinsic
+def dev_sums_rn(typingctx, x, i0, i1, j, t0, t1, c):  # noqa: ANN001, ANN202 - numba typing hook
+    """:func:`dev_sums` with ``d*d`` rounded, then added."""
+    _require_c((x,), 3)
+    return types.UniTuple(types.float64, 2)(x, i0, i1, j, t0, t1, c), _codegen(False, False)
+
+
+@intrinsic
+def dot_sums_rn(typingctx, x, dy, i0, i1, j, t0, t1, m, act):  # noqa: ANN001, ANN202
+    """:func:`dot_sums` with ``g * (x - m)`` rounded, then added."""
+    _require_c((x, dy), 3)
+    return (types.UniTuple(types.float64, 2)(x, dy, i0, i1, j, t0, t1, m, act),
+            _codegen(True, False))
+
+
+@intrinsic
+def col_dev_sums_rn(typingctx, x, r0, r1, j, c, sd, q):  # noqa: ANN001, ANN202
+    """:func:`col_dev_sums` with ``d*d`` rounded, then added."""
+    _require_c((x,), 2)
+    _require_c((c, sd, q), 1)
+    return types.void(x, r0, r1, j, c, sd, q), _col_codegen(False, False)
+
+
+@intrinsic
+def col_dot_sums_rn(typingctx, x, dy, r0, r1, j, m, s1, s2, act):  # noqa: ANN001, ANN202
+    """:func:`col_dot_sums` with ``g * (x - m)`` rounded, then added."""
+    _require_c((x, dy), 2)
+    _require_c((m, s1, s2), 1)
+    return types.void(x, dy, r0, r1, j, m, s1, s2, act), _col_codegen(True, False)
 
 
 # ------------------------------------------------------------- streamed writes
