@@ -335,7 +335,7 @@ __global__ void bn_exact_bwd_folds_cl(const T* __restrict__ dy, const T* __restr
 // ---------------------------------------------------------------------------
 
 #define SBN_SAMPLE_LANES 16
-#define SBN_SAMPLE_TILE 64
+#define SBN_SAMPLE_TILE 4
 
 namespace sbn_exact {
 

@@ -98,7 +98,7 @@ _F64 = np.dtype(np.float64)
 #: Lanes of a channel-first within-sample sum.
 LANES = 16
 #: Rows per tile of a channel-last within-sample sum.
-TILE_ROWS = 64
+TILE_ROWS = 4
 #: Fold sets of the forward: ``b``, ``a``, ``s``, ``s*s`` (two halves), ``s*a`` (two halves).
 QUANTITIES = 5
 #: Forward fast path: every shift exponent within ``[SAFE_LOW, SAFE_HIGH]``

@@ -321,3 +321,30 @@ def test_data_near_float64_limits_finite_normalized_and_split_independent(rng, s
     assert np.isfinite(y1).all() and np.isfinite(dx1).all()
     ref_y = bn_ref.ref_forward(x / scale, "NCL", eps=0.0)[0]
     np.testing.assert_allclose(y1, ref_y, rtol=0, atol=1e-9)
+
+
+def test_ranks_with_samples_of_different_sizes_take_the_per_element_path_together(rng):
+    # no one-process equivalent exists (one array holds samples of one size);
+    # the per-sample identity needs one size, so every rank sees the mismatch
+    # in the bound pass and sums per element: exact statistics, no hang
+    xs = [rng.standard_normal((2, 3, 4)) * 5 + 9, rng.standard_normal((3, 3, 7)) * 5 + 9]
+    calls = []
+
+    def fn(r, comm):
+        inner = comm.allreduce_max
+
+        def counted(buf):
+            calls.append(r)
+            return inner(buf)
+
+        comm.allreduce_max = counted
+        res = F.batch_norm_forward(xs[r], data_format="NCL", comm=comm, reproducible=True)
+        return res.batch_mean, res.batch_var
+
+    out = bn_ref.ThreadGroup(2, timeout=10).run(fn)
+    assert calls.count(0) == calls.count(1) == 2  # the bound pass, then the data's bound
+    flat = np.concatenate([x.transpose(1, 0, 2).reshape(3, -1) for x in xs], axis=1)
+    for mean, var in out:
+        assert mean.tobytes() == out[0][0].tobytes() and var.tobytes() == out[0][1].tobytes()
+        np.testing.assert_allclose(mean, flat.mean(axis=1), rtol=1e-15)
+        np.testing.assert_allclose(var, flat.var(axis=1), rtol=1e-14)

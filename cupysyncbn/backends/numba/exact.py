@@ -335,7 +335,6 @@ def backward_elemt(
 # exact_samples' partials: the within-sample sums in its canonical order
 # (the rn loops of simd.py: 16 lanes per channel-first row; tiles of
 # TILE_ROWS channel-last rows, in order), then the C-sized folds.
-_TILE = _smp.TILE_ROWS
 _COLS = 16
 
 
@@ -353,7 +352,9 @@ def _samples_cf(x, dy, mean, p, q, r):  # noqa: ANN001, ANN202 - numba
 
 
 @njit(**_JIT)
-def _samples_cl(x, dy, mean, s, p, q, r):  # noqa: ANN001, ANN202 - numba
+def _samples_cl(x, dy, mean, s, tile, p, q, r):  # noqa: ANN001, ANN202 - numba
+    # ``tile`` is an argument, not a global: numba's cache would keep a
+    # global of another module at its compile-time value
     m, c = x.shape
     cv = c - c % _COLS
     for i in range(m // s):
@@ -364,8 +365,8 @@ def _samples_cl(x, dy, mean, s, p, q, r):  # noqa: ANN001, ANN202 - numba
                 sh[j] = np.float64(x[r0, j])
         a[:] = 0.0
         b[:] = 0.0
-        for t0 in range(r0, r0 + s, _TILE):
-            t1 = min(r0 + s, t0 + _TILE)
+        for t0 in range(r0, r0 + s, tile):
+            t1 = min(r0 + s, t0 + tile)
             for j in range(0, cv, _COLS):
                 if dy is None:
                     col_dev_sums_rn(x, t0, t1, j, sh, a, b)
@@ -401,7 +402,7 @@ def sample_moments(
     out = [np.empty((samples, c), _F64) for _ in range(3)]
     with np.errstate(all="ignore"):
         if channel_last:
-            _samples_cl(v, None, None, v.shape[0] // samples, *out)
+            _samples_cl(v, None, None, v.shape[0] // samples, _smp.TILE_ROWS, *out)
         else:
             _samples_cf(v, None, None, *out)
     return out[0], out[1], out[2]
@@ -418,7 +419,7 @@ def sample_backward(
     m = np.ascontiguousarray(mean)
     with np.errstate(all="ignore"):
         if channel_last:
-            _samples_cl(x, dy, m, x.shape[0] // samples, g, g, h)
+            _samples_cl(x, dy, m, x.shape[0] // samples, _smp.TILE_ROWS, g, g, h)
         else:
             _samples_cf(x, dy, m, g, g, h)
     return g, h
@@ -437,43 +438,83 @@ def _two_prod(a, b):  # noqa: ANN001, ANN202 - numba: exact_sums.two_prod, opera
 
 
 @njit(inline="always", **_JIT)
-def _scale_row(src, f1, f2, r):  # noqa: ANN001, ANN202 - numba: r = (src * f1) * f2, per channel
-    for j in range(r.shape[0]):
+def _deposit_row(src, f1, f2, sig, out, base):  # noqa: ANN001, ANN202 - numba
+    """Scale ``src`` per channel (``(v * f1) * f2``) and fold it into rows ``base..`` of ``out``.
+
+    One loop over the channels with the K folds written out (K = 3 or 5),
+    so the remainder stays in a register: the operations and their order
+    are :func:`..exact_sums.fold_into`'s per value.
+    """
+    c = src.shape[0]
+    k = sig.shape[0]
+    if k == 3:
+        s1, s2, s3 = sig[0], sig[1], sig[2]
+        o1, o2, o3 = out[base], out[base + 1], out[base + 2]
+        for j in range(c):
+            r = (src[j] * f1[j]) * f2[j]
+            t = (r + s1) - s1
+            r = r - t
+            o1[j] += t
+            t = (r + s2) - s2
+            r = r - t
+            o2[j] += t
+            o3[j] += (r + s3) - s3
+        return
+    if k == 5:
+        s1, s2, s3, s4, s5 = sig[0], sig[1], sig[2], sig[3], sig[4]
+        o1, o2, o3 = out[base], out[base + 1], out[base + 2]
+        o4, o5 = out[base + 3], out[base + 4]
+        for j in range(c):
+            r = (src[j] * f1[j]) * f2[j]
+            t = (r + s1) - s1
+            r = r - t
+            o1[j] += t
+            t = (r + s2) - s2
+            r = r - t
+            o2[j] += t
+            t = (r + s3) - s3
+            r = r - t
+            o3[j] += t
+            t = (r + s4) - s4
+            r = r - t
+            o4[j] += t
+            o5[j] += (r + s5) - s5
+        return
+    r = np.empty(c)
+    for j in range(c):
         r[j] = (src[j] * f1[j]) * f2[j]
+    _fold_buf(r, c, sig, out, base)
 
 
 @njit(**_JIT)
-def _fold_moments(s, a, b, f1, f2, sig, out):  # noqa: ANN001, ANN202 - numba
-    # the channels are the lanes of _fold_buf (vector loops); out is (5K, C)
+def _fold_moments(s, a, b, f1, f2, sig, narrow, out):  # noqa: ANN001, ANN202 - numba
+    # the channels are the lanes; out is (5K, C). ``narrow``: the shifts have
+    # at most 26 significant bits, so ``s*s`` is exact and its low half is 0
+    # (depositing 0 changes no fold: skipped)
     n, c = s.shape
     k = sig.shape[0]
-    r = np.empty(c)
     hi = np.empty(c)
     lo = np.empty(c)
     for i in range(n):
-        for q, src in enumerate((b[i], a[i], s[i])):
-            _scale_row(src, f1[q], f2[q], r)
-            _fold_buf(r, c, sig, out, q * k)
+        _deposit_row(b[i], f1[0], f2[0], sig, out, 0)
+        _deposit_row(a[i], f1[1], f2[1], sig, out, k)
+        _deposit_row(s[i], f1[2], f2[2], sig, out, 2 * k)
         for q in range(3, 5):
             other = s[i] if q == 3 else a[i]
             si = s[i]
             for j in range(c):
                 hi[j], lo[j] = _two_prod(si[j], other[j])
-            _scale_row(hi, f1[q], f2[q], r)
-            _fold_buf(r, c, sig, out, q * k)
-            _scale_row(lo, f1[q], f2[q], r)
-            _fold_buf(r, c, sig, out, q * k)
+            _deposit_row(hi, f1[q], f2[q], sig, out, q * k)
+            if not (narrow and q == 3):
+                _deposit_row(lo, f1[q], f2[q], sig, out, q * k)
 
 
 @njit(**_JIT)
 def _fold_parts(parts, f1, f2, sig, out):  # noqa: ANN001, ANN202 - numba
-    c = parts.shape[2]
     k = sig.shape[0]
-    r = np.empty(c)
     for q in range(parts.shape[0]):
         for i in range(parts.shape[1]):
-            _scale_row(parts[q, i], f1[q], f2[q], r)
-            _fold_buf(r, c, sig, out, q * k)
+            _deposit_row(parts[q, i], f1[q], f2[q], sig, out, q * k)
 
 
 _EMPTY, _NONFINITE = _ref.EMPTY_EXP, _ref.NONFINITE_EXP
@@ -653,9 +694,12 @@ def fold_moments(
 ) -> np.ndarray:
     """:func:`..exact_samples.fold_moments`, the same bits."""
     f1, f2 = _factors(g)
+    # K = 3 only for float32 compute, i.e. data of float32 or narrower: shifts
+    # of at most 24 significant bits, whose squares are exact
+    narrow = k == 3
     out = np.zeros((QUANTITIES * k, s.shape[1]), _F64)
     with np.errstate(all="ignore"):
-        _fold_moments(s, a, b, f1, f2, np.array(_ref.sigmas(k)), out)
+        _fold_moments(s, a, b, f1, f2, np.array(_ref.sigmas(k)), narrow, out)
     return out.reshape(QUANTITIES, k, -1)
 
 
