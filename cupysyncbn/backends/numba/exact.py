@@ -438,6 +438,13 @@ def _two_prod(a, b):  # noqa: ANN001, ANN202 - numba: exact_sums.two_prod, opera
 
 
 @njit(inline="always", **_JIT)
+def _step(r, sg, o, j):  # noqa: ANN001, ANN202 - numba: one fold of fold_into; the remainder
+    t = (r + sg) - sg
+    o[j] += t
+    return r - t
+
+
+@njit(inline="always", **_JIT)
 def _deposit_row(src, f1, f2, sig, out, base):  # noqa: ANN001, ANN202 - numba
     """Scale ``src`` per channel (``(v * f1) * f2``) and fold it into rows ``base..`` of ``out``.
 
@@ -451,33 +458,15 @@ def _deposit_row(src, f1, f2, sig, out, base):  # noqa: ANN001, ANN202 - numba
         s1, s2, s3 = sig[0], sig[1], sig[2]
         o1, o2, o3 = out[base], out[base + 1], out[base + 2]
         for j in range(c):
-            r = (src[j] * f1[j]) * f2[j]
-            t = (r + s1) - s1
-            r = r - t
-            o1[j] += t
-            t = (r + s2) - s2
-            r = r - t
-            o2[j] += t
+            r = _step(_step((src[j] * f1[j]) * f2[j], s1, o1, j), s2, o2, j)
             o3[j] += (r + s3) - s3
         return
     if k == 5:
         s1, s2, s3, s4, s5 = sig[0], sig[1], sig[2], sig[3], sig[4]
-        o1, o2, o3 = out[base], out[base + 1], out[base + 2]
-        o4, o5 = out[base + 3], out[base + 4]
+        o1, o2, o3, o4, o5 = out[base], out[base + 1], out[base + 2], out[base + 3], out[base + 4]
         for j in range(c):
-            r = (src[j] * f1[j]) * f2[j]
-            t = (r + s1) - s1
-            r = r - t
-            o1[j] += t
-            t = (r + s2) - s2
-            r = r - t
-            o2[j] += t
-            t = (r + s3) - s3
-            r = r - t
-            o3[j] += t
-            t = (r + s4) - s4
-            r = r - t
-            o4[j] += t
+            r = _step(_step((src[j] * f1[j]) * f2[j], s1, o1, j), s2, o2, j)
+            r = _step(_step(r, s3, o3, j), s4, o4, j)
             o5[j] += (r + s5) - s5
         return
     r = np.empty(c)
