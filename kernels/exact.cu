@@ -320,8 +320,8 @@ __global__ void bn_exact_bwd_folds_cl(const T* __restrict__ dy, const T* __restr
 
 // ---------------------------------------------------------------------------
 // The per-sample path (cupysyncbn/backends/exact_samples.py): within-sample
-// sums in that module's canonical order, one thread per (sample, channel);
-// the host deposits the [Q, N, C] partials into the folds. Every operation
+// sums in that module's canonical order; the host deposits the [Q, N, C]
+// partials into the folds. Every operation
 // is an explicitly rounded intrinsic (no fused multiply-add).
 //
 //   bn_exact_sample_{cf,cl}<T>: shift s (the sample's first value), a =
@@ -329,9 +329,11 @@ __global__ void bn_exact_bwd_folds_cl(const T* __restrict__ dy, const T* __restr
 //   bn_exact_sample_bwd_{cf,cl}<T, CT>: g = sum(double(dy)), h = sum(g *
 //       double(CT(x) - mean)) (the difference in the compute type CT); Q = 2
 //
-// Channel-first (N, C, S): thread n * C + c of a 1-D grid. Channel-last
-// (N * S, C): grid = (ceil(C / 128), min(N, 65535)), block = 128 threads
-// over the channels; samples in steps of gridDim.y.
+// Channel-first (N, C, S): 16 threads per row (sample n, channel c: row
+// n * C + c), block = 128 threads (8 rows), a 1-D grid. Channel-last
+// (N * S, C): one thread per (sample, channel): grid = (ceil(C / 128),
+// min(N, 65535)), block = 128 threads over the channels; samples in steps of
+// gridDim.y.
 // ---------------------------------------------------------------------------
 
 #define SBN_SAMPLE_LANES 16
@@ -341,19 +343,6 @@ namespace sbn_exact {
 
 __device__ __forceinline__ float sub_rn(float a, float b) { return __fsub_rn(a, b); }
 __device__ __forceinline__ double sub_rn(double a, double b) { return __dsub_rn(a, b); }
-
-// The lanes and the tail of a channel-first row, added in the fixed tree:
-// v[l] = lane[l] + lane[l + 8], w[l] = v[l] + v[l + 4], u[l] = w[l] + w[l + 2],
-// (u[0] + u[1]) + tail.
-__device__ __forceinline__ double lane_tree(double* l, double tail) {
-#pragma unroll
-  for (int i = 0; i < 8; ++i) l[i] = __dadd_rn(l[i], l[i + 8]);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) l[i] = __dadd_rn(l[i], l[i + 4]);
-#pragma unroll
-  for (int i = 0; i < 2; ++i) l[i] = __dadd_rn(l[i], l[i + 2]);
-  return __dadd_rn(__dadd_rn(l[0], l[1]), tail);
-}
 
 // One step of a sum pair: a += p; b += p * q (rounded, then added).
 __device__ __forceinline__ void pair_step(double& a, double& b, double p, double q) {
@@ -372,43 +361,6 @@ __device__ __forceinline__ void terms(const T* x, const T* dy, sbn::i64 i, doubl
     p = __dsub_rn(sbn::io<T>::template load<double>(x, i), sh);
     q = p;
   }
-}
-
-// A channel-first row of S values at x + base: 16 lanes over t < R, an
-// 8-wide step included, then the tail, then the tree.
-template <typename T, typename CT, bool BWD>
-__device__ void row_sums(const T* x, const T* dy, sbn::i64 base, sbn::i64 S, double sh, CT m,
-                         double& a_out, double& b_out) {
-  double la[SBN_SAMPLE_LANES], lb[SBN_SAMPLE_LANES];
-#pragma unroll
-  for (int l = 0; l < SBN_SAMPLE_LANES; ++l) la[l] = lb[l] = 0.0;
-  const sbn::i64 full = S - S % SBN_SAMPLE_LANES;
-  for (sbn::i64 t0 = 0; t0 < full; t0 += SBN_SAMPLE_LANES) {
-#pragma unroll
-    for (int l = 0; l < SBN_SAMPLE_LANES; ++l) {
-      double p, q;
-      terms<T, CT, BWD>(x, dy, base + t0 + l, sh, m, p, q);
-      pair_step(la[l], lb[l], p, q);
-    }
-  }
-  sbn::i64 rest = full;
-  if (S - full >= 8) {
-#pragma unroll
-    for (int l = 0; l < 8; ++l) {
-      double p, q;
-      terms<T, CT, BWD>(x, dy, base + full + l, sh, m, p, q);
-      pair_step(la[l], lb[l], p, q);
-    }
-    rest = full + 8;
-  }
-  double ta = 0.0, tb = 0.0;
-  for (sbn::i64 t = rest; t < S; ++t) {
-    double p, q;
-    terms<T, CT, BWD>(x, dy, base + t, sh, m, p, q);
-    pair_step(ta, tb, p, q);
-  }
-  a_out = lane_tree(la, ta);
-  b_out = lane_tree(lb, tb);
 }
 
 // The S rows of sample n, channel c (channel-last): tiles of rows in order.
@@ -433,19 +385,65 @@ __device__ void column_sums(const T* x, const T* dy, sbn::i64 n, sbn::i64 S, sbn
 
 }  // namespace sbn_exact
 
+namespace sbn_exact {
+
+// Channel-first: 16 threads per row, thread l holding lane l; the tree by
+// shuffles (lane l < 8 adds lane l + 8's value to its own, and so on), the
+// tail by lane 0. `base` advances by whole blocks, so every warp takes part
+// in every shuffle (rows past the end compute zeros).
+template <typename T, typename CT, bool BWD>
+__device__ void lane_rows(const T* x, const T* dy, const CT* mean, sbn::i64 N, sbn::i64 C,
+                          sbn::i64 S, double* out) {
+  const sbn::i64 NC = N * C;
+  const int lane = threadIdx.x % SBN_SAMPLE_LANES;
+  const sbn::i64 rows_per_block = blockDim.x / SBN_SAMPLE_LANES;
+  const sbn::i64 full = S - S % SBN_SAMPLE_LANES;
+  const sbn::i64 rest = full + ((S - full >= 8) ? 8 : 0);
+  for (sbn::i64 base = (sbn::i64)blockIdx.x * rows_per_block; base < NC;
+       base += (sbn::i64)gridDim.x * rows_per_block) {
+    const sbn::i64 r = base + threadIdx.x / SBN_SAMPLE_LANES;
+    const bool ok = r < NC;
+    const double sh = (!BWD && ok) ? sbn::io<T>::template load<double>(x, r * S) : 0.0;
+    const CT m = (BWD && ok) ? mean[r % C] : CT(0);
+    double a = 0.0, b = 0.0, ta = 0.0, tb = 0.0;
+    if (ok) {
+      for (sbn::i64 t = lane; t < rest; t += SBN_SAMPLE_LANES) {
+        double p, q;
+        sbn_exact::terms<T, CT, BWD>(x, dy, r * S + t, sh, m, p, q);
+        sbn_exact::pair_step(a, b, p, q);
+      }
+      if (lane == 0) {
+        for (sbn::i64 t = rest; t < S; ++t) {
+          double p, q;
+          sbn_exact::terms<T, CT, BWD>(x, dy, r * S + t, sh, m, p, q);
+          sbn_exact::pair_step(ta, tb, p, q);
+        }
+      }
+    }
+#pragma unroll
+    for (int w = 8; w >= 1; w /= 2) {
+      a = __dadd_rn(a, __shfl_xor_sync(0xffffffffu, a, w));
+      b = __dadd_rn(b, __shfl_xor_sync(0xffffffffu, b, w));
+    }
+    if (ok && lane == 0) {
+      if (BWD) {
+        out[r] = __dadd_rn(a, ta);
+        out[NC + r] = __dadd_rn(b, tb);
+      } else {
+        out[r] = sh;
+        out[NC + r] = __dadd_rn(a, ta);
+        out[2 * NC + r] = __dadd_rn(b, tb);
+      }
+    }
+  }
+}
+
+}  // namespace sbn_exact
+
 template <typename T>
 __global__ void bn_exact_sample_cf(const T* __restrict__ x, sbn::i64 N, sbn::i64 C, sbn::i64 S,
                                    double* __restrict__ out) {
-  const sbn::i64 NC = N * C;
-  for (sbn::i64 r = (sbn::i64)blockIdx.x * blockDim.x + threadIdx.x; r < NC;
-       r += (sbn::i64)gridDim.x * blockDim.x) {
-    const double sh = sbn::io<T>::template load<double>(x, r * S);
-    double a, b;
-    sbn_exact::row_sums<T, double, false>(x, x, r * S, S, sh, 0.0, a, b);
-    out[r] = sh;
-    out[NC + r] = a;
-    out[2 * NC + r] = b;
-  }
+  sbn_exact::lane_rows<T, double, false>(x, x, nullptr, N, C, S, out);
 }
 
 template <typename T>
@@ -468,14 +466,7 @@ template <typename T, typename CT>
 __global__ void bn_exact_sample_bwd_cf(const T* __restrict__ dy, const T* __restrict__ x,
                                        const CT* __restrict__ mean, sbn::i64 N, sbn::i64 C,
                                        sbn::i64 S, double* __restrict__ out) {
-  const sbn::i64 NC = N * C;
-  for (sbn::i64 r = (sbn::i64)blockIdx.x * blockDim.x + threadIdx.x; r < NC;
-       r += (sbn::i64)gridDim.x * blockDim.x) {
-    double g, h;
-    sbn_exact::row_sums<T, CT, true>(x, dy, r * S, S, 0.0, mean[r % C], g, h);
-    out[r] = g;
-    out[NC + r] = h;
-  }
+  sbn_exact::lane_rows<T, CT, true>(x, dy, mean, N, C, S, out);
 }
 
 template <typename T, typename CT>

@@ -181,8 +181,7 @@ PARAMS = {
 # Kernels with no __syncthreads/shuffle: emulated on one thread (fast).
 SERIAL = {"bn_normalize", "bn_backward_elemt", "bn_fwd_pack", "bn_fwd_norm_cf",
           "bn_fwd_norm_cl", "bn_bwd_pack", "bn_bwd_elemt_cf", "bn_bwd_elemt_cl",
-          "bn_exact_sample_cf", "bn_exact_sample_cl", "bn_exact_sample_bwd_cf",
-          "bn_exact_sample_bwd_cl"}
+          "bn_exact_sample_cl", "bn_exact_sample_bwd_cl"}
 # Template parameters of each kernel, in order.
 TEMPLATE_KEYS = {"bn_stats_finalize": "A", "bn_bwd_finalize": "A", "bn_fwd_pack": "A",
                  "bn_bwd_pack": "AP"}

@@ -414,6 +414,11 @@ class CupyBackend(Backend):
                     self._sigmas(k_folds), np.int32(k_folds)))).sum(axis=2)
         return p[:k_folds], p[k_folds:]
 
+    @staticmethod
+    def _sample_rows_grid(rows: int) -> int:
+        """Blocks of a channel-first per-sample kernel: 8 rows of 16 lanes per block."""
+        return max(1, min(_cdiv(rows, 8), 1 << 20))
+
     @_on_input_device
     def exact_sample_moments(self, v: Any, channel_last: bool, samples: int) -> Any:
         """Per-sample ``[3, N, C]`` (shift, a, b); ``exact_samples.sample_moments``."""
@@ -430,7 +435,7 @@ class CupyBackend(Backend):
         else:
             s = int(v.shape[2])
             self._kernel("exact.cu", ks.exact_sample(t, False))(
-                (max(1, _cdiv(samples * c, 128)),), (128,),
+                (self._sample_rows_grid(samples * c),), (128,),
                 (v, np.int64(samples), np.int64(c), np.int64(s), out))
         return out.reshape(3, samples, c)
 
@@ -455,7 +460,7 @@ class CupyBackend(Backend):
         else:
             s = int(x.shape[2])
             self._kernel("exact.cu", ks.exact_sample(t, False, a))(
-                (max(1, _cdiv(samples * c, 128)),), (128,),
+                (self._sample_rows_grid(samples * c),), (128,),
                 (dy, x, mu, np.int64(samples), np.int64(c), np.int64(s), out))
         return out.reshape(2, samples, c)
 
