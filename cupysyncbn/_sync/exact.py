@@ -93,8 +93,7 @@ def _spatial(shape: tuple, channel_last: bool) -> int:
 
 def forward_stats(
     comm: Communicator, backend: Backend, state: SyncState | None, v: Any,
-    channel_last: bool, nf: int, n_local: int, cdt: np.dtype, sync: bool,
-    shape: tuple = (),
+    channel_last: bool, nf: int, n_local: int, cdt: np.dtype, sync: bool, shape: tuple,
 ) -> tuple[int, Any, Any, Any]:
     """Global ``(count, mean, biased var, p)`` (float64), identical for every split.
 
@@ -111,7 +110,7 @@ def forward_stats(
     ops = ops_of(backend)
     k = ops.folds_for(cdt)
     samples = int(shape[0]) if n_local else 0
-    spatial = _spatial(shape, channel_last) if shape else 1
+    spatial = _spatial(shape, channel_last)
     parts = ops.sample_moments(v, channel_last, samples) if n_local else None
     (e_b, e_a, e_s), same = _bounds(comm, backend, state, sync, ops.local_bounds(parts, nf),
                                     k, protocol.PHASE_STATS, nf, spatial)
