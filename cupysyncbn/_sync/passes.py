@@ -34,15 +34,26 @@ from typing import Any
 
 import numpy as np
 
-from ..arrays.formats import DataFormat
+from ..arrays.formats import DataFormat, canonical_view
 from ..backends import Backend
-from ..backends.channel_math import count_one_message
+from ..backends.channel_math import (
+    RESCALE,
+    STEADY_COUNT,
+    STEADY_OK,
+    STEADY_RARE,
+    count_one_message,
+    momentum_weights,
+    unbiased_ratio,
+)
 from ..comm.base import Communicator
 from . import collective, exact, protocol
 from .checks import Verdict
 from .state import ForwardContext, ForwardResult, SyncState
 
-__all__ = ["quiet_fp", "forward", "backward"]
+__all__ = [
+    "quiet_fp", "forward", "backward", "SteadyPlan", "steady_plan", "steady_forward",
+    "steady_backward",
+]
 
 #: Most redone merges per forward (see ``_global_stats``): one on rescaled
 #: data (overflow/underflow), then around the mean: the first lands within
@@ -96,13 +107,15 @@ def forward(
     comm: Communicator, state: SyncState | None, x: Any, v: Any, vd: Verdict,
     vectors: tuple, training: bool, batch_stats: bool, momentum: float | None,
     epsilon: float, unbiased: bool, num_batches_tracked: int, sync: bool,
-    relu: bool = False, reproducible: bool = False,
+    relu: bool = False, reproducible: bool = False, first: tuple | None = None,
 ) -> ForwardResult:
     """A forward on the four primitives; ``v`` is ``x``'s canonical view.
 
     ``relu``: ``act="relu"``, applied by ``backend.normalize`` in its pass.
     ``reproducible``: the statistics by :mod:`.exact` and the canonical
     elementwise formula (identical bits for every split; not with ``relu``).
+    ``first``: ``(total, s, q)`` of a statistics all-reduce this pass already
+    ran (a steady-state pass that met a rare case goes on from there).
     """
     repro = reproducible
     backend, fmt, nf, cdt, pdt = vd.backend, vd.fmt, vd.nf, vd.cdt, vd.param_dtype
@@ -127,7 +140,8 @@ def forward(
             comm, backend, state, v, cl, nf, n_local, cdt, sync
         )
     else:
-        count, mean_s, var_s, p = _default_stats(comm, backend, state, v, cl, nf, n_local, cdt)
+        count, mean_s, var_s, p = _default_stats(comm, backend, state, v, cl, nf, n_local, cdt,
+                                                 first)
     if count == 1:
         # The count is all-reduced, so every rank raises here, before any
         # running statistic changes (PyTorch raises the same in training).
@@ -175,7 +189,7 @@ def forward(
 
 def _default_stats(
     comm: Communicator, backend: Backend, state: SyncState | None, v: Any, cl: bool, nf: int,
-    n_local: int, cdt: np.dtype,
+    n_local: int, cdt: np.dtype, first: tuple | None = None,
 ) -> tuple[int, Any, Any, Any]:
     """The default mode's statistics: local moments, then :func:`_global_stats`."""
     if n_local:
@@ -188,7 +202,7 @@ def _default_stats(
             return None, None
         return backend.moments(_scaled(v, p, cl, cdt), cl, cdt)
 
-    return _global_stats(comm, backend, state, nf, n_local, mean_r, m2_r, cdt, rescaled)
+    return _global_stats(comm, backend, state, nf, n_local, mean_r, m2_r, cdt, rescaled, first)
 
 
 def _scaled(v: Any, p: Any, channel_last: bool, dt: np.dtype) -> Any:
@@ -236,6 +250,7 @@ def _forward_scaled(
 def _global_stats(
     comm: Communicator, backend: Backend, state: SyncState | None, nf: int,
     n_local: int, mean_r: Any, m2_r: Any, cdt: np.dtype, rescaled: Any,
+    first: tuple | None = None,
 ) -> tuple[int, Any, Any, Any]:
     """Merge per-rank (n, mean, M2) into global float64 mean and biased var.
 
@@ -252,7 +267,7 @@ def _global_stats(
             mean, var = backend.local_stats(n_local, mean_p, m2_p, nf)
         return n_local, mean, var, p
     shift = state.shift if state is not None else None
-    if shift is None or shift.shape[0] != nf:
+    if first is None and (shift is None or shift.shape[0] != nf):
         # Two C-sized vectors like every other pass of the layer: equal
         # buffer sizes let the header detect ranks running different passes.
         total, (s, _) = collective.allreduce(
@@ -262,10 +277,13 @@ def _global_stats(
         shift = s / max(total, 1)
     p = None
     for redo in range(_MAX_REDO + 1):
-        payload = backend.shifted_sums(n_local, mean_r, m2_r, shift)
-        total, (s, q) = collective.allreduce(
-            comm, backend, state, payload, n_local, protocol.PHASE_STATS, None, nf
-        )
+        if redo == 0 and first is not None:
+            total, s, q = first  # reduced already, around state.shift
+        else:
+            payload = backend.shifted_sums(n_local, mean_r, m2_r, shift)
+            total, (s, q) = collective.allreduce(
+                comm, backend, state, payload, n_local, protocol.PHASE_STATS, None, nf
+            )
         mean, var = backend.merge_sums(total, s, q, shift, nf)
         # Every decision below is a function of all-reduced values, so every
         # rank takes it and runs the same collectives.
@@ -356,3 +374,298 @@ def backward(
         dweight = sum_dy_xhat.astype(pdt)
         dbias = sum_dy.astype(pdt)
     return dx, dweight, dbias
+
+
+# ------------------------------------------------------------ steady state
+_EMPTY64 = np.empty(0, dtype=_F64)
+_EMPTY_SLOTS = np.empty(0, dtype=np.int64)
+_NATIVE_X = (np.dtype(np.float32), _F64)
+
+
+class SteadyPlan:
+    """A layer's checked steady-state pass: what every repeat of the same call reuses.
+
+    Built by :func:`steady_plan` after a training forward took the general
+    path (so its checks passed), for a backend with steady-state primitives
+    (``backend.steady_ops``: the numba backend). The caller (a layer) keeps
+    it and calls :func:`steady_forward` only while everything the checks
+    read is unchanged: the input's library, dtype, shape and strides, the
+    vectors (the same arrays, with the same shape and dtype), the layer's
+    options and mode, the communicator and the CPU backend choice.
+    :func:`steady_forward` itself checks the state (handshake, shift).
+
+    A steady forward is ``moments -> [pack -> allreduce] -> one per-channel
+    kernel -> normalize``, a backward ``sums -> [pack -> allreduce] -> one
+    per-channel kernel -> elemt``: the same operations as
+    :func:`forward`/:func:`backward`, with the checks done and the
+    per-channel steps in one compiled call each.
+    """
+
+    __slots__ = (
+        "backend", "ops", "verdict", "comm", "state", "sync", "nf", "shape", "strides",
+        "vshape", "dtype", "cdt", "pdt", "relu", "momentum", "epsilon", "unbiased", "update",
+        "vectors", "n_local", "tiny", "unit_lo", "unit_rng", "count", "expected", "unit_hi",
+        "ratio", "keep", "factor", "rtype", "scratch", "buf", "slots", "templates", "owner",
+    )
+
+    backend: Any
+    ops: Any  # backend.steady_ops(...): the data passes and per-channel kernels
+    verdict: Verdict
+    comm: Communicator
+    state: Any  # SyncState (None only for an unsynchronized pass)
+    sync: bool
+    nf: int
+    shape: tuple
+    strides: tuple
+    vshape: tuple
+    dtype: np.dtype
+    cdt: np.dtype
+    pdt: np.dtype
+    relu: bool
+    momentum: float | None
+    epsilon: float
+    unbiased: bool
+    update: bool
+    vectors: tuple
+    n_local: int
+    tiny: tuple
+    unit_lo: float
+    unit_rng: float
+    count: int
+    expected: float
+    unit_hi: float
+    ratio: float
+    keep: Any
+    factor: Any
+    rtype: Any
+    scratch: tuple
+    buf: Any
+    slots: tuple
+    templates: dict
+    owner: Any  # what the caller checked the plan with (the layer's options)
+
+    def set_count(self, count: int) -> None:
+        """Prepare what depends on the global count: data_unit's bound, the unbiased ratio."""
+        self.count = count
+        self.expected = float(count)
+        hi = self.unit_rng - 0.5 * float(np.log2(max(count, 1)))
+        self.unit_hi = 4.0 ** (hi - 1)
+        self.ratio = unbiased_ratio(count) if self.unbiased and count > 1 else 1.0
+
+    def template(self, phase: int, evals: int) -> Any:
+        """The header template of ``phase`` for the layer's current eval count."""
+        key = (phase, evals)
+        tmpl = self.templates.get(key)
+        if tmpl is None:
+            state = self.state
+            tmpl = protocol.header_template(phase, self.nf, state.layer_id, state.ident, evals)
+            if len(self.templates) > 8:
+                self.templates.clear()
+            self.templates[key] = tmpl
+        return tmpl
+
+
+def steady_plan(
+    comm: Communicator, state: SyncState | None, x: Any, vd: Verdict, vectors: tuple,
+    momentum: float | None, epsilon: float, unbiased: bool, relu: bool, sync: bool,
+) -> SteadyPlan | None:
+    """A :class:`SteadyPlan` for a training forward that just passed its checks, or None.
+
+    None where the steady path does not apply: another backend, input dtype
+    or layout, compute dtype other than the parameters', vectors of other
+    dtypes, an input with fewer than 2 values per channel (or none on this
+    rank), or a synchronized layer whose handshake and shift are not there yet.
+    """
+    backend = vd.backend
+    make = getattr(backend, "steady_ops", None)
+    pdt, cdt, nf = vd.param_dtype, vd.cdt, vd.nf
+    if (make is None or type(x) is not np.ndarray or x.dtype not in _NATIVE_X
+            or not x.dtype.isnative or not x.flags.c_contiguous or cdt != pdt or not nf):
+        return None
+    weight, bias, rm, rv = vectors
+    update = rm is not None
+    for vec in vectors if update else vectors[:2]:
+        if type(vec) is not np.ndarray or vec.shape != (nf,) or vec.dtype != pdt:
+            return None
+    if not update and rv is not None:
+        return None
+    n_local = x.size // nf
+    if sync:
+        shift = state.shift if state is not None else None
+        if (state is None or not state.handshake_done or shift is None
+                or type(shift) is not np.ndarray or shift.shape != (nf,) or not n_local):
+            return None
+    elif n_local < 2:
+        return None
+    fmt = vd.fmt
+    v = canonical_view(x, fmt)
+    ops = make(v.shape, x.dtype, fmt.channel_last)
+    if ops is None:
+        return None
+    p = SteadyPlan()
+    p.backend, p.ops, p.verdict, p.comm, p.state, p.sync = backend, ops, vd, comm, state, sync
+    p.nf, p.shape, p.strides, p.vshape, p.dtype = nf, x.shape, x.strides, v.shape, x.dtype
+    p.cdt, p.pdt, p.relu, p.momentum, p.epsilon = cdt, pdt, relu, momentum, float(epsilon)
+    p.unbiased, p.update, p.vectors, p.n_local = unbiased, update, vectors, n_local
+    rescale = RESCALE.get(cdt, RESCALE[_F64])
+    p.tiny = (rescale[2], rescale[3])
+    rdt = x.dtype if x.dtype == np.float32 else cdt  # as forward() picks it
+    p.unit_rng = RESCALE.get(rdt, RESCALE[_F64])[4]
+    p.unit_lo = 4.0 ** (1 - p.unit_rng)
+    p.set_count(n_local)
+    if sync:
+        p.expected = -1.0  # the global count is known after the first all-reduce
+    p.rtype = pdt.type
+    if momentum is not None:
+        keep, factor = momentum_weights(momentum, 0)
+        p.keep, p.factor = p.rtype(keep), p.rtype(factor)
+    else:
+        p.keep = p.factor = None
+    # mean64, var64 (float64) and the running update's rounding step
+    p.scratch = (np.empty(nf, dtype=_F64), np.empty(nf, dtype=_F64), np.empty(nf, dtype=pdt),
+                 np.empty(0, dtype=pdt))
+    if sync:
+        assert state is not None
+        p.buf = state.buffer(backend, protocol.HEADER + 2 * nf)
+        p.slots = (protocol.steady_slots(protocol.PHASE_STATS),
+                   protocol.steady_slots(protocol.PHASE_BACKWARD))
+    else:
+        p.buf, p.slots = _EMPTY64, (_EMPTY_SLOTS, _EMPTY_SLOTS)
+    p.templates = {}
+    p.owner = None
+    return p
+
+
+def steady_forward(
+    plan: SteadyPlan, x: Any, num_batches_tracked: int,
+) -> tuple[Any, ForwardContext, ForwardResult | None] | None:
+    """A training forward by ``plan``: ``(y, ctx, None)``, running statistics updated in place.
+
+    The caller has checked that ``plan`` fits the call (see
+    :class:`SteadyPlan`). None (nothing changed, no collective run): the
+    state is not ready; take the general path. On a synchronized layer a
+    rare case met after the all-reduce goes on in :func:`forward` from it,
+    and its result comes third, for the caller to store as usual.
+    """
+    state = plan.state
+    sync = plan.sync
+    if sync and (not state.handshake_done or state.shift is None):
+        return None
+    ops, nf, cdt = plan.ops, plan.nf, plan.cdt
+    weight, bias, rm, rv = plan.vectors
+    v = x.reshape(plan.vshape)
+    mean_r, m2_r = ops.moments(v)
+    mean_c = np.empty(nf, dtype=cdt)
+    invstd = np.empty(nf, dtype=cdt)
+    scale = np.empty(nf, dtype=cdt)
+    mean64, var64, tmp, none = plan.scratch
+    keep, factor = plan.keep, plan.factor
+    if keep is None:
+        k, f = momentum_weights(None, num_batches_tracked)
+        keep, factor = plan.rtype(k), plan.rtype(f)
+    update = plan.update
+    if not update:
+        rm = rv = none
+        keep = factor = plan.rtype(0.0)
+    if sync:
+        _, call, _, evals = state.next_ids()
+        shift = state.shift
+        comm = plan.comm
+        ops.pack(plan.buf, plan.template(protocol.PHASE_STATS, evals), plan.slots[0],
+                 plan.n_local, call % protocol.CALL_MODULUS, mean_r, m2_r, shift,
+                 float(plan.n_local), _EMPTY64)
+        buf = comm.allreduce_sum(plan.buf)
+        shift_out = np.empty(nf, dtype=_F64)
+        size = float(comm.size)
+    else:
+        buf = shift = shift_out = _EMPTY64
+        size = 0.0
+    while True:
+        code, total = ops.forward_channels(
+            buf, plan.slots[0], size, plan.expected, mean_r, m2_r, shift, plan.tiny[0],
+            plan.tiny[1], plan.unit_lo, plan.unit_hi, plan.epsilon, weight, update,
+            plan.ratio, keep, factor, rm, rv, tmp, mean64, var64, mean_c, invstd, scale,
+            shift_out,
+        )
+        if code != STEADY_COUNT:
+            break
+        if total <= 1.0:  # an empty or one-value global batch: the general path's errors
+            code = STEADY_RARE
+            break
+        plan.set_count(int(total))
+    if code != STEADY_OK:
+        if not sync:
+            return None  # nothing written: the general path from the start
+        return _steady_rare(plan, x, v, buf, code, num_batches_tracked)
+    if sync:
+        state.shift = shift_out
+    y = ops.normalize(v, mean_c, scale, bias, plan.relu)
+    ctx = ForwardContext(
+        v, plan.shape, plan.dtype, plan.verdict.fmt, plan.backend, plan.comm, mean_c, invstd,
+        weight, plan.count, True, plan.pdt, state, act=(scale, bias) if plan.relu else None,
+    )
+    ctx.plan = plan
+    return y.reshape(plan.shape), ctx, None
+
+
+def _steady_rare(
+    plan: SteadyPlan, x: Any, v: Any, buf: Any, code: int, num_batches_tracked: int,
+) -> tuple[Any, ForwardContext, ForwardResult]:
+    """After the statistics all-reduce: a header to raise on, or :func:`forward` from it."""
+    h, nf = protocol.HEADER, plan.nf
+    total = protocol.check_header(buf[:h], protocol.PHASE_STATS, plan.comm.size, None)
+    # (code STEADY_HEADER raised above: the compiled test and check_header agree)
+    first = (total, buf[h : h + nf], buf[h + nf : h + 2 * nf])
+    with np.errstate(all="ignore"):  # as the functional API runs it (quiet_fp)
+        res = forward(
+            plan.comm, plan.state, x, v, plan.verdict, plan.vectors, True, True, plan.momentum,
+            plan.epsilon, plan.unbiased, num_batches_tracked, True, plan.relu, first=first,
+        )
+    return res.y, res.ctx, res
+
+
+def steady_backward(ctx: ForwardContext, dy: Any, need_param_grads: bool) -> tuple | None:
+    """The backward of a :func:`steady_forward` pass; None: take :func:`backward`.
+
+    The caller has checked ``dy`` (a NumPy array of the forward input's dtype,
+    shape and strides). None when the forward's vectors changed shape or
+    dtype in place since, or the communicator stopped (or started)
+    synchronizing: nothing done, no collective run.
+    """
+    plan: SteadyPlan = ctx.plan
+    weight = ctx.weight
+    sync = plan.sync
+    if (weight.shape != plan.vectors[0].shape or weight.dtype != plan.pdt
+            or ctx.comm.synchronizes is not sync
+            or (ctx.act is not None and ctx.act[1].dtype != plan.pdt)):
+        return None
+    ops, nf, cdt, invstd = plan.ops, plan.nf, plan.cdt, ctx.invstd
+    dyv = dy.reshape(plan.vshape)
+    sum_dy, sum_dxm = ops.sums(dyv, ctx.x, ctx.mean, ctx.act)
+    a = np.empty(nf, dtype=cdt)
+    mean_dy = np.empty(nf, dtype=cdt)
+    b = np.empty(nf, dtype=cdt)
+    if need_param_grads:
+        dw = np.empty(nf, dtype=plan.pdt)
+        db = np.empty(nf, dtype=plan.pdt)
+    else:
+        dw = db = plan.scratch[3]
+    if sync:
+        state, comm = plan.state, ctx.comm
+        _, call, _, evals = state.next_ids()
+        ops.pack(plan.buf, plan.template(protocol.PHASE_BACKWARD, evals), plan.slots[1],
+                 plan.n_local, call % protocol.CALL_MODULUS, sum_dy, sum_dxm, _EMPTY64, 0.0,
+                 invstd)
+        buf = comm.allreduce_sum(plan.buf)
+        if ops.backward_channels(buf, plan.slots[1], float(comm.size), weight, invstd, sum_dy,
+                                 sum_dxm, float(ctx.count), a, mean_dy, b, dw, db):
+            protocol.check_header(buf[: protocol.HEADER], protocol.PHASE_BACKWARD, comm.size,
+                                  None)
+            raise AssertionError("unreachable: the header check raised")  # pragma: no cover
+    else:
+        ops.backward_channels(_EMPTY64, _EMPTY_SLOTS, 0.0, weight, invstd, sum_dy, sum_dxm,
+                              float(ctx.count), a, mean_dy, b, dw, db)
+    dx = ops.elemt(dyv, ctx.x, ctx.mean, a, mean_dy, b, ctx.act).reshape(plan.shape)
+    if not need_param_grads:
+        return dx, None, None
+    return dx, dw, db

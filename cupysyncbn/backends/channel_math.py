@@ -18,8 +18,17 @@ import numpy as np
 
 __all__ = [
     "ChannelMath", "UNBIASED_COUNT_1", "COUNT_1", "SHIFT_REDO", "count_one_message",
-    "momentum_weights", "unbiased_ratio",
+    "momentum_weights", "unbiased_ratio", "STEADY_OK", "STEADY_HEADER", "STEADY_COUNT",
+    "STEADY_RARE", "RESCALE",
 ]
+
+#: Return codes of a steady-state pass's per-channel kernel (the numba
+#: backend's ``channel._fwd_steady``/``_bwd_steady``): done; the reduced
+#: header shows ranks out of step or an error; the global count is not the
+#: one the call was prepared for; a rare case (rescaled statistics, a shift
+#: too far, data outside the safe range) that the general path handles.
+#: Every code but ``STEADY_OK`` leaves the running statistics untouched.
+STEADY_OK, STEADY_HEADER, STEADY_COUNT, STEADY_RARE = 0, 1, 2, 3
 
 _F64 = np.dtype(np.float64)
 _EPS64 = float(np.finfo(np.float64).eps)
@@ -45,6 +54,7 @@ _RESCALE = {
     np.dtype(np.float32): (2.0**-80, 2.0**100, 2.0**-50, 2.0**-100, 60.0),
     np.dtype(np.float64): (2.0**-560, 2.0**600, 2.0**-450, 2.0**-900, 500.0),
 }
+RESCALE = _RESCALE
 
 UNBIASED_COUNT_1 = (
     "unbiased_running_var=True needs more than 1 value per channel in the"

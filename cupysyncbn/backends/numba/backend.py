@@ -79,7 +79,7 @@ from numba.extending import intrinsic, overload
 
 from ..numpy import NumpyBackend
 from . import exact as _exact
-from .channel import CHANNEL_KERNELS, NumbaChannelMath
+from .channel import CHANNEL_KERNELS, NumbaChannelMath, _bwd_steady, _fwd_steady, _pack
 from .simd import (
     COLS,
     HW_F16,
@@ -96,7 +96,10 @@ from .simd import (
     store_fence,
 )
 
-__all__ = ["NumbaBackend", "BACKEND", "PIECE", "SHORT", "GROUP", "OutputPool", "POOL", "warm_up"]
+__all__ = [
+    "NumbaBackend", "BACKEND", "PIECE", "SHORT", "GROUP", "OutputPool", "POOL", "SteadyOps",
+    "warm_up",
+]
 
 _F64 = np.dtype(np.float64)
 _NATIVE = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
@@ -950,6 +953,14 @@ class NumbaBackend(NumbaChannelMath, NumpyBackend):
         if (not _native(dy, x) or mean.dtype not in _NATIVE[1:]
                 or not _vector_rows(x)):
             return super().backward_reduce(dy, x, channel_last, mean, invstd, relu)
+        sum_dy, sum_dxm = self._sums(dy, x, channel_last, mean, relu)
+        return sum_dy, sum_dxm * invstd.astype(_F64)
+
+    def _sums(
+        self, dy: np.ndarray, x: np.ndarray, channel_last: bool, mean: np.ndarray,
+        relu: tuple | None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Local ``sum(dy)`` and ``sum(dy * (x - mean))`` (float64; native arrays only)."""
         c = mean.shape[0]
         act = _act_vectors(relu, mean.dtype)
         sum_dy = np.zeros(c, dtype=_F64)
@@ -957,18 +968,28 @@ class NumbaBackend(NumbaChannelMath, NumpyBackend):
         tab = _table(x)
         if not channel_last:
             _bwd_reduce_cf(_bits(dy), _bits(x), tab, mean, sum_dy, sum_dxm, act)
-            return sum_dy, sum_dxm * invstd.astype(_F64)
+            return sum_dy, sum_dxm
         r = _rows_per_wide(x)
         if r == 1:
             _bwd_reduce_cl(_bits(dy), _bits(x), tab, mean, sum_dy, sum_dxm, act)
-            return sum_dy, sum_dxm * invstd.astype(_F64)
+            return sum_dy, sum_dxm
         for dp, xp_, k in zip(_regroup(_bits(dy), r), _regroup(_bits(x), r), (r, 1)):
             if xp_.shape[0]:
                 s1 = np.zeros(k * c, dtype=_F64)
                 s2 = np.zeros(k * c, dtype=_F64)
                 _bwd_reduce_cl(dp, xp_, tab, np.tile(mean, k), s1, s2, _tiles(act, k))
                 _add_groups(s1, s2, sum_dy, sum_dxm)
-        return sum_dy, sum_dxm * invstd.astype(_F64)
+        return sum_dy, sum_dxm
+
+    def steady_ops(self, shape: tuple, dtype: np.dtype, channel_last: bool) -> SteadyOps | None:
+        """The data passes of a layer's steady-state pass on canonical ``shape``, or None.
+
+        float32/float64 inputs (what :class:`SteadyOps` runs); others take the
+        general path.
+        """
+        if np.dtype(dtype) not in _NATIVE[1:]:
+            return None
+        return SteadyOps(self, shape, np.dtype(dtype), channel_last)
 
     def backward_elemt(
         self,
@@ -1013,6 +1034,83 @@ class NumbaBackend(NumbaChannelMath, NumpyBackend):
         for dp, xp_, op, k in parts:
             if xp_.shape[0]:
                 _bwd_elemt_cl(dp, xp_, tab, *(np.tile(v, k) for v in vecs), op, _tiles(act, k))
+        return dx
+
+
+class SteadyOps:
+    """The four data passes of a layer's steady-state pass, picked once per input layout.
+
+    For one canonical shape and dtype (float32/float64, C-contiguous, the
+    compute dtype that of the per-channel vectors): small inputs call the
+    kernels directly, without the checks and choices the backend's methods
+    make on every call (they are made here, once); inputs that stream or
+    come from :data:`POOL`, and channel-last rows regrouped into wide rows,
+    go through those methods. Same kernels, same arguments: the same bits.
+    ``moments`` and ``sums`` return the raw local sums (``M2`` and
+    ``sum(dy * (x - mean))`` before their final steps, which the per-channel
+    kernels of :mod:`.channel` take).
+    """
+
+    __slots__ = ("backend", "cl", "direct", "nbytes", "shape", "dtype", "nf", "pack",
+                 "forward_channels", "backward_channels")
+
+    def __init__(self, backend: NumbaBackend, shape: tuple, dtype: np.dtype, cl: bool) -> None:
+        self.backend = backend
+        self.cl = cl
+        self.shape = shape
+        self.dtype = dtype
+        self.nf = shape[-1] if cl else shape[1]
+        self.nbytes = dtype.itemsize * math.prod(shape)
+        self.direct = not cl or max(1, min(shape[0], WIDE // max(1, shape[1]))) == 1
+        # the per-channel kernels (:mod:`.channel`), as plain attributes
+        self.pack = _pack
+        self.forward_channels = _fwd_steady
+        self.backward_channels = _bwd_steady
+
+    def _small(self) -> bool:
+        # read per call: tests and users may tune the pool and the streaming
+        return self.direct and self.nbytes < STREAM_MIN_BYTES and (
+            self.nbytes < POOL.min_bytes or POOL.entries <= 0)
+
+    def moments(self, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Local per-channel mean and M2 (float64)."""
+        if not self.direct:
+            return self.backend.moments(v, self.cl, None)
+        mean = np.zeros(self.nf, dtype=_F64)
+        m2 = np.zeros(self.nf, dtype=_F64)
+        (_moments_cl if self.cl else _moments_cf)(v, _NO_TABLE, mean, m2)
+        return mean, m2
+
+    def normalize(self, v: np.ndarray, mean: np.ndarray, scale: np.ndarray, bias: np.ndarray,
+                  relu: bool) -> np.ndarray:
+        """``y`` (canonical shape) as :meth:`NumbaBackend.normalize` writes it."""
+        if not self._small():
+            return self.backend.normalize(v, self.cl, mean, scale, bias, self.dtype, relu)
+        y = np.empty(self.shape, dtype=self.dtype)
+        (_normalize_cl if self.cl else _normalize_cf)(
+            v, _NO_TABLE, mean, scale, bias, y, (scale, bias) if relu else None)
+        return y
+
+    def sums(self, dyv: np.ndarray, v: np.ndarray, mean: np.ndarray,
+             act: tuple | None) -> tuple[np.ndarray, np.ndarray]:
+        """Local ``sum(dy)`` and ``sum(dy * (x - mean))`` (float64)."""
+        if not self.direct:
+            return self.backend._sums(dyv, v, self.cl, mean, act)
+        sum_dy = np.zeros(self.nf, dtype=_F64)
+        sum_dxm = np.zeros(self.nf, dtype=_F64)
+        (_bwd_reduce_cl if self.cl else _bwd_reduce_cf)(
+            dyv, v, _NO_TABLE, mean, sum_dy, sum_dxm, act)
+        return sum_dy, sum_dxm
+
+    def elemt(self, dyv: np.ndarray, v: np.ndarray, mean: np.ndarray, a: np.ndarray,
+              mean_dy: np.ndarray, b: np.ndarray, act: tuple | None) -> np.ndarray:
+        """``dx`` (canonical shape) as :meth:`NumbaBackend.backward_elemt` writes it."""
+        if not self._small():
+            return self.backend.backward_elemt(dyv, v, self.cl, mean, a, mean_dy, b,
+                                               self.dtype, act)
+        dx = np.empty(self.shape, dtype=self.dtype)
+        (_bwd_elemt_cl if self.cl else _bwd_elemt_cf)(
+            dyv, v, _NO_TABLE, mean, a, mean_dy, b, dx, act)
         return dx
 
 
