@@ -37,9 +37,20 @@ import numpy as np
 from ..arrays.formats import DataFormat, canonical_view
 from ..backends import Backend
 from ..backends.channel_math import (
+    P_CUMULATIVE,
+    P_EPS,
+    P_EXPECTED,
+    P_RATIO,
+    P_SIZE,
+    P_TINY_MEAN,
+    P_TINY_VAR,
+    P_UNIT_HI,
+    P_UNIT_LO,
+    P_UPDATE,
     RESCALE,
     STEADY_COUNT,
     STEADY_OK,
+    STEADY_PARAMS,
     STEADY_RARE,
     count_one_message,
     momentum_weights,
@@ -380,6 +391,7 @@ def backward(
 _EMPTY64 = np.empty(0, dtype=_F64)
 _EMPTY_SLOTS = np.empty(0, dtype=np.int64)
 _NATIVE_X = (np.dtype(np.float32), _F64)
+_NO_GRADS = {dt: np.empty(0, dtype=dt) for dt in _NATIVE_X}  # need_param_grads=False
 
 
 class SteadyPlan:
@@ -404,8 +416,8 @@ class SteadyPlan:
     __slots__ = (
         "backend", "ops", "verdict", "comm", "state", "sync", "nf", "shape", "strides",
         "vshape", "dtype", "cdt", "pdt", "relu", "momentum", "epsilon", "unbiased", "update",
-        "vectors", "n_local", "tiny", "unit_lo", "unit_rng", "count", "expected", "unit_hi",
-        "ratio", "keep", "factor", "rtype", "scratch", "buf", "slots", "templates", "owner",
+        "vectors", "n_local", "unit_rng", "count", "params", "kf", "rtype", "scratch", "buf",
+        "slots", "templates", "owner", "array_type", "running",
     )
 
     backend: Any
@@ -428,29 +440,35 @@ class SteadyPlan:
     update: bool
     vectors: tuple
     n_local: int
-    tiny: tuple
-    unit_lo: float
     unit_rng: float
     count: int
-    expected: float
-    unit_hi: float
-    ratio: float
-    keep: Any
-    factor: Any
+    params: Any  # float64, channel_math.P_* slots
+    kf: Any  # keep, factor, then C slots (the running statistics' dtype)
     rtype: Any
-    scratch: tuple
+    scratch: Any  # (2, C) float64: the global mean and variance
     buf: Any
     slots: tuple
     templates: dict
     owner: Any  # what the caller checked the plan with (the layer's options)
+    array_type: type  # numpy.ndarray
+    running: tuple  # the running statistics the kernel updates (empty vectors: none)
+
+    def forward(self, x: Any, num_batches_tracked: int) -> tuple | None:
+        """:func:`steady_forward` by this plan."""
+        return steady_forward(self, x, num_batches_tracked)
+
+    def backward(self, ctx: ForwardContext, dy: Any, need_param_grads: bool,
+                 accumulate_into: tuple | None) -> tuple | None:
+        """:func:`steady_backward` (``accumulate_into`` is for the fused path: ignored)."""
+        return steady_backward(ctx, dy, need_param_grads)
 
     def set_count(self, count: int) -> None:
         """Prepare what depends on the global count: data_unit's bound, the unbiased ratio."""
         self.count = count
-        self.expected = float(count)
         hi = self.unit_rng - 0.5 * float(np.log2(max(count, 1)))
-        self.unit_hi = 4.0 ** (hi - 1)
-        self.ratio = unbiased_ratio(count) if self.unbiased and count > 1 else 1.0
+        self.params[P_EXPECTED] = float(count)
+        self.params[P_UNIT_HI] = 4.0 ** (hi - 1)
+        self.params[P_RATIO] = unbiased_ratio(count) if self.unbiased and count > 1 else 1.0
 
     def template(self, phase: int, evals: int) -> Any:
         """The header template of ``phase`` for the layer's current eval count."""
@@ -507,23 +525,25 @@ def steady_plan(
     p.nf, p.shape, p.strides, p.vshape, p.dtype = nf, x.shape, x.strides, v.shape, x.dtype
     p.cdt, p.pdt, p.relu, p.momentum, p.epsilon = cdt, pdt, relu, momentum, float(epsilon)
     p.unbiased, p.update, p.vectors, p.n_local = unbiased, update, vectors, n_local
+    p.params = np.zeros(STEADY_PARAMS, dtype=_F64)
     rescale = RESCALE.get(cdt, RESCALE[_F64])
-    p.tiny = (rescale[2], rescale[3])
+    p.params[P_TINY_MEAN], p.params[P_TINY_VAR] = rescale[2], rescale[3]
     rdt = x.dtype if x.dtype == np.float32 else cdt  # as forward() picks it
     p.unit_rng = RESCALE.get(rdt, RESCALE[_F64])[4]
-    p.unit_lo = 4.0 ** (1 - p.unit_rng)
+    p.params[P_UNIT_LO] = 4.0 ** (1 - p.unit_rng)
+    p.params[P_EPS] = p.epsilon
+    p.params[P_UPDATE] = 1.0 if update else 0.0
+    p.params[P_CUMULATIVE] = 1.0 if momentum is None else 0.0
+    p.params[P_SIZE] = float(comm.size)
     p.set_count(n_local)
     if sync:
-        p.expected = -1.0  # the global count is known after the first all-reduce
+        p.params[P_EXPECTED] = -1.0  # the global count is known after the first all-reduce
     p.rtype = pdt.type
+    p.kf = np.zeros(nf + 2, dtype=pdt)
     if momentum is not None:
-        keep, factor = momentum_weights(momentum, 0)
-        p.keep, p.factor = p.rtype(keep), p.rtype(factor)
-    else:
-        p.keep = p.factor = None
-    # mean64, var64 (float64) and the running update's rounding step
-    p.scratch = (np.empty(nf, dtype=_F64), np.empty(nf, dtype=_F64), np.empty(nf, dtype=pdt),
-                 np.empty(0, dtype=pdt))
+        p.kf[:2] = momentum_weights(momentum, 0)  # (keep, factor) rounded to the dtype
+    p.running = (rm, rv) if update else (np.empty(0, dtype=pdt),) * 2
+    p.scratch = np.empty((2, nf), dtype=_F64)
     if sync:
         assert state is not None
         p.buf = state.buffer(backend, protocol.HEADER + 2 * nf)
@@ -533,60 +553,69 @@ def steady_plan(
         p.buf, p.slots = _EMPTY64, (_EMPTY_SLOTS, _EMPTY_SLOTS)
     p.templates = {}
     p.owner = None
+    p.array_type = np.ndarray
     return p
 
 
 def steady_forward(
-    plan: SteadyPlan, x: Any, num_batches_tracked: int,
+    plan: SteadyPlan, x: Any, num_batches_tracked: Any,
 ) -> tuple[Any, ForwardContext, ForwardResult | None] | None:
     """A training forward by ``plan``: ``(y, ctx, None)``, running statistics updated in place.
 
+    ``num_batches_tracked``: the layer's counter (a 0-d int64 array), read
+    for ``momentum=None`` and counted in place with the running statistics.
     The caller has checked that ``plan`` fits the call (see
     :class:`SteadyPlan`). None (nothing changed, no collective run): the
     state is not ready; take the general path. On a synchronized layer a
     rare case met after the all-reduce goes on in :func:`forward` from it,
-    and its result comes third, for the caller to store as usual.
+    and its result comes third, for the caller to store and count as usual.
     """
     state = plan.state
     sync = plan.sync
     if sync and (not state.handshake_done or state.shift is None):
         return None
-    ops, nf, cdt = plan.ops, plan.nf, plan.cdt
-    weight, bias, rm, rv = plan.vectors
+    ops, nf = plan.ops, plan.nf
+    weight, bias = plan.vectors[:2]
     v = x.reshape(plan.vshape)
-    mean_r, m2_r = ops.moments(v)
-    mean_c = np.empty(nf, dtype=cdt)
-    invstd = np.empty(nf, dtype=cdt)
-    scale = np.empty(nf, dtype=cdt)
-    mean64, var64, tmp, none = plan.scratch
-    keep, factor = plan.keep, plan.factor
-    if keep is None:
-        k, f = momentum_weights(None, num_batches_tracked)
-        keep, factor = plan.rtype(k), plan.rtype(f)
-    update = plan.update
-    if not update:
-        rm = rv = none
-        keep = factor = plan.rtype(0.0)
+    small = ops.small()
+    coef = np.empty((3, nf), dtype=plan.cdt)  # mean, invstd, scale
     if sync:
         _, call, _, evals = state.next_ids()
         shift = state.shift
-        comm = plan.comm
-        ops.pack(plan.buf, plan.template(protocol.PHASE_STATS, evals), plan.slots[0],
-                 plan.n_local, call % protocol.CALL_MODULUS, mean_r, m2_r, shift,
-                 float(plan.n_local), _EMPTY64)
-        buf = comm.allreduce_sum(plan.buf)
+        tmpl = plan.template(protocol.PHASE_STATS, evals)
+        call %= protocol.CALL_MODULUS
+        if small:
+            mean_r = np.zeros(nf, dtype=_F64)
+            m2_r = np.zeros(nf, dtype=_F64)
+            ops.fwd_pack(v, mean_r, m2_r, plan.buf, tmpl, plan.slots[0], plan.n_local, call,
+                         shift)
+        else:
+            mean_r, m2_r = ops.moments(v)
+            ops.pack(plan.buf, tmpl, plan.slots[0], plan.n_local, call, mean_r, m2_r, shift,
+                     float(plan.n_local), _EMPTY64)
+        buf = plan.comm.allreduce_sum(plan.buf)
         shift_out = np.empty(nf, dtype=_F64)
-        size = float(comm.size)
     else:
         buf = shift = shift_out = _EMPTY64
-        size = 0.0
+        if small:
+            mean_r = np.zeros(nf, dtype=_F64)
+            m2_r = np.zeros(nf, dtype=_F64)
+        else:
+            mean_r, m2_r = ops.moments(v)
+    rm, rv = plan.running
+    y = None
+    if small:
+        y = np.empty(plan.vshape, dtype=plan.dtype)
+        act = (coef[2], bias) if plan.relu else None
     while True:
-        code, total = ops.forward_channels(
-            buf, plan.slots[0], size, plan.expected, mean_r, m2_r, shift, plan.tiny[0],
-            plan.tiny[1], plan.unit_lo, plan.unit_hi, plan.epsilon, weight, update,
-            plan.ratio, keep, factor, rm, rv, tmp, mean64, var64, mean_c, invstd, scale,
-            shift_out,
-        )
+        if small:
+            code, total = ops.fwd(not sync, v, buf, plan.slots[0], plan.params, mean_r, m2_r,
+                                  shift, weight, rm, rv, num_batches_tracked, plan.kf,
+                                  plan.scratch, coef, shift_out, bias, y, act)
+        else:
+            code, total = ops.forward_channels(buf, plan.slots[0], plan.params, mean_r, m2_r,
+                                               shift, weight, rm, rv, num_batches_tracked,
+                                               plan.kf, plan.scratch, coef, shift_out)
         if code != STEADY_COUNT:
             break
         if total <= 1.0:  # an empty or one-value global batch: the general path's errors
@@ -596,25 +625,27 @@ def steady_forward(
     if code != STEADY_OK:
         if not sync:
             return None  # nothing written: the general path from the start
-        return _steady_rare(plan, x, v, buf, code, num_batches_tracked)
+        return _steady_rare(plan, x, v, buf, int(num_batches_tracked))
     if sync:
         state.shift = shift_out
-    y = ops.normalize(v, mean_c, scale, bias, plan.relu)
+    mean_c, invstd, scale = coef
+    if y is None:
+        y = ops.normalize(v, mean_c, scale, bias, plan.relu)
     ctx = ForwardContext(
         v, plan.shape, plan.dtype, plan.verdict.fmt, plan.backend, plan.comm, mean_c, invstd,
         weight, plan.count, True, plan.pdt, state, act=(scale, bias) if plan.relu else None,
+        plan=plan,
     )
-    ctx.plan = plan
     return y.reshape(plan.shape), ctx, None
 
 
 def _steady_rare(
-    plan: SteadyPlan, x: Any, v: Any, buf: Any, code: int, num_batches_tracked: int,
+    plan: SteadyPlan, x: Any, v: Any, buf: Any, num_batches_tracked: int,
 ) -> tuple[Any, ForwardContext, ForwardResult]:
     """After the statistics all-reduce: a header to raise on, or :func:`forward` from it."""
     h, nf = protocol.HEADER, plan.nf
+    # a header the compiled test refused raises here (the two tests agree)
     total = protocol.check_header(buf[:h], protocol.PHASE_STATS, plan.comm.size, None)
-    # (code STEADY_HEADER raised above: the compiled test and check_header agree)
     first = (total, buf[h : h + nf], buf[h + nf : h + 2 * nf])
     with np.errstate(all="ignore"):  # as the functional API runs it (quiet_fp)
         res = forward(
@@ -635,37 +666,56 @@ def steady_backward(ctx: ForwardContext, dy: Any, need_param_grads: bool) -> tup
     plan: SteadyPlan = ctx.plan
     weight = ctx.weight
     sync = plan.sync
-    if (weight.shape != plan.vectors[0].shape or weight.dtype != plan.pdt
+    pdt = plan.pdt
+    act = ctx.act
+    if (weight.shape != plan.vectors[0].shape or weight.dtype is not pdt
             or ctx.comm.synchronizes is not sync
-            or (ctx.act is not None and ctx.act[1].dtype != plan.pdt)):
+            or (act is not None and act[1].dtype is not pdt)):
         return None
-    ops, nf, cdt, invstd = plan.ops, plan.nf, plan.cdt, ctx.invstd
+    ops, nf, invstd, v = plan.ops, plan.nf, ctx.invstd, ctx.x
     dyv = dy.reshape(plan.vshape)
-    sum_dy, sum_dxm = ops.sums(dyv, ctx.x, ctx.mean, ctx.act)
-    a = np.empty(nf, dtype=cdt)
-    mean_dy = np.empty(nf, dtype=cdt)
-    b = np.empty(nf, dtype=cdt)
+    small = ops.small()
+    coef = np.empty((3, nf), dtype=plan.cdt)  # a, mean_dy, b
     if need_param_grads:
-        dw = np.empty(nf, dtype=plan.pdt)
-        db = np.empty(nf, dtype=plan.pdt)
+        dw = np.empty(nf, dtype=pdt)
+        db = np.empty(nf, dtype=pdt)
     else:
-        dw = db = plan.scratch[3]
+        dw = db = _NO_GRADS[pdt]
+    if small:
+        sum_dy = np.zeros(nf, dtype=_F64)
+        sum_dxm = np.zeros(nf, dtype=_F64)
+    else:
+        sum_dy, sum_dxm = ops.sums(dyv, v, ctx.mean, act)
+    dx = None
     if sync:
-        state, comm = plan.state, ctx.comm
-        _, call, _, evals = state.next_ids()
-        ops.pack(plan.buf, plan.template(protocol.PHASE_BACKWARD, evals), plan.slots[1],
-                 plan.n_local, call % protocol.CALL_MODULUS, sum_dy, sum_dxm, _EMPTY64, 0.0,
-                 invstd)
-        buf = comm.allreduce_sum(plan.buf)
-        if ops.backward_channels(buf, plan.slots[1], float(comm.size), weight, invstd, sum_dy,
-                                 sum_dxm, float(ctx.count), a, mean_dy, b, dw, db):
-            protocol.check_header(buf[: protocol.HEADER], protocol.PHASE_BACKWARD, comm.size,
-                                  None)
-            raise AssertionError("unreachable: the header check raised")  # pragma: no cover
+        comm = ctx.comm
+        _, call, _, evals = plan.state.next_ids()
+        tmpl = plan.template(protocol.PHASE_BACKWARD, evals)
+        call %= protocol.CALL_MODULUS
+        if small:
+            ops.bwd_pack(dyv, v, ctx.mean, act, sum_dy, sum_dxm, plan.buf, tmpl, plan.slots[1],
+                         plan.n_local, call, invstd)
+        else:
+            ops.pack(plan.buf, tmpl, plan.slots[1], plan.n_local, call, sum_dy, sum_dxm,
+                     _EMPTY64, 0.0, invstd)
+        buf, slots, size = comm.allreduce_sum(plan.buf), plan.slots[1], float(comm.size)
     else:
-        ops.backward_channels(_EMPTY64, _EMPTY_SLOTS, 0.0, weight, invstd, sum_dy, sum_dxm,
-                              float(ctx.count), a, mean_dy, b, dw, db)
-    dx = ops.elemt(dyv, ctx.x, ctx.mean, a, mean_dy, b, ctx.act).reshape(plan.shape)
+        buf, slots, size = _EMPTY64, _EMPTY_SLOTS, 0.0
+    if small:
+        dx = np.empty(plan.vshape, dtype=plan.dtype)
+        code = ops.bwd(not sync, dyv, v, ctx.mean, act, sum_dy, sum_dxm, buf, slots, size,
+                       weight, invstd, float(ctx.count), coef, dw, db, dx)
+    else:
+        code = ops.backward_channels(buf, slots, size, weight, invstd, sum_dy, sum_dxm,
+                                     float(ctx.count), coef, dw, db)
+    if code:  # the header (the two tests agree: check_header raises)
+        protocol.check_header(buf[: protocol.HEADER], protocol.PHASE_BACKWARD, ctx.comm.size,
+                              None)
+        raise AssertionError("unreachable: the header check raised")  # pragma: no cover
+    if dx is None:
+        a, mean_dy, b = coef
+        dx = ops.elemt(dyv, v, ctx.mean, a, mean_dy, b, act)
+    dx = dx.reshape(plan.shape)
     if not need_param_grads:
         return dx, None, None
     return dx, dw, db

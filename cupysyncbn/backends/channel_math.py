@@ -19,7 +19,9 @@ import numpy as np
 __all__ = [
     "ChannelMath", "UNBIASED_COUNT_1", "COUNT_1", "SHIFT_REDO", "count_one_message",
     "momentum_weights", "unbiased_ratio", "STEADY_OK", "STEADY_HEADER", "STEADY_COUNT",
-    "STEADY_RARE", "RESCALE",
+    "STEADY_RARE", "RESCALE", "STEADY_PARAMS", "P_SIZE", "P_EXPECTED", "P_TINY_MEAN",
+    "P_TINY_VAR", "P_UNIT_LO", "P_UNIT_HI", "P_EPS", "P_RATIO", "P_UPDATE",
+    "P_CUMULATIVE",
 ]
 
 #: Return codes of a steady-state pass's per-channel kernel (the numba
@@ -29,6 +31,15 @@ __all__ = [
 #: too far, data outside the safe range) that the general path handles.
 #: Every code but ``STEADY_OK`` leaves the running statistics untouched.
 STEADY_OK, STEADY_HEADER, STEADY_COUNT, STEADY_RARE = 0, 1, 2, 3
+
+#: Slots of a steady forward's ``params`` (float64): the all-reduce's group
+#: size, the count the count-dependent ones hold for, stats_scale's tiny
+#: mean and variance, data_unit's bounds on ``var + eps``, ``eps``, the
+#: unbiased ratio, whether the running statistics are updated (1 or 0), and
+#: whether ``momentum`` is None (1: the cumulative average, from the count).
+(P_SIZE, P_EXPECTED, P_TINY_MEAN, P_TINY_VAR, P_UNIT_LO, P_UNIT_HI, P_EPS, P_RATIO, P_UPDATE,
+ P_CUMULATIVE) = range(10)
+STEADY_PARAMS = 10
 
 _F64 = np.dtype(np.float64)
 _EPS64 = float(np.finfo(np.float64).eps)

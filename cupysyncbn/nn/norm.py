@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from .. import functional as F
-from .._sync import checks, collective, passes
+from .._sync import checks, collective, fused, passes
 from .._sync.checks import (
     REPRO_ACT,
     check_act,
@@ -147,7 +147,7 @@ class _BatchNormBase(Layer):
         self._pending: list[F.ForwardContext] = []
         self._dropped = 0  # contexts dropped by the bound, not yet asked for
         # The checked steady-state pass (see _steady_forward), or None.
-        self._plan: passes.SteadyPlan | None = None
+        self._plan: Any = None
 
     # copies --------------------------------------------------------------
     def __deepcopy__(self, memo: dict) -> _BatchNormBase:
@@ -330,7 +330,7 @@ class _BatchNormBase(Layer):
         for :meth:`backward` (at most :attr:`max_pending_contexts`).
         """
         plan = self._plan
-        if plan is not None and type(x) is np.ndarray:
+        if plan is not None and type(x) is plan.array_type:
             y = self._steady_forward(plan, x)
             if y is not None:
                 return y
@@ -372,7 +372,7 @@ class _BatchNormBase(Layer):
             act=self.act,
         )
         self._finish_forward(res, update)
-        if update and batch_stats and not self.reproducible and type(x) is np.ndarray:
+        if update and batch_stats and not self.reproducible:
             self._plan = self._make_plan(x, comm, res)
         return res.y
 
@@ -387,8 +387,8 @@ class _BatchNormBase(Layer):
                 _store(self._mean, res.running_mean)
                 _store(self._variance, res.running_var)
                 self._num_batches_tracked[...] += 1
-        elif update:  # a steady pass updated the running statistics in place
-            self._num_batches_tracked[...] += 1
+        # else: a steady pass updated the running statistics and counted the
+        # batch in place
         assert ctx is not None
         if is_grad_enabled():
             self._pending.append(ctx)
@@ -402,8 +402,12 @@ class _BatchNormBase(Layer):
                 self._epsilon, self.act, self._unbiased_running_var, self._fmt, self._dtype,
                 self._comm, self.reproducible)
 
-    def _make_plan(self, x: Any, comm: Any, res: F.ForwardResult) -> passes.SteadyPlan | None:
-        """The steady-state plan of the training forward that just passed its checks."""
+    def _make_plan(self, x: Any, comm: Any, res: F.ForwardResult) -> Any:
+        """The steady-state plan of the training forward that just passed its checks.
+
+        ``passes.SteadyPlan`` (NumPy arrays, numba backend), ``fused.FusedPlan``
+        (CuPy), or None.
+        """
         state = self._sync_state
         vectors = (self.weight.data, self.bias.data,
                    *((self._mean, self._variance) if self._track_running_stats else (None, None)))
@@ -412,7 +416,9 @@ class _BatchNormBase(Layer):
         verdict = state.memo(key) if key is not None else None
         if verdict is None or res.ctx.unit is not None:
             return None
-        plan = passes.steady_plan(
+        on_gpu = getattr(verdict.backend, "fused", False)
+        make = fused.steady_plan if on_gpu else passes.steady_plan
+        plan = make(
             comm, state, x, verdict, vectors, self._momentum, self._epsilon,
             self._unbiased_running_var, self.act == "relu", comm.synchronizes,
         )
@@ -420,7 +426,7 @@ class _BatchNormBase(Layer):
             plan.owner = self._plan_key()
         return plan
 
-    def _steady_forward(self, plan: passes.SteadyPlan, x: np.ndarray) -> Any:
+    def _steady_forward(self, plan: Any, x: Any) -> Any:
         """``y`` by ``plan`` when the call is the one it was checked for; else None.
 
         The memo's key: ``x``'s dtype, shape and strides, the same vector
@@ -438,13 +444,12 @@ class _BatchNormBase(Layer):
             return None
         shape, pdt = w.shape, plan.pdt
         for vec in plan.vectors if rm is not None else plan.vectors[:2]:
-            if vec.shape != shape or vec.dtype != pdt:  # reshaped or retyped in place
+            if vec.shape != shape or vec.dtype is not pdt:  # reshaped or retyped in place
                 return None
         if (self._plan_key() != plan.owner or plan.comm.synchronizes is not plan.sync
                 or get_backend(x) is not plan.backend):
             return None
-        out = passes.steady_forward(
-            plan, x, int(self._num_batches_tracked) if self._momentum is None else 0)
+        out = plan.forward(x, self._num_batches_tracked)
         if out is None:
             return None
         y, ctx, res = out
@@ -496,9 +501,9 @@ class _BatchNormBase(Layer):
         try:
             out = None
             plan = ctx.plan
-            if (plan is not None and type(dy) is np.ndarray and dy.dtype is plan.dtype
+            if (plan is not None and type(dy) is plan.array_type and dy.dtype is plan.dtype
                     and dy.shape == plan.shape and dy.strides == plan.strides):
-                out = passes.steady_backward(ctx, dy, need)
+                out = plan.backward(ctx, dy, need, acc)
             if out is None:
                 out = F.batch_norm_backward(dy, ctx, need_param_grads=need, accumulate_into=acc)
             dx, dweight, dbias = out

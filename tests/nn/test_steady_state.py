@@ -60,6 +60,8 @@ CASES = [
     ("NHWC", (2, 2, 3, 300), "float64", "float64", "relu", 0.5, False, True),
     ("NCL", (3, 4, 300), "float32", "float64", None, None, False, True),
     ("NC", (9, 5), "float64", "float64", None, 0.9, True, False),
+    # outputs from the pool (1 MiB and more): the backend's methods, not the steady kernels
+    ("NCHW", (4, 8, 96, 96), "float32", "float32", "relu", 0.9, False, True),
 ]
 
 

@@ -77,6 +77,7 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic, overload
 
+from ..channel_math import STEADY_OK
 from ..numpy import NumpyBackend
 from . import exact as _exact
 from .channel import CHANNEL_KERNELS, NumbaChannelMath, _bwd_steady, _fwd_steady, _pack
@@ -1037,6 +1038,115 @@ class NumbaBackend(NumbaChannelMath, NumpyBackend):
         return dx
 
 
+# ------------------------------------------------------- steady-state passes
+# A small input's steady-state pass (SteadyOps) runs its data kernel and the
+# per-channel kernel of :mod:`.channel` as one compiled call: the kernels
+# below call the same kernels the backend's methods call (picked by the
+# input's layout at compile time), with the same arguments.
+_NO_VECTOR = np.empty(0, dtype=_F64)
+
+
+def _moments_any(x: Any, tab: Any, mean: Any, m2: Any) -> None:  # pragma: no cover
+    """``_moments_cf`` (3-D ``x``) or ``_moments_cl`` (2-D)."""
+    raise NotImplementedError
+
+
+@overload(_moments_any, inline="always")
+def _moments_any_impl(x, tab, mean, m2):  # noqa: ANN001, ANN202 - numba typing hook
+    if x.ndim == 3:
+        return lambda x, tab, mean, m2: _moments_cf(x, tab, mean, m2)
+    return lambda x, tab, mean, m2: _moments_cl(x, tab, mean, m2)
+
+
+def _normalize_any(x: Any, tab: Any, mean: Any, scale: Any, bias: Any, y: Any,
+                   act: Any) -> None:  # pragma: no cover - replaced by the overload
+    """``_normalize_cf`` (3-D ``x``) or ``_normalize_cl`` (2-D)."""
+    raise NotImplementedError
+
+
+@overload(_normalize_any, inline="always")
+def _normalize_any_impl(x, tab, mean, scale, bias, y, act):  # noqa: ANN001, ANN202
+    if x.ndim == 3:
+        return lambda x, tab, mean, scale, bias, y, act: _normalize_cf(
+            x, tab, mean, scale, bias, y, act)
+    return lambda x, tab, mean, scale, bias, y, act: _normalize_cl(
+        x, tab, mean, scale, bias, y, act)
+
+
+def _reduce_any(dy: Any, x: Any, tab: Any, mean: Any, sum_dy: Any, sum_dxm: Any,
+                act: Any) -> None:  # pragma: no cover - replaced by the overload
+    """``_bwd_reduce_cf`` (3-D ``x``) or ``_bwd_reduce_cl`` (2-D)."""
+    raise NotImplementedError
+
+
+@overload(_reduce_any, inline="always")
+def _reduce_any_impl(dy, x, tab, mean, sum_dy, sum_dxm, act):  # noqa: ANN001, ANN202
+    if x.ndim == 3:
+        return lambda dy, x, tab, mean, sum_dy, sum_dxm, act: _bwd_reduce_cf(
+            dy, x, tab, mean, sum_dy, sum_dxm, act)
+    return lambda dy, x, tab, mean, sum_dy, sum_dxm, act: _bwd_reduce_cl(
+        dy, x, tab, mean, sum_dy, sum_dxm, act)
+
+
+def _elemt_any(dy: Any, x: Any, tab: Any, mean: Any, a: Any, mean_dy: Any, b: Any, dx: Any,
+               act: Any) -> None:  # pragma: no cover - replaced by the overload
+    """``_bwd_elemt_cf`` (3-D ``x``) or ``_bwd_elemt_cl`` (2-D)."""
+    raise NotImplementedError
+
+
+@overload(_elemt_any, inline="always")
+def _elemt_any_impl(dy, x, tab, mean, a, mean_dy, b, dx, act):  # noqa: ANN001, ANN202
+    if x.ndim == 3:
+        return lambda dy, x, tab, mean, a, mean_dy, b, dx, act: _bwd_elemt_cf(
+            dy, x, tab, mean, a, mean_dy, b, dx, act)
+    return lambda dy, x, tab, mean, a, mean_dy, b, dx, act: _bwd_elemt_cl(
+        dy, x, tab, mean, a, mean_dy, b, dx, act)
+
+
+@njit(**_JIT)
+def _steady_fwd_pack(v, mean_r, m2_r, buf, tmpl, slots, count, call, shift):  # noqa: ANN001, ANN202
+    # a synchronized forward's moments and what it sends (header, shifted sums)
+    _moments_any(v, _NO_TABLE, mean_r, m2_r)
+    _pack(buf, tmpl, slots, count, call, mean_r, m2_r, shift, float(count), _NO_VECTOR)
+
+
+@njit(**_JIT)
+def _steady_fwd(  # noqa: ANN001, ANN202
+    local, v, buf, slots, params, mean_r, m2_r, shift, weight, rm, rv, nbt, kf, scratch, coef,
+    shift_out, bias, y, act,
+):
+    # (a local forward's moments,) the per-channel steps, then y
+    if local:
+        _moments_any(v, _NO_TABLE, mean_r, m2_r)
+    code, total = _fwd_steady(buf, slots, params, mean_r, m2_r, shift, weight, rm, rv, nbt, kf,
+                              scratch, coef, shift_out)
+    if code == STEADY_OK:
+        _normalize_any(v, _NO_TABLE, coef[0], coef[2], bias, y, act)
+    return code, total
+
+
+@njit(**_JIT)
+def _steady_bwd_pack(dy, v, mean, act, sum_dy, sum_dxm, buf, tmpl, slots, count, call,  # noqa: ANN001, ANN202
+                     invstd):
+    # a synchronized backward's local sums and what it sends
+    _reduce_any(dy, v, _NO_TABLE, mean, sum_dy, sum_dxm, act)
+    _pack(buf, tmpl, slots, count, call, sum_dy, sum_dxm, _NO_VECTOR, 0.0, invstd)
+
+
+@njit(**_JIT)
+def _steady_bwd(  # noqa: ANN001, ANN202
+    local, dy, v, mean, act, sum_dy, sum_dxm, buf, slots, size, weight, invstd, count, coef,
+    dw, db, dx,
+):
+    # (a local backward's sums,) the per-channel steps, then dx
+    if local:
+        _reduce_any(dy, v, _NO_TABLE, mean, sum_dy, sum_dxm, act)
+    code = _bwd_steady(buf, slots, size, weight, invstd, sum_dy, sum_dxm, count, coef, dw, db)
+    if code == STEADY_OK:
+        _elemt_any(dy, v, _NO_TABLE, mean, coef[0], coef[1], coef[2], dx, act)
+    return code
+
+
 class SteadyOps:
     """The four data passes of a layer's steady-state pass, picked once per input layout.
 
@@ -1052,7 +1162,7 @@ class SteadyOps:
     """
 
     __slots__ = ("backend", "cl", "direct", "nbytes", "shape", "dtype", "nf", "pack",
-                 "forward_channels", "backward_channels")
+                 "forward_channels", "backward_channels", "fwd_pack", "fwd", "bwd_pack", "bwd")
 
     def __init__(self, backend: NumbaBackend, shape: tuple, dtype: np.dtype, cl: bool) -> None:
         self.backend = backend
@@ -1066,9 +1176,15 @@ class SteadyOps:
         self.pack = _pack
         self.forward_channels = _fwd_steady
         self.backward_channels = _bwd_steady
+        # small inputs (:meth:`small`): data and per-channel kernels in one call
+        self.fwd_pack, self.fwd = _steady_fwd_pack, _steady_fwd
+        self.bwd_pack, self.bwd = _steady_bwd_pack, _steady_bwd
 
-    def _small(self) -> bool:
-        # read per call: tests and users may tune the pool and the streaming
+    def small(self) -> bool:
+        """Whether the data kernels run from the steady kernels: not streamed, not pooled.
+
+        Read per call: tests and users may tune the pool and the streaming.
+        """
         return self.direct and self.nbytes < STREAM_MIN_BYTES and (
             self.nbytes < POOL.min_bytes or POOL.entries <= 0)
 
@@ -1084,7 +1200,7 @@ class SteadyOps:
     def normalize(self, v: np.ndarray, mean: np.ndarray, scale: np.ndarray, bias: np.ndarray,
                   relu: bool) -> np.ndarray:
         """``y`` (canonical shape) as :meth:`NumbaBackend.normalize` writes it."""
-        if not self._small():
+        if not self.small():
             return self.backend.normalize(v, self.cl, mean, scale, bias, self.dtype, relu)
         y = np.empty(self.shape, dtype=self.dtype)
         (_normalize_cl if self.cl else _normalize_cf)(
@@ -1105,7 +1221,7 @@ class SteadyOps:
     def elemt(self, dyv: np.ndarray, v: np.ndarray, mean: np.ndarray, a: np.ndarray,
               mean_dy: np.ndarray, b: np.ndarray, act: tuple | None) -> np.ndarray:
         """``dx`` (canonical shape) as :meth:`NumbaBackend.backward_elemt` writes it."""
-        if not self._small():
+        if not self.small():
             return self.backend.backward_elemt(dyv, v, self.cl, mean, a, mean_dy, b,
                                                self.dtype, act)
         dx = np.empty(self.shape, dtype=self.dtype)
@@ -1186,6 +1302,7 @@ def warm_up(dtypes: tuple[str, ...] = ("float16", "float32", "float64")) -> int:
             b.backward_coefficients(w, vc, v64, v64, 2, True, cdt)
     kernels = (_moments_cf, _moments_cl, _normalize_cf, _normalize_cl, _bwd_reduce_cf,
                _bwd_reduce_cl, _bwd_elemt_cf, _bwd_elemt_cl, _elemt_cf_stream, _elemt_cl_stream,
-               _merge_groups, _add_groups, *CHANNEL_KERNELS)
+               _merge_groups, _add_groups, *CHANNEL_KERNELS, _steady_fwd_pack, _steady_fwd,
+               _steady_bwd_pack, _steady_bwd)
     return sum(len(k.signatures) for k in kernels)
 

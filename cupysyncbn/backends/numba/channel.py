@@ -27,6 +27,16 @@ from numba import njit
 
 from ..channel_math import (
     _RESCALE,
+    P_CUMULATIVE,
+    P_EPS,
+    P_EXPECTED,
+    P_RATIO,
+    P_SIZE,
+    P_TINY_MEAN,
+    P_TINY_VAR,
+    P_UNIT_HI,
+    P_UNIT_LO,
+    P_UPDATE,
     SHIFT_REDO,
     STEADY_COUNT,
     STEADY_HEADER,
@@ -193,20 +203,23 @@ def _in_step(buf, slots, size):  # noqa: ANN001, ANN202
 
 @njit(**_JIT)
 def _fwd_steady(  # noqa: ANN001, ANN202
-    buf, slots, size, expected, mean_r, m2_r, shift, tiny_mean, tiny_var, unit_lo, unit_hi,
-    eps, weight, update, ratio, keep, factor, rm, rv, tmp, mean64, var64, mean_c, invstd,
-    scale, shift_out,
+    buf, slots, params, mean_r, m2_r, shift, weight, rm, rv, nbt, kf, scratch, coef, shift_out,
 ):
     # The forward's per-channel steps after the moments, or after the
     # all-reduce of the shifted sums (``buf`` non-empty): header check, the
     # global (merge_sums) or local (local_stats) statistics, the rare-case
     # tests (stats_scale, shift_too_far, data_unit), then the coefficients
-    # (forward_coefficients), ``scale = invstd * weight`` (affine), the
-    # running update in place (running_update, ``_store``) and the next
-    # shift. ``expected``: the count ``unit_hi`` and ``ratio`` hold for.
-    nf = mean64.shape[0]
+    # ``coef = (mean, invstd, scale)`` (forward_coefficients; affine's
+    # ``scale = invstd * weight``), the running statistics ``rm``, ``rv``
+    # updated in place (running_update then ``_store``; ``kf`` = keep, factor
+    # in their dtype, then C slots for the store's rounding), the batch
+    # counter ``nbt`` (0-d) counted (the layer's ``[...] += 1``) and the next shift.
+    nf = scratch.shape[1]
+    mean64 = scratch[0]
+    var64 = scratch[1]
+    expected = params[P_EXPECTED]
     if buf.shape[0]:
-        if not _in_step(buf, slots, size):
+        if not _in_step(buf, slots, params[P_SIZE]):
             return STEADY_HEADER, 0.0
         total = buf[slots[3]]
         if total != expected:
@@ -226,12 +239,24 @@ def _fwd_steady(  # noqa: ANN001, ANN202
             v = m2 / n
             mean64[c] = mean_r[c]
             var64[c] = v if (v >= 0.0 or v != v) else 0.0
-    if _needs_scale(mean64, var64, tiny_mean, tiny_var):
+    if _needs_scale(mean64, var64, params[P_TINY_MEAN], params[P_TINY_VAR]):
         return STEADY_RARE, expected
     if buf.shape[0] and _far(mean64, var64, shift, SHIFT_REDO, SHIFT_REDO * _EPS64):
         return STEADY_RARE, expected
-    if _needs_unit(var64, eps, unit_lo, unit_hi):
+    eps = params[P_EPS]
+    if _needs_unit(var64, eps, params[P_UNIT_LO], params[P_UNIT_HI]):
         return STEADY_RARE, expected
+    update = params[P_UPDATE] != 0.0
+    ratio = params[P_RATIO]
+    if update and params[P_CUMULATIVE] != 0.0:  # momentum_weights(None, nbt)
+        f = 1.0 / (nbt[()] + 1)
+        kf[0] = 1.0 - f
+        kf[1] = f
+    keep = kf[0]
+    factor = kf[1]
+    mean_c = coef[0]
+    invstd = coef[1]
+    scale = coef[2]
     for c in range(nf):
         m = mean64[c]
         ve = var64[c] + eps
@@ -239,24 +264,32 @@ def _fwd_steady(  # noqa: ANN001, ANN202
         invstd[c] = 0.0 if ve == 0.0 else 1.0 / math.sqrt(ve)
         scale[c] = invstd[c] * weight[c]
         if update:
-            tmp[c] = m * 1.0
-            rm[c] = rm[c] * keep + tmp[c] * factor
-            tmp[c] = var64[c] * ratio
-            rv[c] = rv[c] * keep + tmp[c] * factor
+            # running_update's ``_running``: the batch value rounded to the
+            # running statistics' dtype by a store, then old * keep + it * factor
+            kf[2 + c] = m * 1.0
+            rm[c] = rm[c] * keep + kf[2 + c] * factor
+            kf[2 + c] = var64[c] * ratio
+            rv[c] = rv[c] * keep + kf[2 + c] * factor
         if shift_out.shape[0]:
             shift_out[c] = m if math.isfinite(m) else 0.0
+    if update:
+        nbt[()] += 1
     return STEADY_OK, expected
 
 
 @njit(**_JIT)
 def _bwd_steady(  # noqa: ANN001, ANN202
-    buf, slots, size, weight, invstd, sum_dy, sum_dxm, count, a, mean_dy, b, dw, db,
+    buf, slots, size, weight, invstd, sum_dy, sum_dxm, count, coef, dw, db,
 ):
     # The backward's per-channel steps after the local sums, or after their
     # all-reduce (``buf`` non-empty; ``sum_dxm`` then already scaled by
     # ``_pack``): header check, the coefficients (backward_coefficients) and
     # the local parameter gradients in ``dw``/``db`` (empty: not wanted).
+    # ``coef`` = (a, mean_dy, b).
     nf = invstd.shape[0]
+    a = coef[0]
+    mean_dy = coef[1]
+    b = coef[2]
     h = 0
     if buf.shape[0]:
         if not _in_step(buf, slots, size):
