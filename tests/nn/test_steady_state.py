@@ -209,3 +209,38 @@ print("OK", r)
     res = run_mpi(code, 2, timeout=240, tmp_path=tmp_path)
     assert res.stdout.count("OK") == 2, res.stdout + res.stderr
     json.dumps(res.stdout)
+
+
+def test_steady_pass_python_call_budget():
+    """A count, not a time: Python function calls the package makes per steady-state
+    forward+backward of a small NumPy batch on one process (issue 26 target 2).
+
+    113 before the steady path (2026-12-08), 25 with it (the layer, the
+    plan's checks, the environment's CPU backend choice, one compiled call
+    per side); the bound catches a check or a step that stopped being cached.
+    """
+    import sys
+    from pathlib import Path
+
+    pkg = str(Path(sbn.__file__).parent)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4, 16, 4, 4)).astype(np.float32)
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    bn = sbn.SyncBatchNorm(16, comm=sbn.init("none"))
+    for _ in range(3):
+        bn(x)
+        bn.backward(dy)
+    assert bn._plan is not None
+    calls = [0]
+
+    def count(frame, event, arg):
+        if event == "call" and frame.f_code.co_filename.startswith(pkg):
+            calls[0] += 1
+
+    sys.setprofile(count)
+    try:
+        bn(x)
+        bn.backward(dy)
+    finally:
+        sys.setprofile(None)
+    assert 10 < calls[0] <= 40, calls
