@@ -18,6 +18,7 @@ checks (:func:`call_key`). :func:`check_backward` checks ``dy``.
 from __future__ import annotations
 
 import numbers
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +26,7 @@ import numpy as np
 
 from ..arrays.dtypes import check_input_dtype, compute_dtype
 from ..arrays.formats import DataFormat, format_for_ndim, parse_data_format
-from ..backends import Backend, get_backend
+from ..backends import Backend, get_backend, is_cupy_array
 from ..comm.base import Communicator
 from ..modes import eval_is_counted
 from ..runtime import env
@@ -281,23 +282,27 @@ def call_key(
 
     Equal keys mean equal verdicts: the checks look at ``x``'s library, dtype
     and shape, the scalar arguments with their types (``True`` is not a
-    momentum), and each vector's library, shape and dtype, never at values.
-    Only for NumPy arrays and a layer's state (the CPU passes, where these
-    checks cost a small layer's step several percent).
+    momentum), and each vector's library, shape and dtype, never at values;
+    for CuPy arrays also at the device of ``x`` and of each vector. Only for
+    a layer's state and plain NumPy or CuPy arrays (no subclasses).
     """
-    if state is None or type(x) is not np.ndarray or type(data_format) not in _FORMATS:
+    if state is None or type(data_format) not in _FORMATS:
+        return None
+    tx = type(x)
+    cupy = tx is not np.ndarray
+    if cupy and not (is_cupy_array(x) and tx is getattr(sys.modules.get("cupy"), "ndarray", 0)):
         return None
     if type(momentum) not in _SCALARS or type(epsilon) not in _SCALARS:
         return None
     if act is not None and type(act) is not str:
         return None
     key = [x.dtype, x.shape, data_format, type(momentum), momentum, type(epsilon), epsilon,
-           param_dtype, get_backend(x), act]
+           param_dtype, get_backend(x), act, x.device.id if cupy else None]
     for v in vectors:
         if v is None:
             key += (None, None)
-        elif type(v) is np.ndarray:
-            key += (v.shape, v.dtype)
+        elif type(v) is tx:
+            key += (v.shape, v.dtype, v.device.id) if cupy else (v.shape, v.dtype)
         else:
             return None
     return tuple(key)

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from ..arrays.formats import canonical_view
 from ..backends.channel_math import momentum_weights
 from . import collective, protocol
 from .checks import Verdict
@@ -39,7 +40,10 @@ from .state import (
     workspace_key,
 )
 
-__all__ = ["applies", "run_forward", "run_backward", "forward", "backward", "poll"]
+__all__ = [
+    "applies", "run_forward", "run_backward", "forward", "backward", "poll", "FusedPlan",
+    "steady_plan",
+]
 
 _F64 = np.dtype(np.float64)
 _F32 = np.dtype(np.float32)
@@ -266,3 +270,84 @@ def run_backward(
             accumulate_into=acc, relu=ctx.act is not None,
         )
     return dx.reshape(ctx.shape), dweight, dbias
+
+
+class FusedPlan:
+    """A layer's checked steady-state pass on the fused kernels (see ``passes.SteadyPlan``).
+
+    Made after a training forward passed its checks; the layer checks that a
+    call is the same (input dtype, shape and strides, the same vectors with
+    the same shape and dtype, its options, mode and communicator) and this
+    plan that the input is on the same device, then the pass goes straight
+    to :func:`run_forward` (and its backward to :func:`run_backward`),
+    without the functional API's dispatch and checks.
+    """
+
+    __slots__ = (
+        "backend", "verdict", "comm", "state", "sync", "nf", "shape", "strides", "vshape",
+        "dtype", "pdt", "relu", "momentum", "epsilon", "unbiased", "update", "vectors",
+        "device", "owner", "array_type",
+    )
+
+    backend: Any
+    verdict: Verdict
+    comm: Any
+    state: Any
+    sync: bool
+    nf: int
+    shape: tuple
+    strides: tuple
+    vshape: tuple
+    dtype: np.dtype
+    pdt: np.dtype
+    relu: bool
+    momentum: float | None
+    epsilon: float
+    unbiased: bool
+    update: bool
+    vectors: tuple
+    device: int
+    owner: Any
+    array_type: type
+
+    def forward(self, x: Any, num_batches_tracked: Any) -> tuple | None:
+        """``(y, ctx, result)`` of a training forward of ``x``; None: another device.
+
+        ``num_batches_tracked``: the layer's counter (0-d array, read here).
+        """
+        if x.device.id != self.device:
+            return None
+        res = run_forward(
+            self.comm, self.state, x, x.reshape(self.vshape), self.verdict, self.vectors,
+            True, True, self.momentum, self.epsilon, self.unbiased, int(num_batches_tracked),
+            self.sync, True, self.relu,
+        )
+        res.ctx.plan = self
+        return res.y, res.ctx, res
+
+    def backward(self, ctx: ForwardContext, dy: Any, need_param_grads: bool,
+                 accumulate_into: tuple | None) -> tuple | None:
+        """The backward of a :meth:`forward` pass; None: take the functional API."""
+        if dy.device.id != self.device or ctx.comm.synchronizes is not self.sync:
+            return None
+        return run_backward(dy, dy.reshape(self.vshape), ctx, self.nf, self.sync,
+                            need_param_grads, accumulate_into)
+
+
+def steady_plan(
+    comm: Any, state: SyncState | None, x: Any, vd: Verdict, vectors: tuple,
+    momentum: float | None, epsilon: float, unbiased: bool, relu: bool, sync: bool,
+) -> FusedPlan | None:
+    """A :class:`FusedPlan` for a training forward that just passed its checks, or None."""
+    backend, nf = vd.backend, vd.nf
+    if (not applies(backend, vd.param_dtype, *vectors) or not nf or not x.size
+            or not x.flags.c_contiguous or state is None):
+        return None
+    p = FusedPlan()
+    p.backend, p.verdict, p.comm, p.state, p.sync, p.nf = backend, vd, comm, state, sync, nf
+    p.shape, p.strides, p.dtype, p.pdt = x.shape, x.strides, x.dtype, vd.param_dtype
+    p.vshape = canonical_view(x, vd.fmt).shape
+    p.relu, p.momentum, p.epsilon, p.unbiased = relu, momentum, float(epsilon), unbiased
+    p.update, p.vectors, p.device, p.owner = vectors[2] is not None, vectors, x.device.id, None
+    p.array_type = type(x)
+    return p

@@ -67,6 +67,8 @@ __all__ = [
     "layer_identity",
     "fill_header",
     "check_header",
+    "header_template",
+    "steady_slots",
     "max_header_as_sum",
 ]
 
@@ -226,6 +228,33 @@ _COUNT, _ONE, _CALL = _I["count"], _I["one"], _I["call"]
 _PHASE_SLOTS = tuple(_I[f"phase_{i}"] for i in range(len(_PHASE_NAMES)))
 _ERR_SLOTS = tuple(_I[f"err_{k}"] for k in ERROR_KINDS)
 _SAME_PAIRS = tuple((_I[n], _I[n + "_sq"]) for n in ("nf", "ident", "layer", "evals", "call"))
+
+
+def header_template(phase: int, num_features: int, layer: int, ident: int,
+                    evals: int) -> np.ndarray:
+    """The fixed slots of an error-free header (read-only; see :func:`fill_header`).
+
+    A steady-state pass writes it, then its count and call (:func:`steady_slots`).
+    """
+    return _template(phase, None, num_features, layer % CALL_MODULUS,
+                     ident % (_IDENT_MODULUS * 2), evals % CALL_MODULUS)
+
+
+@functools.lru_cache(maxsize=8)
+def steady_slots(phase: int) -> np.ndarray:
+    """Slot numbers for the compiled header fill and check of a steady-state pass.
+
+    ``[HEADER, one, phase, count, call, n_err, err..., n_pairs, (s, s_sq)...]``
+    (int64): what :func:`fill_header` writes per pass and what
+    :func:`_in_step` tests, for the numba backend's ``_pack``/``_in_step``.
+    """
+    out = [HEADER, _ONE, _PHASE_SLOTS[phase], _COUNT, _CALL, len(_ERR_SLOTS), *_ERR_SLOTS,
+           len(_SAME_PAIRS)]
+    for i, j in _SAME_PAIRS:
+        out += [i, j]
+    a = np.array(out, dtype=np.int64)
+    a.flags.writeable = False
+    return a
 
 
 def _in_step(h: list, phase: int, size: int) -> bool:

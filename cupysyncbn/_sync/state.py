@@ -203,6 +203,9 @@ class ForwardContext:
     #: (compute dtype) on the host path, ``(weight, bias)`` on the fused path
     #: (the kernels recompute ``scale = invstd * weight``). None: no activation.
     act: Any = None
+    #: The layer's steady-state plan (``_sync.passes.SteadyPlan``) that ran
+    #: the forward, for its backward; None: the general path ran it.
+    plan: Any = None
 
 
 @dataclass

@@ -18,8 +18,28 @@ import numpy as np
 
 __all__ = [
     "ChannelMath", "UNBIASED_COUNT_1", "COUNT_1", "SHIFT_REDO", "count_one_message",
-    "momentum_weights", "unbiased_ratio",
+    "momentum_weights", "unbiased_ratio", "STEADY_OK", "STEADY_HEADER", "STEADY_COUNT",
+    "STEADY_RARE", "RESCALE", "STEADY_PARAMS", "P_SIZE", "P_EXPECTED", "P_TINY_MEAN",
+    "P_TINY_VAR", "P_UNIT_LO", "P_UNIT_HI", "P_EPS", "P_RATIO", "P_UPDATE",
+    "P_CUMULATIVE",
 ]
+
+#: Return codes of a steady-state pass's per-channel kernel (the numba
+#: backend's ``channel._fwd_steady``/``_bwd_steady``): done; the reduced
+#: header shows ranks out of step or an error; the global count is not the
+#: one the call was prepared for; a rare case (rescaled statistics, a shift
+#: too far, data outside the safe range) that the general path handles.
+#: Every code but ``STEADY_OK`` leaves the running statistics untouched.
+STEADY_OK, STEADY_HEADER, STEADY_COUNT, STEADY_RARE = 0, 1, 2, 3
+
+#: Slots of a steady forward's ``params`` (float64): the all-reduce's group
+#: size, the count the count-dependent ones hold for, stats_scale's tiny
+#: mean and variance, data_unit's bounds on ``var + eps``, ``eps``, the
+#: unbiased ratio, whether the running statistics are updated (1 or 0), and
+#: whether ``momentum`` is None (1: the cumulative average, from the count).
+(P_SIZE, P_EXPECTED, P_TINY_MEAN, P_TINY_VAR, P_UNIT_LO, P_UNIT_HI, P_EPS, P_RATIO, P_UPDATE,
+ P_CUMULATIVE) = range(10)
+STEADY_PARAMS = 10
 
 _F64 = np.dtype(np.float64)
 _EPS64 = float(np.finfo(np.float64).eps)
@@ -45,6 +65,7 @@ _RESCALE = {
     np.dtype(np.float32): (2.0**-80, 2.0**100, 2.0**-50, 2.0**-100, 60.0),
     np.dtype(np.float64): (2.0**-560, 2.0**600, 2.0**-450, 2.0**-900, 500.0),
 }
+RESCALE = _RESCALE
 
 UNBIASED_COUNT_1 = (
     "unbiased_running_var=True needs more than 1 value per channel in the"

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from .. import functional as F
-from .._sync import collective
+from .._sync import checks, collective, fused, passes
 from .._sync.checks import (
     REPRO_ACT,
     check_act,
@@ -146,6 +146,8 @@ class _BatchNormBase(Layer):
         # Forward contexts awaiting their backward, most recent last (LIFO).
         self._pending: list[F.ForwardContext] = []
         self._dropped = 0  # contexts dropped by the bound, not yet asked for
+        # The checked steady-state pass (see _steady_forward), or None.
+        self._plan: Any = None
 
     # copies --------------------------------------------------------------
     def __deepcopy__(self, memo: dict) -> _BatchNormBase:
@@ -290,6 +292,7 @@ class _BatchNormBase(Layer):
 
     def _on_state_loaded(self) -> None:
         self.clear_pending()
+        self._plan = None
         # The batch counter is a host quantity: forward reads it into kernel
         # arguments, and reading a device copy would be a host synchronization
         # per pass (an illegal one inside a CUDA graph capture). ``.to`` and
@@ -326,6 +329,11 @@ class _BatchNormBase(Layer):
         Unless under :func:`cupysyncbn.no_grad`, the forward's context is kept
         for :meth:`backward` (at most :attr:`max_pending_contexts`).
         """
+        plan = self._plan
+        if plan is not None and type(x) is plan.array_type:
+            y = self._steady_forward(plan, x)
+            if y is not None:
+                return y
         ndim = getattr(x, "ndim", None)
         # Only the local BatchNormND narrow the ranks, and they never
         # synchronize: a synchronized layer must reach the collective (where
@@ -363,18 +371,90 @@ class _BatchNormBase(Layer):
             reproducible=self.reproducible,
             act=self.act,
         )
-        if update and res.updated:
-            # In place (as Paddle and PyTorch): references to the running
-            # statistics and earlier state_dict() results stay current.
-            _store(self._mean, res.running_mean)
-            _store(self._variance, res.running_var)
-            self._num_batches_tracked[...] += 1
+        self._finish_forward(res, update)
+        if update and batch_stats and not self.reproducible:
+            self._plan = self._make_plan(x, comm, res)
+        return res.y
+
+    def _finish_forward(self, res: F.ForwardResult | None, update: bool,
+                        ctx: F.ForwardContext | None = None) -> None:
+        """Store the running statistics a forward returned, keep its context."""
+        if res is not None:
+            ctx = res.ctx
+            if update and res.updated:
+                # In place (as Paddle and PyTorch): references to the running
+                # statistics and earlier state_dict() results stay current.
+                _store(self._mean, res.running_mean)
+                _store(self._variance, res.running_var)
+                self._num_batches_tracked[...] += 1
+        # else: a steady pass updated the running statistics and counted the
+        # batch in place
+        assert ctx is not None
         if is_grad_enabled():
-            self._pending.append(res.ctx)
+            self._pending.append(ctx)
             if len(self._pending) > max(1, int(self.max_pending_contexts)):
                 del self._pending[0]
                 self._dropped += 1
-        return res.y
+
+    def _plan_key(self) -> tuple:
+        """Everything of the layer a steady-state plan was checked with, besides the arrays."""
+        return (self._use_global_stats, self._track_running_stats, self._momentum,
+                self._epsilon, self.act, self._unbiased_running_var, self._fmt, self._dtype,
+                self._comm, self.reproducible)
+
+    def _make_plan(self, x: Any, comm: Any, res: F.ForwardResult) -> Any:
+        """The steady-state plan of the training forward that just passed its checks.
+
+        ``passes.SteadyPlan`` (NumPy arrays, numba backend), ``fused.FusedPlan``
+        (CuPy), or None.
+        """
+        state = self._sync_state
+        vectors = (self.weight.data, self.bias.data,
+                   *((self._mean, self._variance) if self._track_running_stats else (None, None)))
+        key = checks.call_key(state, x, self._fmt, self._momentum, self._epsilon, vectors,
+                              self._dtype, self.act)
+        verdict = state.memo(key) if key is not None else None
+        if verdict is None or res.ctx.unit is not None:
+            return None
+        on_gpu = getattr(verdict.backend, "fused", False)
+        make = fused.steady_plan if on_gpu else passes.steady_plan
+        plan = make(
+            comm, state, x, verdict, vectors, self._momentum, self._epsilon,
+            self._unbiased_running_var, self.act == "relu", comm.synchronizes,
+        )
+        if plan is not None:
+            plan.owner = self._plan_key()
+        return plan
+
+    def _steady_forward(self, plan: Any, x: Any) -> Any:
+        """``y`` by ``plan`` when the call is the one it was checked for; else None.
+
+        The memo's key: ``x``'s dtype, shape and strides, the same vector
+        arrays with the same shape and dtype, training mode, the layer's
+        options, the communicator (and whether it synchronizes) and the CPU
+        backend the environment picks (chosen per pass).
+        """
+        if (x.dtype is not plan.dtype or x.shape != plan.shape or x.strides != plan.strides
+                or not self.training):
+            return None
+        w, b, rm, rv = plan.vectors
+        if self.weight.data is not w or self.bias.data is not b:
+            return None
+        if rm is not None and (self._mean is not rm or self._variance is not rv):
+            return None
+        shape, pdt = w.shape, plan.pdt
+        for vec in plan.vectors if rm is not None else plan.vectors[:2]:
+            if vec.shape != shape or vec.dtype is not pdt:  # reshaped or retyped in place
+                return None
+        if (self._plan_key() != plan.owner or plan.comm.synchronizes is not plan.sync
+                or get_backend(x) is not plan.backend):
+            return None
+        out = plan.forward(x, self._num_batches_tracked)
+        if out is None:
+            return None
+        y, ctx, res = out
+        self._finish_forward(res, plan.update, ctx)
+        return y
 
     def backward(self, dy: Any) -> Any:
         """Input gradient of the most recent pending forward; accumulates parameter gradients.
@@ -419,9 +499,14 @@ class _BatchNormBase(Layer):
         gw, gb = self.weight.grad, self.bias.grad
         acc = (gw, gb) if self.weight.trainable and self.bias.trainable else None
         try:
-            dx, dweight, dbias = F.batch_norm_backward(
-                dy, ctx, need_param_grads=need, accumulate_into=acc
-            )
+            out = None
+            plan = ctx.plan
+            if (plan is not None and type(dy) is plan.array_type and dy.dtype is plan.dtype
+                    and dy.shape == plan.shape and dy.strides == plan.strides):
+                out = plan.backward(ctx, dy, need, acc)
+            if out is None:
+                out = F.batch_norm_backward(dy, ctx, need_param_grads=need, accumulate_into=acc)
+            dx, dweight, dbias = out
         except BaseException:
             # A rejected dy (raised on every rank of the group alike) leaves
             # the forward pending, so a corrected backward can follow.
@@ -466,7 +551,7 @@ class _BatchNormBase(Layer):
 #: Attributes a deep copy shares with the original (pickling drops them).
 _SHARED_ON_COPY = frozenset({"_comm", "_comm_arg"})
 #: Attributes a copy (deep copy or unpickled) makes afresh: it is a new layer.
-_FRESH_ON_COPY = frozenset({"_sync_state", "_pending", "_dropped"})
+_FRESH_ON_COPY = frozenset({"_sync_state", "_pending", "_dropped", "_plan"})
 
 
 def _ranks(ndims: tuple[int, ...]) -> str:

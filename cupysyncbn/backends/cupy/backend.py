@@ -48,6 +48,10 @@ _EXACT_THREADS = 256
 _MAX_FOLDS = 5
 
 
+#: A NULL pointer argument (an absent vector: the kernels test the pointer).
+_NULL = np.uint64(0)
+
+
 def _last_pow2(n: int) -> int:
     return 1 << (max(int(n), 1).bit_length() - 1)
 
@@ -84,6 +88,7 @@ class CupyBackend(Backend):
         self._modules: dict = {}
         self._funcs: dict = {}
         self._sms: dict = {}
+        self._launches: dict = {}  # see _launch
         #: the reproducible mode's primitives (``reproducible=True``)
         self.exact = CupyExactOps(self)
 
@@ -478,7 +483,7 @@ class CupyBackend(Backend):
     @staticmethod
     def _ptr(a: Any) -> Any:
         # NULL for an absent vector (the kernels test the pointer).
-        return np.uint64(0) if a is None else a
+        return _NULL if a is None else a
 
     @staticmethod
     def _address(a: Any) -> int:
@@ -491,6 +496,22 @@ class CupyBackend(Backend):
     def _channel_threads(c: int) -> tuple[tuple, tuple]:
         return (max(1, _cdiv(c, _THREADS)),), (min(_THREADS, 32 * _cdiv(max(c, 1), 32)),)
 
+    def _launch(self, key: tuple, make: Any) -> Any:
+        """What ``make()`` computes for a launch (kernel, grid, block, layout), once per key.
+
+        The fused primitives run once per pass with the same shapes and
+        dtypes: the kernel handle, its C++ type names and the launch shape
+        are looked up once per current device and ``key``, not per pass.
+        """
+        dev = self.xp.cuda.Device().id
+        k = (dev, *key)
+        hit = self._launches.get(k)
+        if hit is None:
+            if len(self._launches) >= 4096:  # inputs of ever new shapes: stay bounded
+                self._launches.clear()
+            hit = self._launches[k] = make()
+        return hit
+
     def stats_partials(
         self, x: Any, channel_last: bool, cdt: Any, workspace: Any
     ) -> tuple[tuple, int]:
@@ -498,25 +519,31 @@ class CupyBackend(Backend):
 
         ``workspace(key, size, dtype)`` returns a reusable array (a layer's).
         """
+        kernel, grid, block, layout, c, g, adt = self._launch(
+            ("stats", x.shape, x.dtype, channel_last, cdt),
+            lambda: self._reduce_launch(x, channel_last, cdt, "stats.cu", ks.stats_partial))
+        parts = (workspace("pc", c * g, _I64), workspace("pm", c * g, adt),
+                 workspace("pq", c * g, adt))
+        kernel(grid, block, (x, *layout, *parts))
+        return parts, g
+
+    def _reduce_launch(self, x: Any, channel_last: bool, cdt: Any, file: str,
+                       name: Any) -> tuple:
+        """``(kernel, grid, block, layout, C, G, compute dtype)`` of a partial reduction."""
         adt = self._cdt(cdt, x.dtype)
         t, a = ks.storage_type(x.dtype), ks.accum_type(adt)
         c = int(x.shape[-1] if channel_last else x.shape[1])
         if channel_last:
             m = int(x.shape[0])
             bdx, bdy, gx, g = self._cl_grid(m, c)
-            grid, args = (gx, g), (x, np.int64(m), np.int64(c))  # type: tuple, tuple
+            grid, layout = (gx, g), (np.int64(m), np.int64(c))  # type: tuple, tuple
         else:
             n, s = int(x.shape[0]), int(x.shape[2])
             bdx, bdy, gsx, gsy = self._cf_grid(n, c, s)
             g = gsx * gsy
             grid = (g, min(c, _MAX_GRID_YZ))
-            args = (x, np.int64(n), np.int64(c), np.int64(s), np.int32(gsx), np.int32(gsy))
-        parts = (workspace("pc", c * g, _I64), workspace("pm", c * g, adt),
-                 workspace("pq", c * g, adt))
-        self._kernel("stats.cu", ks.stats_partial(t, a, channel_last))(
-            grid, (bdx, bdy), (*args, *parts)
-        )
-        return parts, g
+            layout = (np.int64(n), np.int64(c), np.int64(s), np.int32(gsx), np.int32(gsy))
+        return self._kernel(file, name(t, a, channel_last)), grid, (bdx, bdy), layout, c, g, adt
 
     def fwd_pack(
         self, parts: tuple | None, g: int, c: int, adt: Any, mode: int, shift_next: Any,
@@ -531,25 +558,42 @@ class CupyBackend(Backend):
         count, phase, err, nf, layer, call, ident, evals = header
         if parts is None:
             parts, g = (None, None, None), 0
-        grid, block = self._channel_threads(c)
-        self._kernel("fused.cu", ks.fwd_pack(ks.accum_type(adt)))(
+        kernel, grid, block = self._launch(
+            ("fwd_pack", c, adt),
+            lambda: (self._kernel("fused.cu", ks.fwd_pack(ks.accum_type(adt))),
+                     *self._channel_threads(c)))
+        p0, p1, p2 = parts
+        n = _NULL  # absent vectors (inline: this runs once per pass)
+        kernel(
             grid, block,
-            (*(self._ptr(p) for p in parts), np.int64(c), np.int32(g), np.int32(mode),
-             self._ptr(shift_next), self._ptr(shift_used), self._ptr(meanbuf), buf, status,
-             self._ptr(nbt), np.float64(size), np.int64(count), np.int32(phase), np.int32(err),
-             np.int64(nf), np.int64(layer), np.int64(call), np.int64(ident), np.int64(evals)),
+            (n if p0 is None else p0, n if p1 is None else p1, n if p2 is None else p2,
+             np.int64(c), np.int32(g), np.int32(mode),
+             n if shift_next is None else shift_next, n if shift_used is None else shift_used,
+             n if meanbuf is None else meanbuf, buf, status, n if nbt is None else nbt,
+             np.float64(size), np.int64(count), np.int32(phase), np.int32(err), np.int64(nf),
+             np.int64(layer), np.int64(call), np.int64(ident), np.int64(evals)),
         )
 
     def _elemt_grid(self, x: Any, channel_last: bool, *arrays: Any) -> tuple:
         """Grid, block and layout arguments of a fused elementwise kernel."""
+        grid, block, layout = self._launch(
+            ("elemt", x.shape, x.dtype.itemsize, channel_last),
+            lambda: self._elemt_shape(x, channel_last))
+        if channel_last:  # vector loads: a property of the addresses, per pass
+            v = 16 // x.dtype.itemsize
+            vec = int(x.shape[1]) % v == 0 and self._aligned16(x, *arrays)
+            layout = (*layout, np.int32(vec))
+        return grid, block, layout
+
+    def _elemt_shape(self, x: Any, channel_last: bool) -> tuple:
+        """:meth:`_elemt_grid` but the channel-last vector flag (addresses)."""
         v = 16 // x.dtype.itemsize
         target = self._sm_count() * 32
         if channel_last:
             m, c = int(x.shape[0]), int(x.shape[1])
             gx = max(1, _cdiv(_cdiv(c, v), 32))
             gy = max(1, min(_cdiv(m, 8), _MAX_GRID_YZ, _cdiv(target, gx)))
-            vec = c % v == 0 and self._aligned16(x, *arrays)
-            return (gx, gy), (32, 8), (np.int64(m), np.int64(c), np.int32(vec))
+            return (gx, gy), (32, 8), (np.int64(m), np.int64(c))
         n, c, s = (int(d) for d in x.shape)
         bx = min(_THREADS, max(32, _next_pow2(_cdiv(s, v))))
         by = _THREADS // bx  # rows per block: short rows share a block
@@ -572,20 +616,27 @@ class CupyBackend(Backend):
         ``nbt`` (``[before, after]``, float64): momentum=None's batch count on
         the device; the kernel takes the averaging factor from it.
         """
-        t = ks.storage_type(x.dtype)
-        a, p = ks.accum_type(statc.dtype), ks.accum_type(pdt)
+        kernel = self._launch(
+            ("fwd_norm", x.dtype, statc.dtype, pdt, channel_last),
+            lambda: self._kernel("fused.cu", ks.fwd_norm(
+                ks.storage_type(x.dtype), ks.accum_type(statc.dtype), ks.accum_type(pdt),
+                channel_last)))
         if x.size:
             grid, block, layout = self._elemt_grid(x, channel_last, y)
         else:
             grid, block = self._channel_threads(c)
             layout = (np.int64(0), np.int64(c), np.int32(0) if channel_last else np.int64(1))
-        self._kernel("fused.cu", ks.fwd_norm(t, a, p, channel_last))(
+        w, b, rm, rv = vectors
+        orm, orv = out_vectors
+        n = _NULL  # absent vectors (inline: this runs once per pass)
+        kernel(
             grid, block,
-            (x, y, *layout, self._ptr(buf), self._ptr(shift_used), self._ptr(shift_next),
-             *(self._ptr(v) for v in vectors), *(self._ptr(v) for v in out_vectors),
-             stats64, statc, self._ptr(status), self._ptr(nbt), np.float64(eps), np.float64(keep),
-             np.float64(factor),
-             np.int32(flags), np.float64(size)),
+            (x, y, *layout, n if buf is None else buf, n if shift_used is None else shift_used,
+             n if shift_next is None else shift_next, n if w is None else w,
+             n if b is None else b, n if rm is None else rm, n if rv is None else rv,
+             n if orm is None else orm, n if orv is None else orv, stats64, statc,
+             n if status is None else status, n if nbt is None else nbt, np.float64(eps),
+             np.float64(keep), np.float64(factor), np.int32(flags), np.float64(size)),
         )
 
     def bwd_partials(
@@ -597,25 +648,13 @@ class CupyBackend(Backend):
         ``act``: the fused ReLU's ``(scale, bias)`` (compute dtype, as the
         forward saved them) to mask ``dy`` with, or None.
         """
-        adt = self._cdt(mean.dtype, x.dtype)
-        t, a = ks.storage_type(x.dtype), ks.accum_type(adt)
-        c = int(x.shape[-1] if channel_last else x.shape[1])
-        if channel_last:
-            m = int(x.shape[0])
-            bdx, bdy, gx, g = self._cl_grid(m, c)
-            grid, args = (gx, g), (dy, x, np.int64(m), np.int64(c))  # type: tuple, tuple
-        else:
-            n, s = int(x.shape[0]), int(x.shape[2])
-            bdx, bdy, gsx, gsy = self._cf_grid(n, c, s)
-            g = gsx * gsy
-            grid = (g, min(c, _MAX_GRID_YZ))
-            args = (dy, x, np.int64(n), np.int64(c), np.int64(s), np.int32(gsx),
-                    np.int32(gsy))
+        kernel, grid, block, layout, c, g, adt = self._launch(
+            ("bwd", x.shape, x.dtype, channel_last, mean.dtype),
+            lambda: self._reduce_launch(x, channel_last, mean.dtype, "backward.cu",
+                                        ks.bwd_partial))
         parts = (workspace("p1", c * g, adt), workspace("p2", c * g, adt))
-        acts = (self._ptr(None),) * 2 if act is None else act
-        self._kernel("backward.cu", ks.bwd_partial(t, a, channel_last))(
-            grid, (bdx, bdy), (*args, mean, *acts, *parts)
-        )
+        acts = (_NULL,) * 2 if act is None else act
+        kernel(grid, block, (dy, x, *layout, mean, *acts, *parts))
         return parts, g
 
     def bwd_pack(
@@ -626,14 +665,20 @@ class CupyBackend(Backend):
         count, phase, err, nf, layer, call, ident, evals = header
         if parts is None:
             parts, g = (None, None), 0
-        a, p = ks.accum_type(statc.dtype), ks.accum_type(pdt)
-        grid, block = self._channel_threads(c)
-        self._kernel("fused.cu", ks.bwd_pack(a, p))(
+        kernel, grid, block = self._launch(
+            ("bwd_pack", c, statc.dtype, pdt),
+            lambda: (self._kernel("fused.cu", ks.bwd_pack(ks.accum_type(statc.dtype),
+                                                          ks.accum_type(pdt))),
+                     *self._channel_threads(c)))
+        q0, q1 = parts
+        n = _NULL  # absent vectors (inline: this runs once per pass)
+        kernel(
             grid, block,
-            (*(self._ptr(q) for q in parts), np.int64(c), np.int32(g), statc, buf,
-             self._ptr(dweight), self._ptr(dbias), np.int32(32 if accumulate else 0),
-             np.int64(count), np.int32(phase), np.int32(err), np.int64(nf), np.int64(layer),
-             np.int64(call), np.int64(ident), np.int64(evals)),
+            (n if q0 is None else q0, n if q1 is None else q1, np.int64(c), np.int32(g), statc,
+             buf, n if dweight is None else dweight, n if dbias is None else dbias,
+             np.int32(32 if accumulate else 0), np.int64(count), np.int32(phase),
+             np.int32(err), np.int64(nf), np.int64(layer), np.int64(call), np.int64(ident),
+             np.int64(evals)),
         )
 
     def bwd_elemt(
@@ -641,14 +686,18 @@ class CupyBackend(Backend):
         statc: Any, weight: Any, status: Any, flags: int, size: int, pdt: Any,
     ) -> None:
         """Fused backward coefficients + ``dx`` (kernels/fused.cu)."""
-        t = ks.storage_type(x.dtype)
-        a, p = ks.accum_type(statc.dtype), ks.accum_type(pdt)
+        kernel = self._launch(
+            ("bwd_elemt", x.dtype, statc.dtype, pdt, channel_last),
+            lambda: self._kernel("fused.cu", ks.bwd_elemt(
+                ks.storage_type(x.dtype), ks.accum_type(statc.dtype), ks.accum_type(pdt),
+                channel_last)))
         grid, block, layout = self._elemt_grid(x, channel_last, dy, dx)
-        self._kernel("fused.cu", ks.bwd_elemt(t, a, p, channel_last))(
+        n = _NULL
+        kernel(
             grid, block,
-            (dy, x, dx, *layout, self._ptr(buf), stats64, statc, self._ptr(weight),
-             self._ptr(status),
-             np.int32(flags), np.float64(size)),
+            (dy, x, dx, *layout, n if buf is None else buf, stats64, statc,
+             n if weight is None else weight, n if status is None else status, np.int32(flags),
+             np.float64(size)),
         )
 
     @staticmethod

@@ -78,9 +78,10 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic, overload
 
+from ..channel_math import STEADY_OK
 from ..numpy import NumpyBackend
 from . import exact as _exact
-from .channel import CHANNEL_KERNELS, NumbaChannelMath
+from .channel import CHANNEL_KERNELS, NumbaChannelMath, _bwd_steady, _fwd_steady, _pack
 from .simd import (
     COLS,
     HW_F16,
@@ -97,7 +98,10 @@ from .simd import (
     store_fence,
 )
 
-__all__ = ["NumbaBackend", "BACKEND", "PIECE", "SHORT", "GROUP", "OutputPool", "POOL", "warm_up"]
+__all__ = [
+    "NumbaBackend", "BACKEND", "PIECE", "SHORT", "GROUP", "OutputPool", "POOL", "SteadyOps",
+    "warm_up",
+]
 
 _F64 = np.dtype(np.float64)
 _NATIVE = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
@@ -953,6 +957,14 @@ class NumbaBackend(NumbaChannelMath, NumpyBackend):
         if (not _native(dy, x) or mean.dtype not in _NATIVE[1:]
                 or not _vector_rows(x)):
             return super().backward_reduce(dy, x, channel_last, mean, invstd, relu)
+        sum_dy, sum_dxm = self._sums(dy, x, channel_last, mean, relu)
+        return sum_dy, sum_dxm * invstd.astype(_F64)
+
+    def _sums(
+        self, dy: np.ndarray, x: np.ndarray, channel_last: bool, mean: np.ndarray,
+        relu: tuple | None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Local ``sum(dy)`` and ``sum(dy * (x - mean))`` (float64; native arrays only)."""
         c = mean.shape[0]
         act = _act_vectors(relu, mean.dtype)
         sum_dy = np.zeros(c, dtype=_F64)
@@ -960,18 +972,28 @@ class NumbaBackend(NumbaChannelMath, NumpyBackend):
         tab = _table(x)
         if not channel_last:
             _bwd_reduce_cf(_bits(dy), _bits(x), tab, mean, sum_dy, sum_dxm, act)
-            return sum_dy, sum_dxm * invstd.astype(_F64)
+            return sum_dy, sum_dxm
         r = _rows_per_wide(x)
         if r == 1:
             _bwd_reduce_cl(_bits(dy), _bits(x), tab, mean, sum_dy, sum_dxm, act)
-            return sum_dy, sum_dxm * invstd.astype(_F64)
+            return sum_dy, sum_dxm
         for dp, xp_, k in zip(_regroup(_bits(dy), r), _regroup(_bits(x), r), (r, 1)):
             if xp_.shape[0]:
                 s1 = np.zeros(k * c, dtype=_F64)
                 s2 = np.zeros(k * c, dtype=_F64)
                 _bwd_reduce_cl(dp, xp_, tab, np.tile(mean, k), s1, s2, _tiles(act, k))
                 _add_groups(s1, s2, sum_dy, sum_dxm)
-        return sum_dy, sum_dxm * invstd.astype(_F64)
+        return sum_dy, sum_dxm
+
+    def steady_ops(self, shape: tuple, dtype: np.dtype, channel_last: bool) -> SteadyOps | None:
+        """The data passes of a layer's steady-state pass on canonical ``shape``, or None.
+
+        float32/float64 inputs (what :class:`SteadyOps` runs); others take the
+        general path.
+        """
+        if np.dtype(dtype) not in _NATIVE[1:]:
+            return None
+        return SteadyOps(self, shape, np.dtype(dtype), channel_last)
 
     def backward_elemt(
         self,
@@ -1016,6 +1038,198 @@ class NumbaBackend(NumbaChannelMath, NumpyBackend):
         for dp, xp_, op, k in parts:
             if xp_.shape[0]:
                 _bwd_elemt_cl(dp, xp_, tab, *(np.tile(v, k) for v in vecs), op, _tiles(act, k))
+        return dx
+
+
+# ------------------------------------------------------- steady-state passes
+# A small input's steady-state pass (SteadyOps) runs its data kernel and the
+# per-channel kernel of :mod:`.channel` as one compiled call: the kernels
+# below call the same kernels the backend's methods call (picked by the
+# input's layout at compile time), with the same arguments.
+_NO_VECTOR = np.empty(0, dtype=_F64)
+
+
+def _moments_any(x: Any, tab: Any, mean: Any, m2: Any) -> None:  # pragma: no cover
+    """``_moments_cf`` (3-D ``x``) or ``_moments_cl`` (2-D)."""
+    raise NotImplementedError
+
+
+@overload(_moments_any, inline="always")
+def _moments_any_impl(x, tab, mean, m2):  # noqa: ANN001, ANN202 - numba typing hook
+    if x.ndim == 3:
+        return lambda x, tab, mean, m2: _moments_cf(x, tab, mean, m2)
+    return lambda x, tab, mean, m2: _moments_cl(x, tab, mean, m2)
+
+
+def _normalize_any(x: Any, tab: Any, mean: Any, scale: Any, bias: Any, y: Any,
+                   act: Any) -> None:  # pragma: no cover - replaced by the overload
+    """``_normalize_cf`` (3-D ``x``) or ``_normalize_cl`` (2-D)."""
+    raise NotImplementedError
+
+
+@overload(_normalize_any, inline="always")
+def _normalize_any_impl(x, tab, mean, scale, bias, y, act):  # noqa: ANN001, ANN202
+    if x.ndim == 3:
+        return lambda x, tab, mean, scale, bias, y, act: _normalize_cf(
+            x, tab, mean, scale, bias, y, act)
+    return lambda x, tab, mean, scale, bias, y, act: _normalize_cl(
+        x, tab, mean, scale, bias, y, act)
+
+
+def _reduce_any(dy: Any, x: Any, tab: Any, mean: Any, sum_dy: Any, sum_dxm: Any,
+                act: Any) -> None:  # pragma: no cover - replaced by the overload
+    """``_bwd_reduce_cf`` (3-D ``x``) or ``_bwd_reduce_cl`` (2-D)."""
+    raise NotImplementedError
+
+
+@overload(_reduce_any, inline="always")
+def _reduce_any_impl(dy, x, tab, mean, sum_dy, sum_dxm, act):  # noqa: ANN001, ANN202
+    if x.ndim == 3:
+        return lambda dy, x, tab, mean, sum_dy, sum_dxm, act: _bwd_reduce_cf(
+            dy, x, tab, mean, sum_dy, sum_dxm, act)
+    return lambda dy, x, tab, mean, sum_dy, sum_dxm, act: _bwd_reduce_cl(
+        dy, x, tab, mean, sum_dy, sum_dxm, act)
+
+
+def _elemt_any(dy: Any, x: Any, tab: Any, mean: Any, a: Any, mean_dy: Any, b: Any, dx: Any,
+               act: Any) -> None:  # pragma: no cover - replaced by the overload
+    """``_bwd_elemt_cf`` (3-D ``x``) or ``_bwd_elemt_cl`` (2-D)."""
+    raise NotImplementedError
+
+
+@overload(_elemt_any, inline="always")
+def _elemt_any_impl(dy, x, tab, mean, a, mean_dy, b, dx, act):  # noqa: ANN001, ANN202
+    if x.ndim == 3:
+        return lambda dy, x, tab, mean, a, mean_dy, b, dx, act: _bwd_elemt_cf(
+            dy, x, tab, mean, a, mean_dy, b, dx, act)
+    return lambda dy, x, tab, mean, a, mean_dy, b, dx, act: _bwd_elemt_cl(
+        dy, x, tab, mean, a, mean_dy, b, dx, act)
+
+
+@njit(**_JIT)
+def _steady_fwd_pack(v, mean_r, m2_r, buf, tmpl, slots, count, call, shift):  # noqa: ANN001, ANN202
+    # a synchronized forward's moments and what it sends (header, shifted sums)
+    _moments_any(v, _NO_TABLE, mean_r, m2_r)
+    _pack(buf, tmpl, slots, count, call, mean_r, m2_r, shift, float(count), _NO_VECTOR)
+
+
+@njit(**_JIT)
+def _steady_fwd(  # noqa: ANN001, ANN202
+    local, v, buf, slots, params, mean_r, m2_r, shift, weight, rm, rv, nbt, kf, scratch, coef,
+    shift_out, bias, y, act,
+):
+    # (a local forward's moments,) the per-channel steps, then y
+    if local:
+        _moments_any(v, _NO_TABLE, mean_r, m2_r)
+    code, total = _fwd_steady(buf, slots, params, mean_r, m2_r, shift, weight, rm, rv, nbt, kf,
+                              scratch, coef, shift_out)
+    if code == STEADY_OK:
+        _normalize_any(v, _NO_TABLE, coef[0], coef[2], bias, y, act)
+    return code, total
+
+
+@njit(**_JIT)
+def _steady_bwd_pack(dy, v, mean, act, sum_dy, sum_dxm, buf, tmpl, slots, count, call,  # noqa: ANN001, ANN202
+                     invstd):
+    # a synchronized backward's local sums and what it sends
+    _reduce_any(dy, v, _NO_TABLE, mean, sum_dy, sum_dxm, act)
+    _pack(buf, tmpl, slots, count, call, sum_dy, sum_dxm, _NO_VECTOR, 0.0, invstd)
+
+
+@njit(**_JIT)
+def _steady_bwd(  # noqa: ANN001, ANN202
+    local, dy, v, mean, act, sum_dy, sum_dxm, buf, slots, size, weight, invstd, count, coef,
+    dw, db, dx,
+):
+    # (a local backward's sums,) the per-channel steps, then dx
+    if local:
+        _reduce_any(dy, v, _NO_TABLE, mean, sum_dy, sum_dxm, act)
+    code = _bwd_steady(buf, slots, size, weight, invstd, sum_dy, sum_dxm, count, coef, dw, db)
+    if code == STEADY_OK:
+        _elemt_any(dy, v, _NO_TABLE, mean, coef[0], coef[1], coef[2], dx, act)
+    return code
+
+
+class SteadyOps:
+    """The four data passes of a layer's steady-state pass, picked once per input layout.
+
+    For one canonical shape and dtype (float32/float64, C-contiguous, the
+    compute dtype that of the per-channel vectors): small inputs call the
+    kernels directly, without the checks and choices the backend's methods
+    make on every call (they are made here, once); inputs that stream or
+    come from :data:`POOL`, and channel-last rows regrouped into wide rows,
+    go through those methods. Same kernels, same arguments: the same bits.
+    ``moments`` and ``sums`` return the raw local sums (``M2`` and
+    ``sum(dy * (x - mean))`` before their final steps, which the per-channel
+    kernels of :mod:`.channel` take).
+    """
+
+    __slots__ = ("backend", "cl", "direct", "nbytes", "shape", "dtype", "nf", "pack",
+                 "forward_channels", "backward_channels", "fwd_pack", "fwd", "bwd_pack", "bwd")
+
+    def __init__(self, backend: NumbaBackend, shape: tuple, dtype: np.dtype, cl: bool) -> None:
+        self.backend = backend
+        self.cl = cl
+        self.shape = shape
+        self.dtype = dtype
+        self.nf = shape[-1] if cl else shape[1]
+        self.nbytes = dtype.itemsize * math.prod(shape)
+        self.direct = not cl or max(1, min(shape[0], WIDE // max(1, shape[1]))) == 1
+        # the per-channel kernels (:mod:`.channel`), as plain attributes
+        self.pack = _pack
+        self.forward_channels = _fwd_steady
+        self.backward_channels = _bwd_steady
+        # small inputs (:meth:`small`): data and per-channel kernels in one call
+        self.fwd_pack, self.fwd = _steady_fwd_pack, _steady_fwd
+        self.bwd_pack, self.bwd = _steady_bwd_pack, _steady_bwd
+
+    def small(self) -> bool:
+        """Whether the data kernels run from the steady kernels: not streamed, not pooled.
+
+        Read per call: tests and users may tune the pool and the streaming.
+        """
+        return self.direct and self.nbytes < STREAM_MIN_BYTES and (
+            self.nbytes < POOL.min_bytes or POOL.entries <= 0)
+
+    def moments(self, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Local per-channel mean and M2 (float64)."""
+        if not self.direct:
+            return self.backend.moments(v, self.cl, None)
+        mean = np.zeros(self.nf, dtype=_F64)
+        m2 = np.zeros(self.nf, dtype=_F64)
+        (_moments_cl if self.cl else _moments_cf)(v, _NO_TABLE, mean, m2)
+        return mean, m2
+
+    def normalize(self, v: np.ndarray, mean: np.ndarray, scale: np.ndarray, bias: np.ndarray,
+                  relu: bool) -> np.ndarray:
+        """``y`` (canonical shape) as :meth:`NumbaBackend.normalize` writes it."""
+        if not self.small():
+            return self.backend.normalize(v, self.cl, mean, scale, bias, self.dtype, relu)
+        y = np.empty(self.shape, dtype=self.dtype)
+        (_normalize_cl if self.cl else _normalize_cf)(
+            v, _NO_TABLE, mean, scale, bias, y, (scale, bias) if relu else None)
+        return y
+
+    def sums(self, dyv: np.ndarray, v: np.ndarray, mean: np.ndarray,
+             act: tuple | None) -> tuple[np.ndarray, np.ndarray]:
+        """Local ``sum(dy)`` and ``sum(dy * (x - mean))`` (float64)."""
+        if not self.direct:
+            return self.backend._sums(dyv, v, self.cl, mean, act)
+        sum_dy = np.zeros(self.nf, dtype=_F64)
+        sum_dxm = np.zeros(self.nf, dtype=_F64)
+        (_bwd_reduce_cl if self.cl else _bwd_reduce_cf)(
+            dyv, v, _NO_TABLE, mean, sum_dy, sum_dxm, act)
+        return sum_dy, sum_dxm
+
+    def elemt(self, dyv: np.ndarray, v: np.ndarray, mean: np.ndarray, a: np.ndarray,
+              mean_dy: np.ndarray, b: np.ndarray, act: tuple | None) -> np.ndarray:
+        """``dx`` (canonical shape) as :meth:`NumbaBackend.backward_elemt` writes it."""
+        if not self.small():
+            return self.backend.backward_elemt(dyv, v, self.cl, mean, a, mean_dy, b,
+                                               self.dtype, act)
+        dx = np.empty(self.shape, dtype=self.dtype)
+        (_bwd_elemt_cl if self.cl else _bwd_elemt_cf)(
+            dyv, v, _NO_TABLE, mean, a, mean_dy, b, dx, act)
         return dx
 
 
@@ -1091,6 +1305,7 @@ def warm_up(dtypes: tuple[str, ...] = ("float16", "float32", "float64")) -> int:
             b.backward_coefficients(w, vc, v64, v64, 2, True, cdt)
     kernels = (_moments_cf, _moments_cl, _normalize_cf, _normalize_cl, _bwd_reduce_cf,
                _bwd_reduce_cl, _bwd_elemt_cf, _bwd_elemt_cl, _elemt_cf_stream, _elemt_cl_stream,
-               _merge_groups, _add_groups, *CHANNEL_KERNELS)
+               _merge_groups, _add_groups, *CHANNEL_KERNELS, _steady_fwd_pack, _steady_fwd,
+               _steady_bwd_pack, _steady_bwd)
     return sum(len(k.signatures) for k in kernels)
 

@@ -25,7 +25,27 @@ from typing import Any
 import numpy as np
 from numba import njit
 
-from ..channel_math import _RESCALE, SHIFT_REDO, ChannelMath, momentum_weights, unbiased_ratio
+from ..channel_math import (
+    _RESCALE,
+    P_CUMULATIVE,
+    P_EPS,
+    P_EXPECTED,
+    P_RATIO,
+    P_SIZE,
+    P_TINY_MEAN,
+    P_TINY_VAR,
+    P_UNIT_HI,
+    P_UNIT_LO,
+    P_UPDATE,
+    SHIFT_REDO,
+    STEADY_COUNT,
+    STEADY_HEADER,
+    STEADY_OK,
+    STEADY_RARE,
+    ChannelMath,
+    momentum_weights,
+    unbiased_ratio,
+)
 
 __all__ = ["NumbaChannelMath", "CHANNEL_KERNELS"]
 
@@ -122,6 +142,177 @@ def _needs_unit(var, eps, lo, hi):  # noqa: ANN001, ANN202
         if s2 > 0.0 and math.isfinite(s2) and (s2 < lo or s2 > hi):
             return True
     return False
+
+
+# ------------------------------------------------ steady-state passes (one call)
+# A layer's steady-state pass (``_sync.passes.SteadyPlan``) runs the per-channel
+# steps of a forward or backward as ONE compiled call instead of five to
+# seven, each with its Python checks in front: the same operations, in the
+# same order and dtypes as the calls above (and so as ``ChannelMath``).
+# Nothing is written to the running statistics before every check has passed:
+# a return code other than 0 leaves them, and everything but scratch, as
+# they were, and the caller takes the general path from there.
+
+@njit(**_JIT)
+def _pack(buf, tmpl, slots, count, call, a1, a2, shift, n, invstd):  # noqa: ANN001, ANN202
+    # ``tmpl`` (protocol's header template) with this pass's count and call
+    # (protocol.fill_header), then two C-sized vectors: the forward's
+    # shifted sums of (mean, M2) = (a1, a2) around ``shift`` (shifted_sums),
+    # or, ``shift`` empty, the backward's (sum_dy, sum_dxm * invstd) =
+    # (a1, a2), a2 scaled in place (backward_reduce's product).
+    h = tmpl.shape[0]
+    nf = a1.shape[0]
+    for i in range(h):
+        buf[i] = tmpl[i]
+    buf[slots[3]] = count
+    buf[slots[4]] = call
+    buf[slots[4] + 1] = float(call) * float(call)
+    if shift.shape[0]:
+        for c in range(nf):
+            m2 = a2[c]
+            m2 = m2 if (m2 >= 0.0 or m2 != m2) else 0.0  # moments' np.maximum(m2, 0.0)
+            d = a1[c] - shift[c]
+            buf[h + c] = d * n
+            buf[h + nf + c] = m2 + (d * d) * n
+    else:
+        for c in range(nf):
+            a2[c] = a2[c] * np.float64(invstd[c])
+            buf[h + c] = a1[c]
+            buf[h + nf + c] = a2[c]
+
+
+@njit(**_JIT)
+def _in_step(buf, slots, size):  # noqa: ANN001, ANN202
+    # protocol._in_step on the reduced header in ``buf`` (slot layout:
+    # protocol.steady_slots); the same verdict, no list made
+    if buf[slots[1]] != size or buf[slots[2]] != size:
+        return False
+    ne = slots[5]
+    for k in range(6, 6 + ne):
+        if buf[slots[k]] != 0.0:
+            return False
+    npairs = slots[6 + ne]
+    for k in range(npairs):
+        i = slots[7 + ne + 2 * k]
+        j = slots[8 + ne + 2 * k]
+        s = buf[i]
+        if buf[j] * size != s * s:
+            return False
+    return True
+
+
+@njit(**_JIT)
+def _fwd_steady(  # noqa: ANN001, ANN202
+    buf, slots, params, mean_r, m2_r, shift, weight, rm, rv, nbt, kf, scratch, coef, shift_out,
+):
+    # The forward's per-channel steps after the moments, or after the
+    # all-reduce of the shifted sums (``buf`` non-empty): header check, the
+    # global (merge_sums) or local (local_stats) statistics, the rare-case
+    # tests (stats_scale, shift_too_far, data_unit), then the coefficients
+    # ``coef = (mean, invstd, scale)`` (forward_coefficients; affine's
+    # ``scale = invstd * weight``), the running statistics ``rm``, ``rv``
+    # updated in place (running_update then ``_store``; ``kf`` = keep, factor
+    # in their dtype, then C slots for the store's rounding), the batch
+    # counter ``nbt`` (0-d) counted (the layer's ``[...] += 1``) and the next shift.
+    nf = scratch.shape[1]
+    mean64 = scratch[0]
+    var64 = scratch[1]
+    expected = params[P_EXPECTED]
+    if buf.shape[0]:
+        if not _in_step(buf, slots, params[P_SIZE]):
+            return STEADY_HEADER, 0.0
+        total = buf[slots[3]]
+        if total != expected:
+            return STEADY_COUNT, total
+        h = slots[0]
+        for c in range(nf):
+            s = buf[h + c]
+            q = buf[h + nf + c]
+            mean64[c] = shift[c] + s / total
+            v = (q - s * s / total) / total
+            var64[c] = v if (v >= 0.0 or v != v) else 0.0
+    else:
+        n = expected
+        for c in range(nf):
+            m2 = m2_r[c]
+            m2 = m2 if (m2 >= 0.0 or m2 != m2) else 0.0
+            v = m2 / n
+            mean64[c] = mean_r[c]
+            var64[c] = v if (v >= 0.0 or v != v) else 0.0
+    if _needs_scale(mean64, var64, params[P_TINY_MEAN], params[P_TINY_VAR]):
+        return STEADY_RARE, expected
+    if buf.shape[0] and _far(mean64, var64, shift, SHIFT_REDO, SHIFT_REDO * _EPS64):
+        return STEADY_RARE, expected
+    eps = params[P_EPS]
+    if _needs_unit(var64, eps, params[P_UNIT_LO], params[P_UNIT_HI]):
+        return STEADY_RARE, expected
+    update = params[P_UPDATE] != 0.0
+    ratio = params[P_RATIO]
+    if update and params[P_CUMULATIVE] != 0.0:  # momentum_weights(None, nbt)
+        f = 1.0 / (nbt[()] + 1)
+        kf[0] = 1.0 - f
+        kf[1] = f
+    keep = kf[0]
+    factor = kf[1]
+    mean_c = coef[0]
+    invstd = coef[1]
+    scale = coef[2]
+    for c in range(nf):
+        m = mean64[c]
+        ve = var64[c] + eps
+        mean_c[c] = m
+        invstd[c] = 0.0 if ve == 0.0 else 1.0 / math.sqrt(ve)
+        scale[c] = invstd[c] * weight[c]
+        if update:
+            # running_update's ``_running``: the batch value rounded to the
+            # running statistics' dtype by a store, then old * keep + it * factor
+            kf[2 + c] = m * 1.0
+            rm[c] = rm[c] * keep + kf[2 + c] * factor
+            kf[2 + c] = var64[c] * ratio
+            rv[c] = rv[c] * keep + kf[2 + c] * factor
+        if shift_out.shape[0]:
+            shift_out[c] = m if math.isfinite(m) else 0.0
+    if update:
+        nbt[()] += 1
+    return STEADY_OK, expected
+
+
+@njit(**_JIT)
+def _bwd_steady(  # noqa: ANN001, ANN202
+    buf, slots, size, weight, invstd, sum_dy, sum_dxm, count, coef, dw, db,
+):
+    # The backward's per-channel steps after the local sums, or after their
+    # all-reduce (``buf`` non-empty; ``sum_dxm`` then already scaled by
+    # ``_pack``): header check, the coefficients (backward_coefficients) and
+    # the local parameter gradients in ``dw``/``db`` (empty: not wanted).
+    # ``coef`` = (a, mean_dy, b).
+    nf = invstd.shape[0]
+    a = coef[0]
+    mean_dy = coef[1]
+    b = coef[2]
+    h = 0
+    if buf.shape[0]:
+        if not _in_step(buf, slots, size):
+            return STEADY_HEADER
+        h = slots[0]
+    else:
+        for c in range(nf):
+            sum_dxm[c] = sum_dxm[c] * np.float64(invstd[c])
+    for c in range(nf):
+        if buf.shape[0]:
+            g_dy = buf[h + c]
+            g_dxh = buf[h + nf + c]
+        else:
+            g_dy = sum_dy[c]
+            g_dxh = sum_dxm[c]
+        a[c] = weight[c] * invstd[c]
+        mean_dy[c] = g_dy / count
+        b[c] = (a[c] * invstd[c]) * (g_dxh / count)
+    if dw.shape[0]:
+        for c in range(nf):
+            dw[c] = sum_dxm[c]
+            db[c] = sum_dy[c]
+    return STEADY_OK
 
 
 def _vectors(*arrays: Any) -> bool:
@@ -250,4 +441,4 @@ _NO_SUMS = np.empty(0, dtype=_F64)
 
 #: The compiled per-channel kernels (``backend.warm_up`` counts them).
 CHANNEL_KERNELS = (_shifted, _merge, _next_shift, _fwd_coef, _running, _bwd_coef, _far,
-                   _needs_scale, _needs_unit)
+                   _needs_scale, _needs_unit, _pack, _fwd_steady, _bwd_steady)
