@@ -543,7 +543,7 @@ def test_float16_rows_without_f16c_use_numpy(monkeypatch, rng):
     from cupysyncbn.backends.numba import backend as nbm
 
     monkeypatch.setattr(nbm, "HW_F16", False)
-    for cl, shape in ((False, (3, 4, 9)), (True, (27, 4)), (True, (5, nbm.LONG_COLS + 3))):
+    for cl, shape in ((False, (3, 4, 9)), (True, (27, 4)), (True, (5, 1027))):
         x = rng.standard_normal(shape).astype(np.float16)
         dy = rng.standard_normal(x.shape).astype(np.float16)
         c = shape[-1] if cl else shape[1]
@@ -613,7 +613,7 @@ def test_one_pass_moments_offset_and_outlier_first_values(layout, dt, outlier, r
         x = rng.standard_normal((5000, 3)) + offset
         if outlier:
             x[::977] = far  # the first rows of the blocks
-    elif layout == "long channel-last":  # register blocks (LONG_COLS), one piece
+    elif layout == "long channel-last":  # register blocks, one piece
         x = rng.standard_normal((300, 1030)) + offset
         if outlier:
             x[0] = far  # the piece's first row: the shift
@@ -805,16 +805,16 @@ def test_compiled_channel_steps_are_bitwise_the_numpy_ones(cdt, rng):
 
 @pytest.mark.parametrize("dt", DTYPES)
 def test_long_channel_last_rows_match_fsum(dt, rng):
-    """Channel-last rows of LONG_COLS channels and more are summed in register
-    blocks of 16 channels, TILE_ROWS rows at a time (numba/simd.py col_*_sums):
+    """Channel-last rows are summed in register blocks of 16 channels, several
+    rows at a time (numba/simd.py col_*_sums), here with many blocks:
     block and tail channels, partial tiles, a channel offset per column and
     (float16) more rows than one PIECE; sums against math.fsum."""
     from cupysyncbn.backends.numba import backend as nbm
 
     if dt == "float16" and not nbm.HW_F16:
         pytest.skip("float16 reductions go to the NumPy backend without F16C")
-    c = nbm.LONG_COLS + 13  # 64 blocks and a 13-channel tail
-    cases = [(2 * nbm.TILE_ROWS + 3, 1e3)]
+    c = 1037  # 64 blocks and a 13-channel tail
+    cases = [(2 * nbm.REG_ROWS + 3, 1e3)]
     if dt == "float16":
         cases.append((nbm.PIECE + 5, 20.0))  # two pieces, one Chan merge
     cdt = _cdt(dt)

@@ -22,8 +22,7 @@ Accuracy (same contract as the NumPy backend, never worse):
 * ``moments``: shifted sums per piece in float64 (channel-first: at most
   :data:`PIECE` values of one long row or of a channel's rows shorter than
   :data:`SHORT`, float64: :data:`GROUP` such rows; channel-last: a block of
-  rows that fits in cache, or :data:`PIECE` rows for float16/float32 rows of
-  :data:`LONG_COLS` values and more):
+  rows that fits in cache (float64), or :data:`PIECE` rows for float16/float32):
   ``d = x - c``, ``mean = c + sum(d)/k``, ``M2 = sum(d*d) - sum(d)**2/k``;
   pieces merged per channel with Chan's formula in float64. Never
   ``E[x²] - E[x]²``. For float16/float32 inputs ``c`` is the piece's first
@@ -37,11 +36,12 @@ Accuracy (same contract as the NumPy backend, never worse):
   explicit ``<8 x double>`` loops of :mod:`.simd` (16 float64
   accumulators in registers, a fixed order of additions, ``d*d`` and
   ``dy*(x-m)`` added with one rounding); channel-last rows narrower than
-  :data:`WIDE` are regrouped into long rows, loops the compiler vectorizes without
-  reassociating any sum, except rows of :data:`LONG_COLS` values and more
-  (late-ResNet channels): blocks of 16 channels summed :data:`TILE_ROWS` rows
-  at a time in registers (:func:`.simd.col_dev_sums`), where the
-  accumulator-array loops ran at a third of memory speed.
+  :data:`WIDE` are regrouped into long rows; the moments are then summed in
+  blocks of 16 channels, :data:`REG_ROWS` rows at a time in registers
+  (:func:`.simd.col_dev_sums`), the backward's sums so from :data:`DOT_COLS`
+  channels on (:func:`.simd.col_dot_sums`), the rest (the last ``C % 16``
+  channels, float64 moments, shorter backward rows) in loops the compiler
+  vectorizes without reassociating any sum.
 * Elementwise formulas run in the compute dtype in the same order as the
   NumPy backend's channel-last path: ``(x - mean) * scale + bias`` and
   ``a * (dy - mean_dy) - b * (x - mean)``, subtracting first.
@@ -115,14 +115,21 @@ BLOCK_VALUES = 1 << 16
 #: ``R*C`` values (per-channel vectors tiled R times), so every kernel's inner
 #: loop is long and vectorized; rows left over are a second, short call.
 WIDE = 256
-#: Channel-last rows of at least this many values (late-ResNet C = 1024, 2048)
-#: are summed in blocks of ``COLS`` channels, ``TILE_ROWS`` rows at a time, in
-#: registers (:func:`.simd.col_dev_sums`); shorter rows keep the
-#: accumulator-array loops, which are faster there.
-LONG_COLS = 1024
-#: Rows per register pass of a long-row channel-last block, and per channel
-#: offset of a tiled streamed channel-last output (:data:`TILE_MIN_BYTES`).
+#: Rows per channel offset of a tiled streamed channel-last output
+#: (:data:`TILE_MIN_BYTES`).
 TILE_ROWS = 4
+#: Rows per register pass of the channel-last moments: 16 rows per block of
+#: 16 channels before the block's sums are added to the accumulator vectors
+#: (1.6-1.7x the accumulator loops' speed for 64-512 channels, measured).
+REG_ROWS = 16
+#: Channel-last rows of at least this many values have their moments summed
+#: in register blocks (every row after the WIDE regrouping; not float64).
+REG_COLS = 16
+#: The backward's channel-last sums use register blocks (:data:`DOT_ROWS` rows
+#: at a time) from this many channels on (late-ResNet C = 1024, 2048); below,
+#: the accumulator-array loops are as fast (measured for 64-512 channels).
+DOT_COLS = 1024
+DOT_ROWS = 4
 #: Channel-first rows shorter than this (late-ResNet 7x7 = 49 values) are
 #: summed GROUP samples at a time: one call of the vector loop (and one merge)
 #: per GROUP rows instead of per row.
@@ -517,10 +524,10 @@ def _cl_tile(x, tab, t0, t1, cs, sd, q):  # noqa: ANN001, ANN202
 @njit(**_JIT)
 def _moments_cl(x, tab, mean, m2):  # noqa: ANN001, ANN202
     rows, c = x.shape
-    # Long float16/float32 rows: pieces of PIECE rows (one Chan merge each),
-    # summed TILE_ROWS rows at a time in register blocks. Otherwise blocks
+    # float16/float32 rows: pieces of PIECE rows (one Chan merge each),
+    # summed REG_ROWS rows at a time in register blocks. Otherwise blocks
     # that fit in cache (float64: the second pass hits it).
-    long = c >= LONG_COLS and _shifted(x)
+    long = c >= REG_COLS and _shifted(x)
     step = PIECE if long else max(1, BLOCK_VALUES // max(1, c))
     cnt = np.zeros(c, dtype=np.float64)
     cs = np.empty(c, dtype=np.float64)
@@ -544,8 +551,8 @@ def _moments_cl(x, tab, mean, m2):  # noqa: ANN001, ANN202
         sd[:] = 0.0
         q[:] = 0.0
         if long:
-            for t0 in range(r0, r1, TILE_ROWS):
-                _cl_tile(x, tab, t0, min(r1, t0 + TILE_ROWS), cs, sd, q)
+            for t0 in range(r0, r1, REG_ROWS):
+                _cl_tile(x, tab, t0, min(r1, t0 + REG_ROWS), cs, sd, q)
         else:
             _dev_cols(x, tab, r0, r1, cs, sd, q, 0)
         for j in range(c):
@@ -699,12 +706,12 @@ def _dot_cols(dy, x, tab, mean, sum_dy, sum_dxm, j0, act):  # noqa: ANN001, ANN2
 @njit(**_JIT)
 def _bwd_reduce_cl(dy, x, tab, mean, sum_dy, sum_dxm, act):  # noqa: ANN001, ANN202
     rows, c = x.shape
-    if c < LONG_COLS:
+    if c < DOT_COLS:
         _dot_cols(dy, x, tab, mean, sum_dy, sum_dxm, 0, act)
         return
     cv = c - c % COLS  # long rows: register blocks, then the last columns
-    for t0 in range(0, rows, TILE_ROWS):
-        t1 = min(rows, t0 + TILE_ROWS)
+    for t0 in range(0, rows, DOT_ROWS):
+        t1 = min(rows, t0 + DOT_ROWS)
         for j in range(0, cv, COLS):
             col_dot_sums(x, dy, t0, t1, j, mean, sum_dy, sum_dxm, act)
     _dot_cols(dy, x, tab, mean, sum_dy, sum_dxm, cv, act)

@@ -544,16 +544,15 @@ def _factors(e: Any) -> tuple[np.ndarray, np.ndarray]:
 def _exponents(q, out, row):  # noqa: ANN001, ANN202 - numba: exact_samples._exponent
     n, c = q.shape
     m = np.zeros(c)
-    bad = np.zeros(c, np.bool_)
+    bad = np.zeros(c)  # NaNs seen (a count: branch-free, so the loop vectorizes)
     for i in range(n):
+        qi = q[i]
         for j in range(c):
-            v = abs(q[i, j])
-            if v > m[j]:
-                m[j] = v
-            elif v != v:
-                bad[j] = True
+            v = abs(qi[j])
+            m[j] = v if v > m[j] else m[j]
+            bad[j] += v != v
     for j in range(c):
-        if bad[j] or m[j] == np.inf:
+        if bad[j] > 0 or m[j] == np.inf:
             out[row, j] = _NONFINITE
         elif m[j] == 0.0:
             out[row, j] = _EMPTY
