@@ -118,10 +118,13 @@ WIDE = 256
 #: Rows per channel offset of a tiled streamed channel-last output
 #: (:data:`TILE_MIN_BYTES`).
 TILE_ROWS = 4
-#: Rows per register pass of the channel-last moments: 16 rows per block of
-#: 16 channels before the block's sums are added to the accumulator vectors
-#: (1.6-1.7x the accumulator loops' speed for 64-512 channels, measured).
+#: Rows per register pass of the channel-last moments: up to 16 rows per
+#: block of 16 channels before the block's sums are added to the accumulator
+#: vectors, about REG_VALUES values per pass over the channels (16 rows of
+#: 256 channels, 4 rows of 1024 and more: measured fastest, 1.5-1.7x the
+#: accumulator loops for 64-512 channels).
 REG_ROWS = 16
+REG_VALUES = 4096
 #: Channel-last rows of at least this many values have their moments summed
 #: in register blocks (every row after the WIDE regrouping; not float64).
 REG_COLS = 16
@@ -551,8 +554,9 @@ def _moments_cl(x, tab, mean, m2):  # noqa: ANN001, ANN202
         sd[:] = 0.0
         q[:] = 0.0
         if long:
-            for t0 in range(r0, r1, REG_ROWS):
-                _cl_tile(x, tab, t0, min(r1, t0 + REG_ROWS), cs, sd, q)
+            tile = max(4, min(REG_ROWS, REG_VALUES // c))
+            for t0 in range(r0, r1, tile):
+                _cl_tile(x, tab, t0, min(r1, t0 + tile), cs, sd, q)
         else:
             _dev_cols(x, tab, r0, r1, cs, sd, q, 0)
         for j in range(c):
