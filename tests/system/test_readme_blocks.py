@@ -48,6 +48,8 @@ LAUNCH_TIMEOUT = 300
 #: once): two jobs of 2-3 processes each on two cores starved one another, and
 #: a torchrun rank then aborted now and then (std::terminate inside a rank).
 _JOBS = threading.Lock()
+#: What a rank prints when C++ ends it from a joinable thread at exit.
+_TEARDOWN = "terminate called without an active exception"
 
 
 def _blocks():
@@ -143,6 +145,13 @@ def _launch(kind: str, n: int, script, folder) -> str | None:
                "--log_dir", str(folder / "log"), str(script)]
     with _JOBS:
         res = run_job(cmd, LAUNCH_TIMEOUT, kind, env, folder, merge_stderr=True)
+        if kind == "torchrun" and res.returncode != 0 and _TEARDOWN in res.stdout:
+            # A gloo rank aborting in PyTorch's own teardown (std::terminate
+            # after the block's last line; pytorch/pytorch#190489, #179291):
+            # seen now and then in CI runs on a loaded machine, never in 22
+            # runs of the block by hand, loaded or not. Once more; a block
+            # that fails again fails the test.
+            res = run_job(cmd, LAUNCH_TIMEOUT, kind, env, folder, merge_stderr=True)
     if res.returncode != 0:
         logs = "".join(p.read_text() for p in sorted((folder / "log").glob("workerlog.*")))
         return f"block failed under {kind} with {n} processes:\n{res.stdout}\n{logs}"
