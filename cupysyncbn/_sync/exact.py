@@ -48,12 +48,6 @@ def ops_of(backend: Backend) -> Any:
     return ops
 
 
-def _stack(backend: Backend, vecs: list, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The all-reduced folds as two K x C host arrays (the finalize runs on the host)."""
-    host = [np.asarray(backend.to_host(v), dtype=np.float64) for v in vecs]
-    return np.stack(host[:k]), np.stack(host[k:])
-
-
 def _bounds(
     comm: Communicator, backend: Backend, state: SyncState | None, sync: bool,
     local: list, k: int, phase: int, nf: int, spatial: int = 0,
@@ -136,16 +130,13 @@ def _forward_per_element(
     a = ops.absmax(v, channel_last) if n_local else None
     (e,), _ = _bounds(comm, backend, state, sync, [ops.bound_exponent(a, nf)], k,
                       protocol.PHASE_STATS, nf)
+    xp = backend.xp
     if n_local:
-        p1, p2 = ops.moment_folds(v, channel_last, ops.scale_exponent(e), k)
+        folds = xp.stack([xp.asarray(f) for f in
+                          ops.moment_folds(v, channel_last, ops.scale_exponent(e), k)])
     else:
-        p1 = p2 = backend.xp.zeros((k, nf))
-    total = n_local
-    if sync:
-        total, red = collective.allreduce(
-            comm, backend, state, [*p1, *p2], n_local, protocol.PHASE_STATS, None, nf
-        )
-        p1, p2 = _stack(backend, red, k)
+        folds = xp.zeros((2, k, nf))
+    total, (p1, p2) = _sum(comm, backend, state, sync, folds, n_local, protocol.PHASE_STATS, nf)
     ops.check_count(total)  # a global value: every rank raises alike
     if total == 0:
         return 0, backend.xp.zeros(nf), backend.xp.zeros(nf), None
