@@ -78,6 +78,13 @@ def _fold_buf(r, m, sig, acc, base):  # noqa: ANN001, ANN202 - numba
 
 
 @njit(inline="always", **_JIT)
+def _split(v):  # noqa: ANN001, ANN202 - numba: Veltkamp's split of exact_sums (no FMA)
+    p = v * _SPLITTER
+    hi = p - (p - v)
+    return hi, v - hi
+
+
+@njit(inline="always", **_JIT)
 def _square_buf(z, r, m, split, sig, acc, base):  # noqa: ANN001, ANN202 - numba
     """Deposit the exact parts of ``z[:m]**2`` (see exact_sums.square_parts)."""
     if not split:
@@ -87,10 +94,7 @@ def _square_buf(z, r, m, split, sig, acc, base):  # noqa: ANN001, ANN202 - numba
         return
     for part in range(3):
         for lane in range(m):
-            v = z[lane]
-            p = v * _SPLITTER
-            hi = p - (p - v)
-            lo = v - hi
+            hi, lo = _split(z[lane])
             if part == 0:
                 r[lane] = hi * hi
             elif part == 1:
@@ -428,12 +432,8 @@ def sample_backward(
 @njit(inline="always", **_JIT)
 def _two_prod(a, b):  # noqa: ANN001, ANN202 - numba: exact_sums.two_prod, operation for operation
     p = a * b
-    t = a * _SPLITTER
-    ah = t - (t - a)
-    al = a - ah
-    t = b * _SPLITTER
-    bh = t - (t - b)
-    bl = b - bh
+    ah, al = _split(a)
+    bh, bl = _split(b)
     return p, (((ah * bh - p) + ah * bl) + al * bh) + al * bl
 
 
